@@ -1,0 +1,115 @@
+"""Cheap post-processing of cached component maps: normalise, weight, smooth, threshold (numpy).
+
+A component map is divided by its *scale*: the model's calibrated healthy-foreground value
+(``card.calibration["scales"][name]``, e.g. the 99th percentile on healthy validation slices)
+when the model has one. An uncalibrated model falls back to the scan's own foreground 99th
+percentile; results then say ``calibrated: false`` and a threshold means "above this scan's own
+99th percentile", not a false-positive rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: fallback when a model has no calibration: the scan's own foreground percentile
+FALLBACK_PERCENTILE = 99.0
+DEFAULT_WEIGHTS = {"combi": 1.0}
+
+
+@dataclass
+class CombineSettings:
+    """Weights per component, extra 3D smoothing (sigma, mm), threshold (in scale units) and
+    minimum lesion size (mm^3)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    smoothing_mm: float = 0.0
+    threshold: float = 1.0
+    min_size_mm3: float = 0.0
+    foreground_only: bool = True
+
+    @classmethod
+    def from_card(cls, card) -> CombineSettings:
+        d = dict(getattr(card, "defaults", None) or {})
+        allowed = {
+            k: d[k]
+            for k in ("weights", "smoothing_mm", "threshold", "min_size_mm3", "foreground_only")
+            if k in d
+        }
+        return cls(**allowed)
+
+
+def component_scales(
+    maps: dict[str, np.ndarray],
+    foreground: np.ndarray | None,
+    calibration: dict | None,
+    names: list[str] | None = None,
+) -> tuple[dict[str, float], bool]:
+    """Scale of each component and whether it came from the model's calibration."""
+    names = list(maps) if names is None else names
+    calib = (calibration or {}).get("scales", {})
+    out: dict[str, float] = {}
+    calibrated = True
+    for name in names:
+        if name in calib and calib[name] > 0:
+            out[name] = float(calib[name])
+            continue
+        calibrated = False
+        m = maps[name]
+        vals = m[foreground] if foreground is not None and foreground.any() else m.ravel()
+        step = max(1, vals.size // 2_000_000)
+        v = float(np.percentile(vals[::step], FALLBACK_PERCENTILE))
+        out[name] = v if v > 0 else float(np.abs(vals).max() or 1.0)
+    return out, calibrated
+
+
+def combine(
+    maps: dict[str, np.ndarray],
+    weights: dict[str, float],
+    scales: dict[str, float],
+    foreground: np.ndarray | None = None,
+    smoothing_mm: float = 0.0,
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """Weighted sum of scaled component maps, float32 of the maps' shape.
+
+    ``sum_k w_k * map_k / scale_k``; components with weight 0 are skipped. Optional Gaussian
+    smoothing with sigma ``smoothing_mm`` (converted to voxels per axis), then zero outside the
+    foreground when one is given.
+    """
+    used = {k: float(w) for k, w in weights.items() if w}
+    unknown = set(used) - set(maps)
+    if unknown:
+        raise KeyError(f"unknown components {sorted(unknown)}; have {sorted(maps)}")
+    shape = next(iter(maps.values())).shape
+    out = np.zeros(shape, dtype=np.float32)
+    for k, w in used.items():
+        out += maps[k] * np.float32(w / scales[k])
+    if smoothing_mm > 0:
+        from scipy.ndimage import gaussian_filter
+
+        sigma = [smoothing_mm / max(s, 1e-6) for s in spacing[: out.ndim]]
+        out = gaussian_filter(out, sigma=sigma, mode="nearest").astype(np.float32, copy=False)
+    if foreground is not None:
+        out[~foreground] = 0
+    return out
+
+
+def threshold_mask(
+    combined: np.ndarray,
+    threshold: float,
+    min_size_mm3: float = 0.0,
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """uint8 mask of voxels above ``threshold``, without connected components (26-connected)
+    smaller than ``min_size_mm3``."""
+    mask = combined > threshold
+    if min_size_mm3 > 0 and mask.any():
+        from skimage.morphology import remove_small_objects
+
+        voxel = float(np.prod(spacing[: mask.ndim]))
+        min_voxels = int(np.ceil(min_size_mm3 / voxel))
+        if min_voxels > 1:
+            mask = remove_small_objects(mask, max_size=min_voxels - 1, connectivity=mask.ndim)
+    return mask.astype(np.uint8)

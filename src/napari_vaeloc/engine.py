@@ -1,0 +1,208 @@
+"""Run a VAE over a whole volume: device choice, batching, progress, cancel.
+
+:func:`localize` is the expensive step; it returns a :class:`LocalizationResult` whose component
+maps lie on the scan's own voxel grid, so that combining and thresholding (``combine``) can be
+re-run cheaply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import Cancelled, InputError
+from .io import Volume, available_memory_bytes
+from .models.store import LoadedModel
+from .preprocess import AXES, Normalisation, resolve_axis, slices_to_volume, volume_to_slices
+from .scoring import PIXEL_MAPS, SLICE_SCORES
+
+#: progress(done_slices, total_slices)
+ProgressCallback = Callable[[int, int], None]
+#: cancel() -> True to stop
+CancelFlag = Callable[[], bool]
+
+#: maps returned besides the PIXEL_MAPS: the reconstruction in scan intensity units
+OUTPUT_MAPS = (*PIXEL_MAPS, "reconstruction")
+
+
+def available_devices() -> list[str]:
+    """Devices torch can use here, best first, always ending in "cpu"."""
+    import torch
+
+    devs = []
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devs.append("mps")
+    return [*devs, "cpu"]
+
+
+def resolve_device(device: str = "auto") -> str:
+    """ "auto" -> cuda > mps > cpu; an explicit choice is checked to exist."""
+    avail = available_devices()
+    if device in (None, "", "auto"):
+        return avail[0]
+    base = str(device).split(":")[0]
+    if base not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {device!r}; choose auto, cpu, cuda or mps")
+    if base not in avail:
+        raise InputError(f"device {device!r} is not available here (available: {', '.join(avail)})")
+    return str(device)
+
+
+@dataclass
+class LocalizationResult:
+    """Component maps and scores of one volume.
+
+    Attributes:
+        maps: name -> float32 (X, Y, Z) on the scan's voxel grid, for each of ``OUTPUT_MAPS``.
+            ``reconstruction`` is in the scan's intensity units; the others in model units
+            (nats per pixel for rec_error, nats per z-unit for the gradients).
+        foreground: bool (X, Y, Z), the voxels the normalisation counted as object.
+        slice_scores: name -> (n,) float32 per slice along the file's axis ``slice_axis``
+            (index i = file slice i); NaN for slices without foreground, which are not scored.
+        volume_scores: aggregates over scored slices (means, and the worst slice's ELBO).
+        axis: anatomical slicing axis; slice_axis: the file's voxel axis it runs along.
+    """
+
+    maps: dict[str, np.ndarray]
+    foreground: np.ndarray
+    slice_scores: dict[str, np.ndarray]
+    volume_scores: dict[str, float]
+    axis: str
+    slice_axis: int
+    model_name: str
+    device: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.foreground.shape
+
+
+def estimate_bytes(shape: tuple[int, ...]) -> int:
+    """Peak bytes the result maps of a volume of ``shape`` need (float32 maps + working copies)."""
+    return int(np.prod(shape)) * 4 * (len(OUTPUT_MAPS) + 4)
+
+
+def localize(
+    volume: Volume,
+    model: LoadedModel,
+    *,
+    axis: str | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    amp: bool | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+    max_bytes: int | None = None,
+) -> LocalizationResult:
+    """Score every slice of ``volume`` with ``model`` and map the results back to its grid.
+
+    Args:
+        axis: "axial", "coronal" or "sagittal" (default: the model's training axis). A scan with
+            one slice (a 2D image) is scored along its single-slice axis whatever is asked.
+        device: "auto" (cuda > mps > cpu), or an explicit device.
+        batch_size: slices per forward/backward pass; the last, smaller batch is scored too.
+        amp: mixed precision (default: on for CUDA only).
+        progress: called with (slices done, slices total) after each batch.
+        cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
+        max_bytes: refuse volumes whose maps need more memory (default: half of what is free).
+    """
+    import torch
+
+    from .scoring import gaussian_kernel, score_batch
+
+    t0 = time.perf_counter()
+    card = model.card
+    notes = list(volume.notes)
+    need = estimate_bytes(volume.shape)
+    limit = available_memory_bytes() // 2 if max_bytes is None else max_bytes
+    if need > limit:
+        raise InputError(
+            f"scoring a {'x'.join(map(str, volume.shape))} volume needs about "
+            f"{need / 2**30:.1f} GiB "
+            f"for its maps, more than the {limit / 2**30:.1f} GiB available; crop or downsample it"
+        )
+    axis_name = (axis or card.axis).lower()
+    ax = resolve_axis(axis_name)
+    dev = torch.device(resolve_device(device))
+    use_amp = (dev.type == "cuda") if amp is None else bool(amp)
+    network = model.network
+    network.to(dev)
+
+    # a single-slice scan can only be scored along its flat axis
+    from .preprocess import make_geometry
+
+    geom0 = make_geometry(volume.shape, volume.affine, volume.spacing, ax, card.image_size)
+    if 1 in geom0.canon_shape and geom0.canon_shape[ax] != 1:
+        ax = geom0.canon_shape.index(1)
+        new_name = next(k for k, v in AXES.items() if v == ax)
+        notes.append(f"single-slice image: scored as one {new_name} slice instead of {axis_name}")
+        axis_name = new_name
+
+    norm = Normalisation.from_dict(card.normalisation)
+    ms = volume_to_slices(volume.data, volume.affine, volume.spacing, ax, card.image_size, norm)
+    geom = ms.geometry
+    n = geom.n_slices
+    todo = np.flatnonzero(ms.foreground)
+    s = card.image_size
+    model_maps = {k: torch.zeros((n, s, s), dtype=torch.float32) for k in OUTPUT_MAPS}
+    model_maps["reconstruction"].fill_(ms.pad_value)
+    scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SLICE_SCORES}
+    calib = card.calibration or {}
+    kl_scale = float(calib.get("kl_grad_scale", 1.0))
+    kernel = gaussian_kernel().to(dev)
+    done = 0
+    if progress:
+        progress(0, len(todo))
+    for start in range(0, len(todo), batch_size):
+        if cancel is not None and cancel():
+            raise Cancelled("localization cancelled")
+        idx = todo[start : start + batch_size]
+        x = ms.images[idx].to(dev)
+        out = score_batch(network, x, card.likelihood_log_std, kernel, kl_scale, use_amp)
+        tidx = torch.from_numpy(idx)
+        for k in OUTPUT_MAPS:
+            model_maps[k][tidx] = out[k].cpu()
+        for k in SLICE_SCORES:
+            scores[k][idx] = out[k].cpu().numpy()
+        done += len(idx)
+        if progress:
+            progress(done, len(todo))
+    if cancel is not None and cancel():
+        raise Cancelled("localization cancelled")
+
+    maps = {}
+    for k in OUTPUT_MAPS:
+        maps[k] = slices_to_volume(model_maps.pop(k), geom)
+    rec = maps["reconstruction"]
+    rec *= np.float32(ms.stats["std"])
+    rec += np.float32(ms.stats["mean"])
+
+    order = geom.file_slice_order()
+    slice_scores = {k: v[order] for k, v in scores.items()}
+    scored = {k: v[todo] for k, v in scores.items()}
+    volume_scores: dict[str, float] = {"n_slices_scored": float(len(todo))}
+    for k, v in scored.items():
+        volume_scores[f"{k}_mean"] = float(v.mean()) if v.size else float("nan")
+    volume_scores["elbo_max"] = float(scored["elbo"].max()) if len(todo) else float("nan")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return LocalizationResult(
+        maps=maps,
+        foreground=ms.foreground_mask,
+        slice_scores=slice_scores,
+        volume_scores=volume_scores,
+        axis=axis_name,
+        slice_axis=geom.file_axis,
+        model_name=card.name,
+        device=str(dev),
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )

@@ -1,0 +1,119 @@
+"""Writing a localization result as NIfTI maps, a mask and a JSON of scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .combine import CombineSettings, combine, component_scales, threshold_mask
+from .engine import OUTPUT_MAPS, LocalizationResult
+from .errors import OutputExistsError
+from .io import Volume, save_nifti
+
+
+def scan_stem(path: str | os.PathLike | None) -> str:
+    """File name without .nii/.nii.gz ("scan" when there is none)."""
+    if path is None:
+        return "scan"
+    name = Path(path).name
+    for suf in (".nii.gz", ".nii"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """Every file a result writes: one per map, the combined map, the mask, the scores."""
+    paths = {k: out_dir / f"{stem}_{k}.nii.gz" for k in OUTPUT_MAPS}
+    paths["combined"] = out_dir / f"{stem}_combined.nii.gz"
+    paths["mask"] = out_dir / f"{stem}_mask.nii.gz"
+    paths["scores"] = out_dir / f"{stem}_scores.json"
+    return paths
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple | np.ndarray):
+        return [_jsonable(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+    if isinstance(v, float | np.floating):
+        return None if not math.isfinite(float(v)) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def write_json_atomic(obj: dict, path: Path, overwrite: bool = False) -> Path:
+    """Write JSON whole or not at all; NaN becomes null."""
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_jsonable(obj), fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_result(
+    result: LocalizationResult,
+    volume: Volume,
+    out_dir: str | os.PathLike,
+    settings: CombineSettings,
+    calibration: dict | None = None,
+    stem: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write all maps, the combined map, the mask and the scores JSON into ``out_dir``.
+
+    Every target is checked before anything is written, so a refused run leaves no partial set.
+    """
+    out = Path(out_dir)
+    paths = output_paths(out, stem or scan_stem(volume.path))
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
+        raise OutputExistsError(
+            f"{len(existing)} output files exist in {out} ({names}); "
+            "pass --overwrite to replace them"
+        )
+    fg = result.foreground if settings.foreground_only else None
+    scales, calibrated = component_scales(result.maps, fg, calibration, list(settings.weights))
+    combined = combine(
+        result.maps, settings.weights, scales, fg, settings.smoothing_mm, volume.spacing
+    )
+    mask = threshold_mask(combined, settings.threshold, settings.min_size_mm3, volume.spacing)
+    for k in OUTPUT_MAPS:
+        save_nifti(result.maps[k], volume, paths[k], "map", overwrite)
+    save_nifti(combined, volume, paths["combined"], "map", overwrite)
+    save_nifti(mask, volume, paths["mask"], "mask", overwrite)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    report = {
+        "scan": str(volume.path) if volume.path else None,
+        "shape": list(volume.shape),
+        "model": result.model_name,
+        "axis": result.axis,
+        "slice_axis_in_file": result.slice_axis,
+        "device": result.device,
+        "seconds": result.seconds,
+        "notes": result.notes,
+        "combination": {**asdict(settings), "scales": scales, "calibrated": calibrated},
+        "mask_voxels": int(mask.sum()),
+        "mask_volume_ml": float(mask.sum()) * voxel_ml,
+        "volume_scores": result.volume_scores,
+        "slice_scores": result.slice_scores,
+        "files": {k: p.name for k, p in paths.items() if k != "scores"},
+    }
+    write_json_atomic(report, paths["scores"], overwrite)
+    return paths

@@ -1,0 +1,290 @@
+"""NIfTI input and output that keeps each scan's geometry.
+
+A :class:`Volume` holds one 3D scan as float32 in the file's own voxel order, with the affine and
+header it came with. Maps and masks are written back with that affine and header, atomically and
+never over an existing file unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError, OutputExistsError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_FLOAT_OK = (np.floating, np.integer, np.bool_)
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    """True when the file name ends in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def available_memory_bytes() -> int:
+    """Memory the system can still hand out, in bytes (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """One 3D scan.
+
+    Attributes:
+        data: float32 array, shape (X, Y, Z), the file's voxel order. A 2D image is stored with a
+            trailing axis of length 1.
+        affine: (4, 4) voxel-to-world matrix in mm.
+        header: the NIfTI header the scan came with (None for arrays built in memory).
+        path: where it was read from, if anywhere.
+        source_dtype: the on-disk data type, for the record.
+        notes: how the input was changed to make it scorable (e.g. "took volume 0 of 4").
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | nib.Nifti2Header | None = None
+    path: Path | None = None
+    source_dtype: str = "float32"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along each array axis, in mm (column norms of the affine)."""
+        zooms = np.sqrt((np.asarray(self.affine)[:3, :3] ** 2).sum(axis=0))
+        zooms = np.where(zooms > 0, zooms, 1.0)
+        return tuple(float(z) for z in zooms)  # type: ignore[return-value]
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        """World position of voxel (0, 0, 0), in mm."""
+        return tuple(float(v) for v in np.asarray(self.affine)[:3, 3])  # type: ignore[return-value]
+
+    @classmethod
+    def from_array(
+        cls,
+        data: np.ndarray,
+        affine: np.ndarray | None = None,
+        spacing: tuple[float, ...] | None = None,
+        header: nib.Nifti1Header | None = None,
+        path: Path | None = None,
+    ) -> Volume:
+        """Build a volume from a 2D or 3D array; see :func:`as_scorable_array` for the checks."""
+        arr, notes, src = as_scorable_array(np.asarray(data))
+        if affine is None:
+            affine = np.eye(4)
+            if spacing is not None:
+                sp = list(spacing)[:3] + [1.0] * (3 - len(list(spacing)[:3]))
+                affine[:3, :3] = np.diag(sp)
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise InputError("the affine must be a finite 4x4 matrix")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise InputError("the affine is singular: the scan has no usable voxel geometry")
+        return cls(arr, affine, header, path, src, tuple(notes))
+
+
+def as_scorable_array(data: np.ndarray) -> tuple[np.ndarray, list[str], str]:
+    """Check and convert an image array to float32 (X, Y, Z).
+
+    Accepts 2D (becomes (X, Y, 1)) and 3D arrays of integer, boolean or float type. Non-finite
+    voxels (NaN, +-Inf) are set to the smallest finite value and reported in the notes.
+
+    Returns:
+        (array, notes, source dtype name)
+
+    Raises:
+        InputError: wrong dimensionality, complex or non-numeric data, empty, all non-finite, or
+            constant volumes.
+    """
+    notes: list[str] = []
+    src = str(data.dtype)
+    if data.dtype.names is not None or not issubclass(data.dtype.type, _FLOAT_OK):
+        raise InputError(f"cannot score image data of type {data.dtype}; expected real numbers")
+    if data.ndim == 2:
+        data = data[:, :, None]
+        notes.append("2D image scored as a single slice")
+    if data.ndim != 3:
+        raise InputError(
+            f"expected a 2D or 3D image, got {data.ndim}D with shape {data.shape}; "
+            "for 4D files choose one volume (volume_index / --volume-index)"
+        )
+    if data.size == 0:
+        raise InputError(f"the image is empty (shape {data.shape})")
+    arr = np.asarray(data, dtype=np.float32)
+    if arr is data:
+        arr = arr.copy()
+    finite = np.isfinite(arr)
+    n_bad = int(arr.size - np.count_nonzero(finite))
+    if n_bad == arr.size:
+        raise InputError("every voxel is NaN or infinite: nothing to score")
+    if n_bad:
+        low = float(arr[finite].min())
+        arr[~finite] = low
+        notes.append(f"{n_bad} non-finite voxels (NaN/Inf) set to the minimum {low:g} (background)")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        raise InputError(f"the image is constant (every voxel is {lo:g}): nothing to localize")
+    return arr, notes, src
+
+
+def load_volume(
+    path: str | os.PathLike,
+    volume_index: int | None = None,
+    max_bytes: int | None = None,
+) -> Volume:
+    """Read a ``.nii`` / ``.nii.gz`` scan.
+
+    Args:
+        path: the file.
+        volume_index: which volume of a 4D file to take. A 4D file with one volume needs none.
+        max_bytes: refuse scans whose float32 copy would exceed this (default: the memory the
+            system has available).
+
+    Raises:
+        InputError: missing, corrupted or non-NIfTI file; 4D without ``volume_index``; too large.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no such file: {p}")
+    if p.is_dir():
+        raise InputError(f"{p} is a folder, not a NIfTI file")
+    if not is_nifti_path(p):
+        raise InputError(f"{p.name} is not a NIfTI file (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise InputError(f"cannot read {p.name} as NIfTI: {exc}") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(f"{p.name} is a {type(img).__name__}, not a NIfTI image")
+    shape = tuple(int(s) for s in img.shape)
+    notes: list[str] = []
+    # drop trailing singleton axes beyond the third (e.g. (X, Y, Z, 1))
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 4:
+        raise InputError(f"{p.name} has {len(shape)} dimensions {shape}; expected 3D or 4D")
+    if len(shape) == 4:
+        n = shape[3]
+        if volume_index is None:
+            raise InputError(
+                f"{p.name} is 4D with {n} volumes (shape {shape}); choose one with "
+                f"--volume-index 0..{n - 1}"
+            )
+        if not -n <= volume_index < n:
+            raise InputError(f"volume index {volume_index} out of range for {n} volumes")
+        volume_index %= n
+        notes.append(f"took volume {volume_index} of {n}")
+    voxels = int(np.prod(shape[:3]))
+    limit = available_memory_bytes() // 2 if max_bytes is None else max_bytes
+    if voxels * 4 > limit:
+        raise InputError(
+            f"{p.name} has {voxels:,} voxels ({voxels * 4 / 2**30:.1f} GiB as float32), more than "
+            f"the {limit / 2**30:.1f} GiB allowed; crop or downsample it first"
+        )
+    try:
+        if len(shape) == 4:
+            raw = np.asanyarray(img.dataobj[..., volume_index])
+        else:
+            raw = np.asanyarray(img.dataobj).reshape(shape)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise InputError(f"{p.name} is truncated or corrupted: {exc}") from exc
+    arr, more, _ = as_scorable_array(np.asarray(raw))
+    notes.extend(more)
+    header = img.header.copy()
+    return Volume(
+        arr,
+        np.asarray(img.affine, dtype=np.float64),
+        header,
+        p,
+        str(img.get_data_dtype()),
+        tuple(notes),
+    )
+
+
+def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"]) -> nib.Nifti1Image:
+    if kind == "mask":
+        data = np.asarray(array).astype(np.uint8)
+        dtype = np.uint8
+    elif kind == "map":
+        data = np.asarray(array, dtype=np.float32)
+        dtype = np.float32
+    else:
+        raise ValueError(f"kind must be 'map' or 'mask', not {kind!r}")
+    if data.shape != like.shape:
+        raise InputError(f"array shape {data.shape} differs from the scan's {like.shape}")
+    header = like.header.copy() if like.header is not None else None
+    if isinstance(header, nib.Nifti2Header):
+        img = nib.Nifti2Image(data, like.affine, header)
+    else:
+        img = nib.Nifti1Image(data, like.affine, header)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
+    return img
+
+
+def save_nifti(
+    array: np.ndarray,
+    like: Volume,
+    path: str | os.PathLike,
+    kind: Literal["map", "mask"] = "map",
+    overwrite: bool = False,
+) -> Path:
+    """Write a map (float32) or a mask (uint8) in the geometry of ``like``.
+
+    The file appears whole or not at all: it is written to a temporary file in the same folder
+    and then moved into place. An existing file is kept unless ``overwrite`` is true.
+
+    Raises:
+        OutputExistsError: the file exists and ``overwrite`` is false.
+        InputError: the array's shape differs from the scan's.
+    """
+    dest = Path(path)
+    if not is_nifti_path(dest):
+        raise InputError(f"output name must end in .nii or .nii.gz: {dest.name}")
+    if dest.exists() and not overwrite:
+        raise OutputExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
+    img = _output_image(array, like, kind)
+    suffix = ".nii.gz" if str(dest).lower().endswith(".gz") else ".nii"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        if overwrite:
+            os.replace(tmp, dest)
+        else:
+            try:
+                os.link(tmp, dest)  # fails if dest appeared meanwhile: never clobbers
+            except FileExistsError as exc:
+                raise OutputExistsError(f"{dest} exists; not overwritten") from exc
+            except OSError:  # file systems without hard links
+                if dest.exists():
+                    raise OutputExistsError(f"{dest} exists; not overwritten") from None
+                os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest

@@ -1,0 +1,249 @@
+"""Volume <-> model-space slices, the one preprocessing that training and scoring share.
+
+Forward (:func:`volume_to_slices`): reorient to the closest canonical (RAS+) voxel order, take
+2D slices along an anatomical axis, normalise intensities over the foreground, resize each slice
+so its longer physical side fills the model's square input (aspect and voxel size kept), and pad
+to a square. Inverse (:func:`slices_to_volume`): crop the padding, resize back and return to the
+file's own voxel order, giving exactly the input's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+from .errors import InputError
+
+#: slicing axis in RAS+ canonical voxel order: sagittal slices cut left-right, etc.
+AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """How intensities are brought to the model's range.
+
+    Attributes:
+        foreground: "otsu" (threshold of Otsu on the volume) or "nonzero" (voxels above the
+            minimum, for skull-stripped scans with a flat background).
+        clip: (low, high) bounds in z-units after the foreground z-score.
+    """
+
+    foreground: str = "otsu"
+    clip: tuple[float, float] = (-1.5, 1.5)
+
+    def to_dict(self) -> dict:
+        return {"method": "zscore-foreground", **asdict(self), "clip": list(self.clip)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalisation:
+        method = d.get("method", "zscore-foreground")
+        if method != "zscore-foreground":
+            raise ValueError(f"unknown normalisation method {method!r}")
+        return cls(foreground=d.get("foreground", "otsu"), clip=tuple(d.get("clip", (-1.5, 1.5))))
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """What :func:`slices_to_volume` needs to undo :func:`volume_to_slices`.
+
+    ``file_shape`` is the scan's (X, Y, Z); ``canon_shape`` the same in RAS+ order;
+    ``plane_shape`` the in-plane (A, B) of one canonical slice; ``fit_shape`` its size after
+    resizing, placed at ``offset`` inside the ``image_size`` square.
+    """
+
+    file_shape: tuple[int, int, int]
+    canon_shape: tuple[int, int, int]
+    to_canon: np.ndarray
+    from_canon: np.ndarray
+    axis: int
+    plane_shape: tuple[int, int]
+    fit_shape: tuple[int, int]
+    offset: tuple[int, int]
+    image_size: int
+
+    @property
+    def n_slices(self) -> int:
+        return self.canon_shape[self.axis]
+
+    @property
+    def file_axis(self) -> int:
+        """The file's voxel axis that the slicing axis runs along."""
+        return int(np.flatnonzero(self.to_canon[:, 0] == self.axis)[0])
+
+    @property
+    def flipped(self) -> bool:
+        """True when canonical slice k is file slice n-1-k."""
+        return bool(self.to_canon[self.file_axis, 1] < 0)
+
+    def file_slice_order(self) -> np.ndarray:
+        """Index i of the result is the canonical slice for file slice i along ``file_axis``."""
+        idx = np.arange(self.n_slices)
+        return idx[::-1].copy() if self.flipped else idx
+
+
+def resolve_axis(axis: str | int) -> int:
+    if isinstance(axis, str):
+        key = axis.lower()
+        if key not in AXES:
+            raise InputError(f"unknown axis {axis!r}; choose one of {', '.join(AXES)}")
+        return AXES[key]
+    if axis not in (0, 1, 2):
+        raise InputError(f"axis must be 0, 1 or 2 (RAS+ order), not {axis}")
+    return int(axis)
+
+
+def foreground_mask(data: np.ndarray, method: str = "otsu") -> np.ndarray:
+    """Boolean mask of the object (head or brain), shape of ``data``."""
+    lo = float(data.min())
+    if method == "nonzero":
+        return data > lo
+    if method == "otsu":
+        from skimage.filters import threshold_otsu
+
+        flat = data.ravel()
+        t = float(threshold_otsu(flat[:: max(1, flat.size // 1_000_000)]))
+        mask = data > t
+        if not mask.any():
+            mask = data > lo
+        return mask
+    raise ValueError(f"unknown foreground method {method!r}")
+
+
+def normalise(
+    data: np.ndarray, foreground: np.ndarray, norm: Normalisation
+) -> tuple[np.ndarray, dict]:
+    """Z-score over the foreground, then clip. Returns (float32 array, {"mean", "std"})."""
+    values = data[foreground]
+    if values.size < 2:
+        values = data.ravel()
+    mean = float(values.mean(dtype=np.float64))
+    std = float(values.std(dtype=np.float64))
+    if not std > 0:
+        std = float(data.std(dtype=np.float64)) or 1.0
+    out = (data - np.float32(mean)) / np.float32(std)
+    np.clip(out, norm.clip[0], norm.clip[1], out=out)
+    return out.astype(np.float32, copy=False), {"mean": mean, "std": std}
+
+
+def _canonical_transforms(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ornt = io_orientation(affine)
+    ras = axcodes2ornt("RAS")
+    return ornt_transform(ornt, ras), ornt_transform(ras, ornt)
+
+
+def make_geometry(
+    file_shape: tuple[int, ...],
+    affine: np.ndarray,
+    spacing: tuple[float, ...],
+    axis: int,
+    image_size: int,
+) -> SliceGeometry:
+    """Plan the slicing of a (X, Y, Z) volume; see :class:`SliceGeometry`."""
+    to_canon, from_canon = _canonical_transforms(affine)
+    perm = to_canon[:, 0].astype(int)  # file axis i -> canonical axis perm[i]
+    canon_shape = [0, 0, 0]
+    canon_spacing = [0.0, 0.0, 0.0]
+    for i in range(3):
+        canon_shape[perm[i]] = int(file_shape[i])
+        canon_spacing[perm[i]] = float(spacing[i])
+    plane_axes = [a for a in range(3) if a != axis]
+    plane = (canon_shape[plane_axes[0]], canon_shape[plane_axes[1]])
+    extent = [plane[k] * canon_spacing[plane_axes[k]] for k in range(2)]
+    longest = max(extent)
+    fit = tuple(max(1, min(image_size, round(image_size * e / longest))) for e in extent)
+    offset = tuple((image_size - f) // 2 for f in fit)
+    return SliceGeometry(
+        tuple(int(s) for s in file_shape),
+        tuple(canon_shape),
+        to_canon,
+        from_canon,
+        axis,
+        plane,
+        fit,
+        offset,
+        image_size,
+    )
+
+
+def _resize(stack, size: tuple[int, int]):
+    """Bilinear resize of a (N, H, W) float tensor, antialiased when shrinking."""
+    import torch.nn.functional as F
+
+    if tuple(stack.shape[-2:]) == tuple(size):
+        return stack
+    shrink = size[0] < stack.shape[-2] or size[1] < stack.shape[-1]
+    return F.interpolate(
+        stack[:, None], size=size, mode="bilinear", align_corners=False, antialias=shrink
+    )[:, 0]
+
+
+def canonical_slices(data: np.ndarray, geom: SliceGeometry) -> np.ndarray:
+    """View of ``data`` (file order) as (N, A, B) slices in canonical order."""
+    canon = apply_orientation(data, geom.to_canon)
+    return np.moveaxis(canon, geom.axis, 0)
+
+
+def to_model_space(stack: np.ndarray, geom: SliceGeometry, pad_value: float):
+    """(N, A, B) numpy slices -> (N, 1, S, S) float32 torch tensor."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))
+    t = _resize(t, geom.fit_shape)
+    s = geom.image_size
+    out = torch.full((t.shape[0], 1, s, s), float(pad_value), dtype=torch.float32)
+    (oa, ob), (fa, fb) = geom.offset, geom.fit_shape
+    out[:, 0, oa : oa + fa, ob : ob + fb] = t
+    return out
+
+
+@dataclass
+class ModelSlices:
+    """Slices of one volume in model space.
+
+    ``images``: (N, 1, S, S) float32 torch tensor; ``foreground``: (N,) bool, slices holding any
+    foreground; ``stats``: the normalisation's mean and std (scan intensity units);
+    ``pad_value``: the normalised background value used for padding.
+    """
+
+    images: object
+    foreground: np.ndarray
+    geometry: SliceGeometry
+    stats: dict
+    pad_value: float
+    foreground_mask: np.ndarray  # (X, Y, Z) bool, file order
+
+
+def volume_to_slices(
+    data: np.ndarray,
+    affine: np.ndarray,
+    spacing: tuple[float, ...],
+    axis: str | int,
+    image_size: int,
+    norm: Normalisation,
+) -> ModelSlices:
+    """Preprocess one (X, Y, Z) float32 volume into model-space slices (training and scoring)."""
+    ax = resolve_axis(axis)
+    geom = make_geometry(data.shape, affine, spacing, ax, image_size)
+    fg = foreground_mask(data, norm.foreground)
+    normed, stats = normalise(data, fg, norm)
+    pad_value = float(np.clip((float(data.min()) - stats["mean"]) / stats["std"], *norm.clip))
+    images = to_model_space(canonical_slices(normed, geom), geom, pad_value)
+    fg_slices = canonical_slices(fg, geom).reshape(geom.n_slices, -1).any(axis=1)
+    return ModelSlices(images, np.asarray(fg_slices), geom, stats, pad_value, fg)
+
+
+def slices_to_volume(maps, geom: SliceGeometry) -> np.ndarray:
+    """(N, S, S) maps in model space -> float32 array of the file's exact (X, Y, Z) shape."""
+    import torch
+
+    t = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps))
+    t = t.reshape(-1, geom.image_size, geom.image_size).to(torch.float32)
+    if t.shape[0] != geom.n_slices:
+        raise ValueError(f"expected {geom.n_slices} slices, got {t.shape[0]}")
+    (oa, ob), (fa, fb) = geom.offset, geom.fit_shape
+    t = _resize(t[:, oa : oa + fa, ob : ob + fb].contiguous(), geom.plane_shape)
+    canon = np.moveaxis(t.numpy(), 0, geom.axis)
+    out = apply_orientation(canon, geom.from_canon)
+    return np.ascontiguousarray(out, dtype=np.float32)

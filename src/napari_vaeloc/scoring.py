@@ -1,0 +1,124 @@
+"""Per-pixel and per-slice anomaly scores of a VAE, in pure torch (METHOD.md definitions).
+
+Per pixel, for an input batch x (B, 1, S, S), with z = mu (no sampling):
+
+- ``rec_error``: Gaussian NLL ``0.5 (x - x_hat)^2 / sigma^2 + log sigma + 0.5 log 2 pi``;
+- ``sq_error``: ``(x - x_hat)^2``;
+- ``kl_grad``: ``|dKL/dx|``, smoothed (7x7 Gaussian, sigma 3 px, zero padding);
+- ``rec_grad``: ``|dRec/dx|``, smoothed; ``elbo_grad``: ``|d(KL + Rec)/dx|``, smoothed;
+- ``combi``: ``smooth(|dKL/dx|) / kl_grad_scale * rec_error`` (the paper's product; its per-batch
+  min-max is replaced by a fixed scale, see :func:`score_batch`).
+
+Per slice: ``kl`` (KL term, nats), ``rec`` (summed Rec term, nats), ``elbo`` (their sum, i.e. the
+negative ELBO).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+PIXEL_MAPS = ("rec_error", "sq_error", "kl_grad", "rec_grad", "elbo_grad", "combi")
+SLICE_SCORES = ("kl", "rec", "elbo")
+
+
+def gaussian_kernel(size: int = 7, sigma: float = 3.0) -> torch.Tensor:
+    """Normalised 2D Gaussian kernel, shape (1, 1, size, size)."""
+    r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    k = torch.outer(g, g)
+    return (k / k.sum())[None, None]
+
+
+def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Convolve (B, 1, H, W) maps with ``kernel`` (zero padding, same size out)."""
+    pad = kernel.shape[-1] // 2
+    return F.conv2d(maps, kernel.to(maps), padding=pad)
+
+
+def kl_per_sample(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) summed over latent dims, shape (B,)."""
+    return 0.5 * (mu.pow(2) + torch.exp(2 * log_std) - 1 - 2 * log_std).sum(dim=1)
+
+
+def gaussian_nll(x: torch.Tensor, x_hat: torch.Tensor, log_std: float = 0.0) -> torch.Tensor:
+    """Per-pixel Gaussian negative log-likelihood, same shape as x (nats)."""
+    inv_var = math.exp(-2 * log_std)
+    return 0.5 * (x - x_hat).pow(2) * inv_var + log_std + 0.5 * math.log(2 * math.pi)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA/CPU when enabled (MPS: float16); a no-op otherwise."""
+    if not enabled:
+        return nullcontext()
+    dtype = torch.float16 if device.type == "mps" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def input_gradients(
+    network: torch.nn.Module, x: torch.Tensor, likelihood_log_std: float = 0.0, amp: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Signed input gradients of the KL and Rec terms, with z = mu.
+
+    Returns (dKL/dx, dRec/dx, KL (B,), Rec (B,), per-pixel Rec NLL, x_hat); gradients and maps
+    have the shape of x (B, C, S, S) and its dtype. dKL/dx needs the encoder only.
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        with autocast_for(x.device, amp):
+            mu, log_std = network.encode(x)
+        mu, log_std = mu.to(x.dtype), log_std.to(x.dtype)
+        kl = kl_per_sample(mu, log_std)
+        (g_kl,) = torch.autograd.grad(kl.sum(), x, retain_graph=True)
+        with autocast_for(x.device, amp):
+            x_hat = network.decode(mu)
+        x_hat = x_hat.to(x.dtype)
+        rec_px = gaussian_nll(x, x_hat, likelihood_log_std)
+        rec = rec_px.flatten(1).sum(dim=1)
+        (g_rec,) = torch.autograd.grad(rec.sum(), x)
+    return g_kl, g_rec, kl.detach(), rec.detach(), rec_px.detach(), x_hat.detach()
+
+
+def score_batch(
+    network: torch.nn.Module,
+    x: torch.Tensor,
+    likelihood_log_std: float = 0.0,
+    kernel: torch.Tensor | None = None,
+    kl_grad_scale: float = 1.0,
+    amp: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Every score of a batch of slices.
+
+    Gradients are per sample although taken from summed losses, because no layer couples the
+    samples of a batch: dKL/dx comes from one backward pass through the encoder only, dRec/dx from
+    one pass through decoder and encoder, and dELBO/dx is their sum (linearity), so a slice's maps
+    never depend on its batch-mates. The paper's per-batch min-max of |dKL/dx| in Combi is replaced
+    by dividing by ``kl_grad_scale`` (the model's calibrated healthy scale, or 1).
+
+    Args:
+        network: a VAE with ``encode`` / ``decode``, in eval mode.
+        x: (B, 1, S, S) float32 inputs in model space.
+    Returns:
+        maps (B, S, S) float32 for each of ``PIXEL_MAPS`` plus ``reconstruction``, and (B,)
+        float32 for each of ``SLICE_SCORES``.
+    """
+    kernel = gaussian_kernel() if kernel is None else kernel
+    x = x.detach().float()
+    g_kl, g_rec, kl, rec, rec_px, x_hat = input_gradients(network, x, likelihood_log_std, amp)
+    with torch.no_grad():
+        kl_grad = smooth(g_kl.abs(), kernel)
+        out = {
+            "rec_error": rec_px,
+            "sq_error": (x - x_hat).pow(2),
+            "kl_grad": kl_grad,
+            "rec_grad": smooth(g_rec.abs(), kernel),
+            "elbo_grad": smooth((g_kl + g_rec).abs(), kernel),
+            "combi": kl_grad / kl_grad_scale * rec_px,
+            "reconstruction": x_hat,
+        }
+        out = {k: v[:, 0] for k, v in out.items()}
+        out.update(kl=kl, rec=rec, elbo=kl + rec)
+    return out

@@ -1,0 +1,162 @@
+"""The `vaeloc` command on real NIfTI files from nibabel's test data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_vaeloc.cli import build_parser, main
+from napari_vaeloc.engine import OUTPUT_MAPS
+
+EXPECTED = [f"anatomical_{k}.nii.gz" for k in (*OUTPUT_MAPS, "combined", "mask")]
+
+
+def test_localize_writes_every_file(tmp_path, anatomical_path, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "localize",
+            str(anatomical_path),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*EXPECTED, "anatomical_scores.json"])
+    src = nib.load(anatomical_path)
+    for name in EXPECTED:
+        img = nib.load(out / name)
+        assert img.shape == src.shape
+        np.testing.assert_allclose(img.affine, src.affine)
+    mask = nib.load(out / "anatomical_mask.nii.gz")
+    assert mask.get_data_dtype().newbyteorder("=") == np.uint8
+    report = json.loads((out / "anatomical_scores.json").read_text())
+    assert report["model"] == "tiny"
+    assert report["combination"]["calibrated"] is False
+    assert len(report["slice_scores"]["elbo"]) == src.shape[report["slice_axis_in_file"]]
+    assert report["mask_voxels"] == int(np.asarray(mask.dataobj).sum())
+    assert "anatomical_mask.nii.gz" in capsys.readouterr().out
+
+
+def test_existing_outputs_are_kept(tmp_path, anatomical_path, tiny_model_dir, capsys):
+    args = [
+        "localize",
+        str(anatomical_path),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--weights",
+        "elbo_grad=1,rec_error=0.5",
+        "--threshold",
+        "2",
+    ]
+    assert main(args) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    assert main([*args, "--overwrite"]) == 0
+    report = json.loads((tmp_path / "anatomical_scores.json").read_text())
+    assert report["combination"]["weights"] == {"elbo_grad": 1.0, "rec_error": 0.5}
+    assert report["combination"]["threshold"] == 2.0
+
+
+def test_4d_file_through_the_cli(tmp_path, example4d_path, tiny_model_dir, capsys):
+    base = [
+        "localize",
+        str(example4d_path),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    assert main(base) == 2
+    assert "--volume-index" in capsys.readouterr().err
+    assert main([*base, "--volume-index", "0"]) == 0
+    assert nib.load(tmp_path / "example4d_mask.nii.gz").shape == nib.load(example4d_path).shape[:3]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_text("not an image"), "not a NIfTI"),
+        (lambda p: p.write_bytes(b"\x1f\x8b\x08garbage"), "cannot read"),
+    ],
+)
+def test_bad_files_give_clear_errors(tmp_path, tiny_model_dir, capsys, make, message):
+    name = "x.txt" if "NIfTI" in message else "x.nii.gz"
+    make(tmp_path / name)
+    rc = main(["localize", str(tmp_path / name), "--model", str(tiny_model_dir), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaeloc: error:") and message in err
+
+
+def test_unknown_model(anatomical_path, capsys):
+    assert main(["localize", str(anatomical_path), "--model", "nope", "--quiet"]) == 2
+    assert "no model named" in capsys.readouterr().err
+
+
+def test_models_command(capsys):
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_help_lists_every_option():
+    text = build_parser()._subparsers._group_actions[0].choices["localize"].format_help()
+    for opt in (
+        "--model",
+        "--axis",
+        "--device",
+        "--out",
+        "--volume-index",
+        "--batch-size",
+        "--threshold",
+        "--weights",
+        "--overwrite",
+        "--quiet",
+        "axial",
+        "SCAN_scores.json",
+    ):
+        assert opt in text
+
+
+def test_console_script_runs(tmp_path, anatomical_path, tiny_model_dir):
+    """The installed entry point, in a real subprocess, with the progress bar on."""
+    exe = Path(sys.executable).parent / "vaeloc"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "napari_vaeloc.cli"]
+    proc = subprocess.run(
+        [
+            *cmd,
+            "localize",
+            str(anatomical_path),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning:napari_vaeloc"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "scoring slices" in proc.stderr
+    assert (tmp_path / "anatomical_mask.nii.gz").is_file()
+    proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "localize" in proc.stdout and "demo" in proc.stdout

@@ -1,0 +1,173 @@
+"""Volume I/O: geometry kept, atomic no-clobber writes, and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_vaeloc.errors import InputError, OutputExistsError
+from napari_vaeloc.io import Volume, load_volume, save_nifti
+
+from .conftest import oblique_affine
+
+
+def _write(path, data, affine=None, dtype=None):
+    img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    nib.save(img, path)
+    return path
+
+
+def test_roundtrip_keeps_affine_header_and_voxels(tmp_path, anatomical_path):
+    vol = load_volume(anatomical_path)
+    src = nib.load(anatomical_path)
+    assert vol.shape == src.shape[:3]
+    np.testing.assert_allclose(vol.affine, src.affine)
+    rng = np.random.default_rng(0)
+    m = rng.random(vol.shape).astype(np.float32)
+    mask = (m > 0.7).astype(np.uint8)
+    pm = save_nifti(m, vol, tmp_path / "map.nii.gz", "map")
+    pk = save_nifti(mask, vol, tmp_path / "mask.nii", "mask")
+    for p, want, dtype in ((pm, m, np.float32), (pk, mask, np.uint8)):
+        img = nib.load(p)
+        assert img.get_data_dtype().newbyteorder("=") == np.dtype(dtype)
+        np.testing.assert_array_equal(np.asanyarray(img.dataobj), want)
+        np.testing.assert_allclose(img.affine, src.affine)
+        for key in ("qform_code", "sform_code", "xyzt_units", "pixdim", "quatern_b", "srow_x"):
+            np.testing.assert_array_equal(img.header[key], src.header[key])
+
+
+def test_oblique_nifti2_roundtrip(tmp_path):
+    aff = oblique_affine(1)
+    data = np.random.default_rng(1).random((6, 7, 8)).astype(np.float32)
+    nib.save(nib.Nifti2Image(data, aff), tmp_path / "in.nii")
+    vol = load_volume(tmp_path / "in.nii")
+    np.testing.assert_allclose(vol.spacing, [0.9, 1.3, 2.2], rtol=1e-6)
+    out = save_nifti(vol.data * 2, vol, tmp_path / "out.nii.gz")
+    img = nib.load(out)
+    assert isinstance(img, nib.Nifti2Image)
+    np.testing.assert_allclose(img.affine, aff, atol=1e-6)
+    np.testing.assert_allclose(img.get_fdata(), data * 2, rtol=1e-6)
+
+
+def test_refuses_to_overwrite_and_leaves_no_temp_files(tmp_path, phantom):
+    target = tmp_path / "m.nii.gz"
+    save_nifti(phantom.data, phantom, target)
+    before = target.read_bytes()
+    with pytest.raises(OutputExistsError, match="exists"):
+        save_nifti(phantom.data * 0, phantom, target)
+    assert target.read_bytes() == before
+    save_nifti(phantom.data * 0, phantom, target, overwrite=True)
+    assert nib.load(target).get_fdata().max() == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.nii.gz"]
+    with pytest.raises(InputError, match="shape"):
+        save_nifti(np.zeros((2, 2, 2)), phantom, tmp_path / "bad.nii.gz")
+    assert sorted(os.listdir(tmp_path)) == ["m.nii.gz"]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32, np.float64, np.float32])
+def test_numeric_types_become_float32(tmp_path, dtype):
+    data = (np.arange(60).reshape(3, 4, 5) % 7).astype(dtype)
+    vol = load_volume(_write(tmp_path / "x.nii", data))
+    assert vol.data.dtype == np.float32
+    np.testing.assert_array_equal(vol.data, data.astype(np.float32))
+    assert vol.source_dtype == np.dtype(dtype).name
+
+
+def test_2d_image_is_one_slice(tmp_path):
+    data = np.random.default_rng(0).random((9, 11)).astype(np.float32)
+    vol = load_volume(_write(tmp_path / "x.nii.gz", data))
+    assert vol.shape == (9, 11, 1)
+    assert Volume.from_array(data).shape == (9, 11, 1)
+
+
+def test_4d_needs_a_volume_index(example4d_path):
+    with pytest.raises(InputError, match=r"4D with 2 volumes.*--volume-index"):
+        load_volume(example4d_path)
+    vol = load_volume(example4d_path, volume_index=1)
+    src = nib.load(example4d_path)
+    assert vol.shape == src.shape[:3]
+    np.testing.assert_allclose(vol.data, src.dataobj[..., 1].astype(np.float32))
+    assert any("volume 1 of 2" in n for n in vol.notes)
+    with pytest.raises(InputError, match="out of range"):
+        load_volume(example4d_path, volume_index=5)
+
+
+def test_4d_with_one_volume_is_3d(tmp_path):
+    data = np.random.default_rng(0).random((4, 5, 6, 1)).astype(np.float32)
+    assert load_volume(_write(tmp_path / "x.nii", data)).shape == (4, 5, 6)
+
+
+def test_5d_refused(tmp_path):
+    data = np.ones((3, 3, 3, 2, 2), dtype=np.float32)
+    with pytest.raises(InputError, match="5 dimensions"):
+        load_volume(_write(tmp_path / "x.nii", data))
+
+
+def test_nan_and_inf_become_background(tmp_path):
+    data = np.random.default_rng(0).random((5, 5, 5)).astype(np.float32) + 1
+    data[0, 0, 0], data[1, 1, 1], data[2, 2, 2] = np.nan, np.inf, -np.inf
+    vol = load_volume(_write(tmp_path / "x.nii", data))
+    assert np.isfinite(vol.data).all()
+    assert (
+        vol.data[0, 0, 0]
+        == vol.data[1, 1, 1]
+        == np.nanmin(np.where(np.isfinite(data), data, np.nan))
+    )
+    assert any("3 non-finite" in n for n in vol.notes)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (np.full((4, 4, 4), np.nan, dtype=np.float32), "NaN or infinite"),
+        (np.zeros((4, 4, 4), dtype=np.float32), "constant"),
+        (np.full((4, 4, 4), 7, dtype=np.int16), "constant"),
+        (np.zeros((0, 4, 4), dtype=np.float32), "empty"),
+    ],
+)
+def test_unscorable_volumes_refused(tmp_path, data, message):
+    with pytest.raises(InputError, match=message):
+        Volume.from_array(data)
+    if data.size:
+        with pytest.raises(InputError, match=message):
+            load_volume(_write(tmp_path / "x.nii", data))
+
+
+def test_complex_refused():
+    with pytest.raises(InputError, match="real numbers"):
+        Volume.from_array(np.ones((3, 3, 3), dtype=np.complex64))
+
+
+def test_corrupted_and_foreign_files(tmp_path, anatomical_path):
+    gz = tmp_path / "cut.nii.gz"
+    gz.write_bytes(gzip.compress(anatomical_path.read_bytes())[:5000])
+    with pytest.raises(InputError, match=r"cut\.nii\.gz"):
+        load_volume(gz)
+    junk = tmp_path / "junk.nii"
+    junk.write_bytes(b"this is not an image" * 30)
+    with pytest.raises(InputError, match=r"cannot read junk\.nii"):
+        load_volume(junk)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(InputError, match="not a NIfTI"):
+        load_volume(txt)
+    with pytest.raises(InputError, match="no such file"):
+        load_volume(tmp_path / "missing.nii")
+    with pytest.raises(InputError, match="folder"):
+        load_volume(tmp_path)
+
+
+def test_too_large_refused_before_loading(anatomical_path):
+    with pytest.raises(InputError, match="crop or downsample"):
+        load_volume(anatomical_path, max_bytes=1000)
+
+
+def test_singular_affine_refused():
+    with pytest.raises(InputError, match="singular"):
+        Volume.from_array(np.random.default_rng(0).random((3, 3, 3)), affine=np.zeros((4, 4)))
