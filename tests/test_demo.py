@@ -27,8 +27,13 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     for k in ("rec_error", "kl_grad", "elbo_grad", "combi"):
         assert k in text
     names = {p.name for p in out.iterdir()}
-    assert {"sample_t2_lesion.nii.gz", "sample_t2_lesion_truth.nii.gz", "demo-model",
-            "sample_t2_lesion_mask.nii.gz", "sample_t2_lesion_scores.json"} <= names
+    assert {
+        "sample_t2_lesion.nii.gz",
+        "sample_t2_lesion_truth.nii.gz",
+        "demo-model",
+        "sample_t2_lesion_mask.nii.gz",
+        "sample_t2_lesion_scores.json",
+    } <= names
     model = load_model(out / "demo-model")  # the saved demo model passes the checksum
     assert "DEMO MODEL" in model.card.description
     truth = nib.load(out / "sample_t2_lesion_truth.nii.gz").get_fdata()

