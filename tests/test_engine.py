@@ -149,3 +149,13 @@ def test_trained_vae_finds_an_inserted_blob():
     assert auroc["rec_error"] > 0.8, auroc
     assert auroc["elbo_grad"] > 0.8, auroc
     assert auroc["combi"] > 0.7, auroc
+
+
+def test_selected_maps_only(tiny_model, phantom):
+    full = localize(phantom, tiny_model)
+    part = localize(phantom, tiny_model, maps=("kl_grad", "reconstruction"))
+    assert set(part.maps) == {"kl_grad", "reconstruction"}
+    np.testing.assert_array_equal(part.maps["kl_grad"], full.maps["kl_grad"])
+    np.testing.assert_array_equal(part.maps["reconstruction"], full.maps["reconstruction"])
+    with pytest.raises(InputError, match="unknown maps"):
+        localize(phantom, tiny_model, maps=("nope",))

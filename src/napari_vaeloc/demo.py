@@ -1,9 +1,5 @@
-"""The end-to-end demonstration behind ``vaeloc demo``.
-
-Until pretrained models ship, the demo trains a small *demo model* on the fly, for a fixed time,
-on the healthy sample scan, inserts a synthetic lesion into that scan, localizes it and reports
-how well each map separates lesion from healthy brain (pixel AUROC inside the brain).
-"""
+"""The end-to-end demonstration behind ``vaeloc demo``: a bundled model localizes the synthetic
+lesion of the bundled sample scan, and every map is scored against the known ground truth."""
 
 from __future__ import annotations
 
@@ -13,125 +9,67 @@ from pathlib import Path
 
 import numpy as np
 
-from .combine import CombineSettings
+from .combine import CombineSettings, combine, component_scales, threshold_mask
 from .engine import localize
+from .evaluate import COMPONENTS, pixel_metrics
 from .export import write_result
-from .io import Volume, load_volume, save_nifti
-from .models.store import LoadedModel, ModelCard, save_model
-from .preprocess import Normalisation, volume_to_slices
-from .synth import insert_sphere
+from .io import load_volume
+from .models.store import load_model
 
-SAMPLE_T2 = "sample_t2_healthy.nii.gz"
+SAMPLES = {
+    "t2-healthy": "sample_t2_healthy.nii.gz",
+    "t1-healthy": "sample_t1_healthy.nii.gz",
+    "t2-lesion": "sample_t2_lesion.nii.gz",
+    "t2-lesion-truth": "sample_t2_lesion_truth.nii.gz",
+}
 
 
-def sample_path(name: str = SAMPLE_T2) -> Path:
-    """Path of a sample scan bundled with the package."""
+def sample_path(name: str = SAMPLES["t2-healthy"]) -> Path:
+    """Path of a file bundled in the package's data folder (a sample key or a file name)."""
+    name = SAMPLES.get(name, name)
     return Path(str(importlib.resources.files("napari_vaeloc") / "data" / name))
 
 
-def pixel_auroc(score: np.ndarray, truth: np.ndarray, within: np.ndarray | None = None) -> float:
-    """Area under the ROC curve of ``score`` for ``truth`` voxels (scikit-learn), optionally
-    restricted to the voxels of ``within``."""
-    from sklearn.metrics import roc_auc_score
-
-    s, t = (score[within], truth[within]) if within is not None else (score.ravel(), truth.ravel())
-    return float(roc_auc_score(t.astype(bool).ravel(), s.ravel()))
-
-
-def train_demo_model(
-    volume: Volume,
-    seconds: float,
-    seed: int = 0,
-    image_size: int = 64,
-    z_dim: int = 128,
-    progress: Callable[[int, float], None] | None = None,
-) -> LoadedModel:
-    """Train a conv VAE for ``seconds`` on the axial slices of one healthy volume."""
-    import torch
-
-    from .models.vae import ConvVAE
-    from .train import train_vae
-
-    torch.manual_seed(seed)
-    norm = Normalisation()
-    ms = volume_to_slices(volume.data, volume.affine, volume.spacing, "axial", image_size, norm)
-    images = ms.images[torch.from_numpy(np.flatnonzero(ms.foreground))]
-    net = ConvVAE(image_size=image_size, z_dim=z_dim)
-    losses = train_vae(
-        net,
-        images,
-        seconds=seconds,
-        lr=1e-3 if seconds < 600 else 1e-4,
-        seed=seed,
-        progress=progress,
-    )
-    card = ModelCard(
-        name="demo",
-        architecture=net.config(),
-        axis="axial",
-        normalisation=norm.to_dict(),
-        modality="T2",
-        description=(
-            f"DEMO MODEL: trained on the fly for {seconds:g} s on the one healthy sample scan; "
-            "not a pretrained model"
-        ),
-        provenance="ICBM152 2009c T2 (skull-stripped), 2 mm sample bundled with napari-vaeloc",
-        licence="see data/MNI-COPYING",
-        training={
-            "steps": len(losses),
-            "seconds": seconds,
-            "final_loss": losses[-1] if losses else None,
-            "seed": seed,
-        },
-    )
-    return LoadedModel(net, card, None)
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    denom = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / denom) if denom else 1.0
 
 
 def run_demo(
     out_dir: str | Path,
-    seconds: float = 60.0,
-    seed: int = 0,
+    model: str = "t2-brain",
     device: str = "auto",
     overwrite: bool = False,
-    train_progress: Callable[[int, float], None] | None = None,
-    score_progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Train the demo model, localize a synthetic lesion in the sample and write everything to
-    ``out_dir``. Returns {"auroc": {map: value}, "files": {...}, "model_dir": Path}."""
-    out = Path(out_dir)
-    healthy = load_volume(sample_path())
-    model = train_demo_model(healthy, seconds, seed, progress=train_progress)
-    model_dir = save_model(model.network, model.card, out / "demo-model", overwrite=overwrite)
+    """Localize the lesion of the T2 sample with ``model``, write every output to ``out_dir``
+    and score each map inside the brain against the ground truth.
 
-    rng = np.random.default_rng(seed)
-    fg = np.argwhere(healthy.data > np.percentile(healthy.data[healthy.data > 0], 50))
-    center = fg[rng.integers(len(fg))]
-    bright = float(np.percentile(healthy.data[healthy.data > 0], 99))
-    lesion_data, truth = insert_sphere(
-        healthy.data, tuple(center), 10.0, bright, healthy.spacing, mode="set"
-    )
-    lesion = Volume(
-        lesion_data,
-        healthy.affine,
-        healthy.header,
-        out / "sample_t2_lesion.nii.gz",
-        healthy.source_dtype,
-    )
-    save_nifti(lesion.data, lesion, lesion.path, "map", overwrite)
-    save_nifti(truth, lesion, out / "sample_t2_lesion_truth.nii.gz", "mask", overwrite)
-
-    result = localize(lesion, model, device=device, progress=score_progress)
+    Returns {"metrics": {map: {auroc, ap, best_dice}}, "mask_dice": float, "files": {...},
+    "result": LocalizationResult}.
+    """
+    loaded = load_model(model)
+    scan = load_volume(sample_path("t2-lesion"))
+    truth = load_volume(sample_path("t2-lesion-truth")).data > 0
+    result = localize(scan, loaded, device=device, progress=progress)
+    settings = CombineSettings.from_card(loaded.card)
     files = write_result(
-        result,
-        lesion,
-        out,
-        CombineSettings.from_card(model.card),
-        model.card.calibration,
-        overwrite=overwrite,
+        result, scan, out_dir, settings, loaded.card.calibration, overwrite=overwrite
     )
-    brain = result.foreground
-    auroc = {
-        k: pixel_auroc(result.maps[k], truth, brain)
-        for k in ("rec_error", "kl_grad", "rec_grad", "elbo_grad", "combi")
+    region = result.foreground | truth
+    metrics = {k: pixel_metrics(result.maps[k][region], truth[region]) for k in COMPONENTS}
+    fg = result.foreground if settings.foreground_only else None
+    scales, _ = component_scales(result.maps, fg, loaded.card.calibration, list(settings.weights))
+    combined = combine(
+        result.maps, settings.weights, scales, fg, settings.smoothing_mm, scan.spacing
+    )
+    metrics["combined (default)"] = pixel_metrics(combined[region], truth[region])
+    mask = threshold_mask(combined, settings.threshold, settings.min_size_mm3, scan.spacing)
+    return {
+        "metrics": metrics,
+        "mask_dice": dice(mask, truth),
+        "files": files,
+        "result": result,
+        "settings": settings,
     }
-    return {"auroc": auroc, "files": files, "model_dir": model_dir, "result": result}

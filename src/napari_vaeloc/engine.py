@@ -85,9 +85,9 @@ class LocalizationResult:
         return self.foreground.shape
 
 
-def estimate_bytes(shape: tuple[int, ...]) -> int:
+def estimate_bytes(shape: tuple[int, ...], n_maps: int = len(OUTPUT_MAPS)) -> int:
     """Peak bytes the result maps of a volume of ``shape`` need (float32 maps + working copies)."""
-    return int(np.prod(shape)) * 4 * (len(OUTPUT_MAPS) + 4)
+    return int(np.prod(shape)) * 4 * (n_maps + 4)
 
 
 def localize(
@@ -101,6 +101,7 @@ def localize(
     progress: ProgressCallback | None = None,
     cancel: CancelFlag | None = None,
     max_bytes: int | None = None,
+    maps: tuple[str, ...] | None = None,
 ) -> LocalizationResult:
     """Score every slice of ``volume`` with ``model`` and map the results back to its grid.
 
@@ -113,6 +114,8 @@ def localize(
         progress: called with (slices done, slices total) after each batch.
         cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
         max_bytes: refuse volumes whose maps need more memory (default: half of what is free).
+        maps: which of ``OUTPUT_MAPS`` to map back to the volume (default: all); fewer maps need
+            less memory and time.
     """
     import torch
 
@@ -121,7 +124,11 @@ def localize(
     t0 = time.perf_counter()
     card = model.card
     notes = list(volume.notes)
-    need = estimate_bytes(volume.shape)
+    wanted = tuple(OUTPUT_MAPS) if maps is None else tuple(maps)
+    unknown = set(wanted) - set(OUTPUT_MAPS)
+    if unknown:
+        raise InputError(f"unknown maps {sorted(unknown)}; choose from {', '.join(OUTPUT_MAPS)}")
+    need = estimate_bytes(volume.shape, len(wanted))
     limit = available_memory_bytes() // 2 if max_bytes is None else max_bytes
     if need > limit:
         raise InputError(
@@ -152,8 +159,9 @@ def localize(
     n = geom.n_slices
     todo = np.flatnonzero(ms.foreground)
     s = card.image_size
-    model_maps = {k: torch.zeros((n, s, s), dtype=torch.float32) for k in OUTPUT_MAPS}
-    model_maps["reconstruction"].fill_(ms.pad_value)
+    model_maps = {k: torch.zeros((n, s, s), dtype=torch.float32) for k in wanted}
+    if "reconstruction" in model_maps:
+        model_maps["reconstruction"].fill_(ms.pad_value)
     scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SLICE_SCORES}
     calib = card.calibration or {}
     kl_scale = float(calib.get("kl_grad_scale", 1.0))
@@ -168,7 +176,7 @@ def localize(
         x = ms.images[idx].to(dev)
         out = score_batch(network, x, card.likelihood_log_std, kernel, kl_scale, use_amp)
         tidx = torch.from_numpy(idx)
-        for k in OUTPUT_MAPS:
+        for k in wanted:
             model_maps[k][tidx] = out[k].cpu()
         for k in SLICE_SCORES:
             scores[k][idx] = out[k].cpu().numpy()
@@ -178,12 +186,13 @@ def localize(
     if cancel is not None and cancel():
         raise Cancelled("localization cancelled")
 
-    maps = {}
-    for k in OUTPUT_MAPS:
-        maps[k] = slices_to_volume(model_maps.pop(k), geom)
-    rec = maps["reconstruction"]
-    rec *= np.float32(ms.stats["std"])
-    rec += np.float32(ms.stats["mean"])
+    volume_maps = {}
+    for k in wanted:
+        volume_maps[k] = slices_to_volume(model_maps.pop(k), geom)
+    if "reconstruction" in volume_maps:
+        rec = volume_maps["reconstruction"]
+        rec *= np.float32(ms.stats["std"])
+        rec += np.float32(ms.stats["mean"])
 
     order = geom.file_slice_order()
     slice_scores = {k: v[order] for k, v in scores.items()}
@@ -195,7 +204,7 @@ def localize(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return LocalizationResult(
-        maps=maps,
+        maps=volume_maps,
         foreground=ms.foreground_mask,
         slice_scores=slice_scores,
         volume_scores=volume_scores,

@@ -147,3 +147,51 @@ def train_model(
         else float("nan"),
     }
     return folder, summary
+
+
+def recalibrate(
+    folder: str | os.PathLike,
+    weights: dict[str, float],
+    fpr: float = DEFAULT_FPR,
+) -> dict:
+    """Recompute a trained model's calibration for new default ``weights`` on the same held-out
+    slices it was validated on (rebuilt from the recorded sources and split seed), set the
+    default threshold to the healthy false-positive rate ``fpr``, and rewrite ``model.json``.
+    The weights file, and so its checksum, is unchanged. Returns the new calibration."""
+    import json
+    import tempfile
+
+    from .models.store import CARD_FILE, load_model
+
+    folder = Path(folder)
+    model = load_model(folder)
+    card = model.card
+    split = card.training.get("split", {})
+    volumes, _ = load_training_volumes(card.training["sources"])
+    norm = Normalisation.from_dict(card.normalisation)
+    data = build_slice_dataset(
+        volumes,
+        card.axis,
+        card.image_size,
+        norm,
+        val_fraction=split.get("val_fraction", 0.15),
+        slab=split.get("slab", 8),
+        gap=split.get("gap", 2),
+        seed=split.get("seed", 0),
+    )
+    calibration = calibrate(
+        model.network, data.val, data.val_foreground, card.likelihood_log_std, weights=weights
+    )
+    card.calibration = calibration
+    card.defaults = {
+        **card.defaults,
+        "weights": dict(weights),
+        "threshold": calibration["combined_fpr"][str(fpr)],
+        "threshold_fpr": fpr,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".model.json.", dir=folder)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(card.to_json() + "\n")
+    os.replace(tmp, folder / CARD_FILE)
+    json.loads((folder / CARD_FILE).read_text())  # fail loudly if anything went wrong
+    return calibration

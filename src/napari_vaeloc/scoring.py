@@ -3,6 +3,7 @@
 Per pixel, for an input batch x (B, 1, S, S), with z = mu (no sampling):
 
 - ``rec_error``: Gaussian NLL ``0.5 (x - x_hat)^2 / sigma^2 + log sigma + 0.5 log 2 pi``;
+- ``rec_error_smooth``: ``rec_error`` smoothed like the gradients (not in the paper);
 - ``sq_error``: ``(x - x_hat)^2``;
 - ``kl_grad``: ``|dKL/dx|``, smoothed (7x7 Gaussian, sigma 3 px, zero padding);
 - ``rec_grad``: ``|dRec/dx|``, smoothed; ``elbo_grad``: ``|d(KL + Rec)/dx|``, smoothed;
@@ -21,7 +22,15 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-PIXEL_MAPS = ("rec_error", "sq_error", "kl_grad", "rec_grad", "elbo_grad", "combi")
+PIXEL_MAPS = (
+    "rec_error",
+    "rec_error_smooth",
+    "sq_error",
+    "kl_grad",
+    "rec_grad",
+    "elbo_grad",
+    "combi",
+)
 SLICE_SCORES = ("kl", "rec", "elbo")
 
 
@@ -112,6 +121,7 @@ def score_batch(
         kl_grad = smooth(g_kl.abs(), kernel)
         out = {
             "rec_error": rec_px,
+            "rec_error_smooth": smooth(rec_px, kernel),
             "sq_error": (x - x_hat).pow(2),
             "kl_grad": kl_grad,
             "rec_grad": smooth(g_rec.abs(), kernel),
