@@ -148,11 +148,15 @@ def prepare(quick: bool) -> tuple[Volume, str, LoadedModel]:
 # --------------------------------------------------------------------------- variants
 
 
+#: the maps the original loop produces; the engine is asked for the same ones (like for like)
+SAME_MAPS = ("rec_error", "kl_grad", "rec_grad", "elbo_grad", "combi")
+
+
 def run_engine(volume: Volume, model: LoadedModel, batch_size: int) -> dict[str, np.ndarray]:
-    """Our engine; returns its volume maps."""
+    """Our engine, mapping back the same five maps as the original; returns its volume maps."""
     from napari_vaeloc.engine import localize
 
-    return localize(volume, model, device="cpu", batch_size=batch_size).maps
+    return localize(volume, model, device="cpu", batch_size=batch_size, maps=SAME_MAPS).maps
 
 
 def _original_batch(

@@ -150,3 +150,31 @@ def test_train_refuses_bad_sources(tmp_path, capsys):
         from napari_vaeloc.datasets import template_path
 
         template_path("icbm-t3")
+
+
+def test_same_command_gives_the_same_weights_file(tmp_path):
+    img = nib.Nifti1Image(head_phantom((24, 28, 24), seed=3), np.diag([2.0, 2, 2, 1]))
+    nib.save(img, tmp_path / "healthy.nii.gz")
+    args = [
+        "train",
+        str(tmp_path / "healthy.nii.gz"),
+        "--image-size",
+        "16",
+        "--z-dim",
+        "8",
+        "--max-steps",
+        "6",
+        "--val-every",
+        "3",
+        "--batch-size",
+        "8",
+        "--quiet",
+        "--seed",
+        "5",
+    ]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a, b = load_model(tmp_path / "a").card, load_model(tmp_path / "b").card
+    assert a.weights_sha256 == b.weights_sha256
+    assert main([*args[:-1], "6", "--out", str(tmp_path / "c")]) == 0
+    assert load_model(tmp_path / "c").card.weights_sha256 != a.weights_sha256
