@@ -306,11 +306,12 @@ def test_config_round_trip_and_validation():
             AugmentConfig(**bad)
 
 
-def test_drop_in_for_train_vae():
+def test_drop_in_for_training():
     from napari_vaeloc.models.vae import ConvVAE
-    from napari_vaeloc.train import train_vae
+    from napari_vaeloc.train import TrainConfig, fit
 
     torch.manual_seed(0)
     net = ConvVAE(image_size=16, widths=(8, 16), z_dim=8)
-    losses = train_vae(net, brain_batch(8, size=16), steps=2, batch_size=4, augment=Augmenter())
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    cfg = TrainConfig(image_size=16, z_dim=8, batch_size=4, max_steps=2, val_every=1)
+    res = fit(net, brain_batch(8, size=16), brain_batch(2, size=16), cfg, augment=Augmenter())
+    assert len(res.history) == 2 and all(math.isfinite(h["train_loss"]) for h in res.history)

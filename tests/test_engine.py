@@ -14,7 +14,7 @@ from napari_vaeloc.models.store import LoadedModel
 from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import Normalisation, volume_to_slices
 from napari_vaeloc.synth import head_phantom, insert_sphere
-from napari_vaeloc.train import train_vae
+from napari_vaeloc.train import TrainConfig, fit
 
 from .conftest import oblique_affine, tiny_card
 
@@ -133,8 +133,18 @@ def test_trained_vae_finds_an_inserted_blob():
         stacks.append(ms.images[torch.from_numpy(np.flatnonzero(ms.foreground))])
     images = torch.cat(stacks)
     net = ConvVAE(image_size=32, z_dim=32)
-    losses = train_vae(net, images, steps=600, seconds=40, batch_size=32, lr=1e-3, seed=0)
-    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
+    cfg = TrainConfig(
+        image_size=32,
+        z_dim=32,
+        lr=1e-3,
+        batch_size=32,
+        max_steps=600,
+        max_minutes=40 / 60,
+        val_every=50,
+        patience=100,
+    )
+    res = fit(net, images[8:], images[:8], cfg)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] - 50
     card = tiny_card(net, "phantom")
     model = LoadedModel(net, card)
 

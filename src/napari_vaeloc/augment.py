@@ -15,7 +15,7 @@ to ``clip``, background/padding at ``background``) and applies, in this order:
 5. clipping back into ``clip``.
 
 Every random number comes from the ``generator`` passed in, so the same generator state gives
-the same output. An ``Augmenter`` is a drop-in ``augment`` for :func:`train.train_vae`.
+the same output. An ``Augmenter`` is a drop-in ``augment`` for :func:`train.fit`.
 """
 
 from __future__ import annotations
