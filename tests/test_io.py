@@ -171,3 +171,12 @@ def test_too_large_refused_before_loading(anatomical_path):
 def test_singular_affine_refused():
     with pytest.raises(InputError, match="singular"):
         Volume.from_array(np.random.default_rng(0).random((3, 3, 3)), affine=np.zeros((4, 4)))
+
+
+def test_written_files_follow_the_umask(tmp_path, phantom):
+    old = os.umask(0o022)
+    try:
+        p = save_nifti(phantom.data, phantom, tmp_path / "m.nii.gz")
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644

@@ -14,7 +14,7 @@ import numpy as np
 from .combine import CombineSettings, combine, component_scales, threshold_mask
 from .engine import OUTPUT_MAPS, LocalizationResult
 from .errors import OutputExistsError
-from .io import Volume, save_nifti
+from .io import Volume, make_readable, save_nifti
 
 
 def scan_stem(path: str | os.PathLike | None) -> str:
@@ -59,6 +59,7 @@ def write_json_atomic(obj: dict, path: Path, overwrite: bool = False) -> Path:
         with os.fdopen(fd, "w") as fh:
             json.dump(_jsonable(obj), fh, indent=2)
             fh.write("\n")
+        make_readable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -28,6 +28,14 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a file made by ``tempfile`` (mode 0600/0700) the mode the user's umask asks for."""
+    mask = os.umask(0)
+    os.umask(mask)
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~mask)
+
+
 def available_memory_bytes() -> int:
     """Memory the system can still hand out, in bytes (MemAvailable on Linux)."""
     try:
@@ -273,6 +281,7 @@ def save_nifti(
     os.close(fd)
     try:
         nib.save(img, tmp)
+        make_readable(tmp)
         if overwrite:
             os.replace(tmp, dest)
         else:

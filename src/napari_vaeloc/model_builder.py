@@ -161,6 +161,7 @@ def recalibrate(
     import json
     import tempfile
 
+    from .io import make_readable
     from .models.store import CARD_FILE, load_model
 
     folder = Path(folder)
@@ -192,6 +193,7 @@ def recalibrate(
     fd, tmp = tempfile.mkstemp(prefix=".model.json.", dir=folder)
     with os.fdopen(fd, "w") as fh:
         fh.write(card.to_json() + "\n")
+    make_readable(tmp)
     os.replace(tmp, folder / CARD_FILE)
     json.loads((folder / CARD_FILE).read_text())  # fail loudly if anything went wrong
     return calibration

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ModelError, OutputExistsError
+from ..io import make_readable
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model.json"
@@ -116,6 +117,8 @@ def save_model(
         card.weights_sha256 = sha256_file(tmp / WEIGHTS_FILE)
         card.package_version = card.package_version or __version__
         (tmp / CARD_FILE).write_text(card.to_json() + "\n")
+        for p in (tmp, tmp / WEIGHTS_FILE, tmp / CARD_FILE):
+            make_readable(p)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
