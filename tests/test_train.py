@@ -132,7 +132,7 @@ def test_train_command_end_to_end(tmp_path, capsys):
     assert card.name == "phantom-t2"
     assert card.calibration["kl_grad_scale"] > 0
     assert set(card.calibration["scales"]) >= {"rec_error", "kl_grad", "elbo_grad", "combi"}
-    assert card.defaults["threshold"] == card.calibration["combined_fpr"]["0.001"]
+    assert card.defaults["threshold"] == card.calibration["combined_fpr"]["0.01"]
     assert [h["step"] for h in card.training["history"]] == [4, 8, 12]
     assert card.training["split"]["by"] == "slab"
     assert "2 NIfTI file(s)" in card.provenance

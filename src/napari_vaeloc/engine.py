@@ -15,17 +15,14 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .io import Volume, available_memory_bytes
+from .mapnames import OUTPUT_MAPS, SLICE_SCORES
 from .models.store import LoadedModel
 from .preprocess import AXES, Normalisation, resolve_axis, slices_to_volume, volume_to_slices
-from .scoring import PIXEL_MAPS, SLICE_SCORES
 
 #: progress(done_slices, total_slices)
 ProgressCallback = Callable[[int, int], None]
 #: cancel() -> True to stop
 CancelFlag = Callable[[], bool]
-
-#: maps returned besides the PIXEL_MAPS: the reconstruction in scan intensity units
-OUTPUT_MAPS = (*PIXEL_MAPS, "reconstruction")
 
 
 def available_devices() -> list[str]:

@@ -196,8 +196,8 @@ def load_volume(
         n = shape[3]
         if volume_index is None:
             raise InputError(
-                f"{p.name} is 4D with {n} volumes (shape {shape}); choose one with "
-                f"--volume-index 0..{n - 1}"
+                f"{p.name} is 4D with {n} volumes (shape {shape}); choose one volume, "
+                f"0..{n - 1} (--volume-index on the command line)"
             )
         if not -n <= volume_index < n:
             raise InputError(f"volume index {volume_index} out of range for {n} volumes")

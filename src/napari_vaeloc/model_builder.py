@@ -19,7 +19,7 @@ from .preprocess import Normalisation
 from .train import TrainConfig, calibrate, fit
 
 #: the default threshold: a healthy foreground voxel exceeds it with this probability
-DEFAULT_FPR = 0.001
+DEFAULT_FPR = 0.01
 
 
 def checkpoint_dir_for(out: Path) -> Path:

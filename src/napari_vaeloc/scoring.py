@@ -22,16 +22,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-PIXEL_MAPS = (
-    "rec_error",
-    "rec_error_smooth",
-    "sq_error",
-    "kl_grad",
-    "rec_grad",
-    "elbo_grad",
-    "combi",
-)
-SLICE_SCORES = ("kl", "rec", "elbo")
+from .mapnames import PIXEL_MAPS, SLICE_SCORES  # noqa: F401  (re-exported)
 
 
 def gaussian_kernel(size: int = 7, sigma: float = 3.0) -> torch.Tensor:

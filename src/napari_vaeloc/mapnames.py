@@ -1,0 +1,16 @@
+"""Names of the maps and scores (no torch here, so fronts can import them cheaply)."""
+
+#: per-pixel maps computed in model space (see ``scoring``)
+PIXEL_MAPS = (
+    "rec_error",
+    "rec_error_smooth",
+    "sq_error",
+    "kl_grad",
+    "rec_grad",
+    "elbo_grad",
+    "combi",
+)
+#: per-slice scores (nats)
+SLICE_SCORES = ("kl", "rec", "elbo")
+#: maps a localization returns: the pixel maps plus the reconstruction in scan units
+OUTPUT_MAPS = (*PIXEL_MAPS, "reconstruction")

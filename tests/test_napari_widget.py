@@ -1,0 +1,251 @@
+"""The "Localize anomalies" widget end to end: real viewer, real model, real NIfTI, real torch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from napari.utils.notifications import notification_manager
+
+from napari_vaeloc import engine
+from napari_vaeloc.demo import sample_path
+from napari_vaeloc.errors import OutputExistsError
+from napari_vaeloc.io import load_volume
+from napari_vaeloc.models.store import bundled_models
+
+SUFFIXES = ("reconstruction", "Rec-Error", "KL-Grad", "anomaly map", "mask")
+TIMEOUT_MS = 240_000
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts real calls of engine.localize (the real function runs)."""
+    calls = []
+    real = engine.localize
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "localize", spy)
+    return calls
+
+
+def _open(make_napari_viewer, qtbot, show=False):
+    viewer = make_napari_viewer(show=show)
+    viewer.open_sample("napari-vaeloc", "t2-lesion")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
+    if "t2-brain" not in bundled_models():
+        pytest.skip("the bundled t2-brain model is not installed")
+    widget.model.value = "t2-brain"
+    qtbot.waitUntil(lambda: widget._devices is not None, timeout=60_000)  # torch imported
+    assert "cpu" in widget.device.choices and widget._devices[-1] == "cpu"
+    widget.device.value = "cpu"
+    return viewer, widget
+
+
+def _run(qtbot, widget):
+    widget.run_button.clicked()
+    assert widget.running and not widget.run_button.enabled
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+
+
+def _results(viewer):
+    return {
+        s: viewer.layers[f"t2-lesion {s}"] for s in SUFFIXES if f"t2-lesion {s}" in viewer.layers
+    }
+
+
+def test_localize_creates_overlaid_layers(make_napari_viewer, qtbot, counted):
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    scan = viewer.layers["t2-lesion"]
+    ticks: list[float] = []
+    timer = QTimer()
+    # ticks until the result arrives (adding the layers afterwards is GUI work by nature)
+    timer.timeout.connect(lambda: widget.session is None and ticks.append(time.perf_counter()))
+    timer.start(20)
+    _run(qtbot, widget)
+    timer.stop()
+    # the GUI thread kept serving events during model loading and scoring
+    assert len(ticks) > 10 and np.diff(ticks).max() < 1.0, np.diff(ticks).max()
+    assert counted == [1]
+    layers = _results(viewer)
+    assert set(layers) == set(SUFFIXES)
+    for layer in layers.values():
+        assert layer.data.shape == scan.data.shape
+        np.testing.assert_allclose(layer.scale, scan.scale)
+        np.testing.assert_allclose(layer.translate, scan.translate)
+        np.testing.assert_allclose(layer.metadata["affine"], scan.metadata["affine"])
+    combined = layers["anomaly map"]
+    assert combined.blending == "additive" and combined.colormap.name == "inferno"
+    assert combined.contrast_limits == list(widget.session.display_range())
+    assert layers["mask"].data.dtype == np.uint8 and layers["mask"].data.any()
+    assert widget.run_button.enabled and widget.export_button.enabled
+    # a re-run updates the same layers in place
+    ids = {k: id(v) for k, v in layers.items()}
+    _run(qtbot, widget)
+    assert {k: id(v) for k, v in _results(viewer).items()} == ids
+    assert len(viewer.layers) == 1 + len(SUFFIXES)
+
+
+def test_mask_overlaps_known_lesion(make_napari_viewer, qtbot):
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    _run(qtbot, widget)
+    mask = viewer.layers["t2-lesion mask"].data.astype(bool)
+    truth = load_volume(sample_path("t2-lesion-truth")).data > 0
+    inside = (mask & truth).sum()
+    # default threshold (healthy false-positive rate 1 %): mostly correct voxels
+    assert inside >= 20 and inside > 0.5 * mask.sum(), (inside, truth.sum(), mask.sum())
+    # a lower threshold finds more of the lesion
+    widget.threshold.value = 0.8 * widget.threshold.value
+    widget.apply_settings()
+    mask2 = viewer.layers["t2-lesion mask"].data.astype(bool)
+    assert (mask2 & truth).sum() > inside
+
+
+def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, counted):
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    _run(qtbot, widget)
+    mask_layer = viewer.layers["t2-lesion mask"]
+    comb_layer = viewer.layers["t2-lesion anomaly map"]
+    mask0, comb0 = mask_layer.data.copy(), comb_layer.data.copy()
+    info0 = widget.threshold_info.value
+    assert "false-positive" in info0 or "uncalibrated" in info0
+
+    widget.threshold.value = widget.threshold.value * 0.6
+    qtbot.waitUntil(lambda: mask_layer.data.sum() > mask0.sum(), timeout=2000)
+    assert widget.threshold_info.value != info0
+    np.testing.assert_array_equal(comb_layer.data, comb0)  # threshold alone: same map
+
+    widget.weights["kl_grad"].value = 1.0
+    qtbot.waitUntil(lambda: not np.array_equal(comb_layer.data, comb0), timeout=2000)
+    assert "custom weights" in widget.threshold_info.value or "uncalibrated" in (
+        widget.threshold_info.value
+    )
+    widget.smoothing.value = 4.0
+    widget.min_size.value = 400.0
+    qtbot.wait(200)
+    assert widget.session.settings.min_size_mm3 == 400.0
+
+    widget.defaults_button.clicked()
+    np.testing.assert_array_equal(comb_layer.data, comb0)
+    np.testing.assert_array_equal(mask_layer.data, mask0)
+    assert widget.threshold_info.value == info0
+    assert counted == [1]
+
+
+def test_cancel_leaves_no_partial_layers(make_napari_viewer, qtbot):
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    widget.batch_size = 4
+    before = len(notification_manager.records)
+    widget.run_button.clicked()
+    qtbot.waitUntil(lambda: widget.progress.value > 0, timeout=TIMEOUT_MS)
+    assert widget.cancel_button.enabled
+    widget.cancel_button.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert [layer.name for layer in viewer.layers] == ["t2-lesion"]
+    assert widget.session is None and widget.run_button.enabled and not widget.cancel_button.enabled
+    msgs = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("cancelled" in m for m in msgs), msgs
+    widget.batch_size = 64
+    _run(qtbot, widget)  # ready again
+    assert set(_results(viewer)) == set(SUFFIXES)
+
+
+def test_export_then_reload_mask(make_napari_viewer, qtbot, tmp_path):
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    _run(qtbot, widget)
+    out = tmp_path / "t2-lesion_mask.nii.gz"
+    [written] = widget.export(out)
+    back = nib.load(written)
+    src = nib.load(sample_path("t2-lesion"))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), viewer.layers["t2-lesion mask"].data)
+    np.testing.assert_array_equal(back.affine, src.affine)
+    with pytest.raises(OutputExistsError):
+        widget.export(out)
+    files = widget.export(out, overwrite=True, maps=True)
+    assert len(files) >= 10 and all(Path(f).exists() for f in files)
+    # the writer route (File > Save Selected Layers) gives the same file
+    via_writer = tmp_path / "via_writer.nii.gz"
+    viewer.layers.selection = {viewer.layers["t2-lesion mask"]}
+    viewer.layers.save(str(via_writer), selected=True, plugin="napari-vaeloc")
+    again = nib.load(via_writer)
+    np.testing.assert_array_equal(np.asarray(again.dataobj), np.asarray(back.dataobj))
+    np.testing.assert_array_equal(again.affine, back.affine)
+
+
+def test_two_d_slice_layer(make_napari_viewer, qtbot):
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    scan = viewer.layers["t2-lesion"]
+    z = scan.data.shape[2] // 2
+    sl = viewer.add_image(
+        scan.data[:, :, z].copy(), name="slice", scale=scan.scale[:2], units=("mm", "mm")
+    )
+    widget.image.value = sl
+    _run(qtbot, widget)
+    for s in SUFFIXES:
+        layer = viewer.layers[f"slice {s}"]
+        assert layer.data.shape == sl.data.shape
+        np.testing.assert_allclose(layer.scale, sl.scale)
+
+
+def test_error_is_a_notification(make_napari_viewer, qtbot):
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    viewer.add_image(np.ones((20, 20, 20), dtype=np.float32), name="flat", units=("mm",) * 3)
+    widget.image.value = viewer.layers["flat"]
+    before = len(notification_manager.records)
+    _run(qtbot, widget)
+    msgs = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("constant" in m for m in msgs), msgs
+    assert widget.run_button.enabled and widget.session is None
+
+
+def test_screenshot_shows_overlay(make_napari_viewer, qtbot):
+    viewer, widget = _open(make_napari_viewer, qtbot, show=True)
+    truth = load_volume(sample_path("t2-lesion-truth")).data > 0
+    scan = viewer.layers["t2-lesion"]
+    _run(qtbot, widget)
+    z = int(np.argmax(truth.sum(axis=(0, 1))))
+    viewer.dims.order = (2, 1, 0)  # axial view: slider along Z
+    viewer.dims.set_point(2, scan.translate[2] + z * scan.scale[2])
+    results = list(_results(viewer).values())
+    shown = [layer for layer in results if layer.visible]
+    assert shown, "the combined map and the mask are shown after a run"
+    for layer in shown:
+        layer.visible = False
+    qtbot.wait(50)
+    plain = viewer.screenshot(canvas_only=True, flash=False, size=(400, 400))
+    assert plain[..., :3].std() > 5  # the scan itself is rendered, not a blank canvas
+    for layer in shown:
+        layer.visible = True
+    qtbot.wait(50)
+    overlay = viewer.screenshot(canvas_only=True, flash=False, size=(400, 400))
+    assert overlay.shape == plain.shape
+    changed = np.abs(overlay[..., :3].astype(int) - plain[..., :3].astype(int)).sum(-1) > 30
+    assert changed.mean() > 0.001, changed.mean()
+
+
+def test_export_button_asks_before_overwriting(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    _run(qtbot, widget)
+    out = tmp_path / "button_mask.nii.gz"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), ""))
+    asked: list[str] = []
+    widget.confirm = lambda msg: asked.append(msg) or False
+    widget.export_button.clicked()
+    assert out.exists() and not asked
+    out.write_bytes(b"keep me")
+    widget.export_button.clicked()
+    assert len(asked) == 1 and out.read_bytes() == b"keep me"  # answered no: file kept
+    widget.confirm = lambda msg: True
+    widget.export_button.clicked()
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(out).dataobj), viewer.layers["t2-lesion mask"].data
+    )
