@@ -206,7 +206,7 @@ def parse_classes(text: str) -> list[int]:
 def cmd_evaluate_fashion(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import write_json_atomic
+    from .export import write_json_atomic, write_text_atomic
     from .fashion import FashionConfig, load_fashion_mnist, markdown_table, run_heldout_class
 
     if args.threads:
@@ -245,7 +245,7 @@ def cmd_evaluate_fashion(args: argparse.Namespace) -> int:
     table = markdown_table(rows)
     print(table)
     write_json_atomic({"runs": rows}, targets[0], overwrite=args.overwrite)
-    targets[1].write_text(table + "\n")
+    write_text_atomic(table + "\n", targets[1], overwrite=args.overwrite)
     return 0
 
 

@@ -49,22 +49,26 @@ def _jsonable(v):
     return v
 
 
-def write_json_atomic(obj: dict, path: Path, overwrite: bool = False) -> Path:
-    """Write JSON whole or not at all; NaN becomes null."""
+def write_text_atomic(text: str, path: Path, overwrite: bool = False) -> Path:
+    """Write a text file whole or not at all, refusing to replace one unless ``overwrite``."""
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(obj), fh, indent=2)
-            fh.write("\n")
+            fh.write(text)
         make_readable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_json_atomic(obj: dict, path: Path, overwrite: bool = False) -> Path:
+    """Write JSON whole or not at all; NaN becomes null."""
+    return write_text_atomic(json.dumps(_jsonable(obj), indent=2) + "\n", path, overwrite)
 
 
 def write_result(
