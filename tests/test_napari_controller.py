@@ -58,7 +58,7 @@ def test_caches_and_fixed_display_range():
     s.settings.threshold = 0.2
     assert s.combined() is c1 and s.mask() is not m1  # re-threshold only
     assert s.mask().sum() > m1.sum()
-    assert s.display_range() == (0.5, 2.0)  # in calibrated units, not the map's min-max
+    assert s.display_range() == (0.8, 2.0)  # in calibrated units, not the map's min-max
     s.settings.weights = {"combi": 1.0, "rec_error": 1.0}
     assert s.combined() is not c1
-    assert s.display_range() == (1.0, 4.0)
+    assert s.display_range() == (1.6, 4.0)

@@ -127,9 +127,10 @@ class Session:
 
     def display_range(self) -> tuple[float, float]:
         """Fixed contrast limits of the combined map, in scale units (never per-volume min-max):
-        from half of the summed weights (about the healthy median) to twice it."""
+        from 0.8 of the summed weights (just below the healthy 99th percentile, so healthy brain
+        stays dark) to twice it."""
         total = sum(abs(w) for w in self.settings.weights.values()) or 1.0
-        return (0.5 * total, 2.0 * total)
+        return (0.8 * total, 2.0 * total)
 
     def map_range(self, name: str) -> tuple[float, float]:
         """Contrast limits of a component map: 0 to twice its (calibrated) scale."""
