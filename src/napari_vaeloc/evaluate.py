@@ -72,6 +72,18 @@ def score_cases(
     The brain is the healthy foreground plus the lesion. Combination settings are labelled
     ``"combined[i]"`` in the order given.
     """
+    pooled, truth = collect_scores(model, cases, settings, components, device)
+    return {k: pixel_metrics(v, truth) for k, v in pooled.items()}
+
+
+def collect_scores(
+    model: LoadedModel,
+    cases: Sequence[Case],
+    settings: Sequence[CombineSettings] = (),
+    components: Sequence[str] = COMPONENTS,
+    device: str = "auto",
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Scores of every brain voxel of every case (float32 arrays, one per map) and the truth."""
     pooled: dict[str, list[np.ndarray]] = {}
     truths: list[np.ndarray] = []
     calib = model.card.calibration
@@ -86,5 +98,42 @@ def score_cases(
             scales, _ = component_scales(res.maps, fg, calib, list(s.weights))
             c = combine(res.maps, s.weights, scales, None, s.smoothing_mm, case.volume.spacing)
             pooled.setdefault(f"combined[{i}]", []).append(c[region])
+    return {k: np.concatenate(v) for k, v in pooled.items()}, np.concatenate(truths)
+
+
+def synthetic_benchmark(
+    model: LoadedModel,
+    healthy: Volume,
+    cases_per_kind: int,
+    kinds: Sequence[str],
+    seed: int = 0,
+    device: str = "auto",
+) -> list[dict]:
+    """Pixel metrics of every component and of the model's default combination, per anomaly
+    kind and over all kinds pooled. Rows: {kind, map, auroc, ap, best_dice, cases}; the same
+    seed gives the same rows."""
+    default = CombineSettings.from_card(model.card)
+    rows: list[dict] = []
+    every: dict[str, list[np.ndarray]] = {}
+    truths: list[np.ndarray] = []
+    for k_i, kind in enumerate(kinds):
+        cases = list(synthetic_cases(healthy, cases_per_kind, seed * 1000 + k_i, (kind,)))
+        pooled, truth = collect_scores(model, cases, [default], COMPONENTS, device)
+        pooled["default"] = pooled.pop("combined[0]")
+        truths.append(truth)
+        for name, values in pooled.items():
+            every.setdefault(name, []).append(values)
+            rows.append(
+                {"kind": kind, "map": name, "cases": cases_per_kind, **pixel_metrics(values, truth)}
+            )
     truth = np.concatenate(truths)
-    return {k: pixel_metrics(np.concatenate(v), truth) for k, v in pooled.items()}
+    for name, parts in every.items():
+        rows.append(
+            {
+                "kind": "all",
+                "map": name,
+                "cases": cases_per_kind * len(kinds),
+                **pixel_metrics(np.concatenate(parts), truth),
+            }
+        )
+    return rows
