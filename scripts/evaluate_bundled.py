@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 from napari_vaeloc.combine import CombineSettings
-from napari_vaeloc.demo import sample_path
+from napari_vaeloc.demo import healthy_sample_path
 from napari_vaeloc.evaluate import COMPONENTS, score_cases, synthetic_cases
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import bundled_models, load_model
 
-SAMPLES = {"T2": "sample_t2_healthy.nii.gz", "T1": "sample_t1_healthy.nii.gz"}
 CANDIDATES = [
     {"combi": 1.0},
     {"rec_error": 1.0},
@@ -48,7 +47,8 @@ def label(weights: dict[str, float]) -> str:
 def evaluate(name: str, n_select: int, n_report: int, write: bool) -> dict:
     folder = bundled_models()[name]
     model = load_model(folder)
-    healthy = load_volume(sample_path(SAMPLES[model.card.modality]))
+    sample = healthy_sample_path(model.card.modality)
+    healthy = load_volume(sample)
     t0 = time.perf_counter()
     select = list(synthetic_cases(healthy, n_select, seed=1000))
     settings = [CombineSettings(weights=w) for w in CANDIDATES]
@@ -71,7 +71,7 @@ def evaluate(name: str, n_select: int, n_report: int, write: bool) -> dict:
     report["default"] = report.pop("combined[0]")
     return {
         "model": name,
-        "sample": SAMPLES[model.card.modality],
+        "sample": sample.name,
         "selection": {label(CANDIDATES[i]): sel[f"combined[{i}]"] for i in ranked},
         "default_weights": default.weights,
         "threshold": default.threshold,

@@ -102,8 +102,8 @@ def test_unknown_axis_refused():
 
 
 def test_same_function_for_training_and_scoring(anatomical_path):
-    """The demo trainer and the engine both call volume_to_slices: check its output is a pure
-    function of the volume (a round trip through a file changes nothing)."""
+    """Training data (datasets.build_slice_dataset, see test_train) and the engine both call
+    volume_to_slices: its output depends on the volume alone, not on the array objects."""
     img = nib.load(anatomical_path)
     data = np.asarray(img.dataobj, dtype=np.float32)
     a = volume_to_slices(data, img.affine, img.header.get_zooms()[:3], "axial", 32, Normalisation())

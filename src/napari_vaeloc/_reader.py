@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .io import Volume, is_nifti_path, load_volume
+from .io import Volume, is_nifti_path, load_volume, scan_stem
 
 LayerData = tuple[Any, ...]
 #: napari's "nothing to show" value for a reader: no layer, no error
@@ -43,22 +42,12 @@ def volume_layer_data(volume: Volume, name: str | None = None) -> LayerData:
     if data.shape[2] == 1:
         data, ndim = data[:, :, 0], 2
     kwargs = geometry_kwargs(volume, ndim)
-    kwargs["name"] = name or _stem(volume.path)
+    kwargs["name"] = name or scan_stem(volume.path)
     fg = data[data > data.min()]
     if fg.size:
         lo, hi = np.percentile(fg[:: max(1, fg.size // 200_000)], [0.5, 99.5])
         kwargs["contrast_limits"] = (float(data.min()), float(max(hi, lo + 1e-6)))
     return (data, kwargs, "image")
-
-
-def _stem(path: Path | None) -> str:
-    if path is None:
-        return "scan"
-    name = Path(path).name
-    for suf in (".nii.gz", ".nii"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return name
 
 
 def read_nifti(path: str | os.PathLike | list) -> list[LayerData]:

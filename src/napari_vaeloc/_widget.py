@@ -71,6 +71,7 @@ class LocalizeWidget(Container):
         self._input_layer: Any = None
         self._shape: tuple[int, ...] = ()
         self._last_run_model: Any = None
+        self._shown_combined: Any = None  # the combined map the layer shows now
         self._build()
         self.viewer.layers.events.inserted.connect(self.image.reset_choices)
         self.viewer.layers.events.removed.connect(self.image.reset_choices)
@@ -360,11 +361,15 @@ class LocalizeWidget(Container):
             return
         self._timer.stop()
         names = self._names()
-        put_layer(
-            self.viewer, "image", names["combined"], s.combined().reshape(self._shape),
-            self._input_layer, "combined", colormap="inferno", blending="additive",
-            contrast_limits=s.display_range(),
-        )  # fmt: skip
+        combined = s.combined()
+        if combined is not self._shown_combined or names["combined"] not in self.viewer.layers:
+            # only when the map changed: a threshold move must not re-upload the whole volume
+            put_layer(
+                self.viewer, "image", names["combined"], combined.reshape(self._shape),
+                self._input_layer, "combined", colormap="inferno", blending="additive",
+                contrast_limits=s.display_range(),
+            )  # fmt: skip
+            self._shown_combined = combined
         put_layer(
             self.viewer, "labels", names["mask"], s.mask().reshape(self._shape),
             self._input_layer, "mask", opacity=0.6,

@@ -20,6 +20,7 @@ def export_session(
     Raises:
         OutputExistsError: a target exists and ``overwrite`` is false (nothing is written).
     """
+    from .combine import Combination
     from .export import write_result
     from .io import save_nifti
 
@@ -30,8 +31,17 @@ def export_session(
     if not maps:
         return [save_nifti(session.mask().reshape(vol.shape), vol, path, "mask", overwrite)]
     stem = path.name.split(".nii")[0].removesuffix("_mask")
+    used = {k: session.scales[k] for k in session.settings.weights if k in session.scales}
+    cached = Combination(session.combined(), session.mask(), used, session.is_calibrated())
     files = write_result(
-        session.result, vol, path.parent, session.settings, session.calibration, stem, overwrite
+        session.result,
+        vol,
+        path.parent,
+        session.settings,
+        session.calibration,
+        stem,
+        overwrite,
+        combination=cached,
     )
     return list(files.values())
 
@@ -49,7 +59,7 @@ def export_with_dialog(
     from qtpy.QtWidgets import QFileDialog
 
     from .errors import OutputExistsError, VaelocError
-    from .export import scan_stem
+    from .io import scan_stem
 
     src = session.volume.path
     folder = src.parent if src is not None else Path.home()

@@ -39,8 +39,8 @@ def _slice_progress(bar):
 def cmd_localize(args: argparse.Namespace) -> int:
     from .combine import CombineSettings
     from .engine import localize
-    from .export import scan_stem, write_result
-    from .io import load_volume
+    from .export import write_result
+    from .io import load_volume, scan_stem
     from .models.store import load_model
 
     volume = load_volume(args.scan, volume_index=args.volume_index)
@@ -250,23 +250,15 @@ def cmd_evaluate_fashion(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_synthetic(args: argparse.Namespace) -> int:
-    import csv
-    import io as _io
-
-    from .demo import sample_path
-    from .evaluate import synthetic_benchmark
+    from .demo import healthy_sample_path
+    from .evaluate import rows_to_csv, rows_to_markdown, synthetic_benchmark
     from .export import write_text_atomic
     from .io import load_volume
     from .models.store import load_model
     from .synth import ANOMALY_KINDS
 
     model = load_model(args.model)
-    if args.scan:
-        healthy = load_volume(args.scan)
-    elif model.card.modality.upper() in ("T1", "T2"):
-        healthy = load_volume(sample_path(f"{model.card.modality.lower()}-healthy"))
-    else:
-        raise VaelocError("no bundled healthy sample for this modality; pass --scan")
+    healthy = load_volume(args.scan or healthy_sample_path(model.card.modality))
     kinds = list(ANOMALY_KINDS) if args.kinds == "all" else args.kinds.split(",")
     unknown = set(kinds) - set(ANOMALY_KINDS)
     if unknown:
@@ -281,18 +273,8 @@ def cmd_evaluate_synthetic(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise VaelocError(f"{existing[0]} exists; pass --overwrite to replace it")
     rows = synthetic_benchmark(model, healthy, args.cases, kinds, args.seed, args.device)
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    lines = ["| kind | map | pixel AUROC | AP | best Dice | cases |", "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r['kind']} | {r['map']} | {r['auroc']:.3f} | {r['ap']:.3f} | "
-        f"{r['best_dice']:.3f} | {r['cases']} |"
-        for r in rows
-    ]
-    table = "\n".join(lines)
-    write_text_atomic(buf.getvalue(), targets[0], overwrite=args.overwrite)
+    table = rows_to_markdown(rows)
+    write_text_atomic(rows_to_csv(rows), targets[0], overwrite=args.overwrite)
     write_text_atomic(table + "\n", targets[1], overwrite=args.overwrite)
     print(table)
     return 0

@@ -96,6 +96,31 @@ def combine(
     return out
 
 
+@dataclass
+class Combination:
+    """The combined map and mask of one volume under some settings, with the scales used."""
+
+    combined: np.ndarray  # float32, the maps' shape
+    mask: np.ndarray  # uint8, the maps' shape
+    scales: dict[str, float]
+    calibrated: bool
+
+
+def apply_settings(
+    maps: dict[str, np.ndarray],
+    foreground: np.ndarray,
+    spacing: tuple[float, ...],
+    settings: CombineSettings,
+    calibration: dict | None,
+) -> Combination:
+    """Scales, combined map and mask of one result under ``settings`` (every front's pipeline)."""
+    fg = foreground if settings.foreground_only else None
+    scales, calibrated = component_scales(maps, fg, calibration, list(settings.weights))
+    combined = combine(maps, settings.weights, scales, fg, settings.smoothing_mm, spacing)
+    mask = threshold_mask(combined, settings.threshold, settings.min_size_mm3, spacing)
+    return Combination(combined, mask, scales, calibrated)
+
+
 def threshold_mask(
     combined: np.ndarray,
     threshold: float,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .combine import CombineSettings, combine, component_scales, threshold_mask
+from .combine import CombineSettings, apply_settings
 from .engine import localize
+from .errors import InputError
 from .evaluate import COMPONENTS, pixel_metrics
 from .export import write_result
 from .io import load_volume
@@ -28,6 +29,14 @@ def sample_path(name: str = SAMPLES["t2-healthy"]) -> Path:
     """Path of a file bundled in the package's data folder (a sample key or a file name)."""
     name = SAMPLES.get(name, name)
     return Path(str(importlib.resources.files("napari_vaeloc") / "data" / name))
+
+
+def healthy_sample_path(modality: str) -> Path:
+    """The bundled healthy sample scan of a modality ("T1" or "T2")."""
+    key = f"{modality.lower()}-healthy"
+    if key not in SAMPLES:
+        raise InputError(f"no bundled healthy {modality} sample; give a healthy scan instead")
+    return sample_path(key)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,21 +63,18 @@ def run_demo(
     truth = load_volume(sample_path("t2-lesion-truth")).data > 0
     result = localize(scan, loaded, device=device, progress=progress)
     settings = CombineSettings.from_card(loaded.card)
+    c = apply_settings(
+        result.maps, result.foreground, scan.spacing, settings, loaded.card.calibration
+    )
     files = write_result(
-        result, scan, out_dir, settings, loaded.card.calibration, overwrite=overwrite
+        result, scan, out_dir, settings, loaded.card.calibration, overwrite=overwrite, combination=c
     )
     region = result.foreground | truth
     metrics = {k: pixel_metrics(result.maps[k][region], truth[region]) for k in COMPONENTS}
-    fg = result.foreground if settings.foreground_only else None
-    scales, _ = component_scales(result.maps, fg, loaded.card.calibration, list(settings.weights))
-    combined = combine(
-        result.maps, settings.weights, scales, fg, settings.smoothing_mm, scan.spacing
-    )
-    metrics["combined (default)"] = pixel_metrics(combined[region], truth[region])
-    mask = threshold_mask(combined, settings.threshold, settings.min_size_mm3, scan.spacing)
+    metrics["combined (default)"] = pixel_metrics(c.combined[region], truth[region])
     return {
         "metrics": metrics,
-        "mask_dice": dice(mask, truth),
+        "mask_dice": dice(c.mask, truth),
         "files": files,
         "result": result,
         "settings": settings,

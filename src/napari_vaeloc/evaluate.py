@@ -137,3 +137,26 @@ def synthetic_benchmark(
             }
         )
     return rows
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    """CSV text of :func:`synthetic_benchmark` rows."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def rows_to_markdown(rows: list[dict]) -> str:
+    """Markdown table of :func:`synthetic_benchmark` rows."""
+    lines = ["| kind | map | pixel AUROC | AP | best Dice | cases |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r['kind']} | {r['map']} | {r['auroc']:.3f} | {r['ap']:.3f} | "
+        f"{r['best_dice']:.3f} | {r['cases']} |"
+        for r in rows
+    ]
+    return "\n".join(lines)

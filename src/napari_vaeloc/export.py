@@ -11,21 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .combine import CombineSettings, combine, component_scales, threshold_mask
+from .combine import Combination, CombineSettings, apply_settings
 from .engine import OUTPUT_MAPS, LocalizationResult
 from .errors import OutputExistsError
-from .io import Volume, make_readable, save_nifti
-
-
-def scan_stem(path: str | os.PathLike | None) -> str:
-    """File name without .nii/.nii.gz ("scan" when there is none)."""
-    if path is None:
-        return "scan"
-    name = Path(path).name
-    for suf in (".nii.gz", ".nii"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
+from .io import Volume, make_readable, save_nifti, scan_stem
 
 
 def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
@@ -79,10 +68,13 @@ def write_result(
     calibration: dict | None = None,
     stem: str | None = None,
     overwrite: bool = False,
+    combination: Combination | None = None,
 ) -> dict[str, Path]:
     """Write all maps, the combined map, the mask and the scores JSON into ``out_dir``.
 
-    Every target is checked before anything is written, so a refused run leaves no partial set.
+    ``combination`` is the result of :func:`combine.apply_settings` when the caller has it
+    already; otherwise it is computed here. Every target is checked before anything is written,
+    so a refused run leaves no partial set.
     """
     out = Path(out_dir)
     paths = output_paths(out, stem or scan_stem(volume.path))
@@ -93,12 +85,10 @@ def write_result(
             f"{len(existing)} output files exist in {out} ({names}); "
             "pass --overwrite to replace them"
         )
-    fg = result.foreground if settings.foreground_only else None
-    scales, calibrated = component_scales(result.maps, fg, calibration, list(settings.weights))
-    combined = combine(
-        result.maps, settings.weights, scales, fg, settings.smoothing_mm, volume.spacing
+    c = combination or apply_settings(
+        result.maps, result.foreground, volume.spacing, settings, calibration
     )
-    mask = threshold_mask(combined, settings.threshold, settings.min_size_mm3, volume.spacing)
+    combined, mask = c.combined, c.mask
     for k in OUTPUT_MAPS:
         save_nifti(result.maps[k], volume, paths[k], "map", overwrite)
     save_nifti(combined, volume, paths["combined"], "map", overwrite)
@@ -113,7 +103,7 @@ def write_result(
         "device": result.device,
         "seconds": result.seconds,
         "notes": result.notes,
-        "combination": {**asdict(settings), "scales": scales, "calibrated": calibrated},
+        "combination": {**asdict(settings), "scales": c.scales, "calibrated": c.calibrated},
         "mask_voxels": int(mask.sum()),
         "mask_volume_ml": float(mask.sum()) * voxel_ml,
         "volume_scores": result.volume_scores,

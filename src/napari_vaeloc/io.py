@@ -28,6 +28,17 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def scan_stem(path: str | os.PathLike | None) -> str:
+    """File name without .nii/.nii.gz ("scan" when there is none)."""
+    if path is None:
+        return "scan"
+    name = Path(path).name
+    for suf in NIFTI_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
 def make_readable(path: str | os.PathLike) -> None:
     """Give a file made by ``tempfile`` (mode 0600/0700) the mode the user's umask asks for."""
     mask = os.umask(0)

@@ -8,8 +8,6 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
 from .combine import DEFAULT_WEIGHTS
 from .datasets import MNI_LICENCE, TEMPLATES, build_slice_dataset, load_training_volumes
@@ -142,9 +140,7 @@ def train_model(
         "n_val": data.split["n_val"],
         "threshold": threshold,
         "seconds": result.history[-1]["seconds"] if result.history else float("nan"),
-        "final_train_loss": float(np.mean([h["train_loss"] for h in result.history[-1:]]))
-        if result.history
-        else float("nan"),
+        "final_train_loss": result.history[-1]["train_loss"] if result.history else float("nan"),
     }
     return folder, summary
 
