@@ -1,27 +1,132 @@
-"""Metrics against hand-checked values, and the seeded synthetic benchmark end to end."""
+"""The evaluation runner with the bundled model on the bundled samples, and the seeded synthetic
+benchmark end to end."""
 
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
 
 from napari_vaeloc.cli import main
-from napari_vaeloc.evaluate import pixel_metrics
+from napari_vaeloc.combine import CombineSettings, apply_settings
+from napari_vaeloc.demo import sample_path
+from napari_vaeloc.engine import localize
+from napari_vaeloc.errors import InputError
+from napari_vaeloc.evaluate import (
+    COMPONENTS,
+    Case,
+    evaluate_cases,
+    parse_map_names,
+    rows_to_csv,
+    rows_to_markdown,
+    score_cases,
+)
+from napari_vaeloc.io import load_volume
+from napari_vaeloc.models.store import load_model
 
 
-def test_metrics_hand_checked():
-    # scores 0.1 0.4 | 0.35 0.8 for truth 0 0 | 1 1: one mis-ordered pair out of four
-    m = pixel_metrics(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
-    assert m["auroc"] == pytest.approx(0.75)
-    # ranking 0.8(+) 0.4(-) 0.35(+) 0.1(-): precision 1 at recall .5, 2/3 at recall 1
-    assert m["ap"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    # best Dice: threshold at 0.35 -> TP 2, FP 1, FN 0 -> 4/5; at 0.8 -> TP 1 -> 2/3
-    assert m["best_dice"] == pytest.approx(0.8)
-    ties = pixel_metrics(np.array([1.0, 1.0, 1.0, 1.0]), np.array([0, 1, 0, 1]))
-    assert ties["auroc"] == pytest.approx(0.5)
-    assert np.isnan(pixel_metrics(np.array([0.2, 0.3]), np.array([0, 0]))["auroc"])
+@pytest.fixture(scope="module")
+def t2():
+    return load_model("t2-brain")
+
+
+@pytest.fixture(scope="module")
+def lesion():
+    return load_volume(sample_path("t2-lesion")), load_volume(sample_path("t2-lesion-truth")).data
+
+
+def test_regions_groups_and_healthy_cases(t2, lesion):
+    scan, truth = lesion
+    healthy = load_volume(sample_path("t2-healthy"))
+    res = localize(scan, t2, device="cpu")
+    ax = res.slice_axis
+    t = truth > 0
+    # a slab of slices through part of the lesion
+    hit = np.flatnonzero(t.any(axis=tuple(a for a in range(3) if a != ax)))
+    lo, hi = int(hit[len(hit) // 2]), int(hit[-1]) + 4
+    slab = np.zeros(scan.shape, bool)
+    slab[(slice(None),) * ax + (slice(lo, hi),)] = True
+    cases = [
+        Case(scan, truth, {"kind": "lesion", "name": "a"}, region=slab),
+        Case(healthy, np.zeros(healthy.shape, np.uint8), {"kind": "healthy"}),
+        Case(scan, truth, {"kind": "lesion"}, region=np.zeros(scan.shape, bool)),  # skipped
+    ]
+    done: list[int] = []
+    rep = evaluate_cases(
+        t2,
+        iter(cases),
+        maps=("rec_error_smooth", "kl_grad"),
+        device="cpu",
+        examples=3,
+        progress=done.append,
+    )
+    assert done == [1, 2, 3]
+    assert rep.maps == ["rec_error_smooth", "kl_grad", "default"]
+    rows = {(r["group"], r["map"], r["region"]): r for r in rep.pixel_rows}
+    assert {k[0] for k in rows} == {"lesion", "healthy", "all"}
+    fg = (res.foreground | t) & slab
+    a = rows[("lesion", "kl_grad", "foreground")]
+    assert (a["cases"], a["positives"], a["voxels"]) == (1, int((t & slab).sum()), int(fg.sum()))
+    assert rows[("lesion", "kl_grad", "image")]["voxels"] == int(slab.sum())
+    every = rows[("all", "default", "image")]
+    assert every["voxels"] == int(slab.sum()) + healthy.data.size
+    assert every["cases"] == 2
+    # healthy alone: no anomalous voxel, so NaN, and a note says why
+    assert math.isnan(rows[("healthy", "default", "foreground")]["auroc"])
+    assert any("healthy, foreground: no anomalous voxels" in n for n in rep.notes)
+    # the pooled counts are the sum of the groups'
+    acc = rep.accumulators
+    key = ("rec_error_smooth", "foreground")
+    pooled = acc[("lesion", *key)] + acc[("healthy", *key)]
+    assert np.array_equal(acc[("all", *key)].pos, pooled.pos)
+    assert np.array_equal(acc[("all", *key)].neg, pooled.neg)
+    # Dice at the threshold is the default mask's, inside the region
+    settings = CombineSettings.from_card(t2.card)
+    mask = apply_settings(res.maps, res.foreground, scan.spacing, settings, t2.card.calibration)
+    m = mask.mask.astype(bool) & fg
+    want = 2 * (m & t).sum() / (m.sum() + (t & fg).sum())
+    got = rows[("lesion", "default", "foreground")]
+    assert got["dice_at_threshold"] == pytest.approx(want)
+    assert got["threshold"] == settings.threshold
+    assert math.isnan(rows[("lesion", "kl_grad", "foreground")]["threshold"])
+    # slice level: only the scored slab slices; volume level: the healthy case is the negative
+    samples = {(r["group"], r["level"], r["score"]): r for r in rep.sample_rows}
+    scored = ~np.isnan(res.slice_scores["kl"])
+    areas = (t & slab).sum(axis=tuple(a for a in range(3) if a != ax))
+    s = samples[("lesion", "slice", "kl")]
+    assert (s["n"], s["anomalous"]) == (int(scored[lo:hi].sum()), int((areas > 0)[scored].sum()))
+    assert s["anomalous"] == hit[-1] - lo + 1
+    v = samples[("all", "volume", "elbo_mean")]
+    assert (v["n"], v["anomalous"]) == (2, 1)
+    assert 0 <= v["auroc"] <= 1
+    # examples: the lesion case at its largest truth area inside the slab, then the healthy one
+    assert [e.name for e in rep.examples] == ["a", "1"]
+    e = rep.examples[0]
+    assert e.index == int(np.argmax(areas)) and lo <= e.index < hi
+    assert e.truth.sum() == areas.max()
+    assert set(e.maps) == {"rec_error_smooth", "kl_grad", "default"}
+    md = rows_to_markdown(rep.pixel_rows + rep.sample_rows)
+    assert "| all | default | foreground |" in md and "| all | volume | elbo_max |" in md
+    assert rows_to_csv(rep.sample_rows).splitlines()[0] == "group,score,level,auroc,ap,n,anomalous"
+
+
+def test_score_cases_and_bad_input(t2, lesion):
+    scan, truth = lesion
+    out = score_cases(t2, [Case(scan, truth, {})], [CombineSettings()], ("rec_error",), "cpu")
+    assert set(out) == {"rec_error", "combined[0]"}
+    assert out["rec_error"]["auroc"] > 0.9
+    with pytest.raises(InputError, match="unknown maps"):
+        evaluate_cases(t2, [], maps=("bogus",))
+    with pytest.raises(InputError, match="no cases"):
+        evaluate_cases(t2, [], device="cpu")
+    with pytest.raises(InputError, match="truth shape"):
+        evaluate_cases(t2, [Case(scan, truth[:-1], {})], device="cpu")
+    assert parse_map_names("rec_error,default") == (("rec_error",), True)
+    assert parse_map_names("all") == (COMPONENTS, True)
+    with pytest.raises(InputError, match="choose from rec_error"):
+        parse_map_names("rec_error,sparkle")
 
 
 def _run(out, seed):
@@ -40,6 +145,7 @@ def _run(out, seed):
         str(out),
         "--device",
         "cpu",
+        "--quiet",
     ]
     assert main(args) == 0
     with open(out / "synthetic_t2-brain.csv") as fh:
@@ -52,10 +158,18 @@ def test_synthetic_benchmark_is_reproducible(tmp_path, capsys):
     c = _run(tmp_path / "c", 1)
     assert a == b
     assert a != c
-    kinds = {r["kind"] for r in a}
-    assert kinds == {"intensity", "blur", "all"}
-    assert {r["map"] for r in a} >= {"rec_error", "kl_grad", "combi", "default"}
+    assert {r["kind"] for r in a} == {"intensity", "blur", "all"}
+    assert {r["map"] for r in a} == {*COMPONENTS, "default"}
+    assert {r["region"] for r in a} == {"foreground", "image"}
     assert all(0 <= float(r["auroc"]) <= 1 for r in a)
-    assert "| all | default |" in (tmp_path / "a" / "synthetic_t2-brain.md").read_text()
+    assert all(math.isnan(float(r["dice_at_threshold"])) == (r["map"] != "default") for r in a)
+    assert (
+        "| all | default | foreground |" in (tmp_path / "a" / "synthetic_t2-brain.md").read_text()
+    )
+    with open(tmp_path / "a" / "synthetic_t2-brain_samples.csv") as fh:
+        samples = list(csv.DictReader(fh))
+    assert {(r["kind"], r["level"]) for r in samples} >= {("all", "slice"), ("blur", "volume")}
+    for name in ("roc", "pr", "examples"):
+        assert (tmp_path / "a" / f"synthetic_t2-brain_{name}.png").stat().st_size > 1000
     assert main(["evaluate", "synthetic", "--kinds", "sparkles", "--out", str(tmp_path)]) == 2
     assert "unknown anomaly kinds" in capsys.readouterr().err

@@ -1,50 +1,422 @@
-"""Localization metrics and seeded synthetic-lesion benchmarks (scikit-learn metrics, numpy).
+"""Evaluating a model on cases with known ground truth, and the seeded synthetic benchmark.
 
-Pixel metrics pool every voxel of every case inside a region (the brain foreground, or the
-whole image), as in the MOOD challenge.
+:func:`evaluate_cases` is the one runner every benchmark uses: each case is localized once, every
+requested map (and the combined map of every named :class:`CombineSettings`) is counted into
+:class:`~napari_vaeloc.metrics.PixelAccumulator` s per group and region, and the per-slice and
+per-volume scores are kept for sample-level metrics. Pixel metrics pool every voxel of every case
+of a group (as in the MOOD challenge), in two regions:
+
+- ``foreground``: the voxels the model's normalisation counts as object, plus the truth;
+- ``image``: every voxel.
+
+Both are intersected with a case's ``region`` when it has one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .combine import CombineSettings, combine, component_scales
+from .combine import CombineSettings, apply_settings
 from .engine import localize
+from .errors import InputError
 from .io import Volume
+from .mapnames import PIXEL_MAPS, SLICE_SCORES
+from .metrics import Overlap, PixelAccumulator, pixel_metrics, sample_metrics
 from .models.store import LoadedModel
 from .synth import synthesize_anomaly
 
+__all__ = [
+    "COMPONENTS",
+    "REGIONS",
+    "VOLUME_SCORES",
+    "Case",
+    "EvaluationReport",
+    "ExampleSlice",
+    "evaluate_cases",
+    "parse_map_names",
+    "pixel_metrics",
+    "rename_group",
+    "rows_to_csv",
+    "rows_to_markdown",
+    "score_cases",
+    "synthetic_benchmark",
+    "synthetic_cases",
+    "synthetic_report",
+]
+
+#: the maps evaluated by default (sq_error ranks voxels like rec_error, so it is left out)
 COMPONENTS = ("rec_error", "rec_error_smooth", "kl_grad", "rec_grad", "elbo_grad", "combi")
-
-
-def pixel_metrics(score: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """AUROC, average precision and best Dice (over the whole precision-recall curve) of flat
-    ``score`` against boolean ``truth``."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
-
-    t = np.asarray(truth, bool).ravel()
-    s = np.asarray(score, np.float64).ravel()
-    if t.all() or not t.any():
-        return {"auroc": float("nan"), "ap": float("nan"), "best_dice": float("nan")}
-    prec, rec, _ = precision_recall_curve(t, s)
-    dice = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0)
-    return {
-        "auroc": float(roc_auc_score(t, s)),
-        "ap": float(average_precision_score(t, s)),
-        "best_dice": float(dice.max()),
-    }
+REGIONS = ("foreground", "image")
+#: volume-level scores: means of the counted slices' scores, and the largest slice ELBO
+VOLUME_SCORES = ("kl_mean", "rec_mean", "elbo_mean", "elbo_max")
+ALL = "all"
 
 
 @dataclass
 class Case:
-    """One test volume with its ground truth and the anomaly's parameters."""
+    """One test volume with its ground truth and what it is.
+
+    Attributes:
+        volume: the scan.
+        truth: (X, Y, Z), the volume's shape; nonzero = anomalous. All zero for a healthy case.
+        info: free-form description; the key named by ``group_by`` groups cases.
+        region: optional bool (X, Y, Z): only voxels inside it, and only slices it touches, count.
+    """
 
     volume: Volume
-    truth: np.ndarray  # uint8 (X, Y, Z)
+    truth: np.ndarray
     info: dict
+    region: np.ndarray | None = None
+
+
+@dataclass
+class ExampleSlice:
+    """One slice of one case for figures: the slice with the largest truth area (inside the
+    region), or the one with the most foreground for a healthy case.
+
+    image, truth (bool) and each map are 2D arrays (the volume's shape without ``axis``);
+    ``spacing`` is their pixel size in mm.
+    """
+
+    name: str
+    group: str
+    axis: int
+    index: int
+    spacing: tuple[float, float]
+    image: np.ndarray
+    truth: np.ndarray
+    maps: dict[str, np.ndarray]
+    order: int = 0
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate_cases` measured.
+
+    Attributes:
+        pixel_rows: dicts with keys group, map, region, auroc, ap, best_dice, dice_at_threshold,
+            threshold, cases, positives, voxels; per group, then group "all" over every case.
+            ``threshold`` / ``dice_at_threshold``: the settings' threshold and the Dice of their
+            mask (NaN for component maps).
+        sample_rows: dicts with keys group, score, level ("slice" / "volume"), auroc, ap, n,
+            anomalous.
+        accumulators: (group, map, region) -> the voxel counts behind each pixel row.
+        examples: example slices for figures.
+        maps: the evaluated map names in order (components, then the settings' names).
+        notes: why some metrics are NaN.
+    """
+
+    pixel_rows: list[dict]
+    sample_rows: list[dict]
+    accumulators: dict[tuple[str, str, str], PixelAccumulator]
+    examples: list[ExampleSlice] = field(default_factory=list)
+    maps: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def curves(self, group: str = ALL, region: str = "foreground") -> dict[str, PixelAccumulator]:
+        """map -> accumulator of one group and region, in map order (for ROC / PR plots)."""
+        return {m: self.accumulators[(group, m, region)] for m in self.maps}
+
+
+class _Group:
+    """Everything counted for one group of cases."""
+
+    def __init__(self, names: Sequence[str], masked: Sequence[str]) -> None:
+        self.cases = 0
+        self.pixels = {(m, r): PixelAccumulator() for m in names for r in REGIONS}
+        self.overlaps = {(m, r): Overlap() for m in masked for r in REGIONS}
+        self.slices: dict[str, list[np.ndarray]] = {k: [] for k in ("label", *SLICE_SCORES)}
+        self.volumes: dict[str, list[float]] = {k: [] for k in ("label", *VOLUME_SCORES)}
+
+    def add_samples(
+        self,
+        slice_scores: Mapping[str, np.ndarray],
+        axis: int,
+        inside: np.ndarray,
+        region: np.ndarray | None,
+    ) -> None:
+        """Record one case's scored slices (those the region touches) and its volume scores;
+        ``inside``: the truth within the region, bool (X, Y, Z)."""
+        other = tuple(a for a in range(inside.ndim) if a != axis)
+        n = inside.shape[axis]
+        touched = np.ones(n, bool) if region is None else region.any(axis=other)
+        use = touched & ~np.isnan(slice_scores["elbo"])
+        self.slices["label"].append(inside.any(axis=other)[use])
+        for k in SLICE_SCORES:
+            self.slices[k].append(slice_scores[k][use].astype(np.float64))
+        if use.any():
+            self.volumes["label"].append(float(inside.any()))
+            for k in SLICE_SCORES:
+                self.volumes[f"{k}_mean"].append(float(np.mean(slice_scores[k][use], dtype=float)))
+            self.volumes["elbo_max"].append(float(np.max(slice_scores["elbo"][use])))
+
+    def merge(self, other: _Group) -> None:
+        self.cases += other.cases
+        for k, acc in other.pixels.items():
+            self.pixels[k] += acc
+        for k, ov in other.overlaps.items():
+            self.overlaps[k] += ov
+        for k, v in other.slices.items():
+            self.slices[k] += v
+        for k, w in other.volumes.items():
+            self.volumes[k] += w
+
+
+class _ExamplePicker:
+    """Keeps up to ``n`` example slices: anomalous cases first, one group each while groups are
+    unseen, then healthy cases to fill."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.anomalous: list[ExampleSlice] = []
+        self.healthy: list[ExampleSlice] = []
+
+    def slot(self, group: str, anomalous: bool) -> int | None:
+        """Where a case's example would go (None: not wanted)."""
+        keep = self.anomalous if anomalous else self.healthy
+        if len(keep) < self.n:
+            return len(keep)
+        groups = [e.group for e in keep]
+        if not anomalous or group in groups:
+            return None
+        return next((i for i in reversed(range(len(keep))) if groups.count(groups[i]) > 1), None)
+
+    def put(self, slot: int, anomalous: bool, example: ExampleSlice) -> None:
+        keep = self.anomalous if anomalous else self.healthy
+        keep[slot : slot + 1] = [example]
+
+    def result(self) -> list[ExampleSlice]:
+        return (
+            sorted(self.anomalous, key=lambda e: e.order)
+            + self.healthy[: max(0, self.n - len(self.anomalous))]
+        )
+
+
+def _case_name(case: Case, i: int) -> str:
+    return str(case.info.get("name", case.info.get("case", i)))
+
+
+def _slice(a: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.ascontiguousarray(np.take(a, index, axis=axis))
+
+
+def _example(
+    case: Case,
+    i: int,
+    group: str,
+    axis: int,
+    shown: np.ndarray,
+    truth: np.ndarray,
+    scored: Mapping[str, np.ndarray],
+) -> ExampleSlice:
+    """The slice along ``axis`` with the most ``shown`` voxels (bool (X, Y, Z))."""
+    other = tuple(a for a in range(shown.ndim) if a != axis)
+    idx = int(np.argmax(shown.sum(axis=other)))
+    sp = case.volume.spacing
+    return ExampleSlice(
+        name=_case_name(case, i),
+        group=group,
+        axis=axis,
+        index=idx,
+        spacing=(sp[other[0]], sp[other[1]]),
+        image=_slice(case.volume.data, axis, idx),
+        truth=_slice(truth, axis, idx),
+        maps={k: _slice(v, axis, idx).astype(np.float32) for k, v in scored.items()},
+        order=i,
+    )
+
+
+def evaluate_cases(
+    model: LoadedModel,
+    cases: Iterable[Case],
+    *,
+    maps: Sequence[str] = COMPONENTS,
+    settings: Mapping[str, CombineSettings] | None = None,
+    group_by: str | None = "kind",
+    device: str = "auto",
+    examples: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> EvaluationReport:
+    """Localize each case once and measure pixel-, slice- and volume-level detection.
+
+    Args:
+        maps: engine maps to score (names from ``mapnames.PIXEL_MAPS``).
+        settings: name -> combination settings; each combined map is scored like a map under
+            that name, and its mask gives the Dice at its threshold. None: the model's default
+            combination as "default".
+        group_by: the ``info`` key naming a case's group (missing, or None: "all").
+        examples: how many example slices to keep for figures.
+        progress: called with the number of cases done after each case.
+
+    Cases are consumed one at a time (an iterator keeps one volume in memory). Healthy cases
+    (all-zero truth) add normal voxels, slices and volumes. A case whose region is empty is
+    skipped. Slice scores are the engine's per-slice kl, rec and elbo (unscored, empty slices are
+    left out); a slice is anomalous when it holds truth inside the region.
+
+    Raises:
+        InputError: unknown map names, a truth or region of the wrong shape, or no case counted.
+    """
+    maps = tuple(maps)
+    unknown = set(maps) - set(PIXEL_MAPS)
+    if unknown:
+        raise InputError(f"unknown maps {sorted(unknown)}; choose from {', '.join(PIXEL_MAPS)}")
+    named = (
+        {"default": CombineSettings.from_card(model.card)} if settings is None else dict(settings)
+    )
+    clash = set(named) & set(maps)
+    if clash:
+        raise InputError(f"settings names {sorted(clash)} clash with map names")
+    weights = [k for s in named.values() for k, w in s.weights.items() if w]
+    bad = set(weights) - set(PIXEL_MAPS)
+    if bad:
+        raise InputError(f"combination weights name unknown maps {sorted(bad)}")
+    needed = tuple(dict.fromkeys([*maps, *weights]))
+    if not needed:
+        raise InputError("nothing to evaluate: no maps and no combination settings")
+    names = [*maps, *named]
+    groups: dict[str, _Group] = {}
+    picker = _ExamplePicker(examples)
+    calibration = model.card.calibration
+    for i, case in enumerate(cases):
+        shape = case.volume.shape
+        truth = np.asarray(case.truth) > 0
+        if truth.shape != shape:
+            raise InputError(
+                f"case {_case_name(case, i)}: truth shape {truth.shape} differs from the scan's "
+                f"{shape}"
+            )
+        region = None if case.region is None else np.asarray(case.region, bool)
+        if region is not None and region.shape != shape:
+            raise InputError(
+                f"case {_case_name(case, i)}: region shape {region.shape} differs from the "
+                f"scan's {shape}"
+            )
+        if region is not None and not region.any():
+            if progress:
+                progress(i + 1)
+            continue
+        res = localize(case.volume, model, device=device, maps=needed)
+        group = str(case.info.get(group_by, ALL)) if group_by else ALL
+        g = groups.setdefault(group, _Group(names, list(named)))
+        g.cases += 1
+        fg = res.foreground | truth
+        if region is not None:
+            fg &= region
+        where = {"foreground": fg, "image": region}
+        scored = {k: res.maps[k] for k in maps}
+        for name, s in named.items():
+            c = apply_settings(res.maps, res.foreground, case.volume.spacing, s, calibration)
+            scored[name] = c.combined
+            for r in REGIONS:
+                g.overlaps[(name, r)].add(c.mask, truth, where[r])
+        for name, values in scored.items():
+            for r in REGIONS:
+                g.pixels[(name, r)].add(values, truth, where[r])
+
+        inside = truth if region is None else truth & region
+        g.add_samples(res.slice_scores, res.slice_axis, inside, region)
+        anomalous = bool(inside.any())
+        slot = picker.slot(group, anomalous)
+        if slot is not None:
+            shown = inside if anomalous else fg
+            example = _example(case, i, group, res.slice_axis, shown, truth, scored)
+            picker.put(slot, anomalous, example)
+        del res, scored
+        if progress:
+            progress(i + 1)
+    if not groups:
+        raise InputError("no cases to evaluate")
+    return _report(groups, names, named, picker.result())
+
+
+def _report(
+    groups: dict[str, _Group],
+    names: list[str],
+    named: Mapping[str, CombineSettings],
+    examples: list[ExampleSlice],
+) -> EvaluationReport:
+    pooled = _Group(names, list(named))
+    for g in groups.values():
+        pooled.merge(g)
+    out = {k: v for k, v in groups.items() if k != ALL} if len(groups) > 1 else {}
+    out[ALL] = pooled
+    pixel_rows: list[dict] = []
+    sample_rows: list[dict] = []
+    accumulators: dict[tuple[str, str, str], PixelAccumulator] = {}
+    notes: dict[str, None] = {}
+    nan = math.nan
+    for group, g in out.items():
+        for name in names:
+            for r in REGIONS:
+                acc = g.pixels[(name, r)]
+                accumulators[(group, name, r)] = acc
+                m = acc.metrics()
+                if m.reason:
+                    notes[f"{group}, {r}: {m.reason}; pixel AUROC, AP and Dice are NaN"] = None
+                ov = g.overlaps.get((name, r))
+                pixel_rows.append(
+                    {
+                        "group": group,
+                        "map": name,
+                        "region": r,
+                        "auroc": m.auroc,
+                        "ap": m.ap,
+                        "best_dice": m.best_dice,
+                        "dice_at_threshold": ov.dice if ov is not None else nan,
+                        "threshold": float(named[name].threshold) if name in named else nan,
+                        "cases": g.cases,
+                        "positives": m.positives,
+                        "voxels": m.positives + m.negatives,
+                    }
+                )
+        levels = {
+            "slice": (g.slices, SLICE_SCORES),
+            "volume": ({k: [np.asarray(v)] for k, v in g.volumes.items()}, VOLUME_SCORES),
+        }
+        for level, (data, keys) in levels.items():
+            labels = np.concatenate(data["label"]).astype(bool)
+            for k in keys:
+                sm = sample_metrics(np.concatenate(data[k]), labels)
+                if sm["reason"]:
+                    notes[f"{group}, {level} level: {sm['reason']}; AUROC and AP are NaN"] = None
+                sample_rows.append(
+                    {
+                        "group": group,
+                        "score": k,
+                        "level": level,
+                        "auroc": sm["auroc"],
+                        "ap": sm["ap"],
+                        "n": sm["n"],
+                        "anomalous": sm["anomalous"],
+                    }
+                )
+    return EvaluationReport(
+        pixel_rows, sample_rows, accumulators, examples, list(names), list(notes)
+    )
+
+
+def parse_map_names(text: str) -> tuple[tuple[str, ...], bool]:
+    """ "rec_error,kl_grad,default" -> (("rec_error", "kl_grad"), True): engine maps and whether
+    the model's default combination is wanted. "all" = ``COMPONENTS`` and default.
+
+    Raises:
+        InputError: an unknown name (the message lists the valid ones), or none at all.
+    """
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts == ["all"]:
+        return COMPONENTS, True
+    valid = (*PIXEL_MAPS, "default")
+    unknown = [p for p in parts if p not in valid]
+    if unknown or not parts:
+        raise InputError(
+            f"unknown maps {unknown or [text]}; choose from {', '.join(valid)} "
+            "(comma-separated) or all"
+        )
+    return tuple(dict.fromkeys(p for p in parts if p != "default")), "default" in parts
 
 
 def synthetic_cases(
@@ -57,48 +429,64 @@ def synthetic_cases(
         kind = kinds[i % len(kinds)]
         a = synthesize_anomaly(healthy.data, kind, rng, foreground=fg, spacing=healthy.spacing)
         vol = Volume(a.volume, healthy.affine, healthy.header, None, healthy.source_dtype)
-        yield Case(vol, a.mask, {**a.info, "case": i})
+        yield Case(vol, a.mask, {**a.info, "case": i, "name": f"{kind} {i}"})
 
 
 def score_cases(
     model: LoadedModel,
-    cases: Sequence[Case],
+    cases: Iterable[Case],
     settings: Sequence[CombineSettings] = (),
     components: Sequence[str] = COMPONENTS,
     device: str = "auto",
 ) -> dict[str, dict[str, float]]:
-    """Pooled pixel metrics inside the brain for each component and each combination setting.
+    """Pooled pixel metrics inside the foreground for each component and each combination
+    setting ({map: {auroc, ap, best_dice}}); settings are labelled ``"combined[i]"``."""
+    named = {f"combined[{i}]": s for i, s in enumerate(settings)}
+    rep = evaluate_cases(
+        model, cases, maps=components, settings=named, group_by=None, device=device
+    )
+    return {
+        r["map"]: {k: r[k] for k in ("auroc", "ap", "best_dice")}
+        for r in rep.pixel_rows
+        if r["region"] == "foreground"
+    }
 
-    The brain is the healthy foreground plus the lesion. Combination settings are labelled
-    ``"combined[i]"`` in the order given.
-    """
-    pooled, truth = collect_scores(model, cases, settings, components, device)
-    return {k: pixel_metrics(v, truth) for k, v in pooled.items()}
 
-
-def collect_scores(
+def synthetic_report(
     model: LoadedModel,
-    cases: Sequence[Case],
-    settings: Sequence[CombineSettings] = (),
-    components: Sequence[str] = COMPONENTS,
+    healthy: Volume,
+    cases_per_kind: int,
+    kinds: Sequence[str],
+    seed: int = 0,
     device: str = "auto",
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Scores of every brain voxel of every case (float32 arrays, one per map) and the truth."""
-    pooled: dict[str, list[np.ndarray]] = {}
-    truths: list[np.ndarray] = []
-    calib = model.card.calibration
-    for case in cases:
-        res = localize(case.volume, model, device=device)
-        region = res.foreground | case.truth.astype(bool)
-        truths.append(case.truth[region].astype(bool))
-        for k in components:
-            pooled.setdefault(k, []).append(res.maps[k][region])
-        for i, s in enumerate(settings):
-            fg = res.foreground if s.foreground_only else None
-            scales, _ = component_scales(res.maps, fg, calib, list(s.weights))
-            c = combine(res.maps, s.weights, scales, None, s.smoothing_mm, case.volume.spacing)
-            pooled.setdefault(f"combined[{i}]", []).append(c[region])
-    return {k: np.concatenate(v) for k, v in pooled.items()}, np.concatenate(truths)
+    *,
+    maps: Sequence[str] = COMPONENTS,
+    settings: Mapping[str, CombineSettings] | None = None,
+    examples: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> EvaluationReport:
+    """:func:`evaluate_cases` on ``cases_per_kind`` seeded anomalies of each kind in
+    ``healthy``, grouped by kind; the same seed gives the same report."""
+    cases = (
+        c
+        for k_i, kind in enumerate(kinds)
+        for c in synthetic_cases(healthy, cases_per_kind, seed * 1000 + k_i, (kind,))
+    )
+    return evaluate_cases(
+        model,
+        cases,
+        maps=maps,
+        settings=settings,
+        group_by="kind",
+        device=device,
+        examples=examples,
+        progress=progress,
+    )
+
+
+def rename_group(rows: Iterable[dict], key: str) -> list[dict]:
+    """Rows with their "group" key renamed (kept first), e.g. to "kind"."""
+    return [{key: r["group"], **{k: v for k, v in r.items() if k != "group"}} for r in rows]
 
 
 def synthetic_benchmark(
@@ -109,54 +497,60 @@ def synthetic_benchmark(
     seed: int = 0,
     device: str = "auto",
 ) -> list[dict]:
-    """Pixel metrics of every component and of the model's default combination, per anomaly
-    kind and over all kinds pooled. Rows: {kind, map, auroc, ap, best_dice, cases}; the same
-    seed gives the same rows."""
-    default = CombineSettings.from_card(model.card)
-    rows: list[dict] = []
-    every: dict[str, list[np.ndarray]] = {}
-    truths: list[np.ndarray] = []
-    for k_i, kind in enumerate(kinds):
-        cases = list(synthetic_cases(healthy, cases_per_kind, seed * 1000 + k_i, (kind,)))
-        pooled, truth = collect_scores(model, cases, [default], COMPONENTS, device)
-        pooled["default"] = pooled.pop("combined[0]")
-        truths.append(truth)
-        for name, values in pooled.items():
-            every.setdefault(name, []).append(values)
-            rows.append(
-                {"kind": kind, "map": name, "cases": cases_per_kind, **pixel_metrics(values, truth)}
-            )
-    truth = np.concatenate(truths)
-    for name, parts in every.items():
-        rows.append(
-            {
-                "kind": "all",
-                "map": name,
-                "cases": cases_per_kind * len(kinds),
-                **pixel_metrics(np.concatenate(parts), truth),
-            }
-        )
-    return rows
+    """Pixel rows of every component and of the model's default combination, per anomaly kind
+    and over all kinds pooled: {kind, map, region, auroc, ap, best_dice, dice_at_threshold,
+    threshold, cases, positives, voxels}; the same seed gives the same rows."""
+    rep = synthetic_report(model, healthy, cases_per_kind, kinds, seed, device)
+    return rename_group(rep.pixel_rows, "kind")
 
 
-def rows_to_csv(rows: list[dict]) -> str:
-    """CSV text of :func:`synthetic_benchmark` rows."""
+def rows_to_csv(rows: Sequence[dict]) -> str:
+    """CSV text of pixel or sample rows (columns: every key, in first-seen order)."""
     import csv
     import io
 
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
 
 
-def rows_to_markdown(rows: list[dict]) -> str:
-    """Markdown table of :func:`synthetic_benchmark` rows."""
-    lines = ["| kind | map | pixel AUROC | AP | best Dice | cases |", "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r['kind']} | {r['map']} | {r['auroc']:.3f} | {r['ap']:.3f} | "
-        f"{r['best_dice']:.3f} | {r['cases']} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
+def _fmt(v: float, spec: str = ".3f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def rows_to_markdown(rows: Sequence[dict]) -> str:
+    """Markdown tables: one of the pixel rows (those with a region), one of the sample rows
+    (those with a level). The first column is the rows' "kind" or "group"."""
+    pixel = [r for r in rows if "region" in r]
+    sample = [r for r in rows if "level" in r]
+    tables = []
+    if pixel:
+        g = "kind" if "kind" in pixel[0] else "group"
+        lines = [
+            f"| {g} | map | region | pixel AUROC | AP | best Dice | Dice at threshold | "
+            "threshold | cases | anomalous voxels | voxels |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r[g]} | {r['map']} | {r['region']} | {_fmt(r['auroc'])} | {_fmt(r['ap'])} | "
+            f"{_fmt(r['best_dice'])} | {_fmt(r['dice_at_threshold'])} | "
+            f"{_fmt(r['threshold'], '.3g')} | {r['cases']} | {r['positives']} | {r['voxels']} |"
+            for r in pixel
+        ]
+        tables.append("\n".join(lines))
+    if sample:
+        g = "kind" if "kind" in sample[0] else "group"
+        lines = [
+            f"| {g} | level | score | AUROC | AP | samples | anomalous |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r[g]} | {r['level']} | {r['score']} | {_fmt(r['auroc'])} | {_fmt(r['ap'])} | "
+            f"{r['n']} | {r['anomalous']} |"
+            for r in sample
+        ]
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,21 +39,30 @@ def _jsonable(v):
     return v
 
 
-def write_text_atomic(text: str, path: Path, overwrite: bool = False) -> Path:
-    """Write a text file whole or not at all, refusing to replace one unless ``overwrite``."""
+def write_atomic(
+    path: Path, write: Callable[[str], None], overwrite: bool = False, suffix: str = ""
+) -> Path:
+    """Create ``path`` whole or not at all: ``write(tmp)`` fills a temporary file beside it,
+    which then replaces ``path``; refuses to replace an existing file unless ``overwrite``."""
+    path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        write(tmp)
         make_readable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_text_atomic(text: str, path: Path, overwrite: bool = False) -> Path:
+    """Write a text file whole or not at all, refusing to replace one unless ``overwrite``."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text), overwrite)
 
 
 def write_json_atomic(obj: dict, path: Path, overwrite: bool = False) -> Path:

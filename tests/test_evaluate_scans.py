@@ -1,0 +1,158 @@
+"""`vaeloc evaluate scans` end to end on the bundled samples, and finding scan/mask pairs."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_vaeloc.cli import main
+from napari_vaeloc.demo import sample_path
+from napari_vaeloc.errors import InputError
+from napari_vaeloc.plots import DPI, PANEL_INCH
+from napari_vaeloc.scan_pairs import find_pairs, iter_cases
+
+SHAPE = (96, 114, 96)  # the bundled samples
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _save(path: Path, data: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path
+
+
+def test_evaluate_scans_end_to_end(tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(sample_path("t2-lesion"), scans / "case_a.nii.gz")
+    shutil.copy(sample_path("t2-lesion-truth"), scans / "case_a_mask.nii.gz")
+    shutil.copy(sample_path("t2-healthy"), scans / "case_b.nii.gz")
+    out = tmp_path / "results"
+    args = ["evaluate", "scans", str(scans), "--maps", "rec_error_smooth,kl_grad,default"]
+    args += ["--out", str(out), "--device", "cpu", "--quiet", "--examples", "4"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "case_b.nii.gz: no mask, counted as healthy" in printed
+    assert "| all | default | foreground |" in printed
+
+    positives = int((nib.load(scans / "case_a_mask.nii.gz").get_fdata() > 0).sum())
+    rows = {(r["map"], r["region"]): r for r in _rows(out / "scans_t2-brain.csv")}
+    assert set(rows) == {
+        (m, r) for m in ("rec_error_smooth", "kl_grad", "default") for r in ("foreground", "image")
+    }
+    default = rows[("default", "foreground")]
+    assert float(default["auroc"]) > 0.9
+    assert 0 < float(default["dice_at_threshold"]) <= 1
+    assert int(default["positives"]) == positives
+    assert int(default["cases"]) == 2
+    # the healthy scan's voxels are negatives: the image region is both volumes whole
+    assert int(rows[("default", "image")]["voxels"]) == 2 * int(np.prod(SHAPE))
+    assert int(default["voxels"]) < 2 * int(np.prod(SHAPE))
+    samples = {(r["level"], r["score"]): r for r in _rows(out / "scans_t2-brain_samples.csv")}
+    assert (
+        samples[("volume", "elbo_mean")]["n"],
+        samples[("volume", "elbo_mean")]["anomalous"],
+    ) == (
+        "2",
+        "1",
+    )
+    assert 0 < int(samples[("slice", "kl")]["anomalous"]) < int(samples[("slice", "kl")]["n"])
+    assert "| all | slice | kl |" in (out / "scans_t2-brain.md").read_text()
+
+    for name in ("roc", "pr"):
+        img = matplotlib.image.imread(out / f"scans_t2-brain_{name}.png")
+        assert img.shape[:2] == (500, 550) and img.shape[2] in (3, 4)
+        assert img[..., :3].std() > 0.05  # not blank
+    panel = matplotlib.image.imread(out / "scans_t2-brain_examples.png")
+    # two example rows (the lesion case, then the healthy one), image + truth + three maps
+    px = PANEL_INCH * DPI
+    assert panel.shape[:2] == (round(2 * px), round(5 * px))
+
+    # a second run without --overwrite fails and leaves every file as it was
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def test_mask_of_the_wrong_shape_is_named(tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(sample_path("t2-lesion"), scans / "case_a.nii.gz")
+    _save(scans / "case_a_seg.nii.gz", np.zeros((96, 114, 95), np.uint8))
+    out = tmp_path / "out"
+    assert main(["evaluate", "scans", str(scans), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "case_a_seg.nii.gz has shape (96, 114, 95)" in err and "case_a.nii.gz" in err
+    assert not out.exists()
+    assert main(["evaluate", "scans", str(scans), "--maps", "kl,default", "--out", str(out)]) == 2
+    assert "choose from rec_error" in capsys.readouterr().err
+
+
+def test_pairs_by_suffix_and_by_folder(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    scan = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    mask = np.zeros((2, 3, 4), np.int16)
+    mask[1, 2, 3] = 7
+    for name in ("a", "b", "c"):
+        _save(d / f"{name}.nii.gz", scan)
+    _save(d / "a_truth.nii.gz", mask)
+    _save(d / "b_label.nii", mask)
+    pairs = find_pairs(d)
+    assert [(p.scan.name, p.mask.name if p.mask else None) for p in pairs] == [
+        ("a.nii.gz", "a_truth.nii.gz"),
+        ("b.nii.gz", "b_label.nii"),
+        ("c.nii.gz", None),
+    ]
+    cases = iter_cases(pairs)
+    first = next(cases)  # loaded lazily, one at a time
+    assert first.truth.dtype == bool and first.truth.sum() == 1 and first.truth[1, 2, 3]
+    assert first.info["name"] == "a" and not first.info["healthy"]
+    assert [c.truth.sum() for c in cases] == [1, 0]
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    _save(masks / "c.nii.gz", mask)
+    by_folder = find_pairs(d, masks)
+    assert [p.mask.name if p.mask else None for p in by_folder] == [
+        None,
+        None,
+        None,
+        None,
+        "c.nii.gz",
+    ]  # in a scan folder the suffixed files are scans too
+
+    _save(d / "a_seg.nii.gz", mask)
+    with pytest.raises(InputError, match="a has two masks"):
+        find_pairs(d)
+    (d / "a_seg.nii.gz").unlink()
+    _save(d / "zz_mask.nii.gz", mask)
+    with pytest.raises(InputError, match=r"zz_mask\.nii\.gz is named like a mask"):
+        find_pairs(d)
+
+
+def test_folders_that_cannot_be_evaluated(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="is empty"):
+        find_pairs(empty)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("no scans here")
+    with pytest.raises(InputError, match="no NIfTI files"):
+        find_pairs(other)
+    (other / "broken.nii.gz").write_bytes(b"not a nifti file at all")
+    with pytest.raises(InputError, match=r"broken\.nii\.gz"):
+        find_pairs(other)
+    with pytest.raises(InputError, match="no such folder"):
+        find_pairs(tmp_path / "missing")
