@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.cli import build_parser, main
-from napari_vaeloc.engine import OUTPUT_MAPS
+from napari_vaeloc.mapnames import DEFAULT_MAPS
 
-EXPECTED = [f"anatomical_{k}.nii.gz" for k in (*OUTPUT_MAPS, "combined", "mask")]
+EXPECTED = [f"anatomical_{k}.nii.gz" for k in (*DEFAULT_MAPS, "combined", "mask")]
 
 
 def test_localize_writes_every_file(tmp_path, anatomical_path, tiny_model_dir, capsys):
@@ -63,6 +63,9 @@ def test_existing_outputs_are_kept(tmp_path, anatomical_path, tiny_model_dir, ca
         "elbo_grad=1,rec_error=0.5",
         "--threshold",
         "2",
+        "--smoothing",
+        "1.5",
+        "--scan-normalise",
     ]
     assert main(args) == 0
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
@@ -73,6 +76,8 @@ def test_existing_outputs_are_kept(tmp_path, anatomical_path, tiny_model_dir, ca
     report = json.loads((tmp_path / "anatomical_scores.json").read_text())
     assert report["combination"]["weights"] == {"elbo_grad": 1.0, "rec_error": 0.5}
     assert report["combination"]["threshold"] == 2.0
+    assert report["combination"]["smoothing_mm"] == 1.5
+    assert report["combination"]["scan_normalise"] is True
 
 
 def test_4d_file_through_the_cli(tmp_path, example4d_path, tiny_model_dir, capsys):

@@ -9,6 +9,7 @@ from napari_vaeloc.combine import (
     CombineSettings,
     combine,
     component_scales,
+    robust_z,
     threshold_mask,
 )
 from napari_vaeloc.models.store import ModelCard
@@ -71,3 +72,31 @@ def test_settings_from_card():
     s = CombineSettings.from_card(card)
     assert s.weights == {"elbo_grad": 1.0} and s.threshold == 2.5
     assert CombineSettings.from_card(ModelCard(name="y", architecture={})).weights == {"combi": 1.0}
+
+
+def test_robust_z_hand_checked():
+    v = np.array([1.0, 2.0, 3.0, 4.0, 100.0], np.float32).reshape(5, 1, 1)
+    # median 3, |v - 3| = 2 1 0 1 97 -> MAD 1, scale 1.4826
+    np.testing.assert_allclose(robust_z(v).ravel(), (v.ravel() - 3.0) / 1.4826, rtol=1e-6)
+    where = np.array([1, 1, 1, 0, 0], bool).reshape(5, 1, 1)  # median 2, MAD 1
+    np.testing.assert_allclose(robust_z(v, where).ravel(), (v.ravel() - 2.0) / 1.4826, rtol=1e-6)
+    flat = np.full((3, 3, 3), 5.0, np.float32)  # MAD 0: only the median is removed
+    np.testing.assert_array_equal(robust_z(flat), 0.0)
+
+
+def test_scan_normalise_removes_a_global_offset():
+    rng = np.random.default_rng(1)
+    base = rng.random((12, 12, 12)).astype(np.float32)
+    fg = np.zeros(base.shape, bool)
+    fg[2:10, 2:10, 2:10] = True
+    a = combine({"m": base}, {"m": 1.0}, {"m": 1.0}, fg, scan_normalise=True)
+    b = combine({"m": 3 * base + 7}, {"m": 1.0}, {"m": 1.0}, fg, scan_normalise=True)
+    np.testing.assert_allclose(a, b, atol=1e-4)  # offset and gain of the scan do not matter
+    assert abs((a[fg] > 0).mean() - 0.5) < 0.01  # half the brain lies above its median
+    assert (a[~fg] == 0).all() and a.min() == 0
+    plain = combine({"m": 3 * base + 7}, {"m": 1.0}, {"m": 1.0}, fg)
+    assert not np.allclose(plain, a)
+    s = CombineSettings.from_card(
+        ModelCard(name="x", architecture={}, defaults={"scan_normalise": True, "threshold": 4.0})
+    )
+    assert s.scan_normalise and s.threshold == 4.0

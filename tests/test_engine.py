@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_vaeloc.engine import OUTPUT_MAPS, localize, resolve_device
+from napari_vaeloc.engine import localize, resolve_device
 from napari_vaeloc.errors import Cancelled, InputError
 from napari_vaeloc.io import Volume, load_volume
+from napari_vaeloc.mapnames import DEFAULT_MAPS, SMOOTHGRAD_MAPS
 from napari_vaeloc.models.store import LoadedModel
 from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import Normalisation, volume_to_slices
@@ -24,7 +25,7 @@ def test_maps_have_the_exact_input_shape(tiny_model, axis):
     data = head_phantom((21, 26, 17), seed=2)
     vol = Volume.from_array(data, affine=oblique_affine(3))
     res = localize(vol, tiny_model, axis=axis, device="cpu")
-    assert set(res.maps) == set(OUTPUT_MAPS)
+    assert set(res.maps) == set(DEFAULT_MAPS)
     for m in res.maps.values():
         assert m.shape == data.shape and m.dtype == np.float32
         assert np.isfinite(m).all()
@@ -58,9 +59,20 @@ def test_slice_scores_are_in_file_order(tiny_model):
 def test_result_does_not_depend_on_batch_size(tiny_model, phantom):
     a = localize(phantom, tiny_model, batch_size=64)
     b = localize(phantom, tiny_model, batch_size=5)  # last batch smaller: it is scored too
-    for k in OUTPUT_MAPS:
+    for k in DEFAULT_MAPS:
         np.testing.assert_allclose(a.maps[k], b.maps[k], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.slice_scores["kl"], b.slice_scores["kl"], rtol=1e-5)
+
+
+def test_smoothgrad_maps_on_request(tiny_model, phantom):
+    a = localize(phantom, tiny_model, batch_size=64, maps=(*SMOOTHGRAD_MAPS, "kl_grad"))
+    b = localize(phantom, tiny_model, batch_size=5, maps=SMOOTHGRAD_MAPS)
+    assert set(b.maps) == set(SMOOTHGRAD_MAPS)
+    for k in SMOOTHGRAD_MAPS:  # fixed noise: deterministic and independent of the batch
+        np.testing.assert_allclose(a.maps[k], b.maps[k], rtol=1e-5, atol=1e-6)
+    sg, plain = a.maps["kl_grad_sg"], a.maps["kl_grad"]
+    assert not np.allclose(sg, plain)  # the noisy copies change the gradient ...
+    assert np.corrcoef(sg.ravel(), plain.ravel())[0, 1] > 0.5  # ... but not beyond recognition
 
 
 def test_progress_and_cancel(tiny_model, phantom):

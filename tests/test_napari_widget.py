@@ -124,13 +124,16 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
 
     widget.weights["kl_grad"].value = 1.0
     qtbot.waitUntil(lambda: not np.array_equal(comb_layer.data, comb0), timeout=2000)
-    assert "custom weights" in widget.threshold_info.value or "uncalibrated" in (
-        widget.threshold_info.value
-    )
+    info = widget.threshold_info.value
+    assert "no FPR calibration" in info or "uncalibrated" in info  # custom weights
     widget.smoothing.value = 4.0
     widget.min_size.value = 400.0
     qtbot.wait(200)
     assert widget.session.settings.min_size_mm3 == 400.0
+    before = comb_layer.data.copy()
+    widget.scan_normalise.value = not widget.scan_normalise.value
+    qtbot.waitUntil(lambda: not np.array_equal(comb_layer.data, before), timeout=2000)
+    assert widget.session.settings.scan_normalise == widget.scan_normalise.value
 
     widget.defaults_button.clicked()
     np.testing.assert_array_equal(comb_layer.data, comb0)

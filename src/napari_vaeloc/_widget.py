@@ -105,6 +105,13 @@ class LocalizeWidget(Container):
             for k in WEIGHT_COMPONENTS
         }
         self.smoothing = FloatSlider(label="smoothing (mm)", min=0.0, max=8.0, step=0.25)
+        self.scan_normalise = CheckBox(
+            text="normalise per scan (threshold in robust z-units)", value=False
+        )
+        self.scan_normalise.tooltip = (
+            "express the combined map relative to this scan's own median and spread, so that "
+            "a scan explained worse overall does not light up everywhere"
+        )
         self.threshold = FloatSlider(label="threshold", min=0.0, max=4.0, step=0.01, value=1.0)
         self.threshold_info = Label(label="")
         self.min_size = FloatSlider(label="min size (mm³)", min=0.0, max=4000.0, step=8.0)
@@ -117,7 +124,8 @@ class LocalizeWidget(Container):
             [
                 self.image, self.model, self.model_info, self.device, self.axis,
                 self.run_button, self.cancel_button, self.progress,
-                *self.weights.values(), self.smoothing, self.threshold, self.threshold_info,
+                *self.weights.values(), self.smoothing, self.scan_normalise,
+                self.threshold, self.threshold_info,
                 self.min_size, self.defaults_button, self.export_maps, self.export_button,
             ]
         )  # fmt: skip
@@ -125,7 +133,13 @@ class LocalizeWidget(Container):
         self.model.changed.connect(self._on_model_changed)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
-        for w in (*self.weights.values(), self.smoothing, self.threshold, self.min_size):
+        for w in (
+            *self.weights.values(),
+            self.smoothing,
+            self.scan_normalise,
+            self.threshold,
+            self.min_size,
+        ):
             w.changed.connect(self._on_slider)
         self.defaults_button.changed.connect(self.restore_defaults)
         self.export_button.changed.connect(self._on_export_clicked)
@@ -383,7 +397,8 @@ class LocalizeWidget(Container):
         st = self.session.settings
         others = {k: v for k, v in st.weights.items() if k not in self.weights}  # no slider
         st.weights = {**others, **{k: float(w.value) for k, w in self.weights.items() if w.value}}
-        top = max(4.0, 3.0 * sum(st.weights.values()))
+        st.scan_normalise = bool(self.scan_normalise.value)
+        top = max(4.0, 3.0 * sum(st.weights.values()), 10.0 if st.scan_normalise else 0.0)
         if top > self.threshold.max:  # growing the range never moves the value
             self.threshold.max = top
         st.smoothing_mm = float(self.smoothing.value)
@@ -396,6 +411,9 @@ class LocalizeWidget(Container):
             for k, w in self.weights.items():
                 w.value = min(float(st.weights.get(k, 0.0)), w.max)
             self.smoothing.value = st.smoothing_mm
+            self.scan_normalise.value = bool(st.scan_normalise)
+            if st.scan_normalise and self.threshold.max < 10.0:
+                self.threshold.max = 10.0
             self.threshold.value = min(st.threshold, self.threshold.max)
             self.min_size.value = min(st.min_size_mm3, self.min_size.max)
         finally:

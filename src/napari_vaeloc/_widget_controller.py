@@ -93,8 +93,10 @@ class Session:
         d = self.default_settings()
         cal_w = (self.calibration or {}).get("combined_weights") or d.weights
         w = {k: v for k, v in self.settings.weights.items() if v}
-        return w == {k: float(v) for k, v in cal_w.items() if v} and math.isclose(
-            self.settings.smoothing_mm, d.smoothing_mm
+        return (
+            w == {k: float(v) for k, v in cal_w.items() if v}
+            and math.isclose(self.settings.smoothing_mm, d.smoothing_mm)
+            and self.settings.scan_normalise == d.scan_normalise
         )
 
     def is_calibrated(self) -> bool:
@@ -103,7 +105,12 @@ class Session:
 
     def combined(self) -> np.ndarray:
         s = self.settings
-        key = (tuple(sorted(s.weights.items())), s.smoothing_mm, s.foreground_only)
+        key = (
+            tuple(sorted(s.weights.items())),
+            s.smoothing_mm,
+            s.foreground_only,
+            s.scan_normalise,
+        )
         if key != self._combined_key or self._combined is None:
             fg = self.result.foreground if s.foreground_only else None
             weights = {k: w for k, w in s.weights.items() if w and k in self.scales}
@@ -111,7 +118,13 @@ class Session:
                 self._combined = np.zeros(self.result.shape, dtype=np.float32)
             else:
                 self._combined = combine(
-                    self.result.maps, weights, self.scales, fg, s.smoothing_mm, self.volume.spacing
+                    self.result.maps,
+                    weights,
+                    self.scales,
+                    fg,
+                    s.smoothing_mm,
+                    self.volume.spacing,
+                    s.scan_normalise,
                 )
             self._combined_key, self._mask_key = key, None
         return self._combined
@@ -128,7 +141,9 @@ class Session:
     def display_range(self) -> tuple[float, float]:
         """Fixed contrast limits of the combined map, in scale units (never per-volume min-max):
         from 0.8 of the summed weights (just below the healthy 99th percentile, so healthy brain
-        stays dark) to twice it."""
+        stays dark) to twice it; with per-scan normalisation, 2 to 8 robust z-units."""
+        if self.settings.scan_normalise:
+            return (2.0, 8.0)
         total = sum(abs(w) for w in self.settings.weights.values()) or 1.0
         return (0.8 * total, 2.0 * total)
 
@@ -157,4 +172,6 @@ class Session:
                 return f"healthy false-positive rate > {pairs[0][1]:.0%}"
             fpr = fpr_for_threshold(self.calibration, t)
             return f"healthy false-positive rate ≈ {fpr:.3g} ({fpr:.2%} of healthy voxels)"
+        if self.settings.scan_normalise:
+            return f"{t:.2f} robust z-units above this scan's median (no FPR calibration)"
         return f"{t:.2f} × healthy 99th percentile (custom weights: no FPR calibration)"

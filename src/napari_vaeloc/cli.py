@@ -58,6 +58,12 @@ def cmd_localize(args: argparse.Namespace) -> int:
         settings.threshold = args.threshold
     if args.weights:
         settings.weights = parse_weights(args.weights)
+    if args.smoothing is not None:
+        if args.smoothing < 0:
+            raise VaelocError(f"--smoothing must be >= 0 mm, not {args.smoothing}")
+        settings.smoothing_mm = args.smoothing
+    if args.scan_normalise is not None:
+        settings.scan_normalise = args.scan_normalise
     out = Path(args.out) if args.out else Path(args.scan).resolve().parent
     with _bar("scoring slices", "slice", not args.quiet) as bar:
         result = localize(
@@ -529,6 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         default=None,
         help="combination weights, e.g. combi=1,elbo_grad=0.5 (default: the model's)",
+    )
+    lo.add_argument(
+        "--smoothing",
+        type=float,
+        default=None,
+        help="3D Gaussian smoothing of the combined map, sigma in mm (default: the model's)",
+    )
+    lo.add_argument(
+        "--scan-normalise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="express the combined map in robust z-units of the scan itself; the threshold is "
+        "then in those units (default: the model's)",
     )
     lo.add_argument("--overwrite", action="store_true", help="replace existing output files")
     lo.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,5 +1,10 @@
 """Cheap post-processing of cached component maps: normalise, weight, smooth, threshold (numpy).
 
+With ``scan_normalise`` the combined map is then expressed in robust z-units of the scan itself,
+``max(0, (c - median) / (1.4826 MAD))`` over the foreground, so that a scan whose healthy tissue is
+explained worse overall (another scanner, unusual anatomy) does not light up everywhere at a fixed
+threshold.
+
 A component map is divided by its *scale*: the model's calibrated healthy-foreground value
 (``card.calibration["scales"][name]``, e.g. the 99th percentile on healthy validation slices)
 when the model has one. An uncalibrated model falls back to the scan's own foreground 99th
@@ -20,21 +25,30 @@ DEFAULT_WEIGHTS = {"combi": 1.0}
 
 @dataclass
 class CombineSettings:
-    """Weights per component, extra 3D smoothing (sigma, mm), threshold (in scale units) and
-    minimum lesion size (mm^3)."""
+    """Weights per component, extra 3D smoothing (sigma, mm), per-scan robust normalisation,
+    threshold (scale units, or robust z-units with ``scan_normalise``) and minimum lesion size
+    (mm^3)."""
 
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     smoothing_mm: float = 0.0
     threshold: float = 1.0
     min_size_mm3: float = 0.0
     foreground_only: bool = True
+    scan_normalise: bool = False
 
     @classmethod
     def from_card(cls, card) -> CombineSettings:
         d = dict(getattr(card, "defaults", None) or {})
         allowed = {
             k: d[k]
-            for k in ("weights", "smoothing_mm", "threshold", "min_size_mm3", "foreground_only")
+            for k in (
+                "weights",
+                "smoothing_mm",
+                "threshold",
+                "min_size_mm3",
+                "foreground_only",
+                "scan_normalise",
+            )
             if k in d
         }
         return cls(**allowed)
@@ -71,12 +85,15 @@ def combine(
     foreground: np.ndarray | None = None,
     smoothing_mm: float = 0.0,
     spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
+    scan_normalise: bool = False,
 ) -> np.ndarray:
     """Weighted sum of scaled component maps, float32 of the maps' shape.
 
     ``sum_k w_k * map_k / scale_k``; components with weight 0 are skipped. Optional Gaussian
-    smoothing with sigma ``smoothing_mm`` (converted to voxels per axis), then zero outside the
-    foreground when one is given.
+    smoothing with sigma ``smoothing_mm`` (converted to voxels per axis), optional per-scan
+    robust z-scoring (:func:`robust_z` over the foreground, negative values set to 0: only
+    "higher than this scan's median" counts), then zero outside the foreground when one is
+    given.
     """
     used = {k: float(w) for k, w in weights.items() if w}
     unknown = set(used) - set(maps)
@@ -91,8 +108,22 @@ def combine(
 
         sigma = [smoothing_mm / max(s, 1e-6) for s in spacing[: out.ndim]]
         out = gaussian_filter(out, sigma=sigma, mode="nearest").astype(np.float32, copy=False)
+    if scan_normalise:
+        out = np.maximum(robust_z(out, foreground), 0)  # z above the scan's median; never < 0
     if foreground is not None:
         out[~foreground] = 0
+    return out
+
+
+def robust_z(values: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """``(values - median) / (1.4826 * MAD)`` with median and MAD over ``values[where]`` (all
+    values when ``where`` is None or empty; at most 2 million of them, evenly strided); float32."""
+    ref = values[where] if where is not None and where.any() else values.ravel()
+    ref = ref[:: max(1, ref.size // 2_000_000)]
+    med = float(np.median(ref))
+    mad = 1.4826 * float(np.median(np.abs(ref - med)))
+    out = values - np.float32(med)
+    out /= np.float32(mad if mad > 0 else 1.0)
     return out
 
 
@@ -116,7 +147,9 @@ def apply_settings(
     """Scales, combined map and mask of one result under ``settings`` (every front's pipeline)."""
     fg = foreground if settings.foreground_only else None
     scales, calibrated = component_scales(maps, fg, calibration, list(settings.weights))
-    combined = combine(maps, settings.weights, scales, fg, settings.smoothing_mm, spacing)
+    combined = combine(
+        maps, settings.weights, scales, fg, settings.smoothing_mm, spacing, settings.scan_normalise
+    )
     mask = threshold_mask(combined, settings.threshold, settings.min_size_mm3, spacing)
     return Combination(combined, mask, scales, calibrated)
 

@@ -145,6 +145,12 @@ def _slab_split(n: int, rng: np.random.Generator, val_fraction: float, slab: int
     return train, val
 
 
+def _val_volume_ids(n: int, rng: np.random.Generator, val_fraction: float) -> set[int]:
+    """The volumes a split by volume holds out (at least one)."""
+    k = max(1, round(n * val_fraction))
+    return set(rng.choice(n, size=k, replace=False).tolist())
+
+
 def build_slice_dataset(
     volumes: list[Volume],
     axis: str,
@@ -167,10 +173,7 @@ def build_slice_dataset(
 
     rng = np.random.default_rng(seed)
     by_volume = len(volumes) >= 3
-    val_volumes = set()
-    if by_volume:
-        k = max(1, round(len(volumes) * val_fraction))
-        val_volumes = set(rng.choice(len(volumes), size=k, replace=False).tolist())
+    val_volumes = _val_volume_ids(len(volumes), rng, val_fraction) if by_volume else set()
     train, val, val_fg = [], [], []
     pad_values = []
     for vi, vol in enumerate(volumes):
@@ -232,6 +235,19 @@ def heldout_slab_mask(
     shape = [1, 1, 1]
     shape[ms.geometry.file_axis] = -1
     return np.broadcast_to(held.reshape(shape), volume.shape).copy()
+
+
+def heldout_masks(
+    volumes: list[Volume], axis: str, image_size: int, norm: Normalisation, split: dict
+) -> list[np.ndarray | None]:
+    """Per volume, bool (X, Y, Z) of the voxels :func:`build_slice_dataset` held out under the
+    recorded ``split`` (whole volumes, or slabs of one), or None for a volume used whole in
+    training."""
+    if split.get("by") == "volume":
+        rng = np.random.default_rng(split.get("seed", 0))
+        val = _val_volume_ids(len(volumes), rng, split.get("val_fraction", 0.15))
+        return [np.ones(v.shape, bool) if i in val else None for i, v in enumerate(volumes)]
+    return [heldout_slab_mask(v, axis, image_size, norm, split) for v in volumes]
 
 
 def load_training_volumes(sources: list[str | os.PathLike]) -> tuple[list[Volume], list[str]]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .io import Volume, available_memory_bytes
-from .mapnames import OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS
+from .mapnames import DEFAULT_MAPS, OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS
 from .models.store import LoadedModel
 from .preprocess import AXES, Normalisation, resolve_axis, slices_to_volume, volume_to_slices
 
@@ -56,10 +56,12 @@ class LocalizationResult:
     """Component maps and scores of one volume.
 
     Attributes:
-        maps: name -> float32 (X, Y, Z) on the scan's voxel grid, for each of ``OUTPUT_MAPS``.
+        maps: name -> float32 (X, Y, Z) on the scan's voxel grid, for each map asked for
+            (default ``DEFAULT_MAPS``).
             ``reconstruction`` is in the scan's intensity units; the others in model units
             (nats per pixel for rec_error, nats per z-unit for the gradients).
-        foreground: bool (X, Y, Z), the voxels the normalisation counted as object.
+        foreground: bool (X, Y, Z), the object: the voxels the normalisation counted as
+            foreground, with enclosed holes (dark lesion cores, ventricles) filled.
         slice_scores: name -> (n,) float32 per slice along the file's axis ``slice_axis``
             (index i = file slice i); NaN for slices without foreground, which are not scored.
         volume_scores: aggregates over scored slices (means, and the worst slice's ELBO).
@@ -82,7 +84,7 @@ class LocalizationResult:
         return self.foreground.shape
 
 
-def estimate_bytes(shape: tuple[int, ...], n_maps: int = len(OUTPUT_MAPS)) -> int:
+def estimate_bytes(shape: tuple[int, ...], n_maps: int = len(DEFAULT_MAPS)) -> int:
     """Peak bytes the result maps of a volume of ``shape`` need (float32 maps + working copies)."""
     return int(np.prod(shape)) * 4 * (n_maps + 4)
 
@@ -111,7 +113,8 @@ def localize(
         progress: called with (slices done, slices total) after each batch.
         cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
         max_bytes: refuse volumes whose maps need more memory (default: half of what is free).
-        maps: which of ``OUTPUT_MAPS`` to map back to the volume (default: all); fewer maps need
+        maps: which of ``OUTPUT_MAPS`` to map back to the volume (default: ``DEFAULT_MAPS``, all
+            but the SmoothGrad maps, which cost two extra gradient passes); fewer maps need
             less memory and time.
     """
     import torch
@@ -121,7 +124,7 @@ def localize(
     t0 = time.perf_counter()
     card = model.card
     notes = list(volume.notes)
-    wanted = tuple(OUTPUT_MAPS) if maps is None else tuple(maps)
+    wanted = DEFAULT_MAPS if maps is None else tuple(maps)
     unknown = set(wanted) - set(OUTPUT_MAPS)
     if unknown:
         raise InputError(f"unknown maps {sorted(unknown)}; choose from {', '.join(OUTPUT_MAPS)}")
@@ -141,7 +144,7 @@ def localize(
     network.to(dev)
 
     # a single-slice scan can only be scored along its flat axis
-    from .preprocess import make_geometry
+    from .preprocess import fill_object, make_geometry
 
     geom0 = make_geometry(volume.shape, volume.affine, volume.spacing, ax, card.image_size)
     if 1 in geom0.canon_shape and geom0.canon_shape[ax] != 1:
@@ -205,7 +208,7 @@ def localize(
         torch.cuda.synchronize(dev)
     return LocalizationResult(
         maps=volume_maps,
-        foreground=ms.foreground_mask,
+        foreground=fill_object(ms.foreground_mask, geom.file_axis),
         slice_scores=slice_scores,
         volume_scores=volume_scores,
         axis=axis_name,

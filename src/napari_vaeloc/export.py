@@ -6,7 +6,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,11 +16,12 @@ from .combine import Combination, CombineSettings, apply_settings
 from .engine import OUTPUT_MAPS, LocalizationResult
 from .errors import OutputExistsError
 from .io import Volume, make_readable, save_nifti, scan_stem
+from .mapnames import DEFAULT_MAPS
 
 
-def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+def output_paths(out_dir: Path, stem: str, maps: Sequence[str] = DEFAULT_MAPS) -> dict[str, Path]:
     """Every file a result writes: one per map, the combined map, the mask, the scores."""
-    paths = {k: out_dir / f"{stem}_{k}.nii.gz" for k in OUTPUT_MAPS}
+    paths = {k: out_dir / f"{stem}_{k}.nii.gz" for k in maps}
     paths["combined"] = out_dir / f"{stem}_combined.nii.gz"
     paths["mask"] = out_dir / f"{stem}_mask.nii.gz"
     paths["scores"] = out_dir / f"{stem}_scores.json"
@@ -87,7 +88,8 @@ def write_result(
     so a refused run leaves no partial set.
     """
     out = Path(out_dir)
-    paths = output_paths(out, stem or scan_stem(volume.path))
+    maps = [k for k in OUTPUT_MAPS if k in result.maps]
+    paths = output_paths(out, stem or scan_stem(volume.path), maps)
     existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
         names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
@@ -99,7 +101,7 @@ def write_result(
         result.maps, result.foreground, volume.spacing, settings, calibration
     )
     combined, mask = c.combined, c.mask
-    for k in OUTPUT_MAPS:
+    for k in maps:
         save_nifti(result.maps[k], volume, paths[k], "map", overwrite)
     save_nifti(combined, volume, paths["combined"], "map", overwrite)
     save_nifti(mask, volume, paths["mask"], "mask", overwrite)

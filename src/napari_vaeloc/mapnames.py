@@ -18,3 +18,5 @@ SMOOTHGRAD_MAPS = ("kl_grad_sg", "elbo_grad_sg")
 SLICE_SCORES = ("kl", "rec", "elbo")
 #: maps a localization returns: the pixel maps plus the reconstruction in scan units
 OUTPUT_MAPS = (*PIXEL_MAPS, "reconstruction")
+#: maps a localization returns unless asked for others (SmoothGrad costs two extra passes)
+DEFAULT_MAPS = tuple(m for m in OUTPUT_MAPS if m not in SMOOTHGRAD_MAPS)

@@ -8,9 +8,17 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .combine import DEFAULT_WEIGHTS
-from .datasets import MNI_LICENCE, TEMPLATES, build_slice_dataset, load_training_volumes
+from .datasets import (
+    MNI_LICENCE,
+    TEMPLATES,
+    build_slice_dataset,
+    heldout_masks,
+    load_training_volumes,
+)
 from .errors import OutputExistsError
 from .models.store import ModelCard, save_model
 from .preprocess import Normalisation
@@ -149,11 +157,19 @@ def recalibrate(
     folder: str | os.PathLike,
     weights: dict[str, float],
     fpr: float = DEFAULT_FPR,
+    smoothing_mm: float | None = None,
+    min_size_mm3: float | None = None,
+    scan_normalise: bool | None = None,
 ) -> dict:
-    """Recompute a trained model's calibration for new default ``weights`` on the same held-out
+    """Recompute a trained model's calibration for new default settings on the same held-out
     slices it was validated on (rebuilt from the recorded sources and split seed), set the
     default threshold to the healthy false-positive rate ``fpr``, and rewrite ``model.json``.
-    The weights file, and so its checksum, is unchanged. Returns the new calibration."""
+
+    Component scales always come from the held-out slices in model space. With 3D smoothing
+    (``smoothing_mm`` > 0) or per-scan normalisation (``scan_normalise``; None keeps the card's
+    settings) the false-positive table of the combined map comes from the held-out volumes /
+    slabs localized in volume space, since both depend on more than one slice. The weights
+    file, and so its checksum, is unchanged. Returns the new calibration."""
     import json
     import tempfile
 
@@ -163,6 +179,11 @@ def recalibrate(
     folder = Path(folder)
     model = load_model(folder)
     card = model.card
+    smoothing = float(
+        card.defaults.get("smoothing_mm", 0.0) if smoothing_mm is None else smoothing_mm
+    )
+    if scan_normalise is None:
+        scan_normalise = bool(card.defaults.get("scan_normalise", False))
     split = card.training.get("split", {})
     volumes, _ = load_training_volumes(card.training["sources"])
     norm = Normalisation.from_dict(card.normalisation)
@@ -179,12 +200,24 @@ def recalibrate(
     calibration = calibrate(
         model.network, data.val, data.val_foreground, card.likelihood_log_std, weights=weights
     )
+    if smoothing > 0 or scan_normalise:
+        card.calibration = calibration
+        masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
+        calibration["combined_fpr"] = volume_fpr_table(
+            model, volumes, masks, weights, smoothing, scan_normalise
+        )
+        calibration["combined_smoothing_mm"] = smoothing
+        calibration["combined_scan_normalise"] = scan_normalise
+        calibration["combined_source"] = "held-out healthy voxels, volume space"
     card.calibration = calibration
     card.defaults = {
         **card.defaults,
         "weights": dict(weights),
+        "smoothing_mm": smoothing,
+        "scan_normalise": scan_normalise,
         "threshold": calibration["combined_fpr"][str(fpr)],
         "threshold_fpr": fpr,
+        **({} if min_size_mm3 is None else {"min_size_mm3": float(min_size_mm3)}),
     }
     fd, tmp = tempfile.mkstemp(prefix=".model.json.", dir=folder)
     with os.fdopen(fd, "w") as fh:
@@ -193,3 +226,37 @@ def recalibrate(
     os.replace(tmp, folder / CARD_FILE)
     json.loads((folder / CARD_FILE).read_text())  # fail loudly if anything went wrong
     return calibration
+
+
+def volume_fpr_table(
+    model,
+    volumes: list,
+    masks: list,
+    weights: dict[str, float],
+    smoothing_mm: float,
+    scan_normalise: bool = False,
+) -> dict[str, float]:
+    """Healthy false-positive-rate table {fpr: threshold} of the combined map (``weights`` over
+    the model's calibrated scales, 3D Gaussian smoothing ``smoothing_mm``, per-scan robust
+    z-scores with ``scan_normalise``) over the object voxels inside ``masks`` (bool (X, Y, Z)
+    per volume; None skips a volume)."""
+    from .combine import combine, component_scales
+    from .engine import localize
+    from .train import FPR_LEVELS
+
+    values = []
+    for vol, mask in zip(volumes, masks, strict=True):
+        if mask is None:
+            continue
+        res = localize(vol, model, maps=tuple(k for k, w in weights.items() if w))
+        scales, _ = component_scales(
+            res.maps, res.foreground, model.card.calibration, list(weights)
+        )
+        c = combine(
+            res.maps, weights, scales, res.foreground, smoothing_mm, vol.spacing, scan_normalise
+        )
+        values.append(c[mask & res.foreground])
+    pooled = np.concatenate(values)
+    if not pooled.size:
+        raise ValueError("no held-out voxels to calibrate the threshold on")
+    return {str(f): float(np.quantile(pooled, 1 - f)) for f in FPR_LEVELS}

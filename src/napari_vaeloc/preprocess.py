@@ -111,6 +111,21 @@ def foreground_mask(data: np.ndarray, method: str = "otsu") -> np.ndarray:
     raise ValueError(f"unknown foreground method {method!r}")
 
 
+def fill_object(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """``mask`` (X, Y, Z) bool with enclosed holes filled in 3D and, when ``axis`` is given, in
+    every 2D slice along it: dark structures inside the object (a necrotic lesion core,
+    ventricles) belong to it even where the intensity threshold left them out."""
+    from scipy.ndimage import binary_fill_holes
+
+    out = binary_fill_holes(mask)
+    if axis is not None:
+        for i in range(out.shape[axis]):
+            index = [slice(None)] * out.ndim
+            index[axis] = i
+            out[tuple(index)] = binary_fill_holes(out[tuple(index)])
+    return out
+
+
 def normalise(
     data: np.ndarray, foreground: np.ndarray, norm: Normalisation
 ) -> tuple[np.ndarray, dict]:
