@@ -33,7 +33,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "t2-logstd-1.1": ("T2", {"likelihood_log_std": -1.1}),
     "t1-default": ("T1", {}),
     "t1-img128": ("T1", {"image_size": 128}),
+    # the other two slicing axes, for fusing three orthogonal views (scripts/axis_fusion.py)
+    "t1-coronal": ("T1", {"axis": "coronal"}),
+    "t1-sagittal": ("T1", {"axis": "sagittal"}),
 }
+SWEEP = [n for n in CONFIGS if "coronal" not in n and "sagittal" not in n]  # the default run
 TEMPLATE = {"T2": "icbm-t2", "T1": "icbm-t1"}
 MAPS = tuple(m for m in PIXEL_MAPS if m != "sq_error")  # sq_error ranks like rec_error
 
@@ -131,7 +135,11 @@ def main() -> None:
     p.add_argument("--per-kind", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
+    p.add_argument(
+        "--only",
+        default=",".join(SWEEP),
+        help="comma-separated configurations (default: the sweep)",
+    )
     p.add_argument("--t2-source", default=None)
     p.add_argument("--t1-source", default=None)
     p.add_argument("--t2-bench-source", default=None, help="T2 test anatomy (a template copy)")

@@ -73,6 +73,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
             device=args.device,
             batch_size=args.batch_size,
             progress=_slice_progress(bar),
+            fuse=args.fuse,
         )
     paths = write_result(
         result,
@@ -511,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["axial", "coronal", "sagittal"],
         default=None,
         help="anatomical slicing axis (default: the model's training axis)",
+    )
+    lo.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average in the model's companion models for the other slicing axes (default: "
+        "as the model card says; t1-brain fuses three axes)",
     )
     lo.add_argument(
         "--device",

@@ -7,6 +7,7 @@ re-run cheaply.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,8 +102,92 @@ def localize(
     cancel: CancelFlag | None = None,
     max_bytes: int | None = None,
     maps: tuple[str, ...] | None = None,
+    fuse: bool | None = None,
 ) -> LocalizationResult:
-    """Score every slice of ``volume`` with ``model`` and map the results back to its grid.
+    """Score every slice of ``volume`` with ``model`` and map the results back to its grid;
+    with companion models for the other slicing axes, average their maps in.
+
+    ``fuse``: None follows the model card (``defaults["fuse_with"]``: models of the same kind
+    trained on other slicing axes; bundled names, or folders relative to the model's), True
+    requires companions, False scores along one axis only. Fusion is skipped when ``axis`` asks
+    for another axis than the model's. Each companion's maps are divided by its own calibrated
+    scale and multiplied by the model's, so the average stays in the model's units; the
+    reconstruction and the slice scores are the model's own. Other arguments: :func:`localize_axis`.
+    """
+    names = list((model.card.defaults or {}).get("fuse_with", [])) if fuse is not False else []
+    if axis is not None and axis.lower() != model.card.axis:
+        names = []
+    if fuse and not names:
+        raise InputError(f"model {model.card.name!r} has no companion models to fuse with")
+    if not names:
+        return localize_axis(
+            volume, model, axis=axis, device=device, batch_size=batch_size, amp=amp,
+            progress=progress, cancel=cancel, max_bytes=max_bytes, maps=maps,
+        )  # fmt: skip
+    models = [model, *(_companion(model, n) for n in names)]
+    runs = len(models)
+
+    def part(i: int) -> ProgressCallback | None:
+        if progress is None:
+            return None
+        return lambda done, total: progress(i * 1000 + (1000 * done) // max(total, 1), 1000 * runs)
+
+    t0 = time.perf_counter()
+    wanted = DEFAULT_MAPS if maps is None else tuple(maps)
+    kw = dict(device=device, batch_size=batch_size, amp=amp, cancel=cancel, max_bytes=max_bytes)
+    res = localize_axis(volume, model, maps=wanted, progress=part(0), **kw)
+    fused = [k for k in wanted if k != "reconstruction"]
+    own = (model.card.calibration or {}).get("scales", {})
+    for i, other in enumerate(models[1:], start=1):
+        r = localize_axis(volume, other, maps=tuple(fused), progress=part(i), **kw)
+        theirs = (other.card.calibration or {}).get("scales", {})
+        for k in fused:
+            ratio = own.get(k, 1.0) / theirs.get(k, 1.0) if theirs.get(k) else 1.0
+            res.maps[k] += r.maps[k] * np.float32(ratio)
+    for k in fused:
+        res.maps[k] /= np.float32(runs)
+    res.notes.append(
+        "maps averaged over the " + ", ".join(m.card.axis for m in models) + " models ("
+        + ", ".join(m.card.name for m in models) + "), each on its calibrated scale"
+    )  # fmt: skip
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _companion(model: LoadedModel, name: str) -> LoadedModel:
+    from pathlib import Path
+
+    from .models.store import bundled_models
+
+    if name not in bundled_models() and model.path is not None:
+        local = Path(model.path).parent / name
+        if local.is_dir():
+            return _cached_model(str(local))
+    return _cached_model(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_model(source: str) -> LoadedModel:
+    from .models.store import load_model
+
+    return load_model(source)
+
+
+def localize_axis(
+    volume: Volume,
+    model: LoadedModel,
+    *,
+    axis: str | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    amp: bool | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelFlag | None = None,
+    max_bytes: int | None = None,
+    maps: tuple[str, ...] | None = None,
+) -> LocalizationResult:
+    """Score every slice of ``volume`` with ``model`` along one axis and map the results back
+    to its grid.
 
     Args:
         axis: "axial", "coronal" or "sagittal" (default: the model's training axis). A scan with

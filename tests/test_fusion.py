@@ -1,0 +1,54 @@
+"""Fusing the bundled T1 model with its coronal and sagittal companions (real models, real scan)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from napari_vaeloc.demo import sample_path
+from napari_vaeloc.engine import localize
+from napari_vaeloc.errors import InputError
+from napari_vaeloc.io import load_volume
+from napari_vaeloc.models.store import load_model
+
+MAPS = ("rec_error_smooth", "kl_grad", "reconstruction")
+
+
+@pytest.fixture(scope="module")
+def t1():
+    return load_model("t1-brain"), load_volume(sample_path("t1-healthy"))
+
+
+def test_default_fuses_three_axes(t1):
+    model, vol = t1
+    steps: list[tuple[int, int]] = []
+    fused = localize(
+        vol, model, device="cpu", maps=MAPS, progress=lambda d, t: steps.append((d, t))
+    )
+    single = localize(vol, model, device="cpu", maps=MAPS, fuse=False)
+    assert "axial, coronal, sagittal" in fused.notes[-1]
+    assert not any("averaged" in n for n in single.notes)
+    assert steps[-1][0] == steps[-1][1] == 3000
+    assert all(b[0] >= a[0] for a, b in itertools.pairwise(steps))  # never backwards
+    # the model's own reconstruction and slice scores; the maps are averages
+    np.testing.assert_array_equal(fused.maps["reconstruction"], single.maps["reconstruction"])
+    np.testing.assert_array_equal(fused.slice_scores["kl"], single.slice_scores["kl"])
+    assert not np.allclose(fused.maps["rec_error_smooth"], single.maps["rec_error_smooth"])
+    # in the model's units: the healthy brain's typical value stays close to the single axis's
+    fg = fused.foreground
+    ratio = np.median(fused.maps["rec_error_smooth"][fg]) / np.median(
+        single.maps["rec_error_smooth"][fg]
+    )
+    assert 0.7 < ratio < 1.3
+    again = localize(vol, model, device="cpu", maps=MAPS)
+    np.testing.assert_array_equal(again.maps["kl_grad"], fused.maps["kl_grad"])
+
+
+def test_other_axis_or_no_companions(t1):
+    model, vol = t1
+    coronal = localize(vol, model, device="cpu", maps=MAPS, axis="coronal")
+    assert not any("averaged" in n for n in coronal.notes)  # asked for one other axis
+    with pytest.raises(InputError, match="no companion models"):
+        localize(vol, load_model("t2-brain"), device="cpu", maps=MAPS, fuse=True)
