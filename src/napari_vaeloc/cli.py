@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="average in the model's companion models for the other slicing axes (default: "
-        "as the model card says; t1-brain fuses three axes)",
+        "as the model card says; t1-brain can fuse three axes, off by default)",
     )
     lo.add_argument(
         "--device",

@@ -107,7 +107,9 @@ def combine(
         from scipy.ndimage import gaussian_filter
 
         sigma = [smoothing_mm / max(s, 1e-6) for s in spacing[: out.ndim]]
-        out = gaussian_filter(out, sigma=sigma, mode="nearest").astype(np.float32, copy=False)
+        # 3 sigma: a third faster than scipy's 4, and the tail beyond holds 0.3 % of the weight
+        out = gaussian_filter(out, sigma=sigma, mode="nearest", truncate=3.0)
+        out = out.astype(np.float32, copy=False)
     if scan_normalise:
         out = np.maximum(robust_z(out, foreground), 0)  # z above the scan's median; never < 0
     if foreground is not None:

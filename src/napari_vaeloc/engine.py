@@ -107,18 +107,22 @@ def localize(
     """Score every slice of ``volume`` with ``model`` and map the results back to its grid;
     with companion models for the other slicing axes, average their maps in.
 
-    ``fuse``: None follows the model card (``defaults["fuse_with"]``: models of the same kind
-    trained on other slicing axes; bundled names, or folders relative to the model's), True
-    requires companions, False scores along one axis only. Fusion is skipped when ``axis`` asks
-    for another axis than the model's. Each companion's maps are divided by its own calibrated
-    scale and multiplied by the model's, so the average stays in the model's units; the
-    reconstruction and the slice scores are the model's own. Other arguments: :func:`localize_axis`.
+    ``fuse``: True averages in the companions the card names (``defaults["fuse_with"]``: models
+    of the same kind trained on other slicing axes; bundled names, or folders relative to the
+    model's) and fails without any; False scores along one axis; None follows the card
+    (``defaults["fuse"]``, default true when companions are named). Fusion is skipped when
+    ``axis`` asks for another axis than the model's. Each companion's maps are divided by its
+    own calibrated scale and multiplied by the model's, so the average stays in the model's
+    units; the reconstruction and the slice scores are the model's own. Other arguments:
+    :func:`localize_axis`.
     """
-    names = list((model.card.defaults or {}).get("fuse_with", [])) if fuse is not False else []
-    if axis is not None and axis.lower() != model.card.axis:
-        names = []
+    defaults = model.card.defaults or {}
+    names = list(defaults.get("fuse_with", []))
     if fuse and not names:
         raise InputError(f"model {model.card.name!r} has no companion models to fuse with")
+    use = bool(defaults.get("fuse", True)) if fuse is None else fuse
+    if not use or (axis is not None and axis.lower() != model.card.axis):
+        names = []
     if not names:
         return localize_axis(
             volume, model, axis=axis, device=device, batch_size=batch_size, amp=amp,
