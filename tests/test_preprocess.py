@@ -111,3 +111,25 @@ def test_same_function_for_training_and_scoring(anatomical_path):
         data.copy(), img.affine.copy(), img.header.get_zooms()[:3], "axial", 32, Normalisation()
     )
     np.testing.assert_array_equal(a.images.numpy(), b.images.numpy())
+
+
+def test_fill_object_fills_holes_within_slices():
+    from scipy.ndimage import binary_fill_holes
+
+    from napari_vaeloc.preprocess import fill_object
+
+    tube = np.zeros((9, 9, 6), bool)  # a tube along z: its inside is open in 3D, closed in 2D
+    tube[2:7, 2:7, :] = True
+    tube[4, 4, :] = False
+    assert not fill_object(tube)[4, 4, 0]  # 3D: the hole reaches the border
+    assert fill_object(tube, axis=2)[4, 4, :].all()  # every axial slice encloses it
+    assert not fill_object(tube, axis=0)[4, 4, 0]  # sagittal slices: the line is open
+    rng = np.random.default_rng(0)
+    m = rng.random((12, 13, 14)) > 0.4
+    for ax in range(3):
+        ref = m.copy()
+        for i in range(m.shape[ax]):
+            index = [slice(None)] * 3
+            index[ax] = i
+            ref[tuple(index)] = binary_fill_holes(ref[tuple(index)])
+        np.testing.assert_array_equal(fill_object(m, axis=ax), ref)

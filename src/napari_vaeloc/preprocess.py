@@ -112,18 +112,44 @@ def foreground_mask(data: np.ndarray, method: str = "otsu") -> np.ndarray:
 
 
 def fill_object(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
-    """``mask`` (X, Y, Z) bool with enclosed holes filled in 3D and, when ``axis`` is given, in
-    every 2D slice along it: dark structures inside the object (a necrotic lesion core,
-    ventricles) belong to it even where the intensity threshold left them out."""
+    """``mask`` (X, Y, Z) bool with enclosed holes filled: in every 2D slice along ``axis``
+    (which also fills every hole enclosed in 3D), or in 3D when ``axis`` is None. Dark structures
+    inside the object (a necrotic lesion core, ventricles) then belong to it even where the
+    intensity threshold left them out."""
     from scipy.ndimage import binary_fill_holes
 
-    out = binary_fill_holes(mask)
-    if axis is not None:
-        for i in range(out.shape[axis]):
-            index = [slice(None)] * out.ndim
-            index[axis] = i
-            out[tuple(index)] = binary_fill_holes(out[tuple(index)])
+    if axis is None:
+        return binary_fill_holes(mask)
+    if not mask.any():
+        return mask.copy()
+    # work inside the object's bounding box: background beyond it is outside anyway
+    spans = []
+    for a in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    box = tuple(spans)
+    out = np.zeros(mask.shape, bool)
+    out[box] = _fill_slices(mask[box], axis)
     return out
+
+
+def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    from scipy.ndimage import label
+
+    # one labelling of the background, connected within slices only (4-connected in-plane)
+    structure = np.zeros((3, 3, 3), bool)
+    centre = [1, 1, 1]
+    structure[tuple(centre)] = True
+    for a in range(3):
+        if a != axis:
+            for d in (0, 2):
+                idx = list(centre)
+                idx[a] = d
+                structure[tuple(idx)] = True
+    labels, _ = label(~mask, structure=structure)
+    touching = [labels.take(i, axis=a) for a in range(3) if a != axis for i in (0, -1)]
+    outside = np.unique(np.concatenate([t.ravel() for t in touching]))
+    return ~np.isin(labels, outside[outside > 0])
 
 
 def normalise(
