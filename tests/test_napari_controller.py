@@ -62,3 +62,28 @@ def test_caches_and_fixed_display_range():
     s.settings.weights = {"combi": 1.0, "rec_error": 1.0}
     assert s.combined() is not c1
     assert s.display_range() == (1.6, 4.0)
+
+
+def test_smoothed_components_are_cached_and_match_combine():
+    from napari_vaeloc.combine import combine
+
+    s = _session()
+    fg = s.result.foreground
+    fg[0] = False  # a foreground that matters for the normalisation
+    for normalise in (False, True):
+        s.settings.smoothing_mm = 2.0
+        s.settings.scan_normalise = normalise
+        s.settings.weights = {"combi": 1.0, "kl_grad": 0.5}
+        got = s.combined()
+        want = combine(
+            s.result.maps, s.settings.weights, s.scales, fg, 2.0, s.volume.spacing, normalise
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    cached = dict(s._smooth_cache)
+    s.settings.weights = {"combi": 0.3, "kl_grad": 2.0}  # a weight move smooths nothing again
+    s.combined()
+    assert s._smooth_cache.keys() == cached.keys()
+    assert all(s._smooth_cache[k] is v for k, v in cached.items())
+    s.settings.smoothing_mm = 3.0  # a new smoothing replaces the cache
+    s.combined()
+    assert {k[1] for k in s._smooth_cache} == {3.0}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .combine import CombineSettings, combine, component_scales, threshold_mask
+from .combine import CombineSettings, combine, component_scales, finish, smooth, threshold_mask
 
 if TYPE_CHECKING:  # the engine pulls in torch: never at plugin import time
     from .engine import LocalizationResult
@@ -68,6 +68,7 @@ class Session:
     _combined: np.ndarray | None = field(default=None, init=False, repr=False)
     _mask_key: tuple | None = field(default=None, init=False, repr=False)
     _mask: np.ndarray | None = field(default=None, init=False, repr=False)
+    _smooth_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.settings = self.default_settings()
@@ -116,18 +117,32 @@ class Session:
             weights = {k: w for k, w in s.weights.items() if w and k in self.scales}
             if not weights:
                 self._combined = np.zeros(self.result.shape, dtype=np.float32)
+            elif s.smoothing_mm > 0:
+                # smoothing is linear: smooth each scaled component once, then a weight move
+                # costs a weighted sum instead of a 3D Gaussian over the whole volume
+                total = np.zeros(self.result.shape, dtype=np.float32)
+                for k, w in weights.items():
+                    total += np.float32(w) * self._smoothed(k, s.smoothing_mm)
+                self._combined = finish(total, fg, s.scan_normalise)
             else:
                 self._combined = combine(
-                    self.result.maps,
-                    weights,
-                    self.scales,
-                    fg,
-                    s.smoothing_mm,
-                    self.volume.spacing,
+                    self.result.maps, weights, self.scales, fg, 0.0, self.volume.spacing,
                     s.scan_normalise,
-                )
+                )  # fmt: skip
             self._combined_key, self._mask_key = key, None
         return self._combined
+
+    def _smoothed(self, name: str, smoothing_mm: float) -> np.ndarray:
+        """``map / scale`` of one component smoothed by ``smoothing_mm``, cached for the
+        current smoothing only."""
+        key = (name, smoothing_mm, self.scales[name])
+        if key not in self._smooth_cache:
+            self._smooth_cache = {
+                k: v for k, v in self._smooth_cache.items() if k[1] == smoothing_mm
+            }
+            scaled = self.result.maps[name] * np.float32(1.0 / self.scales[name])
+            self._smooth_cache[key] = smooth(scaled, smoothing_mm, self.volume.spacing)
+        return self._smooth_cache[key]
 
     def mask(self) -> np.ndarray:
         s = self.settings

@@ -103,13 +103,27 @@ def combine(
     out = np.zeros(shape, dtype=np.float32)
     for k, w in used.items():
         out += maps[k] * np.float32(w / scales[k])
-    if smoothing_mm > 0:
-        from scipy.ndimage import gaussian_filter
+    return finish(smooth(out, smoothing_mm, spacing), foreground, scan_normalise)
 
-        sigma = [smoothing_mm / max(s, 1e-6) for s in spacing[: out.ndim]]
-        # 3 sigma: a third faster than scipy's 4, and the tail beyond holds 0.3 % of the weight
-        out = gaussian_filter(out, sigma=sigma, mode="nearest", truncate=3.0)
-        out = out.astype(np.float32, copy=False)
+
+def smooth(values: np.ndarray, smoothing_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
+    """3D Gaussian smoothing with sigma ``smoothing_mm`` (mm, per-axis voxels from ``spacing``),
+    float32; ``values`` itself when ``smoothing_mm`` is 0. Linear, so the smoothed weighted sum
+    equals the weighted sum of smoothed components (the widget caches those)."""
+    if smoothing_mm <= 0:
+        return values
+    from scipy.ndimage import gaussian_filter
+
+    sigma = [smoothing_mm / max(s, 1e-6) for s in spacing[: values.ndim]]
+    # 3 sigma: a third faster than scipy's 4, and the tail beyond holds 0.3 % of the weight
+    out = gaussian_filter(values, sigma=sigma, mode="nearest", truncate=3.0)
+    return out.astype(np.float32, copy=False)
+
+
+def finish(values: np.ndarray, foreground: np.ndarray | None, scan_normalise: bool) -> np.ndarray:
+    """The last steps of :func:`combine` on a (smoothed) weighted sum: per-scan robust z-scores
+    when asked, then zero outside the foreground (in place when no z-scoring)."""
+    out = values
     if scan_normalise:
         out = np.maximum(robust_z(out, foreground), 0)  # z above the scan's median; never < 0
     if foreground is not None:
