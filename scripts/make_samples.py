@@ -18,8 +18,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import zoom
 
+from napari_vaeloc.brain_benchmark import downsample as resample_coarser
 from napari_vaeloc.datasets import template_path
 from napari_vaeloc.synth import synthesize_anomaly
 
@@ -28,13 +28,8 @@ LESION_SEED = 7
 
 
 def downsample(img: nib.Nifti1Image, factor: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(data, affine) at ``factor`` times the voxel size, linear interpolation."""
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    small = zoom(data, 1 / factor, order=1, prefilter=False, grid_mode=True, mode="grid-constant")
-    affine = img.affine.copy()
-    affine[:3, :3] *= factor
-    # the first coarse voxel's centre lies between the first `factor` fine voxels
-    affine[:3, 3] += img.affine[:3, :3] @ np.full(3, (factor - 1) / 2)
+    """(data, affine) at ``factor`` times the voxel size, linear interpolation, clipped at 0."""
+    small, affine = resample_coarser(np.asarray(img.dataobj, dtype=np.float32), img.affine, factor)
     return np.clip(small, 0, None), affine
 
 

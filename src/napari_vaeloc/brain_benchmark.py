@@ -107,10 +107,7 @@ def _warp(data: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
 
 
 def _load_source(source: str) -> Volume:
-    if source in TEMPLATES:
-        return load_template(source)
-    vol = load_volume(Path(source))
-    return vol
+    return load_template(source) if source in TEMPLATES else load_volume(Path(source))
 
 
 def test_anatomies(

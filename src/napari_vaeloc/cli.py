@@ -276,18 +276,6 @@ def _evaluation_targets(out: Path, stem: str, examples: int) -> dict[str, Path]:
     }
 
 
-def _refuse_existing(targets: dict[str, Path], overwrite: bool) -> None:
-    from .errors import OutputExistsError
-
-    existing = [p for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise OutputExistsError(
-            f"{len(existing)} result files exist in {existing[0].parent} ({names}); "
-            "pass --overwrite to replace them"
-        )
-
-
 def _write_evaluation(
     report: EvaluationReport,
     targets: dict[str, Path],
@@ -349,69 +337,85 @@ def _parse_kinds(text: str) -> list[str]:
     return kinds
 
 
+def _prepare_evaluation(
+    args: argparse.Namespace, model: LoadedModel, prefix: str
+) -> tuple[tuple[str, ...], dict[str, CombineSettings], dict[str, Path]]:
+    """Maps, settings and output files of an evaluation; refuses before anything is computed
+    when results exist and ``--overwrite`` is not given."""
+    from .export import refuse_existing
+
+    maps, settings = _map_settings(args.maps, model)
+    targets = _evaluation_targets(Path(args.out), f"{prefix}_{model.card.name}", args.examples)
+    refuse_existing(targets.values(), args.overwrite, "result files")
+    return maps, settings, targets
+
+
+def _run_evaluation(
+    args: argparse.Namespace,
+    model: LoadedModel,
+    cases,
+    total: int,
+    prepared: tuple,
+    group_by: str | None,
+    group_key: str,
+    title: str,
+) -> int:
+    """Localize and score the cases with a progress bar, then print and write the results."""
+    from .evaluate import evaluate_cases
+
+    maps, settings, targets = prepared
+    bar, progress = _case_bar(args, total)
+    with bar:
+        report = evaluate_cases(
+            model,
+            cases,
+            maps=maps,
+            settings=settings,
+            group_by=group_by,
+            device=args.device,
+            examples=args.examples,
+            progress=progress,
+        )
+    _write_evaluation(report, targets, group_key, title, args)
+    return 0
+
+
 def cmd_evaluate_synthetic(args: argparse.Namespace) -> int:
     from .demo import healthy_sample_path
-    from .evaluate import synthetic_report
+    from .evaluate import synthetic_kind_cases
     from .io import load_volume
     from .models.store import load_model
 
     model = load_model(args.model)
     kinds = _parse_kinds(args.kinds)
-    maps, settings = _map_settings(args.maps, model)
-    targets = _evaluation_targets(Path(args.out), f"synthetic_{model.card.name}", args.examples)
-    _refuse_existing(targets, args.overwrite)
+    prepared = _prepare_evaluation(args, model, "synthetic")
     healthy = load_volume(args.scan or healthy_sample_path(model.card.modality))
-    bar, progress = _case_bar(args, args.cases * len(kinds))
-    with bar:
-        report = synthetic_report(
-            model,
-            healthy,
-            args.cases,
-            kinds,
-            args.seed,
-            args.device,
-            maps=maps,
-            settings=settings,
-            examples=args.examples,
-            progress=progress,
-        )
-    _write_evaluation(report, targets, "kind", f"{model.card.name}, synthetic anomalies", args)
-    return 0
+    cases = synthetic_kind_cases(healthy, args.cases, kinds, args.seed)
+    title = f"{model.card.name}, synthetic anomalies"
+    return _run_evaluation(
+        args, model, cases, args.cases * len(kinds), prepared, "kind", "kind", title
+    )
 
 
 def cmd_evaluate_scans(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_cases
     from .models.store import load_model
     from .scan_pairs import find_pairs, iter_cases
 
     model = load_model(args.model)
-    maps, settings = _map_settings(args.maps, model)
-    targets = _evaluation_targets(Path(args.out), f"scans_{model.card.name}", args.examples)
-    _refuse_existing(targets, args.overwrite)
+    prepared = _prepare_evaluation(args, model, "scans")
     pairs = find_pairs(args.folder, args.masks)
     healthy = [p for p in pairs if p.mask is None]
     print(f"{len(pairs)} scans, {len(pairs) - len(healthy)} with a mask")
     for p in healthy:
         print(f"{p.scan.name}: no mask, counted as healthy (all-zero truth)")
-    bar, progress = _case_bar(args, len(pairs))
-    with bar:
-        report = evaluate_cases(
-            model,
-            iter_cases(pairs),
-            maps=maps,
-            settings=settings,
-            group_by=None,
-            device=args.device,
-            examples=args.examples,
-            progress=progress,
-        )
-    _write_evaluation(report, targets, "group", f"{model.card.name} on {len(pairs)} scans", args)
-    return 0
+    title = f"{model.card.name} on {len(pairs)} scans"
+    return _run_evaluation(
+        args, model, iter_cases(pairs), len(pairs), prepared, None, "group", title
+    )
 
 
 def cmd_evaluate_brain(args: argparse.Namespace) -> int:
     from .brain_benchmark import TEST_ANATOMY, benchmark_cases, test_anatomies
-    from .evaluate import evaluate_cases
     from .models.store import load_model
 
     model = load_model(args.model)
@@ -423,28 +427,15 @@ def cmd_evaluate_brain(args: argparse.Namespace) -> int:
     kinds = _parse_kinds(args.kinds)
     if args.cases < 1 or args.healthy < 0 or args.anatomies < 1:
         raise VaelocError("--cases and --anatomies must be at least 1, --healthy at least 0")
-    maps, settings = _map_settings(args.maps, model)
-    targets = _evaluation_targets(Path(args.out), f"brain_{model.card.name}", args.examples)
-    _refuse_existing(targets, args.overwrite)
+    prepared = _prepare_evaluation(args, model, "brain")
     try:
         anatomies = test_anatomies(modality, model.card, args.anatomies, args.seed)
     except ValueError as exc:
         raise VaelocError(str(exc)) from exc
     cases = benchmark_cases(anatomies, args.cases, kinds, args.seed, args.healthy)
-    bar, progress = _case_bar(args, args.cases * len(kinds) + args.healthy)
-    with bar:
-        report = evaluate_cases(
-            model,
-            cases,
-            maps=maps,
-            settings=settings,
-            device=args.device,
-            examples=args.examples,
-            progress=progress,
-        )
+    total = args.cases * len(kinds) + args.healthy
     title = f"{model.card.name}, brain benchmark ({TEST_ANATOMY[modality][0]} test anatomy)"
-    _write_evaluation(report, targets, "kind", title, args)
-    return 0
+    return _run_evaluation(args, model, cases, total, prepared, "kind", "kind", title)
 
 
 EVALUATE_EPILOG = (

@@ -43,8 +43,8 @@ __all__ = [
     "rows_to_csv",
     "rows_to_markdown",
     "score_cases",
-    "synthetic_benchmark",
     "synthetic_cases",
+    "synthetic_kind_cases",
     "synthetic_report",
 ]
 
@@ -452,6 +452,14 @@ def score_cases(
     }
 
 
+def synthetic_kind_cases(
+    healthy: Volume, cases_per_kind: int, kinds: Sequence[str], seed: int = 0
+) -> Iterator[Case]:
+    """``cases_per_kind`` seeded anomalies of each kind in turn in ``healthy`` (lazily)."""
+    for k_i, kind in enumerate(kinds):
+        yield from synthetic_cases(healthy, cases_per_kind, seed * 1000 + k_i, (kind,))
+
+
 def synthetic_report(
     model: LoadedModel,
     healthy: Volume,
@@ -465,16 +473,11 @@ def synthetic_report(
     examples: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> EvaluationReport:
-    """:func:`evaluate_cases` on ``cases_per_kind`` seeded anomalies of each kind in
-    ``healthy``, grouped by kind; the same seed gives the same report."""
-    cases = (
-        c
-        for k_i, kind in enumerate(kinds)
-        for c in synthetic_cases(healthy, cases_per_kind, seed * 1000 + k_i, (kind,))
-    )
+    """:func:`evaluate_cases` on :func:`synthetic_kind_cases`, grouped by kind; the same seed
+    gives the same report."""
     return evaluate_cases(
         model,
-        cases,
+        synthetic_kind_cases(healthy, cases_per_kind, kinds, seed),
         maps=maps,
         settings=settings,
         group_by="kind",
@@ -487,21 +490,6 @@ def synthetic_report(
 def rename_group(rows: Iterable[dict], key: str) -> list[dict]:
     """Rows with their "group" key renamed (kept first), e.g. to "kind"."""
     return [{key: r["group"], **{k: v for k, v in r.items() if k != "group"}} for r in rows]
-
-
-def synthetic_benchmark(
-    model: LoadedModel,
-    healthy: Volume,
-    cases_per_kind: int,
-    kinds: Sequence[str],
-    seed: int = 0,
-    device: str = "auto",
-) -> list[dict]:
-    """Pixel rows of every component and of the model's default combination, per anomaly kind
-    and over all kinds pooled: {kind, map, region, auroc, ap, best_dice, dice_at_threshold,
-    threshold, cases, positives, voxels}; the same seed gives the same rows."""
-    rep = synthetic_report(model, healthy, cases_per_kind, kinds, seed, device)
-    return rename_group(rep.pixel_rows, "kind")
 
 
 def rows_to_csv(rows: Sequence[dict]) -> str:

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +38,18 @@ def _jsonable(v):
     if isinstance(v, np.integer):
         return int(v)
     return v
+
+
+def refuse_existing(paths: Iterable[Path], overwrite: bool, what: str = "files") -> None:
+    """Raise :class:`OutputExistsError` naming the existing ones of ``paths`` unless
+    ``overwrite``: checked before a set of files is written, so a refusal writes none."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
+        raise OutputExistsError(
+            f"{len(existing)} {what} exist in {existing[0].parent} ({names}); "
+            "pass --overwrite to replace them"
+        )
 
 
 def write_atomic(
@@ -90,13 +102,7 @@ def write_result(
     out = Path(out_dir)
     maps = [k for k in OUTPUT_MAPS if k in result.maps]
     paths = output_paths(out, stem or scan_stem(volume.path), maps)
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
-        raise OutputExistsError(
-            f"{len(existing)} output files exist in {out} ({names}); "
-            "pass --overwrite to replace them"
-        )
+    refuse_existing(paths.values(), overwrite, "output files")
     c = combination or apply_settings(
         result.maps, result.foreground, volume.spacing, settings, calibration
     )
