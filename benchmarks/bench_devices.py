@@ -72,9 +72,9 @@ def agreement(a, b, volume, model) -> dict:
 
 
 def training_rate(device: str, steps: int) -> float:
-    from napari_vaeloc.augment import AugmentConfig, Augmenter
     from napari_vaeloc.models.vae import ConvVAE
-    from napari_vaeloc.train import TrainConfig, fit
+    from napari_vaeloc.training.augment import AugmentConfig, Augmenter
+    from napari_vaeloc.training.loop import TrainConfig, fit
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand((256, 1, 64, 64), generator=gen) * 3 - 1.5

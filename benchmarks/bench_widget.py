@@ -32,7 +32,7 @@ def _volume_path(tmp: str) -> str:
     from napari_vaeloc.errors import InputError
 
     try:
-        from napari_vaeloc.datasets import template_path
+        from napari_vaeloc.training.datasets import template_path
 
         return str(template_path("icbm-t2"))
     except (InputError, ImportError):

@@ -18,10 +18,10 @@ import dataclasses
 
 import numpy as np
 
-from napari_vaeloc.brain_benchmark import benchmark_cases, test_anatomies
 from napari_vaeloc.combine import CombineSettings, combine, threshold_mask
 from napari_vaeloc.engine import localize
-from napari_vaeloc.metrics import Overlap, PixelAccumulator
+from napari_vaeloc.evaluation.brain_benchmark import benchmark_cases, test_anatomies
+from napari_vaeloc.evaluation.metrics import Overlap, PixelAccumulator
 from napari_vaeloc.models.store import load_model
 
 MAP = "rec_error_smooth"

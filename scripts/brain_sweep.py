@@ -45,12 +45,12 @@ MAPS = tuple(m for m in PIXEL_MAPS if m != "sq_error")  # sq_error ranks like re
 def run_one(name: str, args: argparse.Namespace) -> None:
     import torch
 
-    from napari_vaeloc.brain_benchmark import benchmark_cases, test_anatomies
     from napari_vaeloc.errors import InputError
-    from napari_vaeloc.evaluate import evaluate_cases
-    from napari_vaeloc.model_builder import train_model
+    from napari_vaeloc.evaluation.brain_benchmark import benchmark_cases, test_anatomies
+    from napari_vaeloc.evaluation.runner import evaluate_cases
     from napari_vaeloc.models.store import load_model
-    from napari_vaeloc.train import TrainConfig
+    from napari_vaeloc.training.builder import train_model
+    from napari_vaeloc.training.loop import TrainConfig
 
     torch.set_num_threads(args.threads)
     modality, over = CONFIGS[name]

@@ -19,9 +19,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from napari_vaeloc.brain_benchmark import downsample as resample_coarser
-from napari_vaeloc.datasets import template_path
-from napari_vaeloc.synth import synthesize_anomaly
+from napari_vaeloc.evaluation.brain_benchmark import downsample as resample_coarser
+from napari_vaeloc.evaluation.synthetic import synthesize_anomaly
+from napari_vaeloc.training.datasets import template_path
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "napari_vaeloc" / "data"
 LESION_SEED = 7

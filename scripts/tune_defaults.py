@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from napari_vaeloc.brain_benchmark import benchmark_cases, test_anatomies
 from napari_vaeloc.combine import CombineSettings
-from napari_vaeloc.datasets import heldout_masks, load_training_volumes
-from napari_vaeloc.evaluate import evaluate_cases
-from napari_vaeloc.model_builder import recalibrate, volume_fpr_table
+from napari_vaeloc.evaluation.brain_benchmark import benchmark_cases, test_anatomies
+from napari_vaeloc.evaluation.runner import evaluate_cases
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.preprocess import Normalisation
+from napari_vaeloc.training.builder import recalibrate, volume_fpr_table
+from napari_vaeloc.training.datasets import heldout_masks, load_training_volumes
 
 WEIGHTS = {"rec_error_smooth": 1.0}
 SMOOTHING_MM = (0.0, 2.0, 4.0, 6.0, 8.0)

@@ -6,26 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
+from napari_vaeloc.evaluation.synthetic import head_phantom
 from napari_vaeloc.io import Volume
-from napari_vaeloc.models.store import LoadedModel, ModelCard, load_model, save_model
+from napari_vaeloc.models.store import LoadedModel, load_model, save_model
 from napari_vaeloc.models.vae import ConvVAE
-from napari_vaeloc.synth import head_phantom
+
+from .helpers import tiny_card
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
-
-
-def tiny_card(net: ConvVAE, name: str = "tiny") -> ModelCard:
-    return ModelCard(
-        name=name,
-        architecture=net.config(),
-        axis="axial",
-        modality="T2",
-        description="random weights for tests",
-    )
 
 
 @pytest.fixture(scope="session")
@@ -61,16 +52,3 @@ def example4d_path() -> Path:
     p = NIBABEL_DATA / "example4d.nii.gz"
     assert p.is_file(), "nibabel's test data (example4d.nii.gz) is missing"
     return p
-
-
-def oblique_affine(seed: int = 0) -> np.ndarray:
-    """A rotated, permuted, flipped, anisotropic voxel-to-world matrix."""
-    rng = np.random.default_rng(seed)
-    from scipy.spatial.transform import Rotation
-
-    rot = Rotation.from_euler("xyz", rng.uniform(-0.3, 0.3, 3)).as_matrix()
-    perm = np.eye(3)[[2, 0, 1]] * np.array([-1, 1, -1])[:, None]
-    aff = np.eye(4)
-    aff[:3, :3] = rot @ perm @ np.diag([0.9, 1.3, 2.2])
-    aff[:3, 3] = rng.uniform(-100, 100, 3)
-    return aff

@@ -9,15 +9,14 @@ import torch
 
 from napari_vaeloc.engine import localize, resolve_device
 from napari_vaeloc.errors import Cancelled, InputError
+from napari_vaeloc.evaluation.synthetic import head_phantom, insert_sphere
 from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.mapnames import DEFAULT_MAPS, SMOOTHGRAD_MAPS
 from napari_vaeloc.models.store import LoadedModel
 from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import Normalisation, volume_to_slices
-from napari_vaeloc.synth import head_phantom, insert_sphere
-from napari_vaeloc.train import TrainConfig, fit
-
-from .conftest import oblique_affine, tiny_card
+from napari_vaeloc.training.loop import TrainConfig, fit
+from tests.helpers import oblique_affine, tiny_card
 
 
 @pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])

@@ -11,8 +11,7 @@ import pytest
 
 from napari_vaeloc.errors import InputError, OutputExistsError
 from napari_vaeloc.io import Volume, load_volume, save_nifti
-
-from .conftest import oblique_affine
+from tests.helpers import oblique_affine
 
 
 def _write(path, data, affine=None, dtype=None):

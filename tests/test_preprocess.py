@@ -16,8 +16,7 @@ from napari_vaeloc.preprocess import (
     slices_to_volume,
     volume_to_slices,
 )
-
-from .conftest import oblique_affine
+from tests.helpers import oblique_affine
 
 ORIENTATIONS = {
     "RAS": np.diag([1.0, 1, 1, 1]),

@@ -19,7 +19,7 @@ from .errors import VaelocError
 
 if TYPE_CHECKING:
     from .combine import CombineSettings
-    from .evaluate import EvaluationReport
+    from .evaluation.runner import EvaluationReport
     from .models.store import LoadedModel
 
 EPILOG = (
@@ -154,9 +154,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .model_builder import train_model
     from .preprocess import Normalisation
-    from .train import TrainConfig
+    from .training.builder import train_model
+    from .training.loop import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,8 +221,13 @@ def parse_classes(text: str) -> list[int]:
 def cmd_evaluate_fashion(args: argparse.Namespace) -> int:
     import torch
 
+    from .evaluation.fashion import (
+        FashionConfig,
+        load_fashion_mnist,
+        markdown_table,
+        run_heldout_class,
+    )
     from .export import write_json_atomic, write_text_atomic
-    from .fashion import FashionConfig, load_fashion_mnist, markdown_table, run_heldout_class
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -266,7 +271,7 @@ def cmd_evaluate_fashion(args: argparse.Namespace) -> int:
 
 def _evaluation_targets(out: Path, stem: str, examples: int) -> dict[str, Path]:
     """Every file an evaluation writes into ``out``."""
-    from .plots import plot_paths
+    from .evaluation.plots import plot_paths
 
     return {
         "csv": out / f"{stem}.csv",
@@ -284,9 +289,9 @@ def _write_evaluation(
     args: argparse.Namespace,
 ) -> None:
     """Print the tables and notes, and write CSVs, Markdown and PNGs."""
-    from .evaluate import rename_group, rows_to_csv, rows_to_markdown
+    from .evaluation.plots import write_plots
+    from .evaluation.runner import rename_group, rows_to_csv, rows_to_markdown
     from .export import write_text_atomic
-    from .plots import write_plots
 
     pixel = rename_group(report.pixel_rows, group_key)
     samples = rename_group(report.sample_rows, group_key)
@@ -318,14 +323,14 @@ def _map_settings(
     text: str, model: LoadedModel
 ) -> tuple[tuple[str, ...], dict[str, CombineSettings]]:
     from .combine import CombineSettings
-    from .evaluate import parse_map_names
+    from .evaluation.runner import parse_map_names
 
     maps, default = parse_map_names(text)
     return maps, ({"default": CombineSettings.from_card(model.card)} if default else {})
 
 
 def _parse_kinds(text: str) -> list[str]:
-    from .synth import ANOMALY_KINDS
+    from .evaluation.synthetic import ANOMALY_KINDS
 
     kinds = list(ANOMALY_KINDS) if text == "all" else text.split(",")
     unknown = set(kinds) - set(ANOMALY_KINDS)
@@ -361,7 +366,7 @@ def _run_evaluation(
     title: str,
 ) -> int:
     """Localize and score the cases with a progress bar, then print and write the results."""
-    from .evaluate import evaluate_cases
+    from .evaluation.runner import evaluate_cases
 
     maps, settings, targets = prepared
     bar, progress = _case_bar(args, total)
@@ -382,7 +387,7 @@ def _run_evaluation(
 
 def cmd_evaluate_synthetic(args: argparse.Namespace) -> int:
     from .demo import healthy_sample_path
-    from .evaluate import synthetic_kind_cases
+    from .evaluation.runner import synthetic_kind_cases
     from .io import load_volume
     from .models.store import load_model
 
@@ -398,8 +403,8 @@ def cmd_evaluate_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_scans(args: argparse.Namespace) -> int:
+    from .evaluation.scan_pairs import find_pairs, iter_cases
     from .models.store import load_model
-    from .scan_pairs import find_pairs, iter_cases
 
     model = load_model(args.model)
     prepared = _prepare_evaluation(args, model, "scans")
@@ -415,7 +420,7 @@ def cmd_evaluate_scans(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_brain(args: argparse.Namespace) -> int:
-    from .brain_benchmark import TEST_ANATOMY, benchmark_cases, test_anatomies
+    from .evaluation.brain_benchmark import TEST_ANATOMY, benchmark_cases, test_anatomies
     from .models.store import load_model
 
     model = load_model(args.model)

@@ -12,7 +12,7 @@ import numpy as np
 from .combine import CombineSettings, apply_settings
 from .engine import localize
 from .errors import InputError
-from .evaluate import COMPONENTS, pixel_metrics
+from .evaluation.runner import COMPONENTS, pixel_metrics
 from .export import write_result
 from .io import load_volume
 from .models.store import load_model

@@ -14,7 +14,7 @@ from napari_vaeloc.combine import CombineSettings, apply_settings
 from napari_vaeloc.demo import sample_path
 from napari_vaeloc.engine import localize
 from napari_vaeloc.errors import InputError
-from napari_vaeloc.evaluate import (
+from napari_vaeloc.evaluation.runner import (
     COMPONENTS,
     Case,
     evaluate_cases,

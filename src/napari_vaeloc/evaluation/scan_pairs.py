@@ -20,9 +20,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError
-from .evaluate import Case
-from .io import is_nifti_path, load_volume, scan_stem
+from ..errors import InputError
+from ..io import is_nifti_path, load_volume, scan_stem
+from .runner import Case
 
 MASK_SUFFIXES = ("_mask", "_seg", "_truth", "_label")
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import TEMPLATES, heldout_slab_mask, load_template
-from .evaluate import Case
-from .io import Volume, load_volume
-from .preprocess import Normalisation
-from .synth import ANOMALY_KINDS, synthesize_anomaly
+from ..io import Volume, load_volume
+from ..preprocess import Normalisation
+from ..training.datasets import TEMPLATES, heldout_slab_mask, load_template
+from .runner import Case
+from .synthetic import ANOMALY_KINDS, synthesize_anomaly
 
 #: test anatomy per modality: (template name, score only the training's held-out slabs)
 TEST_ANATOMY = {"T2": ("icbm-t2", True), "T1": ("mni152-t1", False)}

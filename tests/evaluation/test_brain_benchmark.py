@@ -8,17 +8,17 @@ import csv
 import numpy as np
 import pytest
 
-from napari_vaeloc.brain_benchmark import (
+from napari_vaeloc.cli import main
+from napari_vaeloc.evaluation.brain_benchmark import (
     MIN_DEPTH_MM,
     benchmark_cases,
     test_anatomies,
     warp_coordinates,
 )
-from napari_vaeloc.cli import main
-from napari_vaeloc.datasets import heldout_slab_mask, load_template
+from napari_vaeloc.evaluation.synthetic import ANOMALY_KINDS
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.preprocess import Normalisation
-from napari_vaeloc.synth import ANOMALY_KINDS
+from napari_vaeloc.training.datasets import heldout_slab_mask, load_template
 
 test_anatomies.__test__ = False  # a library function named test_*, not a test
 

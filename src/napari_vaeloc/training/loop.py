@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import Cancelled
-from .scoring import gaussian_nll, kl_per_sample
+from ..errors import Cancelled
+from ..scoring import gaussian_nll, kl_per_sample
 
 
 def negative_elbo(
@@ -265,7 +265,7 @@ def calibrate(
     "n_pixels"}; ``combi`` is computed with ``kl_grad_scale`` (the KL-grad 99th percentile), as
     the engine will compute it with this calibration.
     """
-    from .scoring import PIXEL_MAPS, score_batch
+    from ..scoring import PIXEL_MAPS, score_batch
 
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in PIXEL_MAPS}
     for i in range(0, len(images), batch_size):

@@ -10,7 +10,7 @@ import pytest
 
 from napari_vaeloc.cli import main
 from napari_vaeloc.errors import InputError
-from napari_vaeloc.fashion import DEFAULT_ROOT, FILES, PAPER_AUROC, read_idx
+from napari_vaeloc.evaluation.fashion import DEFAULT_ROOT, FILES, PAPER_AUROC, read_idx
 
 HAVE_DATA = all((DEFAULT_ROOT / f).is_file() for f in FILES.values())
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .combine import CombineSettings, apply_settings
-from .engine import localize
-from .errors import InputError
-from .io import Volume
-from .mapnames import PIXEL_MAPS, SLICE_SCORES
+from ..combine import CombineSettings, apply_settings
+from ..engine import localize
+from ..errors import InputError
+from ..io import Volume
+from ..mapnames import PIXEL_MAPS, SLICE_SCORES
+from ..models.store import LoadedModel
 from .metrics import Overlap, PixelAccumulator, pixel_metrics, sample_metrics
-from .models.store import LoadedModel
-from .synth import synthesize_anomaly
+from .synthetic import synthesize_anomaly
 
 __all__ = [
     "COMPONENTS",

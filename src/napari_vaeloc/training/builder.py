@@ -10,8 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .combine import DEFAULT_WEIGHTS
+from .. import __version__
+from ..combine import DEFAULT_WEIGHTS
+from ..errors import OutputExistsError
+from ..models.store import ModelCard, save_model
+from ..preprocess import Normalisation
 from .datasets import (
     MNI_LICENCE,
     TEMPLATES,
@@ -19,10 +22,7 @@ from .datasets import (
     heldout_masks,
     load_training_volumes,
 )
-from .errors import OutputExistsError
-from .models.store import ModelCard, save_model
-from .preprocess import Normalisation
-from .train import TrainConfig, calibrate, fit
+from .loop import TrainConfig, calibrate, fit
 
 #: the default threshold: a healthy foreground voxel exceeds it with this probability
 DEFAULT_FPR = 0.01
@@ -56,8 +56,8 @@ def train_model(
     """
     import torch
 
+    from ..models.vae import ConvVAE
     from .augment import AugmentConfig, Augmenter
-    from .models.vae import ConvVAE
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -173,8 +173,8 @@ def recalibrate(
     import json
     import tempfile
 
-    from .io import make_readable
-    from .models.store import CARD_FILE, load_model
+    from ..io import make_readable
+    from ..models.store import CARD_FILE, load_model
 
     folder = Path(folder)
     model = load_model(folder)
@@ -240,9 +240,9 @@ def volume_fpr_table(
     the model's calibrated scales, 3D Gaussian smoothing ``smoothing_mm``, per-scan robust
     z-scores with ``scan_normalise``) over the object voxels inside ``masks`` (bool (X, Y, Z)
     per volume; None skips a volume)."""
-    from .combine import combine, component_scales
-    from .engine import localize
-    from .train import FPR_LEVELS
+    from ..combine import combine, component_scales
+    from ..engine import localize
+    from .loop import FPR_LEVELS
 
     values = []
     for vol, mask in zip(volumes, masks, strict=True):

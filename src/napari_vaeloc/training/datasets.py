@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .io import Volume, is_nifti_path, load_volume
-from .preprocess import Normalisation, volume_to_slices
+from ..errors import InputError
+from ..io import Volume, is_nifti_path, load_volume
+from ..preprocess import Normalisation, volume_to_slices
 
 #: templates usable for training: name -> (package, path inside it, modality, description)
 TEMPLATES: dict[str, tuple[str, str, str, str]] = {
@@ -169,7 +169,7 @@ def build_slice_dataset(
     """
     import torch
 
-    from .preprocess import canonical_slices, to_model_space
+    from ..preprocess import canonical_slices, to_model_space
 
     rng = np.random.default_rng(seed)
     by_volume = len(volumes) >= 3

@@ -11,8 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from napari_vaeloc.demo import sample_path
-from napari_vaeloc.io import load_volume
-from napari_vaeloc.synth import (
+from napari_vaeloc.evaluation.synthetic import (
     ANOMALY_KINDS,
     MOOD_RADIUS_FRACTION,
     TUMOUR_LABELS,
@@ -22,6 +21,7 @@ from napari_vaeloc.synth import (
     random_anomaly,
     synthesize_anomaly,
 )
+from napari_vaeloc.io import load_volume
 
 
 @pytest.fixture(scope="module")

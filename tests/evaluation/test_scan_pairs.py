@@ -14,8 +14,8 @@ import pytest
 from napari_vaeloc.cli import main
 from napari_vaeloc.demo import sample_path
 from napari_vaeloc.errors import InputError
-from napari_vaeloc.plots import DPI, PANEL_INCH
-from napari_vaeloc.scan_pairs import find_pairs, iter_cases
+from napari_vaeloc.evaluation.plots import DPI, PANEL_INCH
+from napari_vaeloc.evaluation.scan_pairs import find_pairs, iter_cases
 
 SHAPE = (96, 114, 96)  # the bundled samples
 

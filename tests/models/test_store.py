@@ -17,8 +17,7 @@ from napari_vaeloc.models.store import (
     save_model,
 )
 from napari_vaeloc.models.vae import MLPVAE
-
-from .conftest import tiny_card
+from tests.helpers import tiny_card
 
 
 def test_roundtrip_same_outputs(tiny_network, tiny_model_dir):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_vaeloc.augment import (
+from napari_vaeloc.training.augment import (
     FOREGROUND_EPS,
     AugmentConfig,
     Augmenter,
@@ -308,7 +308,7 @@ def test_config_round_trip_and_validation():
 
 def test_drop_in_for_training():
     from napari_vaeloc.models.vae import ConvVAE
-    from napari_vaeloc.train import TrainConfig, fit
+    from napari_vaeloc.training.loop import TrainConfig, fit
 
     torch.manual_seed(0)
     net = ConvVAE(image_size=16, widths=(8, 16), z_dim=8)

@@ -16,8 +16,8 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .evaluate import EvaluationReport, ExampleSlice
     from .metrics import PixelAccumulator
+    from .runner import EvaluationReport, ExampleSlice
 
 DPI = 100
 #: size of one example panel, inches
@@ -37,7 +37,7 @@ def _figure(size: tuple[float, float]) -> Figure:
 def save_figure(fig: Figure, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``fig`` as PNG whole or not at all, refusing to replace a file unless
     ``overwrite``."""
-    from .export import write_atomic
+    from ..export import write_atomic
 
     return write_atomic(
         Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), overwrite, ".png"

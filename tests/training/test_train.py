@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from napari_vaeloc.cli import main
-from napari_vaeloc.datasets import _slab_split, build_slice_dataset
 from napari_vaeloc.engine import localize
+from napari_vaeloc.evaluation.synthetic import head_phantom
 from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import Normalisation, volume_to_slices
-from napari_vaeloc.synth import head_phantom
-from napari_vaeloc.train import TrainConfig, calibrate, fit
+from napari_vaeloc.training.datasets import _slab_split, build_slice_dataset
+from napari_vaeloc.training.loop import TrainConfig, calibrate, fit
 
 
 def test_slab_split_never_mixes_neighbours():
@@ -147,7 +147,7 @@ def test_train_refuses_bad_sources(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"), "--quiet"]) == 2
     assert "neither a NIfTI file" in capsys.readouterr().err
     with pytest.raises(Exception, match="unknown template"):
-        from napari_vaeloc.datasets import template_path
+        from napari_vaeloc.training.datasets import template_path
 
         template_path("icbm-t3")
 

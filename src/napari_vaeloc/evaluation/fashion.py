@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -90,7 +90,7 @@ def sample_scores(network, images, log_std: float, batch_size: int = 1000) -> di
     """Per-image Rec, KL and ELBO terms (nats; z = mu) of (N, 1, 28, 28) float tensors."""
     import torch
 
-    from .scoring import gaussian_nll, kl_per_sample
+    from ..scoring import gaussian_nll, kl_per_sample
 
     rec, kl = [], []
     with torch.no_grad():
@@ -114,8 +114,8 @@ def run_heldout_class(
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from .models.vae import MLPVAE
-    from .train import negative_elbo
+    from ..models.vae import MLPVAE
+    from ..training.loop import negative_elbo
 
     if held_out not in range(10):
         raise InputError(f"held-out class must be 0..9, not {held_out}")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from napari_vaeloc.metrics import (
+from napari_vaeloc.evaluation.metrics import (
     Overlap,
     PixelAccumulator,
     pixel_metrics,

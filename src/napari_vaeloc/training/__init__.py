@@ -1,0 +1,1 @@
+"""Training: the loop, calibration, model building, augmentation and training datasets."""
