@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from napari_vaeloc.combine import CombineSettings, apply_settings
-from napari_vaeloc.demo import sample_path
 from napari_vaeloc.engine import available_devices, localize
 from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.mapnames import DEFAULT_MAPS
 from napari_vaeloc.models.store import load_model
+from napari_vaeloc.samples import sample_path
 
 
 def upsampled_sample() -> Volume:

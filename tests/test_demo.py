@@ -11,11 +11,12 @@ import pytest
 
 from napari_vaeloc.cli import main
 from napari_vaeloc.combine import CombineSettings, combine, component_scales
-from napari_vaeloc.demo import SAMPLES, run_demo, sample_path
+from napari_vaeloc.demo import run_demo
 from napari_vaeloc.engine import localize
 from napari_vaeloc.errors import ModelError
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import WEIGHTS_FILE, bundled_models, load_model
+from napari_vaeloc.samples import SAMPLES, sample_path
 
 
 @pytest.mark.parametrize("key", list(SAMPLES))
@@ -31,7 +32,7 @@ def test_sample_scans_are_small_real_anatomy_in_mni_space(key):
         assert 500 < data.sum() < 20_000 and set(np.unique(data)) == {0, 1}
     else:
         assert 0.15 < (data > 0).mean() < 0.4  # a skull-stripped brain, not noise
-    assert sample_path("MNI-COPYING").is_file()
+    assert SAMPLES[key].notice_path.is_file()
 
 
 def test_lesion_sample_differs_from_healthy_only_at_the_lesion():

@@ -7,11 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
-from napari_vaeloc.demo import sample_path
 from napari_vaeloc.engine import localize
 from napari_vaeloc.errors import InputError
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import load_model
+from napari_vaeloc.samples import sample_path
 
 MAPS = ("rec_error_smooth", "kl_grad", "reconstruction")
 

@@ -10,8 +10,8 @@ import numpy as np
 from napari.utils.notifications import notification_manager
 
 from napari_vaeloc._reader import napari_get_reader
-from napari_vaeloc.demo import sample_path
 from napari_vaeloc.io import load_volume
+from napari_vaeloc.samples import sample_path
 
 
 def _oblique_nifti(path: Path) -> nib.Nifti1Image:

@@ -11,10 +11,10 @@ import pytest
 from napari.utils.notifications import notification_manager
 
 from napari_vaeloc import engine
-from napari_vaeloc.demo import sample_path
 from napari_vaeloc.errors import OutputExistsError
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import bundled_models
+from napari_vaeloc.samples import sample_path
 
 SUFFIXES = ("reconstruction", "Rec-Error", "KL-Grad", "anomaly map", "mask")
 TIMEOUT_MS = 240_000

@@ -22,9 +22,9 @@ def main() -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_vaeloc.demo import sample_path
     from napari_vaeloc.io import load_volume
     from napari_vaeloc.models.store import bundled_models
+    from napari_vaeloc.samples import sample_path
 
     app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer(show=True)

@@ -6,8 +6,8 @@ from ._reader import LayerData, volume_layer_data
 
 
 def _sample(key: str, name: str) -> list[LayerData]:
-    from .demo import sample_path
     from .io import load_volume
+    from .samples import sample_path
 
     return [volume_layer_data(load_volume(sample_path(key)), name=name)]
 

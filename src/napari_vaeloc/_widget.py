@@ -27,9 +27,9 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from ._widget_controller import MAP_LAYERS, WEIGHT_COMPONENTS, Session
 from ._widget_export import ask_overwrite, export_session, export_with_dialog
 from ._widget_layers import ROLE_KEY, put_layer, scan_inputs
+from .mapnames import AXIS_NAMES
 
 FOLDER_CHOICE = "__folder__"
-AXES = ("axial", "coronal", "sagittal")
 DEBOUNCE_MS = 50
 
 
@@ -95,7 +95,7 @@ class LocalizeWidget(Container):
         self.device = ComboBox(label="device", choices=self._device_choices, value="auto")
         create_worker(_available_devices, _connect={"returned": self._set_devices})
         self.axis = ComboBox(
-            label="axis", choices=[("model's axis", "model"), *[(a, a) for a in AXES]]
+            label="axis", choices=[("model's axis", "model"), *[(a, a) for a in AXIS_NAMES]]
         )
         self.run_button = PushButton(text="Localize")
         self.cancel_button = PushButton(text="Cancel", enabled=False)

@@ -386,10 +386,10 @@ def _run_evaluation(
 
 
 def cmd_evaluate_synthetic(args: argparse.Namespace) -> int:
-    from .demo import healthy_sample_path
     from .evaluation.runner import synthetic_kind_cases
     from .io import load_volume
     from .models.store import load_model
+    from .samples import healthy_sample_path
 
     model = load_model(args.model)
     kinds = _parse_kinds(args.kinds)

@@ -3,7 +3,6 @@ lesion of the bundled sample scan, and every map is scored against the known gro
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,32 +10,11 @@ import numpy as np
 
 from .combine import CombineSettings, apply_settings
 from .engine import localize
-from .errors import InputError
 from .evaluation.runner import COMPONENTS, pixel_metrics
 from .export import write_result
 from .io import load_volume
 from .models.store import load_model
-
-SAMPLES = {
-    "t2-healthy": "sample_t2_healthy.nii.gz",
-    "t1-healthy": "sample_t1_healthy.nii.gz",
-    "t2-lesion": "sample_t2_lesion.nii.gz",
-    "t2-lesion-truth": "sample_t2_lesion_truth.nii.gz",
-}
-
-
-def sample_path(name: str = SAMPLES["t2-healthy"]) -> Path:
-    """Path of a file bundled in the package's data folder (a sample key or a file name)."""
-    name = SAMPLES.get(name, name)
-    return Path(str(importlib.resources.files("napari_vaeloc") / "data" / name))
-
-
-def healthy_sample_path(modality: str) -> Path:
-    """The bundled healthy sample scan of a modality ("T1" or "T2")."""
-    key = f"{modality.lower()}-healthy"
-    if key not in SAMPLES:
-        raise InputError(f"no bundled healthy {modality} sample; give a healthy scan instead")
-    return sample_path(key)
+from .samples import sample_path
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,9 +16,9 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .io import Volume, available_memory_bytes
-from .mapnames import DEFAULT_MAPS, OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS
+from .mapnames import AXES, DEFAULT_MAPS, OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS
 from .models.store import LoadedModel
-from .preprocess import AXES, Normalisation, resolve_axis, slices_to_volume, volume_to_slices
+from .preprocess import Normalisation, resolve_axis, slices_to_volume, volume_to_slices
 
 #: progress(done_slices, total_slices)
 ProgressCallback = Callable[[int, int], None]

@@ -1,4 +1,8 @@
-"""Names of the maps and scores (no torch here, so fronts can import them cheaply)."""
+"""Names of the maps, scores and slicing axes (no torch here, so fronts can import them cheaply)."""
+
+from collections.abc import Iterable, Sequence
+
+from .errors import InputError
 
 #: per-pixel maps computed in model space (see ``scoring``)
 PIXEL_MAPS = (
@@ -20,3 +24,20 @@ SLICE_SCORES = ("kl", "rec", "elbo")
 OUTPUT_MAPS = (*PIXEL_MAPS, "reconstruction")
 #: maps a localization returns unless asked for others (SmoothGrad costs two extra passes)
 DEFAULT_MAPS = tuple(m for m in OUTPUT_MAPS if m not in SMOOTHGRAD_MAPS)
+#: maps that may be weighted into the combined map (every pixel map)
+COMBINABLE_MAPS = PIXEL_MAPS
+#: slicing axis -> its voxel axis in RAS+ canonical order (sagittal slices cut left-right, etc.)
+AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
+#: the slicing axes in the order fronts offer them
+AXIS_NAMES = ("axial", "coronal", "sagittal")
+
+
+def check_names(names: Iterable[str], allowed: Sequence[str], what: str = "maps") -> None:
+    """Refuse names outside ``allowed`` with one line that lists the valid ones.
+
+    Raises:
+        InputError: some of ``names`` are not in ``allowed``.
+    """
+    unknown = [n for n in dict.fromkeys(names) if n not in allowed]
+    if unknown:
+        raise InputError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")

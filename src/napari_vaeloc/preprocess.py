@@ -15,9 +15,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from .errors import InputError
-
-#: slicing axis in RAS+ canonical voxel order: sagittal slices cut left-right, etc.
-AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
+from .mapnames import AXES
 
 
 @dataclass(frozen=True)

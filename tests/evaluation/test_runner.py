@@ -11,7 +11,6 @@ import pytest
 
 from napari_vaeloc.cli import main
 from napari_vaeloc.combine import CombineSettings, apply_settings
-from napari_vaeloc.demo import sample_path
 from napari_vaeloc.engine import localize
 from napari_vaeloc.errors import InputError
 from napari_vaeloc.evaluation.runner import (
@@ -25,6 +24,7 @@ from napari_vaeloc.evaluation.runner import (
 )
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import load_model
+from napari_vaeloc.samples import sample_path
 
 
 @pytest.fixture(scope="module")

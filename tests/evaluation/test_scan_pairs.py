@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.cli import main
-from napari_vaeloc.demo import sample_path
 from napari_vaeloc.errors import InputError
 from napari_vaeloc.evaluation.plots import DPI, PANEL_INCH
 from napari_vaeloc.evaluation.scan_pairs import find_pairs, iter_cases
+from napari_vaeloc.samples import sample_path
 
 SHAPE = (96, 114, 96)  # the bundled samples
 

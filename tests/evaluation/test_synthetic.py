@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_vaeloc.demo import sample_path
 from napari_vaeloc.evaluation.synthetic import (
     ANOMALY_KINDS,
     MOOD_RADIUS_FRACTION,
@@ -22,6 +21,7 @@ from napari_vaeloc.evaluation.synthetic import (
     synthesize_anomaly,
 )
 from napari_vaeloc.io import load_volume
+from napari_vaeloc.samples import sample_path
 
 
 @pytest.fixture(scope="module")

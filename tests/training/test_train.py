@@ -147,9 +147,9 @@ def test_train_refuses_bad_sources(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"), "--quiet"]) == 2
     assert "neither a NIfTI file" in capsys.readouterr().err
     with pytest.raises(Exception, match="unknown template"):
-        from napari_vaeloc.training.datasets import template_path
+        from napari_vaeloc.samples import template
 
-        template_path("icbm-t3")
+        template("icbm-t3")
 
 
 def test_same_command_gives_the_same_weights_file(tmp_path):

