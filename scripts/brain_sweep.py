@@ -33,7 +33,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "t2-logstd-1.1": ("T2", {"likelihood_log_std": -1.1}),
     "t1-default": ("T1", {}),
     "t1-img128": ("T1", {"image_size": 128}),
-    # the other two slicing axes, for fusing three orthogonal views (scripts/axis_fusion.py)
+    # the other two slicing axes: the companions t1-brain fuses with (vaeloc localize --fuse)
     "t1-coronal": ("T1", {"axis": "coronal"}),
     "t1-sagittal": ("T1", {"axis": "sagittal"}),
 }

@@ -4,18 +4,43 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_vaeloc.models.store import ModelCard
+from napari_vaeloc.engine import LocalizationResult
+from napari_vaeloc.io import Volume
+from napari_vaeloc.models.card import (
+    Architecture,
+    Calibration,
+    ModelCard,
+    PostProcessingDefaults,
+    Preprocessing,
+    Provenance,
+)
 from napari_vaeloc.models.vae import ConvVAE
 
 
 def tiny_card(net: ConvVAE, name: str = "tiny") -> ModelCard:
     return ModelCard(
         name=name,
-        architecture=net.config(),
-        axis="axial",
-        modality="T2",
-        description="random weights for tests",
+        architecture=Architecture.from_dict(net.config()),
+        preprocessing=Preprocessing(axis="axial", modality="T2"),
+        provenance=Provenance(description="random weights for tests"),
     )
+
+
+def card_with(calibration: dict | None = None, defaults: dict | None = None) -> ModelCard:
+    """A card with the given calibration and defaults (JSON form), no network."""
+    return ModelCard(
+        name="x",
+        architecture=Architecture(type="conv", image_size=16, z_dim=4),
+        calibration=None if calibration is None else Calibration.from_dict(calibration),
+        defaults=PostProcessingDefaults.from_dict(defaults or {}),
+    )
+
+
+def make_result(
+    maps: dict[str, np.ndarray], foreground: np.ndarray, volume: Volume, card: ModelCard
+) -> LocalizationResult:
+    """A localization result made of given maps (for post-processing tests)."""
+    return LocalizationResult(volume, card, maps, foreground, {}, {}, "axial", 2, "cpu", 0.0)
 
 
 def oblique_affine(seed: int = 0) -> np.ndarray:

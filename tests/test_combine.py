@@ -1,4 +1,5 @@
-"""Combining cached maps: weights, scales, smoothing, threshold, minimum lesion size."""
+"""The post-processing pipeline: weights, scales, smoothing, normalisation, threshold, minimum
+lesion size."""
 
 from __future__ import annotations
 
@@ -7,23 +8,46 @@ import pytest
 
 from napari_vaeloc.combine import (
     CombineSettings,
-    combine,
-    component_scales,
+    PostProcessor,
     robust_z,
     threshold_mask,
+    weighted_sum,
 )
-from napari_vaeloc.models.store import ModelCard
+from napari_vaeloc.errors import InputError
+from napari_vaeloc.io import Volume
+from napari_vaeloc.mapnames import COMBINABLE_MAPS
+from tests.helpers import card_with, make_result
+
+
+def _post(maps, fg, calibration=None, spacing=(1.0, 1.0, 1.0), **settings) -> PostProcessor:
+    shape = next(iter(maps.values())).shape
+    vol = Volume.from_array(np.random.default_rng(0).random(shape), spacing=spacing)
+    result = make_result(maps, fg, vol, card_with(calibration))
+    return PostProcessor(result, CombineSettings(**settings))
 
 
 def test_weighted_sum_of_scaled_components():
     a = np.full((4, 4, 4), 2.0, np.float32)
     b = np.full((4, 4, 4), 10.0, np.float32)
-    out = combine({"a": a, "b": b}, {"a": 1.0, "b": 0.5}, {"a": 2.0, "b": 5.0})
+    out = weighted_sum({"a": a, "b": b}, {"a": 1.0, "b": 0.5}, {"a": 2.0, "b": 5.0})
     np.testing.assert_allclose(out, 1.0 + 0.5 * 2.0)
-    out = combine({"a": a, "b": b}, {"a": 1.0, "b": 0.0}, {"a": 2.0})
+    out = weighted_sum({"a": a, "b": b}, {"a": 1.0, "b": 0.0}, {"a": 2.0})
     np.testing.assert_allclose(out, 1.0)
-    with pytest.raises(KeyError, match="unknown components"):
-        combine({"a": a}, {"c": 1.0}, {})
+    with pytest.raises(KeyError):
+        weighted_sum({"a": a}, {"c": 1.0}, {"c": 1.0})
+
+
+def test_unknown_weights_refused_when_settings_are_made():
+    with pytest.raises(InputError, match="unknown weights foo; choose from rec_error"):
+        CombineSettings(weights={"foo": 1.0})
+    with pytest.raises(InputError, match="smoothing"):
+        CombineSettings(smoothing_mm=-1)
+    with pytest.raises(InputError, match="finite"):
+        CombineSettings(threshold=float("nan"))
+    s = CombineSettings(weights=dict.fromkeys(COMBINABLE_MAPS, 1))
+    assert s.weights == dict.fromkeys(COMBINABLE_MAPS, 1.0)
+    with pytest.raises(InputError, match="unknown weights"):
+        s.replace(weights={"kl-grad": 1.0})
 
 
 def test_scales_from_calibration_or_fallback():
@@ -31,11 +55,12 @@ def test_scales_from_calibration_or_fallback():
     m = rng.random((10, 10, 10)).astype(np.float32)
     fg = np.zeros(m.shape, bool)
     fg[2:8] = True
-    scales, calibrated = component_scales({"x": m}, fg, {"scales": {"x": 3.0}})
-    assert scales == {"x": 3.0} and calibrated
-    scales, calibrated = component_scales({"x": m}, fg, None)
-    assert not calibrated
-    assert scales["x"] == pytest.approx(np.percentile(m[fg], 99))
+    post = _post({"kl_grad": m}, fg, {"scales": {"kl_grad": 3.0}}, weights={"kl_grad": 1.0})
+    assert post.scale("kl_grad") == (3.0, True) and post.is_calibrated()
+    post = _post({"kl_grad": m}, fg, None, weights={"kl_grad": 1.0})
+    scale, calibrated = post.scale("kl_grad")
+    assert not calibrated and not post.is_calibrated()
+    assert scale == pytest.approx(np.percentile(m[fg], 99))
 
 
 def test_foreground_and_smoothing():
@@ -43,11 +68,13 @@ def test_foreground_and_smoothing():
     m[4, 4, 4] = 1
     fg = np.ones(m.shape, bool)
     fg[0] = False
-    out = combine({"m": m}, {"m": 1}, {"m": 1.0}, fg, smoothing_mm=1.0, spacing=(1, 1, 2))
+    cal = {"scales": {"combi": 1.0}}
+    post = _post({"combi": m}, fg, cal, spacing=(1, 1, 2), smoothing_mm=1.0)
+    out = post.combined()
     assert out[4, 4, 4] < 1 and out.sum() == pytest.approx(1.0, rel=1e-3)
     assert out[4, 5, 4] > out[4, 4, 5]  # 1 mm sigma is 0.5 voxel along the 2 mm axis
     m[0, 0, 0] = 5
-    assert combine({"m": m}, {"m": 1}, {"m": 1.0}, fg)[0, 0, 0] == 0
+    assert _post({"combi": m}, fg, cal).combined()[0, 0, 0] == 0
 
 
 def test_threshold_and_min_size():
@@ -64,14 +91,10 @@ def test_threshold_and_min_size():
 
 
 def test_settings_from_card():
-    card = ModelCard(
-        name="x",
-        architecture={},
-        defaults={"weights": {"elbo_grad": 1.0}, "threshold": 2.5, "unknown": 1},
-    )
+    card = card_with(defaults={"weights": {"elbo_grad": 1.0}, "threshold": 2.5})
     s = CombineSettings.from_card(card)
     assert s.weights == {"elbo_grad": 1.0} and s.threshold == 2.5
-    assert CombineSettings.from_card(ModelCard(name="y", architecture={})).weights == {"combi": 1.0}
+    assert CombineSettings.from_card(card_with()).weights == {"combi": 1.0}
 
 
 def test_robust_z_hand_checked():
@@ -89,14 +112,13 @@ def test_scan_normalise_removes_a_global_offset():
     base = rng.random((12, 12, 12)).astype(np.float32)
     fg = np.zeros(base.shape, bool)
     fg[2:10, 2:10, 2:10] = True
-    a = combine({"m": base}, {"m": 1.0}, {"m": 1.0}, fg, scan_normalise=True)
-    b = combine({"m": 3 * base + 7}, {"m": 1.0}, {"m": 1.0}, fg, scan_normalise=True)
+    cal = {"scales": {"combi": 1.0}}
+    a = _post({"combi": base}, fg, cal, scan_normalise=True).combined()
+    b = _post({"combi": 3 * base + 7}, fg, cal, scan_normalise=True).combined()
     np.testing.assert_allclose(a, b, atol=1e-4)  # offset and gain of the scan do not matter
     assert abs((a[fg] > 0).mean() - 0.5) < 0.01  # half the brain lies above its median
     assert (a[~fg] == 0).all() and a.min() == 0
-    plain = combine({"m": 3 * base + 7}, {"m": 1.0}, {"m": 1.0}, fg)
+    plain = _post({"combi": 3 * base + 7}, fg, cal).combined()
     assert not np.allclose(plain, a)
-    s = CombineSettings.from_card(
-        ModelCard(name="x", architecture={}, defaults={"scan_normalise": True, "threshold": 4.0})
-    )
+    s = CombineSettings.from_card(card_with(defaults={"scan_normalise": True, "threshold": 4.0}))
     assert s.scan_normalise and s.threshold == 4.0

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.cli import main
-from napari_vaeloc.combine import CombineSettings, combine, component_scales
+from napari_vaeloc.combine import PostProcessor
 from napari_vaeloc.demo import run_demo
-from napari_vaeloc.engine import localize
+from napari_vaeloc.engine import EngineOptions, localize
 from napari_vaeloc.errors import ModelError
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import WEIGHTS_FILE, bundled_models, load_model
@@ -53,9 +53,9 @@ def test_bundled_models_are_listed_checked_and_small(capsys):
         assert name in out
         assert (folder / WEIGHTS_FILE).stat().st_size < 20_000_000
         card = load_model(folder).card  # checksum verified
-        assert card.calibration and card.defaults["threshold"] > 0
-        assert "ICBM" in card.provenance and "McGill" in card.licence
-        assert card.modality in out and card.provenance[:20] in out
+        assert card.calibration and card.defaults.threshold > 0
+        assert "ICBM" in card.provenance.sources and "McGill" in card.provenance.licence
+        assert card.modality in out and card.provenance.sources[:20] in out
 
 
 def test_tampered_bundled_weights_refused(tmp_path):
@@ -81,13 +81,11 @@ def test_default_threshold_is_rare_on_healthy_brain():
     """Calibration: on the healthy T2 sample few brain voxels exceed the default threshold."""
     model = load_model("t2-brain")
     vol = load_volume(sample_path("t2-healthy"))
-    res = localize(vol, model, device="cpu")
-    s = CombineSettings.from_card(model.card)
-    scales, calibrated = component_scales(
-        res.maps, res.foreground, model.card.calibration, list(s.weights)
-    )
-    assert calibrated
-    c = combine(res.maps, s.weights, scales, res.foreground, s.smoothing_mm, vol.spacing)
+    res = localize(vol, model, EngineOptions(device="cpu"))
+    post = PostProcessor(res)
+    s = post.settings
+    assert post.is_calibrated()
+    c = post.combined()
     fpr = float((c[res.foreground] > s.threshold).mean())
     print(f"healthy false-positive rate at the default threshold: {fpr:.5f}")
     assert fpr < 0.01

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_vaeloc.engine import localize, resolve_device
+from napari_vaeloc.engine import EngineOptions, localize, resolve_device
 from napari_vaeloc.errors import Cancelled, InputError
 from napari_vaeloc.evaluation.synthetic import head_phantom, insert_sphere
 from napari_vaeloc.io import Volume, load_volume
@@ -23,7 +23,7 @@ from tests.helpers import oblique_affine, tiny_card
 def test_maps_have_the_exact_input_shape(tiny_model, axis):
     data = head_phantom((21, 26, 17), seed=2)
     vol = Volume.from_array(data, affine=oblique_affine(3))
-    res = localize(vol, tiny_model, axis=axis, device="cpu")
+    res = localize(vol, tiny_model, EngineOptions(device="cpu"), axis=axis)
     assert set(res.maps) == set(DEFAULT_MAPS)
     for m in res.maps.values():
         assert m.shape == data.shape and m.dtype == np.float32
@@ -56,16 +56,20 @@ def test_slice_scores_are_in_file_order(tiny_model):
 
 
 def test_result_does_not_depend_on_batch_size(tiny_model, phantom):
-    a = localize(phantom, tiny_model, batch_size=64)
-    b = localize(phantom, tiny_model, batch_size=5)  # last batch smaller: it is scored too
+    a = localize(phantom, tiny_model, EngineOptions(batch_size=64))
+    b = localize(
+        phantom, tiny_model, EngineOptions(batch_size=5)
+    )  # last batch smaller: it is scored too
     for k in DEFAULT_MAPS:
         np.testing.assert_allclose(a.maps[k], b.maps[k], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.slice_scores["kl"], b.slice_scores["kl"], rtol=1e-5)
 
 
 def test_smoothgrad_maps_on_request(tiny_model, phantom):
-    a = localize(phantom, tiny_model, batch_size=64, maps=(*SMOOTHGRAD_MAPS, "kl_grad"))
-    b = localize(phantom, tiny_model, batch_size=5, maps=SMOOTHGRAD_MAPS)
+    a = localize(
+        phantom, tiny_model, EngineOptions(batch_size=64), maps=(*SMOOTHGRAD_MAPS, "kl_grad")
+    )
+    b = localize(phantom, tiny_model, EngineOptions(batch_size=5), maps=SMOOTHGRAD_MAPS)
     assert set(b.maps) == set(SMOOTHGRAD_MAPS)
     for k in SMOOTHGRAD_MAPS:  # fixed noise: deterministic and independent of the batch
         np.testing.assert_allclose(a.maps[k], b.maps[k], rtol=1e-5, atol=1e-6)
@@ -76,7 +80,8 @@ def test_smoothgrad_maps_on_request(tiny_model, phantom):
 
 def test_progress_and_cancel(tiny_model, phantom):
     seen = []
-    localize(phantom, tiny_model, batch_size=4, progress=lambda d, t: seen.append((d, t)))
+    options = EngineOptions(batch_size=4, progress=lambda d, t: seen.append((d, t)))
+    localize(phantom, tiny_model, options)
     total = seen[-1][1]
     assert seen[0] == (0, total) and seen[-1] == (total, total)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
@@ -87,7 +92,7 @@ def test_progress_and_cancel(tiny_model, phantom):
         return len(calls) > 2
 
     with pytest.raises(Cancelled):
-        localize(phantom, tiny_model, batch_size=4, cancel=cancel)
+        localize(phantom, tiny_model, EngineOptions(batch_size=4, cancel=cancel))
 
 
 def test_single_slice_image(tiny_model):
@@ -116,7 +121,7 @@ def test_integer_volume_and_real_file(tiny_model, anatomical_path):
 
 def test_memory_guard(tiny_model, phantom):
     with pytest.raises(InputError, match="crop or downsample"):
-        localize(phantom, tiny_model, max_bytes=10_000)
+        localize(phantom, tiny_model, EngineOptions(max_bytes=10_000))
 
 
 def test_devices():

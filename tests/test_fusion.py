@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from napari_vaeloc.engine import localize
+from napari_vaeloc.engine import EngineOptions, localize
 from napari_vaeloc.errors import InputError
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import load_model
@@ -23,12 +23,11 @@ def t1():
 
 def test_fuse_three_axes_on_request(t1):
     model, vol = t1
-    assert model.card.defaults["fuse"] is False  # slower, and no gain on the benchmark
+    assert model.card.defaults.fuse is False  # slower, and no gain on the benchmark
     steps: list[tuple[int, int]] = []
-    fused = localize(
-        vol, model, device="cpu", maps=MAPS, fuse=True, progress=lambda d, t: steps.append((d, t))
-    )
-    single = localize(vol, model, device="cpu", maps=MAPS)
+    options = EngineOptions(device="cpu", progress=lambda d, t: steps.append((d, t)))
+    fused = localize(vol, model, options, maps=MAPS, fuse=True)
+    single = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS)
     assert "axial, coronal, sagittal" in fused.notes[-1]
     assert not any("averaged" in n for n in single.notes)
     assert steps[-1][0] == steps[-1][1] == 3000
@@ -43,13 +42,15 @@ def test_fuse_three_axes_on_request(t1):
         single.maps["rec_error_smooth"][fg]
     )
     assert 0.7 < ratio < 1.3
-    again = localize(vol, model, device="cpu", maps=MAPS, fuse=True)
+    again = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, fuse=True)
     np.testing.assert_array_equal(again.maps["kl_grad"], fused.maps["kl_grad"])
 
 
 def test_other_axis_or_no_companions(t1):
     model, vol = t1
-    coronal = localize(vol, model, device="cpu", maps=MAPS, axis="coronal", fuse=True)
+    coronal = localize(
+        vol, model, EngineOptions(device="cpu"), maps=MAPS, axis="coronal", fuse=True
+    )
     assert not any("averaged" in n for n in coronal.notes)  # asked for one other axis
     with pytest.raises(InputError, match="no companion models"):
-        localize(vol, load_model("t2-brain"), device="cpu", maps=MAPS, fuse=True)
+        localize(vol, load_model("t2-brain"), EngineOptions(device="cpu"), maps=MAPS, fuse=True)

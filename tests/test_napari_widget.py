@@ -71,8 +71,10 @@ def test_localize_creates_overlaid_layers(make_napari_viewer, qtbot, counted):
     timer.start(20)
     _run(qtbot, widget)
     timer.stop()
-    # the GUI thread kept serving events during model loading and scoring
-    assert len(ticks) > 10 and np.diff(ticks).max() < 1.0, np.diff(ticks).max()
+    # the GUI thread kept serving events during model loading and scoring: 20 ms ticks kept
+    # coming until the result arrived (a blocked thread gives at most one, then a long gap; the
+    # model may already be in the shared cache, so the run itself can be short)
+    assert len(ticks) >= 3 and np.diff(ticks).max() < 0.25, np.diff(ticks)
     assert counted == [1]
     layers = _results(viewer)
     assert set(layers) == set(SUFFIXES)

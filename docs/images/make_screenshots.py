@@ -1,6 +1,6 @@
 """Regenerate the screenshots of docs/plugin.md (needs an X server: ``xvfb-run -a``).
 
-xvfb-run -a .venv/bin/python docs/images/make_screenshots.py [--model t2-brain]
+xvfb-run -a .venv/bin/python docs/images/make_screenshots.py [--model t2-brain] [--out DIR]
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ HERE = Path(__file__).parent
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="t2-brain")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="t2-brain", help="bundled model name or model folder")
+    ap.add_argument("--out", type=Path, default=HERE, help="folder of the PNGs (default: here)")
     args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
 
     import napari
     from qtpy.QtWidgets import QApplication
@@ -48,11 +51,11 @@ def main() -> None:
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)
-    viewer.screenshot(str(HERE / "widget_result_2d.png"), canvas_only=False, flash=False)
-    widget.native.grab().save(str(HERE / "widget_panel.png"))
+    viewer.screenshot(str(out / "widget_result_2d.png"), canvas_only=False, flash=False)
+    widget.native.grab().save(str(out / "widget_panel.png"))
     viewer.layers["t2-lesion mask"].visible = False
     viewer.layers["t2-lesion Rec-Error"].visible = False
-    viewer.screenshot(str(HERE / "anomaly_map_2d.png"), canvas_only=True, flash=False)
+    viewer.screenshot(str(out / "anomaly_map_2d.png"), canvas_only=True, flash=False)
     viewer.layers["t2-lesion mask"].visible = True
     viewer.layers["t2-lesion anomaly map"].visible = False
     viewer.dims.ndisplay = 3
@@ -61,7 +64,7 @@ def main() -> None:
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)
-    viewer.screenshot(str(HERE / "mask_3d.png"), canvas_only=True, flash=False)
+    viewer.screenshot(str(out / "mask_3d.png"), canvas_only=True, flash=False)
     viewer.close()
 
 

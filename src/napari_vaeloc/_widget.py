@@ -58,7 +58,6 @@ class LocalizeWidget(Container):
         self.confirm = self._ask_overwrite  # replaceable in tests
         self._worker: Any = None
         self._cancel = threading.Event()
-        self._models: dict[str, Any] = {}  # folder -> LoadedModel, per widget (no singleton)
         self._folders: dict[str, str] = {}  # choice value -> model folder
         self._last_model = ""
         self._relay = _Relay()
@@ -219,7 +218,7 @@ class LocalizeWidget(Container):
             return
         cal = "calibrated" if card.calibration else "uncalibrated (thresholds relative to the scan)"
         self.model_info.value = f"{card.modality}, {card.axis}; {cal}"
-        self.model_info.tooltip = f"{card.description}\n{card.provenance}"
+        self.model_info.tooltip = f"{card.provenance.description}\n{card.provenance.sources}"
         if self.session is None:
             self.restore_defaults()
 
@@ -268,28 +267,24 @@ class LocalizeWidget(Container):
 
     def _work(self, job: dict, layer: Any) -> tuple:
         """Runs in the worker thread: load the model (cached) and score the scan."""
-        from .engine import localize
+        from .engine import EngineOptions, localize
         from .errors import Cancelled
         from .io import Volume
-        from .models.store import load_model
+        from .models.store import cached_model
 
-        model = self._models.get(job["folder"])
-        if model is None:
-            model = self._models[job["folder"]] = load_model(job["folder"])
+        model = cached_model(job["folder"])
         inp = job["inputs"]
         vol = Volume.from_array(inp["data"], inp["affine"], header=inp["header"], path=inp["path"])
         if self._cancel.is_set():
             raise Cancelled("localization cancelled")
-        result = localize(
-            vol,
-            model,
-            axis=job["axis"],
+        options = EngineOptions(
             device=job["device"],
             batch_size=self.batch_size,
             progress=self._relay.progress.emit,
             cancel=self._cancel.is_set,
         )
-        session = Session(vol, result, model.card)  # scales (percentiles if uncalibrated) here
+        result = localize(vol, model, options, axis=job["axis"])
+        session = Session(result)  # scales (percentiles if uncalibrated) here, off the GUI thread
         return session, model, layer, inp["shape"]
 
     def cancel(self, *_: Any) -> None:
@@ -396,14 +391,18 @@ class LocalizeWidget(Container):
             return
         st = self.session.settings
         others = {k: v for k, v in st.weights.items() if k not in self.weights}  # no slider
-        st.weights = {**others, **{k: float(w.value) for k, w in self.weights.items() if w.value}}
-        st.scan_normalise = bool(self.scan_normalise.value)
-        top = max(4.0, 3.0 * sum(st.weights.values()), 10.0 if st.scan_normalise else 0.0)
+        weights = {**others, **{k: float(w.value) for k, w in self.weights.items() if w.value}}
+        scan_normalise = bool(self.scan_normalise.value)
+        top = max(4.0, 3.0 * sum(weights.values()), 10.0 if scan_normalise else 0.0)
         if top > self.threshold.max:  # growing the range never moves the value
             self.threshold.max = top
-        st.smoothing_mm = float(self.smoothing.value)
-        st.threshold = float(self.threshold.value)
-        st.min_size_mm3 = float(self.min_size.value)
+        self.session.settings = st.replace(
+            weights=weights,
+            scan_normalise=scan_normalise,
+            smoothing_mm=float(self.smoothing.value),
+            threshold=float(self.threshold.value),
+            min_size_mm3=float(self.min_size.value),
+        )
 
     def _show_settings(self, st: Any) -> None:
         self._quiet = True

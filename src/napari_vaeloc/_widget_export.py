@@ -20,7 +20,6 @@ def export_session(
     Raises:
         OutputExistsError: a target exists and ``overwrite`` is false (nothing is written).
     """
-    from .combine import Combination
     from .export import write_result
     from .io import save_nifti
 
@@ -31,19 +30,7 @@ def export_session(
     if not maps:
         return [save_nifti(session.mask().reshape(vol.shape), vol, path, "mask", overwrite)]
     stem = path.name.split(".nii")[0].removesuffix("_mask")
-    used = {k: session.scales[k] for k in session.settings.weights if k in session.scales}
-    cached = Combination(session.combined(), session.mask(), used, session.is_calibrated())
-    files = write_result(
-        session.result,
-        vol,
-        path.parent,
-        session.settings,
-        session.calibration,
-        stem,
-        overwrite,
-        combination=cached,
-    )
-    return list(files.values())
+    return list(write_result(session.result, session, path.parent, stem, overwrite).values())
 
 
 def export_with_dialog(
@@ -77,7 +64,7 @@ def export_with_dialog(
         try:
             files = export_session(session, path, maps=maps)
         except OutputExistsError as exc:
-            if not confirm(f"{exc}\n\nReplace the existing files?"):
+            if not confirm(f"{exc}.\n\nReplace the existing files?"):
                 return []
             files = export_session(session, path, overwrite=True, maps=maps)
     except (VaelocError, OSError) as exc:

@@ -6,21 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from .combine import CombineSettings, apply_settings
-from .engine import localize
-from .evaluation.runner import COMPONENTS, pixel_metrics
+from .combine import PostProcessor
+from .engine import EngineOptions, localize
+from .evaluation.metrics import Overlap, pixel_metrics
 from .export import write_result
 from .io import load_volume
-from .models.store import load_model
+from .mapnames import EVALUATED_MAPS
+from .models.store import cached_model
 from .samples import sample_path
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    denom = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / denom) if denom else 1.0
 
 
 def run_demo(
@@ -36,24 +29,22 @@ def run_demo(
     Returns {"metrics": {map: {auroc, ap, best_dice}}, "mask_dice": float, "files": {...},
     "result": LocalizationResult}.
     """
-    loaded = load_model(model)
+    loaded = cached_model(model)
     scan = load_volume(sample_path("t2-lesion"))
     truth = load_volume(sample_path("t2-lesion-truth")).data > 0
-    result = localize(scan, loaded, device=device, progress=progress)
-    settings = CombineSettings.from_card(loaded.card)
-    c = apply_settings(
-        result.maps, result.foreground, scan.spacing, settings, loaded.card.calibration
-    )
-    files = write_result(
-        result, scan, out_dir, settings, loaded.card.calibration, overwrite=overwrite, combination=c
-    )
+    result = localize(scan, loaded, EngineOptions(device=device, progress=progress))
+    post = PostProcessor(result)
+    files = write_result(result, post, out_dir, overwrite=overwrite)
+    c = post.combination()
     region = result.foreground | truth
-    metrics = {k: pixel_metrics(result.maps[k][region], truth[region]) for k in COMPONENTS}
+    metrics = {k: pixel_metrics(result.maps[k][region], truth[region]) for k in EVALUATED_MAPS}
     metrics["combined (default)"] = pixel_metrics(c.combined[region], truth[region])
+    overlap = Overlap()
+    overlap.add(c.mask, truth)
     return {
         "metrics": metrics,
-        "mask_dice": dice(c.mask, truth),
+        "mask_dice": overlap.dice,
         "files": files,
         "result": result,
-        "settings": settings,
+        "settings": post.settings,
     }

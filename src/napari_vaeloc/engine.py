@@ -7,7 +7,7 @@ re-run cheaply.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +16,10 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .io import Volume, available_memory_bytes
-from .mapnames import AXES, DEFAULT_MAPS, OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS
-from .models.store import LoadedModel
-from .preprocess import Normalisation, resolve_axis, slices_to_volume, volume_to_slices
+from .mapnames import AXES, DEFAULT_MAPS, OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS, check_names
+from .models.card import ModelCard
+from .models.store import LoadedModel, bundled_models, cached_model
+from .preprocess import resolve_axis, slices_to_volume, volume_to_slices
 
 #: progress(done_slices, total_slices)
 ProgressCallback = Callable[[int, int], None]
@@ -52,11 +53,45 @@ def resolve_device(device: str = "auto") -> str:
     return str(device)
 
 
-@dataclass
-class LocalizationResult:
-    """Component maps and scores of one volume.
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs, the same for every front.
 
     Attributes:
+        device: "auto" (cuda > mps > cpu), or an explicit "cpu", "cuda", "cuda:N", "mps".
+        batch_size: slices per forward/backward pass; the last, smaller batch is scored too.
+        amp: mixed precision (None: on for CUDA only).
+        progress: called with (slices done, slices total) after each batch.
+        cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
+        max_bytes: refuse volumes whose maps need more memory (None: half of what is free).
+    """
+
+    device: str = "auto"
+    batch_size: int = 64
+    amp: bool | None = None
+    progress: ProgressCallback | None = None
+    cancel: CancelFlag | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise InputError(f"batch size must be at least 1, not {self.batch_size}")
+
+    def replace(self, **changes) -> EngineOptions:
+        return dataclasses.replace(self, **changes)
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and bool(self.cancel())
+
+
+@dataclass
+class LocalizationResult:
+    """Component maps and scores of one volume, with the volume and the model card they came
+    from (so that post-processing and writing need nothing else).
+
+    Attributes:
+        volume: the scan that was scored.
+        card: the card of the model that scored it (for a fused run, the main model's).
         maps: name -> float32 (X, Y, Z) on the scan's voxel grid, for each map asked for
             (default ``DEFAULT_MAPS``).
             ``reconstruction`` is in the scan's intensity units; the others in model units
@@ -69,13 +104,14 @@ class LocalizationResult:
         axis: anatomical slicing axis; slice_axis: the file's voxel axis it runs along.
     """
 
+    volume: Volume
+    card: ModelCard
     maps: dict[str, np.ndarray]
     foreground: np.ndarray
     slice_scores: dict[str, np.ndarray]
     volume_scores: dict[str, float]
     axis: str
     slice_axis: int
-    model_name: str
     device: str
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -83,6 +119,10 @@ class LocalizationResult:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.foreground.shape
+
+    @property
+    def model_name(self) -> str:
+        return self.card.name
 
 
 def estimate_bytes(shape: tuple[int, ...], n_maps: int = len(DEFAULT_MAPS)) -> int:
@@ -93,58 +133,60 @@ def estimate_bytes(shape: tuple[int, ...], n_maps: int = len(DEFAULT_MAPS)) -> i
 def localize(
     volume: Volume,
     model: LoadedModel,
+    options: EngineOptions | None = None,
     *,
     axis: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    amp: bool | None = None,
-    progress: ProgressCallback | None = None,
-    cancel: CancelFlag | None = None,
-    max_bytes: int | None = None,
     maps: tuple[str, ...] | None = None,
     fuse: bool | None = None,
 ) -> LocalizationResult:
     """Score every slice of ``volume`` with ``model`` and map the results back to its grid;
     with companion models for the other slicing axes, average their maps in.
 
-    ``fuse``: True averages in the companions the card names (``defaults["fuse_with"]``: models
+    ``fuse``: True averages in the companions the card names (``defaults.fuse_with``: models
     of the same kind trained on other slicing axes; bundled names, or folders relative to the
     model's) and fails without any; False scores along one axis; None follows the card
-    (``defaults["fuse"]``, default true when companions are named). Fusion is skipped when
+    (``defaults.fuse``, default true when companions are named). Fusion is skipped when
     ``axis`` asks for another axis than the model's. Each companion's maps are divided by its
     own calibrated scale and multiplied by the model's, so the average stays in the model's
     units; the reconstruction and the slice scores are the model's own. Other arguments:
     :func:`localize_axis`.
+
+    Raises:
+        InputError: unknown maps, no companions for ``fuse=True``, too little memory.
+        Cancelled: ``options.cancel`` returned True.
     """
-    defaults = model.card.defaults or {}
-    names = list(defaults.get("fuse_with", []))
+    opts = options or EngineOptions()
+    defaults = model.card.defaults
+    names = list(defaults.fuse_with or [])
     if fuse and not names:
         raise InputError(f"model {model.card.name!r} has no companion models to fuse with")
-    use = bool(defaults.get("fuse", True)) if fuse is None else fuse
+    use = (defaults.fuse is not False) if fuse is None else fuse
     if not use or (axis is not None and axis.lower() != model.card.axis):
         names = []
     if not names:
-        return localize_axis(
-            volume, model, axis=axis, device=device, batch_size=batch_size, amp=amp,
-            progress=progress, cancel=cancel, max_bytes=max_bytes, maps=maps,
-        )  # fmt: skip
+        return localize_axis(volume, model, opts, axis=axis, maps=maps)
     models = [model, *(_companion(model, n) for n in names)]
     runs = len(models)
 
-    def part(i: int) -> ProgressCallback | None:
+    progress = opts.progress
+
+    def part(i: int) -> EngineOptions:
         if progress is None:
-            return None
-        return lambda done, total: progress(i * 1000 + (1000 * done) // max(total, 1), 1000 * runs)
+            return opts
+        return opts.replace(
+            progress=lambda done, total: progress(
+                i * 1000 + (1000 * done) // max(total, 1), 1000 * runs
+            )
+        )
 
     t0 = time.perf_counter()
     wanted = DEFAULT_MAPS if maps is None else tuple(maps)
-    kw = dict(device=device, batch_size=batch_size, amp=amp, cancel=cancel, max_bytes=max_bytes)
-    res = localize_axis(volume, model, maps=wanted, progress=part(0), **kw)
+    res = localize_axis(volume, model, part(0), maps=wanted)
     fused = [k for k in wanted if k != "reconstruction"]
-    own = (model.card.calibration or {}).get("scales", {})
+    own = _scales(model)
     for i, other in enumerate(models[1:], start=1):
-        r = localize_axis(volume, other, maps=tuple(fused), progress=part(i), **kw)
-        theirs = (other.card.calibration or {}).get("scales", {})
+        r = localize_axis(volume, other, part(i), maps=tuple(fused))
+        theirs = _scales(other)
         for k in fused:
             ratio = own.get(k, 1.0) / theirs.get(k, 1.0) if theirs.get(k) else 1.0
             res.maps[k] += r.maps[k] * np.float32(ratio)
@@ -158,53 +200,43 @@ def localize(
     return res
 
 
+def _scales(model: LoadedModel) -> dict[str, float]:
+    return model.card.calibration.scales if model.card.calibration is not None else {}
+
+
 def _companion(model: LoadedModel, name: str) -> LoadedModel:
     from pathlib import Path
-
-    from .models.store import bundled_models
 
     if name not in bundled_models() and model.path is not None:
         local = Path(model.path).parent / name
         if local.is_dir():
-            return _cached_model(str(local))
-    return _cached_model(name)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_model(source: str) -> LoadedModel:
-    from .models.store import load_model
-
-    return load_model(source)
+            return cached_model(local)
+    return cached_model(name)
 
 
 def localize_axis(
     volume: Volume,
     model: LoadedModel,
+    options: EngineOptions | None = None,
     *,
     axis: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    amp: bool | None = None,
-    progress: ProgressCallback | None = None,
-    cancel: CancelFlag | None = None,
-    max_bytes: int | None = None,
     maps: tuple[str, ...] | None = None,
 ) -> LocalizationResult:
     """Score every slice of ``volume`` with ``model`` along one axis and map the results back
     to its grid.
 
     Args:
+        options: device, batch size, precision, progress, cancel, memory budget
+            (:class:`EngineOptions`).
         axis: "axial", "coronal" or "sagittal" (default: the model's training axis). A scan with
             one slice (a 2D image) is scored along its single-slice axis whatever is asked.
-        device: "auto" (cuda > mps > cpu), or an explicit device.
-        batch_size: slices per forward/backward pass; the last, smaller batch is scored too.
-        amp: mixed precision (default: on for CUDA only).
-        progress: called with (slices done, slices total) after each batch.
-        cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
-        max_bytes: refuse volumes whose maps need more memory (default: half of what is free).
         maps: which of ``OUTPUT_MAPS`` to map back to the volume (default: ``DEFAULT_MAPS``, all
             but the SmoothGrad maps, which cost two extra gradient passes); fewer maps need
             less memory and time.
+
+    Raises:
+        InputError: unknown maps, or too little memory for the maps.
+        Cancelled: ``options.cancel`` returned True.
     """
     import torch
 
@@ -214,11 +246,11 @@ def localize_axis(
     card = model.card
     notes = list(volume.notes)
     wanted = DEFAULT_MAPS if maps is None else tuple(maps)
-    unknown = set(wanted) - set(OUTPUT_MAPS)
-    if unknown:
-        raise InputError(f"unknown maps {sorted(unknown)}; choose from {', '.join(OUTPUT_MAPS)}")
+    check_names(wanted, OUTPUT_MAPS, "maps")
+    opts = options or EngineOptions()
+    progress = opts.progress
     need = estimate_bytes(volume.shape, len(wanted))
-    limit = available_memory_bytes() // 2 if max_bytes is None else max_bytes
+    limit = available_memory_bytes() // 2 if opts.max_bytes is None else opts.max_bytes
     if need > limit:
         raise InputError(
             f"scoring a {'x'.join(map(str, volume.shape))} volume needs about "
@@ -227,8 +259,9 @@ def localize_axis(
         )
     axis_name = (axis or card.axis).lower()
     ax = resolve_axis(axis_name)
-    dev = torch.device(resolve_device(device))
-    use_amp = (dev.type == "cuda") if amp is None else bool(amp)
+    dev = torch.device(resolve_device(opts.device))
+    use_amp = (dev.type == "cuda") if opts.amp is None else bool(opts.amp)
+    batch_size = int(opts.batch_size)
     network = model.network
     network.to(dev)
 
@@ -242,8 +275,9 @@ def localize_axis(
         notes.append(f"single-slice image: scored as one {new_name} slice instead of {axis_name}")
         axis_name = new_name
 
-    norm = Normalisation.from_dict(card.normalisation)
-    ms = volume_to_slices(volume.data, volume.affine, volume.spacing, ax, card.image_size, norm)
+    ms = volume_to_slices(
+        volume.data, volume.affine, volume.spacing, ax, card.image_size, card.normalisation
+    )
     geom = ms.geometry
     n = geom.n_slices
     todo = np.flatnonzero(ms.foreground)
@@ -252,15 +286,14 @@ def localize_axis(
     if "reconstruction" in model_maps:
         model_maps["reconstruction"].fill_(ms.pad_value)
     scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SLICE_SCORES}
-    calib = card.calibration or {}
-    kl_scale = float(calib.get("kl_grad_scale", 1.0))
+    kl_scale = float(card.calibration.kl_grad_scale) if card.calibration is not None else 1.0
     kernel = gaussian_kernel().to(dev)
     smoothgrad = any(k in SMOOTHGRAD_MAPS for k in wanted)
     done = 0
     if progress:
         progress(0, len(todo))
     for start in range(0, len(todo), batch_size):
-        if cancel is not None and cancel():
+        if opts.cancelled():
             raise Cancelled("localization cancelled")
         idx = todo[start : start + batch_size]
         x = ms.images[idx].to(dev)
@@ -275,7 +308,7 @@ def localize_axis(
         done += len(idx)
         if progress:
             progress(done, len(todo))
-    if cancel is not None and cancel():
+    if opts.cancelled():
         raise Cancelled("localization cancelled")
 
     volume_maps = {}
@@ -296,13 +329,14 @@ def localize_axis(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return LocalizationResult(
+        volume=volume,
+        card=card,
         maps=volume_maps,
         foreground=fill_object(ms.foreground_mask, geom.file_axis),
         slice_scores=slice_scores,
         volume_scores=volume_scores,
         axis=axis_name,
         slice_axis=geom.file_axis,
-        model_name=card.name,
         device=str(dev),
         seconds=time.perf_counter() - t0,
         notes=notes,

@@ -1,18 +1,24 @@
 """NIfTI input and output that keeps each scan's geometry.
 
 A :class:`Volume` holds one 3D scan as float32 in the file's own voxel order, with the affine and
-header it came with. Maps and masks are written back with that affine and header, atomically and
-never over an existing file unless asked.
+header it came with. Maps and masks are written back with that affine and header.
+
+Every file the project writes (NIfTI, JSON, CSV, Markdown, PNG, safetensors, model cards) goes
+through :func:`write_atomic`: whole or not at all, and never over an existing file unless asked.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 import tempfile
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -264,6 +270,111 @@ def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"])
     return img
 
 
+def refuse_existing(
+    paths: Iterable[str | os.PathLike], overwrite: bool, what: str = "file"
+) -> None:
+    """Check a set of targets before any is written, so that a refusal writes none.
+
+    Raises:
+        OutputExistsError: some of ``paths`` exist and ``overwrite`` is false (``.paths`` lists
+            them).
+    """
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(existing, what)
+
+
+def write_atomic(
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    overwrite: bool = False,
+    suffix: str = "",
+) -> Path:
+    """The one writer of every file the project makes: ``write(tmp)`` fills a temporary file
+    beside ``path`` (``suffix`` keeps the extension a writer may need), which then takes its
+    place, so the file appears whole or not at all. Without ``overwrite`` an existing file is
+    never replaced, not even one that appears while writing (a hard link is used to claim the
+    name). The new file gets the mode the user's umask asks for.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is false.
+        OSError: the folder cannot be created or written (read-only, full disk).
+    """
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise OutputExistsError(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        make_readable(tmp)
+        if overwrite:
+            os.replace(tmp, dest)
+        else:
+            try:
+                os.link(tmp, dest)  # fails if dest appeared meanwhile: never clobbers
+            except FileExistsError:
+                raise OutputExistsError(dest) from None
+            except OSError:  # file systems without hard links
+                if dest.exists():
+                    raise OutputExistsError(dest) from None
+                os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def write_text_atomic(text: str, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a text file (UTF-8) through :func:`write_atomic`."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple | np.ndarray):
+        return [_jsonable(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+    if isinstance(v, float | np.floating):
+        return None if not math.isfinite(float(v)) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write JSON (indent 2) through :func:`write_atomic`; NaN and infinities become null."""
+    return write_text_atomic(json.dumps(_jsonable(obj), indent=2) + "\n", path, overwrite)
+
+
+def write_folder_atomic(
+    path: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False
+) -> Path:
+    """Create a folder whole or not at all: ``fill(tmp)`` writes its files (with
+    :func:`write_atomic`) into a temporary folder beside ``path``, which is then renamed.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise OutputExistsError(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        fill(tmp)
+        make_readable(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
 def save_nifti(
     array: np.ndarray,
     like: Volume,
@@ -271,40 +382,17 @@ def save_nifti(
     kind: Literal["map", "mask"] = "map",
     overwrite: bool = False,
 ) -> Path:
-    """Write a map (float32) or a mask (uint8) in the geometry of ``like``.
-
-    The file appears whole or not at all: it is written to a temporary file in the same folder
-    and then moved into place. An existing file is kept unless ``overwrite`` is true.
+    """Write a map (float32) or a mask (uint8) in the geometry of ``like`` (its affine and
+    header), through :func:`write_atomic`.
 
     Raises:
         OutputExistsError: the file exists and ``overwrite`` is false.
-        InputError: the array's shape differs from the scan's.
+        InputError: the name does not end in .nii/.nii.gz, or the array's shape differs from the
+            scan's.
     """
     dest = Path(path)
     if not is_nifti_path(dest):
         raise InputError(f"output name must end in .nii or .nii.gz: {dest.name}")
-    if dest.exists() and not overwrite:
-        raise OutputExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
     img = _output_image(array, like, kind)
     suffix = ".nii.gz" if str(dest).lower().endswith(".gz") else ".nii"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        make_readable(tmp)
-        if overwrite:
-            os.replace(tmp, dest)
-        else:
-            try:
-                os.link(tmp, dest)  # fails if dest appeared meanwhile: never clobbers
-            except FileExistsError as exc:
-                raise OutputExistsError(f"{dest} exists; not overwritten") from exc
-            except OSError:  # file systems without hard links
-                if dest.exists():
-                    raise OutputExistsError(f"{dest} exists; not overwritten") from None
-                os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    return write_atomic(dest, lambda tmp: nib.save(img, str(tmp)), overwrite, suffix)

@@ -17,7 +17,6 @@ from napari_vaeloc.evaluation.brain_benchmark import (
 )
 from napari_vaeloc.evaluation.synthetic import ANOMALY_KINDS
 from napari_vaeloc.models.store import load_model
-from napari_vaeloc.preprocess import Normalisation
 from napari_vaeloc.training.datasets import heldout_slab_mask, load_template
 
 test_anatomies.__test__ = False  # a library function named test_*, not a test
@@ -34,8 +33,8 @@ def test_t2_region_is_the_held_out_slabs(t2):
     card = model.card
     template = load_template("icbm-t2")
     held = heldout_slab_mask(
-        template, card.axis, card.image_size, Normalisation.from_dict(card.normalisation),
-        card.training["split"],
+        template, card.axis, card.image_size, card.normalisation,
+        card.provenance.training["split"],
     )  # fmt: skip
     held_z = np.flatnonzero(held.any(axis=(0, 1)))  # 1 mm axial slices held out in training
     assert 0 < len(held_z) < 0.3 * held.shape[2]
@@ -79,7 +78,7 @@ def test_cases_cover_every_kind_inside_the_region(t2):
 
 def test_t1_anatomy_is_another_template():
     model = load_model("t1-brain")
-    assert "icbm" in " ".join(model.card.training["sources"])
+    assert "icbm" in " ".join(model.card.provenance.training["sources"])
     (a,) = test_anatomies("T1", model.card, n=1, seed=0)
     assert a.region is None and a.volume.shape == (91, 109, 91)  # FSL MNI152, not ICBM 2009c
     assert 0.15 < a.foreground.mean() < 0.4

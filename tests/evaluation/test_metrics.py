@@ -52,18 +52,6 @@ def test_ties_between_classes_count_half():
     assert tied.ap == pytest.approx(0.25)
 
 
-def test_dice_at_threshold_hand_checked():
-    a = acc_of([0.125, 0.5, 0.375, 1.0], [0, 0, 1, 1])
-    # score > .375: .5 (FP) and 1 (TP) -> 2*1 / (1 + 1 + 2)
-    assert a.dice_at(0.375) == pytest.approx(0.5)
-    # score > .1: everything -> 2*2 / (2 + 2 + 2)
-    assert a.dice_at(0.1) == pytest.approx(2 / 3)
-    # score > .4: .5 (FP) and 1 (TP)
-    assert a.dice_at(0.4) == pytest.approx(0.5)
-    assert a.dice_at(1.0) == 0.0
-    assert math.isnan(acc_of([0.5, 1.0], [0, 0]).dice_at(0.1))
-
-
 def test_one_class_gives_nan_with_a_reason():
     m = acc_of([0.2, 0.3], [0, 0]).metrics()
     assert math.isnan(m.auroc) and math.isnan(m.ap) and math.isnan(m.best_dice)

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.cli import main
-from napari_vaeloc.combine import CombineSettings, apply_settings
-from napari_vaeloc.engine import localize
+from napari_vaeloc.combine import CombineSettings, PostProcessor
+from napari_vaeloc.engine import EngineOptions, localize
 from napari_vaeloc.errors import InputError
 from napari_vaeloc.evaluation.runner import (
-    COMPONENTS,
     Case,
     evaluate_cases,
     parse_map_names,
@@ -23,6 +22,7 @@ from napari_vaeloc.evaluation.runner import (
     score_cases,
 )
 from napari_vaeloc.io import load_volume
+from napari_vaeloc.mapnames import EVALUATED_MAPS
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.samples import sample_path
 
@@ -40,7 +40,7 @@ def lesion():
 def test_regions_groups_and_healthy_cases(t2, lesion):
     scan, truth = lesion
     healthy = load_volume(sample_path("t2-healthy"))
-    res = localize(scan, t2, device="cpu")
+    res = localize(scan, t2, EngineOptions(device="cpu"))
     ax = res.slice_axis
     t = truth > 0
     # a slab of slices through part of the lesion
@@ -84,8 +84,8 @@ def test_regions_groups_and_healthy_cases(t2, lesion):
     assert np.array_equal(acc[("all", *key)].neg, pooled.neg)
     # Dice at the threshold is the default mask's, inside the region
     settings = CombineSettings.from_card(t2.card)
-    mask = apply_settings(res.maps, res.foreground, scan.spacing, settings, t2.card.calibration)
-    m = mask.mask.astype(bool) & fg
+    mask = PostProcessor(res, settings).mask()
+    m = mask.astype(bool) & fg
     want = 2 * (m & t).sum() / (m.sum() + (t & fg).sum())
     got = rows[("lesion", "default", "foreground")]
     assert got["dice_at_threshold"] == pytest.approx(want)
@@ -124,7 +124,7 @@ def test_score_cases_and_bad_input(t2, lesion):
     with pytest.raises(InputError, match="truth shape"):
         evaluate_cases(t2, [Case(scan, truth[:-1], {})], device="cpu")
     assert parse_map_names("rec_error,default") == (("rec_error",), True)
-    assert parse_map_names("all") == (COMPONENTS, True)
+    assert parse_map_names("all") == (EVALUATED_MAPS, True)
     with pytest.raises(InputError, match="choose from rec_error"):
         parse_map_names("rec_error,sparkle")
 
@@ -159,7 +159,7 @@ def test_synthetic_benchmark_is_reproducible(tmp_path, capsys):
     assert a == b
     assert a != c
     assert {r["kind"] for r in a} == {"intensity", "blur", "all"}
-    assert {r["map"] for r in a} == {*COMPONENTS, "default"}
+    assert {r["map"] for r in a} == {*EVALUATED_MAPS, "default"}
     assert {r["region"] for r in a} == {"foreground", "image"}
     assert all(0 <= float(r["auroc"]) <= 1 for r in a)
     assert all(math.isnan(float(r["dice_at_threshold"])) == (r["map"] != "default") for r in a)

@@ -25,9 +25,9 @@ def test_roundtrip_same_outputs(tiny_network, tiny_model_dir):
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(m.network.encode(x)[0], tiny_network.encode(x)[0])
     card = read_card(tiny_model_dir)
-    assert card.architecture == tiny_network.config()
+    assert card.architecture.config() == tiny_network.config()
     assert len(card.weights_sha256) == 64
-    assert card.package_version
+    assert card.provenance.package_version
     assert not m.network.training
 
 

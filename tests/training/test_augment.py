@@ -9,16 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_vaeloc.training.augment import (
-    FOREGROUND_EPS,
-    AugmentConfig,
-    Augmenter,
-    bias_field_shape,
-    elastic_displacement,
-)
+from napari_vaeloc.training.augment import FOREGROUND_EPS, AugmentConfig, Augmenter
+from napari_vaeloc.training.loop import FLIP_ONLY
 
 LO, HI = -1.5, 1.5
 NONE = AugmentConfig.none().to_dict()
+PROBS = [k for k in NONE if k.endswith("_p")]
 
 
 def only(**kw) -> AugmentConfig:
@@ -41,6 +37,15 @@ def brain_batch(b: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.where(inside, tex.clamp(LO, HI), torch.tensor(LO))
 
 
+def foreground_and_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The foreground mask of ``x`` and ``x`` in the unit range (clip low -> 0, high -> 1)."""
+    return x > LO + FOREGROUND_EPS, (x - LO) / (HI - LO)
+
+
+def from_unit(u: torch.Tensor) -> torch.Tensor:
+    return LO + u * (HI - LO)
+
+
 def ramps(h: int, w: int) -> torch.Tensor:
     """(1, 2, h, w): channel 0 holds the row index, channel 1 the column index. Bilinear
     sampling of a linear ramp is exact, so a warped ramp reads out the sampled coordinate."""
@@ -52,25 +57,14 @@ def ramps(h: int, w: int) -> torch.Tensor:
 # a wide clip and far background so the ramps (0 .. size - 1) pass through untouched
 RAMP = {"clip": [-1000.0, 1000.0], "background": -1000.0}
 
-STRONG = AugmentConfig(
-    flip_p=1.0,
-    affine_p=1.0,
-    rotation=0.3,
-    scale=(0.8, 1.3),
-    elastic_p=1.0,
-    elastic_alpha=3.0,
-    elastic_sigma=4.0,
-    bias_field_p=1.0,
-    bias_field=0.4,
-    gamma_p=1.0,
-    gamma=(0.5, 2.0),
-    brightness_p=1.0,
-    brightness=(0.7, 1.4),
-    noise_p=1.0,
-    noise_std=0.3,
-    resolution_p=1.0,
-    resolution=(1.0, 2.0),
-)
+# strong ranges for every transform, and the intensity transforms among them
+INTENSITY = {"bias_field": 0.4, "gamma": (0.5, 2.0), "brightness": (0.7, 1.4), "noise_std": 0.3}
+RANGES = {
+    **INTENSITY,
+    **{"rotation": 0.3, "scale": (0.8, 1.3), "elastic_alpha": 3.0, "elastic_sigma": 4.0},
+    "resolution": (1.0, 2.0),
+}
+STRONG = AugmentConfig(**dict.fromkeys(PROBS, 1.0), **RANGES)
 
 
 def test_none_is_identity_and_a_copy():
@@ -81,8 +75,7 @@ def test_none_is_identity_and_a_copy():
 
 
 def test_zero_probabilities_disable_active_ranges():
-    zero_p = {k: 0.0 for k in STRONG.to_dict() if k.endswith("_p")}
-    cfg = AugmentConfig.from_dict({**STRONG.to_dict(), **zero_p})
+    cfg = AugmentConfig(**dict.fromkeys(PROBS, 0.0), **RANGES)
     assert cfg.is_identity
     x = brain_batch()
     assert torch.equal(Augmenter(cfg)(x, gen()), x)
@@ -95,8 +88,7 @@ def test_zero_probabilities_disable_active_ranges():
 def test_probability_applies_per_slice(name):
     """With p = 0.5 (all other transforms off) each slice is either left exactly as it was or
     changed, and about half of them are changed."""
-    params = {k: v for k, v in STRONG.to_dict().items() if not k.endswith("_p")}
-    cfg = AugmentConfig.from_dict({**NONE, **params, f"{name}_p": 0.5})
+    cfg = AugmentConfig(**{**dict.fromkeys(PROBS, 0.0), f"{name}_p": 0.5}, **RANGES)
     x = brain_batch(48)
     y = Augmenter(cfg)(x, gen(11))
     same = (y == x).flatten(1).all(dim=1)
@@ -132,16 +124,8 @@ def test_range_shape_dtype_and_input_untouched(dtype):
 
 
 def test_intensity_transforms_keep_background():
-    cfg = only(
-        bias_field_p=1.0,
-        bias_field=0.4,
-        gamma_p=1.0,
-        gamma=(0.5, 2.0),
-        brightness_p=1.0,
-        brightness=(0.7, 1.4),
-        noise_p=1.0,
-        noise_std=0.3,
-    )
+    probs = {"bias_field_p": 1.0, "gamma_p": 1.0, "brightness_p": 1.0, "noise_p": 1.0}
+    cfg = only(**probs, **INTENSITY)
     x = brain_batch(16)
     x[:, :, :2] = LO + FOREGROUND_EPS / 2  # near-background, must be left alone too
     y = Augmenter(cfg)(x, gen(1))
@@ -159,6 +143,17 @@ def test_flip_p1_is_torch_flip_dim2():
     y = Augmenter(only(flip_p=1.0))(x, gen())
     assert torch.equal(y, torch.flip(x, dims=[2]))
     assert not torch.equal(y, torch.flip(x, dims=[3]))
+
+
+def test_fit_default_mirrors_half_the_slices_unclipped():
+    """``fit``'s default: each slice mirrored along dim 2 with probability 0.5 (one uniform draw
+    per slice from the generator), nothing else; values outside the clip range pass through."""
+    x = 3 * brain_batch(48, size=16)
+    y = FLIP_ONLY(x, gen(2))
+    mirrored = (torch.rand(48, generator=gen(2)) < 0.5).view(-1, 1, 1, 1)
+    assert torch.equal(y, torch.where(mirrored, x.flip(2), x))
+    assert 10 <= int(mirrored.sum()) <= 38
+    assert float(y.max()) > HI
 
 
 def test_quarter_turn_matches_rot90():
@@ -190,39 +185,55 @@ def test_rotation_and_scale_move_content_as_documented(angle, zoom, h, w):
     assert torch.all(y[:, outside] == RAMP["background"])
 
 
+ALPHA = 3.0
+
+
+def elastic_displacements(n: int, sigma: float, size: int = 48) -> torch.Tensor:
+    """(n, 2, ., .) displacements in pixels (exact on ramps) of elastic deformations with
+    amplitude ALPHA, inside a margin where the sampled points stay inside the image."""
+    cfg = only(elastic_p=1.0, elastic_alpha=ALPHA, elastic_sigma=sigma, **RAMP)
+    x = ramps(size, size).expand(n, 2, size, size)
+    m = math.ceil(ALPHA) + 1
+    return (Augmenter(cfg)(x, gen(4)) - x)[:, :, m:-m, m:-m]
+
+
+def longest(disp: torch.Tensor) -> torch.Tensor:
+    """(n,) the length of each slice's longest displacement vector."""
+    return disp.square().sum(dim=1).sqrt().amax(dim=(1, 2))
+
+
+def largest_step(disp: torch.Tensor) -> torch.Tensor:
+    """(n,) the largest change of each slice's displacement between neighbouring pixels."""
+    rows = (disp[:, :, 1:] - disp[:, :, :-1]).abs().amax(dim=(1, 2, 3))
+    cols = (disp[:, :, :, 1:] - disp[:, :, :, :-1]).abs().amax(dim=(1, 2, 3))
+    return torch.maximum(rows, cols)
+
+
 def test_elastic_field_is_smooth_and_bounded_by_alpha():
-    alpha, sigma, size = 3.0, 5.0, 48
-    cfg = only(elastic_p=1.0, elastic_alpha=alpha, elastic_sigma=sigma, **RAMP)
-    x = ramps(size, size).expand(6, 2, size, size)
-    y = Augmenter(cfg)(x, gen(4))
-    m = math.ceil(alpha) + 1  # interior: sampled points stay inside the image
-    disp = (y - x)[:, :, m:-m, m:-m]  # (B, 2, ., .) displacement in pixels, exact on ramps
-    length = disp.square().sum(dim=1).sqrt()
-    assert float(length.max()) <= alpha + 1e-4
-    assert float(length.amax(dim=(1, 2)).min()) > 0.05  # every slice is deformed
-    step = max(
-        float((disp[:, :, 1:] - disp[:, :, :-1]).abs().max()),
-        float((disp[:, :, :, 1:] - disp[:, :, :, :-1]).abs().max()),
-    )
-    assert step < 0.25 * alpha  # white noise of this amplitude would jump by ~alpha
-    # the helper: unit longest vector; rougher for a smaller sigma
-    smooth = elastic_displacement(4, (40, 40), 6.0, gen(0))
-    rough = elastic_displacement(4, (40, 40), 1.0, gen(0))
-    torch.testing.assert_close(smooth.square().sum(1).sqrt().amax(dim=(1, 2)), torch.ones(4))
+    disp = elastic_displacements(6, sigma=5.0)
+    assert float(longest(disp).max()) <= ALPHA + 1e-4
+    assert float(longest(disp).min()) > 0.05  # every slice is deformed
+    # white noise of this amplitude would jump by ~ALPHA
+    assert float(largest_step(disp).max()) < 0.25 * ALPHA
 
-    def jump(f: torch.Tensor) -> float:
-        return float((f[:, :, 1:] - f[:, :, :-1]).abs().max())
 
-    assert jump(smooth) < 0.3 < jump(rough)
+def test_elastic_amplitude_is_uniform_up_to_alpha_and_roughness_follows_sigma():
+    """Each field is scaled to a longest vector uniform in [0, ALPHA]; relative to that length
+    it changes by about 1 / sigma per pixel."""
+    smooth, rough = elastic_displacements(32, sigma=6.0), elastic_displacements(32, sigma=1.0)
+    for disp in (smooth, rough):
+        assert 0.8 * ALPHA < float(longest(disp).max()) <= ALPHA + 1e-4
+        assert 0.3 * ALPHA < float(longest(disp).mean()) < 0.7 * ALPHA
+    relative_step = [largest_step(d) / longest(d) for d in (smooth, rough)]
+    assert float(relative_step[0].max()) < 0.3 < float(relative_step[1].min())
 
 
 def test_gamma_changes_foreground_in_expected_direction():
     x = brain_batch(8)
-    fg = x > LO + FOREGROUND_EPS
-    u = (x - LO) / (HI - LO)
+    fg, u = foreground_and_unit(x)
     dark = Augmenter(only(gamma_p=1.0, gamma=(2.0, 2.0)))(x, gen())
     bright = Augmenter(only(gamma_p=1.0, gamma=(0.5, 0.5)))(x, gen())
-    torch.testing.assert_close(dark[fg], (LO + u.square() * (HI - LO))[fg])
+    torch.testing.assert_close(dark[fg], from_unit(u.square())[fg])
     assert dark[fg].mean() < x[fg].mean() < bright[fg].mean()
     # the ends of the clip range stay fixed
     top = x == HI
@@ -231,12 +242,11 @@ def test_gamma_changes_foreground_in_expected_direction():
 
 def test_gamma_then_brightness_each_with_its_own_probability():
     x = brain_batch(24)
-    fg = x > LO + FOREGROUND_EPS
-    u = (x - LO) / (HI - LO)
+    fg, u = foreground_and_unit(x)
     cfg = only(gamma_p=0.5, gamma=(2.0, 2.0), brightness_p=1.0, brightness=(1.2, 1.2))
     y = Augmenter(cfg)(x, gen(3))
-    bright_only = LO + (1.2 * u).clamp(max=1) * (HI - LO)
-    both = LO + (1.2 * u.square()).clamp(max=1) * (HI - LO)  # gamma first, then brightness
+    bright_only = from_unit((1.2 * u).clamp(max=1))
+    both = from_unit((1.2 * u.square()).clamp(max=1))  # gamma first, then brightness
     bright_only, both = torch.where(fg, bright_only, x), torch.where(fg, both, x)
 
     def close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -249,33 +259,48 @@ def test_gamma_then_brightness_each_with_its_own_probability():
 
 def test_brightness_scales_the_unit_range():
     x = brain_batch(8)
-    fg = x > LO + FOREGROUND_EPS
-    u = (x - LO) / (HI - LO)
+    fg, u = foreground_and_unit(x)
     up = Augmenter(only(brightness_p=1.0, brightness=(1.2, 1.2)))(x, gen())
     down = Augmenter(only(brightness_p=1.0, brightness=(0.8, 0.8)))(x, gen())
-    torch.testing.assert_close(up[fg], (LO + (1.2 * u).clamp(max=1) * (HI - LO))[fg])
-    torch.testing.assert_close(down[fg], (LO + 0.8 * u * (HI - LO))[fg])
+    torch.testing.assert_close(up[fg], from_unit((1.2 * u).clamp(max=1))[fg])
+    torch.testing.assert_close(down[fg], from_unit(0.8 * u)[fg])
     assert down[fg].mean() < x[fg].mean() < up[fg].mean()
+
+
+def flat_slices(b: int, h: int, w: int, background_rows: int) -> torch.Tensor:
+    """(b, 1, h, w) foreground at u = 0.5 (so a multiplicative field shows as it is) below
+    ``background_rows`` rows of background."""
+    x = torch.full((b, 1, h, w), 0.0)  # the middle of the clip range
+    x[:, :, :background_rows] = LO
+    return x
+
+
+def bias_fields(x: torch.Tensor, a: float, rows: int) -> torch.Tensor:
+    """The bias fields (amplitude up to ``a``) applied to ``flat_slices``, below ``rows``."""
+    y = Augmenter(only(bias_field_p=1.0, bias_field=a))(x, gen(2))
+    assert y.shape == x.shape and torch.equal(y[:, :, :rows], x[:, :, :rows])
+    return (foreground_and_unit(y)[1] / 0.5)[:, :, rows:]
 
 
 def test_bias_field_is_smooth_and_bounded():
     a = 0.3
-    x = torch.full((4, 1, 32, 32), 0.0)  # u = 0.5 everywhere: the output shows the field
-    x[:, :, :4] = LO
-    y = Augmenter(only(bias_field_p=1.0, bias_field=a))(x, gen(2))
-    field = ((y - LO) / (HI - LO) / 0.5)[:, :, 4:]
+    field = bias_fields(flat_slices(4, 32, 32, background_rows=4), a, rows=4)
     assert float(field.min()) >= 1 - a - 1e-5 and float(field.max()) <= 1 + a + 1e-5
     assert float(field.std(dim=(1, 2, 3)).min()) > 1e-3
     assert float((field[:, :, 1:] - field[:, :, :-1]).abs().max()) < 0.1
-    assert torch.equal(y[:, :, :4], x[:, :, :4])
-    shape = bias_field_shape(3, (16, 20), gen())
-    assert shape.shape == (3, 1, 16, 20)
-    torch.testing.assert_close(shape.abs().amax(dim=(1, 2, 3)), torch.ones(3))
+
+
+def test_bias_field_amplitude_is_uniform_up_to_the_maximum():
+    """Each field is 1 + a p with max |p| = 1 and a uniform in [0, bias_field]; non-square."""
+    a = 0.3
+    field = bias_fields(flat_slices(16, 24, 40, background_rows=1), a, rows=1)
+    deviation = (field - 1).abs().amax(dim=(1, 2, 3))
+    assert 0.8 * a < float(deviation.max()) <= a + 1e-5
+    assert 0.2 * a < float(deviation.mean()) < 0.7 * a
 
 
 def test_noise_only_on_foreground_with_bounded_std():
-    x = torch.full((4, 1, 32, 32), 0.0)
-    x[:, :, :8] = LO
+    x = flat_slices(4, 32, 32, background_rows=8)
     y = Augmenter(only(noise_p=1.0, noise_std=0.2))(x, gen(5))
     assert torch.equal(y[:, :, :8], x[:, :, :8])
     diff = (y - x)[:, :, 8:]

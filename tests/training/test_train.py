@@ -88,13 +88,13 @@ def test_calibration_percentiles_are_ordered(tiny_network):
     x = torch.randn(10, 1, 16, 16, generator=gen)
     fg = torch.ones(10, 16, 16, dtype=torch.bool)
     cal = calibrate(tiny_network, x, fg, weights={"combi": 1.0, "elbo_grad": 1.0})
-    for name, pct in cal["percentiles"].items():
+    for name, pct in cal.percentiles.items():
         vals = list(pct.values())
         assert vals == sorted(vals), name
-        assert cal["scales"][name] == pct["99.0"]
-    fpr = cal["combined_fpr"]
+        assert cal.scales[name] == pct["99.0"]
+    fpr = cal.combined_fpr
     assert fpr["0.1"] <= fpr["0.01"] <= fpr["0.001"]
-    assert cal["n_pixels"] == 10 * 16 * 16
+    assert cal.n_pixels == 10 * 16 * 16
 
 
 def test_train_command_end_to_end(tmp_path, capsys):
@@ -130,12 +130,12 @@ def test_train_command_end_to_end(tmp_path, capsys):
     model = load_model(out)
     card = model.card
     assert card.name == "phantom-t2"
-    assert card.calibration["kl_grad_scale"] > 0
-    assert set(card.calibration["scales"]) >= {"rec_error", "kl_grad", "elbo_grad", "combi"}
-    assert card.defaults["threshold"] == card.calibration["combined_fpr"]["0.01"]
-    assert [h["step"] for h in card.training["history"]] == [4, 8, 12]
-    assert card.training["split"]["by"] == "slab"
-    assert "2 NIfTI file(s)" in card.provenance
+    assert card.calibration.kl_grad_scale > 0
+    assert set(card.calibration.scales) >= {"rec_error", "kl_grad", "elbo_grad", "combi"}
+    assert card.defaults.threshold == card.calibration.combined_fpr["0.01"]
+    assert [h["step"] for h in card.provenance.training["history"]] == [4, 8, 12]
+    assert card.provenance.training["split"]["by"] == "slab"
+    assert "2 NIfTI file(s)" in card.provenance.sources
     assert not (tmp_path / ".model.checkpoint").exists()
     res = localize(load_volume(tmp_path / "healthy0.nii.gz"), model)
     assert res.maps["combi"].shape == (24, 28, 24)

@@ -22,14 +22,27 @@ from pathlib import Path
 import numpy as np
 
 from ..io import Volume, load_volume
-from ..preprocess import Normalisation
 from ..samples import TEMPLATES
 from ..training.datasets import heldout_slab_mask, load_template
 from .runner import Case
 from .synthetic import ANOMALY_KINDS, synthesize_anomaly
 
 #: test anatomy per modality: (template name, score only the training's held-out slabs)
-TEST_ANATOMY = {"T2": ("icbm-t2", True), "T1": ("mni152-t1", False)}
+
+
+@dataclass(frozen=True)
+class HeldOutAnatomy:
+    """The held-out anatomy of one modality: a template key (:data:`napari_vaeloc.samples.
+    TEMPLATES`) and whether only the model's held-out training slabs of it may be scored."""
+
+    template: str
+    heldout_slabs: bool
+
+
+TEST_ANATOMY = {
+    "T2": HeldOutAnatomy("icbm-t2", heldout_slabs=True),
+    "T1": HeldOutAnatomy("mni152-t1", heldout_slabs=False),
+}
 VOXEL_MM = 2.0
 MIN_DEPTH_MM = 8.0  # anomaly centres lie at least this deep inside the brain
 
@@ -128,15 +141,14 @@ def test_anatomies(
 
     if modality not in TEST_ANATOMY:
         raise ValueError(f"no test anatomy for modality {modality!r}; have {sorted(TEST_ANATOMY)}")
-    template, heldout = TEST_ANATOMY[modality]
+    template, heldout = TEST_ANATOMY[modality].template, TEST_ANATOMY[modality].heldout_slabs
     vol = _load_source(source or template)
     region1 = None
     if heldout:
-        split = (card.training or {}).get("split", {})
+        split = card.provenance.training.get("split", {})
         if split.get("by") != "slab":
             raise ValueError("the model's training did not hold out slabs of one volume")
-        norm = Normalisation.from_dict(card.normalisation)
-        region1 = heldout_slab_mask(vol, card.axis, card.image_size, norm, split)
+        region1 = heldout_slab_mask(vol, card.axis, card.image_size, card.normalisation, split)
     factor = round(VOXEL_MM / float(np.mean(vol.spacing)))
     data, affine = (
         downsample(vol.data, vol.affine, factor) if factor > 1 else (vol.data, vol.affine)

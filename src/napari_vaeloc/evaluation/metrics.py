@@ -13,7 +13,7 @@ has an 11-bit significand) become ties, values below about 6e-8 become 0 and val
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,9 +41,6 @@ class PixelMetrics:
     positives: int
     negatives: int
     reason: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _undefined_reason(positives: int, negatives: int) -> str:
@@ -161,13 +158,6 @@ class PixelAccumulator:
             positives=p,
             negatives=n,
         )
-
-    def dice_at(self, threshold: float) -> float:
-        """Dice of the voxels with (float16-rounded) score > ``threshold``; NaN without
-        anomalous voxels."""
-        above = BIN_VALUES > threshold
-        tp, fp, p = int(self.pos[above].sum()), int(self.neg[above].sum()), self.positives
-        return 2 * tp / (tp + fp + p) if p else float("nan")
 
     def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(false-positive rate, true-positive rate) of the pooled voxels."""

@@ -37,7 +37,7 @@ def _figure(size: tuple[float, float]) -> Figure:
 def save_figure(fig: Figure, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``fig`` as PNG whole or not at all, refusing to replace a file unless
     ``overwrite``."""
-    from ..export import write_atomic
+    from ..io import write_atomic
 
     return write_atomic(
         Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), overwrite, ".png"

@@ -20,17 +20,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..combine import CombineSettings, apply_settings
-from ..engine import localize
+from ..combine import CombineSettings, PostProcessor
+from ..engine import EngineOptions, localize
 from ..errors import InputError
 from ..io import Volume
-from ..mapnames import PIXEL_MAPS, SLICE_SCORES
+from ..mapnames import EVALUATED_MAPS, PIXEL_MAPS, SLICE_SCORES, check_names
 from ..models.store import LoadedModel
 from .metrics import Overlap, PixelAccumulator, pixel_metrics, sample_metrics
 from .synthetic import synthesize_anomaly
 
 __all__ = [
-    "COMPONENTS",
     "REGIONS",
     "VOLUME_SCORES",
     "Case",
@@ -48,8 +47,6 @@ __all__ = [
     "synthetic_report",
 ]
 
-#: the maps evaluated by default (sq_error ranks voxels like rec_error, so it is left out)
-COMPONENTS = ("rec_error", "rec_error_smooth", "kl_grad", "rec_grad", "elbo_grad", "combi")
 REGIONS = ("foreground", "image")
 #: volume-level scores: means of the counted slices' scores, and the largest slice ELBO
 VOLUME_SCORES = ("kl_mean", "rec_mean", "elbo_mean", "elbo_max")
@@ -234,7 +231,7 @@ def evaluate_cases(
     model: LoadedModel,
     cases: Iterable[Case],
     *,
-    maps: Sequence[str] = COMPONENTS,
+    maps: Sequence[str] = EVALUATED_MAPS,
     settings: Mapping[str, CombineSettings] | None = None,
     group_by: str | None = "kind",
     device: str = "auto",
@@ -261,26 +258,21 @@ def evaluate_cases(
         InputError: unknown map names, a truth or region of the wrong shape, or no case counted.
     """
     maps = tuple(maps)
-    unknown = set(maps) - set(PIXEL_MAPS)
-    if unknown:
-        raise InputError(f"unknown maps {sorted(unknown)}; choose from {', '.join(PIXEL_MAPS)}")
+    check_names(maps, PIXEL_MAPS, "maps")
     named = (
         {"default": CombineSettings.from_card(model.card)} if settings is None else dict(settings)
     )
     clash = set(named) & set(maps)
     if clash:
         raise InputError(f"settings names {sorted(clash)} clash with map names")
-    weights = [k for s in named.values() for k, w in s.weights.items() if w]
-    bad = set(weights) - set(PIXEL_MAPS)
-    if bad:
-        raise InputError(f"combination weights name unknown maps {sorted(bad)}")
+    weights = [k for s in named.values() for k in s.used_weights()]
     needed = tuple(dict.fromkeys([*maps, *weights]))
     if not needed:
         raise InputError("nothing to evaluate: no maps and no combination settings")
     names = [*maps, *named]
     groups: dict[str, _Group] = {}
     picker = _ExamplePicker(examples)
-    calibration = model.card.calibration
+    options = EngineOptions(device=device)
     for i, case in enumerate(cases):
         shape = case.volume.shape
         truth = np.asarray(case.truth) > 0
@@ -299,7 +291,7 @@ def evaluate_cases(
             if progress:
                 progress(i + 1)
             continue
-        res = localize(case.volume, model, device=device, maps=needed)
+        res = localize(case.volume, model, options, maps=needed)
         group = str(case.info.get(group_by, ALL)) if group_by else ALL
         g = groups.setdefault(group, _Group(names, list(named)))
         g.cases += 1
@@ -308,8 +300,10 @@ def evaluate_cases(
             fg &= region
         where = {"foreground": fg, "image": region}
         scored = {k: res.maps[k] for k in maps}
+        post = PostProcessor(res)
         for name, s in named.items():
-            c = apply_settings(res.maps, res.foreground, case.volume.spacing, s, calibration)
+            post.settings = s
+            c = post.combination()
             scored[name] = c.combined
             for r in REGIONS:
                 g.overlaps[(name, r)].add(c.mask, truth, where[r])
@@ -401,14 +395,14 @@ def _report(
 
 def parse_map_names(text: str) -> tuple[tuple[str, ...], bool]:
     """ "rec_error,kl_grad,default" -> (("rec_error", "kl_grad"), True): engine maps and whether
-    the model's default combination is wanted. "all" = ``COMPONENTS`` and default.
+    the model's default combination is wanted. "all" = ``EVALUATED_MAPS`` and default.
 
     Raises:
         InputError: an unknown name (the message lists the valid ones), or none at all.
     """
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if parts == ["all"]:
-        return COMPONENTS, True
+        return EVALUATED_MAPS, True
     valid = (*PIXEL_MAPS, "default")
     unknown = [p for p in parts if p not in valid]
     if unknown or not parts:
@@ -436,7 +430,7 @@ def score_cases(
     model: LoadedModel,
     cases: Iterable[Case],
     settings: Sequence[CombineSettings] = (),
-    components: Sequence[str] = COMPONENTS,
+    components: Sequence[str] = EVALUATED_MAPS,
     device: str = "auto",
 ) -> dict[str, dict[str, float]]:
     """Pooled pixel metrics inside the foreground for each component and each combination
@@ -468,7 +462,7 @@ def synthetic_report(
     seed: int = 0,
     device: str = "auto",
     *,
-    maps: Sequence[str] = COMPONENTS,
+    maps: Sequence[str] = EVALUATED_MAPS,
     settings: Mapping[str, CombineSettings] | None = None,
     examples: int = 0,
     progress: Callable[[int], None] | None = None,

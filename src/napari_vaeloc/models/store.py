@@ -1,4 +1,5 @@
-"""Model folders: ``weights.safetensors`` plus ``model.json`` (metadata, the weights' sha256).
+"""Model folders: ``weights.safetensors`` plus ``model.json`` (the typed card of ``card.py``,
+with the weights' sha256).
 
 Weights are never unpickled. Loading checks the checksum, then that every tensor's name and shape
 matches the architecture the metadata describes.
@@ -6,77 +7,19 @@ matches the architecture the metadata describes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelError, OutputExistsError
-from ..io import make_readable
+from ..errors import ModelError
+from ..io import write_atomic, write_folder_atomic
+from .card import Architecture, ModelCard
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model.json"
-FORMAT_VERSION = 1
 BUNDLED_DIR = Path(__file__).parent / "weights"
-
-
-@dataclass
-class ModelCard:
-    """Everything needed to use a model besides its weights.
-
-    Attributes:
-        name: short identifier, e.g. "t2-brain".
-        architecture: ``config()`` of the network (see :func:`build_model`).
-        axis: slicing axis the model was trained on ("axial", "coronal", "sagittal").
-        normalisation: :meth:`Normalisation.to_dict` of the preprocessing.
-        likelihood_log_std: log sigma of the Gaussian likelihood (0 -> sigma = 1).
-        modality: e.g. "T2"; description, provenance and licence are free text.
-        calibration: per-map statistics on healthy foreground, or None (uncalibrated).
-        defaults: combination weights, smoothing and threshold the plugin starts from.
-        weights_sha256: checksum of the weights file, filled in on save.
-    """
-
-    name: str
-    architecture: dict
-    axis: str = "axial"
-    normalisation: dict = field(
-        default_factory=lambda: {
-            "method": "zscore-foreground",
-            "foreground": "otsu",
-            "clip": [-1.5, 1.5],
-        }
-    )
-    likelihood_log_std: float = 0.0
-    modality: str = "T2"
-    description: str = ""
-    provenance: str = ""
-    licence: str = ""
-    calibration: dict | None = None
-    defaults: dict = field(default_factory=dict)
-    training: dict = field(default_factory=dict)
-    package_version: str = ""
-    weights_sha256: str = ""
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def image_size(self) -> int:
-        return int(self.architecture["image_size"])
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelCard:
-        known = set(cls.__dataclass_fields__)
-        missing = {"name", "architecture"} - set(d)
-        if missing:
-            raise ModelError(f"model metadata lacks {', '.join(sorted(missing))}")
-        if int(d.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
-            raise ModelError("model metadata is from a newer napari-vaeloc; upgrade the package")
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -99,49 +42,39 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def save_model(
     network, card: ModelCard, directory: str | os.PathLike, overwrite: bool = False
 ) -> Path:
-    """Write ``directory/weights.safetensors`` and ``directory/model.json`` (atomically, as one
-    folder rename). The card's architecture and checksum are filled in from the network."""
+    """Write ``directory/weights.safetensors`` and ``directory/model.json`` as one folder that
+    appears whole or not at all (:func:`napari_vaeloc.io.write_folder_atomic`). The card's
+    architecture and checksum are filled in from the network.
+
+    Raises:
+        OutputExistsError: the folder exists and ``overwrite`` is false.
+    """
     from safetensors.torch import save_file
 
     from .. import __version__
 
-    dest = Path(directory)
-    if dest.exists() and not overwrite:
-        raise OutputExistsError(f"{dest} exists; pass overwrite=True to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    def fill(tmp: Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        card.architecture = network.config()
+        write_atomic(
+            tmp / WEIGHTS_FILE,
+            lambda f: save_file(state, str(f), metadata={"format": "pt"}),
+            suffix=".safetensors",
+        )
+        card.architecture = Architecture.from_dict(network.config(), "network config")
         card.weights_sha256 = sha256_file(tmp / WEIGHTS_FILE)
-        card.package_version = card.package_version or __version__
-        (tmp / CARD_FILE).write_text(card.to_json() + "\n")
-        for p in (tmp, tmp / WEIGHTS_FILE, tmp / CARD_FILE):
-            make_readable(p)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return dest
+        card.provenance.package_version = card.provenance.package_version or __version__
+        card.save(tmp / CARD_FILE)
+
+    return write_folder_atomic(directory, fill, overwrite)
 
 
 def read_card(directory: str | os.PathLike) -> ModelCard:
-    d = Path(directory)
-    try:
-        raw = json.loads((d / CARD_FILE).read_text())
-    except FileNotFoundError as exc:
-        raise ModelError(f"{d} is not a model folder: no {CARD_FILE}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{d / CARD_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelError(f"{d / CARD_FILE} must hold a JSON object")
-    try:
-        return ModelCard.from_dict(raw)
-    except TypeError as exc:
-        raise ModelError(f"{d / CARD_FILE} is malformed: {exc}") from exc
+    """The validated card of a model folder.
+
+    Raises:
+        ModelError: no ``model.json``, invalid JSON, or an invalid card (the field is named).
+    """
+    return ModelCard.load(Path(directory) / CARD_FILE)
 
 
 def bundled_models() -> dict[str, Path]:
@@ -191,7 +124,7 @@ def load_model(source: str | os.PathLike, device: str = "cpu", verify: bool = Tr
                 "corrupted; reinstall or retrain the model"
             )
     try:
-        network = build_model(card.architecture)
+        network = build_model(card.architecture.config())
     except (TypeError, ValueError) as exc:
         raise ModelError(f"model {card.name!r}: bad architecture in metadata: {exc}") from exc
     try:
@@ -219,3 +152,20 @@ def load_model(source: str | os.PathLike, device: str = "cpu", verify: bool = Tr
     network.eval().requires_grad_(False)
     network.to(device)
     return LoadedModel(network, card, folder)
+
+
+def cached_model(source: str | os.PathLike) -> LoadedModel:
+    """:func:`load_model` with a cache shared by every front (the command line, the widget and
+    the engine's companion models): a model folder is read once per process while its files
+    are unchanged (the key holds their modification times)."""
+    folder = resolve_model_path(source).resolve()
+    stamps = tuple(
+        (folder / f).stat().st_mtime_ns if (folder / f).exists() else 0
+        for f in (CARD_FILE, WEIGHTS_FILE)
+    )
+    return _load_cached(str(folder), stamps)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(folder: str, stamps: tuple[int, int]) -> LoadedModel:
+    return load_model(folder)

@@ -5,7 +5,7 @@ Training on a single healthy template needs augmentation to stand in for subject
 (B, 1, S, S) from :func:`napari_vaeloc.preprocess.volume_to_slices`: foreground z-scores clipped
 to ``clip``, background/padding at ``background``) and applies, in this order:
 
-1. left-right mirror along dim 2 (the first in-plane axis, as :func:`train.flip_augment`);
+1. mirror along dim 2 (the first in-plane axis: left-right for axial and coronal slices);
 2. rotation + scaling + a smooth elastic displacement, in one ``grid_sample`` (bilinear); areas
    that come from outside the image are filled with ``background``;
 3. simulated lower resolution (antialiased downsampling, bilinear upsampling back);
@@ -15,7 +15,8 @@ to ``clip``, background/padding at ``background``) and applies, in this order:
 5. clipping back into ``clip``.
 
 Every random number comes from the ``generator`` passed in, so the same generator state gives
-the same output. An ``Augmenter`` is a drop-in ``augment`` for :func:`train.fit`.
+the same output. An ``Augmenter`` is a drop-in ``augment`` for :func:`loop.fit` (whose default,
+:data:`loop.FLIP_ONLY`, is one that only mirrors).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class AugmentConfig:
     slice unless stated otherwise.
 
     Attributes:
-        flip_p: probability of a left-right mirror along dim 2. Default 0.5.
+        flip_p: probability of a mirror along dim 2, the first in-plane axis of the slices
+            (left-right in RAS+ axial and coronal slices). Default 0.5.
         affine_p: probability of a random rotation + scaling. Default 1.0.
         rotation: rotation angle in radians; a number r means uniform in [-r, r], a pair
             (low, high) means uniform in [low, high] (a collapsed pair gives a fixed angle).
@@ -147,24 +149,9 @@ class AugmentConfig:
     @classmethod
     def none(cls) -> AugmentConfig:
         """A configuration that disables every transform (the augmenter returns a copy)."""
-        return cls(
-            flip_p=0.0,
-            affine_p=0.0,
-            rotation=0.0,
-            scale=(1.0, 1.0),
-            elastic_p=0.0,
-            elastic_alpha=0.0,
-            bias_field_p=0.0,
-            bias_field=0.0,
-            gamma_p=0.0,
-            gamma=(1.0, 1.0),
-            brightness_p=0.0,
-            brightness=(1.0, 1.0),
-            noise_p=0.0,
-            noise_std=0.0,
-            resolution_p=0.0,
-            resolution=(1.0, 1.0),
-        )
+        neutral = {"rotation": 0.0, "elastic_alpha": 0.0, "bias_field": 0.0, "noise_std": 0.0}
+        neutral.update(dict.fromkeys(("scale", "gamma", "brightness", "resolution"), (1.0, 1.0)))
+        return cls(**dict.fromkeys(_PROBS, 0.0), **neutral)
 
     @property
     def rotation_range(self) -> tuple[float, float]:
@@ -272,29 +259,18 @@ def _gaussian_matrix(size: int, sigma: float, device=None) -> torch.Tensor:
 def _smooth_field(
     n: int, a_h: torch.Tensor, a_w: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
-    """(n, 2, H, W) float32 fields ``a_h @ Z @ a_w.T``, Z normal, scaled to unit max length."""
+    """Smooth random displacement fields ``a_h @ Z @ a_w.T``, (n, 2, H, W) in pixels, channels
+    (dim 2, dim 3), for ``_gaussian_matrix`` weights ``a_h``, ``a_w``.
+
+    Gaussian-smoothed white noise: independent normal weights ``Z`` on points ``sigma`` apart,
+    each spread by a Gaussian of std ``sigma`` pixels. Each field is scaled so its longest
+    displacement vector has length 1 (multiply by the amplitude in pixels); its spatial
+    derivatives are then of order 1 / ``sigma`` per pixel.
+    """
     z = _randn((n, 2, a_h.shape[1], a_w.shape[1]), generator, a_h.device, a_h.dtype)
     field = a_h @ z @ a_w.T
     longest = field.square().sum(dim=1).amax(dim=(1, 2)).sqrt().clamp_min(1e-12)
     return field / longest.view(n, 1, 1, 1)
-
-
-def elastic_displacement(
-    n: int, size: tuple[int, int], sigma: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Smooth random displacement fields, (n, 2, H, W) float32 in pixels, channels (dim 2,
-    dim 3), on the generator's device.
-
-    Gaussian-smoothed white noise: independent normal weights on points ``sigma`` apart (at
-    least 0.5 px), each spread by a Gaussian of std ``sigma`` pixels (a separable sum,
-    ``A_h @ Z @ A_w.T``). Each field is scaled so its longest displacement vector has length 1
-    (multiply by the amplitude in pixels); its spatial derivatives are then of order
-    1 / ``sigma`` per pixel.
-    """
-    dev = generator.device
-    a_h = _gaussian_matrix(size[0], sigma, dev)
-    a_w = _gaussian_matrix(size[1], sigma, dev)
-    return _smooth_field(n, a_h, a_w, generator)
 
 
 def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -322,17 +298,12 @@ def _poly_basis(h: int, w: int, device, dtype, degree: int = 3) -> torch.Tensor:
 
 
 def _bias_from_basis(n: int, basis: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(n, 1, H, W) random smooth fields ``p`` over the (K, H, W) ``basis``, each scaled to
+    max |p| = 1; the bias field is ``1 + a * p``."""
     coef = _randn((n, basis.shape[0]), generator, basis.device, basis.dtype)
     p = torch.einsum("nk,khw->nhw", coef, basis)
     p = p / p.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     return p.unsqueeze(1)
-
-
-def bias_field_shape(n: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """Random smooth (cubic polynomial) fields, (n, 1, H, W) float32 on the generator's device,
-    each scaled to max |p| = 1; the bias field is ``1 + a * p``."""
-    basis = _poly_basis(*size, generator.device, torch.float32)
-    return _bias_from_basis(n, basis, generator)
 
 
 # ----------------------------------------------------------------------------- augmenter

@@ -11,13 +11,21 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..combine import DEFAULT_WEIGHTS
+from ..combine import DEFAULT_WEIGHTS, CombineSettings
 from ..errors import OutputExistsError
-from ..models.store import ModelCard, save_model
+from ..models.card import (
+    Architecture,
+    Calibration,
+    ModelCard,
+    PostProcessingDefaults,
+    Preprocessing,
+    Provenance,
+)
+from ..models.store import LoadedModel, save_model
 from ..preprocess import Normalisation
 from ..samples import MNI_LICENCE, TEMPLATES
 from .datasets import build_slice_dataset, heldout_masks, load_training_volumes
-from .loop import TrainConfig, calibrate, fit
+from .loop import TrainConfig, calibrate, fit, fpr_table
 
 #: the default threshold: a healthy foreground voxel exceeds it with this probability
 DEFAULT_FPR = 0.01
@@ -56,7 +64,7 @@ def train_model(
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise OutputExistsError(out)
     norm = normalisation or Normalisation()
     volumes, names = load_training_volumes(sources)
     data = build_slice_dataset(volumes, cfg.axis, cfg.image_size, norm, seed=cfg.seed)
@@ -87,7 +95,8 @@ def train_model(
         if len(data.val)
         else None
     )
-    threshold = (calibration or {}).get("combined_fpr", {}).get(str(DEFAULT_FPR), 1.0)
+    table = (calibration.combined_fpr if calibration is not None else None) or {}
+    threshold = table.get(str(DEFAULT_FPR), 1.0)
     templates = [s for s in sources if s in TEMPLATES]
     provenance = "; ".join(
         [TEMPLATES[t].description for t in templates]
@@ -97,38 +106,39 @@ def train_model(
             else []
         )
     )
+    training_record = {
+        "config": cfg.to_dict(),
+        "augment": aug_cfg.to_dict(),
+        "split": data.split,
+        "history": result.history,
+        "best_step": result.best_step,
+        "best_val_loss": result.best_val,
+        "stopped": result.stopped,
+        "sources": [str(s) if s in TEMPLATES else Path(s).name for s in sources],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "package_version": __version__,
+    }
     card = ModelCard(
         name=name or out.name,
-        architecture=net.config(),
-        axis=cfg.axis,
-        normalisation=norm.to_dict(),
+        architecture=Architecture.from_dict(net.config(), "network config"),
+        preprocessing=Preprocessing(axis=cfg.axis, normalisation=norm, modality=modality),
         likelihood_log_std=cfg.likelihood_log_std,
-        modality=modality,
-        description=f"conv VAE (Zimmerer et al. 2019) trained on healthy {modality} "
-        f"{cfg.axis} slices",
-        provenance=provenance,
-        licence=MNI_LICENCE if templates else "as the training data",
         calibration=calibration,
-        defaults={
-            "weights": weights,
-            "threshold": threshold,
-            "threshold_fpr": DEFAULT_FPR,
-            "smoothing_mm": 0.0,
-            "min_size_mm3": 0.0,
-        },
-        training={
-            "config": cfg.to_dict(),
-            "augment": aug_cfg.to_dict(),
-            "split": data.split,
-            "history": result.history,
-            "best_step": result.best_step,
-            "best_val_loss": result.best_val,
-            "stopped": result.stopped,
-            "sources": [str(s) if s in TEMPLATES else Path(s).name for s in sources],
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "package_version": __version__,
-        },
+        defaults=PostProcessingDefaults(
+            weights=weights,
+            threshold=threshold,
+            threshold_fpr=DEFAULT_FPR,
+            smoothing_mm=0.0,
+            min_size_mm3=0.0,
+        ),
+        provenance=Provenance(
+            description=f"conv VAE (Zimmerer et al. 2019) trained on healthy {modality} "
+            f"{cfg.axis} slices",
+            sources=provenance,
+            licence=MNI_LICENCE if templates else "as the training data",
+            training=training_record,
+        ),
     )
     folder = save_model(net, card, out, overwrite=overwrite)
     if ckpt.is_dir():
@@ -155,33 +165,30 @@ def recalibrate(
     smoothing_mm: float | None = None,
     min_size_mm3: float | None = None,
     scan_normalise: bool | None = None,
-) -> dict:
+) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
     slices it was validated on (rebuilt from the recorded sources and split seed), set the
-    default threshold to the healthy false-positive rate ``fpr``, and rewrite ``model.json``.
+    default threshold to the healthy false-positive rate ``fpr``, and rewrite ``model.json``
+    through the card's atomic save.
 
     Component scales always come from the held-out slices in model space. With 3D smoothing
     (``smoothing_mm`` > 0) or per-scan normalisation (``scan_normalise``; None keeps the card's
     settings) the false-positive table of the combined map comes from the held-out volumes /
     slabs localized in volume space, since both depend on more than one slice. The weights
     file, and so its checksum, is unchanged. Returns the new calibration."""
-    import json
-    import tempfile
-
-    from ..io import make_readable
     from ..models.store import CARD_FILE, load_model
 
     folder = Path(folder)
     model = load_model(folder)
     card = model.card
-    smoothing = float(
-        card.defaults.get("smoothing_mm", 0.0) if smoothing_mm is None else smoothing_mm
-    )
+    d = card.defaults
+    smoothing = float((d.smoothing_mm or 0.0) if smoothing_mm is None else smoothing_mm)
     if scan_normalise is None:
-        scan_normalise = bool(card.defaults.get("scan_normalise", False))
-    split = card.training.get("split", {})
-    volumes, _ = load_training_volumes(card.training["sources"])
-    norm = Normalisation.from_dict(card.normalisation)
+        scan_normalise = bool(d.scan_normalise)
+    record = card.provenance.training
+    split = record.get("split", {})
+    volumes, _ = load_training_volumes(record["sources"])
+    norm = card.normalisation
     data = build_slice_dataset(
         volumes,
         card.axis,
@@ -196,62 +203,48 @@ def recalibrate(
         model.network, data.val, data.val_foreground, card.likelihood_log_std, weights=weights
     )
     if smoothing > 0 or scan_normalise:
-        card.calibration = calibration
         masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
-        calibration["combined_fpr"] = volume_fpr_table(
-            model, volumes, masks, weights, smoothing, scan_normalise
+        settings = CombineSettings(
+            weights=weights, smoothing_mm=smoothing, scan_normalise=scan_normalise
         )
-        calibration["combined_smoothing_mm"] = smoothing
-        calibration["combined_scan_normalise"] = scan_normalise
-        calibration["combined_source"] = "held-out healthy voxels, volume space"
+        calibration.combined_fpr = volume_fpr_table(model, volumes, masks, settings, calibration)
+        calibration.combined_smoothing_mm = smoothing
+        calibration.combined_scan_normalise = scan_normalise
+        calibration.combined_source = "held-out healthy voxels, volume space"
     card.calibration = calibration
-    card.defaults = {
-        **card.defaults,
-        "weights": dict(weights),
-        "smoothing_mm": smoothing,
-        "scan_normalise": scan_normalise,
-        "threshold": calibration["combined_fpr"][str(fpr)],
-        "threshold_fpr": fpr,
-        **({} if min_size_mm3 is None else {"min_size_mm3": float(min_size_mm3)}),
-    }
-    fd, tmp = tempfile.mkstemp(prefix=".model.json.", dir=folder)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(card.to_json() + "\n")
-    make_readable(tmp)
-    os.replace(tmp, folder / CARD_FILE)
-    json.loads((folder / CARD_FILE).read_text())  # fail loudly if anything went wrong
+    table = calibration.combined_fpr or {}
+    card.defaults = dataclasses.replace(
+        d,
+        weights=dict(weights),
+        smoothing_mm=smoothing,
+        scan_normalise=scan_normalise,
+        threshold=table[str(fpr)],
+        threshold_fpr=fpr,
+        min_size_mm3=d.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3),
+    )
+    card.save(folder / CARD_FILE, overwrite=True)
     return calibration
 
 
 def volume_fpr_table(
-    model,
+    model: LoadedModel,
     volumes: list,
     masks: list,
-    weights: dict[str, float],
-    smoothing_mm: float,
-    scan_normalise: bool = False,
+    settings: CombineSettings,
+    calibration: Calibration,
 ) -> dict[str, float]:
-    """Healthy false-positive-rate table {fpr: threshold} of the combined map (``weights`` over
-    the model's calibrated scales, 3D Gaussian smoothing ``smoothing_mm``, per-scan robust
-    z-scores with ``scan_normalise``) over the object voxels inside ``masks`` (bool (X, Y, Z)
-    per volume; None skips a volume)."""
-    from ..combine import combine, component_scales
+    """Healthy false-positive-rate table {fpr: threshold} of the combined map under
+    ``settings`` (scaled by ``calibration``) over the object voxels inside ``masks`` (bool
+    (X, Y, Z) per volume; None skips a volume), each volume localized and post-processed as
+    every front does it."""
+    from ..combine import PostProcessor
     from ..engine import localize
-    from .loop import FPR_LEVELS
 
     values = []
     for vol, mask in zip(volumes, masks, strict=True):
         if mask is None:
             continue
-        res = localize(vol, model, maps=tuple(k for k, w in weights.items() if w))
-        scales, _ = component_scales(
-            res.maps, res.foreground, model.card.calibration, list(weights)
-        )
-        c = combine(
-            res.maps, weights, scales, res.foreground, smoothing_mm, vol.spacing, scan_normalise
-        )
-        values.append(c[mask & res.foreground])
-    pooled = np.concatenate(values)
-    if not pooled.size:
-        raise ValueError("no held-out voxels to calibrate the threshold on")
-    return {str(f): float(np.quantile(pooled, 1 - f)) for f in FPR_LEVELS}
+        res = localize(vol, model, maps=tuple(settings.used_weights()))
+        combined = PostProcessor(res, settings, calibration).combined()
+        values.append(combined[mask & res.foreground])
+    return fpr_table(np.concatenate(values) if values else np.zeros(0, np.float32))

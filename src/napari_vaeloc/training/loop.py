@@ -6,14 +6,17 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import Cancelled
+from ..mapnames import PIXEL_MAPS
+from ..models.card import Calibration
 from ..scoring import gaussian_nll, kl_per_sample
+from .augment import AugmentConfig, Augmenter
 
 
 def negative_elbo(
@@ -28,13 +31,9 @@ def negative_elbo(
     return (rec + beta * kl).mean(), kl.mean(), rec.mean()
 
 
-def flip_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random left-right mirror of each (B, 1, S, S) slice (the first in-plane axis in RAS+
-    slices is left-right for axial and coronal slicing)."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
-    out = x.clone()
-    out[flip] = torch.flip(x[flip], dims=[2])
-    return out
+#: :func:`fit`'s default augmentation: only a random left-right mirror of each slice (p = 0.5),
+#: values passed through unclipped
+FLIP_ONLY = Augmenter(replace(AugmentConfig.none(), flip_p=0.5, clip=(-math.inf, math.inf)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +141,7 @@ def fit(
     val_images: torch.Tensor,
     cfg: TrainConfig,
     *,
-    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = flip_augment,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = FLIP_ONLY,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     device: str = "cpu",
@@ -254,18 +253,22 @@ def calibrate(
     log_std: float = 0.0,
     batch_size: int = 64,
     weights: dict[str, float] | None = None,
-) -> dict:
+) -> Calibration:
     """Statistics of every map over the foreground pixels of healthy held-out slices.
 
-    With ``weights``, also the healthy false-positive-rate table of the combined map
-    ``sum_k w_k map_k / scale_k``: ``combined_fpr[fpr] = threshold`` such that a healthy
-    foreground pixel exceeds it with probability ``fpr``.
+    ``images``: (n, 1, S, S) model-space slices; ``foreground``: bool (n, S, S). With
+    ``weights``, also the healthy false-positive-rate table of the combined map
+    (:func:`napari_vaeloc.combine.weighted_sum` over the scales): ``combined_fpr[fpr] =
+    threshold`` such that a healthy foreground pixel exceeds it with probability ``fpr``.
 
-    Returns {"kl_grad_scale", "scales": {map: 99th percentile}, "percentiles": {map: {p: v}},
-    "n_pixels"}; ``combi`` is computed with ``kl_grad_scale`` (the KL-grad 99th percentile), as
-    the engine will compute it with this calibration.
+    The scales are the 99th percentiles; ``combi`` is computed with ``kl_grad_scale`` (the
+    KL-grad 99th percentile), as the engine will compute it with this calibration.
+
+    Raises:
+        ValueError: no foreground pixels.
     """
-    from ..scoring import PIXEL_MAPS, score_batch
+    from ..combine import weighted_sum
+    from ..scoring import score_batch
 
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in PIXEL_MAPS}
     for i in range(0, len(images), batch_size):
@@ -282,19 +285,28 @@ def calibrate(
         k: {str(p): float(np.percentile(v, p)) for p in CALIBRATION_PERCENTILES}
         for k, v in values.items()
     }
-    extra = {}
+    cal = Calibration(
+        scales={k: pct[k]["99.0"] for k in pct},
+        kl_grad_scale=kl_scale,
+        percentiles=pct,
+        n_pixels=len(values["kl_grad"]),
+        source="foreground pixels of held-out healthy validation slices, model space",
+    )
     if weights:
-        scales = {k: pct[k]["99.0"] or 1.0 for k in pct}
-        combined = sum(w * values[k] / scales[k] for k, w in weights.items() if w)
-        extra = {
-            "combined_weights": dict(weights),
-            "combined_fpr": {str(f): float(np.quantile(combined, 1 - f)) for f in FPR_LEVELS},
-        }
-    return {
-        **extra,
-        "kl_grad_scale": kl_scale,
-        "scales": {k: pct[k]["99.0"] for k in pct},
-        "percentiles": pct,
-        "n_pixels": len(values["kl_grad"]),
-        "source": "foreground pixels of held-out healthy validation slices, model space",
-    }
+        scales = {k: v or 1.0 for k, v in cal.scales.items()}
+        combined = weighted_sum(values, weights, scales)
+        cal.combined_weights = dict(weights)
+        cal.combined_fpr = fpr_table(combined)
+    return cal
+
+
+def fpr_table(healthy: np.ndarray) -> dict[str, float]:
+    """{fpr: threshold} of healthy values: a healthy value exceeds ``threshold`` with
+    probability ``fpr``, for each of :data:`FPR_LEVELS`.
+
+    Raises:
+        ValueError: no values.
+    """
+    if not healthy.size:
+        raise ValueError("no healthy values to calibrate the threshold on")
+    return {str(f): float(np.quantile(healthy, 1 - f)) for f in FPR_LEVELS}

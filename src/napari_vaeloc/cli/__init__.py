@@ -1,0 +1,53 @@
+"""The ``vaeloc`` command: a thin front over the engine.
+
+vaeloc localize SCAN [--model NAME|PATH] [--axis AXIS] [--device DEV] [--out DIR]
+vaeloc models
+vaeloc train SOURCES... --out DIR
+vaeloc demo [--out DIR]
+vaeloc evaluate {fashion-mnist,synthetic,scans,brain} ...
+
+One module per subcommand group adds its sub-parser (``add_parser``) and runs it; the options
+they share are defined once in :mod:`.options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import OutputExistsError, VaelocError
+from . import demo, evaluate, localize, models, train
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vaeloc`` argument parser with every subcommand."""
+    p = argparse.ArgumentParser(
+        prog="vaeloc",
+        description="Unsupervised anomaly localization in MRI with variational auto-encoders "
+        "(Zimmerer et al., MICCAI 2019).",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (localize, models, train, evaluate, demo):
+        group.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``vaeloc`` with ``argv`` (default: the command line); returns the exit status:
+    0 on success, 2 on a usage or input error (one line on stderr), 130 when interrupted."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OutputExistsError as exc:
+        print(f"vaeloc: error: {exc}; pass --overwrite to replace", file=sys.stderr)
+        return 2
+    except VaelocError as exc:
+        print(f"vaeloc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaeloc: interrupted", file=sys.stderr)
+        return 130

