@@ -22,11 +22,11 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, (name, folder) in zip(axes[0], models.items(), strict=True):
         card = read_card(folder)
-        hist = card.training["history"]
+        hist = card.provenance.training["history"]
         steps = [h["step"] for h in hist]
         ax.plot(steps, [h["train_loss"] for h in hist], label="training (augmented)")
         ax.plot(steps, [h["val_loss"] for h in hist], label="validation (held-out slabs)")
-        best = card.training["best_step"]
+        best = card.provenance.training["best_step"]
         ax.axvline(best, color="grey", ls=":", lw=1, label=f"kept: step {best}")
         minutes = hist[-1]["seconds"] / 60 if hist else 0
         ax.set_title(f"{name}: {hist[-1]['step'] if hist else 0} steps, {minutes:.0f} min")

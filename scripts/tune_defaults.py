@@ -7,7 +7,7 @@ The tuning cases use another seed (other warps, other anomalies) than the report
 per-scan robust normalisation; each candidate's threshold table is calibrated on the model's
 held-out healthy slabs. The candidate with the largest sum of pooled average precision (ranking)
 and Dice at its threshold (the mask a user gets) wins. ``--apply``
-rewrites the model's defaults and calibration (``model_builder.recalibrate``).
+rewrites the model's defaults and calibration (``training.builder.recalibrate``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from napari_vaeloc.combine import CombineSettings
 from napari_vaeloc.evaluation.brain_benchmark import benchmark_cases, test_anatomies
 from napari_vaeloc.evaluation.runner import evaluate_cases
 from napari_vaeloc.models.store import load_model
-from napari_vaeloc.preprocess import Normalisation
 from napari_vaeloc.training.builder import recalibrate, volume_fpr_table
 from napari_vaeloc.training.datasets import heldout_masks, load_training_volumes
 
@@ -37,19 +36,16 @@ def main() -> None:
     args = p.parse_args()
     model = load_model(args.model)
     card = model.card
-    split = card.training["split"]
-    volumes, _ = load_training_volumes(card.training["sources"])
-    norm = Normalisation.from_dict(card.normalisation)
-    masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
+    record = card.provenance.training
+    volumes, _ = load_training_volumes(record["sources"])
+    masks = heldout_masks(volumes, card.axis, card.image_size, card.normalisation, record["split"])
     settings = {}
     for smoothing, scan in itertools.product(SMOOTHING_MM, (False, True)):
-        table = volume_fpr_table(model, volumes, masks, WEIGHTS, smoothing, scan)
+        base = CombineSettings(weights=dict(WEIGHTS), smoothing_mm=smoothing, scan_normalise=scan)
+        table = volume_fpr_table(model, volumes, masks, base, card.calibration)
         for fpr in FPRS:
             name = f"s{smoothing:g}{'-scan' if scan else ''}@{fpr}"
-            settings[name] = (smoothing, scan, fpr, CombineSettings(
-                weights=dict(WEIGHTS), smoothing_mm=smoothing, threshold=table[fpr],
-                scan_normalise=scan,
-            ))  # fmt: skip
+            settings[name] = (smoothing, scan, fpr, base.replace(threshold=table[fpr]))
     anatomies = test_anatomies(card.modality, card, n=5, seed=args.seed)
     cases = benchmark_cases(anatomies, args.cases, seed=args.seed, healthy=5)
     report = evaluate_cases(

@@ -179,3 +179,31 @@ def test_written_files_follow_the_umask(tmp_path, phantom):
     finally:
         os.umask(old)
     assert p.stat().st_mode & 0o777 == 0o644
+
+
+def test_one_atomic_writer_never_clobbers_and_names_the_paths(tmp_path):
+    from napari_vaeloc.errors import OutputExistsError
+    from napari_vaeloc.io import refuse_existing, write_folder_atomic, write_json_atomic
+
+    target = tmp_path / "out" / "scores.json"
+    write_json_atomic({"x": float("nan"), "y": np.float32(1.5)}, target)
+    assert target.read_text() == '{\n  "x": null,\n  "y": 1.5\n}\n'
+    with pytest.raises(OutputExistsError) as err:
+        write_json_atomic({"x": 2}, target)
+    assert err.value.paths == [target] and "--overwrite" not in str(err.value)
+    assert "null" in target.read_text()  # untouched
+    write_json_atomic({"x": 2}, target, overwrite=True)
+    other = tmp_path / "out" / "b.nii.gz"
+    other.write_bytes(b"")
+    with pytest.raises(OutputExistsError, match="2 output files exist") as err:
+        refuse_existing([target, other, tmp_path / "new.json"], False, "output file")
+    assert err.value.paths == [target, other]
+
+    def fail(folder):
+        (folder / "half.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_folder_atomic(tmp_path / "model", fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written folder
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.nii.gz", "scores.json"]

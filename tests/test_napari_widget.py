@@ -249,6 +249,7 @@ def test_export_button_asks_before_overwriting(make_napari_viewer, qtbot, tmp_pa
     out.write_bytes(b"keep me")
     widget.export_button.clicked()
     assert len(asked) == 1 and out.read_bytes() == b"keep me"  # answered no: file kept
+    assert str(out) in asked[0] and "--overwrite" not in asked[0]  # GUI words, not CLI flags
     widget.confirm = lambda msg: True
     widget.export_button.clicked()
     np.testing.assert_array_equal(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled
+from ..io import write_atomic, write_json_atomic
 from ..mapnames import PIXEL_MAPS
 from ..models.card import Calibration
 from ..scoring import gaussian_nll, kl_per_sample
@@ -109,12 +109,10 @@ def _save_checkpoint(folder: Path, network, best_state, opt, gen, meta: dict) ->
             tensors[f"adam.{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
             steps[str(i)] = float(st["step"])
     tensors["generator"] = gen.get_state()
-    tmp = folder / "state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "state.safetensors")
-    tmpj = folder / "state.json.tmp"
-    tmpj.write_text(json.dumps({**meta, "adam_steps": steps}, indent=1))
-    os.replace(tmpj, folder / "state.json")
+    write_atomic(
+        folder / "state.safetensors", lambda f: save_file(tensors, str(f)), overwrite=True
+    )
+    write_json_atomic({**meta, "adam_steps": steps}, folder / "state.json", overwrite=True)
 
 
 def _load_checkpoint(folder: Path, network, opt, gen) -> tuple[dict, dict]:
