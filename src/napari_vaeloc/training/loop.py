@@ -109,9 +109,7 @@ def _save_checkpoint(folder: Path, network, best_state, opt, gen, meta: dict) ->
             tensors[f"adam.{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
             steps[str(i)] = float(st["step"])
     tensors["generator"] = gen.get_state()
-    write_atomic(
-        folder / "state.safetensors", lambda f: save_file(tensors, str(f)), overwrite=True
-    )
+    write_atomic(folder / "state.safetensors", lambda f: save_file(tensors, str(f)), overwrite=True)
     write_json_atomic({**meta, "adam_steps": steps}, folder / "state.json", overwrite=True)
 
 
