@@ -24,10 +24,10 @@ from magicgui.widgets import (
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from ._widget_controller import MAP_LAYERS, WEIGHT_COMPONENTS, Session
+from ._widget_controller import MAP_LAYERS, Session
 from ._widget_export import ask_overwrite, export_session, export_with_dialog
 from ._widget_layers import ROLE_KEY, put_layer, scan_inputs
-from .mapnames import AXIS_NAMES
+from .mapnames import AXIS_NAMES, SLIDER_MAPS
 
 FOLDER_CHOICE = "__folder__"
 DEBOUNCE_MS = 50
@@ -101,7 +101,7 @@ class LocalizeWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.weights = {
             k: FloatSlider(label=f"weight {k}", min=0.0, max=2.0, step=0.05, value=0.0)
-            for k in WEIGHT_COMPONENTS
+            for k in SLIDER_MAPS
         }
         self.smoothing = FloatSlider(label="smoothing (mm)", min=0.0, max=8.0, step=0.25)
         self.scan_normalise = CheckBox(

@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .combine import PostProcessor
+from .mapnames import SLIDER_MAPS
 
 if TYPE_CHECKING:  # the engine pulls in torch: never at plugin import time
     from .engine import LocalizationResult
 
-#: components offered as weight sliders, in display order
-WEIGHT_COMPONENTS = ("rec_error_smooth", "rec_error", "elbo_grad", "kl_grad", "combi")
 #: result layers besides the combined map and the mask: layer suffix -> map name
 MAP_LAYERS = {"reconstruction": "reconstruction", "Rec-Error": "rec_error", "KL-Grad": "kl_grad"}
 
@@ -33,7 +32,7 @@ class Session(PostProcessor):
 
     def __init__(self, result: LocalizationResult) -> None:
         super().__init__(result)
-        for name in sorted(set(WEIGHT_COMPONENTS) | set(self.settings.weights)):
+        for name in sorted(set(SLIDER_MAPS) | set(self.settings.weights)):
             if name in result.maps:
                 self.scale(name)
 

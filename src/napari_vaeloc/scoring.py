@@ -26,8 +26,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .mapnames import PIXEL_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS  # noqa: F401  (re-exported)
-
 SMOOTHGRAD_N = 2  # noisy copies besides the input itself
 SMOOTHGRAD_EPS = 0.1  # noise std, model units (z-scored intensities)
 
