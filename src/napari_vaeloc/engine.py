@@ -1,8 +1,8 @@
 """Run a VAE over a whole volume: device choice, batching, progress, cancel.
 
 :func:`localize` is the expensive step; it returns a :class:`LocalizationResult` whose component
-maps lie on the scan's own voxel grid, so that combining and thresholding (``combine``) can be
-re-run cheaply.
+maps lie on the scan's own voxel grid, so that combining and thresholding
+(:class:`~napari_vaeloc.combine.PostProcessor`) can be re-run cheaply.
 """
 
 from __future__ import annotations
