@@ -164,11 +164,16 @@ class Architecture(_Part):
 @dataclass
 class Preprocessing(_Part):
     """How a scan is brought to the model: the slicing ``axis`` it was trained on, the intensity
-    normalisation, and the modality it learned (e.g. "T2")."""
+    normalisation, the modality it learned (e.g. "T2"), and the template whose space it learned
+    (``template``, ``template_brain_mask``: NIfTI file names inside the model folder, at the
+    model's working resolution; None for a model without one, which scans cannot be registered
+    to)."""
 
     axis: str = "axial"
     normalisation: Normalisation = field(default_factory=Normalisation)
     modality: str = "T2"
+    template: str | None = None
+    template_brain_mask: str | None = None
 
     def validate(self, where: str) -> None:
         if self.axis not in AXES:
