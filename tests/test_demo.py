@@ -18,8 +18,11 @@ from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import WEIGHTS_FILE, bundled_models, load_model
 from napari_vaeloc.samples import SAMPLES, sample_path
 
+MNI_SAMPLES = [k for k in SAMPLES if not k.startswith("t1-head")]
+HEAD_SAMPLES = [k for k in SAMPLES if k.startswith("t1-head")]
 
-@pytest.mark.parametrize("key", list(SAMPLES))
+
+@pytest.mark.parametrize("key", MNI_SAMPLES)
 def test_sample_scans_are_small_real_anatomy_in_mni_space(key):
     path = sample_path(key)
     assert path.stat().st_size < 2_000_000
@@ -32,6 +35,25 @@ def test_sample_scans_are_small_real_anatomy_in_mni_space(key):
         assert 500 < data.sum() < 20_000 and set(np.unique(data)) == {0, 1}
     else:
         assert 0.15 < (data > 0).mean() < 0.4  # a skull-stripped brain, not noise
+    assert SAMPLES[key].notice_path.is_file()
+
+
+@pytest.mark.parametrize("key", HEAD_SAMPLES)
+def test_raw_head_samples_are_a_real_head_in_its_own_orientation(key):
+    img = nib.load(sample_path(key))
+    assert sample_path(key).stat().st_size < 1_000_000
+    assert img.shape == (128, 128, 128) and np.allclose(img.header.get_zooms(), 2.0)
+    assert nib.aff2axcodes(img.affine) == ("L", "I", "A")  # scanner order, not RAS
+    data = img.get_fdata()
+    if "truth" in key or "mask" in key:
+        assert set(np.unique(data)) == {0, 1}
+        ml = data.sum() * 8 / 1000
+        assert (1000 < ml < 1800) if "mask" in key else (2 < ml < 20), ml
+    else:
+        brain = nib.load(sample_path("t1-head-brain-mask")).get_fdata() > 0
+        head = data > 0.1 * data.max()
+        assert head.sum() > 1.8 * brain.sum()  # skull, scalp and face are there
+    assert SAMPLES[key].notice_path.name == "PYCORTEX-LICENSE"
     assert SAMPLES[key].notice_path.is_file()
 
 

@@ -8,9 +8,12 @@ maps lie on the scan's own voxel grid, so that combining and thresholding
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +22,11 @@ from .io import Volume, available_memory_bytes
 from .mapnames import AXES, DEFAULT_MAPS, OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS, check_names
 from .models.card import ModelCard
 from .models.store import LoadedModel, bundled_models, cached_model
+from .prepare import PrepareSettings
 from .preprocess import resolve_axis, slices_to_volume, volume_to_slices
+
+if TYPE_CHECKING:
+    from .prepare import PreparationReport, Template
 
 #: progress(done_slices, total_slices)
 ProgressCallback = Callable[[int, int], None]
@@ -64,6 +71,8 @@ class EngineOptions:
         progress: called with (slices done, slices total) after each batch.
         cancel: polled before each batch; when it returns True, :class:`Cancelled` is raised.
         max_bytes: refuse volumes whose maps need more memory (None: half of what is free).
+        stage: called with the name of each stage as it starts (preparation's steps, then
+            "scoring slices"), for progress displays.
     """
 
     device: str = "auto"
@@ -72,6 +81,7 @@ class EngineOptions:
     progress: ProgressCallback | None = None
     cancel: CancelFlag | None = None
     max_bytes: int | None = None
+    stage: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -101,7 +111,9 @@ class LocalizationResult:
         slice_scores: name -> (n,) float32 per slice along the file's axis ``slice_axis``
             (index i = file slice i); NaN for slices without foreground, which are not scored.
         volume_scores: aggregates over scored slices (means, and the worst slice's ELBO).
-        axis: anatomical slicing axis; slice_axis: the file's voxel axis it runs along.
+        axis: anatomical slicing axis; slice_axis: the file's voxel axis it runs along (with
+            preparation: the template's, whose slices were scored).
+        preparation: what preparation did and found (None: the scan was scored as given).
     """
 
     volume: Volume
@@ -115,6 +127,7 @@ class LocalizationResult:
     device: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    preparation: PreparationReport | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -138,9 +151,18 @@ def localize(
     axis: str | None = None,
     maps: tuple[str, ...] | None = None,
     fuse: bool | None = None,
+    prepare: PrepareSettings | str | None = None,
 ) -> LocalizationResult:
     """Score every slice of ``volume`` with ``model`` and map the results back to its grid;
     with companion models for the other slicing axes, average their maps in.
+
+    ``prepare``: a preparation mode ("auto", "full", "none") or :class:`PrepareSettings`;
+    None or "none" scores the scan as given. With preparation the scan is bias-corrected,
+    skull-stripped and registered to the model's template (:mod:`napari_vaeloc.prepare`,
+    cached per scan), scored there, and every map, the foreground and the scores' report come
+    back on the scan's own grid (0 outside the extracted brain); ``result.preparation`` holds
+    the steps and the input-fit checks. A model without a template is scored as given in
+    "auto" mode (with a note) and refused in "full" mode.
 
     ``fuse``: True averages in the companions the card names (``defaults.fuse_with``: models
     of the same kind trained on other slicing axes; bundled names, or folders relative to the
@@ -156,6 +178,9 @@ def localize(
         Cancelled: ``options.cancel`` returned True.
     """
     opts = options or EngineOptions()
+    settings = PrepareSettings(prepare) if isinstance(prepare, str) else prepare
+    if settings is not None and settings.enabled:
+        return _localize_prepared(volume, model, opts, settings, axis=axis, maps=maps, fuse=fuse)
     defaults = model.card.defaults
     names = list(defaults.fuse_with or [])
     if fuse and not names:
@@ -200,13 +225,76 @@ def localize(
     return res
 
 
+def _localize_prepared(
+    volume: Volume,
+    model: LoadedModel,
+    opts: EngineOptions,
+    settings: PrepareSettings,
+    **kwargs,
+) -> LocalizationResult:
+    """Prepare (cached), score in the template's space, and map the result back."""
+    from .prepare import prepare_cached
+
+    t0 = time.perf_counter()
+    template = _template(model)
+    if template is None:
+        if settings.mode == "full":
+            raise InputError(
+                f"model {model.card.name!r} ships no template: it can only score scans already "
+                "in its space (--prepare none)"
+            )
+        res = localize(volume, model, opts, **kwargs)
+        res.notes.append("the model ships no template: the scan was scored as given")
+        return res
+    prepared = prepare_cached(volume, template, settings, stage=opts.stage, cancel=opts.cancel)
+    res = localize(prepared.volume, model, opts, **kwargs)
+    if opts.stage is not None:
+        opts.stage("mapping back to the scan")
+    maps = {}
+    for k in list(res.maps):
+        maps[k] = prepared.to_scan(res.maps.pop(k), "map")
+    foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
+    notes = [*volume.notes, *res.notes, *prepared.report.warnings]
+    notes.append("prepared: " + "; ".join(prepared.report.lines()[: len(prepared.report.steps)]))
+    return LocalizationResult(
+        volume=volume,
+        card=res.card,
+        maps=maps,
+        foreground=foreground,
+        slice_scores=res.slice_scores,
+        volume_scores=res.volume_scores,
+        axis=res.axis,
+        slice_axis=res.slice_axis,
+        device=res.device,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+        preparation=prepared.report,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _template_of(folder: str, stamp: int) -> Template | None:
+    from .prepare import Template
+
+    card = cached_model(folder).card
+    if not card.preprocessing.template:
+        return None
+    return Template.of_model(Path(folder), card)
+
+
+def _template(model: LoadedModel) -> Template | None:
+    if model.path is None or not model.card.preprocessing.template:
+        return None
+    folder = Path(model.path).resolve()
+    tfile = folder / model.card.preprocessing.template
+    return _template_of(str(folder), tfile.stat().st_mtime_ns if tfile.exists() else 0)
+
+
 def _scales(model: LoadedModel) -> dict[str, float]:
     return model.card.calibration.scales if model.card.calibration is not None else {}
 
 
 def _companion(model: LoadedModel, name: str) -> LoadedModel:
-    from pathlib import Path
-
     if name not in bundled_models() and model.path is not None:
         local = Path(model.path).parent / name
         if local.is_dir():
@@ -290,6 +378,8 @@ def localize_axis(
     kernel = gaussian_kernel().to(dev)
     smoothgrad = any(k in SMOOTHGRAD_MAPS for k in wanted)
     done = 0
+    if opts.stage is not None:
+        opts.stage("scoring slices")
     if progress:
         progress(0, len(todo))
     for start in range(0, len(todo), batch_size):

