@@ -26,7 +26,7 @@ from .prepare import PrepareSettings
 from .preprocess import resolve_axis, slices_to_volume, volume_to_slices
 
 if TYPE_CHECKING:
-    from .prepare import PreparationReport, Template
+    from .prepare import PreparationReport, Prepared, Template
 
 #: progress(done_slices, total_slices)
 ProgressCallback = Callable[[int, int], None]
@@ -113,7 +113,8 @@ class LocalizationResult:
         volume_scores: aggregates over scored slices (means, and the worst slice's ELBO).
         axis: anatomical slicing axis; slice_axis: the file's voxel axis it runs along (with
             preparation: the template's, whose slices were scored).
-        preparation: what preparation did and found (None: the scan was scored as given).
+        prepared: the preparation (steps and checks in ``prepared.report``, the brain mask and
+            the bias-corrected brain on the scan's grid); None: the scan was scored as given.
     """
 
     volume: Volume
@@ -127,7 +128,7 @@ class LocalizationResult:
     device: str
     seconds: float
     notes: list[str] = field(default_factory=list)
-    preparation: PreparationReport | None = None
+    prepared: Prepared | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -136,6 +137,11 @@ class LocalizationResult:
     @property
     def model_name(self) -> str:
         return self.card.name
+
+    @property
+    def preparation(self) -> PreparationReport | None:
+        """What preparation did and found (None: the scan was scored as given)."""
+        return self.prepared.report if self.prepared is not None else None
 
 
 def estimate_bytes(shape: tuple[int, ...], n_maps: int = len(DEFAULT_MAPS)) -> int:
@@ -255,7 +261,6 @@ def _localize_prepared(
         maps[k] = prepared.to_scan(res.maps.pop(k), "map")
     foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
     notes = [*volume.notes, *res.notes, *prepared.report.warnings]
-    notes.append("prepared: " + "; ".join(prepared.report.lines()[: len(prepared.report.steps)]))
     return LocalizationResult(
         volume=volume,
         card=res.card,
@@ -268,7 +273,7 @@ def _localize_prepared(
         device=res.device,
         seconds=time.perf_counter() - t0,
         notes=notes,
-        preparation=prepared.report,
+        prepared=prepared,
     )
 
 

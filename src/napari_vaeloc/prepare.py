@@ -27,6 +27,7 @@ SimpleITK works in LPS world coordinates, NIfTI in RAS: :func:`to_sitk` converts
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections import OrderedDict
@@ -99,6 +100,7 @@ class FitCheck:
     level: str
     value: float | str
     message: str
+    advice: str = ""
 
 
 @dataclass
@@ -183,6 +185,8 @@ class Prepared:
         transform: template world (LPS) -> scan world (LPS), SimpleITK; None when the scan was
             scored on its own grid (no registration).
         report: steps and checks.
+        corrected: float32, the scan's grid: the bias-corrected brain (0 outside it), for
+            display.
     """
 
     scan: Volume
@@ -191,6 +195,7 @@ class Prepared:
     template_mask: np.ndarray
     transform: Any
     report: PreparationReport
+    corrected: np.ndarray | None = None
 
     def to_scan(self, values: np.ndarray, kind: str = "map") -> np.ndarray:
         """An array on the template's grid, resampled onto the scan's grid (linear for "map",
@@ -375,8 +380,8 @@ def _run_registration(
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.3, seed=0)
+    reg.SetMetricSamplingStrategy(reg.REGULAR)
+    reg.SetMetricSamplingPercentage(0.25)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.5,
@@ -456,6 +461,7 @@ def prepare(
     stage: StageCallback | None = None,
     cancel: CancelFlag | None = None,
     templates: list[Template] | None = None,
+    refuse: bool = True,
 ) -> Prepared:
     """Bring ``volume`` into ``template``'s space and check that it fits (see the module doc).
 
@@ -466,6 +472,7 @@ def prepare(
         cancel: polled inside every stage; True raises :class:`Cancelled`.
         templates: templates of every modality for the modality check (default: the bundled
             models').
+        refuse: raise on a clear misfit (False: only record it in the report).
 
     Raises:
         InputError: a clear misfit (wrong modality, failed registration, too little coverage,
@@ -552,7 +559,7 @@ def prepare(
         if not same_grid:
             raise InputError(
                 "registration is off but the scan is not on the model's template grid; "
-                "turn registration on (--prepare auto)"
+                "turn registration on"
             )
         transform = None
         moved, carried = brain.data, brain_mask
@@ -587,25 +594,30 @@ def prepare(
         m_level, msg = "warn", f"closer to {best} (r = {scores[best]:.2f}) than to {want}"
     report.checks.append(FitCheck("modality", m_level, best, msg))
 
-    if level == "fail":
-        raise InputError(
-            f"only {coverage:.0%} of the brain lies in the scan's field of view; localize a "
-            "scan that covers the whole brain"
-        )
-    if reg_level == "fail":
-        raise InputError(
-            f"registration to the {template.name} template failed (brain-mask Dice {dice:.2f}); "
-            "check that the scan is a brain MRI, or turn brain extraction on or off "
-            "(--brain-extraction) if it was misjudged"
-        )
-    if m_level == "fail":
-        raise InputError(
-            f"the scan {msg}: the model {template.name!r} learned {template.modality} scans; "
-            f"choose a {best} model (vaeloc models)"
-        )
+    advice = {
+        "coverage": f"only {coverage:.0%} of the brain lies in the scan's field of view; "
+        "localize a scan that covers the whole brain",
+        "registration": f"registration to the {template.name} template failed (brain-mask "
+        f"Dice {dice:.2f}); check that the scan is a brain MRI, or force brain extraction on "
+        "or off if the skull was misjudged",
+        "modality": f"the scan {msg}: the model {template.name!r} learned {template.modality} "
+        f"scans; choose a {best} model",
+    }
+    for c in report.checks:
+        c.advice = advice.get(c.name, "")
+    if refuse:
+        refuse_misfit(report)
     moved = np.where(tmask | carried, moved, 0).astype(np.float32)
     prepared = Volume(moved, template.image.affine, template.image.header, volume.path)
-    return Prepared(volume, prepared, brain_mask, carried, transform, report)
+    corrected = np.where(brain_mask, data, 0).astype(np.float32)
+    return Prepared(volume, prepared, brain_mask, carried, transform, report, corrected)
+
+
+def refuse_misfit(report: PreparationReport) -> None:
+    """Raise :class:`InputError` with the advice of the first check that failed, if any."""
+    for c in report.checks:
+        if c.level == "fail":
+            raise InputError(c.advice or c.message)
 
 
 # -- cache -------------------------------------------------------------------------------------
@@ -631,14 +643,83 @@ def prepare_cached(
     (the last :data:`CACHE_SIZE` of them), so switching models of one template or rerunning
     does not repeat it."""
     s = settings or PrepareSettings()
+    refuse = kwargs.pop("refuse", True)
     key = (scan_key(volume), s.key(), template.name, template.image.shape)
     if key in _CACHE:
         _CACHE.move_to_end(key)
-        hit = _CACHE[key]
-        return Prepared(volume, hit.volume, hit.brain_mask, hit.template_mask, hit.transform,
-                        hit.report)  # fmt: skip
-    out = prepare(volume, template, s, **kwargs)
-    _CACHE[key] = out
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
+        out = dataclasses.replace(_CACHE[key], scan=volume)
+    else:
+        out = prepare(volume, template, s, refuse=False, **kwargs)
+        _CACHE[key] = out
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    if refuse:
+        refuse_misfit(out.report)
     return out
+
+
+def guess_modality(
+    volume: Volume,
+    *,
+    cancel: CancelFlag | None = None,
+    templates: list[Template] | None = None,
+) -> tuple[str, Prepared]:
+    """The modality a scan looks like ("T1", "T2", ...): it is prepared (cached) against the
+    first bundled template and compared with every template (the modality check). Returns the
+    modality and the preparation (whose report says why).
+
+    Raises:
+        InputError: no bundled model ships a template, or the scan cannot be prepared.
+    """
+    templates = templates or bundled_templates()
+    if not templates:
+        raise InputError("no bundled model ships a template to compare the scan with")
+    prepared = prepare_cached(volume, templates[0], cancel=cancel, templates=templates,
+                              refuse=False)  # fmt: skip
+    check = prepared.report.check("modality")
+    return str(check.value if check is not None else templates[0].modality), prepared
+
+
+def prepared_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """Every file :func:`save_prepared` writes."""
+    return {
+        "prepared": out_dir / f"{stem}_prepared.nii.gz",
+        "brain_mask": out_dir / f"{stem}_brain_mask.nii.gz",
+        "corrected": out_dir / f"{stem}_corrected.nii.gz",
+        "transform": out_dir / f"{stem}_to_template.tfm",
+        "report": out_dir / f"{stem}_prepare.json",
+    }
+
+
+def save_prepared(
+    prepared: Prepared, out_dir: str | Path, stem: str, overwrite: bool = False
+) -> dict[str, Path]:
+    """Write a preparation so a user can look at it: the brain on the template's grid
+    (``_prepared``), the brain mask and the bias-corrected brain on the scan's grid
+    (``_brain_mask``, ``_corrected``, with the scan's affine and header), the transform
+    (``_to_template.tfm``, ITK text format: template world -> scan world in LPS mm, the
+    convention of ITK resampling) and the report (``_prepare.json``). Every target is checked
+    before anything is written.
+
+    Raises:
+        OutputExistsError: some targets exist and ``overwrite`` is false (nothing written).
+    """
+    import SimpleITK as sitk
+
+    from .io import refuse_existing, save_nifti, write_atomic, write_json_atomic
+
+    paths = prepared_paths(Path(out_dir), stem)
+    refuse_existing(paths.values(), overwrite, "output file")
+    save_nifti(prepared.volume.data, prepared.volume, paths["prepared"], "map", overwrite)
+    save_nifti(prepared.brain_mask, prepared.scan, paths["brain_mask"], "mask", overwrite)
+    corrected = prepared.corrected
+    if corrected is None:
+        corrected = np.where(prepared.brain_mask, prepared.scan.data, 0).astype(np.float32)
+    save_nifti(corrected, prepared.scan, paths["corrected"], "map", overwrite)
+    transform = prepared.transform if prepared.transform is not None else sitk.Transform()
+    write_atomic(
+        paths["transform"], lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite,
+        ".tfm",
+    )  # fmt: skip
+    write_json_atomic(prepared.report.to_dict(), paths["report"], overwrite)
+    return paths

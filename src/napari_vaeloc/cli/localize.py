@@ -42,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="average in the model's companion models for the other slicing axes (default: "
         "as the model card says; t1-brain can fuse three axes, off by default)",
     )
+    options.add_prepare(lo)
     options.add_device(lo)
     options.add_out(lo, help="output folder (default: next to the scan)")
     lo.add_argument(
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         check_names(weights, COMBINABLE_MAPS, "weights")
     if args.smoothing is not None and args.smoothing < 0:
         raise VaelocError(f"--smoothing must be >= 0 mm, not {args.smoothing}")
+    prepare = options.prepare_settings(args)
 
     from ..combine import CombineSettings
     from ..engine import EngineOptions, localize
@@ -124,14 +126,18 @@ def run(args: argparse.Namespace) -> int:
         **{k: v for k, v in changes.items() if v is not None}
     )
     out = Path(args.out) if args.out else Path(args.scan).resolve().parent
-    with options.progress_bar("scoring slices", "slice", args) as bar:
+    with options.LazyBar("scoring slices", "slice", args) as bar:
         engine = EngineOptions(
             device=args.device,
             batch_size=args.batch_size,
-            progress=options.fraction_progress(bar),
+            progress=bar.progress,
+            stage=options.stage_printer(args),
         )
-        result = localize(volume, model, engine, axis=args.axis, fuse=args.fuse)
+        result = localize(volume, model, engine, axis=args.axis, fuse=args.fuse, prepare=prepare)
     paths = write_result(result, settings, out, stem=scan_stem(args.scan), overwrite=args.overwrite)
+    if result.preparation is not None:
+        for line in result.preparation.lines():
+            print(line)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"{result.model_name} on {result.device}, {result.axis} slices, {result.seconds:.1f} s")

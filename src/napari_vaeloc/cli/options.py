@@ -79,11 +79,36 @@ def load_model_option(args: argparse.Namespace) -> LoadedModel:
     return cached_model(args.model)
 
 
-def progress_bar(desc: str, unit: str, args: argparse.Namespace) -> Any:
+def progress_bar(
+    desc: str, unit: str, args: argparse.Namespace, total: int | None = None
+) -> Any:
     """A tqdm bar on stderr, disabled by ``--quiet``; use it as a context manager."""
     from tqdm.auto import tqdm
 
-    return tqdm(desc=desc, unit=unit, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        desc=desc, unit=unit, total=total, disable=args.quiet, file=sys.stderr,
+        dynamic_ncols=True,
+    )  # fmt: skip
+
+
+class LazyBar:
+    """A context manager whose ``progress(done, total)`` opens a tqdm bar on its first call, so
+    that nothing shows before the stage it measures begins (disabled by ``--quiet``)."""
+
+    def __init__(self, desc: str, unit: str, args: argparse.Namespace) -> None:
+        self.desc, self.unit, self.args, self.bar = desc, unit, args, None
+
+    def progress(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(self.desc, self.unit, self.args, total)
+        fraction_progress(self.bar)(done, total)
+
+    def __enter__(self) -> LazyBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def fraction_progress(bar: Any) -> Callable[[int, int], None]:
@@ -95,3 +120,50 @@ def fraction_progress(bar: Any) -> Callable[[int, int], None]:
         bar.refresh()
 
     return progress
+
+
+def add_prepare(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--prepare`` and the per-step switches of :class:`..prepare.PrepareSettings`."""
+    from ..prepare import PREPARE_MODES
+
+    p.add_argument(
+        "--prepare",
+        choices=list(PREPARE_MODES),
+        default=default,
+        help="bring the scan into the model's template space first: auto (bias correction, "
+        "brain extraction when a skull is found, registration), full (every step), none "
+        "(score the scan as given: it must already be a skull-stripped brain in the model's "
+        "space) (default: %(default)s)",
+    )
+    for step, what in (
+        ("bias-correction", "N4 bias-field correction"),
+        ("brain-extraction", "brain extraction (deepbet); auto: when a skull is detected"),
+        ("registration", "affine registration to the model's template"),
+    ):
+        p.add_argument(
+            f"--{step}",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"force {what} on or off (default: as --prepare says)",
+        )
+
+
+def prepare_settings(args: argparse.Namespace) -> Any:
+    """The :class:`..prepare.PrepareSettings` that the ``--prepare`` options ask for."""
+    from ..prepare import PrepareSettings
+
+    return PrepareSettings(
+        mode=args.prepare,
+        bias_correction=args.bias_correction,
+        brain_extraction=args.brain_extraction,
+        registration=args.registration,
+    )
+
+
+def stage_printer(args: argparse.Namespace) -> Callable[[str], None] | None:
+    """A ``stage(name)`` callback that prints each stage on stderr (None with ``--quiet``)."""
+    if args.quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda name: tqdm.write(f"{name} ...", file=sys.stderr)

@@ -1,0 +1,167 @@
+"""Preparation of raw scans: a real individual head with skull, in another orientation and
+position, is scored inside its brain, on its own grid, about as well as a scan that already fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
+from scipy.spatial.transform import Rotation
+
+from napari_vaeloc.cli import main
+from napari_vaeloc.combine import PostProcessor
+from napari_vaeloc.engine import EngineOptions, localize
+from napari_vaeloc.errors import InputError
+from napari_vaeloc.evaluation.metrics import pixel_metrics
+from napari_vaeloc.io import Volume, load_volume
+from napari_vaeloc.models.store import cached_model
+from napari_vaeloc.prepare import PrepareSettings, Template, prepare_cached, resample
+from napari_vaeloc.samples import sample_path
+
+CPU = EngineOptions(device="cpu")
+
+
+def _moved(data: np.ndarray, affine: np.ndarray, codes=("L", "P", "S"), seed: int = 0):
+    """The same head stored with voxel order ``codes`` and moved in the world: rotation 12°
+    about an oblique axis, shift 15 mm, scale 1.08 (an oblique affine)."""
+    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(codes))
+    out = apply_orientation(data, ornt)
+    aff = affine @ inv_ornt_aff(ornt, data.shape)
+    move = np.eye(4)
+    move[:3, :3] = Rotation.from_rotvec(np.deg2rad(12) * np.array([0.6, 0.64, 0.48])).as_matrix()
+    move[:3, :3] *= 1.08
+    move[:3, 3] = [15.0, -12.0, 10.0]
+    return out, move @ aff
+
+
+def _moved_volume(key: str) -> Volume:
+    vol = load_volume(sample_path(key))
+    data, aff = _moved(vol.data, vol.affine)
+    return Volume.from_array(data, aff)
+
+
+@pytest.fixture(scope="module")
+def t1():
+    return cached_model("t1-brain")
+
+
+@pytest.fixture(scope="module")
+def raw_head_result(t1):
+    scan = _moved_volume("t1-head-lesion")
+    return scan, localize(scan, t1, CPU, prepare="auto")
+
+
+def test_raw_head_in_another_orientation_is_scored_inside_its_brain(raw_head_result, t1):
+    scan, res = raw_head_result
+    truth = _moved_volume("t1-head-lesion-truth").data > 0
+    brain = _moved_volume("t1-head-brain-mask").data > 0
+    import nibabel as nib
+
+    assert nib.aff2axcodes(scan.affine) == ("L", "P", "S")
+    # every map on the scan's exact grid
+    for m in res.maps.values():
+        assert m.shape == scan.shape and m.dtype == np.float32
+    assert res.volume is scan and np.array_equal(res.volume.affine, scan.affine)
+    post = PostProcessor(res)
+    mask = post.mask().astype(bool)
+    voxel_ml = float(np.prod(scan.spacing)) / 1000
+    outside = float((mask & ~brain).sum()) * voxel_ml
+    assert outside <= 1.0, outside
+    for k in res.maps:
+        assert not res.maps[k][~res.prepared.brain_mask].any()  # 0 outside the extracted brain
+    # extraction agrees with the reference brain mask
+    got = res.prepared.brain_mask
+    dice = 2 * (got & brain).sum() / (got.sum() + brain.sum())
+    assert dice > 0.9, dice
+    checks = {c.name: c.level for c in res.preparation.checks}
+    assert checks == dict.fromkeys(("voxel size", "skull", "coverage", "registration",
+                                    "modality"), "ok"), res.preparation.lines()  # fmt: skip
+
+    # the same lesion in a skull-stripped scan that already lies in the template's space
+    template = Template.of_model(t1.path, t1.card)
+    prepared = res.prepared
+    to_scan = prepared.transform  # template world -> scan world
+    ref_data = resample(np.where(brain, prepared.corrected, 0), scan, template.image, to_scan)
+    ref_truth = resample(truth, scan, template.image, to_scan, "mask")
+    ref = Volume.from_array(ref_data, template.image.affine)
+    ref_res = localize(ref, t1, CPU, prepare="none")
+    ref_post = PostProcessor(ref_res)
+    ref_region = ref_res.foreground | ref_truth
+    want = pixel_metrics(ref_post.combined()[ref_region], ref_truth[ref_region])["auroc"]
+    got = pixel_metrics(post.combined()[brain], truth[brain])["auroc"]
+    print(f"lesion AUROC inside the brain: raw head {got:.3f}, template-space scan {want:.3f}")
+    assert got >= want - 0.03, (got, want)
+
+    # without preparation the same scan is scored badly and flagged outside the brain
+    plain = PostProcessor(localize(scan, t1, CPU, prepare="none"))
+    plain_outside = float((plain.mask().astype(bool) & ~brain).sum()) * voxel_ml
+    plain_auroc = pixel_metrics(plain.combined()[brain], truth[brain])["auroc"]
+    print(f"without preparation: {plain_outside:.1f} ml outside the brain, AUROC {plain_auroc:.3f}")
+    assert plain_outside > outside
+
+
+def test_registration_recovers_a_known_affine(t1):
+    template = Template.of_model(t1.path, t1.card)
+    move = np.eye(4)
+    move[:3, :3] = Rotation.from_euler("xyz", [10, -6, 12], degrees=True).as_matrix() * 0.93
+    move[:3, 3] = [12.0, 14.0, -10.0]
+    img = template.image
+    moved = Volume.from_array(img.data, move @ img.affine)
+    p = prepare_cached(moved, template, PrepareSettings(bias_correction=False))
+    assert p.report.check("skull").value == "absent"
+    dice = p.report.check("registration").value
+    assert dice >= 0.98, p.report.lines()
+    # the found transform maps template points onto where the moved scan put them
+    pts = np.array([[0.0, 0.0, 0.0], [40.0, -30.0, 20.0], [-50.0, 20.0, -10.0]])
+    lps = np.diag([-1.0, -1.0, 1.0])
+    for x in pts:
+        expected = lps @ (move[:3, :3] @ x + move[:3, 3])
+        found = np.array(p.transform.TransformPoint(tuple(lps @ x)))
+        assert np.linalg.norm(found - expected) < 2.0, (found, expected)
+
+
+@pytest.mark.parametrize(
+    ("key", "modality"), [("t1-healthy", "T1"), ("t2-healthy", "T2"), ("t1-head", "T1")]
+)
+def test_modality_check_tells_t1_from_t2(key, modality):
+    from napari_vaeloc.prepare import guess_modality
+
+    got, prepared = guess_modality(load_volume(sample_path(key)))
+    assert got == modality, prepared.report.lines()
+
+
+def test_t1_scan_given_to_the_t2_model_is_refused(capsys, tmp_path):
+    head = str(sample_path("t1-head-lesion"))
+    out = tmp_path / "out"
+    assert main(["localize", head, "--model", "t2-brain", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "looks like T1" in err[0] and "T1 model" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(InputError, match="looks like T1"):
+        localize(load_volume(sample_path("t1-head")), cached_model("t2-brain"), CPU,
+                 prepare="auto")  # fmt: skip
+
+
+def test_a_strong_bias_field_is_corrected(t1):
+    healthy = load_volume(sample_path("t1-head"))
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in healthy.shape], indexing="ij")
+    field = 1 + 0.25 * (0.6 * x + 0.5 * y - 0.6 * z)  # +-25 % across the head
+    biased = Volume.from_array(healthy.data * field.astype(np.float32), healthy.affine)
+    flagged = []
+    for vol in (healthy, biased):
+        res = localize(vol, t1, CPU, prepare="auto")
+        post = PostProcessor(res)
+        # at the 5 % healthy-FPR threshold, so that a healthy scan has voxels to count
+        post.settings = post.settings.replace(threshold=post.threshold_for_fpr(0.05))
+        flagged.append(int(post.mask().sum()))
+        brain = int(res.prepared.brain_mask.sum())
+    fpr = t1.card.defaults.threshold_fpr
+    print(f"flagged voxels of {brain} (without, with the field): {flagged}")
+    assert flagged[0] > 0
+    assert flagged[1] <= flagged[0] + fpr * brain, flagged
