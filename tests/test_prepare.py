@@ -143,9 +143,8 @@ def test_t1_scan_given_to_the_t2_model_is_refused(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "looks like T1" in err[0] and "T1 model" in err[0], err
     assert not out.exists() or not any(out.iterdir())
-    with pytest.raises(InputError, match="looks like T1"):
-        localize(load_volume(sample_path("t1-head")), cached_model("t2-brain"), CPU,
-                 prepare="auto")  # fmt: skip
+    with pytest.raises(InputError, match="looks like T1"):  # the preparation is cached
+        localize(load_volume(head), cached_model("t2-brain"), CPU, prepare="auto")
 
 
 def test_a_strong_bias_field_is_corrected(t1):
