@@ -27,9 +27,9 @@ and a raw individual head sample (skull and face kept) to register.
    - ``sample_t1_head_brain_mask.nii.gz``: a reference brain mask, deepbet 1.0.2 on the 1 mm head
      (CPU), then a majority vote over the same blocks (ties counted as brain), uint8;
    - ``sample_t1_head_lesion.nii.gz`` and ``sample_t1_head_lesion_truth.nii.gz``: the 2 mm head
-     with a synthetic tumour-like lesion inside that brain mask (seed 11, outer radius 12 mm:
+     with a synthetic tumour-like lesion inside that brain mask (seed 11, outer radius 20 mm:
      a dark core with a bright rim as on a contrast-enhanced T1, in a brightened oedema, which
-     is the generator's T2-like choice; 7 ml) and its ground truth (uint8);
+     is the generator's T2-like choice; 33 ml) and its ground truth (uint8);
    - ``PYCORTEX-LICENSE``: pycortex's licence text, with one line on top naming what derives
      from it.
 
@@ -84,7 +84,7 @@ HEAD_LESION = "sample_t1_head_lesion.nii.gz"
 HEAD_TRUTH = "sample_t1_head_lesion_truth.nii.gz"
 HEAD_LICENSE = "PYCORTEX-LICENSE"
 LESION_SEED = 11
-LESION_RADIUS_MM = 12.0
+LESION_RADIUS_MM = 20.0
 
 
 # -- writing -------------------------------------------------------------------------------------

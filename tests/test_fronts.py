@@ -26,6 +26,7 @@ def test_cli_widget_session_and_evaluation_agree(tmp_path):
         weights={"rec_error_smooth": 1.0, "kl_grad": 0.5}, smoothing_mm=4.0, threshold=2.0
     )
     args = ["--weights", "rec_error_smooth=1,kl_grad=0.5", "--smoothing", "4", "--threshold", "2"]
+    args += ["--prepare", "none"]  # the sample already lies in the template space
     assert main(["localize", str(scan_path), "--out", str(tmp_path), "--quiet", *args]) == 0
     stem = "sample_t2_lesion"
     cli_combined = np.asanyarray(nib.load(tmp_path / f"{stem}_combined.nii.gz").dataobj)

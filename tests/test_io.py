@@ -207,3 +207,50 @@ def test_one_atomic_writer_never_clobbers_and_names_the_paths(tmp_path):
         write_folder_atomic(tmp_path / "model", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written folder
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.nii.gz", "scores.json"]
+
+
+def test_check_output_folder_creates_probes_and_refuses_files(tmp_path):
+    from napari_vaeloc.errors import OutputError
+    from napari_vaeloc.io import check_output_folder
+
+    new = tmp_path / "a" / "b"
+    assert check_output_folder(new) == new and new.is_dir()
+    assert list(new.iterdir()) == []  # the probe file is gone
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="it is a file, not a folder") as err:
+        check_output_folder(blocker)
+    assert err.value.path == blocker
+    with pytest.raises(OutputError, match=f"{blocker} is a file, not a folder"):
+        check_output_folder(blocker / "sub" / "deeper")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputError, match="broken link"):
+        check_output_folder(tmp_path / "dangling")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "dangling", "file"]
+
+
+def test_write_atomic_turns_os_errors_into_one_line(tmp_path, phantom):
+    from napari_vaeloc.errors import OutputError
+    from napari_vaeloc.io import refuse_existing, write_atomic, write_json_atomic
+
+    folder = tmp_path / "m.nii.gz"
+    folder.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="a folder of that name is in the way"):
+            save_nifti(phantom.data, phantom, folder, overwrite=overwrite)
+        with pytest.raises(OutputError, match="folder of that name"):
+            refuse_existing([tmp_path / "new.json", folder], overwrite)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match=f"cannot create the folder {blocker}: ") as err:
+        write_json_atomic({}, blocker / "scores.json")
+    assert "\n" not in str(err.value) and "Errno" not in str(err.value)
+
+    def full(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError) as err:
+        write_atomic(tmp_path / "x.bin", full)
+    assert str(err.value) == f"cannot write {tmp_path / 'x.bin'}: No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m.nii.gz"]  # no temp file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -22,13 +23,21 @@ TIMEOUT_MS = 240_000
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts real calls of engine.localize (the real function runs)."""
+    """Counts real calls of engine.localize (the real function runs); calls the engine makes
+    from inside one (scoring a prepared scan) belong to the outer call."""
     calls = []
     real = engine.localize
+    depth = threading.local()
 
     def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+        outer = not getattr(depth, "n", 0)
+        if outer:
+            calls.append(1)
+        depth.n = getattr(depth, "n", 0) + 1
+        try:
+            return real(*args, **kwargs)
+        finally:
+            depth.n -= 1
 
     monkeypatch.setattr(engine, "localize", spy)
     return calls
@@ -255,3 +264,49 @@ def test_export_button_asks_before_overwriting(make_napari_viewer, qtbot, tmp_pa
     np.testing.assert_array_equal(
         np.asarray(nib.load(out).dataobj), viewer.layers["t2-lesion mask"].data
     )
+
+
+def test_prepare_choice_stages_and_fit_line(make_napari_viewer, qtbot):
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    assert widget.prepare.value == "auto"
+    assert [c for c in widget.prepare.choices] == ["auto", "full", "none"]
+    for word in ("auto:", "full:", "none:"):
+        assert word in widget.prepare.tooltip
+    seen: list[str] = []
+    widget._relay.stage.connect(seen.append)
+    _run(qtbot, widget)
+    assert "scoring slices" in seen and seen[-1] == "mapping back to the scan", seen
+    assert widget.progress.label.startswith("done in")
+    fit = widget.fit_info.value
+    assert fit.startswith("scan fits the model: looks like T2 (r = "), fit
+    assert "registration Dice" in fit and "coverage" in fit
+    # a skull-stripped brain on the template's grid: no brain extraction, no registration, so
+    # no brain-mask layer (it would be the scan's own non-zero voxels)
+    assert set(_results(viewer)) == set(SUFFIXES) and len(viewer.layers) == 1 + len(SUFFIXES)
+
+    widget.prepare.value = "none"
+    seen.clear()
+    _run(qtbot, widget)
+    assert seen == ["scoring slices"], seen
+    assert widget.fit_info.value.startswith("scored as given (prepare scan: none)")
+    widget._relay.stage.disconnect(seen.append)
+
+
+def test_single_slice_is_scored_as_given(make_napari_viewer, qtbot):
+    viewer, widget = _open(make_napari_viewer, qtbot)
+    scan = viewer.layers["t2-lesion"]
+    z = scan.data.shape[2] // 2
+    sl = viewer.add_image(scan.data[:, :, z].copy(), name="slice", scale=scan.scale[:2])
+    widget.image.value = sl
+    assert not widget.guessing  # no modality guess for a single slice
+    widget.prepare.value = "full"
+    before, runs = len(notification_manager.records), widget.runs
+    widget.run_button.clicked()
+    assert not widget.running and widget.runs == runs  # refused before any work
+    assert widget.fit_info.value.startswith("not localized: a single slice cannot be prepared")
+    msgs = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("single slice" in m for m in msgs), msgs
+    widget.prepare.value = "auto"
+    _run(qtbot, widget)
+    assert widget.fit_info.value.startswith("single slice: scored as given")
+    assert "slice mask" in viewer.layers

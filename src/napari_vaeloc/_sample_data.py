@@ -1,4 +1,5 @@
-"""napari sample data: the bundled 2 mm MNI-space sample scans (see ``napari_vaeloc.demo``)."""
+"""napari sample data: the bundled 2 mm MNI-space sample scans and a raw individual head (see
+``napari_vaeloc.samples``), each with its geometry (the reader's :func:`volume_layer_data`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ def _sample(key: str, name: str) -> list[LayerData]:
     return [volume_layer_data(load_volume(sample_path(key)), name=name)]
 
 
+def _truth(key: str, name: str) -> list[LayerData]:
+    data, kwargs, _ = _sample(key, name)[0]
+    kwargs.pop("contrast_limits", None)
+    return [((data > 0).astype("uint8"), kwargs, "labels")]
+
+
 def t2_lesion() -> list[LayerData]:
     """T2 brain with a synthetic lesion."""
     return _sample("t2-lesion", "t2-lesion")
@@ -19,9 +26,7 @@ def t2_lesion() -> list[LayerData]:
 
 def t2_lesion_truth() -> list[LayerData]:
     """The synthetic lesion's ground truth, as a Labels layer."""
-    data, kwargs, _ = _sample("t2-lesion-truth", "t2-lesion truth")[0]
-    kwargs.pop("contrast_limits", None)
-    return [((data > 0).astype("uint8"), kwargs, "labels")]
+    return _truth("t2-lesion-truth", "t2-lesion truth")
 
 
 def t2_healthy() -> list[LayerData]:
@@ -32,3 +37,14 @@ def t2_healthy() -> list[LayerData]:
 def t1_healthy() -> list[LayerData]:
     """Healthy T1 brain."""
     return _sample("t1-healthy", "t1-healthy")
+
+
+def t1_head_lesion() -> list[LayerData]:
+    """A raw individual T1 head (skull kept, LIA voxel order, 2 mm, not registered) with a
+    synthetic lesion: the widget prepares it before scoring."""
+    return _sample("t1-head-lesion", "t1-head-lesion")
+
+
+def t1_head_lesion_truth() -> list[LayerData]:
+    """The raw head's synthetic lesion, as a Labels layer on the head's own grid."""
+    return _truth("t1-head-lesion-truth", "t1-head-lesion truth")

@@ -3,12 +3,13 @@ the combined map and the mask when a slider moves (cellpose-napari's "re-thresho
 
 The recomputation itself is the one post-processing pipeline every front uses
 (:class:`~napari_vaeloc.combine.PostProcessor`); this module adds only what the panel shows:
-contrast limits and the meaning of the threshold in words.
+contrast limits and the meaning of the threshold in words; and, for scan preparation, the
+"prepare scan" choices, the fit line's words and the model a modality guess preselects.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -73,3 +74,124 @@ class Session(PostProcessor):
         if self.settings.scan_normalise:
             return f"{t:.2f} robust z-units above this scan's median (no FPR calibration)"
         return f"{t:.2f} × healthy 99th percentile (custom weights: no FPR calibration)"
+
+
+# -- preparation: the "prepare scan" choice, the fit line, the modality guess --------------------
+#: the "prepare scan" choices: (shown text, mode passed to the engine)
+PREPARE_CHOICES = [("auto", "auto"), ("full", "full"), ("none", "none")]
+PREPARE_TOOLTIP = (
+    "how the scan is brought into the model's template space before scoring:\n"
+    "auto: bias-field correction, brain extraction only when a skull is detected, "
+    "registration only when the scan is not on the template's grid;\n"
+    "full: every step, whatever the scan looks like;\n"
+    "none: score the scan as given (it must already be a skull-stripped brain in the "
+    "model's template space, like the bundled MNI samples)"
+)
+#: preparation steps after which the brain mask and the prepared brain are worth showing
+#: (without them the mask is the scan's own non-zero voxels)
+GEOMETRY_STEPS = ("brain extraction", "registration")
+
+
+def is_single_slice(shape: tuple[int, ...]) -> bool:
+    """True for a 2D image or a volume with one slice: preparation needs a 3D scan."""
+    return len(shape) < 3 or min(shape) < 2
+
+
+def prepare_mode_for(mode: str, shape: tuple[int, ...]) -> tuple[str, str]:
+    """The preparation mode a run of a scan of ``shape`` uses, and a note when it differs.
+
+    A single slice cannot be registered to a 3D template: "auto" scores it as given (the note
+    says so); "full" is refused with :class:`~napari_vaeloc.errors.InputError`.
+    """
+    if not is_single_slice(shape) or mode == "none":
+        return mode, ""
+    if mode == "full":
+        from .errors import InputError
+
+        raise InputError(
+            "a single slice cannot be prepared (registration needs a 3D scan); choose "
+            "'prepare scan: none' to score it as given, or open the whole volume"
+        )
+    return "none", "single slice: scored as given (preparation needs a 3D scan)"
+
+
+def offers_preparation_layers(result: LocalizationResult) -> bool:
+    """True when the run extracted the brain or registered the scan, so that its brain mask and
+    bias-corrected brain add something to the scan itself."""
+    report = result.preparation
+    return report is not None and any(s.ran and s.name in GEOMETRY_STEPS for s in report.steps)
+
+
+def fit_text(result: LocalizationResult, mode: str, note: str = "") -> tuple[str, str]:
+    """The fit line after a run and its level ("ok", "warn" or "none" when nothing was checked):
+    "scan fits the model: ..." with the modality, the registration Dice and the coverage, or the
+    warnings of the checks that did not pass."""
+    report = result.preparation
+    if report is None:
+        if note:
+            return note, "warn"
+        if mode == "none":
+            return (
+                "scored as given (prepare scan: none): the scan must already be a "
+                "skull-stripped brain in the model's template space",
+                "none",
+            )
+        notes = [n for n in result.notes if "template" in n]
+        return (notes[0] if notes else "scored as given: no preparation ran"), "warn"
+    numbers = []
+    modality = report.check("modality")
+    if modality is not None:
+        numbers.append(str(modality.message))
+    registration = report.check("registration")
+    if registration is not None and isinstance(registration.value, int | float):
+        numbers.append(f"registration Dice {registration.value:.2f}")
+    coverage = report.check("coverage")
+    if coverage is not None and isinstance(coverage.value, int | float):
+        numbers.append(f"coverage {coverage.value:.0%}")
+    ran = [s.name for s in report.steps if s.ran and s.name != "checks"]
+    steps = f" [{', '.join(ran)}]" if ran else ""
+    warnings = report.warnings
+    if warnings:
+        return (
+            "scan fits the model with warnings: " + "; ".join(warnings)
+            + (f" ({', '.join(numbers)})" if numbers else "") + steps,
+            "warn",
+        )  # fmt: skip
+    return "scan fits the model: " + ", ".join(numbers) + steps, "ok"
+
+
+def fit_tooltip(result: LocalizationResult) -> str:
+    """Every preparation step and check, one a line, with the advice of checks that did not
+    pass (the fit line's tooltip)."""
+    report = result.preparation
+    if report is None:
+        return "\n".join(result.notes)
+    lines = report.lines()
+    for c in report.checks:
+        if c.level != "ok" and c.advice:
+            lines.append(f"advice ({c.name}): {c.advice}")
+    return "\n".join(lines)
+
+
+def guessed_correlation(message: str) -> str:
+    """The correlation ("0.62") a modality check's message gives for the modality it found, or
+    "" (the first "r = x" of messages like "looks like T1 (r = 0.62)")."""
+    import re
+
+    found = re.search(r"r = (-?[0-9.]+)", message)
+    return found.group(1) if found else ""
+
+
+def choose_model(modality: str, cards: dict[str, Any], current: str | None) -> str | None:
+    """The model to preselect for a scan that looks like ``modality``: the current one when it
+    learned that modality and ships a template, else the first in ``cards`` (name -> model card,
+    bundled first) that does; None when none does."""
+
+    def fits(card: Any) -> bool:
+        if card is None or str(card.modality).lower() != modality.lower():
+            return False
+        return bool(getattr(card.preprocessing, "template", None))
+
+    if current is not None and fits(cards.get(current)):
+        return current
+    return next((name for name, card in cards.items() if fits(card)), None)

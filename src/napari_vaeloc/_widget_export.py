@@ -19,13 +19,16 @@ def export_session(
 
     Raises:
         OutputExistsError: a target exists and ``overwrite`` is false (nothing is written).
+        OutputError: the folder cannot be used or written, a target is a folder, or writing
+            failed (nothing of the set is written).
     """
     from .export import write_result
-    from .io import save_nifti
+    from .io import check_output_folder, save_nifti
 
     path = Path(path)
     if not str(path).lower().endswith((".nii", ".nii.gz")):
         path = path.with_name(path.name + ".nii.gz")
+    check_output_folder(path.parent)
     vol = session.volume
     if not maps:
         return [save_nifti(session.mask().reshape(vol.shape), vol, path, "mask", overwrite)]
@@ -68,10 +71,22 @@ def export_with_dialog(
                 return []
             files = export_session(session, path, overwrite=True, maps=maps)
     except (VaelocError, OSError) as exc:
-        show_error(f"export failed: {exc}")
+        show_error(export_failure(exc))
         return []
     show_info(f"saved {len(files)} file(s) to {Path(files[0]).parent}")
     return files
+
+
+def export_failure(exc: BaseException) -> str:
+    """The one-line notification for a failed export (an OutputError names the file and the
+    reason; a bare OSError gives its reason and path, not Python's ``[Errno N]`` form)."""
+    from .errors import VaelocError, describe_os_error
+
+    if isinstance(exc, OSError) and not isinstance(exc, VaelocError):
+        text = describe_os_error(exc)
+    else:
+        text = str(exc) or type(exc).__name__
+    return "export failed: " + " ".join(text.split())
 
 
 def ask_overwrite(parent: Any, message: str) -> bool:

@@ -112,3 +112,30 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return False
+
+
+def put_preparation_layers(
+    viewer: Any, prepared: Any, like: Any, shape: tuple[int, ...], base: str
+) -> list[Any]:
+    """Show what preparation found on the scan ``like``: the brain mask ("<base> brain mask",
+    Labels, just above the scan when new) and the bias-corrected brain ("<base> prepared",
+    Image, hidden), both with ``like``'s geometry (:func:`put_layer`); returns the layers."""
+    layers = []
+    name = f"{base} brain mask"
+    new = name not in viewer.layers
+    mask = np.asarray(prepared.brain_mask).reshape(shape).astype(np.uint8)
+    layer = put_layer(viewer, "labels", name, mask, like, "brain mask", opacity=0.25)
+    if new and like in viewer.layers:  # under the result maps, over the scan
+        viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(like) + 1)
+    layers.append(layer)
+    corrected = getattr(prepared, "corrected", None)
+    if corrected is not None:
+        data = np.asarray(corrected, np.float32).reshape(shape)
+        inside = data[mask > 0]
+        top = float(np.percentile(inside, 99.5)) if inside.size else 1.0
+        image = put_layer(
+            viewer, "image", f"{base} prepared", data, like, "prepared", colormap="gray",
+            visible=False, contrast_limits=(0.0, max(top, 1e-6)),
+        )  # fmt: skip
+        layers.append(image)
+    return layers

@@ -11,7 +11,9 @@ map and mask everywhere. Its steps, in order:
    own 99th percentile", not a false-positive rate.
 2. **weights**: the weighted sum ``sum_k w_k * map_k / scale_k`` (components with weight 0 are
    skipped).
-3. **3D smoothing**: a Gaussian of sigma ``smoothing_mm`` (mm, per-axis voxels). Smoothing is
+3. **3D smoothing**: a Gaussian of sigma ``smoothing_mm`` (mm, per-axis voxels), normalised to
+   the foreground with ``foreground_only`` (values outside the object never leak in, so a map
+   that is 0 outside an extracted brain scores the same as one that is not). Smoothing is
    linear, so each scaled component is smoothed once and cached: moving a weight then costs a
    weighted sum.
 4. **per-scan normalisation** (``scan_normalise``): robust z-units of the scan itself,
@@ -179,21 +181,23 @@ class PostProcessor:
                     "localize with those maps"
                 )
             used = self._used()
-            terms = {k: self._scaled(k, s.smoothing_mm) for k in used}
+            terms = {k: self._scaled(k, s.smoothing_mm, s.foreground_only) for k in used}
             total = weighted_sum(terms, used, shape=self.result.shape)
             fg = self.fg() if s.foreground_only else None
             self._combined = finish(total, fg, s.scan_normalise)
             self._combined_key, self._mask_key = key, None
         return self._combined
 
-    def _scaled(self, name: str, smoothing_mm: float) -> np.ndarray:
-        """``map / scale`` of one component, smoothed; cached for the current smoothing only."""
-        key = (name, smoothing_mm)
+    def _scaled(self, name: str, smoothing_mm: float, inside: bool = True) -> np.ndarray:
+        """``map / scale`` of one component, smoothed (within the foreground when ``inside``);
+        cached for the current smoothing only."""
+        key = (name, smoothing_mm, inside)
         if key not in self._smooth_cache:
             kept = self._smooth_cache.items()
             self._smooth_cache = {k: v for k, v in kept if k[1] == smoothing_mm}
             scaled = self.result.maps[name] * np.float32(1.0 / self.scale(name)[0])
-            self._smooth_cache[key] = smooth(scaled, smoothing_mm, self.spacing)
+            where = self.fg() if inside else None
+            self._smooth_cache[key] = smooth(scaled, smoothing_mm, self.spacing, where)
         return self._smooth_cache[key]
 
     def mask(self) -> np.ndarray:
@@ -284,17 +288,36 @@ def _fallback_scale(values: np.ndarray, foreground: np.ndarray | None) -> float:
     return v if v > 0 else float(np.abs(vals).max() or 1.0)
 
 
-def smooth(values: np.ndarray, smoothing_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
+def smooth(
+    values: np.ndarray,
+    smoothing_mm: float,
+    spacing: tuple[float, ...],
+    where: np.ndarray | None = None,
+) -> np.ndarray:
     """3D Gaussian smoothing with sigma ``smoothing_mm`` (mm, per-axis voxels from ``spacing``),
     float32; ``values`` itself when ``smoothing_mm`` is 0. Truncated at 3 sigma (a third faster
-    than scipy's 4; the tail beyond holds 0.3 % of the weight), nearest-value borders."""
+    than scipy's 4; the tail beyond holds 0.3 % of the weight), nearest-value borders.
+
+    With ``where`` (bool, the values' shape) the smoothing is normalised to it (normalised
+    convolution, Knutsson & Westin 1993): ``G * (v 1_where) / G * 1_where`` inside ``where``,
+    0 outside, so values outside the object (background, or zeros outside an extracted brain)
+    never leak in. Still linear in ``values``."""
     if smoothing_mm <= 0:
         return values
     from scipy.ndimage import gaussian_filter
 
     sigma = [smoothing_mm / max(s, 1e-6) for s in spacing[: values.ndim]]
-    out = gaussian_filter(values, sigma=sigma, mode="nearest", truncate=3.0)
-    return out.astype(np.float32, copy=False)
+
+    def g(a: np.ndarray) -> np.ndarray:
+        return gaussian_filter(a, sigma=sigma, mode="nearest", truncate=3.0)
+
+    if where is None:
+        return g(values).astype(np.float32, copy=False)
+    num = g(np.where(where, values, 0).astype(np.float32))
+    den = g(where.astype(np.float32))
+    out = np.zeros(values.shape, np.float32)
+    np.divide(num, den, out=out, where=where & (den > 1e-6))
+    return out
 
 
 def finish(values: np.ndarray, foreground: np.ndarray | None, scan_normalise: bool) -> np.ndarray:

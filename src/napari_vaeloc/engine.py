@@ -243,14 +243,17 @@ def _localize_prepared(
 
     t0 = time.perf_counter()
     template = _template(model)
-    if template is None:
+    flat = min(volume.shape) < 8  # a single slice or a thin slab: nothing to register in 3D
+    if template is None or flat:
+        why = (
+            f"model {model.card.name!r} ships no template to register scans to"
+            if template is None
+            else f"a {'x'.join(map(str, volume.shape))} image is too thin to prepare in 3D"
+        )
         if settings.mode == "full":
-            raise InputError(
-                f"model {model.card.name!r} ships no template: it can only score scans already "
-                "in its space (--prepare none)"
-            )
+            raise InputError(f"{why}; it can only be scored as given, without preparation")
         res = localize(volume, model, opts, **kwargs)
-        res.notes.append("the model ships no template: the scan was scored as given")
+        res.notes.append(f"{why}: it was scored as given")
         return res
     prepared = prepare_cached(volume, template, settings, stage=opts.stage, cancel=opts.cancel)
     res = localize(prepared.volume, model, opts, **kwargs)

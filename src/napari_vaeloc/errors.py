@@ -1,5 +1,7 @@
 """Exceptions with messages meant for the person running the tool."""
 
+from __future__ import annotations
+
 
 class VaelocError(Exception):
     """Base class: every error napari-vaeloc raises on purpose."""
@@ -29,6 +31,39 @@ class OutputExistsError(VaelocError, FileExistsError):
             more = " ..." if len(self.paths) > 4 else ""
             msg = f"{len(self.paths)} {what}s exist in {first.parent} ({names}{more})"
         super().__init__(msg)
+
+
+class OutputError(VaelocError):
+    """The output location cannot be used: the folder is a file or lies under one, cannot be
+    created or written (read-only, immutable, /proc), a target file is a folder, or writing
+    failed (disk full). ``path`` names the location; the message is one line that names it and
+    the reason."""
+
+    def __init__(self, path, message: str) -> None:
+        from pathlib import Path
+
+        self.path = Path(path)
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+    @classmethod
+    def from_os(cls, path, exc: OSError, doing: str = "write") -> OutputError:
+        """``cannot <doing> <path>: <the system's reason>``."""
+        return cls(path, f"cannot {doing} {path}: {os_reason(exc)}")
+
+
+def os_reason(exc: BaseException) -> str:
+    """The system's reason for an OSError, without errno and path ("No space left on device")."""
+    reason = getattr(exc, "strerror", None)
+    return str(reason) if reason else (str(exc) or type(exc).__name__)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: ``<reason>: <path>`` (or just the reason when it names no
+    path), instead of Python's ``[Errno 28] ...: '<path>'``."""
+    names = [n for n in (exc.filename, getattr(exc, "filename2", None)) if n]
+    reason = os_reason(exc)
+    line = f"{reason}: {' -> '.join(str(n) for n in names)}" if names else reason
+    return " ".join(line.split())
 
 
 class Cancelled(VaelocError):

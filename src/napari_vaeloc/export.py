@@ -12,7 +12,7 @@ import numpy as np
 
 from .combine import CombineSettings, PostProcessor
 from .engine import LocalizationResult
-from .io import refuse_existing, save_nifti, scan_stem, write_json_atomic
+from .io import Volume, WriteSet, check_output_folder, refuse_existing, scan_stem
 from .mapnames import DEFAULT_MAPS, OUTPUT_MAPS
 
 
@@ -23,6 +23,19 @@ def output_paths(out_dir: Path, stem: str, maps: Sequence[str] = DEFAULT_MAPS) -
     paths["mask"] = out_dir / f"{stem}_mask.nii.gz"
     paths["scores"] = out_dir / f"{stem}_scores.json"
     return paths
+
+
+def planned_paths(
+    volume_or_path: Volume | str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    stem: str | None = None,
+    maps: Sequence[str] = DEFAULT_MAPS,
+) -> dict[str, Path]:
+    """The files :func:`write_result` will write for a scan (a :class:`Volume` or its file),
+    known before it is scored, so that a front can check them first (with
+    :func:`napari_vaeloc.io.check_output_folder` and :func:`napari_vaeloc.io.refuse_existing`)."""
+    src = volume_or_path.path if isinstance(volume_or_path, Volume) else volume_or_path
+    return output_paths(Path(out_dir), stem or scan_stem(src), maps)
 
 
 def write_result(
@@ -36,24 +49,22 @@ def write_result(
 
     ``settings``: the combination to write (None: the model's defaults), or a
     :class:`PostProcessor` whose cached combination is written as it stands. Every target is
-    checked before anything is written, so a refused run leaves no partial set. Returns
-    name -> path.
+    checked before anything is written, and the files are staged under temporary names and
+    moved into place together (:class:`napari_vaeloc.io.WriteSet`), so a refused or failed run
+    leaves none of the new files. Returns name -> path.
 
     Raises:
         OutputExistsError: some targets exist and ``overwrite`` is false (nothing written).
-        OSError: the folder cannot be written.
+        OutputError: the folder cannot be used, a target is a folder, or writing failed (disk
+            full); nothing of the set is written.
     """
     volume = result.volume
     post = settings if isinstance(settings, PostProcessor) else PostProcessor(result, settings)
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)
     maps = [k for k in OUTPUT_MAPS if k in result.maps]
     paths = output_paths(out, stem or scan_stem(volume.path), maps)
     refuse_existing(paths.values(), overwrite, "output file")
     c = post.combination()
-    for k in maps:
-        save_nifti(result.maps[k], volume, paths[k], "map", overwrite)
-    save_nifti(c.combined, volume, paths["combined"], "map", overwrite)
-    save_nifti(c.mask, volume, paths["mask"], "mask", overwrite)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     report = {
         "scan": str(volume.path) if volume.path else None,
@@ -64,6 +75,7 @@ def write_result(
         "device": result.device,
         "seconds": result.seconds,
         "notes": result.notes,
+        "preparation": result.preparation.to_dict() if result.preparation else None,
         "combination": {**asdict(post.settings), "scales": c.scales, "calibrated": c.calibrated},
         "mask_voxels": int(c.mask.sum()),
         "mask_volume_ml": float(c.mask.sum()) * voxel_ml,
@@ -71,5 +83,10 @@ def write_result(
         "slice_scores": result.slice_scores,
         "files": {k: p.name for k, p in paths.items() if k != "scores"},
     }
-    write_json_atomic(report, paths["scores"], overwrite)
+    with WriteSet(overwrite) as files:
+        for k in maps:
+            files.add_nifti(result.maps[k], volume, paths[k], "map")
+        files.add_nifti(c.combined, volume, paths["combined"], "map")
+        files.add_nifti(c.mask, volume, paths["mask"], "mask")
+        files.add_json(report, paths["scores"])
     return paths

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputError, OutputExistsError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _FLOAT_OK = (np.floating, np.integer, np.bool_)
@@ -270,18 +270,137 @@ def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"])
     return img
 
 
+def _exists(path: Path) -> bool:
+    """True when something (even a broken link) is at ``path``; False when it cannot be seen."""
+    return os.path.lexists(path)
+
+
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Make sure ``folder`` can take output files, before any work is done: create it when it is
+    missing, then create and delete a temporary file in it. Returns it as a Path.
+
+    Raises:
+        OutputError: ``folder`` is an existing file (or lies under one), cannot be created, or
+            cannot be written (read-only or immutable folder, read-only mount, /proc, /sys);
+            one line naming it and the reason.
+    """
+    p = Path(folder)
+    try:
+        if _exists(p) and not p.is_dir():
+            what = "a broken link" if p.is_symlink() else "a file, not a folder"
+            raise OutputError(p, f"cannot use {p} as the output folder: it is {what}")
+        if not _exists(p):
+            for above in p.parents:
+                if _exists(above):
+                    if not above.is_dir():
+                        raise OutputError(
+                            p,
+                            f"cannot use {p} as the output folder: {above} is a file, not a folder",
+                        )
+                    break
+    except OSError as exc:
+        raise OutputError.from_os(p, exc, "use the output folder") from None
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os(p, exc, "create the output folder") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vaeloc-probe-", dir=p)
+    except OSError as exc:
+        raise OutputError.from_os(p, exc, "write to the output folder") from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError.from_os(p, exc, "write to the output folder") from None
+    return p
+
+
+def _refuse_folder(path: Path) -> None:
+    if os.path.isdir(path):
+        raise OutputError(path, f"cannot write {path}: a folder of that name is in the way")
+
+
 def refuse_existing(
     paths: Iterable[str | os.PathLike], overwrite: bool, what: str = "file"
 ) -> None:
     """Check a set of targets before any is written, so that a refusal writes none.
 
     Raises:
+        OutputError: one of ``paths`` is a folder (even with ``overwrite``).
         OutputExistsError: some of ``paths`` exist and ``overwrite`` is false (``.paths`` lists
             them).
     """
-    existing = [Path(p) for p in paths if Path(p).exists()]
+    targets = [Path(p) for p in paths]
+    for p in targets:
+        _refuse_folder(p)
+    existing = [p for p in targets if _exists(p)]
     if existing and not overwrite:
         raise OutputExistsError(existing, what)
+
+
+def _stage(dest: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
+    """Fill a temporary file beside ``dest`` with ``write(tmp)`` and give it the umask's mode;
+    returns it. Nothing is left behind on failure.
+
+    Raises:
+        OutputError: the folder cannot be created or written, or the write failed (disk full).
+    """
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os(dest.parent, exc, "create the folder") from None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    except OSError as exc:
+        raise OutputError.from_os(dest, exc) from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        make_readable(tmp)
+    except OSError as exc:
+        _discard(tmp)
+        raise OutputError.from_os(dest, exc) from None
+    except BaseException:
+        _discard(tmp)
+        raise
+    return tmp
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        if _exists(tmp):
+            tmp.unlink()
+    except OSError:
+        pass
+
+
+def _place(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Move a staged file onto ``dest``. Without ``overwrite`` an existing file is never replaced,
+    not even one that appeared meanwhile (a hard link claims the name). ``tmp`` may remain.
+
+    Raises:
+        OutputExistsError: ``dest`` exists and ``overwrite`` is false.
+        OutputError: ``dest`` is a folder, or the rename failed.
+    """
+    _refuse_folder(dest)
+    try:
+        if overwrite:
+            os.replace(tmp, dest)
+            return
+        try:
+            os.link(tmp, dest)  # fails if dest appeared meanwhile: never clobbers
+        except FileExistsError:
+            raise OutputExistsError(dest) from None
+        except OSError:  # file systems without hard links
+            if _exists(dest):
+                raise OutputExistsError(dest) from None
+            os.replace(tmp, dest)
+    except OutputExistsError:
+        raise
+    except OSError as exc:
+        raise OutputError.from_os(dest, exc) from None
 
 
 def write_atomic(
@@ -294,37 +413,121 @@ def write_atomic(
     beside ``path`` (``suffix`` keeps the extension a writer may need), which then takes its
     place, so the file appears whole or not at all. Without ``overwrite`` an existing file is
     never replaced, not even one that appears while writing (a hard link is used to claim the
-    name). The new file gets the mode the user's umask asks for.
+    name). The new file gets the mode the user's umask asks for. Sets of files that must
+    appear together go through :class:`WriteSet`.
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
-        OSError: the folder cannot be created or written (read-only, full disk).
+        OutputError: ``path`` is a folder (even with ``overwrite``), or its folder cannot be
+            created or written (read-only, full disk): one line naming the path and the reason.
     """
     dest = Path(path)
-    if dest.exists() and not overwrite:
+    _refuse_folder(dest)
+    if _exists(dest) and not overwrite:
         raise OutputExistsError(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _stage(dest, write, suffix)
     try:
-        write(tmp)
-        make_readable(tmp)
-        if overwrite:
-            os.replace(tmp, dest)
-        else:
-            try:
-                os.link(tmp, dest)  # fails if dest appeared meanwhile: never clobbers
-            except FileExistsError:
-                raise OutputExistsError(dest) from None
-            except OSError:  # file systems without hard links
-                if dest.exists():
-                    raise OutputExistsError(dest) from None
-                os.replace(tmp, dest)
+        _place(tmp, dest, overwrite)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _discard(tmp)
     return dest
+
+
+class WriteSet:
+    """Write a set of files that must appear together, or none of them.
+
+    Each :meth:`add` writes its file at once to a temporary name beside its target; when the
+    ``with`` block ends without an error the targets are checked again and every staged file
+    is moved into place. Any failure (a write, disk full, a target that appeared meanwhile)
+    removes every temporary file and every file of the set already moved into place, so no
+    partial set is left. Files that ``overwrite`` already replaced cannot be brought back, but
+    a failure that late needs a target changed by someone else during the move.
+
+        with WriteSet(overwrite) as ws:
+            ws.add(path, lambda tmp: ...)
+            ws.add_nifti(mask, volume, other_path, "mask")
+    """
+
+    def __init__(self, overwrite: bool = False) -> None:
+        self.overwrite = overwrite
+        self._staged: list[tuple[Path, Path]] = []
+
+    def add(self, path: str | os.PathLike, write: Callable[[Path], None], suffix: str = "") -> Path:
+        """Stage ``path``, filled by ``write(tmp)``; returns its final path.
+
+        Raises:
+            OutputExistsError: ``path`` exists and ``overwrite`` is false.
+            OutputError: ``path`` is a folder, is already in the set, or cannot be written.
+        """
+        dest = Path(path)
+        _refuse_folder(dest)
+        if _exists(dest) and not self.overwrite:
+            raise OutputExistsError(dest)
+        if any(d == dest for _, d in self._staged):
+            raise OutputError(dest, f"cannot write {dest} twice in one set")
+        self._staged.append((_stage(dest, write, suffix), dest))
+        return dest
+
+    def add_nifti(
+        self,
+        array: np.ndarray,
+        like: Volume,
+        path: str | os.PathLike,
+        kind: Literal["map", "mask"] = "map",
+    ) -> Path:
+        """Stage a map or mask as :func:`save_nifti` writes it."""
+        write, suffix = _nifti_writer(array, like, path, kind)
+        return self.add(path, write, suffix)
+
+    def add_json(self, obj: Any, path: str | os.PathLike) -> Path:
+        """Stage JSON as :func:`write_json_atomic` writes it."""
+        text = _json_text(obj)
+        return self.add(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    @property
+    def paths(self) -> list[Path]:
+        """The final paths staged so far, in order."""
+        return [d for _, d in self._staged]
+
+    def commit(self) -> list[Path]:
+        """Move every staged file into place (all or none); returns their paths.
+
+        Raises:
+            OutputExistsError: a target appeared meanwhile and ``overwrite`` is false.
+            OutputError: a target became a folder, or a rename failed.
+        """
+        targets = self.paths
+        try:
+            refuse_existing(targets, self.overwrite, "file")
+            placed: list[Path] = []
+            new = {d for d in targets if not _exists(d)}
+            try:
+                for tmp, dest in self._staged:
+                    _place(tmp, dest, self.overwrite)
+                    placed.append(dest)
+            except BaseException:
+                for dest in placed:
+                    if dest in new:
+                        _discard(dest)
+                raise
+        finally:
+            self.abort()
+        return targets
+
+    def abort(self) -> None:
+        """Remove every temporary file; nothing staged is moved into place."""
+        for tmp, _ in self._staged:
+            _discard(tmp)
+        self._staged.clear()
+
+    def __enter__(self) -> WriteSet:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def write_text_atomic(text: str, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -344,9 +547,13 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _json_text(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), indent=2) + "\n"
+
+
 def write_json_atomic(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write JSON (indent 2) through :func:`write_atomic`; NaN and infinities become null."""
-    return write_text_atomic(json.dumps(_jsonable(obj), indent=2) + "\n", path, overwrite)
+    return write_text_atomic(_json_text(obj), path, overwrite)
 
 
 def write_folder_atomic(
@@ -357,22 +564,54 @@ def write_folder_atomic(
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
+        OutputError: ``path`` is a file (even with ``overwrite``), or the folder beside it
+            cannot be created or written.
     """
     dest = Path(path)
-    if dest.exists() and not overwrite:
+    if _exists(dest) and not dest.is_dir():
+        raise OutputError(
+            dest, f"cannot write the folder {dest}: a file of that name is in the way"
+        )
+    if _exists(dest) and not overwrite:
         raise OutputExistsError(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os(dest.parent, exc, "create the folder") from None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        raise OutputError.from_os(dest, exc) from None
     try:
         fill(tmp)
         make_readable(tmp)
-        if dest.exists():
+        if _exists(dest):
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+    except OSError as exc:
+        if isinstance(exc, OutputExistsError):
+            raise
+        raise OutputError.from_os(dest, exc) from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if _exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _nifti_writer(
+    array: np.ndarray, like: Volume, path: str | os.PathLike, kind: Literal["map", "mask"]
+) -> tuple[Callable[[Path], None], str]:
+    """``(write(tmp), suffix)`` that saves a map or mask as :func:`save_nifti` does.
+
+    Raises:
+        InputError: the name does not end in .nii/.nii.gz, or the shape differs from the scan's.
+    """
+    dest = Path(path)
+    if not is_nifti_path(dest):
+        raise InputError(f"output name must end in .nii or .nii.gz: {dest.name}")
+    img = _output_image(array, like, kind)
+    suffix = ".nii.gz" if str(dest).lower().endswith(".gz") else ".nii"
+    return (lambda tmp: nib.save(img, str(tmp))), suffix
 
 
 def save_nifti(
@@ -387,12 +626,9 @@ def save_nifti(
 
     Raises:
         OutputExistsError: the file exists and ``overwrite`` is false.
+        OutputError: the target is a folder, or it cannot be written.
         InputError: the name does not end in .nii/.nii.gz, or the array's shape differs from the
             scan's.
     """
-    dest = Path(path)
-    if not is_nifti_path(dest):
-        raise InputError(f"output name must end in .nii or .nii.gz: {dest.name}")
-    img = _output_image(array, like, kind)
-    suffix = ".nii.gz" if str(dest).lower().endswith(".gz") else ".nii"
-    return write_atomic(dest, lambda tmp: nib.save(img, str(tmp)), overwrite, suffix)
+    write, suffix = _nifti_writer(array, like, path, kind)
+    return write_atomic(path, write, overwrite, suffix)

@@ -4,7 +4,7 @@ and map every result back onto the scan's own voxel grid.
 Steps, each recorded in the :class:`PreparationReport` (seconds, whether it ran, why):
 
 1. **bias-field correction**: N4 (Tustison et al., IEEE TMI 2010) from SimpleITK, estimated on a
-   copy shrunk to about 4 mm inside the head (Otsu) and applied at full resolution;
+   copy shrunk to about 6 mm inside the head (Otsu) and applied at full resolution;
 2. **brain extraction**: deepbet (Fisch et al., Comput. Biol. Med. 2024; MIT, TorchScript
    weights inside its wheel), skipped when the scan is already skull-stripped (a flat
    background around an object of brain size; overridable);
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -279,22 +281,38 @@ def looks_skull_stripped(volume: Volume) -> tuple[bool, float]:
     return flat >= 0.2 and ml <= MAX_BRAIN_ML, ml
 
 
+def fill_brain(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every hole filled that is enclosed in 3D or in a 2D slice along any axis:
+    a dark lesion core or a ventricle open to the surface on one side still belongs to the
+    brain (the engine's foreground fills holes the same way, see
+    :func:`napari_vaeloc.preprocess.fill_object`)."""
+    from .preprocess import fill_object
+
+    out = fill_object(mask)
+    for axis in range(3):
+        out |= fill_object(mask, axis)
+    return out
+
+
 def n4_correct(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> np.ndarray:
     """N4 bias-field corrected intensities (float32, the scan's shape), the field estimated on a
-    copy shrunk to about 4 mm inside ``mask`` and divided out at full resolution."""
+    copy shrunk to about 6 mm inside ``mask`` and divided out at full resolution."""
     import SimpleITK as sitk
 
     img = to_sitk(volume.data.astype(np.float32) - float(volume.data.min()) + 1.0, volume.affine)
     msk = to_sitk(mask.astype(np.uint8), volume.affine)
-    shrink = [max(1, round(4.0 / s)) for s in volume.spacing]
+    shrink = [max(1, round(6.0 / s)) for s in volume.spacing]
     small = sitk.Shrink(img, shrink)
     small_mask = sitk.Shrink(msk, shrink)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([50, 40, 30])
     _abort_on_cancel(n4, cancel)
-    n4.Execute(small, small_mask)
+    _execute(n4, cancel, small, small_mask)
     _raise_if(cancel)
-    log_field = from_sitk(n4.GetLogBiasFieldAsImage(img)).astype(np.float32)
+    # the field is smooth: evaluate it on the shrunk grid, then interpolate to full resolution
+    small_field = n4.GetLogBiasFieldAsImage(small)
+    full_field = sitk.Resample(small_field, img, sitk.Transform(), sitk.sitkLinear, 0.0)
+    log_field = from_sitk(full_field).astype(np.float32)
     corrected = volume.data.astype(np.float32) / np.exp(log_field)
     return corrected.astype(np.float32)
 
@@ -356,6 +374,10 @@ def register(
 
     fixed = to_sitk(template.image.data.astype(np.float32), template.image.affine)
     moving = to_sitk(brain.data.astype(np.float32), brain.affine)
+    # finer than the template gains nothing: average down to about its voxel size first
+    factors = [max(1, int(min(template.image.spacing) / s + 0.25)) for s in brain.spacing]
+    if max(factors) > 1:
+        moving = sitk.BinShrink(moving, factors)
     similarity = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Similarity3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS,
@@ -381,7 +403,7 @@ def _run_registration(
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(0.25)
+    reg.SetMetricSamplingPercentage(0.2)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.5,
@@ -393,7 +415,7 @@ def _run_registration(
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(initial, inPlace=False)
     _abort_on_cancel(reg, cancel)
-    out = reg.Execute(fixed, moving)
+    out = _execute(reg, cancel, fixed, moving)
     _raise_if(cancel)
     if isinstance(out, sitk.CompositeTransform) and out.GetNumberOfTransforms() == 1:
         out = out.GetNthTransform(0)
@@ -401,12 +423,38 @@ def _run_registration(
     return out, float(reg.GetMetricValue())
 
 
+class _Stop(Exception):
+    """Raised inside a SimpleITK iteration callback to stop the filter (``Abort()`` alone is
+    not honoured by every filter); SimpleITK re-raises it as a RuntimeError."""
+
+
 def _abort_on_cancel(process: Any, cancel: CancelFlag | None) -> None:
     if cancel is None:
         return
     import SimpleITK as sitk
 
-    process.AddCommand(sitk.sitkIterationEvent, lambda: cancel() and process.Abort())
+    def check() -> None:
+        if cancel():
+            process.Abort()
+            # SimpleITK prints an exception raised in a callback; this one is expected
+            sys.stderr = io.StringIO()
+            raise _Stop("preparation cancelled")
+
+    process.AddCommand(sitk.sitkIterationEvent, check)
+
+
+def _execute(process: Any, cancel: CancelFlag | None, *inputs: Any) -> Any:
+    """``process.Execute(*inputs)``, turning a stop requested through ``cancel`` into
+    :class:`Cancelled`."""
+    stderr = sys.stderr
+    try:
+        return process.Execute(*inputs)
+    except (RuntimeError, _Stop) as exc:
+        if cancel is not None and cancel():
+            raise Cancelled("preparation cancelled") from None
+        raise InputError(f"preparation failed: {str(exc).splitlines()[-1][:200]}") from exc
+    finally:
+        sys.stderr = stderr
 
 
 def _raise_if(cancel: CancelFlag | None) -> None:
@@ -533,13 +581,11 @@ def prepare(
         report.steps.append(Step(STAGES[2], True, time.perf_counter() - t0, f"brain {ml:.0f} ml"))
     else:
         brain_mask = data > data.min() + 1e-6 * (float(data.max()) - float(data.min()))
-        from scipy import ndimage as ndi
-
-        brain_mask = ndi.binary_fill_holes(brain_mask)
         report.steps.append(Step(STAGES[2], False, note="already skull-stripped"))
     if not brain_mask.any():
         raise InputError("no brain found in the scan; is it a brain MRI?")
-    brain_data = np.where(brain_mask, data - float(data[brain_mask].min()), 0).astype(np.float32)
+    brain_mask = fill_brain(brain_mask)
+    brain_data = np.where(brain_mask, data - float(data.min()), 0).astype(np.float32)
     brain = Volume(brain_data, volume.affine, volume.header, volume.path)
 
     same_grid = brain.shape == template.image.shape and np.allclose(

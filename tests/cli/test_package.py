@@ -89,8 +89,10 @@ def test_option_defaults_are_unchanged():
     )
     tr = parse(["train", "icbm-t2", "--out", "m"])
     assert (tr.axis, tr.device, tr.seed, tr.threads) == ("axial", "auto", 0, None)
-    de = parse(["demo"])
-    assert (de.out, de.model, de.device) == ("vaeloc-demo", "t2-brain", "auto")
+    de = parse(["demo"])  # the demo's model follows its sample (a raw T1 head: t1-brain)
+    assert (de.out, de.model, de.device, de.sample) == (
+        "vaeloc-demo", None, "auto", "t1-head-lesion"
+    )  # fmt: skip
     br = parse(["evaluate", "brain"])
     assert (br.out, br.model, br.cases, br.seed, br.maps) == ("results", "t2-brain", 50, 0, "all")
     with pytest.raises(SystemExit):

@@ -1,6 +1,7 @@
 """The ``vaeloc`` command: a thin front over the engine.
 
-vaeloc localize SCAN [--model NAME|PATH] [--axis AXIS] [--device DEV] [--out DIR]
+vaeloc localize SCAN [--model NAME|PATH] [--prepare auto|full|none] [--device DEV] [--out DIR]
+vaeloc prepare SCAN [--model NAME|PATH] [--out DIR]
 vaeloc models
 vaeloc train SOURCES... --out DIR
 vaeloc demo [--out DIR]
@@ -16,8 +17,8 @@ import argparse
 import sys
 
 from .. import __version__
-from ..errors import OutputExistsError, VaelocError
-from . import demo, evaluate, localize, models, train
+from ..errors import OutputExistsError, VaelocError, describe_os_error
+from . import demo, evaluate, localize, models, prepare, train
 
 __all__ = ["build_parser", "main"]
 
@@ -31,22 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (localize, models, train, evaluate, demo):
+    for group in (localize, prepare, models, train, evaluate, demo):
         group.add_parser(sub)
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``vaeloc`` with ``argv`` (default: the command line); returns the exit status:
-    0 on success, 2 on a usage or input error (one line on stderr), 130 when interrupted."""
+    0 on success, 2 on a usage, input or output error (one line on stderr: ``vaeloc: error:
+    ...``, never a traceback), 130 when interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except OutputExistsError as exc:
         print(f"vaeloc: error: {exc}; pass --overwrite to replace", file=sys.stderr)
         return 2
-    except VaelocError as exc:
-        print(f"vaeloc: error: {exc}", file=sys.stderr)
+    except VaelocError as exc:  # InputError, ModelError, OutputError, ...
+        print(f"vaeloc: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the front itself could not read or write
+        print(f"vaeloc: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vaeloc: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``vaeloc demo``: localize the lesion of the bundled sample scan and score the maps."""
+"""``vaeloc demo``: localize the lesion of a bundled sample scan and score the maps."""
 
 from __future__ import annotations
 
@@ -10,15 +10,26 @@ from . import options
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
+    from ..demo import DEFAULT_DEMO, DEMOS
+
     de = subparsers.add_parser(
         "demo",
-        help="localize the lesion of the bundled sample scan with a bundled model",
-        description="Run a bundled model on the bundled T2 sample scan with a synthetic "
-        "tumour-like lesion, write every map and the mask, and print how well each map finds "
-        "the known lesion (pixel AUROC, average precision, Dice).",
+        help="localize the lesion of a bundled sample scan with a bundled model",
+        description="Run the whole pipeline on a bundled sample with a synthetic lesion (by "
+        "default a raw T1 head with skull, in its own orientation): preparation with its fit "
+        "checks, scoring, every map and the mask written on the scan's grid; then print how "
+        "well each map finds the known lesion inside the brain (pixel AUROC, average "
+        "precision, Dice) and how much of the mask lies outside the brain.",
+    )
+    de.add_argument(
+        "--sample",
+        choices=list(DEMOS),
+        default=DEFAULT_DEMO,
+        help="which sample to run on (default: %(default)s)",
     )
     options.add_out(de, default="vaeloc-demo", help="output folder (default: %(default)s)")
-    options.add_model(de)
+    options.add_model(de, None, "model name or folder (default: the sample's model)")
+    options.add_prepare(de)
     options.add_device(de)
     options.add_overwrite(de)
     options.add_quiet(de)
@@ -26,26 +37,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo and print its metrics; returns the exit status."""
+    """Run the demo and print its checks and metrics; returns the exit status. The output
+    folder and the files it would replace are checked first, before anything is loaded."""
+    from ..demo import check_demo_outputs
+
+    check_demo_outputs(args.out, args.overwrite, args.sample)
+
     from ..demo import run_demo
 
-    with options.progress_bar("scoring slices", "slice", args) as bar:
+    with options.LazyBar("scoring slices", "slice", args) as bar:
         res = run_demo(
             args.out,
             model=args.model,
             device=args.device,
             overwrite=args.overwrite,
-            progress=options.fraction_progress(bar),
+            progress=bar.progress,
+            sample=args.sample,
+            prepare=args.prepare,
+            stage=options.stage_printer(args),
         )
     r = res["result"]
-    print(
-        f"{r.model_name} on {r.device}: sample T2 scan with a synthetic lesion, {r.seconds:.1f} s"
-    )
+    print(f"{r.model_name} on {r.device}: {res['demo'].description}, {r.seconds:.1f} s")
+    if r.preparation is not None:
+        print("preparation:")
+        for line in r.preparation.lines():
+            print(f"  {line}")
     print("pixel metrics inside the brain against the known lesion:")
     print(f"  {'map':<20}{'AUROC':>8}{'AP':>8}{'best Dice':>11}")
     for k, m in res["metrics"].items():
         print(f"  {k:<20}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['best_dice']:>11.3f}")
     s = res["settings"]
-    print(f"mask at the model's default threshold ({s.threshold:.3g}): Dice {res['mask_dice']:.3f}")
+    print(
+        f"mask at the model's default threshold ({s.threshold:.3g}): Dice {res['mask_dice']:.3f}, "
+        f"{res['outside_ml']:.1f} ml outside the brain"
+    )
     print(f"outputs in {Path(args.out).resolve()}")
     return 0

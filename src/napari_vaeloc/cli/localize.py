@@ -108,6 +108,14 @@ def run(args: argparse.Namespace) -> int:
     if args.smoothing is not None and args.smoothing < 0:
         raise VaelocError(f"--smoothing must be >= 0 mm, not {args.smoothing}")
     prepare = options.prepare_settings(args)
+    out = Path(args.out) if args.out else Path(args.scan).resolve().parent
+
+    # the output folder and the files a run would replace: checked before any work
+    from ..export import planned_paths
+    from ..io import check_output_folder, refuse_existing
+
+    check_output_folder(out)
+    refuse_existing(planned_paths(Path(args.scan), out).values(), args.overwrite, "output file")
 
     from ..combine import CombineSettings
     from ..engine import EngineOptions, localize
@@ -125,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     settings = CombineSettings.from_card(model.card).replace(
         **{k: v for k, v in changes.items() if v is not None}
     )
-    out = Path(args.out) if args.out else Path(args.scan).resolve().parent
     with options.LazyBar("scoring slices", "slice", args) as bar:
         engine = EngineOptions(
             device=args.device,

@@ -24,13 +24,30 @@ def run(args: argparse.Namespace) -> int:
         print("No pretrained models are bundled with this installation.")
         print("Train one with `vaeloc train` and pass its folder with --model PATH.")
         return 0
-    print(f"{'name':<12}{'modality':<10}{'input':<8}{'z':<6}{'axis':<8}{'MB':<6}provenance")
+    header = ("name", "modality", "input", "z", "axis", "MB", "provenance")
+    rows = []
     for name, path in models.items():
         c = read_card(path)
         size = (path / WEIGHTS_FILE).stat().st_size / 1e6
-        z = c.architecture.z_dim
-        print(
-            f"{name:<12}{c.modality:<10}{c.image_size:<8}{z:<6}{c.axis:<8}{size:<6.1f}"
-            f"{c.provenance.sources}"
+        rows.append(
+            (
+                name,
+                str(c.modality),
+                str(c.image_size),
+                str(c.architecture.z_dim),
+                str(c.axis),
+                f"{size:.1f}",
+                str(c.provenance.sources),
+            )
         )
+    for line in format_table(header, rows):
+        print(line)
     return 0
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], gap: int = 2) -> list[str]:
+    """Left-aligned columns as wide as their longest entry plus ``gap`` spaces, so every column
+    starts at the same offset in every row (the last column is not padded)."""
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) + gap for i in range(len(header) - 1)]
+    return ["".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + r[-1] for r in table]

@@ -19,12 +19,15 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "t2-brain"
 
 
-def add_model(p: argparse.ArgumentParser) -> None:
+def add_model(
+    p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL, help: str | None = None
+) -> None:
     """``--model NAME|PATH``: a bundled model or a model folder (default: t2-brain)."""
     p.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help="bundled model name (see `vaeloc models`) or a model folder (default: %(default)s)",
+        default=default,
+        help=help
+        or "bundled model name (see `vaeloc models`) or a model folder (default: %(default)s)",
     )
 
 
@@ -79,9 +82,7 @@ def load_model_option(args: argparse.Namespace) -> LoadedModel:
     return cached_model(args.model)
 
 
-def progress_bar(
-    desc: str, unit: str, args: argparse.Namespace, total: int | None = None
-) -> Any:
+def progress_bar(desc: str, unit: str, args: argparse.Namespace, total: int | None = None) -> Any:
     """A tqdm bar on stderr, disabled by ``--quiet``; use it as a context manager."""
     from tqdm.auto import tqdm
 

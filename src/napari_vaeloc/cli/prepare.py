@@ -36,18 +36,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Prepare ``args.scan`` for the model and write the results; returns the exit status."""
     from ..errors import InputError
-    from ..io import load_volume, scan_stem
+    from ..io import check_output_folder, load_volume, refuse_existing, scan_stem
     from ..models.store import resolve_model_path
-    from ..prepare import Template, prepare_cached, save_prepared
+    from ..prepare import Template, prepare_cached, prepared_paths, save_prepared
 
     settings = options.prepare_settings(args)
     if not settings.enabled:
         raise InputError("--prepare none prepares nothing; choose auto or full")
+    out = check_output_folder(Path(args.out) if args.out else Path(args.scan).resolve().parent)
+    refuse_existing(prepared_paths(out, scan_stem(args.scan)).values(), args.overwrite, "file")
     volume = load_volume(args.scan, volume_index=args.volume_index)
     model = options.load_model_option(args)
     template = Template.of_model(resolve_model_path(args.model), model.card)
     prepared = prepare_cached(volume, template, settings, stage=options.stage_printer(args))
-    out = Path(args.out) if args.out else Path(args.scan).resolve().parent
     paths = save_prepared(prepared, out, scan_stem(args.scan), overwrite=args.overwrite)
     for line in prepared.report.lines():
         print(line)
