@@ -1,0 +1,122 @@
+"""Regenerate the screenshots of docs/prepare.md (needs an X server: ``xvfb-run -a``).
+
+xvfb-run -a .venv/bin/python docs/images/make_prepare_screenshots.py [--out DIR]
+
+A real napari viewer with the Localize anomalies widget runs t1-brain on the raw T1 head with a
+synthetic lesion twice, on the same sagittal slice through the lesion: first with "prepare
+scan: none" (prepare_before.png), then with "auto" (prepare_after.png, the brain mask drawn as
+a cyan outline), and grabs the widget panel after the auto run with its fit line
+(prepare_panel.png). The PNGs are reduced to 256 colours to stay small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+SCAN = "t1-head-lesion"
+MODEL = "t1-brain"
+
+
+def _settle(app, seconds: float = 0.4) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def _wait(app, busy) -> None:
+    while busy():
+        app.processEvents()
+        time.sleep(0.02)
+    _settle(app)
+
+
+def _shrink_png(path: Path) -> None:
+    """Rewrite ``path`` as a 256-colour PNG (the screenshots are mostly grey)."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE, help="folder of the PNGs (default: here)")
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    import napari
+    from napari.utils.colormaps import DirectLabelColormap
+    from qtpy.QtWidgets import QApplication
+
+    from napari_vaeloc.io import load_volume
+    from napari_vaeloc.samples import sample_path
+
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1640, 900)  # a square canvas
+    viewer.open_sample("napari-vaeloc", SCAN)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
+    _wait(app, lambda: widget.guessing)  # the modality guess preselects t1-brain
+    widget.model.value = MODEL
+    widget.device.value = "cpu"
+
+    # one sagittal slice for both pictures (the head is in LIA voxel order: the slider runs
+    # left-right, superior is up and the face on the right)
+    truth = load_volume(sample_path(f"{SCAN}-truth")).data > 0
+    brain = load_volume(sample_path("t1-head-brain-mask")).data > 0
+    scan = viewer.layers[SCAN]
+    x = int(np.argmax(truth.sum(axis=(1, 2))))
+
+    def run(mode: str) -> None:
+        widget.prepare.value = mode
+        widget.run_button.clicked()
+        _wait(app, lambda: widget.running)
+        viewer.layers[f"{SCAN} mask"].opacity = 0.8
+        viewer.dims.set_point(0, scan.translate[0] + x * scan.scale[0])
+        viewer.reset_view()
+        _settle(app)
+
+    def shot(name: str) -> None:
+        path = out / name
+        viewer.screenshot(str(path), canvas_only=True, flash=False)
+        _shrink_png(path)
+        print(path, f"{path.stat().st_size / 1024:.0f} KB")
+
+    run("none")
+    print("none:", widget.fit_info.value)
+    # among the slices that cut the lesion broadly (at least 2/3 of its largest cross-section),
+    # the one where the unprepared mask lies most outside the brain
+    wrong = (np.asarray(viewer.layers[f"{SCAN} mask"].data) > 0) & ~brain
+    area = truth.sum(axis=(1, 2))
+    broad = np.flatnonzero(area >= 2 * area.max() / 3)
+    x = int(broad[np.argmax(wrong[broad].sum(axis=(1, 2)))])
+    print(f"slice x = {x}: lesion {area[x]} voxels, mask outside the brain {wrong[x].sum()} voxels")
+    viewer.dims.set_point(0, scan.translate[0] + x * scan.scale[0])
+    _settle(app)
+    shot("prepare_before.png")
+
+    run("auto")
+    print("auto:", widget.fit_info.value)
+    outline = viewer.layers[f"{SCAN} brain mask"]
+    outline.colormap = DirectLabelColormap(color_dict={None: "transparent", 1: "cyan"})
+    outline.contour = 1
+    outline.opacity = 0.9
+    _settle(app)
+    shot("prepare_after.png")
+
+    path = out / "prepare_panel.png"
+    widget.native.grab().save(str(path))
+    _shrink_png(path)
+    print(path, f"{path.stat().st_size / 1024:.0f} KB")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
