@@ -92,7 +92,7 @@ def test_tampered_bundled_weights_refused(tmp_path):
 def test_t2_brain_finds_the_sample_lesion(tmp_path):
     """The bundled T2 model on the sample with a synthetic lesion: the default combined map
     separates lesion from healthy brain (pixel AUROC inside the brain > 0.9)."""
-    res = run_demo(tmp_path, model="t2-brain", device="cpu")
+    res = run_demo(tmp_path, model="t2-brain", device="cpu", sample="t2-lesion")
     m = res["metrics"]
     print(json.dumps({k: round(v["auroc"], 3) for k, v in m.items()}))
     assert m["combined (default)"]["auroc"] > 0.9, m
@@ -114,17 +114,28 @@ def test_default_threshold_is_rare_on_healthy_brain():
 
 
 def test_demo_command_end_to_end(tmp_path, capsys):
+    """The README's main command: the whole pipeline on the raw T1 head, checks printed next
+    to the lesion metrics, the lesion found inside the brain and nothing flagged outside it."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     for k in ("rec_error", "kl_grad", "elbo_grad", "combi", "combined (default)", "Dice"):
         assert k in text
+    for check in ("voxel size", "skull", "coverage", "registration", "modality"):
+        assert f"check {check}: ok" in text, text
+    assert "brain extraction: done" in text and "registration: done" in text
+    row = next(line for line in text.splitlines() if "combined (default)" in line).split()
+    auroc, ap = float(row[-3]), float(row[-2])
+    assert auroc > 0.95 and ap > 0.5, row
+    assert "0.0 ml outside the brain" in text
     names = {p.name for p in out.iterdir()}
     assert {
-        "sample_t2_lesion_mask.nii.gz",
-        "sample_t2_lesion_combined.nii.gz",
-        "sample_t2_lesion_scores.json",
+        "sample_t1_head_lesion_mask.nii.gz",
+        "sample_t1_head_lesion_combined.nii.gz",
+        "sample_t1_head_lesion_scores.json",
     } <= names
+    scores = json.loads((out / "sample_t1_head_lesion_scores.json").read_text())
+    assert [c["name"] for c in scores["preparation"]["checks"]][-1] == "modality"
     assert main(["demo", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--quiet", "--overwrite"]) == 0
