@@ -11,11 +11,11 @@ map and mask everywhere. Its steps, in order:
    own 99th percentile", not a false-positive rate.
 2. **weights**: the weighted sum ``sum_k w_k * map_k / scale_k`` (components with weight 0 are
    skipped).
-3. **3D smoothing**: a Gaussian of sigma ``smoothing_mm`` (mm, per-axis voxels), normalised to
-   the foreground with ``foreground_only`` (values outside the object never leak in, so a map
-   that is 0 outside an extracted brain scores the same as one that is not). Smoothing is
-   linear, so each scaled component is smoothed once and cached: moving a weight then costs a
-   weighted sum.
+3. **3D smoothing**: a Gaussian of sigma ``smoothing_mm`` (mm, per-axis voxels). For a prepared
+   scan, whose maps are 0 outside the extracted brain, it is normalised to the foreground
+   (values outside never leak in); otherwise the model's outputs around the object take part,
+   as they did when the thresholds were calibrated. Smoothing is linear, so each scaled
+   component is smoothed once and cached: moving a weight then costs a weighted sum.
 4. **per-scan normalisation** (``scan_normalise``): robust z-units of the scan itself,
    ``max(0, (c - median) / (1.4826 MAD))`` over the foreground, so that a scan whose healthy
    tissue is explained worse overall (another scanner, unusual anatomy) does not light up
@@ -181,7 +181,11 @@ class PostProcessor:
                     "localize with those maps"
                 )
             used = self._used()
-            terms = {k: self._scaled(k, s.smoothing_mm, s.foreground_only) for k in used}
+            # maps that are 0 outside an extracted brain (a prepared scan) are smoothed within
+            # the foreground; the model's own outputs outside the object take part otherwise, as
+            # they did when the thresholds were calibrated
+            inside = s.foreground_only and self.result.prepared is not None
+            terms = {k: self._scaled(k, s.smoothing_mm, inside) for k in used}
             total = weighted_sum(terms, used, shape=self.result.shape)
             fg = self.fg() if s.foreground_only else None
             self._combined = finish(total, fg, s.scan_normalise)
