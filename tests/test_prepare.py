@@ -164,3 +164,32 @@ def test_a_strong_bias_field_is_corrected(t1):
     print(f"flagged voxels of {brain} (without, with the field): {flagged}")
     assert flagged[0] > 0
     assert flagged[1] <= flagged[0] + fpr * brain, flagged
+
+
+def test_prepare_command_writes_what_it_did(tmp_path, capsys):
+    import json
+
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    head = sample_path("t1-head-lesion")
+    out = tmp_path / "prep"
+    assert main(["prepare", str(head), "--model", "t1-brain", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "check modality: ok" in text and "brain extraction: done" in text
+    stem = "sample_t1_head_lesion"
+    scan = nib.load(head)
+    mask = nib.load(out / f"{stem}_brain_mask.nii.gz")
+    assert mask.shape == scan.shape and np.allclose(mask.affine, scan.affine)
+    assert 1000 < np.asarray(mask.dataobj).sum() * 8 / 1000 < 1800  # ml of brain
+    t1 = cached_model("t1-brain")
+    template = Template.of_model(t1.path, t1.card)
+    prepared = nib.load(out / f"{stem}_prepared.nii.gz")
+    assert prepared.shape == template.image.shape
+    assert np.allclose(prepared.affine, template.image.affine)
+    transform = sitk.ReadTransform(str(out / f"{stem}_to_template.tfm"))
+    assert transform.GetDimension() == 3
+    report = json.loads((out / f"{stem}_prepare.json").read_text())
+    assert {c["name"]: c["level"] for c in report["checks"]}["registration"] == "ok"
+    assert main(["prepare", str(head), "--model", "t1-brain", "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
