@@ -45,12 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_prepare(lo)
     options.add_device(lo)
     options.add_out(lo, help="output folder (default: next to the scan)")
-    lo.add_argument(
-        "--volume-index",
-        type=int,
-        default=None,
-        help="which volume of a 4D scan to score (required for 4D files)",
-    )
+    options.add_volume_index(lo)
     lo.add_argument("--batch-size", type=int, default=64, help="slices per batch (default: 64)")
     lo.add_argument(
         "--threshold",

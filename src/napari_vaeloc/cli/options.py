@@ -55,6 +55,16 @@ def add_axis(
     p.add_argument("--axis", choices=list(AXIS_NAMES), default=default, help=help)
 
 
+def add_volume_index(p: argparse.ArgumentParser) -> None:
+    """``--volume-index``: which volume of a 4D file to take."""
+    p.add_argument(
+        "--volume-index",
+        type=int,
+        default=None,
+        help="which volume of a 4D scan to use (required for 4D files)",
+    )
+
+
 def add_seed(p: argparse.ArgumentParser) -> None:
     """``--seed``: the random seed (default: 0)."""
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

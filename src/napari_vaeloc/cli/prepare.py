@@ -25,9 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_model(pr)
     options.add_prepare(pr, default="auto")
     options.add_out(pr, help="output folder (default: next to the scan)")
-    pr.add_argument(
-        "--volume-index", type=int, default=None, help="which volume of a 4D scan to prepare"
-    )
+    options.add_volume_index(pr)
     options.add_overwrite(pr)
     options.add_quiet(pr)
     pr.set_defaults(func=run)
