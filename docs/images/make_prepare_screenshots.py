@@ -3,10 +3,10 @@
 xvfb-run -a .venv/bin/python docs/images/make_prepare_screenshots.py [--out DIR]
 
 A real napari viewer with the Localize anomalies widget runs t1-brain on the raw T1 head with a
-synthetic lesion twice, on the same sagittal slice through the lesion: first with "prepare
-scan: none" (prepare_before.png), then with "auto" (prepare_after.png, the brain mask drawn as
-a cyan outline), and grabs the widget panel after the auto run with its fit line
-(prepare_panel.png). The PNGs are reduced to 256 colours to stay small.
+synthetic lesion twice, on the same coronal slice through the lesion, with the lesion's ground
+truth as a yellow outline: first with "prepare scan: none" (prepare_before.png), then with
+"auto" (prepare_after.png, the brain mask as a cyan outline). It then grabs the widget panel
+with its fit line (prepare_panel.png). The PNGs are reduced to 256 colours to stay small.
 """
 
 from __future__ import annotations
@@ -62,24 +62,31 @@ def main() -> None:
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1640, 900)  # a square canvas
     viewer.open_sample("napari-vaeloc", SCAN)
+    viewer.open_sample("napari-vaeloc", f"{SCAN}-truth")  # drawn as a yellow outline
+    truth_layer = viewer.layers[f"{SCAN} truth"]
+    truth_layer.colormap = DirectLabelColormap(color_dict={None: "transparent", 1: "yellow"})
+    truth_layer.contour = 1
     _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
     _wait(app, lambda: widget.guessing)  # the modality guess preselects t1-brain
+    widget.image.value = viewer.layers[SCAN]
     widget.model.value = MODEL
     widget.device.value = "cpu"
 
-    # one sagittal slice for both pictures (the head is in LIA voxel order: the slider runs
-    # left-right, superior is up and the face on the right)
+    # one coronal slice for both pictures: the head is in LIA voxel order, so the slider runs
+    # along axis 2 (posterior to anterior), superior is up and the subject's left on the right
     truth = load_volume(sample_path(f"{SCAN}-truth")).data > 0
     brain = load_volume(sample_path("t1-head-brain-mask")).data > 0
     scan = viewer.layers[SCAN]
-    x = int(np.argmax(truth.sum(axis=(1, 2))))
+    z = int(np.argmax(truth.sum(axis=(0, 1))))
+    viewer.dims.order = (2, 1, 0)
 
     def run(mode: str) -> None:
         widget.prepare.value = mode
         widget.run_button.clicked()
         _wait(app, lambda: widget.running)
         viewer.layers[f"{SCAN} mask"].opacity = 0.8
-        viewer.dims.set_point(0, scan.translate[0] + x * scan.scale[0])
+        viewer.layers.move(viewer.layers.index(truth_layer), len(viewer.layers))  # on top
+        viewer.dims.set_point(2, scan.translate[2] + z * scan.scale[2])
         viewer.reset_view()
         _settle(app)
 
@@ -94,11 +101,11 @@ def main() -> None:
     # among the slices that cut the lesion broadly (at least 2/3 of its largest cross-section),
     # the one where the unprepared mask lies most outside the brain
     wrong = (np.asarray(viewer.layers[f"{SCAN} mask"].data) > 0) & ~brain
-    area = truth.sum(axis=(1, 2))
+    area = truth.sum(axis=(0, 1))
     broad = np.flatnonzero(area >= 2 * area.max() / 3)
-    x = int(broad[np.argmax(wrong[broad].sum(axis=(1, 2)))])
-    print(f"slice x = {x}: lesion {area[x]} voxels, mask outside the brain {wrong[x].sum()} voxels")
-    viewer.dims.set_point(0, scan.translate[0] + x * scan.scale[0])
+    z = int(broad[np.argmax(wrong[..., broad].sum(axis=(0, 1)))])
+    print(f"slice z = {z}: lesion {area[z]} voxels, mask outside the brain {wrong[..., z].sum()}")
+    viewer.dims.set_point(2, scan.translate[2] + z * scan.scale[2])
     _settle(app)
     shot("prepare_before.png")
 

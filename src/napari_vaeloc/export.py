@@ -71,6 +71,8 @@ def write_result(
         "shape": list(volume.shape),
         "model": result.model_name,
         "axis": result.axis,
+        # with preparation the slices scored are the template's, not the file's
+        "slice_scores_of": "template" if result.prepared is not None else "scan",
         "slice_axis_in_file": result.slice_axis,
         "device": result.device,
         "seconds": result.seconds,

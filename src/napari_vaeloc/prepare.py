@@ -401,7 +401,7 @@ def _run_registration(
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(0.2)
+    reg.SetMetricSamplingPercentage(0.2, seed=0)  # a fixed seed: the same scan, the same result
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.5,
@@ -568,7 +568,8 @@ def prepare(
         report.steps.append(Step(STAGES[2], True, time.perf_counter() - t0, f"brain {ml:.0f} ml"))
     else:
         brain_mask = data > data.min() + 1e-6 * (float(data.max()) - float(data.min()))
-        report.steps.append(Step(STAGES[2], False, note="already skull-stripped"))
+        why = "turned off" if s.brain_extraction is False else "already skull-stripped"
+        report.steps.append(Step(STAGES[2], False, note=why))
     if not brain_mask.any():
         raise InputError("no brain found in the scan; is it a brain MRI?")
     brain_mask = fill_brain(brain_mask)
@@ -637,7 +638,8 @@ def prepare(
         f"scans; choose a {best} model",
     }
     for c in report.checks:
-        c.advice = advice.get(c.name, "")
+        if c.level != "ok":
+            c.advice = advice.get(c.name, "")
     if refuse:
         refuse_misfit(report)
     moved = np.where(tmask | carried, moved, 0).astype(np.float32)
