@@ -145,6 +145,15 @@ def test_t1_scan_given_to_the_t2_model_is_refused(capsys, tmp_path):
     assert not out.exists() or not any(out.iterdir())
     with pytest.raises(InputError, match="looks like T1"):  # the preparation is cached
         localize(load_volume(head), cached_model("t2-brain"), CPU, prepare="auto")
+    # switching to the T1 model reuses the preparation (the templates share one space) and
+    # redoes only the modality check, which now passes
+    from napari_vaeloc.prepare import _CACHE
+
+    entries = dict(_CACHE)
+    res = localize(load_volume(head), cached_model("t1-brain"), CPU, prepare="auto")
+    assert dict(_CACHE).keys() == entries.keys()
+    assert any(res.prepared.brain_mask is p.brain_mask for p in entries.values())
+    assert res.preparation.check("modality").level == "ok"
 
 
 def test_a_strong_bias_field_is_corrected(t1):

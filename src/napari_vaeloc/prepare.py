@@ -120,6 +120,7 @@ class PreparationReport:
     steps: list[Step] = field(default_factory=list)
     checks: list[FitCheck] = field(default_factory=list)
     template: str = ""
+    modality_scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def warnings(self) -> list[str]:
@@ -133,6 +134,7 @@ class PreparationReport:
             "template": self.template,
             "steps": [vars(s) for s in self.steps],
             "checks": [vars(c) for c in self.checks],
+            "modality_scores": dict(self.modality_scores),
         }
 
     def lines(self) -> list[str]:
@@ -475,6 +477,37 @@ def modality_scores(brain: np.ndarray, mask: np.ndarray, templates: list[Templat
     return out
 
 
+def modality_check(scores: dict[str, float], template: Template) -> FitCheck:
+    """The modality check of a scan whose correlation with each modality's template is
+    ``scores``, for a model that learned ``template.modality``: "fail" when another modality
+    correlates better by :data:`MODALITY_MARGIN` or more, "warn" when it correlates better by
+    less."""
+    want = template.modality
+    own = scores.get(want)
+    best = max(scores, key=scores.get) if scores else want
+    advice = ""
+    if own is None or best == want:
+        level, msg = "ok", f"looks like {best}" + (f" (r = {own:.2f})" if own else "")
+    elif scores[best] - own >= MODALITY_MARGIN:
+        level, msg = "fail", f"looks like {best} (r = {scores[best]:.2f}), not {want}"
+    else:
+        level, msg = "warn", f"closer to {best} (r = {scores[best]:.2f}) than to {want}"
+    if level != "ok":
+        advice = (
+            f"the scan {msg}: the model {template.name!r} learned {want} scans; "
+            f"choose a {best} model"
+        )
+    return FitCheck("modality", level, best, msg, advice)
+
+
+def template_key(template: Template) -> tuple:
+    """Identifies a template's space (grid and brain mask, not its contrast): models whose
+    templates share it share one preparation of a scan."""
+    h = hashlib.sha256(np.packbits(template.brain_mask).tobytes())
+    h.update(np.asarray(template.image.affine, np.float64).tobytes())
+    return (template.image.shape, h.hexdigest())
+
+
 def bundled_templates() -> list[Template]:
     """The templates of every bundled model that ships one (for the modality check)."""
     from .models.store import bundled_models, read_card
@@ -617,16 +650,8 @@ def prepare(
                  f"{REGISTRATION_DICE['ok']:g})")
     )  # fmt: skip
     scores = modality_scores(moved, tmask & carried, templates or bundled_templates())
-    own = scores.get(template.modality)
-    best = max(scores, key=scores.get) if scores else template.modality
-    want = template.modality
-    if own is None or best == want:
-        m_level, msg = "ok", f"looks like {best}" + (f" (r = {own:.2f})" if own else "")
-    elif scores[best] - own >= MODALITY_MARGIN:
-        m_level, msg = "fail", f"looks like {best} (r = {scores[best]:.2f}), not {want}"
-    else:
-        m_level, msg = "warn", f"closer to {best} (r = {scores[best]:.2f}) than to {want}"
-    report.checks.append(FitCheck("modality", m_level, best, msg))
+    report.modality_scores = scores
+    report.checks.append(modality_check(scores, template))
 
     advice = {
         "coverage": f"only {coverage:.0%} of the brain lies in the scan's field of view; "
@@ -634,12 +659,10 @@ def prepare(
         "registration": f"registration to the {template.name} template failed (brain-mask "
         f"Dice {dice:.2f}); check that the scan is a brain MRI, or force brain extraction on "
         "or off if the skull was misjudged",
-        "modality": f"the scan {msg}: the model {template.name!r} learned {template.modality} "
-        f"scans; choose a {best} model",
     }
     for c in report.checks:
-        if c.level != "ok":
-            c.advice = advice.get(c.name, "")
+        if c.level != "ok" and c.name in advice:
+            c.advice = advice[c.name]
     if refuse:
         refuse_misfit(report)
     moved = np.where(tmask | carried, moved, 0).astype(np.float32)
@@ -675,14 +698,23 @@ def prepare_cached(
     **kwargs: Any,
 ) -> Prepared:
     """:func:`prepare`, reusing the result for the same scan content, settings and template
-    (the last :data:`CACHE_SIZE` of them), so switching models of one template or rerunning
-    does not repeat it."""
+    space (the last :data:`CACHE_SIZE` of them), so rerunning, or switching between models
+    whose templates share a space (the bundled T1 and T2 models do), does not repeat it; the
+    modality check is then redone for the model asked for."""
     s = settings or PrepareSettings()
     refuse = kwargs.pop("refuse", True)
-    key = (scan_key(volume), s.key(), template.name, template.image.shape)
+    key = (scan_key(volume), s.key(), template_key(template))
     if key in _CACHE:
         _CACHE.move_to_end(key)
-        out = dataclasses.replace(_CACHE[key], scan=volume)
+        hit = _CACHE[key]
+        report = hit.report
+        if report.template != template.name:
+            checks = [
+                modality_check(report.modality_scores, template) if c.name == "modality" else c
+                for c in report.checks
+            ]
+            report = dataclasses.replace(report, checks=checks, template=template.name)
+        out = dataclasses.replace(hit, scan=volume, report=report)
     else:
         out = prepare(volume, template, s, refuse=False, **kwargs)
         _CACHE[key] = out
