@@ -52,7 +52,7 @@ def timed_localize(volume, model, device: str, amp: bool | None, repeat: int):
     best, res = float("inf"), None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        res = localize(volume, model, options)
+        res = localize(volume, model, options, prepare=None)
         best = min(best, time.perf_counter() - t0)
     return best, res
 

@@ -158,7 +158,7 @@ def run_engine(volume: Volume, model: LoadedModel, batch_size: int) -> dict[str,
     from napari_vaeloc.engine import EngineOptions, localize
 
     options = EngineOptions(device="cpu", batch_size=batch_size)
-    return localize(volume, model, options, maps=SAME_MAPS).maps
+    return localize(volume, model, options, maps=SAME_MAPS, prepare=None).maps
 
 
 def _original_batch(

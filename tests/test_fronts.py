@@ -33,7 +33,7 @@ def test_cli_widget_session_and_evaluation_agree(tmp_path):
     cli_mask = np.asanyarray(nib.load(tmp_path / f"{stem}_mask.nii.gz").dataobj)
 
     volume = load_volume(scan_path)
-    session = Session(localize(volume, model, EngineOptions(device="cpu")))
+    session = Session(localize(volume, model, EngineOptions(device="cpu"), prepare=None))
     session.settings = settings
     np.testing.assert_array_equal(session.combined(), cli_combined)
     np.testing.assert_array_equal(session.mask(), cli_mask)

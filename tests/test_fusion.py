@@ -53,4 +53,7 @@ def test_other_axis_or_no_companions(t1):
     )
     assert not any("averaged" in n for n in coronal.notes)  # asked for one other axis
     with pytest.raises(InputError, match="no companion models"):
-        localize(vol, load_model("t2-brain"), EngineOptions(device="cpu"), maps=MAPS, fuse=True)
+        localize(
+            vol, load_model("t2-brain"), EngineOptions(device="cpu"), maps=MAPS, fuse=True,
+            prepare=None,
+        )  # fmt: skip

@@ -157,13 +157,14 @@ def localize(
     axis: str | None = None,
     maps: tuple[str, ...] | None = None,
     fuse: bool | None = None,
-    prepare: PrepareSettings | str | None = None,
+    prepare: PrepareSettings | str | None = "auto",
 ) -> LocalizationResult:
     """Score every slice of ``volume`` with ``model`` and map the results back to its grid;
     with companion models for the other slicing axes, average their maps in.
 
-    ``prepare``: a preparation mode ("auto", "full", "none") or :class:`PrepareSettings`;
-    None or "none" scores the scan as given. With preparation the scan is bias-corrected,
+    ``prepare``: a preparation mode ("auto", the default as in every front; "full"; "none") or
+    :class:`PrepareSettings`; None or "none" scores the scan as given (for scans already in the
+    model's space, e.g. the benchmarks). With preparation the scan is bias-corrected,
     skull-stripped and registered to the model's template (:mod:`napari_vaeloc.prepare`,
     cached per scan), scored there, and every map, the foreground and the scores' report come
     back on the scan's own grid (0 outside the extracted brain); ``result.preparation`` holds
@@ -252,11 +253,11 @@ def _localize_prepared(
         )
         if settings.mode == "full":
             raise InputError(f"{why}; it can only be scored as given, without preparation")
-        res = localize(volume, model, opts, **kwargs)
+        res = localize(volume, model, opts, prepare=None, **kwargs)
         res.notes.append(f"{why}: it was scored as given")
         return res
     prepared = prepare_cached(volume, template, settings, stage=opts.stage, cancel=opts.cancel)
-    res = localize(prepared.volume, model, opts, **kwargs)
+    res = localize(prepared.volume, model, opts, prepare=None, **kwargs)
     if opts.stage is not None:
         opts.stage("mapping back to the scan")
     maps = {}

@@ -291,7 +291,8 @@ def evaluate_cases(
             if progress:
                 progress(i + 1)
             continue
-        res = localize(case.volume, model, options, maps=needed)
+        # cases lie in the model's space by construction; their slices are counted as given
+        res = localize(case.volume, model, options, maps=needed, prepare=None)
         group = str(case.info.get(group_by, ALL)) if group_by else ALL
         g = groups.setdefault(group, _Group(names, list(named)))
         g.cases += 1

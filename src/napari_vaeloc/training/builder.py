@@ -244,7 +244,7 @@ def volume_fpr_table(
     for vol, mask in zip(volumes, masks, strict=True):
         if mask is None:
             continue
-        res = localize(vol, model, maps=tuple(settings.used_weights()))
+        res = localize(vol, model, maps=tuple(settings.used_weights()), prepare=None)
         combined = PostProcessor(res, settings, calibration).combined()
         values.append(combined[mask & res.foreground])
     return fpr_table(np.concatenate(values) if values else np.zeros(0, np.float32))
