@@ -90,7 +90,7 @@ def test_raw_head_is_prepared_and_localized(make_napari_viewer, qtbot):
     assert "registration" in widget.fit_info.tooltip  # every step and check
 
     brain = viewer.layers[f"{HEAD} brain mask"]
-    prepared = viewer.layers[f"{HEAD} prepared"]
+    prepared = viewer.layers[f"{HEAD} corrected brain"]
     mask = viewer.layers[f"{HEAD} mask"]
     assert brain.__class__.__name__ == "Labels" and prepared.__class__.__name__ == "Image"
     assert brain.visible and not prepared.visible

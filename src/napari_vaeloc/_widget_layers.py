@@ -118,7 +118,7 @@ def put_preparation_layers(
     viewer: Any, prepared: Any, like: Any, shape: tuple[int, ...], base: str
 ) -> list[Any]:
     """Show what preparation found on the scan ``like``: the brain mask ("<base> brain mask",
-    Labels, just above the scan when new) and the bias-corrected brain ("<base> prepared",
+    Labels, just above the scan when new) and the bias-corrected brain ("<base> corrected brain",
     Image, hidden), both with ``like``'s geometry (:func:`put_layer`); returns the layers."""
     layers = []
     name = f"{base} brain mask"
@@ -134,7 +134,7 @@ def put_preparation_layers(
         inside = data[mask > 0]
         top = float(np.percentile(inside, 99.5)) if inside.size else 1.0
         image = put_layer(
-            viewer, "image", f"{base} prepared", data, like, "prepared", colormap="gray",
+            viewer, "image", f"{base} corrected brain", data, like, "prepared", colormap="gray",
             visible=False, contrast_limits=(0.0, max(top, 1e-6)),
         )  # fmt: skip
         layers.append(image)

@@ -264,7 +264,7 @@ def _localize_prepared(
     for k in list(res.maps):
         maps[k] = prepared.to_scan(res.maps.pop(k), "map")
     foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
-    notes = [*volume.notes, *res.notes, *prepared.report.warnings]
+    notes = [*volume.notes, *res.notes]  # the checks' warnings stay in the report
     return LocalizationResult(
         volume=volume,
         card=res.card,

@@ -51,10 +51,16 @@ PREPARE_MODES = ("auto", "full", "none")
 STAGES = ("checking the scan", "bias-field correction", "brain extraction", "registration")
 #: a skull-stripped scan's object is at most this large (ml); a head with skull is larger
 MAX_BRAIN_ML = 2200.0
+#: an extracted brain outside this range (ml) is no brain: the scan is refused (noise, a
+#: phantom, a partial scan the extraction misread); between the two ranges it is a warning
+BRAIN_ML = {"ok": (800.0, 2300.0), "fail": (300.0, 3500.0)}
+MIN_BRAIN_ML = BRAIN_ML["ok"][0]
+#: the modality check refuses a scan that correlates with no template at least this well
+MIN_MODALITY_R = {"ok": 0.4, "fail": 0.25}
 #: levels of the checks: registration (brain-mask Dice) and coverage (fraction of the
 #: template's brain inside the scan's field of view); below "fail" the scan is refused
 REGISTRATION_DICE = {"ok": 0.85, "fail": 0.65}
-COVERAGE = {"ok": 0.95, "fail": 0.5}
+COVERAGE = {"ok": 0.95, "fail": 0.6}
 VOXEL_MM = {"ok": 3.0, "fail": 7.0}
 #: the modality check refuses when another modality's template correlates better by this much
 MODALITY_MARGIN = 0.15
@@ -270,7 +276,9 @@ def object_mask(data: np.ndarray) -> np.ndarray:
 
 def looks_skull_stripped(volume: Volume) -> tuple[bool, float]:
     """(skull-stripped?, object volume in ml): a flat background (at least a fifth of the voxels
-    at the minimum) around an object no larger than :data:`MAX_BRAIN_ML`."""
+    at the minimum) around an object of brain size (:data:`MIN_BRAIN_ML` to
+    :data:`MAX_BRAIN_ML`) that the field of view does not cut (a head cut by the field of view
+    can be brain-sized and zero-filled around)."""
     data = volume.data
     flat = float(np.mean(data <= data.min() + 1e-6 * (float(data.max()) - float(data.min()))))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -278,7 +286,9 @@ def looks_skull_stripped(volume: Volume) -> tuple[bool, float]:
     from scipy import ndimage as ndi
 
     ml = float(ndi.binary_fill_holes(obj).sum()) * voxel_ml
-    return flat >= 0.2 and ml <= MAX_BRAIN_ML, ml
+    faces = [np.take(obj, i, axis=a) for a in range(3) for i in (0, -1) if obj.shape[a] > 1]
+    cut = any(f.mean() > 0.02 for f in faces)  # object across a face of the field of view
+    return flat >= 0.2 and MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and not cut, ml
 
 
 def fill_brain(mask: np.ndarray) -> np.ndarray:
@@ -486,6 +496,16 @@ def modality_check(scores: dict[str, float], template: Template) -> FitCheck:
     own = scores.get(want)
     best = max(scores, key=scores.get) if scores else want
     advice = ""
+    top = scores.get(best, 0.0)
+    if top < MIN_MODALITY_R["ok"]:
+        level = "fail" if top < MIN_MODALITY_R["fail"] else "warn"
+        msg = f"looks like none of the templates (best r = {top:.2f}, {best})"
+        advice = (
+            f"the scan {msg}: is it a brain MRI of a modality the models know "
+            f"({', '.join(sorted(scores))})? A skull left on or a failed registration lowers "
+            "the correlation too"
+        )
+        return FitCheck("modality", level, best, msg, advice)
     if own is None or best == want:
         level, msg = "ok", f"looks like {best}" + (f" (r = {own:.2f})" if own else "")
     elif scores[best] - own >= MODALITY_MARGIN:
@@ -606,6 +626,17 @@ def prepare(
     if not brain_mask.any():
         raise InputError("no brain found in the scan; is it a brain MRI?")
     brain_mask = fill_brain(brain_mask)
+    brain_ml = float(brain_mask.sum()) * float(np.prod(volume.spacing)) / 1000.0
+    (lo, hi), (flo, fhi) = BRAIN_ML["ok"], BRAIN_ML["fail"]
+    b_level = "ok" if lo <= brain_ml <= hi else "fail" if not flo <= brain_ml <= fhi else "warn"
+    report.checks.append(
+        FitCheck("brain volume", b_level, round(brain_ml, 1),
+                 f"{brain_ml:.0f} ml of brain (an adult brain is {lo:.0f}-{hi:.0f} ml)",
+                 "" if b_level == "ok" else
+                 f"the brain found is {brain_ml:.0f} ml, not a whole adult brain "
+                 f"({lo:.0f}-{hi:.0f} ml): is this a brain MRI covering the whole brain? If "
+                 "the skull was misjudged, force brain extraction on or off")
+    )  # fmt: skip
     brain_data = np.where(brain_mask, data - float(data.min()), 0).astype(np.float32)
     brain = Volume(brain_data, volume.affine, volume.header, volume.path)
 
@@ -638,7 +669,8 @@ def prepare(
     level = _level(coverage, COVERAGE)
     report.checks.append(
         FitCheck("coverage", level, round(coverage, 4),
-                 f"{coverage:.0%} of the template's brain lies in the scan's field of view")
+                 f"{coverage:.0%} of the template's brain lies in the scan's field of view"
+                 + ("" if level == "ok" else "; expect false alarms near the cut edge"))
     )  # fmt: skip
     dice = float(2 * (carried & tmask).sum() / max(1, carried.sum() + tmask.sum()))
     reg_level = _level(dice, REGISTRATION_DICE)
@@ -672,10 +704,14 @@ def prepare(
 
 
 def refuse_misfit(report: PreparationReport) -> None:
-    """Raise :class:`InputError` with the advice of the first check that failed, if any."""
-    for c in report.checks:
-        if c.level == "fail":
-            raise InputError(c.advice or c.message)
+    """Raise :class:`InputError` with the advice of the most telling check that failed, if any:
+    the modality and the brain volume before coverage and registration, whose failure they
+    explain."""
+    order = {"modality": 0, "brain volume": 1}
+    failed = sorted((c for c in report.checks if c.level == "fail"),
+                    key=lambda c: order.get(c.name, 2))  # fmt: skip
+    if failed:
+        raise InputError(failed[0].advice or failed[0].message)
 
 
 # -- cache -------------------------------------------------------------------------------------

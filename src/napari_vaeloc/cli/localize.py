@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     if result.preparation is not None:
         for line in result.preparation.lines():
             print(line)
+        for warning in result.preparation.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"{result.model_name} on {result.device}, {result.axis} slices, {result.seconds:.1f} s")
