@@ -202,3 +202,27 @@ def test_prepare_command_writes_what_it_did(tmp_path, capsys):
     assert {c["name"]: c["level"] for c in report["checks"]}["registration"] == "ok"
     assert main(["prepare", str(head), "--model", "t1-brain", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_skull_detection_is_not_fooled_by_a_cut_head():
+    from napari_vaeloc.prepare import looks_skull_stripped
+
+    assert looks_skull_stripped(load_volume(sample_path("t1-healthy")))[0]  # a stripped brain
+    head = load_volume(sample_path("t1-head"))
+    assert not looks_skull_stripped(head)[0]
+    brain = load_volume(sample_path("t1-head-brain-mask")).data > 0
+    stripped = Volume.from_array(np.where(brain, head.data, 0), head.affine)
+    assert looks_skull_stripped(stripped)[0]  # the same head, skull-stripped in its own space
+    cut = head.data.copy()
+    cut[:, 64:] = 0  # a head cut by the field of view: brain-sized, zero around, but cut
+    assert not looks_skull_stripped(Volume.from_array(cut, head.affine))[0]
+
+
+def test_noise_is_refused_not_scored(t1):
+    rng = np.random.default_rng(0)
+    noise = Volume.from_array(
+        rng.random((80, 80, 80)).astype(np.float32) * 100, np.diag([2.0] * 3 + [1])
+    )
+    with pytest.raises(InputError, match="brain") as err:
+        localize(noise, t1, CPU, prepare="auto")
+    print(err.value)
