@@ -80,8 +80,9 @@ def test_raw_head_in_another_orientation_is_scored_inside_its_brain(raw_head_res
     dice = 2 * (got & brain).sum() / (got.sum() + brain.sum())
     assert dice > 0.9, dice
     checks = {c.name: c.level for c in res.preparation.checks}
-    assert checks == dict.fromkeys(("voxel size", "skull", "coverage", "registration",
-                                    "modality"), "ok"), res.preparation.lines()  # fmt: skip
+    assert checks == dict.fromkeys(
+        ("voxel size", "skull", "brain volume", "coverage", "registration", "modality"), "ok"
+    ), res.preparation.lines()  # fmt: skip
 
     # the same lesion in a skull-stripped scan that already lies in the template's space
     template = Template.of_model(t1.path, t1.card)
