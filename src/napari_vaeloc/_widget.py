@@ -40,13 +40,13 @@ from ._widget_controller import (
     fit_text,
     fit_tooltip,
     guessed_correlation,
-    is_single_slice,
     offers_preparation_layers,
     prepare_mode_for,
 )
 from ._widget_export import ask_overwrite, export_session, export_with_dialog
 from ._widget_layers import ROLE_KEY, put_layer, put_preparation_layers, scan_inputs
 from .mapnames import AXIS_NAMES, SLIDER_MAPS
+from .prepare import too_thin
 
 FOLDER_CHOICE = "__folder__"
 DEBOUNCE_MS = 50
@@ -336,7 +336,7 @@ class LocalizeWidget(Container):
                 inputs = scan_inputs(layer)
             except ValueError:
                 inputs = None
-        if inputs is None or is_single_slice(inputs["shape"]):
+        if inputs is None or too_thin(inputs["shape"]):
             self._show_model_info(self._card_quiet(self.model.value))
             return
         token, picks, cancel = self._guess_token, self._picks, threading.Event()

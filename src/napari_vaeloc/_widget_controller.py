@@ -92,18 +92,16 @@ PREPARE_TOOLTIP = (
 GEOMETRY_STEPS = ("brain extraction", "registration")
 
 
-def is_single_slice(shape: tuple[int, ...]) -> bool:
-    """True for a 2D image or a volume with one slice: preparation needs a 3D scan."""
-    return len(shape) < 3 or min(shape) < 2
-
-
 def prepare_mode_for(mode: str, shape: tuple[int, ...]) -> tuple[str, str]:
     """The preparation mode a run of a scan of ``shape`` uses, and a note when it differs.
 
-    A single slice cannot be registered to a 3D template: "auto" scores it as given (the note
-    says so); "full" is refused with :class:`~napari_vaeloc.errors.InputError`.
+    A single slice (or a slab too thin to register, :func:`~napari_vaeloc.prepare.too_thin`)
+    cannot be registered to a 3D template: "auto" scores it as given (the note says so);
+    "full" is refused with :class:`~napari_vaeloc.errors.InputError`, before the worker starts.
     """
-    if not is_single_slice(shape) or mode == "none":
+    from .prepare import too_thin
+
+    if not too_thin(shape) or mode == "none":
         return mode, ""
     if mode == "full":
         from .errors import InputError

@@ -8,7 +8,6 @@ maps lie on the scan's own voxel grid, so that combining and thresholding
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from .prepare import PrepareSettings
 from .preprocess import resolve_axis, slices_to_volume, volume_to_slices
 
 if TYPE_CHECKING:
-    from .prepare import PreparationReport, Prepared, Template
+    from .prepare import PreparationReport, Prepared
 
 #: progress(done_slices, total_slices)
 ProgressCallback = Callable[[int, int], None]
@@ -240,12 +239,11 @@ def _localize_prepared(
     **kwargs,
 ) -> LocalizationResult:
     """Prepare (cached), score in the template's space, and map the result back."""
-    from .prepare import prepare_cached
+    from .prepare import model_template, prepare_cached, too_thin
 
     t0 = time.perf_counter()
-    template = _template(model)
-    flat = min(volume.shape) < 8  # a single slice or a thin slab: nothing to register in 3D
-    if template is None or flat:
+    template = model_template(model.path, model.card)
+    if template is None or too_thin(volume.shape):
         why = (
             f"model {model.card.name!r} ships no template to register scans to"
             if template is None
@@ -279,24 +277,6 @@ def _localize_prepared(
         notes=notes,
         prepared=prepared,
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _template_of(folder: str, stamp: int) -> Template | None:
-    from .prepare import Template
-
-    card = cached_model(folder).card
-    if not card.preprocessing.template:
-        return None
-    return Template.of_model(Path(folder), card)
-
-
-def _template(model: LoadedModel) -> Template | None:
-    if model.path is None or not model.card.preprocessing.template:
-        return None
-    folder = Path(model.path).resolve()
-    tfile = folder / model.card.preprocessing.template
-    return _template_of(str(folder), tfile.stat().st_mtime_ns if tfile.exists() else 0)
 
 
 def _scales(model: LoadedModel) -> dict[str, float]:

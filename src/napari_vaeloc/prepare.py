@@ -28,7 +28,9 @@ SimpleITK works in LPS world coordinates, NIfTI in RAS: :func:`to_sitk` converts
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -57,6 +59,16 @@ BRAIN_ML = {"ok": (800.0, 2300.0), "fail": (300.0, 3500.0)}
 MIN_BRAIN_ML = BRAIN_ML["ok"][0]
 #: the modality check refuses a scan that correlates with no template at least this well
 MIN_MODALITY_R = {"ok": 0.4, "fail": 0.25}
+#: a scan thinner than this (voxels, along any axis) cannot be registered in 3D: "auto" scores
+#: it as given, "full" refuses it
+MIN_PREPARE_VOXELS = 8
+
+
+def too_thin(shape: tuple[int, ...]) -> bool:
+    """True for a 2D image, a single slice or a slab too thin to prepare in 3D."""
+    return len(shape) < 3 or min(shape) < MIN_PREPARE_VOXELS
+
+
 #: levels of the checks: registration (brain-mask Dice) and coverage (fraction of the
 #: template's brain inside the scan's field of view); below "fail" the scan is refused
 REGISTRATION_DICE = {"ok": 0.85, "fail": 0.65}
@@ -173,8 +185,8 @@ class Template:
         pre = card.preprocessing
         if not pre.template or not pre.template_brain_mask:
             raise InputError(
-                f"model {card.name!r} ships no template to register scans to; score with "
-                "preparation off (--prepare none) a scan already in its space"
+                f"model {card.name!r} ships no template to register scans to; it can only "
+                "score, without preparation, a scan already in its space"
             )
         image = load_volume(Path(folder) / pre.template)
         mask = load_volume(Path(folder) / pre.template_brain_mask).data > 0
@@ -212,9 +224,14 @@ class Prepared:
         if self.transform is None:
             out = np.asarray(values, np.float32 if kind == "map" else bool).copy()
         else:
-            out = resample(values, self.volume, self.scan, self.transform.GetInverse(), kind)
+            out = resample(values, self.volume, self.scan, self.to_template, kind)
         out[~self.brain_mask] = 0
         return out
+
+    @functools.cached_property
+    def to_template(self) -> Any:
+        """The inverse transform, scan world -> template world (LPS), computed once."""
+        return self.transform.GetInverse()
 
 
 # -- SimpleITK <-> Volume ----------------------------------------------------------------------
@@ -342,6 +359,8 @@ class _CancellableModel:
 
 
 _BET: Any = None
+#: deepbet's networks are one shared instance whose passes are wrapped per call (cancel)
+_BET_LOCK = threading.Lock()
 
 
 def extract_brain(volume: Volume, cancel: CancelFlag | None = None) -> np.ndarray:
@@ -351,20 +370,21 @@ def extract_brain(volume: Volume, cancel: CancelFlag | None = None) -> np.ndarra
     import torch
 
     global _BET
-    if _BET is None:
-        from deepbet.bet import BrainExtraction
+    img = nib.Nifti1Image(volume.data.astype(np.float32), volume.affine)
+    with _BET_LOCK:  # the widget's modality guess and a run may both extract at once
+        if _BET is None:
+            from deepbet.bet import BrainExtraction
 
-        _BET = BrainExtraction(no_gpu=True)
-    bet = _BET
-    model, bbox_model = bet.model, bet.bbox_model
-    bet.model = _CancellableModel(model, cancel)
-    bet.bbox_model = _CancellableModel(bbox_model, cancel)
-    try:
-        img = nib.Nifti1Image(volume.data.astype(np.float32), volume.affine)
-        with torch.no_grad():
-            _, mask_img, _ = bet.run(img)
-    finally:
-        bet.model, bet.bbox_model = model, bbox_model
+            _BET = BrainExtraction(no_gpu=True)
+        bet = _BET
+        model, bbox_model = bet.model, bet.bbox_model
+        bet.model = _CancellableModel(model, cancel)
+        bet.bbox_model = _CancellableModel(bbox_model, cancel)
+        try:
+            with torch.no_grad():
+                _, mask_img, _ = bet.run(img)
+        finally:
+            bet.model, bet.bbox_model = model, bbox_model
     mask = np.asarray(mask_img.dataobj) > 0
     if mask.shape != volume.shape:  # deepbet keeps the grid; guard against a 4D quirk
         mask = mask.reshape(volume.shape)
@@ -528,16 +548,31 @@ def template_key(template: Template) -> tuple:
     return (template.image.shape, h.hexdigest())
 
 
+def model_template(folder: str | Path | None, card: Any) -> Template | None:
+    """The template a model folder ships (None when its card names none), read once per
+    process while the file is unchanged: the engine, the modality check and the widget share
+    it."""
+    if folder is None or not card.preprocessing.template:
+        return None
+    folder = Path(folder).resolve()
+    tfile = folder / card.preprocessing.template
+    stamp = tfile.stat().st_mtime_ns if tfile.exists() else 0
+    return _read_template(str(folder), card.name, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_template(folder: str, name: str, stamp: int) -> Template:
+    from .models.store import read_card
+
+    return Template.of_model(Path(folder), read_card(folder))
+
+
 def bundled_templates() -> list[Template]:
     """The templates of every bundled model that ships one (for the modality check)."""
     from .models.store import bundled_models, read_card
 
-    out = []
-    for folder in bundled_models().values():
-        card = read_card(folder)
-        if card.preprocessing.template:
-            out.append(Template.of_model(folder, card))
-    return out
+    found = (model_template(folder, read_card(folder)) for folder in bundled_models().values())
+    return [t for t in found if t is not None]
 
 
 # -- the stage ---------------------------------------------------------------------------------
