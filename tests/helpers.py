@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from napari_vaeloc.engine import LocalizationResult
@@ -54,3 +57,15 @@ def oblique_affine(seed: int = 0) -> np.ndarray:
     aff[:3, :3] = rot @ perm @ np.diag([0.9, 1.3, 2.2])
     aff[:3, 3] = rng.uniform(-100, 100, 3)
     return aff
+
+
+def listing(root: Path) -> dict[str, bytes | None]:
+    """Every file and folder under ``root`` (hidden ones too) with the bytes of each file."""
+    found: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            found[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = None
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            found[os.path.relpath(p, root)] = Path(p).read_bytes()
+    return found

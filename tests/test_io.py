@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.errors import InputError, OutputExistsError
-from napari_vaeloc.io import Volume, load_volume, save_nifti
+from napari_vaeloc.io import Volume, load_image, load_volume, mask_like_note, save_nifti
 from tests.helpers import oblique_affine
 
 
@@ -214,8 +214,10 @@ def test_check_output_folder_creates_probes_and_refuses_files(tmp_path):
     from napari_vaeloc.io import check_output_folder
 
     new = tmp_path / "a" / "b"
-    assert check_output_folder(new) == new and new.is_dir()
-    assert list(new.iterdir()) == []  # the probe file is gone
+    assert check_output_folder(new) == new
+    assert list(tmp_path.iterdir()) == []  # probed, then the folders it made are gone again
+    (tmp_path / "a").mkdir()
+    assert check_output_folder(new) == new and list((tmp_path / "a").iterdir()) == []
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OutputError, match="it is a file, not a folder") as err:
@@ -254,3 +256,52 @@ def test_write_atomic_turns_os_errors_into_one_line(tmp_path, phantom):
         write_atomic(tmp_path / "x.bin", full)
     assert str(err.value) == f"cannot write {tmp_path / 'x.bin'}: No space left on device"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m.nii.gz"]  # no temp file
+
+
+def test_load_volume_scorable_false_allows_a_constant_image(tmp_path):
+    path = _write(tmp_path / "zero.nii.gz", np.zeros((4, 5, 6), dtype=np.int16))
+    with pytest.raises(InputError, match="constant"):
+        load_volume(path)
+    vol = load_volume(path, scorable=False)
+    assert vol.data.dtype == np.float32 and vol.shape == (4, 5, 6)
+    assert not vol.data.any()
+
+
+def test_load_image_keeps_every_volume(tmp_path, example4d_path):
+    vol = load_image(example4d_path)
+    src = nib.load(example4d_path)
+    assert vol.shape == src.shape and vol.data.dtype == np.float32
+    np.testing.assert_array_equal(vol.data, np.asanyarray(src.dataobj).astype(np.float32))
+    data = np.full((3, 4, 5, 1), np.nan, dtype=np.float32)
+    data[0] = 2.0
+    flat = load_image(_write(tmp_path / "x.nii", data))
+    assert flat.shape == (3, 4, 5) and (flat.data == 2.0).all()  # NaN -> minimum, constant ok
+    flat2d = load_image(_write(tmp_path / "y.nii", np.ones((3, 4), dtype=np.uint8)))
+    assert flat2d.shape == (3, 4, 1)
+
+
+def test_mask_like_note():
+    rng = np.random.default_rng(0)
+    assert mask_like_note(rng.random((4, 4, 4))) is None
+    assert "mask" in mask_like_note((rng.random((4, 4, 4)) > 0.5).astype(np.float32))
+    assert "empty" in mask_like_note(np.zeros((2, 2, 2)))
+    mask = (rng.random((6, 6, 6)) > 0.5) * 3
+    assert "looks like a mask" in " ".join(Volume.from_array(mask).notes)
+
+
+def test_outputs_carry_the_geometry_used_and_a_mask_is_a_label_image(tmp_path):
+    aff = oblique_affine(2)
+    img = nib.Nifti1Image(np.random.default_rng(2).random((5, 6, 7)).astype(np.float32), None)
+    img.header.set_qform(np.diag([3.0, 3.0, 3.0, 1.0]), 1)
+    img.header.set_sform(aff, 1)
+    img.header.set_intent("estimate")
+    nib.save(img, tmp_path / "in.nii")
+    vol = load_volume(tmp_path / "in.nii")
+    mask = save_nifti(vol.data > 0.5, vol, tmp_path / "mask.nii.gz", "mask")
+    heat = save_nifti(vol.data, vol, tmp_path / "map.nii.gz", "map")
+    for path, intent in ((mask, "label"), (heat, "none")):
+        hdr = nib.load(path).header
+        assert hdr.get_intent()[0] == intent
+        np.testing.assert_allclose(hdr.get_sform(), aff, atol=1e-6)
+        np.testing.assert_allclose(hdr.get_qform(), hdr.get_sform(), atol=1e-5)  # no shear
+        assert hdr.get_xyzt_units()[0] == "mm"

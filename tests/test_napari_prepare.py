@@ -17,6 +17,7 @@ import pytest
 from napari.utils.notifications import notification_manager
 
 from napari_vaeloc import prepare
+from napari_vaeloc._widget_layers import to_layer_order
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import bundled_models
 from napari_vaeloc.samples import sample_path
@@ -102,7 +103,8 @@ def test_raw_head_is_prepared_and_localized(make_napari_viewer, qtbot):
         np.testing.assert_allclose(layer.metadata["affine"], scan.metadata["affine"])
     assert widget.image.choices == (scan,)  # result layers are not offered as input
 
-    reference = load_volume(sample_path("t1-head-brain-mask")).data > 0
+    # the reference in the layer's axis order (the reader shows the LIA head in RAS order)
+    reference = to_layer_order(scan, load_volume(sample_path("t1-head-brain-mask")).data > 0)
     extracted = brain.data > 0
     dice = 2 * (extracted & reference).sum() / (extracted.sum() + reference.sum())
     assert dice > 0.95, dice
@@ -210,9 +212,12 @@ def test_sample_menu_offers_the_raw_head(make_napari_viewer):
     head, truth = viewer.layers[HEAD], viewer.layers["t1-head-lesion truth"]
     assert truth.__class__.__name__ == "Labels" and truth.data.dtype == np.uint8
     on_disk = load_volume(sample_path("t1-head-lesion-truth")).data > 0
-    np.testing.assert_array_equal(truth.data > 0, on_disk)
+    np.testing.assert_array_equal(truth.data > 0, to_layer_order(truth, on_disk))
     affine = load_volume(sample_path(HEAD)).affine
+    # the lesion's centre lies at its world position in the file, within half a voxel (1 mm)
+    want = (affine @ [*np.argwhere(on_disk).mean(axis=0), 1.0])[:3]
+    centre = np.argwhere(truth.data > 0).mean(axis=0)
     for layer in (head, truth):
         np.testing.assert_allclose(layer.metadata["affine"], affine)
         np.testing.assert_allclose(layer.scale, (2.0, 2.0, 2.0))
-        np.testing.assert_allclose(layer.translate, affine[:3, 3])
+        np.testing.assert_allclose(layer.data_to_world(centre), want, atol=1.0)

@@ -17,7 +17,7 @@ from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import bundled_models
 from napari_vaeloc.samples import sample_path
 
-SUFFIXES = ("reconstruction", "Rec-Error", "KL-Grad", "anomaly map", "mask")
+SUFFIXES = ("reconstruction", "reconstruction error", "KL gradient", "anomaly map", "mask")
 TIMEOUT_MS = 240_000
 
 
@@ -212,21 +212,27 @@ def test_error_is_a_notification(make_napari_viewer, qtbot):
     viewer, widget = _open(make_napari_viewer, qtbot)
     viewer.add_image(np.ones((20, 20, 20), dtype=np.float32), name="flat", units=("mm",) * 3)
     widget.image.value = viewer.layers["flat"]
-    before = len(notification_manager.records)
-    _run(qtbot, widget)
+    before, runs = len(notification_manager.records), widget.runs
+    widget.run_button.clicked()  # refused at the click: no run starts
+    assert not widget.running and widget.runs == runs
     msgs = [str(n.message) for n in notification_manager.records[before:]]
-    assert any("constant" in m for m in msgs), msgs
+    assert msgs == [
+        "localization failed: the image is constant (every voxel is 1): nothing to localize"
+    ], msgs
     assert widget.run_button.enabled and widget.session is None
+    assert widget.progress.label == "not localized"
 
 
 def test_screenshot_shows_overlay(make_napari_viewer, qtbot):
     viewer, widget = _open(make_napari_viewer, qtbot, show=True)
-    truth = load_volume(sample_path("t2-lesion-truth")).data > 0
     scan = viewer.layers["t2-lesion"]
     _run(qtbot, widget)
-    z = int(np.argmax(truth.sum(axis=(0, 1))))
-    viewer.dims.order = (2, 1, 0)  # axial view: slider along Z
-    viewer.dims.set_point(2, scan.translate[2] + z * scan.scale[2])
+    # the slice through the lesion's centre, in whatever view the reader chose
+    mask = viewer.layers["t2-lesion mask"].data
+    centre = np.argwhere(mask > 0).mean(axis=0)
+    world = scan.data_to_world(centre)
+    for axis in range(3):
+        viewer.dims.set_point(axis, world[axis])
     results = list(_results(viewer).values())
     shown = [layer for layer in results if layer.visible]
     assert shown, "the combined map and the mask are shown after a run"
@@ -253,14 +259,19 @@ def test_export_button_asks_before_overwriting(make_napari_viewer, qtbot, tmp_pa
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), ""))
     asked: list[str] = []
     widget.confirm = lambda msg: asked.append(msg) or False
-    widget.export_button.clicked()
+
+    def click():
+        widget.export_button.clicked()
+        qtbot.waitUntil(lambda: not widget.exporting, timeout=TIMEOUT_MS)  # writes in a worker
+
+    click()
     assert out.exists() and not asked
     out.write_bytes(b"keep me")
-    widget.export_button.clicked()
+    click()
     assert len(asked) == 1 and out.read_bytes() == b"keep me"  # answered no: file kept
     assert str(out) in asked[0] and "--overwrite" not in asked[0]  # GUI words, not CLI flags
     widget.confirm = lambda msg: True
-    widget.export_button.clicked()
+    click()
     np.testing.assert_array_equal(
         np.asarray(nib.load(out).dataobj), viewer.layers["t2-lesion mask"].data
     )

@@ -22,6 +22,8 @@ from napari_vaeloc.export import output_paths, planned_paths
 from napari_vaeloc.io import Volume, WriteSet, check_output_folder
 from napari_vaeloc.samples import sample_path
 
+from .helpers import listing as _listing
+
 SCAN = sample_path("t2-lesion")
 STEM = "sample_t2_lesion"
 COMMANDS = ("localize", "demo")
@@ -31,18 +33,6 @@ def _argv(command: str, out: Path | str, *extra: str, quiet: bool = True) -> lis
     head = ["localize", str(SCAN)] if command == "localize" else ["demo", "--sample", "t2-lesion"]
     tail = ["--quiet"] if quiet else []
     return [*head, "--model", "t2-brain", "--device", "cpu", "--out", str(out), *extra, *tail]
-
-
-def _listing(root: Path) -> dict[str, bytes | None]:
-    """Every file and folder under ``root`` (hidden ones too) with the bytes of each file."""
-    found: dict[str, bytes | None] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            found[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = None
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            found[os.path.relpath(p, root)] = Path(p).read_bytes()
-    return found
 
 
 def _one_error_line(capsys) -> str:

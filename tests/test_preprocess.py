@@ -10,8 +10,10 @@ from napari_vaeloc.errors import InputError
 from napari_vaeloc.preprocess import (
     Normalisation,
     canonical_slices,
+    clip_outliers,
     foreground_mask,
     make_geometry,
+    outlier_mask,
     resolve_axis,
     slices_to_volume,
     volume_to_slices,
@@ -82,9 +84,7 @@ def test_aspect_ratio_kept_and_padding_is_background():
 
 
 def test_normalisation_zscores_foreground_and_clips():
-    rng = np.random.default_rng(0)
-    data = np.zeros((30, 30, 30), dtype=np.float32)
-    data[5:25, 5:25, 5:25] = rng.normal(100, 10, (20, 20, 20))
+    data = _cube()
     fg = foreground_mask(data, "otsu")
     assert fg.sum() == 20**3
     ms = volume_to_slices(data, np.eye(4), (1, 1, 1), "axial", 32, Normalisation())
@@ -93,6 +93,58 @@ def test_normalisation_zscores_foreground_and_clips():
     assert float(ms.images.min()) == -1.5 and 1.4 < float(ms.images.max()) <= 1.5
     assert ms.pad_value == -1.5
     assert ms.foreground.tolist() == [5 <= k < 25 for k in range(30)]
+
+
+def _cube(seed: int = 0) -> np.ndarray:
+    """30^3 zeros around a 20^3 object of intensity N(100, 10)."""
+    data = np.zeros((30, 30, 30), dtype=np.float32)
+    data[5:25, 5:25, 5:25] = np.random.default_rng(seed).normal(100, 10, (20, 20, 20))
+    return data
+
+
+def test_outliers_are_extremes_far_outside_the_scans_own_range():
+    data = _cube()
+    assert not outlier_mask(data).any()
+    data[1, 1, :2] = [2.5 * data.max(), -100.0]  # bright, or below a zero background: kept
+    data[0, 0, :4] = [5000.0, -5000.0, np.nan, -np.inf]  # saturated, dropped out, non-finite
+    want = np.zeros(data.shape, bool)
+    want[0, 0, :4] = True
+    np.testing.assert_array_equal(outlier_mask(data), want)
+    clipped, bad = clip_outliers(data)
+    np.testing.assert_array_equal(bad, want)
+    good = data[~want]
+    assert clipped[0, 0, :4].tolist() == [good.max(), good.min(), good.min(), good.min()]
+    np.testing.assert_array_equal(clipped[~want], good)
+
+
+def test_outliers_found_up_to_a_few_percent_of_the_object():
+    data = _cube()
+    rng = np.random.default_rng(1)
+    inside = rng.choice(20**3, int(0.04 * 20**3), replace=False)  # 4 % of the object
+    data[5:25, 5:25, 5:25].put(inside, 1e6)
+    outside = rng.choice(np.flatnonzero(data.ravel() == 0), int(0.009 * data.size), replace=False)
+    data.reshape(-1)[outside] = -1e6  # 0.9 % of the volume
+    assert outlier_mask(data).sum() == inside.size + outside.size
+
+
+def test_normalisation_and_foreground_ignore_outliers():
+    clean = _cube()
+    data = clean.copy()
+    data[5:25, 5:25, 5:25].put(np.arange(0, 20**3, 500), 1e6)  # 16 saturated object voxels
+    data[0, :5, 0] = -1e6  # and dropped-out background voxels
+    bad = outlier_mask(data)
+    a = volume_to_slices(clean, np.eye(4), (1, 1, 1), "axial", 32, Normalisation())
+    b = volume_to_slices(data, np.eye(4), (1, 1, 1), "axial", 32, Normalisation())
+    np.testing.assert_array_equal(b.foreground_mask, a.foreground_mask & ~bad)
+    assert b.stats["mean"] == pytest.approx(a.stats["mean"], abs=0.01)
+    assert b.stats["std"] == pytest.approx(a.stats["std"], rel=0.01)
+    assert b.pad_value == a.pad_value == -1.5
+    assert (a.n_outliers, b.n_outliers) == (0, 21)
+    assert b.foreground.tolist() == a.foreground.tolist()
+    for method in ("otsu", "nonzero"):
+        norm = Normalisation(foreground=method)
+        c = volume_to_slices(data, np.eye(4), (1, 1, 1), "axial", 32, norm)
+        assert c.foreground_mask.sum() == 20**3 - 16
 
 
 def test_unknown_axis_refused():

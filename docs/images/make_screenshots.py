@@ -54,7 +54,7 @@ def main() -> None:
     viewer.screenshot(str(out / "widget_result_2d.png"), canvas_only=False, flash=False)
     widget.native.grab().save(str(out / "widget_panel.png"))
     viewer.layers["t2-lesion mask"].visible = False
-    viewer.layers["t2-lesion Rec-Error"].visible = False
+    viewer.layers["t2-lesion reconstruction error"].visible = False
     viewer.screenshot(str(out / "anomaly_map_2d.png"), canvas_only=True, flash=False)
     viewer.layers["t2-lesion mask"].visible = True
     viewer.layers["t2-lesion anomaly map"].visible = False

@@ -1,5 +1,7 @@
 """napari sample data: the bundled 2 mm MNI-space sample scans and a raw individual head (see
-``napari_vaeloc.samples``), each with its geometry (the reader's :func:`volume_layer_data`)."""
+``napari_vaeloc.samples``), each with its geometry (the reader's :func:`volume_layer_data`; the
+ground truths open as Labels). Loaded into an empty viewer, a sample is shown axially
+(:mod:`._view`)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,13 @@ from ._reader import LayerData, volume_layer_data
 
 
 def _sample(key: str, name: str) -> list[LayerData]:
-    from .io import load_volume
+    from ._view import axial_view_when_added
+    from .io import load_image
     from .samples import sample_path
 
-    return [volume_layer_data(load_volume(sample_path(key)), name=name)]
-
-
-def _truth(key: str, name: str) -> list[LayerData]:
-    data, kwargs, _ = _sample(key, name)[0]
-    kwargs.pop("contrast_limits", None)
-    return [((data > 0).astype("uint8"), kwargs, "labels")]
+    layers = [volume_layer_data(load_image(sample_path(key)), name=name)]
+    axial_view_when_added()
+    return layers
 
 
 def t2_lesion() -> list[LayerData]:
@@ -26,7 +25,7 @@ def t2_lesion() -> list[LayerData]:
 
 def t2_lesion_truth() -> list[LayerData]:
     """The synthetic lesion's ground truth, as a Labels layer."""
-    return _truth("t2-lesion-truth", "t2-lesion truth")
+    return _sample("t2-lesion-truth", "t2-lesion truth")
 
 
 def t2_healthy() -> list[LayerData]:
@@ -47,4 +46,4 @@ def t1_head_lesion() -> list[LayerData]:
 
 def t1_head_lesion_truth() -> list[LayerData]:
     """The raw head's synthetic lesion, as a Labels layer on the head's own grid."""
-    return _truth("t1-head-lesion-truth", "t1-head-lesion truth")
+    return _sample("t1-head-lesion-truth", "t1-head-lesion truth")

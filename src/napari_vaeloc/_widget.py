@@ -3,19 +3,28 @@
 The expensive run happens in a napari thread worker (progress bar, Cancel, GUI stays live); its
 cached result lives in a :class:`~napari_vaeloc._widget_controller.Session`, which recombines and
 re-thresholds on every (debounced) slider move without touching the network. torch is imported
-only inside the worker, through the engine.
+only inside the worker, through the engine. Export writes in a worker too.
 
 Before scoring, the engine prepares the scan ("prepare scan": bias-field correction, brain
 extraction, registration to the model's template); each stage's name reaches the progress bar
 through a queued Qt signal, Cancel works inside every stage, and the fit line under the progress
 bar says how the scan fits the model (or why it was refused). When an image is selected, a
 second worker guesses its modality and preselects a model of that modality.
+
+Life cycle: a run belongs to the scan layer, volume and model it started with (:class:`_Job`);
+its result goes to layers named after that scan, and the "result" line names scan and model,
+whatever is selected meanwhile. Removing the scan layer cancels the run (a result that arrives
+anyway is dropped). Closing the panel or the viewer cancels the run and the modality guess, and
+everything they still send is ignored (:meth:`LocalizeWidget.close_down`).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +36,37 @@ from magicgui.widgets import (
     Label,
     ProgressBar,
     PushButton,
+    SpinBox,
 )
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 
 from ._widget_controller import (
+    FIT_TOOLTIP,
+    MAP_LABELS,
     MAP_LAYERS,
     PREPARE_CHOICES,
     PREPARE_TOOLTIP,
+    TOOLTIPS,
     Session,
     choose_model,
     fit_text,
     fit_tooltip,
     guessed_correlation,
+    layer_help,
     offers_preparation_layers,
     prepare_mode_for,
+    weight_tooltip,
 )
-from ._widget_export import ask_overwrite, export_session, export_with_dialog
-from ._widget_layers import ROLE_KEY, put_layer, put_preparation_layers, scan_inputs
+from ._widget_export import (
+    ask_export_path,
+    ask_overwrite,
+    export_failure,
+    export_plan,
+    export_session,
+    suggested_path,
+)
+from ._widget_layers import ROLE_KEY, n_volumes, put_layer, put_preparation_layers, scan_inputs
 from .mapnames import AXIS_NAMES, SLIDER_MAPS
 from .prepare import too_thin
 
@@ -54,6 +76,9 @@ DEBOUNCE_MS = 50
 BUSY_STAGES = ("checking the scan", "bias-field correction", "brain extraction", "registration")
 #: colours of the fit line by level
 FIT_STYLE = {"ok": "", "none": "", "warn": "color: #e8a33d;", "fail": "color: #f06464;"}
+#: how long quitting waits for the panel's workers to stop (ms)
+EXIT_WAIT_MS = 20_000
+_STARTED = False  # whether a worker was started (then exit waits for workers)
 
 
 def _available_devices() -> list[str]:
@@ -76,12 +101,76 @@ def _guess_modality(inputs: dict, cancel: Callable[[], bool]) -> tuple[str, str]
     return modality, guessed_correlation(check.message) if check is not None else ""
 
 
+def _live(method: Callable) -> Callable:
+    """Wrap a slot that workers, timers or the viewer call: once the panel is closed it does
+    nothing (its Qt widgets may be gone)."""
+
+    @functools.wraps(method)
+    def slot(self: LocalizeWidget, *args: Any, **kwargs: Any) -> Any:
+        if self.closed:
+            return None
+        return method(self, *args, **kwargs)
+
+    return slot
+
+
+class _ParentWatch(QObject):
+    """Calls ``on_closed`` when the watched widget loses its parent after having had one:
+    napari's close button on a dock takes the panel out of its dock (and deletes the dock),
+    without destroying the panel."""
+
+    def __init__(self, on_closed: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_closed = on_closed
+        self._docked = False
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:
+        if event.type() == QEvent.Type.ParentChange:
+            if obj.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._on_closed()
+        return False
+
+
+def _start(worker: Any) -> None:
+    """Start a thread worker; the first one registers :func:`_wait_for_workers` to run at
+    exit."""
+    global _STARTED
+    if not _STARTED:
+        _STARTED = True
+        atexit.register(_wait_for_workers)
+    worker.start()
+
+
+def _wait_for_workers() -> None:
+    """At interpreter exit, let workers still running (a cancelled run finishing its batch,
+    the device list importing torch) end before Qt deletes the objects they report through;
+    otherwise quitting napari mid-run aborts the process."""
+    from qtpy.QtCore import QThreadPool
+
+    QThreadPool.globalInstance().waitForDone(EXIT_WAIT_MS)
+
+
 class _Relay(QObject):
     """Carries progress and stage names from the worker thread to the GUI thread (queued
     signals)."""
 
     progress = Signal(int, int)
     stage = Signal(str)
+
+
+@dataclass
+class _Job:
+    """One run: what it was started on, so that its result stays tied to it."""
+
+    layer: Any  # the scan layer
+    base: str  # the result layers' name prefix: the layer's name (and volume)
+    model: str  # the model's name in the list
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stage: str = ""  # the stage it is in
+    reason: str = ""  # why the panel cancelled it (the scan layer was removed)
+    finished: bool = False
 
 
 class LocalizeWidget(Container):
@@ -93,16 +182,18 @@ class LocalizeWidget(Container):
         self.session: Session | None = None
         self.batch_size = 64
         self.running = False
+        self.exporting = False
+        self.closed = False
         self.runs = 0  # how many times the network was run (tests check sliders don't run it)
         self.confirm = self._ask_overwrite  # replaceable in tests
+        self.job: _Job | None = None  # the running (or last) run
         self._worker: Any = None
-        self._cancel = threading.Event()
+        self._export_worker: Any = None
         self._folders: dict[str, str] = {}  # choice value -> model folder
         self._last_model = ""
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
         self._relay.stage.connect(self._on_stage)
-        self._stage = ""  # the stage the running job is in
         self._picks = 0  # models chosen by hand (a modality guess never overrides one)
         self._guess_worker: Any = None
         self._guess_token = 0  # results of older guesses are ignored
@@ -110,21 +201,32 @@ class LocalizeWidget(Container):
         self._guess: dict[str, Any] | None = None  # the modality guess's state for the label
         self._model_text = ""
         self._fit: tuple[Any, str, str, str] | None = None  # layer, text, level, tooltip
-        self._run_layer: Any = None  # the input of the running (or last) job
         self._timer = QTimer()
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
-        self._timer.timeout.connect(self.apply_settings)
+        self._timer.timeout.connect(self._on_timer)
         self._quiet = False
-        self._input_layer: Any = None
+        self._input_layer: Any = None  # the scan of the shown result
+        self._base = ""  # the shown result's layer-name prefix
         self._shape: tuple[int, ...] = ()
         self._last_run_model: Any = None
         self._shown_combined: Any = None  # the combined map the layer shows now
+        self._volume_layer: Any = None  # the 4D layer the volume box was set for
+        self._volume_by_hand = False
         self._build()
-        self.viewer.layers.events.inserted.connect(self.image.reset_choices)
-        self.viewer.layers.events.removed.connect(self.image.reset_choices)
+        self._viewer_events = [
+            (self.viewer.layers.events.inserted, self._on_layers_changed),
+            (self.viewer.layers.events.removed, self._on_layers_changed),
+            (self.viewer.layers.events.removed, self._on_layer_removed),
+            (self.viewer.dims.events.current_step, self._on_dims),
+        ]
+        for emitter, slot in self._viewer_events:
+            emitter.connect(slot)
         self.image.changed.connect(self._on_image_changed)
-        self.native.destroyed.connect(self._stop_guess)
+        self.native.destroyed.connect(self.close_down)  # the viewer closed
+        self._parent_watch = _ParentWatch(self.close_down)  # the panel's close button
+        self.native.installEventFilter(self._parent_watch)
+        self._sync_volume()
         self._describe_model()
         self._start_guess()
 
@@ -135,6 +237,7 @@ class LocalizeWidget(Container):
         from .models.store import bundled_models
 
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=False)
+        self.volume = SpinBox(label="volume", min=0, max=0, value=0, visible=False)
         for name, folder in bundled_models().items():
             self._folders[name] = str(folder)
         first = next(iter(self._folders), None)
@@ -144,28 +247,30 @@ class LocalizeWidget(Container):
         self.model_info = Label(label="")
         self._devices: list[str] | None = None  # filled by a worker: importing torch takes ~2 s
         self.device = ComboBox(label="device", choices=self._device_choices, value="auto")
-        create_worker(_available_devices, _connect={"returned": self._set_devices})
+        _start(
+            create_worker(
+                _available_devices, _start_thread=False, _connect={"returned": self._set_devices}
+            )
+        )
         self.axis = ComboBox(
-            label="axis", choices=[("model's axis", "model"), *[(a, a) for a in AXIS_NAMES]]
+            label="slicing axis",
+            choices=[("model's axis", "model"), *[(a, a) for a in AXIS_NAMES]],
         )
         self.prepare = ComboBox(label="prepare scan", choices=PREPARE_CHOICES, value="auto")
-        self.prepare.tooltip = PREPARE_TOOLTIP
         self.run_button = PushButton(text="Localize")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.fit_info = Label(label="fit", value="")
-        self.fit_info.tooltip = "how the scan fits the model, after a run"
+        self.result_info = Label(label="result", value="none yet")
         self.weights = {
-            k: FloatSlider(label=f"weight {k}", min=0.0, max=2.0, step=0.05, value=0.0)
+            k: FloatSlider(
+                label=f"weight: {MAP_LABELS[k][0]}", min=0.0, max=2.0, step=0.05, value=0.0
+            )
             for k in SLIDER_MAPS
         }
         self.smoothing = FloatSlider(label="smoothing (mm)", min=0.0, max=8.0, step=0.25)
         self.scan_normalise = CheckBox(
             text="normalise per scan (threshold in robust z-units)", value=False
-        )
-        self.scan_normalise.tooltip = (
-            "express the combined map relative to this scan's own median and spread, so that "
-            "a scan explained worse overall does not light up everywhere"
         )
         self.threshold = FloatSlider(label="threshold", min=0.0, max=4.0, step=0.01, value=1.0)
         self.threshold_info = Label(label="")
@@ -173,19 +278,41 @@ class LocalizeWidget(Container):
         self.defaults_button = PushButton(text="Restore model defaults")
         self.export_maps = CheckBox(text="export the maps and scores too", value=False)
         self.export_button = PushButton(text="Export mask…", enabled=False)
-        for label in (self.model_info, self.threshold_info, self.fit_info):
+        tips = {
+            "image": self.image, "volume": self.volume, "model": self.model,
+            "model_info": self.model_info, "device": self.device, "axis": self.axis,
+            "run": self.run_button, "cancel": self.cancel_button, "progress": self.progress,
+            "result": self.result_info, "smoothing": self.smoothing,
+            "scan_normalise": self.scan_normalise, "threshold": self.threshold,
+            "threshold_info": self.threshold_info, "min_size": self.min_size,
+            "defaults": self.defaults_button, "export_maps": self.export_maps,
+            "export": self.export_button,
+        }  # fmt: skip
+        for key, widget in tips.items():
+            widget.tooltip = TOOLTIPS[key]
+        self.prepare.tooltip = PREPARE_TOOLTIP
+        self.fit_info.tooltip = FIT_TOOLTIP
+        for k, slider in self.weights.items():
+            slider.tooltip = weight_tooltip(k)
+        for label in (self.model_info, self.threshold_info, self.fit_info, self.result_info):
             label.native.setWordWrap(True)
         self.extend(
             [
-                self.image, self.model, self.model_info, self.device, self.axis, self.prepare,
-                self.run_button, self.cancel_button, self.progress, self.fit_info,
-                *self.weights.values(), self.smoothing, self.scan_normalise,
+                self.image, self.volume, self.model, self.model_info, self.device, self.axis,
+                self.prepare, self.run_button, self.cancel_button, self.progress, self.fit_info,
+                self.result_info, *self.weights.values(), self.smoothing, self.scan_normalise,
                 self.threshold, self.threshold_info,
                 self.min_size, self.defaults_button, self.export_maps, self.export_button,
             ]
         )  # fmt: skip
+        #: controls that change the shown result's settings (fixed while it is exported)
+        self._tuning = [
+            *self.weights.values(), self.smoothing, self.scan_normalise, self.threshold,
+            self.min_size, self.defaults_button, self.export_maps,
+        ]  # fmt: skip
         self._model_guard = False
         self.model.changed.connect(self._on_model_changed)
+        self.volume.changed.connect(self._on_volume_changed)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         for w in (
@@ -207,6 +334,7 @@ class LocalizeWidget(Container):
             (d if d in avail else f"{d} (not available)", d) for d in ("cpu", "cuda", "mps")
         ]
 
+    @_live
     def _set_devices(self, devices: list[str]) -> None:
         self._devices = list(devices)
         self.device.reset_choices()
@@ -222,6 +350,87 @@ class LocalizeWidget(Container):
             for layer in self.viewer.layers
             if isinstance(layer, Image) and ROLE_KEY not in layer.metadata and not layer.rgb
         ]
+
+    # ---------------------------------------------------------------- life cycle
+    def close_down(self, *_: Any) -> None:
+        """The panel or the viewer is closing: cancel the run and the modality guess, and from
+        now on ignore whatever workers, timers and the viewer still send (a run's result is
+        never shown). Called when the panel's dock or the panel itself is destroyed."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.job is not None:
+            self.job.cancel.set()
+        self._stop_guess()
+        for emitter, slot in self._viewer_events:
+            emitter.disconnect(slot)
+        for name in ("progress", "stage"):
+            try:  # nothing connected, or Qt deleted the relay already (at exit)
+                getattr(self._relay, name).disconnect()
+            except (TypeError, RuntimeError):
+                pass
+        try:
+            self._timer.stop()
+        except RuntimeError:  # deleted with the application
+            pass
+
+    @_live
+    def _on_layers_changed(self, *_: Any) -> None:
+        self.image.reset_choices()
+
+    @_live
+    def _on_layer_removed(self, event: Any) -> None:
+        """The scan of the running job was removed: cancel it (its result would have no scan
+        under it)."""
+        job = self.job
+        if job is not None and self.running and event.value is job.layer:
+            job.reason = f"the scan layer '{job.layer.name}' was removed"
+            job.cancel.set()
+
+    # ---------------------------------------------------------------- 4D scans
+    def _volume_index(self, layer: Any) -> int | None:
+        """The volume to localize of ``layer`` (None unless it holds several volumes)."""
+        if layer is None or layer is not self._volume_layer:
+            return None
+        return int(self.volume.value)
+
+    def _shown_volume(self, layer: Any, n: int) -> int:
+        """The volume of a 4D ``layer`` the viewer shows now."""
+        dims = self.viewer.dims
+        point = list(dims.point)[-layer.ndim :]
+        try:
+            index = float(layer.world_to_data(point)[0])
+        except Exception:  # an unusual transform: fall back to the slider position
+            index = float(dims.current_step[-layer.ndim])
+        return int(min(max(round(index), 0), n - 1))
+
+    def _sync_volume(self) -> None:
+        """Show the volume box for a 4D layer only, at the volume the viewer shows (until a
+        volume is picked by hand)."""
+        layer = self.image.value
+        n = n_volumes(layer) if layer is not None else 1
+        four_d = layer is not None and layer.ndim == 4
+        if layer is not self._volume_layer:
+            self._volume_by_hand = False
+        self._volume_layer = layer if four_d else None
+        self._quiet = True
+        try:
+            if four_d:
+                self.volume.max = max(n - 1, 0)
+                if not self._volume_by_hand:
+                    self.volume.value = self._shown_volume(layer, n)
+            self.volume.visible = four_d
+        finally:
+            self._quiet = False
+
+    @_live
+    def _on_dims(self, *_: Any) -> None:
+        if self._volume_layer is not None and not self._volume_by_hand:
+            self._sync_volume()
+
+    def _on_volume_changed(self, *_: Any) -> None:
+        if not self._quiet:
+            self._volume_by_hand = True
 
     # ---------------------------------------------------------------- model
     def add_model_folder(self, folder: str | Path) -> bool:
@@ -283,7 +492,9 @@ class LocalizeWidget(Container):
         cal = "calibrated" if card.calibration else "uncalibrated (thresholds relative to the scan)"
         self._model_text = f"{card.modality}, {card.axis}; {cal}"
         self._show_model_info(card)
-        self.model_info.tooltip = f"{card.provenance.description}\n{card.provenance.sources}"
+        self.model_info.tooltip = (
+            f"{TOOLTIPS['model_info']}\n{card.provenance.description}\n{card.provenance.sources}"
+        )
         if self.session is None:
             self.restore_defaults()
 
@@ -318,7 +529,9 @@ class LocalizeWidget(Container):
         """True while the modality of the selected image is being guessed."""
         return self._guess_worker is not None
 
+    @_live
     def _on_image_changed(self, *_: Any) -> None:
+        self._sync_volume()
         self._show_fit()
         self._start_guess()
 
@@ -333,7 +546,7 @@ class LocalizeWidget(Container):
         inputs = None
         if layer is not None:
             try:
-                inputs = scan_inputs(layer)
+                inputs = scan_inputs(layer, self._volume_index(layer))
             except ValueError:
                 inputs = None
         if inputs is None or too_thin(inputs["shape"]):
@@ -351,7 +564,7 @@ class LocalizeWidget(Container):
         self._guess_worker = create_worker(
             _guess_modality, inputs, cancel.is_set, _start_thread=False, _connect=connect
         )
-        self._guess_worker.start()
+        _start(self._guess_worker)
 
     def _stop_guess(self, *_: Any) -> None:
         """Cancel the running guess and ignore whatever it still returns."""
@@ -359,6 +572,7 @@ class LocalizeWidget(Container):
         self._guess_cancel.set()
         self._guess_worker = None
 
+    @_live
     def _on_guess(self, token: int, picks: int, out: tuple[str, str]) -> None:
         if token != self._guess_token:
             return  # another image was selected meanwhile
@@ -384,6 +598,7 @@ class LocalizeWidget(Container):
         else:
             self._show_model_info(self._card_quiet(self.model.value))
 
+    @_live
     def _on_guess_error(self, token: int, exc: BaseException) -> None:
         from .errors import Cancelled
 
@@ -425,122 +640,156 @@ class LocalizeWidget(Container):
 
     # ---------------------------------------------------------------- run
     def run(self, *_: Any) -> None:
-        """Start a localization of the chosen layer in a thread worker."""
+        """Start a localization of the chosen layer (the chosen volume of a 4D layer) in a
+        thread worker. A scan that cannot be scored (constant, all non-finite, ...) is refused
+        here, with one line; notes on an unusual scan (one that looks like a mask) are shown
+        as warnings before the run starts."""
         from napari.qt.threading import create_worker
 
-        if self.running:
+        from .io import Volume
+
+        if self.running or self.exporting or self.closed:
             return
         layer = self.image.value
-        folder = self._folders.get(self.model.value or "")
+        model_name = self.model.value
+        folder = self._folders.get(model_name or "")
         if layer is None or folder is None:
             show_warning("choose an image layer and a model first")
             return
-        from .errors import InputError
-
+        index = self._volume_index(layer)
         try:
-            inputs = scan_inputs(layer)
-        except ValueError as exc:
-            show_error(str(exc))
-            return
-        try:
+            inputs = scan_inputs(layer, index)
             mode, note = prepare_mode_for(self.prepare.value, inputs["shape"])
-        except InputError as exc:
-            self._set_fit(layer, f"not localized: {exc}", "fail")
-            show_error(f"localization failed: {exc}")
+            volume = Volume.from_array(
+                inputs["data"], inputs["affine"], header=inputs["header"], path=inputs["path"]
+            )
+        except ValueError as exc:  # InputError is one
+            self._show_failure(layer, str(exc))
             return
+        for line in volume.notes:
+            show_warning(f"{layer.name}: {line}")
         if self.guessing:  # the run prepares the scan itself: do not do it twice at once
             self._stop_guess()
             self._guess = {"state": "stopped"}
             self._show_model_info(self._card_quiet(self.model.value))
+        base = layer.name if index is None else f"{layer.name} volume {index}"
+        job = _Job(layer=layer, base=base, model=str(model_name))
+        self.job = job
         axis = None if self.axis.value == "model" else self.axis.value
-        job = {
-            "inputs": inputs, "folder": folder, "axis": axis, "device": self.device.value,
-            "prepare": mode, "note": note,
+        args = {
+            "folder": folder, "axis": axis, "device": self.device.value, "prepare": mode,
+            "note": note, "shape": inputs["shape"],
         }  # fmt: skip
-        self._cancel.clear()
-        self._stage = ""
-        self._run_layer = layer
         if mode != "none":
             self._set_fit(layer, "checking how the scan fits the model…", "none")
         self.runs += 1
         connect = {
-            "returned": self._on_done,
-            "errored": self._on_error,
-            "finished": lambda: self._set_running(False),
+            "returned": lambda out: self._on_done(job, out),
+            "errored": lambda exc: self._on_error(job, exc),
+            "finished": lambda: self._on_finished(job),
         }
-        self._worker = create_worker(self._work, job, layer, _start_thread=False, _connect=connect)
-        self._set_running(True)
-        self._worker.start()
+        self._worker = create_worker(
+            self._work, job, volume, args, _start_thread=False, _connect=connect
+        )
+        self.running = True
+        self._show_busy()
+        self.progress.value, self.progress.max = 0, 1
+        self.progress.label = "loading model"
+        _start(self._worker)
 
-    def _work(self, job: dict, layer: Any) -> tuple:
+    def _work(self, job: _Job, volume: Any, args: dict) -> tuple:
         """Runs in the worker thread: load the model (cached) and score the scan."""
         from .engine import EngineOptions, localize
         from .errors import Cancelled
-        from .io import Volume
         from .models.store import cached_model
 
-        model = cached_model(job["folder"])
-        inp = job["inputs"]
-        vol = Volume.from_array(inp["data"], inp["affine"], header=inp["header"], path=inp["path"])
-        if self._cancel.is_set():
+        model = cached_model(args["folder"])
+        if job.cancel.is_set():
             raise Cancelled("localization cancelled")
         options = EngineOptions(
-            device=job["device"],
+            device=args["device"],
             batch_size=self.batch_size,
             progress=self._relay.progress.emit,
-            cancel=self._cancel.is_set,
+            cancel=job.cancel.is_set,
             stage=self._relay.stage.emit,
         )
-        result = localize(vol, model, options, axis=job["axis"], prepare=job["prepare"])
+        result = localize(volume, model, options, axis=args["axis"], prepare=args["prepare"])
         session = Session(result)  # scales (percentiles if uncalibrated) here, off the GUI thread
-        return session, model, layer, inp["shape"], job["prepare"], job["note"]
+        return session, model, args
 
     def cancel(self, *_: Any) -> None:
         """Ask the running worker to stop: inside the preparation stage it is in, or at the
         next batch of slices."""
-        self._cancel.set()
+        if self.job is not None:
+            self.job.cancel.set()
         self.cancel_button.enabled = False
 
-    def _set_running(self, running: bool) -> None:
-        self.running = running
-        self.run_button.enabled = not running
-        self.cancel_button.enabled = running
-        if running:
-            self.progress.value, self.progress.max = 0, 1
-            self.progress.label = "loading model"
-        else:
-            self._worker = None
-            if self.progress.max == 0:  # a busy bar stops being busy
-                self.progress.max = 1
+    def _show_busy(self) -> None:
+        """Enable the controls that make sense now: no new run or export while one is going,
+        Cancel only during a run, no tuning while the result is being written."""
+        busy = self.running or self.exporting
+        self.run_button.enabled = not busy
+        self.cancel_button.enabled = self.running
+        self.export_button.enabled = not busy and self.session is not None
+        for w in self._tuning:
+            w.enabled = not self.exporting
 
+    def _on_finished(self, job: _Job) -> None:
+        job.finished = True
+        if job is not self.job:
+            return
+        self.running = False
+        self._worker = None
+        if self.closed:
+            return
+        self._show_busy()
+        if self.progress.max == 0:  # a busy bar stops being busy
+            self.progress.max = 1
+
+    @_live
     def _on_stage(self, name: str) -> None:
         """A stage began: name it on the progress bar (a busy bar while preparing)."""
-        self._stage = name
+        if self.job is not None:
+            self.job.stage = name
         if name in BUSY_STAGES and self.progress.value == 0:
             self.progress.max = 0
         self.progress.label = name
 
+    @_live
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.max = max(total, 1)
         self.progress.value = done
         self.progress.label = f"{done}/{total} slices"
 
-    def _on_error(self, exc: BaseException) -> None:
+    @_live
+    def _on_error(self, job: _Job, exc: BaseException) -> None:
         from .errors import Cancelled, VaelocError
 
-        layer = self._run_layer
         if isinstance(exc, Cancelled):
-            during = f" during {self._stage}" if self._stage else ""
+            during = f" during {job.stage}" if job.stage else ""
             self.progress.max = max(self.progress.max, 1)
             self.progress.value, self.progress.label = 0, f"cancelled{during}"
-            self._set_fit(layer, f"run cancelled{during}; no layers were changed", "none")
-            show_info("localization cancelled; no layers were changed")
+            if job.reason:
+                line = f"run cancelled: {job.reason}; no layers were added"
+                self._set_fit(job.layer, line, "warn")
+                show_warning(line)
+            else:
+                self._set_fit(job.layer, f"run cancelled{during}; no layers were changed", "none")
+                show_info("localization cancelled; no layers were changed")
         elif isinstance(exc, VaelocError | ValueError | MemoryError):
-            self._set_fit(layer, f"not localized: {exc}", "fail")
-            show_error(f"localization failed: {exc}")
+            self._show_failure(job.layer, str(exc))
         else:
-            self._set_fit(layer, f"not localized: {type(exc).__name__}: {exc}", "fail")
-            show_error(f"localization failed: {type(exc).__name__}: {exc}")
+            self._show_failure(job.layer, f"{type(exc).__name__}: {exc}")
+
+    def _show_failure(self, layer: Any, message: str) -> None:
+        """A run was refused or failed: the fit line (red) and a notification say why, the
+        progress bar says "not localized". The shown result, if any, stays as it was, with
+        its layers, sliders and export (the "result" line names its scan and model)."""
+        message = " ".join(message.split())
+        self._set_fit(layer, f"not localized: {message}", "fail")
+        self.progress.max, self.progress.value = 1, 0
+        self.progress.label = "not localized"
+        show_error(f"localization failed: {message}")
 
     def _set_fit(self, layer: Any, text: str, level: str, tooltip: str = "") -> None:
         """Show the fit line (for ``layer``: it is hidden while another image is selected)."""
@@ -552,19 +801,27 @@ class LocalizeWidget(Container):
         shown = fit is not None and fit[0] is self.image.value
         text, level, tooltip = fit[1:] if fit is not None and shown else ("", "none", "")
         self.fit_info.value = text
-        self.fit_info.tooltip = tooltip or "how the scan fits the model, after a run"
+        self.fit_info.tooltip = tooltip or FIT_TOOLTIP
         self.fit_info.native.setStyleSheet(FIT_STYLE.get(level, ""))
 
-    def _on_done(self, out: tuple) -> None:
-        session, model, layer, shape, mode, note = out
+    @_live
+    def _on_done(self, job: _Job, out: tuple) -> None:
+        session, model, args = out
         result = session.result
+        layer = job.layer
+        if job.reason or layer not in self.viewer.layers:
+            why = job.reason or f"the scan layer '{layer.name}' was removed"
+            show_warning(f"result dropped: {why} during the run; no layers were added")
+            self.progress.max, self.progress.value = 1, 0
+            self.progress.label = "result dropped"
+            return
         try:
             first = self.session is None  # sliders show this model's defaults or user edits
             keep = not first and self._last_run_model == model.path
             old = self.session.settings if keep and self.session is not None else None
             self.session = session
             self._last_run_model = model.path
-            self._input_layer, self._shape = layer, shape
+            self._input_layer, self._shape, self._base = layer, args["shape"], job.base
             if old is not None:
                 self.session.settings = old
             elif not first:  # another model: start from its defaults
@@ -572,22 +829,26 @@ class LocalizeWidget(Container):
             self._read_settings()
             self._update_maps()
             self.apply_settings()
-            self.export_button.enabled = True
-            text, level = fit_text(result, mode, note)
+            self.result_info.value = (
+                f"{job.base}, model {job.model} ({result.axis} slices, {result.device})"
+            )
+            self.result_info.tooltip = f"{TOOLTIPS['result']}\n{layer_help(job.base)}"
+            text, level = fit_text(result, args["prepare"], args["note"])
             self._set_fit(layer, text, level, fit_tooltip(result))
             if offers_preparation_layers(result):
-                put_preparation_layers(self.viewer, result.prepared, layer, shape, layer.name)
+                put_preparation_layers(self.viewer, result.prepared, layer, args["shape"], job.base)
             self.progress.max = max(self.progress.max, 1)
             self.progress.value = self.progress.max
             self.progress.label = f"done in {result.seconds:.1f} s on {result.device}"
-            for note in result.notes:
-                show_info(note)
+            for line in result.notes:
+                if line not in result.volume.notes:  # those were shown at the click
+                    show_info(line)
         except Exception as exc:  # never let a display problem crash the viewer
             show_error(f"could not show the result: {type(exc).__name__}: {exc}")
 
     # ---------------------------------------------------------------- layers
     def _names(self) -> dict[str, str]:
-        base = self._input_layer.name
+        base = self._base
         return {
             **{suffix: f"{base} {suffix}" for suffix in MAP_LAYERS},
             "combined": f"{base} anomaly map",
@@ -597,19 +858,23 @@ class LocalizeWidget(Container):
     def _update_maps(self) -> None:
         s, names = self.session, self._names()
         assert s is not None
-        cmaps = {"reconstruction": "gray", "Rec-Error": "magma", "KL-Grad": "viridis"}
+        cmaps = {"reconstruction": "gray", "rec_error": "magma", "kl_grad": "viridis"}
         for suffix, key in MAP_LAYERS.items():
-            extra = {} if suffix == "reconstruction" else {"blending": "additive"}
+            extra = {} if key == "reconstruction" else {"blending": "additive"}
             put_layer(
                 self.viewer, "image", names[suffix], s.result.maps[key].reshape(self._shape),
-                self._input_layer, suffix, colormap=cmaps[suffix], visible=False,
+                self._input_layer, suffix, colormap=cmaps[key], visible=False,
                 contrast_limits=s.map_range(key), **extra,
             )  # fmt: skip
+
+    @_live
+    def _on_timer(self) -> None:
+        self.apply_settings()
 
     def apply_settings(self) -> None:
         """Recompute the combined map and the mask from the cached maps and update the layers."""
         s = self.session
-        if s is None:
+        if s is None or self.closed:
             return
         self._timer.stop()
         names = self._names()
@@ -686,7 +951,8 @@ class LocalizeWidget(Container):
 
     # ---------------------------------------------------------------- export
     def export(self, path: str | Path, overwrite: bool = False, maps: bool = False) -> list[Path]:
-        """Save the mask (and with ``maps`` every map and the scores) in the scan's geometry.
+        """Save the mask (and with ``maps`` every map and the scores) in the scan's geometry,
+        in this thread.
 
         Raises OutputExistsError when a file exists and ``overwrite`` is false.
         """
@@ -695,9 +961,74 @@ class LocalizeWidget(Container):
         return export_session(self.session, path, overwrite=overwrite, maps=maps)
 
     def _on_export_clicked(self, *_: Any) -> None:
-        if self.session is not None:
-            fallback = self._input_layer.name if self._input_layer is not None else "scan"
-            export_with_dialog(self, self.session, fallback, self.export_maps.value, self.confirm)
+        from .io import scan_stem
+
+        if self.session is None:
+            return
+        src = self.session.volume.path
+        stem = scan_stem(src) if src is not None else self._base or "scan"
+        path = ask_export_path(self.native, suggested_path(src, stem))
+        if path is not None:
+            self.export_in_background(path, maps=bool(self.export_maps.value))
+
+    def export_in_background(self, path: str | Path, maps: bool = False) -> bool:
+        """Export the shown result like :meth:`export`, writing in a worker thread: the folder
+        is checked and ``confirm`` asked before existing files are replaced (here, in the GUI
+        thread); while it writes, the progress bar is busy and Localize, Export and the
+        tuning controls are disabled. Failures are one-line notifications. Returns whether an
+        export started (``exporting`` is true until it ends)."""
+        from napari.qt.threading import create_worker
+
+        from .errors import OutputExistsError, VaelocError
+
+        session = self.session
+        if session is None or self.running or self.exporting or self.closed:
+            return False
+        if self._timer.isActive():  # write what the sliders show
+            self.apply_settings()
+        try:
+            target, existing = export_plan(session, path, maps)
+        except (VaelocError, OSError) as exc:
+            self._export_failed(exc)
+            return False
+        if existing and not self.confirm(
+            f"{OutputExistsError(existing)}.\n\nReplace the existing files?"
+        ):
+            return False
+        connect = {
+            "returned": self._on_exported,
+            "errored": self._export_failed,
+            "finished": self._on_export_finished,
+        }
+        self._export_worker = create_worker(
+            export_session, session, target, bool(existing), maps,
+            _start_thread=False, _connect=connect,
+        )  # fmt: skip
+        self.exporting = True
+        self._show_busy()
+        self.progress.value, self.progress.max = 0, 0  # busy: files report no fraction
+        self.progress.label = f"exporting to {target.parent}…"
+        _start(self._export_worker)
+        return True
+
+    @_live
+    def _on_exported(self, files: list[Path]) -> None:
+        where = Path(files[0]).parent if files else ""
+        self.progress.max, self.progress.value = 1, 1
+        self.progress.label = f"exported {len(files)} file(s)"
+        show_info(f"saved {len(files)} file(s) to {where}")
+
+    @_live
+    def _export_failed(self, exc: BaseException) -> None:
+        self.progress.max, self.progress.value = 1, 0
+        self.progress.label = "export failed"
+        show_error(export_failure(exc))
+
+    def _on_export_finished(self) -> None:
+        self.exporting = False
+        self._export_worker = None
+        if not self.closed:
+            self._show_busy()
 
     def _ask_overwrite(self, message: str) -> bool:
         return ask_overwrite(self.native, message)

@@ -19,8 +19,114 @@ from .mapnames import SLIDER_MAPS
 if TYPE_CHECKING:  # the engine pulls in torch: never at plugin import time
     from .engine import LocalizationResult
 
+#: every map in plain words: map name (files, ``mapnames``) -> (label in the panel, what it
+#: shows and what its number means); docs/plugin.md maps them to the paper's terms
+MAP_LABELS: dict[str, tuple[str, str]] = {
+    "reconstruction": (
+        "reconstruction",
+        "the model's healthy-looking redraw of each slice, in the scan's own intensity units",
+    ),
+    "rec_error": (
+        "reconstruction error",
+        "how badly the redraw matches the scan at each voxel (negative log-likelihood, nats): "
+        "high where the scan looks unlike healthy brain, also at edges",
+    ),
+    "rec_error_smooth": (
+        "reconstruction error (smoothed)",
+        "the reconstruction error smoothed over a few voxels: fewer isolated bright voxels",
+    ),
+    "sq_error": ("squared error", "squared difference between the scan and its redraw"),
+    "kl_grad": (
+        "KL gradient",
+        "how strongly each voxel pushes the slice's code away from healthy anatomy (size of "
+        "the gradient of the KL term): smooth, less sensitive to edges",
+    ),
+    "rec_grad": (
+        "reconstruction-error gradient",
+        "how strongly each voxel changes the reconstruction error (size of its gradient)",
+    ),
+    "elbo_grad": (
+        "whole-loss gradient",
+        "how strongly each voxel changes the model's whole loss, reconstruction error plus KL "
+        "term (size of the gradient)",
+    ),
+    "combi": (
+        "error × KL gradient",
+        "the reconstruction error multiplied by the scaled KL gradient: high only where both "
+        "are high",
+    ),
+    "kl_grad_sg": ("KL gradient (averaged over noisy copies)", "the KL gradient, SmoothGrad"),
+    "elbo_grad_sg": (
+        "whole-loss gradient (averaged over noisy copies)",
+        "the whole-loss gradient, SmoothGrad",
+    ),
+}
 #: result layers besides the combined map and the mask: layer suffix -> map name
-MAP_LAYERS = {"reconstruction": "reconstruction", "Rec-Error": "rec_error", "KL-Grad": "kl_grad"}
+MAP_LAYERS = {MAP_LABELS[k][0]: k for k in ("reconstruction", "rec_error", "kl_grad")}
+#: the other result layers: layer suffix -> what it shows
+RESULT_LAYERS = {
+    "anomaly map": "the combined anomaly map that is thresholded: the weighted sum of the maps, "
+    "each divided by its healthy 99th percentile (1 = as unusual as the top 1 % of healthy "
+    "brain voxels)",
+    "mask": "voxels of the anomaly map above the threshold, without parts smaller than the "
+    "minimum size",
+    "brain mask": "the brain that was scored (after brain extraction or registration)",
+    "corrected brain": "the scan after bias-field correction, 0 outside the brain mask",
+}
+
+FIT_TOOLTIP = "how the scan fits the model, after a run (hover for every check)"
+#: what each control does and what its number means (shown on hover)
+TOOLTIPS = {
+    "image": "the scan to search for anomalies: a grayscale 2D, 3D or 4D Image layer (layers "
+    "this panel made are not offered)",
+    "volume": "which volume of a 4D scan to localize (0 = the first); starts at the volume the "
+    "viewer shows",
+    "model": "the trained model that scores the scan; it should have learned the scan's "
+    "modality (T1 or T2). 'load from folder…' adds a model folder made by 'vaeloc train'",
+    "model_info": "the model's modality, slicing direction and calibration, and which "
+    "modality the selected scan looks like",
+    "device": "where the model runs: auto picks a CUDA GPU, then Apple MPS, then the CPU",
+    "axis": 'the direction the scan is cut into 2D slices for the model; "model\'s axis" '
+    "uses the one it was trained on",
+    "run": "score the scan with the model in the background and add the result layers "
+    "(reconstruction, reconstruction error, KL gradient, anomaly map, mask)",
+    "cancel": "stop the running localization; no layers are added or changed",
+    "progress": "what the panel is doing: the preparation stage, then slices scored out of "
+    "all, or the files being exported",
+    "result": "the scan and model the shown result layers, sliders and export belong to",
+    "smoothing": "extra 3D Gaussian smoothing of the anomaly map, σ in mm (0 = none); larger "
+    "values suit larger lesions",
+    "scan_normalise": "express the combined map relative to this scan's own median and "
+    "spread, so that a scan explained worse overall does not light up everywhere; the "
+    "threshold is then in robust z-units",
+    "threshold": "voxels of the anomaly map above this value form the mask; the line below "
+    "says what the value means (a healthy false-positive rate when the model is calibrated)",
+    "threshold_info": "what the threshold means for this model and these settings",
+    "min_size": "parts of the mask smaller than this volume (mm³) are dropped; 0 keeps all",
+    "defaults": "set weights, smoothing, normalisation, threshold and minimum size to the "
+    "values stored with the model",
+    "export_maps": "also save every map, the anomaly map and a JSON of scores next to the mask "
+    "(the files 'vaeloc localize' writes)",
+    "export": "save the mask of the result named under 'result' as NIfTI in the scan's own "
+    "geometry; asks before replacing files",
+}
+
+
+def weight_tooltip(name: str) -> str:
+    """The tooltip of the weight slider of map ``name``: what the map shows and what a weight
+    of 1 adds to the combined map."""
+    label, what = MAP_LABELS[name]
+    return (
+        f"weight of the {label} in the combined anomaly map ({what}). The map is divided by "
+        "its healthy 99th percentile first, so a weight of 1 adds 1 where a voxel is as "
+        "unusual as the top 1 % of healthy brain voxels; 0 leaves the map out"
+    )
+
+
+def layer_help(base: str) -> str:
+    """Every result layer of the scan ``base`` and what it shows, one a line."""
+    parts = {**{s: MAP_LABELS[k][1] for s, k in MAP_LAYERS.items()}, **RESULT_LAYERS}
+    return "\n".join(f"{base} {suffix}: {what}" for suffix, what in parts.items())
 
 
 class Session(PostProcessor):

@@ -1,9 +1,10 @@
 """Export of the widget's result: the mask (and optionally every map) as NIfTI in the input
-scan's original geometry, asking before anything is replaced."""
+scan's original geometry. The widget asks for the file name and before anything is replaced
+(GUI thread), then writes in a worker thread (:func:`export_session`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,56 +26,82 @@ def export_session(
     from .export import write_result
     from .io import check_output_folder, save_nifti
 
-    path = Path(path)
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
-        path = path.with_name(path.name + ".nii.gz")
+    path = _nifti_name(path)
     check_output_folder(path.parent)
     vol = session.volume
     if not maps:
         return [save_nifti(session.mask().reshape(vol.shape), vol, path, "mask", overwrite)]
-    stem = path.name.split(".nii")[0].removesuffix("_mask")
-    return list(write_result(session.result, session, path.parent, stem, overwrite).values())
+    return list(
+        write_result(session.result, session, path.parent, _set_stem(path), overwrite).values()
+    )
 
 
-def export_with_dialog(
-    widget: Any,
-    session: Session,
-    fallback_stem: str,
-    maps: bool,
-    confirm: Callable[[str], bool],
-) -> list[Path]:
-    """Ask for a file name, export, and ask ``confirm`` before replacing files; failures become
-    notifications. Returns the files written (empty when cancelled or failed)."""
-    from napari.utils.notifications import show_error, show_info
+def export_plan(session: Session, path: str | Path, maps: bool = False) -> tuple[Path, list[Path]]:
+    """The file name :func:`export_session` will use for ``path`` and the files of the set that
+    exist already; checks the folder first, so a bad location is reported before any work.
+
+    Raises:
+        OutputError: the folder cannot be used or written (one line naming it and why).
+    """
+    from .export import output_paths
+    from .io import check_output_folder
+    from .mapnames import OUTPUT_MAPS
+
+    path = _nifti_name(path)
+    check_output_folder(path.parent)
+    if maps:
+        names = [k for k in OUTPUT_MAPS if k in session.result.maps]
+        targets = list(output_paths(path.parent, _set_stem(path), names).values())
+    else:
+        targets = [path]
+    return path, [t for t in targets if t.exists() or t.is_symlink()]
+
+
+def _nifti_name(path: str | Path) -> Path:
+    path = Path(path)
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        path = path.with_name(path.name + ".nii.gz")
+    return path
+
+
+def _set_stem(path: Path) -> str:
+    return path.name.split(".nii")[0].removesuffix("_mask")
+
+
+def suggested_path(source: Path | None, stem: str) -> Path:
+    """Where the save dialog starts: ``<stem>_mask.nii.gz`` beside the scan's file; for a scan
+    with no file, or one inside this package (the bundled samples), in the current folder when
+    it is writable and outside the package, else in the home folder."""
+    package = Path(__file__).resolve().parent
+    if source is not None and not _inside(Path(source), package):
+        folder = Path(source).parent
+    else:
+        cwd = Path.cwd()
+        usable = os.access(cwd, os.W_OK) and not _inside(cwd, package)
+        folder = cwd if usable else Path.home()
+    return folder / f"{stem}_mask.nii.gz"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder)
+    except OSError:
+        return False
+
+
+def ask_export_path(parent: Any, suggested: Path) -> Path | None:
+    """The save dialog (no overwrite question: the widget asks for the whole set itself);
+    None when cancelled."""
     from qtpy.QtWidgets import QFileDialog
 
-    from .errors import OutputExistsError, VaelocError
-    from .io import scan_stem
-
-    src = session.volume.path
-    folder = src.parent if src is not None else Path.home()
-    stem = scan_stem(src) if src is not None else fallback_stem
     path, _ = QFileDialog.getSaveFileName(
-        widget.native,
+        parent,
         "Save the mask",
-        str(folder / f"{stem}_mask.nii.gz"),
+        str(suggested),
         "NIfTI (*.nii.gz *.nii)",
-        options=QFileDialog.Option.DontConfirmOverwrite,  # we ask ourselves, for every file
+        options=QFileDialog.Option.DontConfirmOverwrite,
     )
-    if not path:
-        return []
-    try:
-        try:
-            files = export_session(session, path, maps=maps)
-        except OutputExistsError as exc:
-            if not confirm(f"{exc}.\n\nReplace the existing files?"):
-                return []
-            files = export_session(session, path, overwrite=True, maps=maps)
-    except (VaelocError, OSError) as exc:
-        show_error(export_failure(exc))
-        return []
-    show_info(f"saved {len(files)} file(s) to {Path(files[0]).parent}")
-    return files
+    return Path(path) if path else None
 
 
 def export_failure(exc: BaseException) -> str:

@@ -8,32 +8,75 @@ from typing import Any
 
 import numpy as np
 
+from ._writer import N_VOLUMES_KEY, VOLUME_AXIS_KEY, file_geometry, shear_matrix, voxel_axes
+
 #: metadata key marking layers this plugin produced (they are not offered as input)
 ROLE_KEY = "vaeloc_role"
 
 
-def scan_inputs(layer: Any) -> dict[str, Any]:
-    """Data and geometry for :meth:`Volume.from_array` from an Image layer (2D or 3D).
+def _spatial_data(layer: Any) -> Any:
+    """The layer's data (its first level when multiscale)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
-    The affine comes from the layer's metadata (set by this plugin's reader) when it fits,
-    otherwise from the layer's scale and translate.
+
+def _is_4d(layer: Any) -> bool:
+    md = layer.metadata or {}
+    return md.get(VOLUME_AXIS_KEY) == 0 or (
+        np.ndim(_spatial_data(layer)) == 4 and not getattr(layer, "rgb", False)
+    )
+
+
+def n_volumes(layer: Any) -> int:
+    """How many volumes a layer holds: the length of the first axis of a 4D layer (volume axis
+    first, as the reader gives it), 1 for a 2D or 3D layer."""
+    return int(np.shape(_spatial_data(layer))[0]) if _is_4d(layer) else 1
+
+
+def _layer_meta(layer: Any) -> dict[str, Any]:
+    """The layer attributes napari passes to writers, for :func:`_writer.file_geometry`."""
+    return {
+        "metadata": layer.metadata,
+        "scale": layer.scale,
+        "translate": layer.translate,
+        "rotate": layer.rotate,
+        "shear": layer.shear,
+        "affine": layer.affine.affine_matrix,
+    }
+
+
+def scan_inputs(layer: Any, volume_index: int | None = None) -> dict[str, Any]:
+    """Data and geometry for :meth:`Volume.from_array` from an Image layer (2D, 3D, or one
+    volume of a 4D layer).
+
+    Args:
+        layer: a napari Image layer.
+        volume_index: which volume of a 4D layer (volume axis first) to take, 0 to
+            ``n_volumes(layer) - 1``; ignored for 2D and 3D layers.
+
+    Returns:
+        ``data`` (2D or 3D, in the file's voxel order when the layer carries this plugin's
+        metadata, else in the layer's), ``affine`` (4x4, mm: the file's, else the layer's full
+        data-to-world transform), ``header`` (or None), ``path`` (or None), ``shape``.
+
+    Raises:
+        ValueError: an RGB layer; a 4D layer without a volume index or with one out of range;
+            data that are not 2D or 3D.
     """
-    from ._writer import layer_affine
-
-    if getattr(layer, "multiscale", False):
-        data = layer.data[0]
-    else:
-        data = layer.data
     if getattr(layer, "rgb", False):
         raise ValueError(f"{layer.name} is an RGB image; choose a grayscale scan")
+    data = _spatial_data(layer)
+    if _is_4d(layer):
+        n = n_volumes(layer)
+        if volume_index is None or not 0 <= volume_index < n:
+            given = "no volume was chosen" if volume_index is None else f"not {volume_index}"
+            raise ValueError(f"{layer.name} holds {n} volumes: choose one, 0 to {n - 1} ({given})")
+        data = data[volume_index]
     data = np.asarray(data)
     if data.ndim not in (2, 3):
         raise ValueError(
-            f"{layer.name} has {data.ndim} dimensions {data.shape}; choose a 2D or 3D image "
-            "(split 4D stacks first)"
+            f"{layer.name} has {data.ndim} dimensions {data.shape}; choose a 2D, 3D or 4D image"
         )
-    meta = {"metadata": layer.metadata, "scale": layer.scale, "translate": layer.translate}
-    affine, header = layer_affine(meta, data.shape)
+    data, affine, header = file_geometry(data, _layer_meta(layer))
     src = (layer.metadata or {}).get("source_path")
     return {
         "data": data,
@@ -44,16 +87,33 @@ def scan_inputs(layer: Any) -> dict[str, Any]:
     }
 
 
+def to_layer_order(like: Any, data: np.ndarray) -> np.ndarray:
+    """Data given in the order :func:`scan_inputs` returned for ``like`` (the file's voxel
+    order), put in the axis order of ``like``'s spatial data."""
+    shape = tuple(np.shape(_spatial_data(like)))[1 if _is_4d(like) else 0 :]
+    axes = voxel_axes(like.metadata, shape)
+    return np.transpose(data, axes) if axes is not None and data.ndim == len(axes) else data
+
+
 def geometry_of(layer: Any) -> dict[str, Any]:
-    """Keyword arguments that place a new layer exactly on ``layer``."""
-    md = {k: v for k, v in (layer.metadata or {}).items() if k != ROLE_KEY}
+    """Keyword arguments that place a new 2D or 3D layer exactly on ``layer``; on a 4D layer,
+    on its spatial axes (the volume axis is left out)."""
+    md = {
+        k: v
+        for k, v in (layer.metadata or {}).items()
+        if k not in (ROLE_KEY, VOLUME_AXIS_KEY, N_VOLUMES_KEY)
+    }
+    lead = 1 if _is_4d(layer) else 0
+    if lead and md.get("source_shape") is not None:
+        md["source_shape"] = tuple(md["source_shape"])[:3]
+    n = layer.ndim - lead
     return {
-        "scale": tuple(layer.scale),
-        "translate": tuple(layer.translate),
-        "rotate": np.asarray(layer.rotate),
-        "shear": np.asarray(layer.shear),
-        "affine": np.asarray(layer.affine.affine_matrix),
-        "units": tuple(layer.units),
+        "scale": tuple(float(v) for v in layer.scale[lead:]),
+        "translate": tuple(float(v) for v in layer.translate[lead:]),
+        "rotate": np.asarray(layer.rotate)[lead:, lead:],
+        "shear": shear_matrix(layer.shear, layer.ndim)[lead:, lead:][np.triu_indices(n, 1)],
+        "affine": np.asarray(layer.affine.affine_matrix)[lead:, lead:],
+        "units": tuple(layer.units)[lead:],
         "metadata": md,
     }
 
@@ -68,7 +128,9 @@ def put_layer(
     **kwargs: Any,
 ) -> Any:
     """Add an image/labels layer called ``name`` with ``like``'s geometry, or update the
-    existing one in place (data, geometry and contrast limits; its display settings are kept)."""
+    existing one in place (data, geometry and contrast limits; its display settings are kept).
+    ``data`` are in the order :func:`scan_inputs` gave for ``like`` (:func:`to_layer_order`)."""
+    data = to_layer_order(like, data)
     geom = geometry_of(like)
     geom["metadata"] = {**geom["metadata"], ROLE_KEY: role}
     from napari.layers import Image, Labels

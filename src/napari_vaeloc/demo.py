@@ -104,14 +104,14 @@ def run_demo(
     check_demo_outputs(out_dir, overwrite, sample)
     loaded = cached_model(model or demo.model)
     scan = load_volume(sample_path(demo.scan))
-    truth = load_volume(sample_path(demo.truth)).data > 0
+    truth = load_volume(sample_path(demo.truth), scorable=False).data > 0
     options = EngineOptions(device=device, progress=progress, stage=stage)
     result = localize(scan, loaded, options, prepare=prepare)
     post = PostProcessor(result)
     files = write_result(result, post, out_dir, overwrite=overwrite)
     c = post.combination()
     if demo.brain_mask is not None:
-        brain = load_volume(sample_path(demo.brain_mask)).data > 0
+        brain = load_volume(sample_path(demo.brain_mask), scorable=False).data > 0
     else:
         brain = result.foreground
     region = brain | truth

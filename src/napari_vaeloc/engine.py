@@ -343,7 +343,7 @@ def localize_axis(
     network.to(dev)
 
     # a single-slice scan can only be scored along its flat axis
-    from .preprocess import fill_object, make_geometry
+    from .preprocess import fill_object, make_geometry, outlier_note
 
     geom0 = make_geometry(volume.shape, volume.affine, volume.spacing, ax, card.image_size)
     if 1 in geom0.canon_shape and geom0.canon_shape[ax] != 1:
@@ -355,6 +355,8 @@ def localize_axis(
     ms = volume_to_slices(
         volume.data, volume.affine, volume.spacing, ax, card.image_size, card.normalisation
     )
+    if ms.n_outliers:
+        notes.append(outlier_note(ms.n_outliers))
     geom = ms.geometry
     n = geom.n_slices
     todo = np.flatnonzero(ms.foreground)

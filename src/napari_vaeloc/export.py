@@ -49,9 +49,10 @@ def write_result(
 
     ``settings``: the combination to write (None: the model's defaults), or a
     :class:`PostProcessor` whose cached combination is written as it stands. Every target is
-    checked before anything is written, and the files are staged under temporary names and
-    moved into place together (:class:`napari_vaeloc.io.WriteSet`), so a refused or failed run
-    leaves none of the new files. Returns name -> path.
+    checked before anything is written, and the files are staged in a hidden folder beside
+    them and moved into place together (:class:`napari_vaeloc.io.WriteSet`), so a refused or
+    failed run leaves none of the new files (and gives back those ``overwrite`` replaced), and
+    what a killed run left is rolled back before the check. Returns name -> path.
 
     Raises:
         OutputExistsError: some targets exist and ``overwrite`` is false (nothing written).

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -70,16 +71,20 @@ def available_memory_bytes() -> int:
 
 @dataclass(frozen=True, eq=False)
 class Volume:
-    """One 3D scan.
+    """One scan.
 
     Attributes:
         data: float32 array, shape (X, Y, Z), the file's voxel order. A 2D image is stored with a
-            trailing axis of length 1.
-        affine: (4, 4) voxel-to-world matrix in mm.
-        header: the NIfTI header the scan came with (None for arrays built in memory).
+            trailing axis of length 1. Only a volume from :func:`load_image` (for viewing) may
+            be 4D, (X, Y, Z, T); everything that scores takes 3D volumes.
+        affine: (4, 4) voxel-to-world matrix in mm (for files: the header's geometry as
+            :func:`header_affine` validated it, converted to mm).
+        header: the NIfTI header the scan came with, as stored in the file (None for arrays
+            built in memory); written outputs take their geometry from ``affine``, not from it.
         path: where it was read from, if anywhere.
         source_dtype: the on-disk data type, for the record.
-        notes: how the input was changed to make it scorable (e.g. "took volume 0 of 4").
+        notes: plain sentences on how the input was read or changed (e.g. "took volume 0 of 4",
+            a repaired header geometry, a scan that looks like a mask).
     """
 
     data: np.ndarray
@@ -90,8 +95,9 @@ class Volume:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.data.shape)  # type: ignore[return-value]
+    def shape(self) -> tuple[int, ...]:
+        """The data's shape: (X, Y, Z), or (X, Y, Z, T) from :func:`load_image`."""
+        return tuple(self.data.shape)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -129,31 +135,31 @@ class Volume:
         return cls(arr, affine, header, path, src, tuple(notes))
 
 
-def as_scorable_array(data: np.ndarray) -> tuple[np.ndarray, list[str], str]:
-    """Check and convert an image array to float32 (X, Y, Z).
+def mask_like_note(data: np.ndarray) -> str | None:
+    """One plain sentence when a (finite) image has at most two distinct values, so that it
+    looks like a mask rather than a scan; None otherwise. Cheap: min, max, one vectorised check.
+    """
+    if data.size == 0:
+        return None
+    lo, hi = float(np.min(data)), float(np.max(data))
+    if lo == hi:
+        return f"every voxel of the image is {lo:g}: it is empty, not a scan"
+    if np.any((data > lo) & (data < hi)):
+        return None
+    return f"the image has only two values ({lo:g} and {hi:g}): it looks like a mask, not a scan"
 
-    Accepts 2D (becomes (X, Y, 1)) and 3D arrays of integer, boolean or float type. Non-finite
-    voxels (NaN, +-Inf) are set to the smallest finite value and reported in the notes.
 
-    Returns:
-        (array, notes, source dtype name)
+def _float_image(data: np.ndarray, constant_ok: bool) -> tuple[np.ndarray, list[str]]:
+    """float32 copy of a real-valued image with non-finite voxels set to the smallest finite
+    value; the notes say what was changed and whether it looks like a mask.
 
     Raises:
-        InputError: wrong dimensionality, complex or non-numeric data, empty, all non-finite, or
-            constant volumes.
+        InputError: complex or non-numeric data, empty, all non-finite, or (unless
+            ``constant_ok``) constant.
     """
     notes: list[str] = []
-    src = str(data.dtype)
     if data.dtype.names is not None or not issubclass(data.dtype.type, _FLOAT_OK):
         raise InputError(f"cannot score image data of type {data.dtype}; expected real numbers")
-    if data.ndim == 2:
-        data = data[:, :, None]
-        notes.append("2D image scored as a single slice")
-    if data.ndim != 3:
-        raise InputError(
-            f"expected a 2D or 3D image, got {data.ndim}D with shape {data.shape}; "
-            "for 4D files choose one volume (volume_index / --volume-index)"
-        )
     if data.size == 0:
         raise InputError(f"the image is empty (shape {data.shape})")
     arr = np.asarray(data, dtype=np.float32)
@@ -168,47 +174,303 @@ def as_scorable_array(data: np.ndarray) -> tuple[np.ndarray, list[str], str]:
         arr[~finite] = low
         notes.append(f"{n_bad} non-finite voxels (NaN/Inf) set to the minimum {low:g} (background)")
     lo, hi = float(arr.min()), float(arr.max())
-    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+    if not constant_ok and hi - lo <= 1e-12 * max(1.0, abs(hi)):
         raise InputError(f"the image is constant (every voxel is {lo:g}): nothing to localize")
-    return arr, notes, src
+    note = mask_like_note(arr)
+    if note is not None:
+        notes.append(note)
+    return arr, notes
 
 
-def load_volume(
-    path: str | os.PathLike,
-    volume_index: int | None = None,
-    max_bytes: int | None = None,
-) -> Volume:
-    """Read a ``.nii`` / ``.nii.gz`` scan.
+def as_scorable_array(
+    data: np.ndarray, constant_ok: bool = False
+) -> tuple[np.ndarray, list[str], str]:
+    """Check and convert an image array to float32 (X, Y, Z).
 
-    Args:
-        path: the file.
-        volume_index: which volume of a 4D file to take. A 4D file with one volume needs none.
-        max_bytes: refuse scans whose float32 copy would exceed this (default: the memory the
-            system has available).
+    Accepts 2D (becomes (X, Y, 1)) and 3D arrays of integer, boolean or float type. Non-finite
+    voxels (NaN, +-Inf) are set to the smallest finite value and reported in the notes, and so
+    is an image with at most two distinct values (:func:`mask_like_note`).
+
+    Returns:
+        (array, notes, source dtype name)
 
     Raises:
-        InputError: missing, corrupted or non-NIfTI file; 4D without ``volume_index``; too large.
+        InputError: wrong dimensionality, complex or non-numeric data, empty, all non-finite, or
+            (unless ``constant_ok``) constant volumes.
     """
-    p = Path(path)
+    notes: list[str] = []
+    src = str(data.dtype)
+    if data.ndim == 2:
+        data = data[:, :, None]
+        notes.append("2D image scored as a single slice")
+    if data.ndim != 3:
+        raise InputError(
+            f"expected a 2D or 3D image, got {data.ndim}D with shape {data.shape}; "
+            "for 4D files choose one volume (volume_index / --volume-index)"
+        )
+    arr, more = _float_image(data, constant_ok)
+    return arr, notes + more, src
+
+
+# NIfTI xyzt_units, spatial part (bits 0-2): metres and microns are converted to mm; unknown
+# (0) and anything undefined are taken as mm.
+_MM_PER_UNIT = {1: 1000.0, 3: 0.001}
+_UNIT_NAMES = {1: "metres", 3: "microns"}
+
+
+def _matrix_problem(m: np.ndarray, rows: tuple[str, str, str]) -> str | None:
+    """Why a voxel-to-world matrix cannot be used (names its rows as ``rows``), or None."""
+    if not np.all(np.isfinite(m)):
+        return "has NaN or infinite values"
+    lin = m[:3, :3]
+    norms = np.linalg.norm(lin, axis=0)
+    zero_cols = [("i", "j", "k (slice)")[j] for j in range(3) if norms[j] == 0]
+    if zero_cols:
+        return f"has a zero {' and '.join(zero_cols)} direction"
+    zero_rows = [rows[i] for i in range(3) if not np.any(lin[i])]
+    if zero_rows:
+        return f"has all-zero rows ({', '.join(zero_rows)})"
+    if abs(np.linalg.det(lin)) <= 1e-6 * float(np.prod(norms)):
+        return "is singular (two voxel axes point the same way)"
+    return None
+
+
+def _quaternion_affine(header: Any, zooms: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """The qform of NIfTI's method 2 from the raw fields, or (None, why not)."""
+    b, c, d = (float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d"))
+    offset = [float(header[k]) for k in ("qoffset_x", "qoffset_y", "qoffset_z")]
+    if not np.all(np.isfinite([b, c, d, *offset])):
+        return None, "has NaN or infinite quatern_b/c/d or qoffset values"
+    w2 = 1.0 - (b * b + c * c + d * d)
+    if w2 < -1e-6:
+        return None, f"quaternion is not a rotation (b²+c²+d² = {1 - w2:.3g} > 1)"
+    a = math.sqrt(max(w2, 0.0))
+    rot = np.array(
+        [
+            [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+            [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+            [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        ]
+    )
+    qfac = -1.0 if float(header["pixdim"][0]) < 0 else 1.0
+    out = np.eye(4)
+    out[:3, :3] = rot @ np.diag([zooms[0], zooms[1], zooms[2] * qfac])
+    out[:3, 3] = offset
+    return out, None
+
+
+def header_affine(
+    header: nib.Nifti1Header | nib.Nifti2Header, shape: tuple[int, ...], name: str = "the file"
+) -> tuple[np.ndarray, list[str]]:
+    """The voxel-to-world matrix in mm of a NIfTI header as stored in the file (unrepaired),
+    and notes on what was wrong with it. The one place that decides a file's geometry.
+
+    Order: the sform when sform_code > 0 and it is usable (finite, no zero row or column, not
+    singular); else the qform when qform_code > 0 and its quaternion, offsets and pixdim are
+    finite and valid; else pixdim alone (a diagonal matrix, origin at the first voxel, axes
+    taken as R, A, S). Negative pixdim values count by their size. Spatial units of metres or
+    microns (``xyzt_units``) are converted to mm; unknown units are taken as mm.
+
+    Args:
+        header: the header read without nibabel's repairs.
+        shape: the data's shape (axes a 2D file lacks get 1 mm when pixdim has no size there).
+        name: the file's name, for the error message.
+
+    Returns:
+        ((4, 4) float64 affine in mm, notes): a note for every fallback taken.
+
+    Raises:
+        InputError: no form is usable and pixdim has zero or non-finite voxel sizes (one line
+            naming the file and the fields).
+    """
+    notes: list[str] = []
+    problems: list[str] = []
+    raw_zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    ndim = len(shape)
+    zooms = np.array(
+        [
+            abs(z) if (math.isfinite(z) and z != 0) or i < ndim else 1.0
+            for i, z in enumerate(raw_zooms)
+        ]
+    )
+    pixdim_bad = not np.all(np.isfinite(zooms) & (zooms > 0))
+    pixdim_why = "pixdim has zero or non-finite voxel sizes " + str(raw_zooms.tolist())
+    affine: np.ndarray | None = None
+    used = ""
+    s_code, q_code = int(header["sform_code"]), int(header["qform_code"])
+    if s_code > 0:
+        sform = np.asarray(header.get_sform(), dtype=np.float64)
+        why = _matrix_problem(sform, ("srow_x", "srow_y", "srow_z"))
+        if why is None:
+            affine, used = sform, "sform"
+        else:
+            problems.append(f"the sform (sform_code {s_code}) {why}")
+    if affine is None and q_code > 0:
+        qform, why = (
+            (None, "lacks voxel sizes") if pixdim_bad else _quaternion_affine(header, zooms)
+        )
+        if qform is not None:
+            why = _matrix_problem(qform, ("x", "y", "z"))
+        if why is None:
+            affine, used = qform, "qform"
+        else:
+            problems.append(f"the qform (qform_code {q_code}) {why}")
+    if affine is None:
+        if pixdim_bad:
+            problems.append(pixdim_why)
+            raise InputError(f"{name} has no usable voxel geometry: {'; '.join(problems)}")
+        affine, used = np.diag([*zooms, 1.0]), "pixdim"
+    if problems:
+        instead = {
+            "qform": "the qform was used instead",
+            "pixdim": "voxel sizes were taken from pixdim (origin at the first voxel, "
+            "axes taken as R, A, S)",
+        }[used]
+        notes.append(f"{'; '.join(problems)}: {instead}")
+    elif used == "pixdim":
+        notes.append(
+            "the header has no sform or qform: voxel sizes were taken from pixdim "
+            "(origin at the first voxel, axes taken as R, A, S)"
+        )
+    if used != "sform" and np.any(raw_zooms[:ndim] < 0):
+        notes.append("pixdim has negative voxel sizes: their absolute values were used")
+    unit = int(header["xyzt_units"]) & 0x07
+    if unit in _MM_PER_UNIT:
+        affine = affine.copy()
+        affine[:3, :] *= _MM_PER_UNIT[unit]
+        size = " x ".join(f"{v:.4g}" for v in np.linalg.norm(affine[:3, :3], axis=0))
+        notes.append(
+            f"the header gives spatial units in {_UNIT_NAMES[unit]} (xyzt_units): converted "
+            f"to mm, voxel size {size} mm"
+        )
+    return np.asarray(affine, dtype=np.float64), notes
+
+
+class _AnyGeometryHeader(nib.Nifti1Header):
+    """A header that lets nibabel open a file whose stored geometry it cannot compute (a
+    garbage quaternion); :func:`header_affine` decides the geometry instead."""
+
+    def get_best_affine(self) -> np.ndarray:
+        return np.eye(4)
+
+
+class _AnyGeometryHeader2(_AnyGeometryHeader, nib.Nifti2Header):
+    pass
+
+
+class _AnyGeometryImage(nib.Nifti1Image):
+    header_class = _AnyGeometryHeader
+
+
+class _AnyGeometryImage2(nib.Nifti2Image):
+    header_class = _AnyGeometryHeader2
+
+
+def _open_nifti(p: Path) -> tuple[nib.Nifti1Image | nib.Nifti2Image, Any]:
+    """Open a NIfTI file: (the image, its header as stored, without nibabel's repairs).
+
+    Raises:
+        InputError: missing, a folder, not named .nii/.nii.gz, or not readable as NIfTI.
+    """
     if not p.exists():
         raise InputError(f"no such file: {p}")
     if p.is_dir():
         raise InputError(f"{p} is a folder, not a NIfTI file")
     if not is_nifti_path(p):
         raise InputError(f"{p.name} is not a NIfTI file (expected .nii or .nii.gz)")
+    # nibabel logs its silent repairs; header_affine reports what it changes instead
+    log = nib.imageglobals.logger
+    was_disabled, log.disabled = log.disabled, True
     try:
-        img = nib.load(str(p))
-    except Exception as exc:  # nibabel raises many types for broken files
-        raise InputError(f"cannot read {p.name} as NIfTI: {exc}") from exc
+        try:
+            img = nib.load(str(p))
+        except Exception as exc:  # nibabel raises many types for broken files
+            img = None
+            for klass in (_AnyGeometryImage, _AnyGeometryImage2):
+                try:  # a stored geometry nibabel cannot compute: header_affine judges it
+                    img = klass.from_filename(str(p))
+                    break
+                except Exception:
+                    continue
+            if img is None:
+                raise InputError(f"cannot read {p.name} as NIfTI: {exc}") from exc
+    finally:
+        log.disabled = was_disabled
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"{p.name} is a {type(img).__name__}, not a NIfTI image")
+    try:
+        with img.file_map["image"].get_prepare_fileobj("rb") as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+    except Exception as exc:
+        raise InputError(f"cannot read {p.name} as NIfTI: {exc}") from exc
+    return img, raw
+
+
+def _plain_header(header: Any) -> nib.Nifti1Header | nib.Nifti2Header:
+    """A copy of a loaded header as nibabel's own class."""
+    if type(header) in (nib.Nifti1Header, nib.Nifti2Header):
+        return header.copy()
+    cls = nib.Nifti2Header if isinstance(header, nib.Nifti2Header) else nib.Nifti1Header
+    return cls(header.binaryblock, check=False, extensions=header.extensions)
+
+
+def _spatial_shape(img: Any, p: Path) -> tuple[int, ...]:
+    """The image's shape without trailing singleton axes beyond the third.
+
+    Raises:
+        InputError: more than 4 dimensions remain.
+    """
     shape = tuple(int(s) for s in img.shape)
-    notes: list[str] = []
-    # drop trailing singleton axes beyond the third (e.g. (X, Y, Z, 1))
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 4:
         raise InputError(f"{p.name} has {len(shape)} dimensions {shape}; expected 3D or 4D")
+    return shape
+
+
+def _check_size(p: Path, voxels: int, max_bytes: int | None) -> None:
+    limit = available_memory_bytes() // 2 if max_bytes is None else max_bytes
+    if voxels * 4 > limit:
+        raise InputError(
+            f"{p.name} has {voxels:,} voxels ({voxels * 4 / 2**30:.1f} GiB as float32), more than "
+            f"the {limit / 2**30:.1f} GiB allowed; crop or downsample it first"
+        )
+
+
+def _read_data(img: Any, p: Path, index: Any, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        return np.asarray(np.asanyarray(img.dataobj[index]).reshape(shape))
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise InputError(f"{p.name} is truncated or corrupted: {exc}") from exc
+
+
+def load_volume(
+    path: str | os.PathLike,
+    volume_index: int | None = None,
+    max_bytes: int | None = None,
+    *,
+    scorable: bool = True,
+) -> Volume:
+    """Read a ``.nii`` / ``.nii.gz`` scan as one 3D volume.
+
+    The geometry is checked and repaired by :func:`header_affine` (notes say what was used).
+
+    Args:
+        path: the file.
+        volume_index: which volume of a 4D file to take. A 4D file with one volume needs none.
+        max_bytes: refuse scans whose float32 copy would exceed this (default: half the memory
+            the system has available).
+        scorable: False allows a constant image (to view it, or for masks); the data is still
+            float32 (X, Y, Z) with non-finite voxels replaced.
+
+    Raises:
+        InputError: missing, corrupted or non-NIfTI file; 4D without ``volume_index``; too
+            large; no usable voxel geometry; constant (when ``scorable``).
+    """
+    p = Path(path)
+    img, raw = _open_nifti(p)
+    shape = _spatial_shape(img, p)
+    notes: list[str] = []
     if len(shape) == 4:
         n = shape[3]
         if volume_index is None:
@@ -220,31 +482,48 @@ def load_volume(
             raise InputError(f"volume index {volume_index} out of range for {n} volumes")
         volume_index %= n
         notes.append(f"took volume {volume_index} of {n}")
-    voxels = int(np.prod(shape[:3]))
-    limit = available_memory_bytes() // 2 if max_bytes is None else max_bytes
-    if voxels * 4 > limit:
-        raise InputError(
-            f"{p.name} has {voxels:,} voxels ({voxels * 4 / 2**30:.1f} GiB as float32), more than "
-            f"the {limit / 2**30:.1f} GiB allowed; crop or downsample it first"
-        )
-    try:
-        if len(shape) == 4:
-            raw = np.asanyarray(img.dataobj[..., volume_index])
-        else:
-            raw = np.asanyarray(img.dataobj).reshape(shape)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
-        raise InputError(f"{p.name} is truncated or corrupted: {exc}") from exc
-    arr, more, _ = as_scorable_array(np.asarray(raw))
-    notes.extend(more)
-    header = img.header.copy()
+    affine, geometry = header_affine(raw, shape[:3], p.name)
+    _check_size(p, int(np.prod(shape[:3])), max_bytes)
+    if len(shape) == 4:
+        raw_data = _read_data(img, p, (..., volume_index), shape[:3])
+    else:
+        raw_data = _read_data(img, p, ..., shape)
+    arr, more, _ = as_scorable_array(raw_data, constant_ok=not scorable)
     return Volume(
         arr,
-        np.asarray(img.affine, dtype=np.float64),
-        header,
+        affine,
+        _plain_header(img.header),
         p,
         str(img.get_data_dtype()),
-        tuple(notes),
+        (*geometry, *notes, *more),
     )
+
+
+def load_image(path: str | os.PathLike, max_bytes: int | None = None) -> Volume:
+    """Read a ``.nii`` / ``.nii.gz`` file whole, for viewing: every volume of a 4D file, and
+    constant images too.
+
+    Returns:
+        a :class:`Volume` whose data is float32 (X, Y, Z) or (X, Y, Z, T) (a 2D image gets a
+        trailing axis of length 1, trailing singleton axes beyond the fourth are dropped),
+        non-finite voxels replaced, the geometry as :func:`header_affine` decides it.
+
+    Raises:
+        InputError: missing, corrupted or non-NIfTI file; more than 4 dimensions; too large
+            (``max_bytes``, default half the available memory); no usable voxel geometry.
+    """
+    p = Path(path)
+    img, raw = _open_nifti(p)
+    shape = _spatial_shape(img, p)
+    if len(shape) < 2:
+        raise InputError(f"{p.name} has {len(shape)} dimension(s) {shape}; expected 2D to 4D")
+    affine, geometry = header_affine(raw, shape[:3], p.name)
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    _check_size(p, int(np.prod(shape)), max_bytes)
+    arr, more = _float_image(_read_data(img, p, ..., shape), constant_ok=True)
+    header = _plain_header(img.header)
+    return Volume(arr, affine, header, p, str(img.get_data_dtype()), (*geometry, *more))
 
 
 def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"]) -> nib.Nifti1Image:
@@ -258,11 +537,17 @@ def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"])
         raise ValueError(f"kind must be 'map' or 'mask', not {kind!r}")
     if data.shape != like.shape:
         raise InputError(f"array shape {data.shape} differs from the scan's {like.shape}")
-    header = like.header.copy() if like.header is not None else None
-    if isinstance(header, nib.Nifti2Header):
-        img = nib.Nifti2Image(data, like.affine, header)
-    else:
-        img = nib.Nifti1Image(data, like.affine, header)
+    header = like.header.copy() if like.header is not None else nib.Nifti1Header()
+    # the geometry actually used (a repaired header's too), in both forms, in mm
+    has_codes = like.header is not None
+    codes = [int(header[k]) for k in ("sform_code", "qform_code")] if has_codes else []
+    code = next((c for c in codes if c > 0), 2)
+    header.set_sform(like.affine, code)
+    header.set_qform(like.affine, code)
+    header["xyzt_units"] = 2 | (int(header["xyzt_units"]) & 0x38)  # mm; the time unit is kept
+    header.set_intent("label" if kind == "mask" else "none")
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = klass(data, like.affine, header)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"] = 0
@@ -277,7 +562,9 @@ def _exists(path: Path) -> bool:
 
 def check_output_folder(folder: str | os.PathLike) -> Path:
     """Make sure ``folder`` can take output files, before any work is done: create it when it is
-    missing, then create and delete a temporary file in it. Returns it as a Path.
+    missing, create and delete a temporary file in it, remove again the folders it created (the
+    writers make them when they write, so a run refused later leaves nothing), and roll back what
+    a killed run left in it (:func:`discard_interrupted`). Returns it as a Path.
 
     Raises:
         OutputError: ``folder`` is an existing file (or lies under one), cannot be created, or
@@ -300,19 +587,28 @@ def check_output_folder(folder: str | os.PathLike) -> Path:
                     break
     except OSError as exc:
         raise OutputError.from_os(p, exc, "use the output folder") from None
+    created = [d for d in (p, *p.parents) if not _exists(d)]
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError.from_os(p, exc, "create the output folder") from None
     try:
-        fd, probe = tempfile.mkstemp(prefix=".vaeloc-probe-", dir=p)
-    except OSError as exc:
-        raise OutputError.from_os(p, exc, "write to the output folder") from None
-    os.close(fd)
-    try:
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError.from_os(p, exc, "write to the output folder") from None
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".vaeloc-probe-", dir=p)
+        except OSError as exc:
+            raise OutputError.from_os(p, exc, "write to the output folder") from None
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError as exc:
+            raise OutputError.from_os(p, exc, "write to the output folder") from None
+    finally:
+        for d in created:  # the writers create it again when they write; a refusal leaves nothing
+            try:
+                d.rmdir()
+            except OSError:
+                break
+    discard_interrupted(p)
     return p
 
 
@@ -324,7 +620,8 @@ def _refuse_folder(path: Path) -> None:
 def refuse_existing(
     paths: Iterable[str | os.PathLike], overwrite: bool, what: str = "file"
 ) -> None:
-    """Check a set of targets before any is written, so that a refusal writes none.
+    """Check a set of targets before any is written, so that a refusal writes none. What a
+    killed run left in their folders is rolled back first (:func:`discard_interrupted`).
 
     Raises:
         OutputError: one of ``paths`` is a folder (even with ``overwrite``).
@@ -332,6 +629,8 @@ def refuse_existing(
             them).
     """
     targets = [Path(p) for p in paths]
+    for folder in dict.fromkeys(p.parent for p in targets):
+        discard_interrupted(folder)
     for p in targets:
         _refuse_folder(p)
     existing = [p for p in targets if _exists(p)]
@@ -339,64 +638,156 @@ def refuse_existing(
         raise OutputExistsError(existing, what)
 
 
-def _stage(dest: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
-    """Fill a temporary file beside ``dest`` with ``write(tmp)`` and give it the umask's mode;
-    returns it. Nothing is left behind on failure.
+# A set of files is written into a hidden staging folder beside its targets, then moved into
+# place. The staging folder keeps a hard link to every file moved (and to every file it
+# replaced), so that a failed set, or the leftover of a killed run, can be rolled back: a target
+# that is still the same file as its staged copy came from that set. A lock held for the life
+# of the set tells a live run's staging folder from a killed run's.
+_STAGING_PREFIX = ".vaeloc-partial-"
+_LOCK = ".vaeloc-lock"
+_REPLACED = ".vaeloc-replaced"
+_SWAP = ".vaeloc-swap"
+_UNLOCKED_GRACE_S = 60.0  # a staging folder without a lock file yet: its run may be starting
 
-    Raises:
-        OutputError: the folder cannot be created or written, or the write failed (disk full).
-    """
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError.from_os(dest.parent, exc, "create the folder") from None
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
-    except OSError as exc:
-        raise OutputError.from_os(dest, exc) from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        make_readable(tmp)
-    except OSError as exc:
-        _discard(tmp)
-        raise OutputError.from_os(dest, exc) from None
-    except BaseException:
-        _discard(tmp)
-        raise
-    return tmp
+try:
+    import fcntl
+except ImportError:  # Windows: leftovers are recognised by age only
+    fcntl = None  # type: ignore[assignment]
 
 
-def _discard(tmp: Path) -> None:
+def _discard(path: Path) -> None:
     try:
-        if _exists(tmp):
-            tmp.unlink()
+        if _exists(path):
+            path.unlink()
     except OSError:
         pass
 
 
-def _place(tmp: Path, dest: Path, overwrite: bool) -> None:
-    """Move a staged file onto ``dest``. Without ``overwrite`` an existing file is never replaced,
-    not even one that appeared meanwhile (a hard link claims the name). ``tmp`` may remain.
+class _Staging:
+    """One staging folder, ``<parent>/.vaeloc-partial-XXXX``, locked while this run lives.
+
+    Raises:
+        OutputError: the folder cannot be created or written.
+    """
+
+    def __init__(self, parent: Path) -> None:
+        self.parent = parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError.from_os(parent, exc, "create the folder") from None
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=parent))
+        except OSError as exc:
+            raise OutputError.from_os(parent, exc, "write to the folder") from None
+        try:
+            self._fd = os.open(self.path / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise OutputError.from_os(parent, exc, "write to the folder") from None
+
+    def roll_back(self) -> None:
+        _roll_back(self.path, self.parent)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)  # the lock goes last
+        os.close(self._fd)
+
+
+def _roll_back(staging: Path, parent: Path) -> None:
+    """Undo what a set moved into place: a target that is still its staged file is removed, or
+    given back the file it replaced."""
+    try:
+        names = [n for n in os.listdir(staging) if not n.startswith(".vaeloc-")]
+    except OSError:
+        return
+    for name in names:
+        dest, old = parent / name, staging / _REPLACED / name
+        try:
+            if _exists(dest) and os.path.samefile(staging / name, dest):
+                if _exists(old):
+                    os.replace(old, dest)
+                else:
+                    dest.unlink()
+        except OSError:
+            pass
+
+
+def discard_interrupted(folder: str | os.PathLike) -> None:
+    """Roll back and remove what killed runs left in ``folder``: their staging folders, and
+    any file of their set already moved into place (so a rerun needs no overwrite). Staging
+    folders of live runs are left alone. Never raises."""
+    root = Path(folder)
+    try:
+        leftovers = [root / n for n in os.listdir(root) if n.startswith(_STAGING_PREFIX)]
+    except OSError:
+        return
+    for staging in leftovers:
+        try:
+            fd = os.open(staging / _LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                young = time.time() - staging.stat().st_mtime < _UNLOCKED_GRACE_S
+            except OSError:
+                continue
+            if not young:
+                _roll_back(staging, root)
+                shutil.rmtree(staging, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live run holds it
+            elif time.time() - os.fstat(fd).st_mtime < 86400:
+                continue
+            _roll_back(staging, root)
+            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _place(tmp: Path, dest: Path, overwrite: bool, staging: Path) -> None:
+    """Move a staged file onto ``dest``, keeping it linked in ``staging`` (and the file it
+    replaces in ``staging/.vaeloc-replaced``) for a roll-back. Without ``overwrite`` an
+    existing file is never replaced, not even one that appeared meanwhile (a hard link claims
+    the name). On file systems without hard links the file is renamed and cannot be rolled
+    back.
 
     Raises:
         OutputExistsError: ``dest`` exists and ``overwrite`` is false.
-        OutputError: ``dest`` is a folder, or the rename failed.
+        OutputError: ``dest`` is a folder, or the move failed.
     """
     _refuse_folder(dest)
     try:
-        if overwrite:
+        if not overwrite:
+            try:
+                os.link(tmp, dest)  # fails if dest appeared meanwhile: never clobbers
+            except FileExistsError:
+                raise OutputExistsError(dest) from None
+            except OSError:  # file systems without hard links
+                if _exists(dest):
+                    raise OutputExistsError(dest) from None
+                os.replace(tmp, dest)
+            return
+        if _exists(dest):
+            try:
+                (staging / _REPLACED).mkdir(exist_ok=True)
+                os.link(dest, staging / _REPLACED / dest.name)
+            except OSError:
+                pass  # no hard links: the replaced file cannot be given back
+        swap = staging / _SWAP
+        try:
+            os.link(tmp, swap)
+        except OSError:
             os.replace(tmp, dest)
             return
-        try:
-            os.link(tmp, dest)  # fails if dest appeared meanwhile: never clobbers
-        except FileExistsError:
-            raise OutputExistsError(dest) from None
-        except OSError:  # file systems without hard links
-            if _exists(dest):
-                raise OutputExistsError(dest) from None
-            os.replace(tmp, dest)
+        os.replace(swap, dest)
     except OutputExistsError:
         raise
     except OSError as exc:
@@ -410,38 +801,35 @@ def write_atomic(
     suffix: str = "",
 ) -> Path:
     """The one writer of every file the project makes: ``write(tmp)`` fills a temporary file
-    beside ``path`` (``suffix`` keeps the extension a writer may need), which then takes its
-    place, so the file appears whole or not at all. Without ``overwrite`` an existing file is
-    never replaced, not even one that appears while writing (a hard link is used to claim the
-    name). The new file gets the mode the user's umask asks for. Sets of files that must
-    appear together go through :class:`WriteSet`.
+    (named like ``path``, so a writer sees its extension) in a hidden staging folder beside
+    ``path``, which then takes its place, so the file appears whole or not at all. Without
+    ``overwrite`` an existing file is never replaced, not even one that appears while
+    writing (a hard link is used to claim the name). The new file gets the mode the user's
+    umask asks for. Sets of files that must appear together go through :class:`WriteSet`.
+    ``suffix`` is accepted for compatibility; the temporary file already ends like ``path``.
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
         OutputError: ``path`` is a folder (even with ``overwrite``), or its folder cannot be
             created or written (read-only, full disk): one line naming the path and the reason.
     """
-    dest = Path(path)
-    _refuse_folder(dest)
-    if _exists(dest) and not overwrite:
-        raise OutputExistsError(dest)
-    tmp = _stage(dest, write, suffix)
-    try:
-        _place(tmp, dest, overwrite)
-    finally:
-        _discard(tmp)
+    with WriteSet(overwrite) as ws:
+        dest = ws.add(path, write)
     return dest
 
 
 class WriteSet:
     """Write a set of files that must appear together, or none of them.
 
-    Each :meth:`add` writes its file at once to a temporary name beside its target; when the
-    ``with`` block ends without an error the targets are checked again and every staged file
-    is moved into place. Any failure (a write, disk full, a target that appeared meanwhile)
-    removes every temporary file and every file of the set already moved into place, so no
-    partial set is left. Files that ``overwrite`` already replaced cannot be brought back, but
-    a failure that late needs a target changed by someone else during the move.
+    Each :meth:`add` writes its file at once into a hidden staging folder beside its target
+    (``.vaeloc-partial-XXXX``); when the ``with`` block ends without an error the targets
+    are checked again and every staged file is moved into place. Any failure (a write, disk
+    full, a target that appeared meanwhile, a move that fails) removes the staging folder and
+    every file of the set already moved into place, and puts back the files that
+    ``overwrite`` replaced, so no partial set is left. A run killed mid-way leaves only its
+    staging folder (and, killed during the moves, some files of its set); the next check of
+    that folder (:func:`check_output_folder`, :func:`refuse_existing`) rolls it back, so a
+    rerun needs no overwrite.
 
         with WriteSet(overwrite) as ws:
             ws.add(path, lambda tmp: ...)
@@ -451,9 +839,11 @@ class WriteSet:
     def __init__(self, overwrite: bool = False) -> None:
         self.overwrite = overwrite
         self._staged: list[tuple[Path, Path]] = []
+        self._staging: dict[Path, _Staging] = {}
 
     def add(self, path: str | os.PathLike, write: Callable[[Path], None], suffix: str = "") -> Path:
-        """Stage ``path``, filled by ``write(tmp)``; returns its final path.
+        """Stage ``path``, filled by ``write(tmp)``; returns its final path. ``suffix`` is
+        accepted for compatibility (the staged file is named like ``path``).
 
         Raises:
             OutputExistsError: ``path`` exists and ``overwrite`` is false.
@@ -465,7 +855,22 @@ class WriteSet:
             raise OutputExistsError(dest)
         if any(d == dest for _, d in self._staged):
             raise OutputError(dest, f"cannot write {dest} twice in one set")
-        self._staged.append((_stage(dest, write, suffix), dest))
+        if dest.name.startswith(".vaeloc-"):
+            raise OutputError(dest, f"cannot write {dest}: the name is reserved")
+        staging = self._staging.get(dest.parent)
+        if staging is None:
+            staging = self._staging[dest.parent] = _Staging(dest.parent)
+        tmp = staging.path / dest.name
+        try:
+            write(tmp)
+            make_readable(tmp)
+        except OSError as exc:
+            _discard(tmp)
+            raise OutputError.from_os(dest, exc) from None
+        except BaseException:
+            _discard(tmp)
+            raise
+        self._staged.append((tmp, dest))
         return dest
 
     def add_nifti(
@@ -494,30 +899,27 @@ class WriteSet:
 
         Raises:
             OutputExistsError: a target appeared meanwhile and ``overwrite`` is false.
-            OutputError: a target became a folder, or a rename failed.
+            OutputError: a target became a folder, or a move failed.
         """
         targets = self.paths
         try:
             refuse_existing(targets, self.overwrite, "file")
-            placed: list[Path] = []
-            new = {d for d in targets if not _exists(d)}
             try:
                 for tmp, dest in self._staged:
-                    _place(tmp, dest, self.overwrite)
-                    placed.append(dest)
+                    _place(tmp, dest, self.overwrite, self._staging[dest.parent].path)
             except BaseException:
-                for dest in placed:
-                    if dest in new:
-                        _discard(dest)
+                for staging in self._staging.values():
+                    staging.roll_back()
                 raise
         finally:
             self.abort()
         return targets
 
     def abort(self) -> None:
-        """Remove every temporary file; nothing staged is moved into place."""
-        for tmp, _ in self._staged:
-            _discard(tmp)
+        """Remove the staging folders; nothing staged is moved into place."""
+        for staging in self._staging.values():
+            staging.close()
+        self._staging.clear()
         self._staged.clear()
 
     def __enter__(self) -> WriteSet:

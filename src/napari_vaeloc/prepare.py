@@ -42,6 +42,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .io import Volume, load_volume
+from .preprocess import clip_outliers, outlier_note
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -189,7 +190,7 @@ class Template:
                 "score, without preparation, a scan already in its space"
             )
         image = load_volume(Path(folder) / pre.template)
-        mask = load_volume(Path(folder) / pre.template_brain_mask).data > 0
+        mask = load_volume(Path(folder) / pre.template_brain_mask, scorable=False).data > 0
         return cls(image, mask, card.modality, card.name)
 
 
@@ -605,6 +606,12 @@ def prepare(
     s = settings or PrepareSettings()
     full = s.mode == "full"
     report = PreparationReport(template=template.name)
+    scan = volume
+    clipped, outliers = clip_outliers(volume.data)
+    if outliers.any():  # saturated or dropped-out voxels would skew every step below
+        volume = Volume(clipped, volume.affine, volume.header, volume.path, volume.source_dtype)
+        note = outlier_note(int(outliers.sum()))
+        report.steps.append(Step("intensity outliers", True, 0.0, note))
 
     def begin(name: str) -> float:
         _raise_if(cancel)
@@ -735,7 +742,7 @@ def prepare(
     moved = np.where(tmask | carried, moved, 0).astype(np.float32)
     prepared = Volume(moved, template.image.affine, template.image.header, volume.path)
     corrected = np.where(brain_mask, data, 0).astype(np.float32)
-    return Prepared(volume, prepared, brain_mask, carried, transform, report, corrected)
+    return Prepared(scan, prepared, brain_mask, carried, transform, report, corrected)
 
 
 def refuse_misfit(report: PreparationReport) -> None:
@@ -837,27 +844,25 @@ def save_prepared(
     (``_brain_mask``, ``_corrected``, with the scan's affine and header), the transform
     (``_to_template.tfm``, ITK text format: template world -> scan world in LPS mm, the
     convention of ITK resampling) and the report (``_prepare.json``). Every target is checked
-    before anything is written.
+    before anything is written, and the five files appear together or not at all.
 
     Raises:
         OutputExistsError: some targets exist and ``overwrite`` is false (nothing written).
     """
     import SimpleITK as sitk
 
-    from .io import refuse_existing, save_nifti, write_atomic, write_json_atomic
+    from .io import WriteSet, refuse_existing
 
     paths = prepared_paths(Path(out_dir), stem)
     refuse_existing(paths.values(), overwrite, "output file")
-    save_nifti(prepared.volume.data, prepared.volume, paths["prepared"], "map", overwrite)
-    save_nifti(prepared.brain_mask, prepared.scan, paths["brain_mask"], "mask", overwrite)
     corrected = prepared.corrected
     if corrected is None:
         corrected = np.where(prepared.brain_mask, prepared.scan.data, 0).astype(np.float32)
-    save_nifti(corrected, prepared.scan, paths["corrected"], "map", overwrite)
     transform = prepared.transform if prepared.transform is not None else sitk.Transform()
-    write_atomic(
-        paths["transform"], lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite,
-        ".tfm",
-    )  # fmt: skip
-    write_json_atomic(prepared.report.to_dict(), paths["report"], overwrite)
+    with WriteSet(overwrite) as ws:  # the five files appear together or not at all
+        ws.add_nifti(prepared.volume.data, prepared.volume, paths["prepared"], "map")
+        ws.add_nifti(prepared.brain_mask, prepared.scan, paths["brain_mask"], "mask")
+        ws.add_nifti(corrected, prepared.scan, paths["corrected"], "map")
+        ws.add(paths["transform"], lambda tmp: sitk.WriteTransform(transform, str(tmp)))
+        ws.add_json(prepared.report.to_dict(), paths["report"])
     return paths

@@ -1,10 +1,11 @@
 """Volume <-> model-space slices, the one preprocessing that training and scoring share.
 
 Forward (:func:`volume_to_slices`): reorient to the closest canonical (RAS+) voxel order, take
-2D slices along an anatomical axis, normalise intensities over the foreground, resize each slice
-so its longer physical side fills the model's square input (aspect and voxel size kept), and pad
-to a square. Inverse (:func:`slices_to_volume`): crop the padding, resize back and return to the
-file's own voxel order, giving exactly the input's shape.
+2D slices along an anatomical axis, clip outlying voxels (saturated, dropped out, non-finite) to
+the scan's own range, normalise intensities over the foreground, resize each slice so its longer
+physical side fills the model's square input (aspect and voxel size kept), and pad to a square.
+Inverse (:func:`slices_to_volume`): crop the padding, resize back and return to the file's own
+voxel order, giving exactly the input's shape.
 """
 
 from __future__ import annotations
@@ -92,8 +93,65 @@ def resolve_axis(axis: str | int) -> int:
     return int(axis)
 
 
+#: Percentiles behind :func:`outlier_mask`: the background level is the 1st percentile of all
+#: voxels, the object's bright level the 95th percentile of the voxels above it; their
+#: difference is the span.
+OUTLIER_PERCENTILES = (1.0, 95.0)
+#: Voxels more than this many spans below the background level or above the bright level are
+#: outliers (every voxel of the bundled samples and templates lies within 1.1 spans).
+OUTLIER_SPANS = 3.0
+
+
+def outlier_mask(data: np.ndarray) -> np.ndarray:
+    """Boolean mask, shape of ``data``: voxels that are not finite, or are isolated extremes far
+    outside the scan's own intensity range (saturated or dropped-out voxels, hot pixels).
+
+    The range comes from percentiles (:data:`OUTLIER_PERCENTILES`, :data:`OUTLIER_SPANS`), so up
+    to 1 % of all voxels below it and up to 5 % of the object's voxels above it are found.
+    Clean scans have none: bright vessels or fat lie well within the range.
+    """
+    finite = np.isfinite(data)
+    flat = data[finite] if not finite.all() else data.ravel()
+    if flat.size == 0:
+        return ~finite
+    flat = flat[:: max(1, flat.size // 1_000_000)]
+    p_low, p_high = OUTLIER_PERCENTILES
+    low = float(np.percentile(flat, p_low))
+    above = flat[flat > low]
+    if above.size == 0:
+        return ~finite
+    high = float(np.percentile(above, p_high))
+    margin = OUTLIER_SPANS * (high - low)
+    return ~finite | (data < low - margin) | (data > high + margin)
+
+
+def clip_outliers(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` with every voxel of :func:`outlier_mask` clipped to the range of the other
+    voxels (NaN to their minimum), and that mask. Returns ``data`` itself (not a copy) when
+    there is no outlier, so clean scans are processed exactly as before."""
+    bad = outlier_mask(data)
+    if not bad.any():
+        return data, bad
+    if bad.all():
+        raise InputError("no voxel has a usable intensity: nothing to score")
+    good = data[~bad]
+    low, high = float(good.min()), float(good.max())
+    out = np.clip(data, low, high)
+    out[np.isnan(out)] = low
+    return out, bad
+
+
+def outlier_note(n: int) -> str:
+    """The note a result carries when :func:`clip_outliers` clipped ``n`` voxels."""
+    return (
+        f"{n} voxels with extreme intensities (saturated, dropped out or not finite) were "
+        "clipped to the scan's range"
+    )
+
+
 def foreground_mask(data: np.ndarray, method: str = "otsu") -> np.ndarray:
-    """Boolean mask of the object (head or brain), shape of ``data``."""
+    """Boolean mask of the object (head or brain), shape of ``data``. ``data`` should hold no
+    outliers (see :func:`clip_outliers`): the threshold uses its minimum and its whole range."""
     lo = float(data.min())
     if method == "nonzero":
         return data > lo
@@ -243,7 +301,8 @@ class ModelSlices:
 
     ``images``: (N, 1, S, S) float32 torch tensor; ``foreground``: (N,) bool, slices holding any
     foreground; ``stats``: the normalisation's mean and std (scan intensity units);
-    ``pad_value``: the normalised background value used for padding.
+    ``pad_value``: the normalised background value used for padding; ``foreground_mask``:
+    (X, Y, Z) bool in file order; ``n_outliers``: voxels clipped by :func:`clip_outliers`.
     """
 
     images: object
@@ -251,7 +310,8 @@ class ModelSlices:
     geometry: SliceGeometry
     stats: dict
     pad_value: float
-    foreground_mask: np.ndarray  # (X, Y, Z) bool, file order
+    foreground_mask: np.ndarray
+    n_outliers: int = 0
 
 
 def volume_to_slices(
@@ -262,15 +322,24 @@ def volume_to_slices(
     image_size: int,
     norm: Normalisation,
 ) -> ModelSlices:
-    """Preprocess one (X, Y, Z) float32 volume into model-space slices (training and scoring)."""
+    """Preprocess one (X, Y, Z) volume into model-space slices (training and scoring): outliers
+    clipped (:func:`clip_outliers`), foreground (:func:`foreground_mask`, outliers left out),
+    z-score over it (:func:`normalise`), slicing along ``axis``, resizing and padding to
+    ``image_size`` squares. ``spacing`` in mm per voxel axis.
+
+    Raises:
+        InputError: unknown axis, or no voxel with a finite intensity.
+    """
     ax = resolve_axis(axis)
     geom = make_geometry(data.shape, affine, spacing, ax, image_size)
-    fg = foreground_mask(data, norm.foreground)
+    data, outliers = clip_outliers(data)
+    fg = foreground_mask(data, norm.foreground) & ~outliers
     normed, stats = normalise(data, fg, norm)
     pad_value = float(np.clip((float(data.min()) - stats["mean"]) / stats["std"], *norm.clip))
     images = to_model_space(canonical_slices(normed, geom), geom, pad_value)
     fg_slices = canonical_slices(fg, geom).reshape(geom.n_slices, -1).any(axis=1)
-    return ModelSlices(images, np.asarray(fg_slices), geom, stats, pad_value, fg)
+    n_out = int(np.count_nonzero(outliers))
+    return ModelSlices(images, np.asarray(fg_slices), geom, stats, pad_value, fg, n_out)
 
 
 def slices_to_volume(maps, geom: SliceGeometry) -> np.ndarray:

@@ -199,8 +199,10 @@ def run_fashion(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..io import check_output_folder
+
+    out = check_output_folder(args.out)  # before the data is read or a network trained
     data = load_fashion_mnist(args.root)
-    out = Path(args.out)
     targets = [out / "fashion_mnist.json", out / "fashion_mnist.md"]
     existing = [p for p in targets if p.exists()]
     if existing and not args.overwrite:
@@ -330,10 +332,11 @@ def _prepare_evaluation(
 ) -> tuple[tuple[str, ...], dict[str, CombineSettings], dict[str, Path]]:
     """Maps, settings and output files of an evaluation; refuses before anything is computed
     when results exist and ``--overwrite`` is not given."""
-    from ..io import refuse_existing
+    from ..io import check_output_folder, refuse_existing
 
     maps, settings = _map_settings(args.maps, model)
-    targets = _evaluation_targets(Path(args.out), f"{prefix}_{model.card.name}", args.examples)
+    out = check_output_folder(args.out)
+    targets = _evaluation_targets(out, f"{prefix}_{model.card.name}", args.examples)
     refuse_existing(targets.values(), args.overwrite, "result file")
     return maps, settings, targets
 

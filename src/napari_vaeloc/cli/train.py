@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..errors import OutputError
 from . import options
 
 
@@ -73,6 +75,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train a model from ``args.sources`` into ``args.out``; returns the exit status."""
+    from ..io import check_output_folder
+
+    # the model folder's parent must take it: checked before anything is loaded or trained
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, f"cannot write the model folder {out}: it is a file")
+    check_output_folder(out.resolve().parent)
+
     import torch
 
     from ..engine import resolve_device

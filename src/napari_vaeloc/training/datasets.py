@@ -27,7 +27,7 @@ def load_template(name: str) -> Volume:
     vol = load_volume(source.path)
     mask_path = source.brain_mask_path
     if mask_path is not None:
-        vol.data[~(load_volume(mask_path).data > 0)] = 0
+        vol.data[~(load_volume(mask_path, scorable=False).data > 0)] = 0
     return vol
 
 
