@@ -1,0 +1,266 @@
+"""Which model the "Localize anomalies" panel runs: picked by hand, or preselected by a guess.
+
+When an image is selected, a worker guesses its modality (:func:`guess_in_worker`) and the panel
+preselects a model of that modality, unless a model is picked by hand meanwhile (``_picks``
+counts those); a new selection makes older guesses stale (``_guess_token``), and a run stops the
+guess (it prepares the scan itself). The model line shows the model and what the guess found.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from napari.utils.notifications import show_error
+
+from ._widget_controller import TOOLTIPS, choose_model, guessed_correlation
+from ._widget_layers import scan_inputs
+from ._widget_run import live, start_worker
+from .prepare import too_thin
+
+#: the model list's entry that asks for a model folder
+FOLDER_CHOICE = "__folder__"
+
+
+def guess_in_worker(inputs: dict, cancel: Callable[[], bool]) -> tuple[str, str]:
+    """Runs in a worker thread: the modality the scan looks like and its correlation with that
+    modality's template (prepared once per scan content, then cached)."""
+    from .io import Volume
+    from .prepare import guess_modality
+
+    vol = Volume.from_array(
+        inputs["data"], inputs["affine"], header=inputs["header"], path=inputs["path"]
+    )
+    modality, prepared = guess_modality(vol, cancel=cancel)
+    check = prepared.report.check("modality")
+    return modality, guessed_correlation(check.message) if check is not None else ""
+
+
+class GuessMixin:
+    """The model part of :class:`~napari_vaeloc._widget.LocalizeWidget`: the model list, the
+    model line and the modality guess. It uses the panel's controls and state (``image``,
+    ``model``, ``model_info``, ``session``, ``_folders``, ...)."""
+
+    def _init_guess(self) -> None:
+        """The model list's and the guess's state (before the panel is laid out)."""
+        self._folders: dict[str, str] = {}  # choice value -> model folder
+        self._last_model = ""
+        self._model_guard = False  # set while the panel itself changes the model box
+        self._picks = 0  # models chosen by hand (a modality guess never overrides one)
+        self._guess_worker: Any = None
+        self._guess_token = 0  # results of older guesses are ignored
+        self._guess_cancel = threading.Event()
+        self._guess: dict[str, Any] | None = None  # the modality guess's state for the label
+        self._model_text = ""
+
+    def _model_choices(self, _widget: Any = None) -> list[tuple[str, str]]:
+        return [(n, n) for n in self._folders] + [("load from folder…", FOLDER_CHOICE)]
+
+    def add_model_folder(self, folder: str | Path) -> bool:
+        """Offer a model folder in the model list and select it; False (and a notification)
+        when it is not a model folder."""
+        from .errors import ModelError
+        from .models.store import read_card
+
+        try:
+            card = read_card(folder)
+        except ModelError as exc:
+            show_error(str(exc))
+            return False
+        key = f"{card.name} ({Path(folder).name})" if card.name in self._folders else card.name
+        self._folders[key] = str(folder)
+        self._picked_by_hand()
+        self._model_guard = True
+        try:
+            self.model.reset_choices()
+            self.model.value = key
+        finally:
+            self._model_guard = False
+        self._describe_model()
+        return True
+
+    def _on_model_changed(self, *_: Any) -> None:
+        if self._model_guard:
+            return
+        if self.model.value == FOLDER_CHOICE:
+            from qtpy.QtWidgets import QFileDialog
+
+            folder = QFileDialog.getExistingDirectory(self.native, "Model folder")
+            if not (folder and self.add_model_folder(folder)):
+                self._model_guard = True
+                try:
+                    last = self._last_model if self._last_model in self._folders else None
+                    self.model.value = last
+                finally:
+                    self._model_guard = False
+            return
+        self._picked_by_hand()
+        self._describe_model()
+
+    def _picked_by_hand(self) -> None:
+        self._picks += 1
+        if self._guess is not None:
+            self._guess["chosen"] = None
+
+    def _describe_model(self) -> None:
+        value = self.model.value
+        if value is None or value == FOLDER_CHOICE:
+            self._model_text = "no model: load one from a folder"
+            self._show_model_info(None)
+            return
+        self._last_model = value
+        card = self._card()
+        if card is None:
+            return
+        cal = "calibrated" if card.calibration else "uncalibrated (thresholds relative to the scan)"
+        self._model_text = f"{card.modality}, {card.axis}; {cal}"
+        self._show_model_info(card)
+        self.model_info.tooltip = (
+            f"{TOOLTIPS['model_info']}\n{card.provenance.description}\n{card.provenance.sources}"
+        )
+        if self.session is None:
+            self.restore_defaults()
+
+    def _show_model_info(self, card: Any = None) -> None:
+        """The model's line, with what the modality guess found under it."""
+        line = self._guess_line(card)
+        self.model_info.value = self._model_text + (f"\n{line}" if line else "")
+
+    def _guess_line(self, card: Any) -> str:
+        g = self._guess
+        if g is None:
+            return ""
+        if g["state"] == "running":
+            return "checking which modality the scan looks like…"
+        if g["state"] == "stopped":
+            return "modality not checked: a run started first"
+        if g["state"] == "failed":
+            return f"could not tell the scan's modality ({g['message']}); model left as it is"
+        modality, r = g["modality"], g["r"]
+        looks = f"the scan looks like {modality}" + (f" (r = {r})" if r else "")
+        if g["chosen"] is not None and g["chosen"] == self.model.value:
+            return f"{modality} model chosen: {looks}"
+        if card is not None and str(card.modality).lower() != modality.lower():
+            return f"{looks}, but this model learned {card.modality} scans"
+        if not g["found"]:
+            return f"{looks}; no {modality} model with a template is loaded"
+        return looks
+
+    # ---------------------------------------------------------------- modality guess
+    @property
+    def guessing(self) -> bool:
+        """True while the modality of the selected image is being guessed."""
+        return self._guess_worker is not None
+
+    def _start_guess(self, *_: Any) -> None:
+        """Guess the selected image's modality in a worker and preselect a model for it (unless
+        a model is picked by hand meanwhile); a new selection makes older guesses stale."""
+        from napari.qt.threading import create_worker
+
+        self._stop_guess()
+        self._guess = None
+        layer = self.image.value
+        inputs = None
+        if layer is not None:
+            try:
+                inputs = scan_inputs(layer, self._volume_index(layer))
+            except ValueError:
+                inputs = None
+        if inputs is None or too_thin(inputs["shape"]):
+            self._show_model_info(self._card_quiet(self.model.value))
+            return
+        token, picks, cancel = self._guess_token, self._picks, threading.Event()
+        self._guess_cancel = cancel
+        self._guess = {"state": "running"}
+        self._show_model_info(self._card_quiet(self.model.value))
+        connect = {
+            "returned": lambda out: self._on_guess(token, picks, out),
+            "errored": lambda exc: self._on_guess_error(token, exc),
+            "finished": lambda: self._on_guess_finished(token),
+        }
+        self._guess_worker = create_worker(
+            guess_in_worker, inputs, cancel.is_set, _start_thread=False, _connect=connect
+        )
+        start_worker(self._guess_worker)
+
+    def _stop_guess(self, *_: Any) -> None:
+        """Cancel the running guess and ignore whatever it still returns."""
+        self._guess_token += 1
+        self._guess_cancel.set()
+        self._guess_worker = None
+
+    def _stop_guess_for_run(self) -> None:
+        """A run starts: it prepares the scan itself, so a running guess stops (not twice at
+        once) and the model line says the modality was not checked."""
+        if self.guessing:
+            self._stop_guess()
+            self._guess = {"state": "stopped"}
+            self._show_model_info(self._card_quiet(self.model.value))
+
+    @live
+    def _on_guess(self, token: int, picks: int, out: tuple[str, str]) -> None:
+        if token != self._guess_token:
+            return  # another image was selected meanwhile
+        modality, r = out
+        chosen, changed = None, False
+        if picks == self._picks:  # no model picked by hand since the guess started
+            cards = {name: self._card_quiet(name) for name in self._folders}
+            chosen = choose_model(modality, cards, self.model.value)
+            found = chosen is not None
+            if chosen is not None and chosen != self.model.value:
+                self._model_guard = True
+                try:
+                    self.model.value = chosen
+                finally:
+                    self._model_guard = False
+                changed = True
+        else:
+            found = True  # not looked for: the model was chosen by hand
+        self._guess = {"state": "done", "modality": modality, "r": r, "chosen": chosen,
+                       "found": found}  # fmt: skip
+        if changed:
+            self._describe_model()  # as for a model chosen from the list: its defaults too
+        else:
+            self._show_model_info(self._card_quiet(self.model.value))
+
+    @live
+    def _on_guess_error(self, token: int, exc: BaseException) -> None:
+        from .errors import Cancelled
+
+        if token != self._guess_token or isinstance(exc, Cancelled):
+            return
+        message = str(exc) if str(exc) else type(exc).__name__
+        self._guess = {"state": "failed", "message": message}
+        self._show_model_info(self._card_quiet(self.model.value))
+
+    def _on_guess_finished(self, token: int) -> None:
+        if token == self._guess_token:
+            self._guess_worker = None
+
+    def _card_quiet(self, name: str | None) -> Any:
+        """The model card of a listed model, or None (no notification)."""
+        from .errors import ModelError
+        from .models.store import read_card
+
+        folder = self._folders.get(name or "")
+        if folder is None:
+            return None
+        try:
+            return read_card(folder)
+        except ModelError:
+            return None
+
+    def _card(self) -> Any:
+        from .errors import ModelError
+        from .models.store import read_card
+
+        folder = self._folders.get(self.model.value or "")
+        if folder is None:
+            return None
+        try:
+            return read_card(folder)
+        except ModelError as exc:
+            show_error(str(exc))
+            return None

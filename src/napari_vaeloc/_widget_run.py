@@ -1,0 +1,367 @@
+"""The run's life cycle in the "Localize anomalies" panel.
+
+A run belongs to the scan layer, volume and model it started with (:class:`Job`); its result goes
+to layers named after that scan, and the "result" line names scan and model, whatever is selected
+meanwhile. It runs in a napari thread worker; progress and stage names reach the GUI thread
+through queued Qt signals (:class:`Relay`), the progress bar names each stage (a busy bar while
+preparing), and the fit line under it says how the scan fits the model (or why it was refused).
+Removing the scan layer cancels the run (a result that arrives anyway is dropped). Closing the
+panel or the viewer cancels the run and the modality guess, and everything they still send is
+ignored (:meth:`RunMixin.close_down`; slots that workers, timers or the viewer call are wrapped in
+:func:`live`). At interpreter exit, workers still running are waited for.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QEvent, QObject, Signal
+
+from ._widget_controller import (
+    FIT_TOOLTIP,
+    TOOLTIPS,
+    Session,
+    fit_text,
+    fit_tooltip,
+    layer_help,
+    offers_preparation_layers,
+    prepare_mode_for,
+)
+from ._widget_layers import put_preparation_layers, scan_inputs
+
+#: preparation stages, shown with a busy bar (they report no fraction done)
+BUSY_STAGES = ("checking the scan", "bias-field correction", "brain extraction", "registration")
+#: colours of the fit line by level
+FIT_STYLE = {"ok": "", "none": "", "warn": "color: #e8a33d;", "fail": "color: #f06464;"}
+#: how long quitting waits for the panel's workers to stop (ms)
+EXIT_WAIT_MS = 20_000
+_STARTED = False  # whether a worker was started (then exit waits for workers)
+
+
+def live(method: Callable) -> Callable:
+    """Wrap a slot that workers, timers or the viewer call: once the panel is closed it does
+    nothing (its Qt widgets may be gone)."""
+
+    @functools.wraps(method)
+    def slot(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.closed:
+            return None
+        return method(self, *args, **kwargs)
+
+    return slot
+
+
+class ParentWatch(QObject):
+    """Calls ``on_closed`` when the watched widget loses its parent after having had one:
+    napari's close button on a dock takes the panel out of its dock (and deletes the dock),
+    without destroying the panel."""
+
+    def __init__(self, on_closed: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_closed = on_closed
+        self._docked = False
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:
+        if event.type() == QEvent.Type.ParentChange:
+            if obj.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._on_closed()
+        return False
+
+
+def start_worker(worker: Any) -> None:
+    """Start a thread worker; the first one registers :func:`_wait_for_workers` to run at
+    exit."""
+    global _STARTED
+    if not _STARTED:
+        _STARTED = True
+        atexit.register(_wait_for_workers)
+    worker.start()
+
+
+def _wait_for_workers() -> None:
+    """At interpreter exit, let workers still running (a cancelled run finishing its batch,
+    the device list importing torch) end before Qt deletes the objects they report through;
+    otherwise quitting napari mid-run aborts the process."""
+    from qtpy.QtCore import QThreadPool
+
+    QThreadPool.globalInstance().waitForDone(EXIT_WAIT_MS)
+
+
+class Relay(QObject):
+    """Carries progress and stage names from the worker thread to the GUI thread (queued
+    signals)."""
+
+    progress = Signal(int, int)
+    stage = Signal(str)
+
+
+@dataclass
+class Job:
+    """One run: what it was started on, so that its result stays tied to it."""
+
+    layer: Any  # the scan layer
+    base: str  # the result layers' name prefix: the layer's name (and volume)
+    model: str  # the model's name in the list
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stage: str = ""  # the stage it is in
+    reason: str = ""  # why the panel cancelled it (the scan layer was removed)
+    finished: bool = False
+
+
+class RunMixin:
+    """The run part of :class:`~napari_vaeloc._widget.LocalizeWidget`: start, cancel, close down,
+    the worker's signals, the progress bar, the fit line and showing a result. It uses the
+    panel's controls and state (``image``, ``model``, ``progress``, ``job``, ``session``, ...)."""
+
+    def _init_run(self) -> None:
+        """The run's state (before the panel is laid out)."""
+        self.running = False
+        self.job: Job | None = None  # the running (or last) run
+        self._worker: Any = None
+        self._relay = Relay()
+        self._relay.progress.connect(self._on_progress)
+        self._relay.stage.connect(self._on_stage)
+        self._fit: tuple[Any, str, str, str] | None = None  # layer, text, level, tooltip
+
+    def close_down(self, *_: Any) -> None:
+        """The panel or the viewer is closing: cancel the run and the modality guess, and from
+        now on ignore whatever workers, timers and the viewer still send (a run's result is
+        never shown). Called when the panel's dock or the panel itself is destroyed."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.job is not None:
+            self.job.cancel.set()
+        self._stop_guess()
+        for emitter, slot in self._viewer_events:
+            emitter.disconnect(slot)
+        for name in ("progress", "stage"):
+            try:  # nothing connected, or Qt deleted the relay already (at exit)
+                getattr(self._relay, name).disconnect()
+            except (TypeError, RuntimeError):
+                pass
+        try:
+            self._timer.stop()
+        except RuntimeError:  # deleted with the application
+            pass
+
+    @live
+    def _on_layer_removed(self, event: Any) -> None:
+        """The scan of the running job was removed: cancel it (its result would have no scan
+        under it)."""
+        job = self.job
+        if job is not None and self.running and event.value is job.layer:
+            job.reason = f"the scan layer '{job.layer.name}' was removed"
+            job.cancel.set()
+
+    def run(self, *_: Any) -> None:
+        """Start a localization of the chosen layer (the chosen volume of a 4D layer) in a
+        thread worker. A scan that cannot be scored (constant, all non-finite, ...) is refused
+        here, with one line; notes on an unusual scan (one that looks like a mask) are shown
+        as warnings before the run starts."""
+        from napari.qt.threading import create_worker
+
+        from .io import Volume
+
+        if self.running or self.exporting or self.closed:
+            return
+        layer = self.image.value
+        model_name = self.model.value
+        folder = self._folders.get(model_name or "")
+        if layer is None or folder is None:
+            show_warning("choose an image layer and a model first")
+            return
+        index = self._volume_index(layer)
+        try:
+            inputs = scan_inputs(layer, index)
+            mode, note = prepare_mode_for(self.prepare.value, inputs["shape"])
+            volume = Volume.from_array(
+                inputs["data"], inputs["affine"], header=inputs["header"], path=inputs["path"]
+            )
+        except ValueError as exc:  # InputError is one
+            self._show_failure(layer, str(exc))
+            return
+        for line in volume.notes:
+            show_warning(f"{layer.name}: {line}")
+        self._stop_guess_for_run()
+        base = layer.name if index is None else f"{layer.name} volume {index}"
+        job = Job(layer=layer, base=base, model=str(model_name))
+        self.job = job
+        axis = None if self.axis.value == "model" else self.axis.value
+        args = {
+            "folder": folder, "axis": axis, "device": self.device.value, "prepare": mode,
+            "note": note, "shape": inputs["shape"],
+        }  # fmt: skip
+        if mode != "none":
+            self._set_fit(layer, "checking how the scan fits the model…", "none")
+        self.runs += 1
+        connect = {
+            "returned": lambda out: self._on_done(job, out),
+            "errored": lambda exc: self._on_error(job, exc),
+            "finished": lambda: self._on_finished(job),
+        }
+        self._worker = create_worker(
+            self._work, job, volume, args, _start_thread=False, _connect=connect
+        )
+        self.running = True
+        self._show_busy()
+        self.progress.value, self.progress.max = 0, 1
+        self.progress.label = "loading model"
+        start_worker(self._worker)
+
+    def _work(self, job: Job, volume: Any, args: dict) -> tuple:
+        """Runs in the worker thread: load the model (cached) and score the scan."""
+        from .engine import EngineOptions, localize
+        from .errors import Cancelled
+        from .models.store import cached_model
+
+        model = cached_model(args["folder"])
+        if job.cancel.is_set():
+            raise Cancelled("localization cancelled")
+        options = EngineOptions(
+            device=args["device"],
+            batch_size=self.batch_size,
+            progress=self._relay.progress.emit,
+            cancel=job.cancel.is_set,
+            stage=self._relay.stage.emit,
+        )
+        result = localize(volume, model, options, axis=args["axis"], prepare=args["prepare"])
+        session = Session(result)  # scales (percentiles if uncalibrated) here, off the GUI thread
+        return session, model, args
+
+    def cancel(self, *_: Any) -> None:
+        """Ask the running worker to stop: inside the preparation stage it is in, or at the
+        next batch of slices."""
+        if self.job is not None:
+            self.job.cancel.set()
+        self.cancel_button.enabled = False
+
+    def _show_busy(self) -> None:
+        """Enable the controls that make sense now: no new run or export while one is going,
+        Cancel only during a run, no tuning while the result is being written."""
+        busy = self.running or self.exporting
+        self.run_button.enabled = not busy
+        self.cancel_button.enabled = self.running
+        self.export_button.enabled = not busy and self.session is not None
+        for w in self._tuning:
+            w.enabled = not self.exporting
+
+    def _on_finished(self, job: Job) -> None:
+        job.finished = True
+        if job is not self.job:
+            return
+        self.running = False
+        self._worker = None
+        if self.closed:
+            return
+        self._show_busy()
+        if self.progress.max == 0:  # a busy bar stops being busy
+            self.progress.max = 1
+
+    @live
+    def _on_stage(self, name: str) -> None:
+        """A stage began: name it on the progress bar (a busy bar while preparing)."""
+        if self.job is not None:
+            self.job.stage = name
+        if name in BUSY_STAGES and self.progress.value == 0:
+            self.progress.max = 0
+        self.progress.label = name
+
+    @live
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+        self.progress.label = f"{done}/{total} slices"
+
+    @live
+    def _on_error(self, job: Job, exc: BaseException) -> None:
+        from .errors import Cancelled, VaelocError
+
+        if isinstance(exc, Cancelled):
+            during = f" during {job.stage}" if job.stage else ""
+            self.progress.max = max(self.progress.max, 1)
+            self.progress.value, self.progress.label = 0, f"cancelled{during}"
+            if job.reason:
+                line = f"run cancelled: {job.reason}; no layers were added"
+                self._set_fit(job.layer, line, "warn")
+                show_warning(line)
+            else:
+                self._set_fit(job.layer, f"run cancelled{during}; no layers were changed", "none")
+                show_info("localization cancelled; no layers were changed")
+        elif isinstance(exc, VaelocError | ValueError | MemoryError):
+            self._show_failure(job.layer, str(exc))
+        else:
+            self._show_failure(job.layer, f"{type(exc).__name__}: {exc}")
+
+    def _show_failure(self, layer: Any, message: str) -> None:
+        """A run was refused or failed: the fit line (red) and a notification say why, the
+        progress bar says "not localized". The shown result, if any, stays as it was, with
+        its layers, sliders and export (the "result" line names its scan and model)."""
+        message = " ".join(message.split())
+        self._set_fit(layer, f"not localized: {message}", "fail")
+        self.progress.max, self.progress.value = 1, 0
+        self.progress.label = "not localized"
+        show_error(f"localization failed: {message}")
+
+    def _set_fit(self, layer: Any, text: str, level: str, tooltip: str = "") -> None:
+        """Show the fit line (for ``layer``: it is hidden while another image is selected)."""
+        self._fit = (layer, text, level, tooltip)
+        self._show_fit()
+
+    def _show_fit(self) -> None:
+        fit = self._fit
+        shown = fit is not None and fit[0] is self.image.value
+        text, level, tooltip = fit[1:] if fit is not None and shown else ("", "none", "")
+        self.fit_info.value = text
+        self.fit_info.tooltip = tooltip or FIT_TOOLTIP
+        self.fit_info.native.setStyleSheet(FIT_STYLE.get(level, ""))
+
+    @live
+    def _on_done(self, job: Job, out: tuple) -> None:
+        session, model, args = out
+        result = session.result
+        layer = job.layer
+        if job.reason or layer not in self.viewer.layers:
+            why = job.reason or f"the scan layer '{layer.name}' was removed"
+            show_warning(f"result dropped: {why} during the run; no layers were added")
+            self.progress.max, self.progress.value = 1, 0
+            self.progress.label = "result dropped"
+            return
+        try:
+            first = self.session is None  # sliders show this model's defaults or user edits
+            keep = not first and self._last_run_model == model.path
+            old = self.session.settings if keep and self.session is not None else None
+            self.session = session
+            self._last_run_model = model.path
+            self._input_layer, self._shape, self._base = layer, args["shape"], job.base
+            if old is not None:
+                self.session.settings = old
+            elif not first:  # another model: start from its defaults
+                self._show_settings(self.session.settings)
+            self._read_settings()
+            self._update_maps()
+            self.apply_settings()
+            self.result_info.value = (
+                f"{job.base}, model {job.model} ({result.axis} slices, {result.device})"
+            )
+            self.result_info.tooltip = f"{TOOLTIPS['result']}\n{layer_help(job.base)}"
+            text, level = fit_text(result, args["prepare"], args["note"])
+            self._set_fit(layer, text, level, fit_tooltip(result))
+            if offers_preparation_layers(result):
+                put_preparation_layers(self.viewer, result.prepared, layer, args["shape"], job.base)
+            self.progress.max = max(self.progress.max, 1)
+            self.progress.value = self.progress.max
+            self.progress.label = f"done in {result.seconds:.1f} s on {result.device}"
+            for line in result.notes:
+                if line not in result.volume.notes:  # those were shown at the click
+                    show_info(line)
+        except Exception as exc:  # never let a display problem crash the viewer
+            show_error(f"could not show the result: {type(exc).__name__}: {exc}")
