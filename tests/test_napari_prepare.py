@@ -167,6 +167,8 @@ def test_wrong_modality_is_refused(make_napari_viewer, qtbot):
     _run(qtbot, widget)
     fit = widget.fit_info.value
     assert fit.startswith("not localized:") and "choose a T1 model" in fit, fit
+    found = widget.fit_info.tooltip  # what the preparation found, on the refusal's tooltip
+    assert "registration: done" in found and "modality" in found, found
     assert any("choose a T1 model" in m for m in _messages(since)), _messages(since)
     assert widget.session is None and widget.run_button.enabled
     _assert_unchanged(viewer, before)

@@ -17,7 +17,7 @@ from scipy.spatial.transform import Rotation
 from napari_vaeloc.cli import main
 from napari_vaeloc.combine import PostProcessor
 from napari_vaeloc.engine import EngineOptions, localize
-from napari_vaeloc.errors import InputError
+from napari_vaeloc.errors import InputError, MisfitError
 from napari_vaeloc.evaluation.metrics import pixel_metrics
 from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.models.store import cached_model
@@ -144,8 +144,10 @@ def test_t1_scan_given_to_the_t2_model_is_refused(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "looks like T1" in err[0] and "T1 model" in err[0], err
     assert not out.exists() or not any(out.iterdir())
-    with pytest.raises(InputError, match="looks like T1"):  # the preparation is cached
+    with pytest.raises(MisfitError, match="looks like T1") as refused:  # preparation cached
         localize(load_volume(head), cached_model("t2-brain"), CPU, prepare="auto")
+    assert refused.value.report.check("modality").level == "fail"  # what was found travels
+    assert refused.value.report.check("registration").level == "ok"
     # switching to the T1 model reuses the preparation (the templates share one space) and
     # redoes only the modality check, which now passes
     from napari_vaeloc.prepare import _CACHE
@@ -227,3 +229,16 @@ def test_noise_is_refused_not_scored(t1):
     with pytest.raises(InputError, match="brain") as err:
         localize(noise, t1, CPU, prepare="auto")
     print(err.value)
+
+
+def test_a_scan_on_the_template_grid_but_shifted_is_registered():
+    """A header on the template's grid is not trusted when the anatomy is elsewhere."""
+    healthy = load_volume(sample_path("t2-healthy"))
+    shifted = Volume.from_array(np.roll(healthy.data, 10, axis=0), healthy.affine)  # 10 voxels
+    model = cached_model("t2-brain")
+    res = localize(shifted, model, CPU, prepare="auto")
+    [step] = [s for s in res.preparation.steps if s.name == "registration"]
+    assert step.ran and "not aligned" in step.note, step
+    assert res.preparation.check("registration").level == "ok"
+    on_grid = localize(healthy, model, CPU, prepare="auto").preparation
+    assert not next(s for s in on_grid.steps if s.name == "registration").ran

@@ -297,16 +297,19 @@ class RunMixin:
                 self._set_fit(job.layer, f"run cancelled{during}; no layers were changed", "none")
                 show_info("localization cancelled; no layers were changed")
         elif isinstance(exc, VaelocError | ValueError | MemoryError):
-            self._show_failure(job.layer, str(exc))
+            report = getattr(exc, "report", None)  # a misfit: what preparation found
+            found = "\n".join(report.lines()) if report is not None else ""
+            self._show_failure(job.layer, str(exc), found)
         else:
             self._show_failure(job.layer, f"{type(exc).__name__}: {exc}")
 
-    def _show_failure(self, layer: Any, message: str) -> None:
+    def _show_failure(self, layer: Any, message: str, found: str = "") -> None:
         """A run was refused or failed: the fit line (red) and a notification say why, the
-        progress bar says "not localized". The shown result, if any, stays as it was, with
-        its layers, sliders and export (the "result" line names its scan and model)."""
+        progress bar says "not localized"; ``found`` (the preparation's steps and checks of a
+        refused scan) is the fit line's tooltip. The shown result, if any, stays as it was,
+        with its layers, sliders and export (the "result" line names its scan and model)."""
         message = " ".join(message.split())
-        self._set_fit(layer, f"not localized: {message}", "fail")
+        self._set_fit(layer, f"not localized: {message}", "fail", found)
         self.progress.max, self.progress.value = 1, 0
         self.progress.label = "not localized"
         show_error(f"localization failed: {message}")

@@ -11,6 +11,16 @@ class InputError(VaelocError, ValueError):
     """The scan (file or array) cannot be scored as given."""
 
 
+class MisfitError(InputError):
+    """The scan does not fit the model (wrong modality, failed registration, too little
+    coverage, ...). ``report`` is the preparation's report (its steps and checks), so a front can
+    show what was found before the one-line reason."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class ModelError(VaelocError):
     """A model directory is missing, malformed, or its weights do not match."""
 

@@ -21,6 +21,9 @@ Steps, each recorded in the :class:`PreparationReport` (seconds, whether it ran,
 Results computed on the template grid go back through the inverse transform
 (:meth:`Prepared.to_scan`: linear for maps, nearest for masks); outside the extracted brain they
 are 0. Preparation is cached per scan content and settings (:func:`prepare_cached`).
+:func:`apply_prepared` applies a preparation already fitted to one scan (its bias field, brain
+mask, intensity offset and transform) to another scan on the same grid without refitting, e.g.
+to copies of a scan with inserted lesions.
 
 SimpleITK works in LPS world coordinates, NIfTI in RAS: :func:`to_sitk` converts.
 """
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, MisfitError
 from .io import Volume, load_volume
 from .preprocess import clip_outliers, outlier_note
 
@@ -208,6 +211,10 @@ class Prepared:
         report: steps and checks.
         corrected: float32, the scan's grid: the bias-corrected brain (0 outside it), for
             display.
+        bias_field: float32, the scan's grid: the multiplicative bias field divided out (None:
+            no bias-field correction ran).
+        offset: subtracted from the corrected scan before it is resampled (its minimum), so
+            the brain is non-negative.
     """
 
     scan: Volume
@@ -217,6 +224,8 @@ class Prepared:
     transform: Any
     report: PreparationReport
     corrected: np.ndarray | None = None
+    bias_field: np.ndarray | None = None
+    offset: float = 0.0
 
     def to_scan(self, values: np.ndarray, kind: str = "map") -> np.ndarray:
         """An array on the template's grid, resampled onto the scan's grid (linear for "map",
@@ -228,6 +237,14 @@ class Prepared:
             out = resample(values, self.volume, self.scan, self.to_template, kind)
         out[~self.brain_mask] = 0
         return out
+
+    def onto_template(self, values: np.ndarray, kind: str = "mask") -> np.ndarray:
+        """An array on the scan's grid resampled onto the template's grid (linear for "map",
+        nearest for "mask"; the inverse of :meth:`to_scan`), e.g. a ground-truth mask.
+        float32 for maps, bool for masks; 0 outside the scan."""
+        if self.transform is None:
+            return np.asarray(values, np.float32 if kind == "map" else bool).copy()
+        return resample(values, self.scan, self.volume, self.transform, kind)
 
     @functools.cached_property
     def to_template(self) -> Any:
@@ -325,6 +342,12 @@ def fill_brain(mask: np.ndarray) -> np.ndarray:
 def n4_correct(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> np.ndarray:
     """N4 bias-field corrected intensities (float32, the scan's shape), the field estimated on a
     copy shrunk to about 6 mm inside ``mask`` and divided out at full resolution."""
+    return (volume.data.astype(np.float32) / n4_field(volume, mask, cancel)).astype(np.float32)
+
+
+def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> np.ndarray:
+    """The multiplicative N4 bias field of ``volume`` (float32, its shape; the corrected scan is
+    ``volume.data / field``), estimated on a copy shrunk to about 6 mm inside ``mask``."""
     import SimpleITK as sitk
 
     img = to_sitk(volume.data.astype(np.float32) - float(volume.data.min()) + 1.0, volume.affine)
@@ -341,8 +364,7 @@ def n4_correct(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = Non
     small_field = n4.GetLogBiasFieldAsImage(small)
     full_field = sitk.Resample(small_field, img, sitk.Transform(), sitk.sitkLinear, 0.0)
     log_field = from_sitk(full_field).astype(np.float32)
-    corrected = volume.data.astype(np.float32) / np.exp(log_field)
-    return corrected.astype(np.float32)
+    return np.exp(log_field)
 
 
 class _CancellableModel:
@@ -434,7 +456,7 @@ def _run_registration(
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(0.2, seed=0)  # a fixed seed: the same scan, the same result
+    reg.SetMetricSamplingPercentage(0.2, seed=0)  # fixed samples (runs may differ by <0.1 mm)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.5,
@@ -648,9 +670,11 @@ def prepare(
     data = volume.data
     head = object_mask(data)
     run_n4 = s.bias_correction if s.bias_correction is not None else True
+    field = None
     if run_n4:
         t0 = begin(STAGES[1])
-        data = n4_correct(volume, head, cancel)
+        field = n4_field(volume, head, cancel)
+        data = (volume.data.astype(np.float32) / field).astype(np.float32)
         report.steps.append(Step(STAGES[1], True, time.perf_counter() - t0))
     else:
         report.steps.append(Step(STAGES[1], False, note="turned off"))
@@ -679,22 +703,31 @@ def prepare(
                  f"({lo:.0f}-{hi:.0f} ml): is this a brain MRI covering the whole brain? If "
                  "the skull was misjudged, force brain extraction on or off")
     )  # fmt: skip
-    brain_data = np.where(brain_mask, data - float(data.min()), 0).astype(np.float32)
+    offset = float(data.min())
+    brain_data = np.where(brain_mask, data - offset, 0).astype(np.float32)
     brain = Volume(brain_data, volume.affine, volume.header, volume.path)
 
     same_grid = brain.shape == template.image.shape and np.allclose(
         brain.affine, template.image.affine, atol=1e-3
     )
     run_reg = s.registration if s.registration is not None else (full or not same_grid)
+    grid_note = "already on the template's grid"
+    if same_grid and not run_reg and s.registration is None:
+        # the header says template grid; trust it only if the anatomy is where the template's is
+        aligned = mask_dice(brain_mask, template.brain_mask)
+        if aligned < REGISTRATION_DICE["ok"]:
+            run_reg = True
+            grid_note = (
+                f"on the template's grid but not aligned with it (brain-mask Dice {aligned:.2f})"
+            )
     if run_reg:
         t0 = begin(STAGES[3])
         transform, metric = register(brain, template, cancel)
         moved = resample(brain.data, brain, template.image, transform, "map")
         carried = resample(brain_mask, brain, template.image, transform, "mask")
         inside = resample(np.ones(volume.shape, np.float32), brain, template.image, transform)
-        report.steps.append(
-            Step(STAGES[3], True, time.perf_counter() - t0, f"Mattes MI {metric:.3f}")
-        )
+        why = f"Mattes MI {metric:.3f}" + (f"; {grid_note}" if same_grid else "")
+        report.steps.append(Step(STAGES[3], True, time.perf_counter() - t0, why))
     else:
         if not same_grid:
             raise InputError(
@@ -704,7 +737,7 @@ def prepare(
         transform = None
         moved, carried = brain.data, brain_mask
         inside = np.ones(volume.shape, np.float32)
-        report.steps.append(Step(STAGES[3], False, note="already on the template's grid"))
+        report.steps.append(Step(STAGES[3], False, note=grid_note))
 
     tmask = template.brain_mask
     coverage = float((inside[tmask] > 0.5).mean()) if tmask.any() else 1.0
@@ -714,7 +747,7 @@ def prepare(
                  f"{coverage:.0%} of the template's brain lies in the scan's field of view"
                  + ("" if level == "ok" else "; expect false alarms near the cut edge"))
     )  # fmt: skip
-    dice = float(2 * (carried & tmask).sum() / max(1, carried.sum() + tmask.sum()))
+    dice = mask_dice(carried, tmask)
     reg_level = _level(dice, REGISTRATION_DICE)
     if coverage < COVERAGE["ok"]:  # a partial scan cannot cover the whole template brain
         reg_level = "warn" if reg_level == "fail" and dice >= 0.3 else reg_level
@@ -742,18 +775,26 @@ def prepare(
     moved = np.where(tmask | carried, moved, 0).astype(np.float32)
     prepared = Volume(moved, template.image.affine, template.image.header, volume.path)
     corrected = np.where(brain_mask, data, 0).astype(np.float32)
-    return Prepared(scan, prepared, brain_mask, carried, transform, report, corrected)
+    return Prepared(
+        scan, prepared, brain_mask, carried, transform, report, corrected, field, offset
+    )
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks of one grid (0 when both are empty)."""
+    return float(2 * (a & b).sum() / max(1, int(a.sum()) + int(b.sum())))
 
 
 def refuse_misfit(report: PreparationReport) -> None:
-    """Raise :class:`InputError` with the advice of the most telling check that failed, if any:
+    """Raise :class:`~napari_vaeloc.errors.MisfitError` (an InputError carrying ``report``) with
+    the advice of the most telling check that failed, if any:
     the modality and the brain volume before coverage and registration, whose failure they
     explain."""
     order = {"modality": 0, "brain volume": 1}
     failed = sorted((c for c in report.checks if c.level == "fail"),
                     key=lambda c: order.get(c.name, 2))  # fmt: skip
     if failed:
-        raise InputError(failed[0].advice or failed[0].message)
+        raise MisfitError(failed[0].advice or failed[0].message, report)
 
 
 # -- cache -------------------------------------------------------------------------------------
@@ -800,6 +841,45 @@ def prepare_cached(
             _CACHE.popitem(last=False)
     if refuse:
         refuse_misfit(out.report)
+    return out
+
+
+def apply_prepared(
+    fitted: Prepared, volume: Volume, template: Template, settings: PrepareSettings | None = None
+) -> Prepared:
+    """The preparation ``fitted`` to one scan, applied without refitting to ``volume``, another
+    scan on the same grid (e.g. a copy with an inserted lesion): the same bias field, brain
+    mask, intensity offset and transform, and the same report. The result is also put in the
+    cache of :func:`prepare_cached` (under ``volume``, ``settings`` and ``template``), so that
+    ``engine.localize(volume, model, prepare=settings)`` scores it without fitting again.
+
+    Raises:
+        InputError: ``volume`` is not on the fitted scan's grid.
+    """
+    scan = fitted.scan
+    if volume.shape != scan.shape or not np.allclose(volume.affine, scan.affine, atol=1e-4):
+        raise InputError(
+            "a fitted preparation applies only to scans on the grid it was fitted to "
+            f"({'x'.join(map(str, scan.shape))}); this scan's grid differs"
+        )
+    data = clip_outliers(volume.data)[0].astype(np.float32)
+    if fitted.bias_field is not None:
+        data = (data / fitted.bias_field).astype(np.float32)
+    brain_data = np.where(fitted.brain_mask, data - fitted.offset, 0).astype(np.float32)
+    if fitted.transform is None:
+        moved = brain_data
+    else:
+        brain = Volume(brain_data, volume.affine, volume.header, volume.path)
+        moved = resample(brain_data, brain, fitted.volume, fitted.transform, "map")
+    moved = np.where(template.brain_mask | fitted.template_mask, moved, 0).astype(np.float32)
+    image = Volume(moved, fitted.volume.affine, fitted.volume.header, volume.path)
+    corrected = np.where(fitted.brain_mask, data, 0).astype(np.float32)
+    out = dataclasses.replace(fitted, scan=volume, volume=image, corrected=corrected)
+    key = (scan_key(volume), (settings or PrepareSettings()).key(), template_key(template))
+    _CACHE[key] = out
+    _CACHE.move_to_end(key)
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
     return out
 
 

@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..io import Volume
 from ..mapnames import EVALUATED_MAPS, PIXEL_MAPS, SLICE_SCORES, check_names
 from ..models.store import LoadedModel
+from ..prepare import PrepareSettings
 from .metrics import Overlap, PixelAccumulator, pixel_metrics, sample_metrics
 from .synthetic import synthesize_anomaly
 
@@ -237,6 +238,7 @@ def evaluate_cases(
     device: str = "auto",
     examples: int = 0,
     progress: Callable[[int], None] | None = None,
+    prepare: PrepareSettings | str | None = None,
 ) -> EvaluationReport:
     """Localize each case once and measure pixel-, slice- and volume-level detection.
 
@@ -248,6 +250,10 @@ def evaluate_cases(
         group_by: the ``info`` key naming a case's group (missing, or None: "all").
         examples: how many example slices to keep for figures.
         progress: called with the number of cases done after each case.
+        prepare: None scores cases already in the model's space as given; a preparation mode
+            or settings (``engine.localize``'s ``prepare``) scores raw scans through the
+            preparation stage: maps and masks are judged on the scan's grid, slice scores
+            against the truth carried onto the template's grid, where the slices were scored.
 
     Cases are consumed one at a time (an iterator keeps one volume in memory). Healthy cases
     (all-zero truth) add normal voxels, slices and volumes. A case whose region is empty is
@@ -291,8 +297,7 @@ def evaluate_cases(
             if progress:
                 progress(i + 1)
             continue
-        # cases lie in the model's space by construction; their slices are counted as given
-        res = localize(case.volume, model, options, maps=needed, prepare=None)
+        res = localize(case.volume, model, options, maps=needed, prepare=prepare)
         group = str(case.info.get(group_by, ALL)) if group_by else ALL
         g = groups.setdefault(group, _Group(names, list(named)))
         g.cases += 1
@@ -313,7 +318,12 @@ def evaluate_cases(
                 g.pixels[(name, r)].add(values, truth, where[r])
 
         inside = truth if region is None else truth & region
-        g.add_samples(res.slice_scores, res.slice_axis, inside, region)
+        if res.prepared is None:
+            g.add_samples(res.slice_scores, res.slice_axis, inside, region)
+        else:  # the slices were scored on the template's grid: carry truth and region there
+            p = res.prepared
+            onto = None if region is None else p.onto_template(region)
+            g.add_samples(res.slice_scores, res.slice_axis, p.onto_template(inside), onto)
         anomalous = bool(inside.any())
         slot = picker.slot(group, anomalous)
         if slot is not None:

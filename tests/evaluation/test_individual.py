@@ -1,0 +1,134 @@
+"""The individual-anatomy benchmark: real test scans, disjoint from training, reproducible."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_vaeloc.combine import CombineSettings
+from napari_vaeloc.errors import InputError
+from napari_vaeloc.evaluation.individual import (
+    SIZES,
+    SOURCES,
+    IndividualSource,
+    downloads_folder,
+    fit_anatomies,
+    individual_cases,
+    summarize,
+    training_overlap,
+)
+from napari_vaeloc.evaluation.runner import evaluate_cases
+from napari_vaeloc.evaluation.synthetic import ANOMALY_KINDS
+from napari_vaeloc.models.store import load_model
+from napari_vaeloc.prepare import PrepareSettings, apply_prepared, model_template
+from napari_vaeloc.samples import TEMPLATES
+
+#: one anatomy per modality for the reduced run: (model, test anatomy)
+REDUCED = {"T1": ("t1-brain", "pycortex-s1"), "T2": ("t2-brain", "spm-avg152t2")}
+
+
+def test_test_anatomy_is_disjoint_from_training_sources():
+    training = {(t.package, t.file) for t in TEMPLATES.values()}
+    assert training_overlap() == []
+    assert not {s.origin for s in SOURCES.values()} & {t.package for t in TEMPLATES.values()}
+    assert not {(s.origin, s.member) for s in SOURCES.values()} & training
+    # the check itself finds a source that is also a training template
+    icbm = TEMPLATES["icbm-t2"]
+    leak = IndividualSource("icbm-t2", "T2", "leak", icbm.package, "", member=icbm.file)
+    assert training_overlap({"leak": leak}) == ["leak"]
+
+
+def test_every_modality_has_test_anatomy():
+    assert {s.modality for s in SOURCES.values()} == {"T1", "T2"}
+    assert SOURCES["pycortex-s1"].sample == "t1-head"
+
+
+@pytest.fixture(scope="module", params=sorted(REDUCED))
+def fitted(request):
+    name, key = REDUCED[request.param]
+    archive = SOURCES[key].archive
+    if archive is not None and not list(downloads_folder().glob(archive.pattern)):
+        pytest.skip(
+            f"{archive.package} {archive.version} is not downloaded into {downloads_folder()}; "
+            "run bash scripts/setup.sh --dev"
+        )
+    model = load_model(name)
+    template = model_template(model.path, model.card)
+    anatomies, skipped = fit_anatomies(model.card.modality, template, keys=[key])
+    assert skipped == [] and [a.source.key for a in anatomies] == [key]
+    return model, anatomies
+
+
+def _reduced_run(model, anatomies, seed: int):
+    settings = PrepareSettings()
+    cases = individual_cases(
+        anatomies, 1, sizes=("medium",), seed=seed, healthy=1, settings=settings
+    )
+    report = evaluate_cases(
+        model,
+        cases,
+        maps=("rec_error",),
+        settings={"default": CombineSettings.from_card(model.card)},
+        group_by="group",
+        device="cpu",
+        prepare=settings,
+    )
+    return report, summarize(report, model.card.defaults.threshold, 1e-3)
+
+
+def _text(rows: list[dict]) -> str:
+    return json.dumps(rows, sort_keys=True)
+
+
+def test_reduced_run_is_reproducible_by_seed(fitted):
+    model, anatomies = fitted
+    first, s1 = _reduced_run(model, anatomies, seed=3)
+    second, s2 = _reduced_run(model, anatomies, seed=3)
+    groups = {r["group"] for r in first.pixel_rows}
+    assert groups == {f"{k} medium" for k in ANOMALY_KINDS} | {"healthy", "all"}
+    # every number identical (NaN where a metric is undefined, e.g. for healthy cases)
+    assert _text(first.pixel_rows) == _text(second.pixel_rows)
+    assert _text(first.sample_rows) == _text(second.sample_rows)
+    assert _text(s1.rows) == _text(s2.rows) and s1.healthy_fpr == s2.healthy_fpr
+    assert 0.0 <= s1.healthy_fpr < 1.0
+    all_default = next(r for r in s1.rows if r["group"] == "all" and r["map"] == "default")
+    assert all_default["cases"] == len(ANOMALY_KINDS) + 1
+    assert 0.5 < all_default["auroc"] <= 1.0  # lesions are found better than by chance
+    # lesions lie inside the brain, with radii of the size class, in the scan's own space
+    case = next(individual_cases(anatomies, 1, kinds=("tumour",), sizes=("medium",), seed=3))
+    lo, hi = SIZES["medium"]
+    assert lo <= case.info["radius_mm"] < hi
+    assert case.truth.shape == anatomies[0].volume.shape
+    assert not (case.truth.astype(bool) & ~anatomies[0].brain).any()
+    # another seed gives other lesions
+    other = next(individual_cases(anatomies, 1, kinds=("tumour",), sizes=("medium",), seed=4))
+    assert not np.array_equal(other.truth, case.truth)
+
+
+def test_unknown_sizes_and_anatomy_are_refused(fitted):
+    model, anatomies = fitted
+    with pytest.raises(InputError, match="sizes"):
+        next(individual_cases(anatomies, 1, sizes=("huge",)))
+    template = anatomies[0].template
+    with pytest.raises(InputError, match="unknown test anatomy"):
+        fit_anatomies(model.card.modality, template, keys=["no-such-scan"])
+    other = next(k for k, s in SOURCES.items() if s.modality != model.card.modality)
+    with pytest.raises(InputError, match="is not"):
+        fit_anatomies(model.card.modality, template, keys=[other])
+
+
+def test_lesion_copies_reuse_the_fitted_preparation(fitted):
+    _, anatomies = fitted
+    a = anatomies[0]
+    case = next(individual_cases(anatomies, 1, kinds=("intensity",), sizes=("large",)))
+    applied = apply_prepared(a.prepared, case.volume, a.template)
+    assert applied.transform is a.prepared.transform
+    assert np.array_equal(applied.brain_mask, a.prepared.brain_mask)
+    outside = ~np.asarray(case.truth, bool)
+    # the clean anatomy through the applied preparation is the fitted one, voxel for voxel
+    clean = apply_prepared(a.prepared, a.volume, a.template)
+    assert np.allclose(clean.volume.data, a.prepared.volume.data, atol=1e-4)
+    assert not np.allclose(applied.volume.data, clean.volume.data)
+    assert np.array_equal(applied.corrected[outside], clean.corrected[outside])
