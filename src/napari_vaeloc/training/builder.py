@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import __version__
 from ..combine import DEFAULT_WEIGHTS, CombineSettings
-from ..errors import OutputExistsError
+from ..errors import InputError, ModelError, OutputExistsError
 from ..models.card import (
     Architecture,
     Calibration,
@@ -22,17 +22,265 @@ from ..models.card import (
     Provenance,
 )
 from ..models.store import LoadedModel, save_model
-from ..preprocess import Normalisation
-from ..samples import MNI_LICENCE, TEMPLATES
-from .datasets import build_slice_dataset, heldout_masks, load_training_volumes
+from ..preprocess import Normalisation, foreground_mask
+from ..samples import TEMPLATES, TRAINING_TEMPLATES
+from .datasets import (
+    build_slice_dataset,
+    find_nifti,
+    heldout_masks,
+    load_template_brain,
+    load_training_volumes,
+    nonzero_brain_mask,
+)
+from .individuals import TISSUE_PROFILES, IndividualConfig, individuals_for
 from .loop import TrainConfig, calibrate, fit, fpr_table
 
 #: the default threshold: a healthy foreground voxel exceeds it with this probability
 DEFAULT_FPR = 0.01
 
 
+#: the template whose grid and space training templates are brought onto
+REFERENCE = "icbm-t1"
+#: the licence entry of a user's own files when the user states none
+OWN_DATA_LICENCE = "the user's own data: as the training data's terms"
+
+
 def checkpoint_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.checkpoint"
+
+
+@dataclasses.dataclass
+class TrainingSet:
+    """The volumes a run trains and validates on, in a fixed order: each source's own volume
+    (when its modality is the model's) followed by its synthetic individuals.
+
+    Attributes:
+        volumes: the :class:`Volume` s.
+        names: one per volume ("icbm-t1", "icbm-t1#3" for its individual 3, a file name).
+        groups: the source (name) each volume comes from.
+        individual: True for a synthetic individual.
+        records: one dict per source for the model card: name, modality, description,
+            origin, licence, individuals.
+    """
+
+    volumes: list
+    names: list[str]
+    groups: list[str]
+    individual: list[bool]
+    records: list[dict]
+
+
+def on_reference_grid(
+    name: str, volume, mask: np.ndarray, cache_dir: str | os.PathLike | None = None
+) -> tuple[object, np.ndarray]:
+    """A template brain moved into the space and onto the grid of :data:`REFERENCE` (the ICBM
+    2009c 1 mm grid whose 2 mm version the bundled models register scans to): unchanged when
+    it is already on that grid, otherwise affinely registered to it as preparation registers
+    a scan (:func:`napari_vaeloc.prepare.register`, to the reference at 2 mm) and resampled
+    (linear; the mask nearest; 0 outside the brain). Cached in ``cache_dir`` when given."""
+    from ..io import Volume
+    from ..prepare import Template, register, resample
+    from .datasets import block_mean
+    from .individuals import Individual, load_individual, save_individual
+
+    ref, ref_mask = load_template_brain(REFERENCE)
+    if volume.shape == ref.shape and np.allclose(volume.affine, ref.affine, atol=1e-4):
+        return volume, mask
+    path = Path(cache_dir) / f"registered-{name}.npz" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        got = load_individual(path)
+        return got.volume, got.brain_mask
+    small, small_affine = block_mean(ref.data, ref.affine, ref.spacing, 2.0)
+    small_mask = block_mean(ref_mask.astype(np.float32), ref.affine, ref.spacing, 2.0)[0] > 0.5
+    target = Template(Volume(small, small_affine), small_mask, TEMPLATES[REFERENCE].modality, "")
+    transform, _ = register(volume, target)
+    new_mask = resample(mask, volume, ref, transform, "mask")
+    data = np.where(new_mask, resample(volume.data, volume, ref, transform, "map"), 0)
+    out = Volume(data.astype(np.float32), ref.affine.copy())
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_individual(Individual(out, new_mask, {"registered": name, "to": REFERENCE}), path)
+    return out, new_mask
+
+
+def _source_brains(
+    sources: list[str],
+    modality: str,
+    data_licence: str | None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[tuple[str, object, np.ndarray, str, dict]]:
+    """(name, volume, brain mask, modality, card record) of every source volume. Template
+    names must be training sources (moved onto the reference grid,
+    :func:`on_reference_grid`); files are the user's (modality: the model's), used as given."""
+    out = []
+    for s in sources:
+        if s in TEMPLATES:
+            t = TEMPLATES[s]
+            if not t.training:
+                raise InputError(
+                    f"{s} is held-out test anatomy and is never used for training; training "
+                    f"templates: {', '.join(TRAINING_TEMPLATES)}"
+                )
+            vol, mask = on_reference_grid(s, *load_template_brain(s), cache_dir)
+            record = {
+                "name": s,
+                "modality": t.modality,
+                "description": t.description,
+                "origin": t.origin,
+                "licence": t.licence,
+            }
+            out.append((s, vol, mask, t.modality, record))
+            continue
+        for path, vol in zip(*_files(s), strict=True):
+            stripped = float(np.mean(vol.data == 0)) > 0.05  # a flat zero background
+            mask = nonzero_brain_mask(vol.data) if stripped else foreground_mask(vol.data, "otsu")
+            record = {
+                "name": path.name,
+                "modality": modality,
+                "description": "NIfTI file",
+                "origin": "user's file",
+                "licence": data_licence or OWN_DATA_LICENCE,
+            }
+            out.append((path.name, vol, mask, modality, record))
+    return out
+
+
+def _files(source: str):
+    paths = find_nifti([source])
+    return paths, load_training_volumes(paths)[0]
+
+
+def build_training_set(
+    sources: list[str],
+    modality: str,
+    individuals: int = 0,
+    seed: int = 0,
+    individual_config: IndividualConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    data_licence: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainingSet:
+    """Load the ``sources`` (template names, NIfTI files, folders) and make ``individuals``
+    synthetic individuals of each (:func:`individuals.individuals_for`, cached in
+    ``cache_dir``), in the model's ``modality``: a source of another modality (T1, T2, PD)
+    gives only its individuals, converted to the model's contrast.
+
+    Raises:
+        InputError: a held-out test template, an unknown source, or a source of another
+            modality with no individuals or no known contrast.
+    """
+    base = individual_config or IndividualConfig()
+    out = TrainingSet([], [], [], [], [])
+    brains = _source_brains(sources, modality, data_licence, cache_dir)
+    for name, vol, mask, src_mod, record in brains:
+        same = src_mod.upper() == modality.upper()
+        if not same and (not individuals or modality.upper() not in TISSUE_PROFILES):
+            raise InputError(
+                f"{name} is a {src_mod} source and the model is {modality}: use it through "
+                "synthetic individuals (--individuals N) of a T1, T2 or PD model"
+            )
+        if same:
+            out.volumes.append(vol)
+            out.names.append(name)
+            out.groups.append(name)
+            out.individual.append(False)
+        if individuals:
+            contrast = None if same else modality.upper()
+            cfg = dataclasses.replace(base, contrast=contrast)
+            if log:
+                log(f"synthetic individuals of {name}: {individuals}")
+            made = individuals_for(name, vol, mask, src_mod, individuals, seed, cfg, cache_dir)
+            for i, ind in enumerate(made):
+                out.volumes.append(ind.volume)
+                out.names.append(f"{name}#{i}")
+                out.groups.append(name)
+                out.individual.append(True)
+        out.records.append({**record, "individuals": int(individuals)})
+    return out
+
+
+def choose_holdout(
+    tset: TrainingSet,
+    val_sources: list[str] | None = None,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+) -> tuple[list[bool] | None, str]:
+    """Which volumes validate: the named ``val_sources`` (whole sources with their
+    individuals); else with three or more sources, ``val_fraction`` of them (at least one,
+    seeded); else with individuals, ``val_fraction`` of each source's individuals (at least
+    one); else None (the dataset's own volume / slab split). Returns (flags, "source" |
+    "individual" | "").
+
+    Raises:
+        InputError: a named validation source is not among the sources, or all are named.
+    """
+    groups = list(dict.fromkeys(tset.groups))
+    if val_sources:
+        unknown = sorted(set(val_sources) - set(groups))
+        if unknown:
+            raise InputError(f"validation source(s) {', '.join(unknown)} not among the sources")
+        if set(val_sources) >= set(groups):
+            raise InputError("every source is held out for validation: none is left to train on")
+        return [g in val_sources for g in tset.groups], "source"
+    rng = np.random.default_rng(seed)
+    if len(groups) >= 3:
+        k = max(1, round(len(groups) * val_fraction))
+        held = {groups[i] for i in rng.choice(len(groups), size=k, replace=False)}
+        return [g in held for g in tset.groups], "source"
+    if any(tset.individual):
+        flags = [False] * len(tset.volumes)
+        for g in groups:
+            pairs = enumerate(zip(tset.groups, tset.individual, strict=True))
+            ids = [i for i, (gg, ind) in pairs if gg == g and ind]
+            k = max(1, round(len(ids) * val_fraction)) if ids else 0
+            for i in rng.choice(ids, size=k, replace=False) if k else []:
+                flags[int(i)] = True
+        return flags, "individual"
+    return None, ""
+
+
+def card_provenance(records: list[dict]) -> tuple[str, str]:
+    """(sources, licence) lines of a model card naming every training source with its
+    origin, synthetic individuals and licence."""
+    parts = []
+    for r in records:
+        text = f"{r['name']}: {r['description']}"
+        if r.get("origin"):
+            text += f" [{r['origin']}]"
+        if r.get("individuals"):
+            text += f" + {r['individuals']} synthetic individuals"
+        parts.append(text)
+    licences = list(dict.fromkeys(r["licence"] for r in records))
+    if len(licences) == 1:
+        licence = licences[0]
+    else:
+        licence = "; ".join(f"{r['name']}: {r['licence']}" for r in records)
+    return "; ".join(parts), licence
+
+
+def check_provenance(card: ModelCard) -> None:
+    """Refuse a model card without training provenance: it must name its training sources
+    (``provenance`` and the training record's ``sources``) and their licence, and every
+    per-source record (``source_records``) must name a source and its licence.
+
+    Raises:
+        ModelError: naming what is missing.
+    """
+    p = card.provenance
+    missing = []
+    if not p.sources.strip():
+        missing.append("the training sources")
+    if not p.licence.strip():
+        missing.append("their licence")
+    if not p.training.get("sources"):
+        missing.append("the training record's sources")
+    for r in p.training.get("source_records", []):
+        if not str(r.get("name", "")).strip() or not str(r.get("licence", "")).strip():
+            missing.append(f"the name and licence of source {r.get('name', '?')!r}")
+    if missing:
+        raise ModelError(
+            f"model card {card.name!r} lacks training provenance: " + ", ".join(missing)
+        )
 
 
 def train_model(
@@ -49,13 +297,29 @@ def train_model(
     overwrite: bool = False,
     weights: dict[str, float] | None = None,
     progress: Callable[[dict], None] | None = None,
+    individuals: int = 0,
+    individual_config: IndividualConfig | None = None,
+    val_sources: list[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    data_licence: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict]:
-    """Train a conv VAE on the healthy ``sources`` (files, folders or template names), calibrate
-    it on the held-out slices and write the model folder ``out``.
+    """Train a conv VAE on the healthy ``sources`` (files, folders or template names) and
+    ``individuals`` synthetic individuals of each, calibrate it on the held-out volumes or
+    slices and write the model folder ``out``.
 
     ``augment``: :class:`augment.AugmentConfig` fields (None: the defaults; ``{}`` would also be
-    the defaults; pass ``{"enabled": False}`` for none). Checkpoints go to a hidden folder beside
-    ``out`` and are removed once the model is written. Returns (model folder, training summary).
+    the defaults; pass ``{"enabled": False}`` for none). Validation: :func:`choose_holdout`.
+    Checkpoints go to a hidden folder beside ``out`` (the individuals are cached in its
+    ``individuals`` folder unless ``cache_dir`` is given); it is removed once the model is
+    written, except after a stop by ``cfg.max_minutes``, so that ``resume`` continues the run.
+    ``data_licence`` states the terms of the user's own files for the card. Returns (model
+    folder, training summary).
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+        InputError: bad sources (see :func:`build_training_set`, :func:`choose_holdout`).
+        ModelError: the card would lack training provenance (:func:`check_provenance`).
     """
     import torch
 
@@ -65,9 +329,28 @@ def train_model(
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(out)
+    sources = [str(s) for s in sources]
     norm = normalisation or Normalisation()
-    volumes, names = load_training_volumes(sources)
-    data = build_slice_dataset(volumes, cfg.axis, cfg.image_size, norm, seed=cfg.seed)
+    ckpt = checkpoint_dir_for(out)
+    ind_cfg = individual_config or IndividualConfig()
+    tset = build_training_set(
+        sources,
+        modality,
+        individuals,
+        cfg.seed,
+        ind_cfg,
+        cache_dir if cache_dir is not None else ckpt / "individuals",
+        data_licence,
+        log,
+    )
+    holdout, held_by = choose_holdout(tset, val_sources, seed=cfg.seed)
+    data = build_slice_dataset(
+        tset.volumes, cfg.axis, cfg.image_size, norm, seed=cfg.seed, holdout=holdout
+    )
+    if held_by:
+        data.split["by"] = held_by
+        data.split["val_names"] = [n for n, h in zip(tset.names, holdout or [], strict=True) if h]
+    del tset.volumes[:]  # the slices are all that training needs
     aug_d = dict(augment or {})
     enabled = aug_d.pop("enabled", True)
     aug_cfg = AugmentConfig.from_dict(aug_d) if enabled else AugmentConfig.none()
@@ -76,7 +359,6 @@ def train_model(
     net = ConvVAE(
         image_size=cfg.image_size, z_dim=cfg.z_dim, widths=tuple(cfg.widths) if cfg.widths else None
     )
-    ckpt = checkpoint_dir_for(out)
     result = fit(
         net,
         data.train,
@@ -97,15 +379,7 @@ def train_model(
     )
     table = (calibration.combined_fpr if calibration is not None else None) or {}
     threshold = table.get(str(DEFAULT_FPR), 1.0)
-    templates = [s for s in sources if s in TEMPLATES]
-    provenance = "; ".join(
-        [TEMPLATES[t].description for t in templates]
-        + (
-            [f"{len(names) - len(templates)} NIfTI file(s): " + ", ".join(names[:5])]
-            if len(names) > len(templates)
-            else []
-        )
-    )
+    sources_line, licence = card_provenance(tset.records)
     training_record = {
         "config": cfg.to_dict(),
         "augment": aug_cfg.to_dict(),
@@ -115,10 +389,13 @@ def train_model(
         "best_val_loss": result.best_val,
         "stopped": result.stopped,
         "sources": [str(s) if s in TEMPLATES else Path(s).name for s in sources],
+        "source_records": tset.records,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "package_version": __version__,
     }
+    if individuals:
+        training_record["individuals"] = {"per_source": individuals, "config": ind_cfg.to_dict()}
     card = ModelCard(
         name=name or out.name,
         architecture=Architecture.from_dict(net.config(), "network config"),
@@ -135,13 +412,14 @@ def train_model(
         provenance=Provenance(
             description=f"conv VAE (Zimmerer et al. 2019) trained on healthy {modality} "
             f"{cfg.axis} slices",
-            sources=provenance,
-            licence=MNI_LICENCE if templates else "as the training data",
+            sources=sources_line,
+            licence=licence,
             training=training_record,
         ),
     )
+    check_provenance(card)
     folder = save_model(net, card, out, overwrite=overwrite)
-    if ckpt.is_dir():
+    if ckpt.is_dir() and result.stopped != "max_minutes":
         import shutil
 
         shutil.rmtree(ckpt)
@@ -167,7 +445,7 @@ def recalibrate(
     scan_normalise: bool | None = None,
 ) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
-    slices it was validated on (rebuilt from the recorded sources and split seed), set the
+    slices it was validated on (rebuilt from the recorded sources, individuals and split), set the
     default threshold to the healthy false-positive rate ``fpr``, and rewrite ``model.json``
     through the card's atomic save.
 
@@ -175,20 +453,37 @@ def recalibrate(
     (``smoothing_mm`` > 0) or per-scan normalisation (``scan_normalise``; None keeps the card's
     settings) the false-positive table of the combined map comes from the held-out volumes /
     slabs localized in volume space, since both depend on more than one slice. The weights
-    file, and so its checksum, is unchanged. Returns the new calibration."""
+    file, and so its checksum, is unchanged. Returns the new calibration.
+
+    Raises:
+        ModelError: the card lacks training provenance (:func:`check_provenance`); nothing
+            is rewritten.
+    """
     from ..models.store import CARD_FILE, load_model
 
     folder = Path(folder)
     model = load_model(folder)
     card = model.card
+    check_provenance(card)
     d = card.defaults
     smoothing = float((d.smoothing_mm or 0.0) if smoothing_mm is None else smoothing_mm)
     if scan_normalise is None:
         scan_normalise = bool(d.scan_normalise)
     record = card.provenance.training
     split = record.get("split", {})
-    volumes, _ = load_training_volumes(record["sources"])
+    made = record.get("individuals", {})
+    if made or "val_volumes" in split:
+        volumes = build_training_set(
+            record["sources"],
+            card.modality,
+            made.get("per_source", 0),
+            record.get("config", {}).get("seed", 0),
+            IndividualConfig.from_dict(made["config"]) if made else None,
+        ).volumes
+    else:
+        volumes, _ = load_training_volumes(record["sources"])
     norm = card.normalisation
+    val_volumes = split.get("val_volumes")
     data = build_slice_dataset(
         volumes,
         card.axis,
@@ -198,6 +493,7 @@ def recalibrate(
         slab=split.get("slab", 8),
         gap=split.get("gap", 2),
         seed=split.get("seed", 0),
+        holdout=None if val_volumes is None else [i in val_volumes for i in range(len(volumes))],
     )
     calibration = calibrate(
         model.network, data.val, data.val_foreground, card.likelihood_log_std, weights=weights

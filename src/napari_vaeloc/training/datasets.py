@@ -9,7 +9,7 @@ gap of excluded slices around each.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,65 @@ from ..samples import TEMPLATES, template
 
 def load_template(name: str) -> Volume:
     """A packaged template (:data:`napari_vaeloc.samples.TEMPLATES`) as a :class:`Volume`,
-    skull-stripped with its brain mask when it has one (background set to 0)."""
+    skull-stripped with its brain mask when it has one (background set to 0) and resampled to
+    the registry's voxel size when it names one."""
+    return load_template_brain(name)[0]
+
+
+def load_template_brain(name: str) -> tuple[Volume, np.ndarray]:
+    """A packaged template and its brain mask (bool, same grid): the registry's mask when it
+    has one (resampled in world coordinates when it lies on another grid; the template is set
+    to 0 outside it), otherwise the template's nonzero voxels with holes filled.
+
+    Raises:
+        InputError: unknown template, or its package is not installed.
+    """
     source = template(name)
     vol = load_volume(source.path)
     mask_path = source.brain_mask_path
+    mask = None
     if mask_path is not None:
-        vol.data[~(load_volume(mask_path, scorable=False).data > 0)] = 0
-    return vol
+        mask = _on_grid(load_volume(mask_path, scorable=False), vol) > 0.5
+    if source.voxel_mm is not None:
+        data, affine = block_mean(vol.data, vol.affine, vol.spacing, source.voxel_mm)
+        if mask is not None:
+            small, _ = block_mean(mask.astype(np.float32), vol.affine, vol.spacing, source.voxel_mm)
+            mask = small > 0.5
+        vol = Volume(data, affine, path=vol.path)
+    if mask is None:
+        mask = nonzero_brain_mask(vol.data)
+    data = np.where(mask, vol.data, 0).astype(np.float32) if mask_path is not None else vol.data
+    return replace(vol, data=data), mask
+
+
+def nonzero_brain_mask(data: np.ndarray) -> np.ndarray:
+    """bool: the nonzero voxels of a skull-stripped brain, holes filled."""
+    from scipy.ndimage import binary_fill_holes
+
+    return binary_fill_holes(np.asarray(data) > 0)
+
+
+def _on_grid(moving: Volume, fixed: Volume) -> np.ndarray:
+    """``moving``'s data on ``fixed``'s grid (linear, in world coordinates; 0 outside)."""
+    if moving.shape == fixed.shape and np.allclose(moving.affine, fixed.affine, atol=1e-4):
+        return moving.data
+    from scipy.ndimage import affine_transform
+
+    m = np.linalg.inv(moving.affine) @ fixed.affine
+    return affine_transform(moving.data, m[:3, :3], m[:3, 3], output_shape=fixed.shape, order=1)
+
+
+def block_mean(data: np.ndarray, affine: np.ndarray, spacing, voxel_mm: float):
+    """Average ``data`` over blocks of round(voxel_mm / spacing) voxels per axis; returns the
+    smaller array and its affine (each new voxel centred on its block)."""
+    k = [max(1, round(voxel_mm / s)) for s in spacing]
+    shape = [n // f for n, f in zip(data.shape, k, strict=True)]
+    cut = data[: shape[0] * k[0], : shape[1] * k[1], : shape[2] * k[2]]
+    small = cut.reshape(shape[0], k[0], shape[1], k[1], shape[2], k[2]).mean(axis=(1, 3, 5))
+    new = np.array(affine, dtype=np.float64)
+    new[:3, 3] = affine[:3, :3] @ ((np.array(k) - 1) / 2.0) + affine[:3, 3]
+    new[:3, :3] = affine[:3, :3] * np.array(k)[None, :]
+    return small.astype(np.float32), new
 
 
 def find_nifti(sources: list[str | os.PathLike]) -> list[Path]:
@@ -95,20 +147,26 @@ def build_slice_dataset(
     slab: int = 8,
     gap: int = 2,
     seed: int = 0,
+    holdout: list[bool] | None = None,
 ) -> SliceDataset:
     """Slice healthy volumes with the engine's preprocessing and split them for validation.
 
-    Three or more volumes: whole volumes are held out (``val_fraction`` of them, at least one).
-    Fewer: each volume's foreground slices are cut into slabs of ``slab`` slices, a fraction of
-    slabs is held out and ``gap`` slices on each side of a held-out slab are dropped.
+    With ``holdout`` (one flag per volume), the flagged volumes are the validation set (the
+    split records them as ``val_volumes``). Otherwise, three or more volumes: whole volumes are
+    held out (``val_fraction`` of them, at least one). Fewer: each volume's foreground slices
+    are cut into slabs of ``slab`` slices, a fraction of slabs is held out and ``gap`` slices
+    on each side of a held-out slab are dropped.
     """
     import torch
 
     from ..preprocess import canonical_slices, to_model_space
 
     rng = np.random.default_rng(seed)
-    by_volume = len(volumes) >= 3
-    val_volumes = _val_volume_ids(len(volumes), rng, val_fraction) if by_volume else set()
+    by_volume = holdout is not None or len(volumes) >= 3
+    if holdout is not None:
+        val_volumes = {i for i, h in enumerate(holdout) if h}
+    else:
+        val_volumes = _val_volume_ids(len(volumes), rng, val_fraction) if by_volume else set()
     train, val, val_fg = [], [], []
     pad_values = []
     for vi, vol in enumerate(volumes):
@@ -151,6 +209,7 @@ def build_slice_dataset(
             "gap": gap,
             "val_fraction": val_fraction,
             "seed": seed,
+            **({"val_volumes": sorted(val_volumes)} if holdout is not None else {}),
         },
     )
 
@@ -178,6 +237,9 @@ def heldout_masks(
     """Per volume, bool (X, Y, Z) of the voxels :func:`build_slice_dataset` held out under the
     recorded ``split`` (whole volumes, or slabs of one), or None for a volume used whole in
     training."""
+    if "val_volumes" in split:
+        val = set(split["val_volumes"])
+        return [np.ones(v.shape, bool) if i in val else None for i, v in enumerate(volumes)]
     if split.get("by") == "volume":
         rng = np.random.default_rng(split.get("seed", 0))
         val = _val_volume_ids(len(volumes), rng, split.get("val_fraction", 0.15))
@@ -186,14 +248,24 @@ def heldout_masks(
 
 
 def load_training_volumes(sources: list[str | os.PathLike]) -> tuple[list[Volume], list[str]]:
-    """Load every NIfTI (3D; first volume of 4D) from ``sources``; returns (volumes, names)."""
+    """Load every NIfTI (3D; first volume of 4D) from ``sources`` (templates through
+    :func:`load_template`); returns (volumes, names)."""
     vols, names = [], []
-    for p in find_nifti(sources):
-        try:
-            vols.append(load_volume(p))
-        except InputError as exc:
-            if "4D" not in str(exc):
-                raise
-            vols.append(load_volume(p, volume_index=0))
-        names.append(p.name)
+    for s in sources:
+        if str(s) in TEMPLATES:
+            vols.append(load_template(str(s)))
+            names.append(str(s))
+            continue
+        for p in find_nifti([s]):
+            vols.append(_load_file(p))
+            names.append(p.name)
     return vols, names
+
+
+def _load_file(p: Path) -> Volume:
+    try:
+        return load_volume(p)
+    except InputError as exc:
+        if "4D" not in str(exc):
+            raise
+        return load_volume(p, volume_index=0)
