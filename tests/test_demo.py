@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -11,7 +12,7 @@ import pytest
 
 from napari_vaeloc.cli import main
 from napari_vaeloc.combine import PostProcessor
-from napari_vaeloc.demo import run_demo
+from napari_vaeloc.demo import mask_parts, run_demo
 from napari_vaeloc.engine import EngineOptions, localize
 from napari_vaeloc.errors import ModelError
 from napari_vaeloc.io import load_volume
@@ -128,6 +129,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     auroc, ap = float(row[-3]), float(row[-2])
     assert auroc > 0.95 and ap > 0.5, row
     assert "0.0 ml outside the brain" in text
+    assert re.search(r"ml in \d+ parts?; \d+ parts? \(\d+\.\d ml\) not touching the lesion", text)
     names = {p.name for p in out.iterdir()}
     assert {
         "sample_t1_head_lesion_mask.nii.gz",
@@ -139,3 +141,30 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--quiet", "--overwrite"]) == 0
+
+
+def test_demo_counts_mask_parts_away_from_the_lesion(tmp_path, capsys):
+    """The demo's mask line gives the mask's parts and those that do not touch the lesion (false
+    positives), counted on the mask it wrote; on the T2 sample (no preparation steps but bias
+    correction: a few seconds)."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--sample", "t2-lesion", "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mask at"))
+    mask = np.asarray(nib.load(out / "sample_t2_lesion_mask.nii.gz").dataobj) > 0
+    truth = np.asarray(nib.load(sample_path("t2-lesion-truth")).dataobj) > 0
+    labels, n = mask_parts(mask)
+    stray = [k for k in range(1, n + 1) if not (truth & (labels == k)).any()]
+    stray_ml = sum(int((labels == k).sum()) for k in stray) * 0.008  # 2 mm voxels
+    s = "" if n == 1 else "s"
+    assert f"{mask.sum() * 0.008:.1f} ml in {n} part{s}; " in line, line
+    assert f"; {len(stray)} part{'' if len(stray) == 1 else 's'} ({stray_ml:.1f} ml) not " in line
+    assert n >= 1 and n > len(stray)  # the lesion is found
+
+
+def test_mask_parts_are_26_connected():
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[0, 0, 0] = mask[1, 1, 1] = 1  # corners touch: one part
+    mask[4, 4, 4] = 1
+    labels, n = mask_parts(mask)
+    assert n == 2 and labels[0, 0, 0] == labels[1, 1, 1] != labels[4, 4, 4]

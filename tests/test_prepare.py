@@ -131,10 +131,10 @@ def test_registration_recovers_a_known_affine(t1):
     ("key", "modality"), [("t1-healthy", "T1"), ("t2-healthy", "T2"), ("t1-head", "T1")]
 )
 def test_modality_check_tells_t1_from_t2(key, modality):
-    from napari_vaeloc.prepare import guess_modality
+    from napari_vaeloc.models.choice import guess_modality
 
-    got, prepared = guess_modality(load_volume(sample_path(key)))
-    assert got == modality, prepared.report.lines()
+    guess = guess_modality(load_volume(sample_path(key)))
+    assert guess.modality == modality, guess.report.lines()
 
 
 def test_t1_scan_given_to_the_t2_model_is_refused(capsys, tmp_path):

@@ -159,6 +159,7 @@ def test_first_view_is_axial_anterior_up_radiological(code, make_napari_viewer, 
     viewer = make_napari_viewer(show=True)
     [layer] = _open(viewer, path)
     assert viewer.dims.order == (2, 1, 0)
+    assert viewer.dims.axis_labels == ("x", "y", "z")  # world axes, not -3, -2, -1
     layer.contrast_limits = (0.0, 5.0)
     layer.interpolation2d = "nearest"
     viewer.dims.set_point(2, centre[2])
@@ -187,6 +188,7 @@ def test_first_view_only_for_an_empty_viewer(make_napari_viewer, tmp_path):
     viewer.add_image(np.zeros((3, 4, 5)), name="already there")
     _open(viewer, path)
     assert viewer.dims.order == (0, 1, 2)
+    assert viewer.dims.axis_labels == ("-3", "-2", "-1")  # napari's own: not this plugin's view
     with pytest.raises(ValueError, match="convention"):
         axial_view(viewer, "sideways")
 
@@ -267,6 +269,9 @@ def test_4d_file_opens_volume_axis_first(make_napari_viewer, tmp_path):
     assert world[0] == pytest.approx(2.0)
     np.testing.assert_allclose(world[1:], _world(affine, LESION), atol=1e-3)
     assert viewer.dims.order == (0, 3, 2, 1)
+    assert viewer.dims.axis_labels == ("volume", "x", "y", "z")
+    viewer.add_image(np.zeros((2, 3, *SHAPE)), name="5D, another plugin's")
+    assert viewer.dims.axis_labels[1:] == ("volume", "x", "y", "z")  # kept under a new axis
     assert n_volumes(layer) == 3
     out = tmp_path / "series_saved.nii.gz"
     napari.save_layers(str(out), [layer], plugin="napari-vaeloc")
@@ -333,6 +338,7 @@ def test_2d_file_is_a_2d_layer_with_its_affine(swap, make_napari_viewer, tmp_pat
     [ij] = np.argwhere(layer.data == 400.0)
     assert layer.data_to_world(ij) == pytest.approx(_world(affine, (*LESION[:2], 0))[:2], abs=1e-3)
     assert viewer.dims.order == (1, 0)
+    assert viewer.dims.axis_labels == ("x", "y")
     out = tmp_path / "slice_saved.nii"
     napari.save_layers(str(out), [layer], plugin="napari-vaeloc")
     np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), data)

@@ -4,12 +4,14 @@ the combined map and the mask when a slider moves (cellpose-napari's "re-thresho
 The recomputation itself is the one post-processing pipeline every front uses
 (:class:`~napari_vaeloc.combine.PostProcessor`); this module adds only what the panel shows:
 contrast limits and the meaning of the threshold in words; and, for scan preparation, the
-"prepare scan" choices, the fit line's words and the model a modality guess preselects.
+"prepare scan" choices, the fit line's words and the preparation's advice in the panel's terms
+(:func:`in_panel_words`). The model a modality guess preselects is chosen by
+:func:`napari_vaeloc.models.choice.choose_model`, as on the command line.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -277,25 +279,18 @@ def fit_tooltip(result: LocalizationResult) -> str:
     return "\n".join(lines)
 
 
-def guessed_correlation(message: str) -> str:
-    """The correlation ("0.62") a modality check's message gives for the modality it found, or
-    "" (the first "r = x" of messages like "looks like T1 (r = 0.62)")."""
-    import re
+#: the preparation's advice, and the panel's controls that do what it says (the command line
+#: names its options instead)
+PANEL_WORDS = {
+    "force brain extraction on or off": "force brain extraction on with 'prepare scan: full', "
+    "or score the scan as given with 'prepare scan: none'",
+}
 
-    found = re.search(r"r = (-?[0-9.]+)", message)
-    return found.group(1) if found else ""
 
-
-def choose_model(modality: str, cards: dict[str, Any], current: str | None) -> str | None:
-    """The model to preselect for a scan that looks like ``modality``: the current one when it
-    learned that modality and ships a template, else the first in ``cards`` (name -> model card,
-    bundled first) that does; None when none does."""
-
-    def fits(card: Any) -> bool:
-        if card is None or str(card.modality).lower() != modality.lower():
-            return False
-        return bool(getattr(card.preprocessing, "template", None))
-
-    if current is not None and fits(cards.get(current)):
-        return current
-    return next((name for name, card in cards.items() if fits(card)), None)
+def in_panel_words(message: str) -> str:
+    """``message`` (a refusal's advice) with the preparation's advice naming the panel's
+    controls."""
+    for words, here in PANEL_WORDS.items():
+        if here not in message:
+            message = message.replace(words, here)
+    return message

@@ -1,9 +1,12 @@
 """Which model the "Localize anomalies" panel runs: picked by hand, or preselected by a guess.
 
 When an image is selected, a worker guesses its modality (:func:`guess_in_worker`) and the panel
-preselects a model of that modality, unless a model is picked by hand meanwhile (``_picks``
-counts those); a new selection makes older guesses stale (``_guess_token``), and a run stops the
-guess (it prepares the scan itself). The model line shows the model and what the guess found.
+preselects a model of that modality (:func:`~napari_vaeloc.models.choice.choose_model`, as
+``vaeloc localize --model auto`` does), unless a model is picked by hand meanwhile (``_picks``
+counts those) or no modality is recognised; a new selection makes older guesses stale
+(``_guess_token``), and a run stops the guess (it prepares the scan itself). While the guess
+runs, the progress bar is busy (:data:`GUESS_LABEL`). The model line shows the model and what the
+guess found.
 """
 
 from __future__ import annotations
@@ -15,27 +18,28 @@ from typing import Any
 
 from napari.utils.notifications import show_error
 
-from ._widget_controller import TOOLTIPS, choose_model, guessed_correlation
+from ._widget_controller import TOOLTIPS
 from ._widget_layers import scan_inputs
 from ._widget_run import live, start_worker
+from .models.choice import ModalityGuess, choose_model
 from .prepare import too_thin
 
 #: the model list's entry that asks for a model folder
 FOLDER_CHOICE = "__folder__"
+#: the progress bar's label while the modality guess prepares the scan
+GUESS_LABEL = "checking the scan (brain extraction, registration)…"
 
 
-def guess_in_worker(inputs: dict, cancel: Callable[[], bool]) -> tuple[str, str]:
+def guess_in_worker(inputs: dict, cancel: Callable[[], bool]) -> ModalityGuess:
     """Runs in a worker thread: the modality the scan looks like and its correlation with that
     modality's template (prepared once per scan content, then cached)."""
     from .io import Volume
-    from .prepare import guess_modality
+    from .models.choice import guess_modality
 
     vol = Volume.from_array(
         inputs["data"], inputs["affine"], header=inputs["header"], path=inputs["path"]
     )
-    modality, prepared = guess_modality(vol, cancel=cancel)
-    check = prepared.report.check("modality")
-    return modality, guessed_correlation(check.message) if check is not None else ""
+    return guess_modality(vol, cancel=cancel)
 
 
 class GuessMixin:
@@ -54,6 +58,7 @@ class GuessMixin:
         self._guess_cancel = threading.Event()
         self._guess: dict[str, Any] | None = None  # the modality guess's state for the label
         self._model_text = ""
+        self._bar_before: tuple[str, int, int] | None = None  # the bar the guess's busy bar hid
 
     def _model_choices(self, _widget: Any = None) -> list[tuple[str, str]]:
         return [(n, n) for n in self._folders] + [("load from folder…", FOLDER_CHOICE)]
@@ -138,8 +143,10 @@ class GuessMixin:
             return "modality not checked: a run started first"
         if g["state"] == "failed":
             return f"could not tell the scan's modality ({g['message']}); model left as it is"
-        modality, r = g["modality"], g["r"]
-        looks = f"the scan looks like {modality}" + (f" (r = {r})" if r else "")
+        guess: ModalityGuess = g["guess"]
+        modality, looks = guess.modality, guess.describe()
+        if modality is None:
+            return f"{looks}; model left as it is"
         if g["chosen"] is not None and g["chosen"] == self.model.value:
             return f"{modality} model chosen: {looks}"
         if card is not None and str(card.modality).lower() != modality.lower():
@@ -183,6 +190,7 @@ class GuessMixin:
         self._guess_worker = create_worker(
             guess_in_worker, inputs, cancel.is_set, _start_thread=False, _connect=connect
         )
+        self._show_guess_busy()
         start_worker(self._guess_worker)
 
     def _stop_guess(self, *_: Any) -> None:
@@ -190,6 +198,27 @@ class GuessMixin:
         self._guess_token += 1
         self._guess_cancel.set()
         self._guess_worker = None
+        self._clear_guess_busy()
+
+    def _show_guess_busy(self) -> None:
+        """A busy progress bar labelled :data:`GUESS_LABEL` while the guess runs (the guess's
+        preparation reports no fraction done), unless a run or an export owns the bar."""
+        if self.running or self.exporting:
+            return
+        bar = self.progress
+        if bar.label != GUESS_LABEL:
+            self._bar_before = (bar.label, bar.max, bar.value)
+        bar.value, bar.max = 0, 0
+        bar.label = GUESS_LABEL
+
+    def _clear_guess_busy(self) -> None:
+        """The guess ended or was stopped: give the bar back as it was before it (unless a run
+        or an export has taken it over since)."""
+        if self.closed or self.progress.label != GUESS_LABEL:
+            return
+        label, maximum, value = self._bar_before or ("", 1, 0)
+        self.progress.max = max(maximum, 1)
+        self.progress.value, self.progress.label = value, label
 
     def _stop_guess_for_run(self) -> None:
         """A run starts: it prepares the scan itself, so a running guess stops (not twice at
@@ -200,14 +229,15 @@ class GuessMixin:
             self._show_model_info(self._card_quiet(self.model.value))
 
     @live
-    def _on_guess(self, token: int, picks: int, out: tuple[str, str]) -> None:
+    def _on_guess(self, token: int, picks: int, guess: ModalityGuess) -> None:
         if token != self._guess_token:
             return  # another image was selected meanwhile
-        modality, r = out
         chosen, changed = None, False
-        if picks == self._picks:  # no model picked by hand since the guess started
+        if guess.modality is None:
+            found = False  # no modality recognised: the model stays as it is
+        elif picks == self._picks:  # no model picked by hand since the guess started
             cards = {name: self._card_quiet(name) for name in self._folders}
-            chosen = choose_model(modality, cards, self.model.value)
+            chosen = choose_model(guess.modality, cards, self.model.value)
             found = chosen is not None
             if chosen is not None and chosen != self.model.value:
                 self._model_guard = True
@@ -218,8 +248,7 @@ class GuessMixin:
                 changed = True
         else:
             found = True  # not looked for: the model was chosen by hand
-        self._guess = {"state": "done", "modality": modality, "r": r, "chosen": chosen,
-                       "found": found}  # fmt: skip
+        self._guess = {"state": "done", "guess": guess, "chosen": chosen, "found": found}
         if changed:
             self._describe_model()  # as for a model chosen from the list: its defaults too
         else:
@@ -238,6 +267,7 @@ class GuessMixin:
     def _on_guess_finished(self, token: int) -> None:
         if token == self._guess_token:
             self._guess_worker = None
+            self._clear_guess_busy()
 
     def _card_quiet(self, name: str | None) -> Any:
         """The model card of a listed model, or None (no notification)."""

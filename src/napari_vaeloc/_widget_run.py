@@ -29,6 +29,7 @@ from ._widget_controller import (
     Session,
     fit_text,
     fit_tooltip,
+    in_panel_words,
     layer_help,
     offers_preparation_layers,
     prepare_mode_for,
@@ -308,7 +309,7 @@ class RunMixin:
         progress bar says "not localized"; ``found`` (the preparation's steps and checks of a
         refused scan) is the fit line's tooltip. The shown result, if any, stays as it was,
         with its layers, sliders and export (the "result" line names its scan and model)."""
-        message = " ".join(message.split())
+        message = in_panel_words(" ".join(message.split()))
         self._set_fit(layer, f"not localized: {message}", "fail", found)
         self.progress.max, self.progress.value = 1, 0
         self.progress.label = "not localized"

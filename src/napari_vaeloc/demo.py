@@ -11,8 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .samples import sample_path
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ def run_demo(
     the brain against the ground truth.
 
     Returns {"demo": Demo, "metrics": {map: {auroc, ap, best_dice}}, "mask_dice": float,
+    "mask_ml": the mask's volume (ml), "parts": its connected parts, "stray_parts" and
+    "stray_ml": the parts that do not touch the lesion (false positives) and their volume (ml),
     "outside_ml": mask volume outside the brain (ml), "files": {...}, "result":
     LocalizationResult, "settings": CombineSettings}.
 
@@ -120,12 +126,28 @@ def run_demo(
     overlap = Overlap()
     overlap.add(c.mask, truth)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
+    labels, parts = mask_parts(c.mask)
+    stray = np.isin(labels, np.unique(labels[truth]), invert=True) & (labels > 0)
     return {
         "demo": demo,
         "metrics": metrics,
         "mask_dice": overlap.dice,
+        "mask_ml": float(c.mask.sum()) * voxel_ml,
+        "parts": parts,
+        "stray_parts": len(np.unique(labels[stray])),
+        "stray_ml": float(stray.sum()) * voxel_ml,
         "outside_ml": float((c.mask.astype(bool) & ~region).sum()) * voxel_ml,
         "files": files,
         "result": result,
         "settings": post.settings,
     }
+
+
+def mask_parts(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The connected parts of a mask (any shape; 26-connected in 3D, as the mask's minimum
+    size counts them): an int32 label array of its shape (0 outside, 1..n) and n."""
+    import numpy as np
+    from scipy.ndimage import label
+
+    labels, n = label(np.asarray(mask) > 0, structure=np.ones((3,) * np.ndim(mask), bool))
+    return labels.astype(np.int32, copy=False), int(n)

@@ -223,13 +223,16 @@ def _matrix_problem(m: np.ndarray, rows: tuple[str, str, str]) -> str | None:
     if not np.all(np.isfinite(m)):
         return "has NaN or infinite values"
     lin = m[:3, :3]
+    if not np.any(lin):
+        return "is all zero" if not np.any(m[:3, 3]) else "is all zero but for its offsets"
     norms = np.linalg.norm(lin, axis=0)
     zero_cols = [("i", "j", "k (slice)")[j] for j in range(3) if norms[j] == 0]
     if zero_cols:
-        return f"has a zero {' and '.join(zero_cols)} direction"
+        axes = f"axis {zero_cols[0]}" if len(zero_cols) == 1 else f"axes {' and '.join(zero_cols)}"
+        return f"gives voxel {axes} no direction (zero column{'s' * (len(zero_cols) > 1)})"
     zero_rows = [rows[i] for i in range(3) if not np.any(lin[i])]
     if zero_rows:
-        return f"has all-zero rows ({', '.join(zero_rows)})"
+        return f"has its {' and '.join(zero_rows)} row{'s' * (len(zero_rows) > 1)} all zero"
     if abs(np.linalg.det(lin)) <= 1e-6 * float(np.prod(norms)):
         return "is singular (two voxel axes point the same way)"
     return None

@@ -883,28 +883,6 @@ def apply_prepared(
     return out
 
 
-def guess_modality(
-    volume: Volume,
-    *,
-    cancel: CancelFlag | None = None,
-    templates: list[Template] | None = None,
-) -> tuple[str, Prepared]:
-    """The modality a scan looks like ("T1", "T2", ...): it is prepared (cached) against the
-    first bundled template and compared with every template (the modality check). Returns the
-    modality and the preparation (whose report says why).
-
-    Raises:
-        InputError: no bundled model ships a template, or the scan cannot be prepared.
-    """
-    templates = templates or bundled_templates()
-    if not templates:
-        raise InputError("no bundled model ships a template to compare the scan with")
-    prepared = prepare_cached(volume, templates[0], cancel=cancel, templates=templates,
-                              refuse=False)  # fmt: skip
-    check = prepared.report.check("modality")
-    return str(check.value if check is not None else templates[0].modality), prepared
-
-
 def prepared_paths(out_dir: Path, stem: str) -> dict[str, Path]:
     """Every file :func:`save_prepared` writes."""
     return {

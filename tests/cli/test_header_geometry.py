@@ -66,9 +66,18 @@ RECOVERED = {
     "sform_rows_zero": (
         {"srow_x": ZERO_ROW, "srow_y": ZERO_ROW, "srow_z": ZERO_ROW},
         QFORM,
-        ["sform (sform_code 1)", "qform was used"],
+        ["the sform (sform_code 1) is all zero: the qform was used instead"],
     ),
-    "sform_slice_column_zero": (_sform_col_k_zero(), QFORM, ["k (slice)", "qform was used"]),
+    "sform_slice_column_zero": (
+        _sform_col_k_zero(),
+        QFORM,
+        ["the sform (sform_code 1) gives voxel axis k (slice) no direction (zero column)"],
+    ),
+    "sform_row_zero": (  # every voxel axis along x or z, none along y
+        {"srow_x": [1.5, -1.5, 0, 4], "srow_y": ZERO_ROW},
+        QFORM,
+        ["the sform (sform_code 1) has its srow_y row all zero: the qform was used instead"],
+    ),
     "sform_nan": ({"srow_y": NAN_ROW}, QFORM, ["sform", "NaN", "qform was used"]),
     "sform_inf": ({"srow_z": np.array([0, 0, np.inf, 0])}, QFORM, ["sform", "infinite"]),
     "qform_nan_quaternion": (

@@ -78,9 +78,9 @@ def test_every_subcommand_has_overwrite_and_quiet(command):
 
 def test_option_defaults_are_unchanged():
     parse = build_parser().parse_args
-    lo = parse(["localize", "scan.nii"])
+    lo = parse(["localize", "scan.nii"])  # the model follows the scan's modality
     assert (lo.model, lo.device, lo.out, lo.axis, lo.overwrite, lo.quiet) == (
-        "t2-brain",
+        "auto",
         "auto",
         None,
         None,
@@ -93,6 +93,7 @@ def test_option_defaults_are_unchanged():
     assert (de.out, de.model, de.device, de.sample) == (
         "vaeloc-demo", None, "auto", "t1-head-lesion"
     )  # fmt: skip
+    assert parse(["prepare", "scan.nii"]).model == "auto"
     br = parse(["evaluate", "brain"])
     assert (br.out, br.model, br.cases, br.seed, br.maps) == ("results", "t2-brain", 50, 0, "all")
     with pytest.raises(SystemExit):

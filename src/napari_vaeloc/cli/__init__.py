@@ -1,7 +1,7 @@
 """The ``vaeloc`` command: a thin front over the engine.
 
-vaeloc localize SCAN [--model NAME|PATH] [--prepare auto|full|none] [--device DEV] [--out DIR]
-vaeloc prepare SCAN [--model NAME|PATH] [--out DIR]
+vaeloc localize SCAN [--model auto|NAME|PATH] [--prepare auto|full|none] [--device DEV] [--out DIR]
+vaeloc prepare SCAN [--model auto|NAME|PATH] [--out DIR]
 vaeloc models
 vaeloc train SOURCES... --out DIR
 vaeloc demo [--out DIR]
@@ -18,7 +18,7 @@ import sys
 
 from .. import __version__
 from ..errors import OutputExistsError, VaelocError, describe_os_error
-from . import demo, evaluate, localize, models, prepare, train
+from . import demo, evaluate, localize, models, options, prepare, train
 
 __all__ = ["build_parser", "main"]
 
@@ -44,7 +44,8 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run ``vaeloc`` with ``argv`` (default: the command line); returns the exit status:
     0 on success, 2 on a usage, input or output error (one line on stderr: ``vaeloc: error:
-    ...``, never a traceback), 130 when interrupted."""
+    ...``, never a traceback; a scan the preparation refused first gets its steps and checks,
+    one a line, unless --quiet), 130 when interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaeloc: error: {exc}; pass --overwrite to replace", file=sys.stderr)
         return 2
     except VaelocError as exc:  # InputError, ModelError, OutputError, ...
-        print(f"vaeloc: error: {_one_line(exc)}", file=sys.stderr)
+        report = getattr(exc, "report", None)  # a refused scan: what the preparation found
+        if report is not None and not getattr(args, "quiet", False):
+            for line in report.lines():
+                print(line, file=sys.stderr)
+        print(f"vaeloc: error: {options.in_option_words(_one_line(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the front itself could not read or write
         print(f"vaeloc: error: {describe_os_error(exc)}", file=sys.stderr)

@@ -28,7 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="which sample to run on (default: %(default)s)",
     )
     options.add_out(de, default="vaeloc-demo", help="output folder (default: %(default)s)")
-    options.add_model(de, None, "model name or folder (default: the sample's model)")
+    options.add_model(
+        de, None, "model name or folder (default: the sample's model, of the sample's modality)"
+    )
     options.add_prepare(de)
     options.add_device(de)
     options.add_overwrite(de)
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             progress=bar.progress,
             sample=args.sample,
             prepare=args.prepare,
-            stage=options.stage_printer(args),
+            stage=None if args.quiet else bar.stage,
         )
     r = res["result"]
     print(f"{r.model_name} on {r.device}: {res['demo'].description}, {r.seconds:.1f} s")
@@ -67,9 +69,12 @@ def run(args: argparse.Namespace) -> int:
     for k, m in res["metrics"].items():
         print(f"  {k:<20}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['best_dice']:>11.3f}")
     s = res["settings"]
+    stray = res["stray_parts"]
     print(
         f"mask at the model's default threshold ({s.threshold:.3g}): Dice {res['mask_dice']:.3f}, "
-        f"{res['outside_ml']:.1f} ml outside the brain"
+        f"{res['mask_ml']:.1f} ml in {res['parts']} part{'' if res['parts'] == 1 else 's'}; "
+        f"{stray} part{'' if stray == 1 else 's'} ({res['stray_ml']:.1f} ml) not touching the "
+        f"lesion; {res['outside_ml']:.1f} ml outside the brain"
     )
     print(f"outputs in {Path(args.out).resolve()}")
     return 0

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import VaelocError
 from ..mapnames import COMBINABLE_MAPS, DEFAULT_MAPS, check_names
 from . import options
+
+if TYPE_CHECKING:
+    from ..combine import PostProcessor
 
 
 def _epilog() -> str:
@@ -33,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     lo.add_argument("scan", help="the scan, .nii or .nii.gz (2D, 3D, or 4D with --volume-index)")
-    options.add_model(lo)
+    options.add_model(lo, options.AUTO_MODEL, options.AUTO_MODEL_HELP)
     options.add_axis(lo, help="anatomical slicing axis (default: the model's training axis)")
     lo.add_argument(
         "--fuse",
@@ -112,13 +116,14 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(out)
     refuse_existing(planned_paths(Path(args.scan), out).values(), args.overwrite, "output file")
 
-    from ..combine import CombineSettings
+    from ..combine import CombineSettings, PostProcessor
     from ..engine import EngineOptions, localize
     from ..export import write_result
     from ..io import load_volume, scan_stem
+    from ..models.store import cached_model
 
     volume = load_volume(args.scan, volume_index=args.volume_index)
-    model = options.load_model_option(args)
+    model = cached_model(options.model_for_scan(args, volume, prepare))
     changes = {
         "threshold": args.threshold,
         "weights": weights,
@@ -133,10 +138,11 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             batch_size=args.batch_size,
             progress=bar.progress,
-            stage=options.stage_printer(args),
+            stage=None if args.quiet else bar.stage,
         )
         result = localize(volume, model, engine, axis=args.axis, fuse=args.fuse, prepare=prepare)
-    paths = write_result(result, settings, out, stem=scan_stem(args.scan), overwrite=args.overwrite)
+    post = PostProcessor(result, settings)
+    paths = write_result(result, post, out, stem=scan_stem(args.scan), overwrite=args.overwrite)
     if result.preparation is not None:
         for line in result.preparation.lines():
             print(line)
@@ -145,6 +151,35 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"{result.model_name} on {result.device}, {result.axis} slices, {result.seconds:.1f} s")
+    print(mask_summary(post, paths["scores"]))
     for p in paths.values():
         print(p)
     return 0
+
+
+def mask_summary(post: PostProcessor, scores: Path) -> str:
+    """One line on the mask written: its volume (the scores file's ``mask_volume_ml``), its
+    connected parts (:func:`..demo.mask_parts`), the threshold and, for a calibrated
+    combination, the healthy false-positive rate it was read at, e.g. "mask: 11.1 ml in 2
+    parts (threshold 2.66, healthy false-positive rate 0.1 %)"."""
+    import json
+
+    from ..demo import mask_parts
+
+    ml = json.loads(Path(scores).read_text())["mask_volume_ml"]
+    n = mask_parts(post.mask())[1]
+    threshold = post.settings.threshold
+    fpr, pairs = post.fpr_for_threshold(threshold), post.fpr_table()
+    if fpr is None:
+        rate = "no healthy false-positive rate: " + (
+            "uncalibrated model" if not post.is_calibrated() else "custom combination"
+        )
+    elif threshold > pairs[-1][0]:
+        rate = f"healthy false-positive rate < {pairs[-1][1] * 100:.2g} %"
+    elif threshold < pairs[0][0]:
+        rate = f"healthy false-positive rate > {pairs[0][1] * 100:.2g} %"
+    else:
+        rate = f"healthy false-positive rate {fpr * 100:.2g} %"
+    return (
+        f"mask: {ml:.1f} ml in {n} part{'' if n == 1 else 's'} (threshold {threshold:.3g}, {rate})"
+    )

@@ -14,21 +14,39 @@ from typing import TYPE_CHECKING, Any
 from ..mapnames import AXIS_NAMES
 
 if TYPE_CHECKING:
+    from ..io import Volume
     from ..models.store import LoadedModel
+    from ..prepare import PrepareSettings
 
 DEFAULT_MODEL = "t2-brain"
+#: ``--model auto``: the bundled model of the modality the scan looks like
+AUTO_MODEL = "auto"
+AUTO_MODEL_HELP = (
+    "bundled model name (see `vaeloc models`), a model folder, or auto: the bundled model of "
+    "the modality the scan looks like (T1 or T2, found by preparing the scan; the run reuses "
+    "that preparation) (default: %(default)s)"
+)
 
 
 def add_model(
     p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL, help: str | None = None
 ) -> None:
-    """``--model NAME|PATH``: a bundled model or a model folder (default: t2-brain)."""
+    """``--model NAME|PATH``: a bundled model or a model folder (default: t2-brain). Commands
+    that score one scan pass ``default=AUTO_MODEL, help=AUTO_MODEL_HELP`` and resolve it with
+    :func:`model_for_scan`."""
     p.add_argument(
         "--model",
         default=default,
         help=help
         or "bundled model name (see `vaeloc models`) or a model folder (default: %(default)s)",
     )
+
+
+def load_model_option(args: argparse.Namespace) -> LoadedModel:
+    """The model that ``--model`` names."""
+    from ..models.store import cached_model
+
+    return cached_model(args.model)
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -85,11 +103,45 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def load_model_option(args: argparse.Namespace) -> LoadedModel:
-    """The model that ``--model`` names."""
-    from ..models.store import cached_model
+def model_for_scan(args: argparse.Namespace, volume: Volume, settings: PrepareSettings) -> str:
+    """The model ``--model`` names, or with ``--model auto`` the bundled main model of the
+    modality ``volume`` looks like (:mod:`..models.choice`); then one line on stdout says
+    which and why, e.g. "model: t1-brain (the scan looks like T1, r = 0.58)".
 
-    return cached_model(args.model)
+    The guess prepares the scan with ``settings`` (with "auto" when they turn preparation
+    off), cached, so a run with the same settings does not prepare it again.
+
+    Raises:
+        InputError: ``--model auto`` and the scan is too thin to prepare, no modality is
+            recognised, or no bundled model learned it.
+    """
+    from ..models.choice import bundled_cards, choose_model, guess_modality
+
+    if args.model != AUTO_MODEL:
+        return args.model
+    from ..errors import InputError
+    from ..prepare import PrepareSettings, too_thin
+
+    name_one = "name a model with --model (see `vaeloc models`)"
+    if too_thin(volume.shape):
+        raise InputError(
+            f"--model auto prepares the scan to tell its modality, and a "
+            f"{'x'.join(map(str, volume.shape))} image is too thin to prepare; {name_one}"
+        )
+    guess = guess_modality(
+        volume, settings if settings.enabled else PrepareSettings(), stage=stage_printer(args)
+    )
+    if guess.modality is None:
+        raise InputError(f"--model auto: {guess.describe()}; is it a brain MRI? To score it "
+                         f"anyway, {name_one}")  # fmt: skip
+    name = choose_model(guess.modality, bundled_cards())
+    if name is None:
+        raise InputError(
+            f"--model auto: the scan looks like {guess.modality} (r = {guess.r:.2f}), but no "
+            f"bundled model learned {guess.modality} scans; {name_one}"
+        )
+    print(f"model: {name} (the scan looks like {guess.modality}, r = {guess.r:.2f})", flush=True)
+    return name
 
 
 def progress_bar(desc: str, unit: str, args: argparse.Namespace, total: int | None = None) -> Any:
@@ -103,8 +155,11 @@ def progress_bar(desc: str, unit: str, args: argparse.Namespace, total: int | No
 
 
 class LazyBar:
-    """A context manager whose ``progress(done, total)`` opens a tqdm bar on its first call, so
-    that nothing shows before the stage it measures begins (disabled by ``--quiet``)."""
+    """Progress bars and stage lines on stderr that never cut into each other (nothing with
+    ``--quiet``). A context manager: ``progress(done, total)`` opens a tqdm bar on its first
+    call, so that nothing shows before the stage it measures begins; ``stage(name)`` closes the
+    open bar (its last state stays on its own line) before it prints "name ...", and the next
+    ``progress`` opens a new bar: one bar per stage."""
 
     def __init__(self, desc: str, unit: str, args: argparse.Namespace) -> None:
         self.desc, self.unit, self.args, self.bar = desc, unit, args, None
@@ -114,12 +169,21 @@ class LazyBar:
             self.bar = progress_bar(self.desc, self.unit, self.args, total)
         fraction_progress(self.bar)(done, total)
 
+    def stage(self, name: str) -> None:
+        self.close()
+        if not self.args.quiet:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def __enter__(self) -> LazyBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.close()
 
 
 def fraction_progress(bar: Any) -> Callable[[int, int], None]:
@@ -172,9 +236,23 @@ def prepare_settings(args: argparse.Namespace) -> Any:
 
 
 def stage_printer(args: argparse.Namespace) -> Callable[[str], None] | None:
-    """A ``stage(name)`` callback that prints each stage on stderr (None with ``--quiet``)."""
+    """A ``stage(name)`` callback that prints each stage on stderr, for a command without a
+    progress bar (None with ``--quiet``); with a bar, use :meth:`LazyBar.stage`."""
     if args.quiet:
         return None
-    from tqdm.auto import tqdm
+    return lambda name: print(f"{name} ...", file=sys.stderr, flush=True)
 
-    return lambda name: tqdm.write(f"{name} ...", file=sys.stderr)
+
+#: the preparation's advice, and the options of this command line that do what it says
+OPTION_WORDS = {
+    "force brain extraction on or off": "force brain extraction on or off "
+    "(--brain-extraction or --no-brain-extraction)",
+}
+
+
+def in_option_words(message: str) -> str:
+    """``message`` with the preparation's advice naming this command line's options."""
+    for words, here in OPTION_WORDS.items():
+        if here not in message:
+            message = message.replace(words, here)
+    return message

@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "checks).",
     )
     pr.add_argument("scan", help="the scan, .nii or .nii.gz (4D with --volume-index)")
-    options.add_model(pr)
+    options.add_model(pr, options.AUTO_MODEL, options.AUTO_MODEL_HELP)
     options.add_prepare(pr, default="auto")
     options.add_out(pr, help="output folder (default: next to the scan)")
     options.add_volume_index(pr)
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     """Prepare ``args.scan`` for the model and write the results; returns the exit status."""
     from ..errors import InputError
     from ..io import check_output_folder, load_volume, refuse_existing, scan_stem
-    from ..models.store import resolve_model_path
+    from ..models.store import cached_model, resolve_model_path
     from ..prepare import Template, prepare_cached, prepared_paths, save_prepared
 
     settings = options.prepare_settings(args)
@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(Path(args.out) if args.out else Path(args.scan).resolve().parent)
     refuse_existing(prepared_paths(out, scan_stem(args.scan)).values(), args.overwrite, "file")
     volume = load_volume(args.scan, volume_index=args.volume_index)
-    model = options.load_model_option(args)
-    template = Template.of_model(resolve_model_path(args.model), model.card)
+    name = options.model_for_scan(args, volume, settings)
+    model = cached_model(name)
+    template = Template.of_model(resolve_model_path(name), model.card)
     prepared = prepare_cached(volume, template, settings, stage=options.stage_printer(args))
     paths = save_prepared(prepared, out, scan_stem(args.scan), overwrite=args.overwrite)
     for line in prepared.report.lines():

@@ -1,0 +1,156 @@
+"""`--model auto` (the default of `vaeloc localize` and `vaeloc prepare`): the bundled model of
+the modality the scan looks like, chosen by the core (`models.choice`) that the napari panel uses
+too; refusals show what the preparation found; the summary line of the mask; bars and stage
+lines that do not cut into each other. Real bundled models, real sample scans, real deepbet and
+SimpleITK.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_vaeloc.cli import build_parser, main
+from napari_vaeloc.cli.options import in_option_words
+from napari_vaeloc.demo import mask_parts
+from napari_vaeloc.models.choice import ModalityGuess, bundled_cards, choose_model
+from napari_vaeloc.models.store import bundled_models
+from napari_vaeloc.prepare import MIN_MODALITY_R, PreparationReport
+from napari_vaeloc.samples import sample_path
+
+
+@pytest.fixture(autouse=True)
+def _models():
+    if not {"t1-brain", "t2-brain"} <= set(bundled_models()):
+        pytest.skip("the bundled t1-brain and t2-brain models are not installed")
+
+
+def _mask_scan(path):
+    """A binary brain mask as a float scan on the template grid (no registration needed)."""
+    m = nib.load(bundled_models()["t1-brain"] / "template_brain_mask.nii.gz")
+    data = (np.asarray(m.dataobj) > 0).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, m.affine), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("scores", "want"),
+    [
+        ({"T1": 0.58, "T2": 0.31}, "T1"),
+        ({"T1": 0.1, "T2": 0.3}, "T2"),
+        ({"T1": MIN_MODALITY_R["fail"], "T2": 0.0}, "T1"),  # the floor itself counts
+        ({"T1": 0.11, "T2": 0.09}, None),  # a binary mask: nothing recognised
+        ({}, None),
+    ],
+)
+def test_modality_floor(scores, want):
+    guess = ModalityGuess.from_report(PreparationReport(modality_scores=scores))
+    assert guess.modality == want
+    if want is None:
+        assert guess.describe().startswith("no known modality recognised")
+        assert f"at least {MIN_MODALITY_R['fail']:.2f} needed" in guess.describe()
+    else:
+        assert guess.describe() == f"the scan looks like {want} (r = {scores[want]:.2f})"
+
+
+def test_choose_model_picks_the_main_model_of_a_modality():
+    cards = bundled_cards()
+    assert choose_model("T1", cards) == "t1-brain"  # not a companion without a template
+    assert choose_model("t2", cards) == "t2-brain"
+    assert choose_model("T1", cards, current="t1-brain-coronal") == "t1-brain"
+    assert choose_model("T2", cards, current="t2-brain") == "t2-brain"
+    assert choose_model("FLAIR", cards) is None
+    assert choose_model(None, cards, current="t2-brain") is None
+
+
+def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
+    """The one test here that prepares a raw head (about 30-60 s): a copy of the T1 head with
+    one voxel changed, so no earlier preparation in this process is reused."""
+    img = nib.load(sample_path("t1-head"))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[0, 0, 0] += 1.0
+    scan = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), scan)
+    out = tmp_path / "out"
+    assert main(["localize", str(scan), "--out", str(out), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert re.fullmatch(r"model: t1-brain \(the scan looks like T1, r = 0\.\d\d\)", lines[0])
+    err = captured.err
+    # the modality guess prepared the scan; the run reused it: each stage once
+    for stage in ("bias-field correction", "brain extraction", "registration"):
+        assert err.count(f"{stage} ...") == 1, err
+        assert f"{stage}: done" in captured.out
+    # every stage line starts a line of its own and no bar is drawn after the next stage began
+    for stage in ("scoring slices", "mapping back to the scan"):
+        assert f"\n{stage} ...\n" in err, repr(err)
+    assert "scoring slices:" not in err.split("mapping back to the scan ...")[1]
+    # the mask's summary: the scores file's volume, the mask file's parts, the calibrated FPR
+    scores = json.loads((out / "head_scores.json").read_text())
+    parts = mask_parts(np.asarray(nib.load(out / "head_mask.nii.gz").dataobj))[1]
+    s = "" if parts == 1 else "s"
+    want = (
+        f"mask: {scores['mask_volume_ml']:.1f} ml in {parts} part{s} (threshold "
+        f"{scores['combination']['threshold']:.3g}, healthy false-positive rate 0.1 %)"
+    )
+    assert want in lines, lines
+
+
+def test_refused_scan_shows_what_preparation_found(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["localize", str(sample_path("t2-lesion")), "--model", "t1-brain", "--out", str(out)]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("vaeloc: error: the scan looks like T2") and "T2 model" in lines[-1]
+    assert "check modality: fail (looks like T2 (r = 0.9" in "\n".join(lines[:-1]), lines
+    assert "registration: skipped (already on the template's grid)" in lines, lines
+    assert not out.exists()
+    assert main([*argv, "--quiet"]) == 2  # --quiet: the error line alone
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("vaeloc: error: the scan looks like T2")
+
+
+def test_no_modality_recognised_is_one_line(tmp_path, capsys):
+    scan = _mask_scan(tmp_path / "mask.nii.gz")
+    for command in ("localize", "prepare"):
+        out = tmp_path / command
+        assert main([command, str(scan), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith("vaeloc: error: --model auto: no known modality recognised")
+        assert "--model" in err[0][30:] and not out.exists()
+
+
+def test_prepare_command_chooses_the_model_too(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prepare", str(sample_path("t2-lesion")), "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("model: t2-brain (the scan looks like T2, r = 0.9")
+    assert json.loads((out / "sample_t2_lesion_prepare.json").read_text())["template"] == "t2-brain"
+
+
+def test_single_slice_with_auto_model_names_the_option(tmp_path, capsys):
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 1), np.float32), None), path)
+    assert main(["localize", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "too thin to prepare" in err and "--model" in err and err.count("\n") == 1
+
+
+def test_brain_extraction_advice_names_the_options():
+    advice = (
+        "the brain found is 120 ml, not a whole adult brain (800-2300 ml): is this a brain "
+        "MRI covering the whole brain? If the skull was misjudged, force brain extraction on or off"
+    )
+    said = in_option_words(advice)
+    assert said.endswith("force brain extraction on or off (--brain-extraction or "
+                          "--no-brain-extraction)")  # fmt: skip
+    assert in_option_words(said) == said  # named once
+    # the options it names exist
+    for flag in ("--brain-extraction", "--no-brain-extraction"):
+        args = build_parser().parse_args(["localize", "scan.nii", flag])
+        assert args.brain_extraction is (flag == "--brain-extraction")
