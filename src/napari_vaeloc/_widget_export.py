@@ -4,7 +4,6 @@ scan's original geometry. The widget asks for the file name and before anything 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -69,24 +68,12 @@ def _set_stem(path: Path) -> str:
 
 
 def suggested_path(source: Path | None, stem: str) -> Path:
-    """Where the save dialog starts: ``<stem>_mask.nii.gz`` beside the scan's file; for a scan
-    with no file, or one inside this package (the bundled samples), in the current folder when
-    it is writable and outside the package, else in the home folder."""
-    package = Path(__file__).resolve().parent
-    if source is not None and not _inside(Path(source), package):
-        folder = Path(source).parent
-    else:
-        cwd = Path.cwd()
-        usable = os.access(cwd, os.W_OK) and not _inside(cwd, package)
-        folder = cwd if usable else Path.home()
-    return folder / f"{stem}_mask.nii.gz"
+    """Where the save dialog starts: ``<stem>_mask.nii.gz`` in
+    :func:`~napari_vaeloc.io.default_output_folder` (beside the scan's file, never inside this
+    package)."""
+    from .io import default_output_folder
 
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(folder)
-    except OSError:
-        return False
+    return default_output_folder(source) / f"{stem}_mask.nii.gz"
 
 
 def ask_export_path(parent: Any, suggested: Path) -> Path | None:

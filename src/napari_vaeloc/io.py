@@ -563,6 +563,24 @@ def _exists(path: Path) -> bool:
     return os.path.lexists(path)
 
 
+def default_output_folder(scan: str | os.PathLike | None) -> Path:
+    """Where a scan's outputs go when no folder is given: beside the scan's file; for a scan with
+    no file, or one inside this package (the bundled samples), the current folder when it is
+    writable and outside the package, else the home folder. Never inside the package."""
+    package = Path(__file__).resolve().parent
+    if scan is not None and not _inside(Path(scan), package):
+        return Path(scan).resolve().parent
+    cwd = Path.cwd()
+    return cwd if os.access(cwd, os.W_OK) and not _inside(cwd, package) else Path.home()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder)
+    except OSError:
+        return False
+
+
 def check_output_folder(folder: str | os.PathLike) -> Path:
     """Make sure ``folder`` can take output files, before any work is done: create it when it is
     missing, create and delete a temporary file in it, remove again the folders it created (the

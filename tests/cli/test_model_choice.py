@@ -17,6 +17,7 @@ import pytest
 from napari_vaeloc.cli import build_parser, main
 from napari_vaeloc.cli.options import in_option_words
 from napari_vaeloc.demo import mask_parts
+from napari_vaeloc.io import scan_stem
 from napari_vaeloc.models.choice import ModalityGuess, bundled_cards, choose_model
 from napari_vaeloc.models.store import bundled_models
 from napari_vaeloc.prepare import MIN_MODALITY_R, PreparationReport
@@ -122,7 +123,10 @@ def test_no_modality_recognised_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1, err
         assert err[0].startswith("vaeloc: error: --model auto: no known modality recognised")
-        assert "--model" in err[0][30:] and not out.exists()
+        assert "--model" in err[0][30:] and "--prepare none" in err[0] and not out.exists()
+    assert main(["localize", str(scan), "--out", str(tmp_path / "loud")]) == 2
+    err = capsys.readouterr().err.splitlines()  # without --quiet: what preparation found
+    assert any(line.startswith("check modality:") for line in err[:-1]), err
 
 
 def test_prepare_command_chooses_the_model_too(tmp_path, capsys):
@@ -154,3 +158,13 @@ def test_brain_extraction_advice_names_the_options():
     for flag in ("--brain-extraction", "--no-brain-extraction"):
         args = build_parser().parse_args(["localize", "scan.nii", flag])
         assert args.brain_extraction is (flag == "--brain-extraction")
+
+
+def test_sample_outputs_never_go_into_the_package(tmp_path, monkeypatch, capsys):
+    """Without --out, a bundled sample's outputs go to the current folder, not the package."""
+    monkeypatch.chdir(tmp_path)
+    scan = sample_path("t2-lesion")
+    before = sorted(p.name for p in scan.parent.iterdir())
+    assert main(["localize", str(scan), "--model", "t2-brain", "--prepare", "none", "--quiet"]) == 0
+    assert sorted(p.name for p in scan.parent.iterdir()) == before
+    assert (tmp_path / f"{scan_stem(scan)}_mask.nii.gz").is_file()

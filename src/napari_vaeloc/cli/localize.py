@@ -48,7 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     options.add_prepare(lo)
     options.add_device(lo)
-    options.add_out(lo, help="output folder (default: next to the scan)")
+    options.add_out(
+        lo, help="output folder (default: next to the scan; the current folder for a sample)"
+    )
     options.add_volume_index(lo)
     lo.add_argument("--batch-size", type=int, default=64, help="slices per batch (default: 64)")
     lo.add_argument(
@@ -107,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.smoothing is not None and args.smoothing < 0:
         raise VaelocError(f"--smoothing must be >= 0 mm, not {args.smoothing}")
     prepare = options.prepare_settings(args)
-    out = Path(args.out) if args.out else Path(args.scan).resolve().parent
+    from ..io import default_output_folder
+
+    out = Path(args.out) if args.out else default_output_folder(args.scan)
 
     # the output folder and the files a run would replace: checked before any work
     from ..export import planned_paths

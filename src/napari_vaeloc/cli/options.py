@@ -7,6 +7,7 @@ needs and, where the meaning differs, passes its own default or help.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -99,8 +100,11 @@ def add_overwrite(p: argparse.ArgumentParser, what: str = "existing output files
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
-    """``--quiet``: no progress bar."""
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    """``--quiet``: no progress bars, stage lines or a refused scan's report lines."""
+    p.add_argument(
+        "--quiet", action="store_true",
+        help="no progress bars, stage lines or report lines of a refused scan; errors still print",
+    )  # fmt: skip
 
 
 def model_for_scan(args: argparse.Namespace, volume: Volume, settings: PrepareSettings) -> str:
@@ -119,7 +123,7 @@ def model_for_scan(args: argparse.Namespace, volume: Volume, settings: PrepareSe
 
     if args.model != AUTO_MODEL:
         return args.model
-    from ..errors import InputError
+    from ..errors import InputError, MisfitError
     from ..prepare import PrepareSettings, too_thin
 
     name_one = "name a model with --model (see `vaeloc models`)"
@@ -132,8 +136,11 @@ def model_for_scan(args: argparse.Namespace, volume: Volume, settings: PrepareSe
         volume, settings if settings.enabled else PrepareSettings(), stage=stage_printer(args)
     )
     if guess.modality is None:
-        raise InputError(f"--model auto: {guess.describe()}; is it a brain MRI? To score it "
-                         f"anyway, {name_one}")  # fmt: skip
+        raise MisfitError(
+            f"--model auto: {guess.describe()}; is it a brain MRI? To score it as given, "
+            "without preparation, name a model with --model and pass --prepare none",
+            guess.report,
+        )
     name = choose_model(guess.modality, bundled_cards())
     if name is None:
         raise InputError(
@@ -255,4 +262,4 @@ def in_option_words(message: str) -> str:
     for words, here in OPTION_WORDS.items():
         if here not in message:
             message = message.replace(words, here)
-    return message
+    return re.sub(r"(choose an? \w+ model)(?! \()", r"\1 (--model auto picks one)", message)

@@ -24,7 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("scan", help="the scan, .nii or .nii.gz (4D with --volume-index)")
     options.add_model(pr, options.AUTO_MODEL, options.AUTO_MODEL_HELP)
     options.add_prepare(pr, default="auto")
-    options.add_out(pr, help="output folder (default: next to the scan)")
+    options.add_out(
+        pr, help="output folder (default: next to the scan; the current folder for a sample)"
+    )
     options.add_volume_index(pr)
     options.add_overwrite(pr)
     options.add_quiet(pr)
@@ -34,14 +36,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Prepare ``args.scan`` for the model and write the results; returns the exit status."""
     from ..errors import InputError
-    from ..io import check_output_folder, load_volume, refuse_existing, scan_stem
+    from ..io import (
+        check_output_folder,
+        default_output_folder,
+        load_volume,
+        refuse_existing,
+        scan_stem,
+    )
     from ..models.store import cached_model, resolve_model_path
     from ..prepare import Template, prepare_cached, prepared_paths, save_prepared
 
     settings = options.prepare_settings(args)
     if not settings.enabled:
         raise InputError("--prepare none prepares nothing; choose auto or full")
-    out = check_output_folder(Path(args.out) if args.out else Path(args.scan).resolve().parent)
+    out = check_output_folder(Path(args.out) if args.out else default_output_folder(args.scan))
     refuse_existing(prepared_paths(out, scan_stem(args.scan)).values(), args.overwrite, "file")
     volume = load_volume(args.scan, volume_index=args.volume_index)
     name = options.model_for_scan(args, volume, settings)
