@@ -810,6 +810,21 @@ def scan_key(volume: Volume) -> str:
     return h.hexdigest()
 
 
+def _cache_key(volume: Volume, settings: PrepareSettings, template: Template) -> tuple:
+    """The cache key of a preparation: the scan's content, the settings, the template space."""
+    return (scan_key(volume), settings.key(), template_key(template))
+
+
+def _remember(key: tuple, prepared: Prepared) -> Prepared:
+    """Put ``prepared`` in the cache as its newest entry, dropping the oldest beyond
+    :data:`CACHE_SIZE`; returns it."""
+    _CACHE[key] = prepared
+    _CACHE.move_to_end(key)
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return prepared
+
+
 def prepare_cached(
     volume: Volume,
     template: Template,
@@ -822,7 +837,7 @@ def prepare_cached(
     modality check is then redone for the model asked for."""
     s = settings or PrepareSettings()
     refuse = kwargs.pop("refuse", True)
-    key = (scan_key(volume), s.key(), template_key(template))
+    key = _cache_key(volume, s, template)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         hit = _CACHE[key]
@@ -835,10 +850,7 @@ def prepare_cached(
             report = dataclasses.replace(report, checks=checks, template=template.name)
         out = dataclasses.replace(hit, scan=volume, report=report)
     else:
-        out = prepare(volume, template, s, refuse=False, **kwargs)
-        _CACHE[key] = out
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        out = _remember(key, prepare(volume, template, s, refuse=False, **kwargs))
     if refuse:
         refuse_misfit(out.report)
     return out
@@ -875,12 +887,7 @@ def apply_prepared(
     image = Volume(moved, fitted.volume.affine, fitted.volume.header, volume.path)
     corrected = np.where(fitted.brain_mask, data, 0).astype(np.float32)
     out = dataclasses.replace(fitted, scan=volume, volume=image, corrected=corrected)
-    key = (scan_key(volume), (settings or PrepareSettings()).key(), template_key(template))
-    _CACHE[key] = out
-    _CACHE.move_to_end(key)
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return out
+    return _remember(_cache_key(volume, settings or PrepareSettings(), template), out)
 
 
 def prepared_paths(out_dir: Path, stem: str) -> dict[str, Path]:
