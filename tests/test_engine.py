@@ -187,3 +187,15 @@ def test_selected_maps_only(tiny_model, phantom):
     np.testing.assert_array_equal(part.maps["reconstruction"], full.maps["reconstruction"])
     with pytest.raises(InputError, match="unknown maps"):
         localize(phantom, tiny_model, maps=("nope",))
+
+
+def test_restoration_map_on_request(tiny_model, phantom):
+    a = localize(phantom, tiny_model, EngineOptions(batch_size=64), maps=("restoration",))
+    both = ("restoration", "rec_error")
+    b = localize(phantom, tiny_model, EngineOptions(batch_size=5), maps=both)
+    assert set(a.maps) == {"restoration"} and "restoration" not in DEFAULT_MAPS
+    np.testing.assert_allclose(a.maps["restoration"], b.maps["restoration"], rtol=1e-5, atol=1e-6)
+    r = a.maps["restoration"][a.foreground]
+    assert r.min() >= 0 and r.max() > 0
+    # the restored image moves towards the reconstruction: the map follows the error's pattern
+    assert np.corrcoef(r, b.maps["rec_error"][b.foreground])[0, 1] > 0.3

@@ -120,3 +120,20 @@ def test_paper_architecture_shapes():
         out = mlp.decode(mu)
     assert mu.shape == (4, 20) and out.shape == (4, 1, 28, 28)
     assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_restoration_follows_its_definition(net):
+    from napari_vaeloc.scoring import RESTORATION_STEP, RESTORATION_STEPS, smooth
+
+    torch.manual_seed(4)
+    x = torch.randn(2, 1, 16, 16)
+    out = score_batch(net, x)
+    restored = x.clone()
+    for _ in range(RESTORATION_STEPS):  # one image at a time: the batch does not matter
+        for i in range(2):
+            g_kl, g_rec = input_gradients(net, restored[i : i + 1])[:2]
+            restored[i : i + 1] -= RESTORATION_STEP * (g_kl + g_rec)
+    want = smooth((x - restored).abs(), gaussian_kernel())[:, 0]
+    torch.testing.assert_close(out["restoration"], want, rtol=1e-4, atol=1e-5)
+    assert float(out["restoration"].abs().max()) > 0
+    assert "restoration" not in score_batch(net, x, restoration=False)

@@ -62,6 +62,11 @@ MAP_LABELS: dict[str, tuple[str, str]] = {
         "whole-loss gradient (averaged over noisy copies)",
         "the whole-loss gradient, SmoothGrad",
     ),
+    "restoration": (
+        "restoration difference",
+        "how far a few gradient steps on the model's whole loss move each voxel towards "
+        "healthy-looking anatomy",
+    ),
 }
 #: result layers besides the combined map and the mask: layer suffix -> map name
 MAP_LAYERS = {MAP_LABELS[k][0]: k for k in ("reconstruction", "rec_error", "kl_grad")}

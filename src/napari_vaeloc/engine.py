@@ -18,7 +18,15 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .io import Volume, available_memory_bytes
-from .mapnames import AXES, DEFAULT_MAPS, OUTPUT_MAPS, SLICE_SCORES, SMOOTHGRAD_MAPS, check_names
+from .mapnames import (
+    AXES,
+    DEFAULT_MAPS,
+    OUTPUT_MAPS,
+    RESTORATION_MAPS,
+    SLICE_SCORES,
+    SMOOTHGRAD_MAPS,
+    check_names,
+)
 from .models.card import ModelCard
 from .models.store import LoadedModel, bundled_models, cached_model
 from .prepare import PrepareSettings
@@ -368,6 +376,7 @@ def localize_axis(
     kl_scale = float(card.calibration.kl_grad_scale) if card.calibration is not None else 1.0
     kernel = gaussian_kernel().to(dev)
     smoothgrad = any(k in SMOOTHGRAD_MAPS for k in wanted)
+    restoration = any(k in RESTORATION_MAPS for k in wanted)
     done = 0
     if opts.stage is not None:
         opts.stage("scoring slices")
@@ -379,7 +388,7 @@ def localize_axis(
         idx = todo[start : start + batch_size]
         x = ms.images[idx].to(dev)
         out = score_batch(
-            network, x, card.likelihood_log_std, kernel, kl_scale, use_amp, smoothgrad
+            network, x, card.likelihood_log_std, kernel, kl_scale, use_amp, smoothgrad, restoration
         )
         tidx = torch.from_numpy(idx)
         for k in wanted:

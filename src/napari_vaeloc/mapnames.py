@@ -15,15 +15,19 @@ PIXEL_MAPS = (
     "combi",
     "kl_grad_sg",
     "elbo_grad_sg",
+    "restoration",
 )
 #: maps that need SmoothGrad's extra gradient passes
 SMOOTHGRAD_MAPS = ("kl_grad_sg", "elbo_grad_sg")
+#: maps that need the restoration's extra gradient passes
+RESTORATION_MAPS = ("restoration",)
 #: per-slice scores (nats)
 SLICE_SCORES = ("kl", "rec", "elbo")
 #: maps a localization returns: the pixel maps plus the reconstruction in scan units
 OUTPUT_MAPS = (*PIXEL_MAPS, "reconstruction")
-#: maps a localization returns unless asked for others (SmoothGrad costs two extra passes)
-DEFAULT_MAPS = tuple(m for m in OUTPUT_MAPS if m not in SMOOTHGRAD_MAPS)
+#: maps a localization returns unless asked for others (SmoothGrad costs two extra passes, the
+#: restoration four)
+DEFAULT_MAPS = tuple(m for m in OUTPUT_MAPS if m not in (*SMOOTHGRAD_MAPS, *RESTORATION_MAPS))
 #: the maps evaluated by default (sq_error ranks voxels like rec_error, so it is left out)
 EVALUATED_MAPS = ("rec_error", "rec_error_smooth", "kl_grad", "rec_grad", "elbo_grad", "combi")
 #: maps offered as weight sliders in the widget, in display order

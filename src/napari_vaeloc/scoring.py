@@ -12,7 +12,12 @@ Per pixel, for an input batch x (B, 1, S, S), with z = mu (no sampling):
 - ``kl_grad_sg`` / ``elbo_grad_sg``: SmoothGrad versions of ``kl_grad`` / ``elbo_grad`` (the
   authors' later choice): the signed gradient averaged over the input and ``SMOOTHGRAD_N`` noisy
   copies ``x + SMOOTHGRAD_EPS * noise``, then ``| |`` and smoothed. The noise patterns are fixed
-  (seed 0) and the same for every slice, so maps stay deterministic and batch-independent.
+  (seed 0) and the same for every slice, so maps stay deterministic and batch-independent;
+- ``restoration``: ``|x - x_r|``, smoothed, where ``x_r`` is the input restored towards healthy
+  anatomy by ``RESTORATION_STEPS`` steps of gradient descent on the negative ELBO,
+  ``x_r <- x_r - RESTORATION_STEP * dELBO/dx_r`` starting at ``x`` (the image-restoration view of
+  You et al., "Unsupervised lesion detection via image restoration with a normative prior",
+  MIDL 2019, without their total-variation term; not in Zimmerer et al.).
 
 Per slice: ``kl`` (KL term, nats), ``rec`` (summed Rec term, nats), ``elbo`` (their sum, i.e. the
 negative ELBO).
@@ -28,6 +33,8 @@ import torch.nn.functional as F
 
 SMOOTHGRAD_N = 2  # noisy copies besides the input itself
 SMOOTHGRAD_EPS = 0.1  # noise std, model units (z-scored intensities)
+RESTORATION_STEPS = 5  # gradient steps on the negative ELBO
+RESTORATION_STEP = 0.2  # step size, model units per unit gradient (Rec's gradient is x - x_hat)
 
 
 def gaussian_kernel(size: int = 7, sigma: float = 3.0) -> torch.Tensor:
@@ -95,6 +102,7 @@ def score_batch(
     kl_grad_scale: float = 1.0,
     amp: bool = False,
     smoothgrad: bool = True,
+    restoration: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Every score of a batch of slices.
 
@@ -108,9 +116,11 @@ def score_batch(
         network: a VAE with ``encode`` / ``decode``, in eval mode.
         x: (B, 1, S, S) float32 inputs in model space.
         smoothgrad: compute ``SMOOTHGRAD_MAPS`` (``SMOOTHGRAD_N`` extra gradient passes).
+        restoration: compute ``restoration`` (``RESTORATION_STEPS - 1`` extra gradient passes).
     Returns:
-        maps (B, S, S) float32 for each of ``PIXEL_MAPS`` (without ``SMOOTHGRAD_MAPS`` unless
-        ``smoothgrad``) plus ``reconstruction``, and (B,) float32 for each of ``SLICE_SCORES``.
+        maps (B, S, S) float32 for each of ``PIXEL_MAPS`` (without ``SMOOTHGRAD_MAPS`` /
+        ``restoration`` unless asked) plus ``reconstruction``, and (B,) float32 for each of
+        ``SLICE_SCORES``.
     """
     kernel = gaussian_kernel() if kernel is None else kernel
     x = x.detach().float()
@@ -136,6 +146,13 @@ def score_batch(
         with torch.no_grad():
             out["kl_grad_sg"] = smooth((sum_kl / (SMOOTHGRAD_N + 1)).abs(), kernel)
             out["elbo_grad_sg"] = smooth((sum_elbo / (SMOOTHGRAD_N + 1)).abs(), kernel)
+    if restoration:
+        restored = x - RESTORATION_STEP * (g_kl + g_rec)
+        for _ in range(RESTORATION_STEPS - 1):
+            gk, gr = input_gradients(network, restored, likelihood_log_std, amp)[:2]
+            restored = restored - RESTORATION_STEP * (gk + gr)
+        with torch.no_grad():
+            out["restoration"] = smooth((x - restored).abs(), kernel)
     out = {k: v[:, 0] for k, v in out.items()}
     out.update(kl=kl, rec=rec, elbo=kl + rec)
     return out

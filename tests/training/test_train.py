@@ -18,7 +18,7 @@ from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import Normalisation, volume_to_slices
 from napari_vaeloc.training.builder import OWN_DATA_LICENCE
 from napari_vaeloc.training.datasets import _slab_split, build_slice_dataset
-from napari_vaeloc.training.loop import TrainConfig, calibrate, fit
+from napari_vaeloc.training.loop import TrainConfig, calibrate, coarse_noise, fit
 
 
 def test_slab_split_never_mixes_neighbours():
@@ -58,13 +58,36 @@ def test_dataset_uses_the_engine_preprocessing(phantom):
     assert by_vol.split["n_val"] + by_vol.split["n_train"] == sum(counts)
 
 
-def _fit(images, val, steps, ckpt=None, resume=False):
+def _fit(images, val, steps, ckpt=None, resume=False, denoise_std=0.0):
     torch.manual_seed(0)
     net = ConvVAE(image_size=16, widths=(8, 16), z_dim=8)
     cfg = TrainConfig(
-        image_size=16, z_dim=8, lr=1e-3, batch_size=8, max_steps=steps, val_every=5, patience=100
-    )
+        image_size=16, z_dim=8, lr=1e-3, batch_size=8, max_steps=steps, val_every=5, patience=100,
+        denoise_std=denoise_std, denoise_cells=4,
+    )  # fmt: skip
     return fit(net, images, val, cfg, checkpoint_dir=ckpt, resume=resume)
+
+
+def test_coarse_noise_is_smooth_and_has_its_std():
+    gen = torch.Generator().manual_seed(1)
+    n = coarse_noise((64, 1, 32, 32), 0.2, 4, gen)
+    assert n.shape == (64, 1, 32, 32)
+    assert 0.12 < float(n.std()) < 0.22  # bilinear upsampling keeps most of the spread
+    step = (n[..., 1:] - n[..., :-1]).abs().mean() / n.abs().mean()
+    assert step < 0.25  # neighbours close: coarse, not white noise (which gives about 1.1)
+
+
+def test_denoising_training_differs_and_is_reproducible(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(40, 1, 16, 16, generator=gen).clamp(-1.5, 1.5)
+    val = torch.randn(6, 1, 16, 16, generator=gen).clamp(-1.5, 1.5)
+    plain = _fit(images, val, 10)
+    a = _fit(images, val, 10, denoise_std=0.3)
+    b = _fit(images, val, 10, denoise_std=0.3)
+    sa, sb, sp = (r.network.state_dict() for r in (a, b, plain))
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=k)
+    assert any(not torch.equal(sa[k], sp[k]) for k in sa)  # the noise changed the training
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path):

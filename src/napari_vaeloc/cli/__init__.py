@@ -4,6 +4,7 @@ vaeloc localize SCAN [--model auto|NAME|PATH] [--prepare auto|full|none] [--devi
 vaeloc prepare SCAN [--model auto|NAME|PATH] [--out DIR]
 vaeloc models
 vaeloc train SOURCES... --out DIR
+vaeloc calibrate MODEL [--weights MAP=W,...] [--fpr F|best-dice]
 vaeloc demo [--out DIR]
 vaeloc evaluate {fashion-mnist,synthetic,scans,brain} ...
 
@@ -18,7 +19,7 @@ import sys
 
 from .. import __version__
 from ..errors import OutputExistsError, VaelocError, describe_os_error
-from . import demo, evaluate, localize, models, options, prepare, train
+from . import calibrate, demo, evaluate, localize, models, options, prepare, train
 
 __all__ = ["build_parser", "main"]
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (localize, prepare, models, train, evaluate, demo):
+    for group in (localize, prepare, models, train, calibrate, evaluate, demo):
         group.add_parser(sub)
     return p
 

@@ -89,6 +89,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="log sigma of the Gaussian likelihood (default: 0)",
     )
+    tr.add_argument(
+        "--denoise-std",
+        type=float,
+        default=0.0,
+        help="denoising training: add coarse noise of this standard deviation (z-units) to "
+        "each training slice inside its brain and learn to reconstruct the clean slice "
+        "(default: 0, off)",
+    )
+    tr.add_argument(
+        "--denoise-cells",
+        type=int,
+        default=8,
+        help="grid of the coarse noise, cells per side before upsampling (default: 8)",
+    )
     options.add_seed(tr)
     options.add_device(tr)
     options.add_threads(tr)
@@ -120,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.individuals < 0:
         raise InputError("--individuals must be 0 or more")
+    if args.denoise_std < 0 or args.denoise_cells < 1:
+        raise InputError("--denoise-std must be >= 0 and --denoise-cells >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
@@ -134,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         patience=args.patience,
         likelihood_log_std=args.likelihood_log_std,
         seed=args.seed,
+        denoise_std=args.denoise_std,
+        denoise_cells=args.denoise_cells,
     )
     augment = {"enabled": False} if args.no_augment else None
     device = resolve_device(args.device)

@@ -192,6 +192,10 @@ class Calibration(_Part):
         combined_fpr: healthy false-positive rate (as a string key, e.g. "0.001") -> threshold
             of the default combined map; calibrated for ``combined_weights``,
             ``combined_smoothing_mm`` and ``combined_scan_normalise``.
+        combined_dice: healthy false-positive rate -> pooled Dice of the default mask at that
+            level on lesions seeded into held-out healthy volumes, when the default level was
+            chosen that way (:mod:`napari_vaeloc.training.operating_point`), over
+            ``combined_dice_cases`` lesioned copies.
     """
 
     scales: dict[str, float] = field(default_factory=dict)
@@ -204,6 +208,8 @@ class Calibration(_Part):
     combined_smoothing_mm: float | None = None
     combined_scan_normalise: bool | None = None
     combined_source: str | None = None
+    combined_dice: dict[str, float] | None = None
+    combined_dice_cases: int | None = None
 
     def fpr_table(self) -> list[tuple[float, float]]:
         """(threshold, fpr) pairs of the default combined map, sorted by threshold."""

@@ -61,6 +61,7 @@ class TrainingSet:
         individual: True for a synthetic individual.
         records: one dict per source for the model card: name, modality, description,
             origin, licence, individuals.
+        brain_masks: bool (X, Y, Z) brain mask of each volume.
     """
 
     volumes: list
@@ -68,6 +69,7 @@ class TrainingSet:
     groups: list[str]
     individual: list[bool]
     records: list[dict]
+    brain_masks: list = dataclasses.field(default_factory=list)
 
 
 def on_reference_grid(
@@ -184,6 +186,7 @@ def build_training_set(
             out.names.append(name)
             out.groups.append(name)
             out.individual.append(False)
+            out.brain_masks.append(np.asarray(mask, bool))
         if individuals:
             contrast = None if same else modality.upper()
             cfg = dataclasses.replace(base, contrast=contrast)
@@ -195,6 +198,7 @@ def build_training_set(
                 out.names.append(f"{name}#{i}")
                 out.groups.append(name)
                 out.individual.append(True)
+                out.brain_masks.append(np.asarray(ind.brain_mask, bool))
         out.records.append({**record, "individuals": int(individuals)})
     return out
 
@@ -239,9 +243,21 @@ def choose_holdout(
     return None, ""
 
 
+#: a source record's role when the run held it out whole
+VALIDATION_ROLE = "validation and calibration only"
+
+
+def mark_validation(records: list[dict], names: set[str]) -> None:
+    """Mark the card records of the sources held out whole (``names``): their images set the
+    stopping step and the calibration, never the weights' gradients."""
+    for r in records:
+        if r["name"] in names:
+            r["role"] = VALIDATION_ROLE
+
+
 def card_provenance(records: list[dict]) -> tuple[str, str]:
     """(sources, licence) lines of a model card naming every training source with its
-    origin, synthetic individuals and licence."""
+    origin, synthetic individuals, licence and, for a held-out source, its role."""
     parts = []
     for r in records:
         text = f"{r['name']}: {r['description']}"
@@ -249,6 +265,8 @@ def card_provenance(records: list[dict]) -> tuple[str, str]:
             text += f" [{r['origin']}]"
         if r.get("individuals"):
             text += f" + {r['individuals']} synthetic individuals"
+        if r.get("role"):
+            text += f" ({r['role']})"
         parts.append(text)
     licences = list(dict.fromkeys(r["licence"] for r in records))
     if len(licences) == 1:
@@ -344,6 +362,9 @@ def train_model(
         log,
     )
     holdout, held_by = choose_holdout(tset, val_sources, seed=cfg.seed)
+    if held_by == "source":
+        held = {g for g, h in zip(tset.groups, holdout or [], strict=True) if h}
+        mark_validation(tset.records, held)
     data = build_slice_dataset(
         tset.volumes, cfg.axis, cfg.image_size, norm, seed=cfg.seed, holdout=holdout
     )
@@ -439,28 +460,39 @@ def train_model(
 def recalibrate(
     folder: str | os.PathLike,
     weights: dict[str, float],
-    fpr: float = DEFAULT_FPR,
+    fpr: float | None = DEFAULT_FPR,
     smoothing_mm: float | None = None,
     min_size_mm3: float | None = None,
     scan_normalise: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
     slices it was validated on (rebuilt from the recorded sources, individuals and split), set the
     default threshold to the healthy false-positive rate ``fpr``, and rewrite ``model.json``
     through the card's atomic save.
 
-    Component scales always come from the held-out slices in model space. With 3D smoothing
+    Component scales always come from the held-out slices in model space. The false-positive
+    table of the combined map comes, for a model that ships a template, from the held-out
+    individuals turned into scans and put through the preparation stage as a user's scan is
+    (:mod:`napari_vaeloc.training.operating_point`); otherwise, with 3D smoothing
     (``smoothing_mm`` > 0) or per-scan normalisation (``scan_normalise``; None keeps the card's
-    settings) the false-positive table of the combined map comes from the held-out volumes /
-    slabs localized in volume space, since both depend on more than one slice. The weights
-    file, and so its checksum, is unchanged. Returns the new calibration.
+    settings), from the held-out volumes / slabs localized in volume space, since both depend
+    on more than one slice. ``fpr=None`` chooses the level on lesions seeded into those same
+    held-out brains (:func:`~napari_vaeloc.training.operating_point.choose_operating_point`)
+    and records the Dice of each level in the calibration. Synthetic individuals are remade
+    from the recorded seeds (read from ``cache_dir`` when they were cached there); the card
+    names a user's training files without their folder, ``source_dir`` (default: the working
+    folder). The weights file, and so its checksum, is unchanged. Returns the new calibration.
 
     Raises:
         ModelError: the card lacks training provenance (:func:`check_provenance`); nothing
             is rewritten.
+        InputError: a weight names an unknown map, or a training file is not found.
     """
     from ..models.store import CARD_FILE, load_model
 
+    CombineSettings(weights=weights)  # unknown map names: refused before any work
     folder = Path(folder)
     model = load_model(folder)
     card = model.card
@@ -469,19 +501,27 @@ def recalibrate(
     smoothing = float((d.smoothing_mm or 0.0) if smoothing_mm is None else smoothing_mm)
     if scan_normalise is None:
         scan_normalise = bool(d.scan_normalise)
+    min_size = float((d.min_size_mm3 or 0.0) if min_size_mm3 is None else min_size_mm3)
     record = card.provenance.training
+    sources = [
+        s if s in TEMPLATES or source_dir is None else str(Path(source_dir) / s)
+        for s in record["sources"]
+    ]
     split = record.get("split", {})
     made = record.get("individuals", {})
+    brains = None
     if made or "val_volumes" in split:
-        volumes = build_training_set(
-            record["sources"],
+        tset = build_training_set(
+            sources,
             card.modality,
             made.get("per_source", 0),
             record.get("config", {}).get("seed", 0),
             IndividualConfig.from_dict(made["config"]) if made else None,
-        ).volumes
+            cache_dir=cache_dir,
+        )
+        volumes, brains = tset.volumes, tset.brain_masks
     else:
-        volumes, _ = load_training_volumes(record["sources"])
+        volumes, _ = load_training_volumes(sources)
     norm = card.normalisation
     val_volumes = split.get("val_volumes")
     data = build_slice_dataset(
@@ -498,15 +538,35 @@ def recalibrate(
     calibration = calibrate(
         model.network, data.val, data.val_foreground, card.likelihood_log_std, weights=weights
     )
-    if smoothing > 0 or scan_normalise:
-        masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
-        settings = CombineSettings(
-            weights=weights, smoothing_mm=smoothing, scan_normalise=scan_normalise
-        )
+    settings = CombineSettings(
+        weights=weights,
+        smoothing_mm=smoothing,
+        scan_normalise=scan_normalise,
+        min_size_mm3=min_size,
+    )
+    from ..prepare import PrepareSettings, model_template
+    from .operating_point import choose_operating_point, healthy_fpr_table, heldout_scans
+
+    masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
+    template = model_template(folder, card)
+    prep = PrepareSettings()
+    scans = heldout_scans(volumes, masks, brains, template, prep) if template else []
+    if scans:  # held-out individuals turned into scans and prepared as a user's scan is
+        calibration.combined_fpr = healthy_fpr_table(model, scans, settings, calibration, prep)
+        calibration.combined_source = "held-out healthy individuals after preparation"
+    elif smoothing > 0 or scan_normalise or fpr is None:
         calibration.combined_fpr = volume_fpr_table(model, volumes, masks, settings, calibration)
+        calibration.combined_source = "held-out healthy voxels, volume space"
+    if calibration.combined_source is not None:
         calibration.combined_smoothing_mm = smoothing
         calibration.combined_scan_normalise = scan_normalise
-        calibration.combined_source = "held-out healthy voxels, volume space"
+    if fpr is None:
+        if not scans:
+            scans = heldout_scans(volumes, masks, brains, None)
+        point = choose_operating_point(model, scans, settings, calibration, prep)
+        fpr = point.fpr
+        calibration.combined_dice = point.dice
+        calibration.combined_dice_cases = point.cases
     card.calibration = calibration
     table = calibration.combined_fpr or {}
     card.defaults = dataclasses.replace(
@@ -516,7 +576,7 @@ def recalibrate(
         scan_normalise=scan_normalise,
         threshold=table[str(fpr)],
         threshold_fpr=fpr,
-        min_size_mm3=d.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3),
+        min_size_mm3=min_size,
     )
     card.save(folder / CARD_FILE, overwrite=True)
     return calibration

@@ -1,0 +1,117 @@
+"""``vaeloc calibrate``: set a trained model's default combination and threshold."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InputError
+from . import options
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``calibrate`` subcommand."""
+    ca = subparsers.add_parser(
+        "calibrate",
+        help="set a trained model's default combination and threshold",
+        description="Recalibrate a model folder written by `vaeloc train` for a default "
+        "combination: the false-positive table is measured on the held-out healthy brains of "
+        "its training run (put through the preparation stage when the model ships a template), and "
+        "the default threshold is read at --fpr, or chosen on lesions seeded into those "
+        "brains (--fpr best-dice). Only model.json is rewritten.",
+    )
+    ca.add_argument("model", help="a model folder written by `vaeloc train`")
+    ca.add_argument(
+        "--weights",
+        default="rec_error_smooth=1",
+        metavar="MAP=W,...",
+        help="the default combination (default: rec_error_smooth=1)",
+    )
+    ca.add_argument(
+        "--smoothing-mm",
+        type=float,
+        default=8.0,
+        help="3D smoothing of the combined map, sigma in mm (default: 8)",
+    )
+    ca.add_argument(
+        "--no-scan-normalise",
+        action="store_true",
+        help="keep the model's scale instead of normalising each scan's map",
+    )
+    ca.add_argument(
+        "--fpr",
+        default="0.001",
+        help="healthy false-positive rate of the default threshold, one of the calibrated "
+        "levels (0.0001 ... 0.1; default 0.001), or best-dice: the level whose mask best "
+        "matches lesions seeded into the held-out brains",
+    )
+    ca.add_argument(
+        "--cache",
+        default=None,
+        help="the folder the synthetic individuals were cached in (`vaeloc train --cache`); "
+        "without it they are made again from their seeds",
+    )
+    ca.add_argument(
+        "--sources",
+        default=None,
+        metavar="DIR",
+        help="the folder holding the NIfTI training files the model card names (default: the "
+        "working folder); packaged templates are found by name",
+    )
+    options.add_threads(ca)
+    ca.set_defaults(func=run)
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"a=1,b=0.5"`` -> ``{"a": 1.0, "b": 0.5}``. Raises :class:`InputError` on bad text."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value) if sep else 1.0
+        except ValueError:
+            raise InputError(f"--weights: {part!r} is not MAP=NUMBER") from None
+    if not out:
+        raise InputError("--weights names no map")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Recalibrate ``args.model``; returns the exit status."""
+    import torch
+
+    from ..training.builder import recalibrate
+    from ..training.loop import FPR_LEVELS
+
+    weights = parse_weights(args.weights)
+    if args.fpr == "best-dice":
+        fpr = None
+    else:
+        try:
+            fpr = float(args.fpr)
+        except ValueError:
+            fpr = -1.0
+        if fpr not in FPR_LEVELS:
+            levels = ", ".join(str(f) for f in FPR_LEVELS)
+            raise InputError(f"--fpr must be one of {levels} or best-dice, not {args.fpr!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cal = recalibrate(
+        args.model,
+        weights,
+        fpr=fpr,
+        smoothing_mm=args.smoothing_mm,
+        scan_normalise=not args.no_scan_normalise,
+        cache_dir=args.cache,
+        source_dir=args.sources,
+    )
+    table = cal.combined_fpr or {}
+    chosen = fpr
+    if cal.combined_dice:
+        print("healthy FPR  threshold  Dice on seeded lesions")
+        for level, dice in sorted(cal.combined_dice.items(), key=lambda kv: float(kv[0])):
+            print(f"{float(level):<12g} {table[level]:<10.3f} {dice:.3f}")
+        from ..models.store import read_card
+
+        chosen = read_card(args.model).defaults.threshold_fpr
+    print(f"default threshold: healthy false-positive rate {chosen:g} (written to {args.model})")
+    return 0

@@ -1,0 +1,140 @@
+"""The default threshold's level chosen on lesions seeded into held-out healthy brains
+(``vaeloc calibrate``)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_vaeloc.cli import main
+from napari_vaeloc.combine import CombineSettings
+from napari_vaeloc.io import load_volume
+from napari_vaeloc.models.store import bundled_models, load_model
+from napari_vaeloc.prepare import PrepareSettings, model_template
+from napari_vaeloc.samples import sample_path
+from napari_vaeloc.training.builder import build_training_set
+from napari_vaeloc.training.datasets import block_mean, heldout_masks
+from napari_vaeloc.training.operating_point import (
+    choose_operating_point,
+    healthy_fpr_table,
+    heldout_scans,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small T1 model trained on three 6 mm copies of the bundled healthy brain (one held
+    out whole) with one synthetic individual each."""
+    folder = tmp_path_factory.mktemp("op")
+    vol = load_volume(sample_path("t1-healthy"))
+    data, affine = block_mean(vol.data, vol.affine, vol.spacing, 6.0)
+    sources = []
+    for i, flip in enumerate((None, 0, 1)):
+        d = data if flip is None else np.flip(data, flip)
+        p = folder / f"healthy{i}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(d), affine), p)
+        sources.append(str(p))
+    out = folder / "m"
+    args = ["train", *sources, "--out", str(out), "--modality", "T1", "--individuals", "1"]
+    args += ["--val-sources", "healthy2.nii.gz", "--image-size", "16", "--z-dim", "8"]
+    args += ["--max-steps", "6", "--val-every", "3", "--seed", "0", "--quiet"]
+    assert main(args) == 0
+    return out, folder
+
+
+def test_calibrate_chooses_the_level_with_the_best_dice_and_records_it(trained, capsys):
+    trained, folder = trained
+    src = ["--sources", str(folder)]
+    before = (trained / "weights.safetensors").read_bytes()
+    assert main(["calibrate", str(trained), "--smoothing-mm", "2", "--fpr", "best-dice", *src]) == 0
+    printed = capsys.readouterr().out
+    card = load_model(trained).card
+    cal, d = card.calibration, card.defaults
+    records = {r["name"]: r.get("role") for r in card.provenance.training["source_records"]}
+    assert records == {
+        "healthy0.nii.gz": None,
+        "healthy1.nii.gz": None,
+        "healthy2.nii.gz": "validation and calibration only",  # held out whole
+    }
+    assert card.provenance.sources.endswith(
+        "healthy2.nii.gz: NIfTI file [user's file] + 1 synthetic individuals (validation and "
+        "calibration only)"
+    )
+    assert cal.combined_dice and cal.combined_dice_cases == 2 * 4  # 2 held-out volumes x 4
+    assert set(cal.combined_dice) == {"0.01", "0.005", "0.001", "0.0005", "0.0001"}
+    best = max(cal.combined_dice.values())
+    assert cal.combined_dice[str(d.threshold_fpr)] == best
+    assert d.threshold == cal.combined_fpr[str(d.threshold_fpr)]
+    assert (d.weights, d.smoothing_mm, d.scan_normalise) == ({"rec_error_smooth": 1.0}, 2.0, True)
+    assert f"healthy false-positive rate {d.threshold_fpr:g}" in printed
+    assert (trained / "weights.safetensors").read_bytes() == before  # only the card changes
+    first = json.loads((trained / "model.json").read_text())["calibration"]
+    assert (
+        main(["calibrate", str(trained), "--smoothing-mm", "2", "--fpr", "best-dice", *src]) == 0
+    )  # seeded: same again
+    assert json.loads((trained / "model.json").read_text())["calibration"] == first
+
+
+def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
+    trained, folder = trained
+    src = ["--sources", str(folder)]
+    assert main(["calibrate", str(trained), "--fpr", "0.005", "--smoothing-mm", "0", *src]) == 0
+    card = load_model(trained).card
+    assert card.defaults.threshold_fpr == 0.005
+    assert card.calibration.combined_dice is None
+    text = (trained / "model.json").read_text()
+    for bad in (["--fpr", "0.02"], ["--fpr", "most"], ["--weights", "rec_error=x"]):
+        assert main(["calibrate", str(trained), *bad, *src]) == 2
+        assert "vaeloc: error:" in capsys.readouterr().err
+    assert main(["calibrate", str(trained), "--weights", "no_such_map=1", *src]) == 2
+    assert main(["calibrate", str(trained)]) == 2  # its training files are not found here
+    assert "healthy0.nii.gz" in capsys.readouterr().err
+    assert (trained / "model.json").read_text() == text  # nothing rewritten on refusal
+
+
+def _heldout(trained, folder, template=None):
+    model = load_model(trained)
+    card = model.card
+    record = card.provenance.training
+    sources = [str(folder / s) for s in record["sources"]]
+    tset = build_training_set(sources, "T1", 1, record["config"]["seed"])
+    masks = heldout_masks(tset.volumes, card.axis, card.image_size, card.normalisation,
+                          record["split"])  # fmt: skip
+    return model, heldout_scans(tset.volumes, masks, tset.brain_masks, template)
+
+
+def test_choice_respects_the_ceiling_and_needs_held_out_scans(trained):
+    trained, folder = trained
+    model, scans = _heldout(trained, folder)
+    assert len(scans) == 2  # the held-out source and its individual, never a training volume
+    settings = CombineSettings(weights={"rec_error_smooth": 1.0})
+    cal = model.card.calibration
+    cal.combined_fpr = {"0.01": 0.9, "0.001": 1.5, "0.1": 0.1}
+    point = choose_operating_point(model, scans, settings, cal, max_fpr=0.001)
+    assert point.fpr == 0.001 and set(point.dice) == {"0.001"} and point.cases == 2 * 4
+    with pytest.raises(ValueError, match="no held-out scan"):
+        choose_operating_point(model, [], settings, cal)
+    with pytest.raises(ValueError, match="no false-positive level"):
+        choose_operating_point(model, scans, settings, cal, max_fpr=1e-6)
+
+
+def test_with_a_template_the_held_out_brains_are_posed_and_prepared(trained, tmp_path):
+    trained, folder = trained
+    template = model_template(bundled_models()["t1-brain"], load_model("t1-brain").card)
+    model, scans = _heldout(trained, folder, template)
+    assert len(scans) == 2
+    for s in scans:
+        assert s.prepared is not None and s.brain.shape == s.volume.shape
+        assert max(s.volume.spacing) == pytest.approx(6.0)  # already coarser than 2 mm
+        assert not np.allclose(s.volume.affine[:3, :3] / 6.0, np.eye(3))  # a head pose
+        assert s.prepared.template_mask.sum() > 0.5 * template.brain_mask.sum()  # found it
+    settings = CombineSettings(weights={"rec_error_smooth": 1.0}, smoothing_mm=2.0)
+    cal = model.card.calibration
+    table = healthy_fpr_table(model, scans, settings, cal, PrepareSettings())
+    assert list(table) == ["0.1", "0.05", "0.01", "0.005", "0.001", "0.0005", "0.0001"]
+    values = list(table.values())
+    assert all(a <= b for a, b in itertools.pairwise(values))
