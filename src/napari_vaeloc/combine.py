@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InputError
-from .mapnames import COMBINABLE_MAPS, check_names
+from .mapnames import COMBINABLE_MAPS, PRESETS, check_names
 
 if TYPE_CHECKING:  # the engine pulls in torch lazily; only its result type is needed here
     from .engine import LocalizationResult
@@ -91,6 +91,22 @@ class CombineSettings:
             if getattr(d, f.name, None) is not None
         }
         return cls(**given)
+
+    @classmethod
+    def preset(cls, name: str, card: ModelCard) -> CombineSettings:
+        """A named combination (:data:`PRESETS`): "default", the model card's; "paper", the
+        method of Zimmerer et al. (MICCAI 2019) as published: the Combi map alone, no 3D
+        smoothing, no per-scan normalisation, no minimum size, thresholded at 1 (the model's
+        healthy 99th percentile of Combi: a 1 % healthy false-positive rate per pixel).
+
+        Raises:
+            InputError: an unknown name (the message lists the presets).
+        """
+        if name == "default":
+            return cls.from_card(card)
+        if name == "paper":
+            return cls(weights={"combi": 1.0}, threshold=1.0)
+        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
     def replace(self, **changes) -> CombineSettings:
         """A copy with some fields changed, validated again."""

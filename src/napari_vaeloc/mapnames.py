@@ -34,6 +34,8 @@ EVALUATED_MAPS = ("rec_error", "rec_error_smooth", "kl_grad", "rec_grad", "elbo_
 SLIDER_MAPS = ("rec_error_smooth", "rec_error", "elbo_grad", "kl_grad", "combi")
 #: maps that may be weighted into the combined map (every pixel map)
 COMBINABLE_MAPS = PIXEL_MAPS
+#: the named combinations of ``combine.CombineSettings.preset``
+PRESETS = ("default", "paper")
 #: slicing axis -> its voxel axis in RAS+ canonical order (sagittal slices cut left-right, etc.)
 AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 #: the slicing axes in the order fronts offer them

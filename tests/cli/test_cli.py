@@ -165,3 +165,32 @@ def test_console_script_runs(tmp_path, anatomical_path, tiny_model_dir):
     assert (tmp_path / "anatomical_mask.nii.gz").is_file()
     proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "localize" in proc.stdout and "demo" in proc.stdout
+
+
+def test_paper_preset_is_combi_alone_at_its_healthy_99th_percentile(
+    tmp_path, anatomical_path, tiny_model_dir
+):
+    from napari_vaeloc.combine import CombineSettings
+    from napari_vaeloc.models.store import load_model
+
+    args = ["localize", str(anatomical_path), "--model", str(tiny_model_dir), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "p"), "--preset", "paper"]) == 0
+    combi = nib.load(tmp_path / "p" / "anatomical_combi.nii.gz").get_fdata()
+    combined = nib.load(tmp_path / "p" / "anatomical_combined.nii.gz").get_fdata()
+    mask = np.asarray(nib.load(tmp_path / "p" / "anatomical_mask.nii.gz").dataobj) > 0
+    inside = combined > 1e-3
+    ratio = combi[inside] / combined[inside]  # Combi over one scale (this model: the scan's)
+    assert inside.sum() > 1000 and np.ptp(ratio) < 1e-3 * ratio.mean()
+    np.testing.assert_array_equal(mask, combined >= 1.0)  # no smoothing, no minimum size
+    bundled = load_model("t1-brain").card  # its default is not the paper's
+    paper = CombineSettings.preset("paper", bundled)
+    assert paper != CombineSettings.preset("default", bundled)
+    assert (paper.weights, paper.smoothing_mm, paper.scan_normalise) == ({"combi": 1.0}, 0, False)
+    # an explicit option changes the preset
+    more = [*args, "--out", str(tmp_path / "q"), "--preset", "paper", "--threshold", "2"]
+    assert main(more) == 0
+    mask2 = np.asarray(nib.load(tmp_path / "q" / "anatomical_mask.nii.gz").dataobj) > 0
+    np.testing.assert_array_equal(mask2, combined >= 2.0)
+    with pytest.raises(SystemExit):  # argparse: usage line and "invalid choice"
+        main([*args, "--out", str(tmp_path / "r"), "--preset", "best"])
+    assert not (tmp_path / "r").exists()

@@ -18,7 +18,13 @@ from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import Normalisation, volume_to_slices
 from napari_vaeloc.training.builder import OWN_DATA_LICENCE
 from napari_vaeloc.training.datasets import _slab_split, build_slice_dataset
-from napari_vaeloc.training.loop import TrainConfig, calibrate, coarse_noise, fit
+from napari_vaeloc.training.loop import (
+    TrainConfig,
+    calibrate,
+    coarse_noise,
+    context_boxes,
+    fit,
+)
 
 
 def test_slab_split_never_mixes_neighbours():
@@ -58,12 +64,12 @@ def test_dataset_uses_the_engine_preprocessing(phantom):
     assert by_vol.split["n_val"] + by_vol.split["n_train"] == sum(counts)
 
 
-def _fit(images, val, steps, ckpt=None, resume=False, denoise_std=0.0):
+def _fit(images, val, steps, ckpt=None, resume=False, denoise_std=0.0, context_weight=0.0):
     torch.manual_seed(0)
     net = ConvVAE(image_size=16, widths=(8, 16), z_dim=8)
     cfg = TrainConfig(
         image_size=16, z_dim=8, lr=1e-3, batch_size=8, max_steps=steps, val_every=5, patience=100,
-        denoise_std=denoise_std, denoise_cells=4,
+        denoise_std=denoise_std, denoise_cells=4, context_weight=context_weight,
     )  # fmt: skip
     return fit(net, images, val, cfg, checkpoint_dir=ckpt, resume=resume)
 
@@ -77,17 +83,29 @@ def test_coarse_noise_is_smooth_and_has_its_std():
     assert step < 0.25  # neighbours close: coarse, not white noise (which gives about 1.1)
 
 
-def test_denoising_training_differs_and_is_reproducible(tmp_path):
+def test_context_boxes_cover_a_random_box_per_image():
+    gen = torch.Generator().manual_seed(2)
+    box = context_boxes((50, 1, 32, 32), gen)
+    frac = box.float().mean(dim=(1, 2, 3))
+    assert box.dtype == torch.bool and (frac >= (4 / 32) ** 2 * 0.5).all()
+    assert (frac <= 0.5**2 * 1.3).all() and frac.std() > 0  # sizes vary, up to half a side
+    rows, cols = box[:, 0].any(2), box[:, 0].any(1)
+    area = rows.sum(1) * cols.sum(1)
+    assert torch.equal(area, box[:, 0].sum((1, 2)))  # one rectangle each
+
+
+@pytest.mark.parametrize("variant", [{"denoise_std": 0.3}, {"context_weight": 1.0}])
+def test_denoising_and_context_training_differ_and_are_reproducible(variant):
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(40, 1, 16, 16, generator=gen).clamp(-1.5, 1.5)
     val = torch.randn(6, 1, 16, 16, generator=gen).clamp(-1.5, 1.5)
     plain = _fit(images, val, 10)
-    a = _fit(images, val, 10, denoise_std=0.3)
-    b = _fit(images, val, 10, denoise_std=0.3)
+    a = _fit(images, val, 10, **variant)
+    b = _fit(images, val, 10, **variant)
     sa, sb, sp = (r.network.state_dict() for r in (a, b, plain))
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], msg=k)
-    assert any(not torch.equal(sa[k], sp[k]) for k in sa)  # the noise changed the training
+    assert any(not torch.equal(sa[k], sp[k]) for k in sa)  # the variant changed the training
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path):

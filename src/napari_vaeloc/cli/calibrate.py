@@ -61,26 +61,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ca.set_defaults(func=run)
 
 
-def parse_weights(text: str) -> dict[str, float]:
-    """``"a=1,b=0.5"`` -> ``{"a": 1.0, "b": 0.5}``. Raises :class:`InputError` on bad text."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value) if sep else 1.0
-        except ValueError:
-            raise InputError(f"--weights: {part!r} is not MAP=NUMBER") from None
-    if not out:
-        raise InputError("--weights names no map")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     """Recalibrate ``args.model``; returns the exit status."""
     import torch
 
     from ..training.builder import recalibrate
     from ..training.loop import FPR_LEVELS
+    from .localize import parse_weights
 
     weights = parse_weights(args.weights)
     if args.fpr == "best-dice":

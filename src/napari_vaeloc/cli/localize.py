@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import VaelocError
-from ..mapnames import COMBINABLE_MAPS, DEFAULT_MAPS, check_names
+from ..mapnames import COMBINABLE_MAPS, DEFAULT_MAPS, PRESETS, check_names
 from . import options
 
 if TYPE_CHECKING:
@@ -53,6 +53,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     options.add_volume_index(lo)
     lo.add_argument("--batch-size", type=int, default=64, help="slices per batch (default: 64)")
+    lo.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="default",
+        help="the combination to start from: the model's default, or paper (Zimmerer et al. "
+        "2019 as published: Combi alone, no 3D smoothing or per-scan normalisation, threshold "
+        "at the healthy 99th percentile); the options below change it (default: default)",
+    )
     lo.add_argument(
         "--threshold",
         type=float,
@@ -134,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         "smoothing_mm": args.smoothing,
         "scan_normalise": args.scan_normalise,
     }
-    settings = CombineSettings.from_card(model.card).replace(
+    settings = CombineSettings.preset(args.preset, model.card).replace(
         **{k: v for k, v in changes.items() if v is not None}
     )
     with options.LazyBar("scoring slices", "slice", args) as bar:

@@ -103,6 +103,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=8,
         help="grid of the coarse noise, cells per side before upsampling (default: 8)",
     )
+    tr.add_argument(
+        "--context-weight",
+        type=float,
+        default=0.0,
+        help="context-encoding VAE (ceVAE): add, with this weight, the loss of reconstructing "
+        "each slice with one random box replaced by noise (default: 0, off)",
+    )
     options.add_seed(tr)
     options.add_device(tr)
     options.add_threads(tr)
@@ -134,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.individuals < 0:
         raise InputError("--individuals must be 0 or more")
-    if args.denoise_std < 0 or args.denoise_cells < 1:
-        raise InputError("--denoise-std must be >= 0 and --denoise-cells >= 1")
+    if args.denoise_std < 0 or args.denoise_cells < 1 or args.context_weight < 0:
+        raise InputError("--denoise-std and --context-weight must be >= 0, --denoise-cells >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
@@ -152,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         denoise_std=args.denoise_std,
         denoise_cells=args.denoise_cells,
+        context_weight=args.context_weight,
     )
     augment = {"enabled": False} if args.no_augment else None
     device = resolve_device(args.device)

@@ -42,6 +42,35 @@ def negative_elbo(
 FLIP_ONLY = Augmenter(replace(AugmentConfig.none(), flip_p=0.5, clip=(-math.inf, math.inf)))
 
 
+def context_boxes(
+    shape: tuple[int, ...], gen: torch.Generator, smallest: float = 0.125, largest: float = 0.5
+) -> torch.Tensor:
+    """bool (B, 1, H, W): one random axis-aligned box per image, each side a uniform fraction
+    in [``smallest``, ``largest``] of the image's side, placed uniformly."""
+    b, _, h, w = shape
+    size = torch.rand((b, 2), generator=gen) * (largest - smallest) + smallest
+    start = torch.rand((b, 2), generator=gen) * (1 - size)
+    ys = (torch.arange(h) + 0.5) / h
+    xs = (torch.arange(w) + 0.5) / w
+    in_y = (ys[None] >= start[:, :1]) & (ys[None] < start[:, :1] + size[:, :1])
+    in_x = (xs[None] >= start[:, 1:]) & (xs[None] < start[:, 1:] + size[:, 1:])
+    return (in_y[:, :, None] & in_x[:, None, :])[:, None]
+
+
+def context_loss(
+    network: torch.nn.Module, x: torch.Tensor, gen: torch.Generator, log_std: float = 0.0
+) -> torch.Tensor:
+    """The context-encoding term of the ceVAE (Zimmerer et al., "Context-encoding variational
+    autoencoder for unsupervised anomaly detection", 2018): one random box of each slice
+    (:func:`context_boxes`) is replaced by standard normal noise, the slice is encoded to its
+    mean and decoded, and the batch-mean Gaussian NLL (nats per slice) of the *clean* slice
+    under that reconstruction is returned: the network learns to fill a hole from context."""
+    box = context_boxes(tuple(x.shape), gen).to(x.device)
+    noise = torch.randn(tuple(x.shape), generator=gen).to(x.device)
+    mu, _ = network.encode(torch.where(box, noise, x))
+    return gaussian_nll(x, network.decode(mu), log_std).flatten(1).sum(dim=1).mean()
+
+
 def coarse_noise(
     shape: tuple[int, ...], std: float, cells: int, gen: torch.Generator
 ) -> torch.Tensor:
@@ -68,7 +97,9 @@ class TrainConfig:
     ``min_delta`` nats per slice, and the best validated weights are kept. With
     ``denoise_std`` > 0 the network sees each training slice with :func:`coarse_noise`
     (``denoise_cells`` per side) added inside its foreground and learns to reconstruct the clean
-    slice (validation stays the plain negative ELBO). (An absolute margin:
+    slice (validation stays the plain negative ELBO). With ``context_weight`` > 0 the loss adds
+    the context-encoding term of the ceVAE (:func:`context_loss`) with that weight. (An
+    absolute margin:
     most of the negative ELBO of a 64x64 slice is the likelihood's constant, 0.5 log 2 pi per
     pixel, so a relative margin would hide real progress.)
     """
@@ -88,6 +119,7 @@ class TrainConfig:
     seed: int = 0
     denoise_std: float = 0.0
     denoise_cells: int = 8
+    context_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,6 +241,9 @@ def fit(
             loss, _, _ = negative_elbo(network, noisy, cfg.likelihood_log_std, target=x)
         else:
             loss, _, _ = negative_elbo(network, x, cfg.likelihood_log_std)
+        if cfg.context_weight > 0:
+            ce = context_loss(network, x, gen, cfg.likelihood_log_std)
+            loss = loss + cfg.context_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
