@@ -146,6 +146,13 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     qtbot.waitUntil(lambda: not np.array_equal(comb_layer.data, before), timeout=2000)
     assert widget.session.settings.scan_normalise == widget.scan_normalise.value
 
+    widget.paper_button.clicked()  # the published method: Combi alone at its 99th percentile
+    qtbot.waitUntil(lambda: not np.array_equal(comb_layer.data, comb0), timeout=2000)
+    st = widget.session.settings
+    assert st.used_weights() == {"combi": 1.0} and widget.weights["combi"].value == 1.0
+    assert (st.smoothing_mm, st.scan_normalise, st.threshold) == (0.0, False, 1.0)
+    assert not widget.scan_normalise.value and widget.threshold.value == 1.0
+
     widget.defaults_button.clicked()
     np.testing.assert_array_equal(comb_layer.data, comb0)
     np.testing.assert_array_equal(mask_layer.data, mask0)

@@ -140,6 +140,7 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
         self.threshold_info = Label(label="")
         self.min_size = FloatSlider(label="min size (mm³)", min=0.0, max=4000.0, step=8.0)
         self.defaults_button = PushButton(text="Restore model defaults")
+        self.paper_button = PushButton(text="Paper's method (Combi)")
         self.export_maps = CheckBox(text="export the maps and scores too", value=False)
         self.export_button = PushButton(text="Export mask…", enabled=False)
         tips = {
@@ -149,8 +150,8 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
             "result": self.result_info, "smoothing": self.smoothing,
             "scan_normalise": self.scan_normalise, "threshold": self.threshold,
             "threshold_info": self.threshold_info, "min_size": self.min_size,
-            "defaults": self.defaults_button, "export_maps": self.export_maps,
-            "export": self.export_button,
+            "defaults": self.defaults_button, "paper": self.paper_button,
+            "export_maps": self.export_maps, "export": self.export_button,
         }  # fmt: skip
         for key, widget in tips.items():
             widget.tooltip = TOOLTIPS[key]
@@ -166,13 +167,14 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
                 self.prepare, self.run_button, self.cancel_button, self.progress, self.fit_info,
                 self.result_info, *self.weights.values(), self.smoothing, self.scan_normalise,
                 self.threshold, self.threshold_info,
-                self.min_size, self.defaults_button, self.export_maps, self.export_button,
+                self.min_size, self.defaults_button, self.paper_button, self.export_maps,
+                self.export_button,
             ]
         )  # fmt: skip
         #: controls that change the shown result's settings (fixed while it is exported)
         self._tuning = [
             *self.weights.values(), self.smoothing, self.scan_normalise, self.threshold,
-            self.min_size, self.defaults_button, self.export_maps,
+            self.min_size, self.defaults_button, self.paper_button, self.export_maps,
         ]  # fmt: skip
         self.model.changed.connect(self._on_model_changed)
         self.volume.changed.connect(self._on_volume_changed)
@@ -187,6 +189,7 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
         ):
             w.changed.connect(self._on_slider)
         self.defaults_button.changed.connect(self.restore_defaults)
+        self.paper_button.changed.connect(self.paper_settings)
         self.export_button.changed.connect(self._on_export_clicked)
 
     def _device_choices(self, _widget: Any = None) -> list[tuple[str, str]]:

@@ -112,6 +112,9 @@ TOOLTIPS = {
     "min_size": "parts of the mask smaller than this volume (mm³) are dropped; 0 keeps all",
     "defaults": "set weights, smoothing, normalisation, threshold and minimum size to the "
     "values stored with the model",
+    "paper": "the method as published (Zimmerer et al., MICCAI 2019): the error x KL gradient "
+    "map alone, no 3D smoothing or per-scan normalisation, threshold at the top 1 % of healthy "
+    "brain voxels",
     "export_maps": "also save every map, the anomaly map and a JSON of scores next to the mask "
     "(the files 'vaeloc localize' writes)",
     "export": "save the mask of the result named under 'result' as NIfTI in the scan's own "

@@ -125,16 +125,21 @@ class TuningMixin:
 
     def restore_defaults(self, *_: Any) -> None:
         """Set every slider to the model's defaults (the session's model after a run)."""
-        if self.session is not None:
-            st = self.session.default_settings()
-            self.session.settings = st
-        else:
-            from .combine import CombineSettings
+        self._apply_preset("default")
 
-            card = self._card()
-            if card is None:
-                return
-            st = CombineSettings.from_card(card)
+    def paper_settings(self, *_: Any) -> None:
+        """Set every slider to the paper's method (``CombineSettings.preset("paper")``)."""
+        self._apply_preset("paper")
+
+    def _apply_preset(self, name: str) -> None:
+        from .combine import CombineSettings
+
+        card = self.session.card if self.session is not None else self._card()
+        if card is None:
+            return
+        st = CombineSettings.preset(name, card)
+        if self.session is not None:
+            self.session.settings = st
         self._show_settings(st)
         if self.session is not None:
             self._read_settings()
