@@ -22,7 +22,7 @@ from pathlib import Path
 
 from napari_vaeloc.models.card import ModelCard
 from napari_vaeloc.models.store import CARD_FILE, WEIGHTS_FILE, load_model
-from napari_vaeloc.training.builder import check_provenance
+from napari_vaeloc.training.builder import card_provenance, check_provenance, mark_validation
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "napari_vaeloc"
 WEIGHTS = PACKAGE / "models" / "weights"
@@ -60,6 +60,12 @@ def main() -> None:
     if old is not None and not args.overwrite:
         raise SystemExit(f"{target} exists; pass --overwrite to replace it")
     card = dataclasses.replace(card, name=args.name)
+    training = card.provenance.training
+    if training.get("split", {}).get("by") == "source":  # runs from before roles were recorded
+        held = {n.split("#")[0] for n in training["split"].get("val_names", [])}
+        mark_validation(training["source_records"], held)
+        sources, _ = card_provenance(training["source_records"])
+        card.provenance = dataclasses.replace(card.provenance, sources=sources)
     if old is not None:
         card.defaults = dataclasses.replace(
             card.defaults, fuse_with=old.defaults.fuse_with, fuse=old.defaults.fuse
