@@ -118,8 +118,16 @@ def test_unknown_model(anatomical_path, capsys):
 
 
 def test_models_command(capsys):
+    from napari_vaeloc.models.store import bundled_models
+
     assert main(["models"]) == 0
-    assert capsys.readouterr().out.strip()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["name", "modality"] and "trained on" in lines[0]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == set(bundled_models())
+    start = lines[0].index("trained on")  # every row's column starts where its header does
+    t1 = rows["t1-brain"][start:]
+    assert t1.startswith("icbm-t1, mni2009a-t1") and t1.endswith("held out: cat12-t1")
 
 
 def test_help_lists_every_option():

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         print("No pretrained models are bundled with this installation.")
         print("Train one with `vaeloc train` and pass its folder with --model PATH.")
         return 0
-    header = ("name", "modality", "input", "z", "axis", "MB", "provenance")
+    header = ("name", "modality", "input", "z", "axis", "MB", "trained on")
     rows = []
     for name, path in models.items():
         c = read_card(path)
@@ -37,12 +37,30 @@ def run(args: argparse.Namespace) -> int:
                 str(c.architecture.z_dim),
                 str(c.axis),
                 f"{size:.1f}",
-                str(c.provenance.sources),
+                trained_on(c),
             )
         )
     for line in format_table(header, rows):
         print(line)
     return 0
+
+
+def trained_on(card) -> str:
+    """The training sources of a card in a few words: the names of the sources the weights
+    learned from (not those held out for validation) and the synthetic individuals per source;
+    the card's free-text provenance for cards without per-source records."""
+    records = card.provenance.training.get("source_records") or []
+    if not records:
+        return str(card.provenance.sources)
+    names = [r["name"] for r in records if not r.get("role")]
+    text = ", ".join(names)
+    made = max((int(r.get("individuals", 0)) for r in records), default=0)
+    if made:
+        text += f" (+{made} synthetic individuals each)"
+    held = [r["name"] for r in records if r.get("role")]
+    if held:
+        text += f"; held out: {', '.join(held)}"
+    return text
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], gap: int = 2) -> list[str]:

@@ -147,7 +147,11 @@ def test_anatomies(
     if heldout:
         split = card.provenance.training.get("split", {})
         if split.get("by") != "slab":
-            raise ValueError("the model's training did not hold out slabs of one volume")
+            raise ValueError(
+                f"the {modality} template benchmark scores only the slabs of {template} a "
+                "model's training held out, and this model trained on all of it: judge it with "
+                "`vaeloc evaluate individual`"
+            )
         region1 = heldout_slab_mask(vol, card.axis, card.image_size, card.normalisation, split)
     factor = round(VOXEL_MM / float(np.mean(vol.spacing)))
     data, affine = (
