@@ -140,7 +140,7 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
         self.threshold_info = Label(label="")
         self.min_size = FloatSlider(label="min size (mm³)", min=0.0, max=4000.0, step=8.0)
         self.defaults_button = PushButton(text="Restore model defaults")
-        self.paper_button = PushButton(text="Paper's method (Combi)")
+        self.paper_button = PushButton(text="The paper's method")
         self.export_maps = CheckBox(text="export the maps and scores too", value=False)
         self.export_button = PushButton(text="Export mask…", enabled=False)
         tips = {

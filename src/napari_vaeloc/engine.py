@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,7 +110,7 @@ class LocalizationResult:
         volume: the scan that was scored.
         card: the card of the model that scored it (for a fused run, the main model's).
         maps: name -> float32 (X, Y, Z) on the scan's voxel grid, for each map asked for
-            (default ``DEFAULT_MAPS``).
+            (default :func:`maps_for` the model).
             ``reconstruction`` is in the scan's intensity units; the others in model units
             (nats per pixel for rec_error, nats per z-unit for the gradients).
         foreground: bool (X, Y, Z), the object: the voxels the normalisation counted as
@@ -154,6 +154,14 @@ class LocalizationResult:
 def estimate_bytes(shape: tuple[int, ...], n_maps: int = len(DEFAULT_MAPS)) -> int:
     """Peak bytes the result maps of a volume of ``shape`` need (float32 maps + working copies)."""
     return int(np.prod(shape)) * 4 * (n_maps + 4)
+
+
+def maps_for(card, weights: Iterable[str] = ()) -> tuple[str, ...]:
+    """The maps a localization computes by default: ``DEFAULT_MAPS``, plus any map the model's
+    default combination (``card.defaults.weights``) or ``weights`` (names) need beyond them
+    (e.g. ``restoration``, which costs extra gradient passes and is otherwise left out)."""
+    extra = [*(card.defaults.weights or {}), *weights]
+    return DEFAULT_MAPS + tuple(k for k in dict.fromkeys(extra) if k not in DEFAULT_MAPS)
 
 
 def localize(
@@ -219,7 +227,7 @@ def localize(
         )
 
     t0 = time.perf_counter()
-    wanted = DEFAULT_MAPS if maps is None else tuple(maps)
+    wanted = maps_for(model.card) if maps is None else tuple(maps)
     res = localize_axis(volume, model, part(0), maps=wanted)
     fused = [k for k in wanted if k != "reconstruction"]
     own = _scales(model)
@@ -315,9 +323,10 @@ def localize_axis(
             (:class:`EngineOptions`).
         axis: "axial", "coronal" or "sagittal" (default: the model's training axis). A scan with
             one slice (a 2D image) is scored along its single-slice axis whatever is asked.
-        maps: which of ``OUTPUT_MAPS`` to map back to the volume (default: ``DEFAULT_MAPS``, all
-            but the SmoothGrad maps, which cost two extra gradient passes); fewer maps need
-            less memory and time.
+        maps: which of ``OUTPUT_MAPS`` to map back to the volume (default: :func:`maps_for`
+            the model: all but the SmoothGrad and restoration maps, which cost extra gradient
+            passes, unless its default combination uses them); fewer maps need less memory and
+            time.
 
     Raises:
         InputError: unknown maps, or too little memory for the maps.
@@ -330,7 +339,7 @@ def localize_axis(
     t0 = time.perf_counter()
     card = model.card
     notes = list(volume.notes)
-    wanted = DEFAULT_MAPS if maps is None else tuple(maps)
+    wanted = maps_for(card) if maps is None else tuple(maps)
     check_names(wanted, OUTPUT_MAPS, "maps")
     opts = options or EngineOptions()
     progress = opts.progress

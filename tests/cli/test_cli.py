@@ -202,3 +202,26 @@ def test_paper_preset_is_combi_alone_at_its_healthy_99th_percentile(
     with pytest.raises(SystemExit):  # argparse: usage line and "invalid choice"
         main([*args, "--out", str(tmp_path / "r"), "--preset", "best"])
     assert not (tmp_path / "r").exists()
+
+
+def test_the_maps_a_default_needs_are_computed_and_checked_first(tmp_path, capsys):
+    from napari_vaeloc.engine import maps_for
+    from napari_vaeloc.models.store import load_model
+    from napari_vaeloc.samples import sample_path
+
+    card = load_model("t2-brain").card
+    assert "restoration" in card.defaults.weights  # the bundled T2 default uses it
+    assert maps_for(card) == (*DEFAULT_MAPS, "restoration")
+    assert maps_for(load_model("t1-brain").card, ["kl_grad_sg"]) == (*DEFAULT_MAPS, "kl_grad_sg")
+    scan = sample_path("t2-lesion")
+    stem = scan.name.split(".")[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{stem}_restoration.nii.gz").write_bytes(b"keep")  # only that map's name exists
+    args = ["localize", str(scan), "--model", "t2-brain", "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    assert "_restoration.nii.gz" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}_restoration.nii.gz"]
+    assert main([*args, "--overwrite"]) == 0
+    img = nib.load(out / f"{stem}_restoration.nii.gz")
+    assert img.shape == nib.load(scan).shape and float(np.asarray(img.dataobj).max()) > 0

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing(planned_paths(Path(args.scan), out).values(), args.overwrite, "output file")
 
     from ..combine import CombineSettings, PostProcessor
-    from ..engine import EngineOptions, localize
+    from ..engine import EngineOptions, localize, maps_for
     from ..export import write_result
     from ..io import load_volume, scan_stem
     from ..models.store import cached_model
@@ -145,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     settings = CombineSettings.preset(args.preset, model.card).replace(
         **{k: v for k, v in changes.items() if v is not None}
     )
+    maps = maps_for(model.card, settings.used_weights())  # the model's may add costly maps
+    planned = planned_paths(Path(args.scan), out, maps=maps)
+    refuse_existing(planned.values(), args.overwrite, "output file")
     with options.LazyBar("scoring slices", "slice", args) as bar:
         engine = EngineOptions(
             device=args.device,
@@ -152,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
             progress=bar.progress,
             stage=None if args.quiet else bar.stage,
         )
-        result = localize(volume, model, engine, axis=args.axis, fuse=args.fuse, prepare=prepare)
+        result = localize(
+            volume, model, engine, axis=args.axis, fuse=args.fuse, prepare=prepare, maps=maps
+        )
     post = PostProcessor(result, settings)
     paths = write_result(result, post, out, stem=scan_stem(args.scan), overwrite=args.overwrite)
     if result.preparation is not None:
