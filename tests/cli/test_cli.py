@@ -212,7 +212,9 @@ def test_the_maps_a_default_needs_are_computed_and_checked_first(tmp_path, capsy
     card = load_model("t2-brain").card
     assert "restoration" in card.defaults.weights  # the bundled T2 default uses it
     assert maps_for(card) == (*DEFAULT_MAPS, "restoration")
-    assert maps_for(load_model("t1-brain").card, ["kl_grad_sg"]) == (*DEFAULT_MAPS, "kl_grad_sg")
+    t1 = load_model("t1-brain").card
+    assert maps_for(t1, ["kl_grad_sg"]) == (*DEFAULT_MAPS, "restoration", "kl_grad_sg")
+    assert maps_for(load_model("t1-brain-coronal").card) == DEFAULT_MAPS  # its default: Combi
     scan = sample_path("t2-lesion")
     stem = scan.name.split(".")[0]
     out = tmp_path / "out"
