@@ -103,7 +103,7 @@ def run_demo(
     from .evaluation.metrics import Overlap, pixel_metrics
     from .export import write_result
     from .io import load_volume
-    from .mapnames import EVALUATED_MAPS
+    from .mapnames import DEFAULT_MAPS, EVALUATED_MAPS
     from .models.store import cached_model
 
     demo = demo_for(sample)
@@ -121,7 +121,8 @@ def run_demo(
     else:
         brain = result.foreground
     region = brain | truth
-    metrics = {k: pixel_metrics(result.maps[k][region], truth[region]) for k in EVALUATED_MAPS}
+    shown = [*EVALUATED_MAPS, *(k for k in result.maps if k not in DEFAULT_MAPS)]
+    metrics = {k: pixel_metrics(result.maps[k][region], truth[region]) for k in shown}
     metrics["combined (default)"] = pixel_metrics(c.combined[region], truth[region])
     overlap = Overlap()
     overlap.add(c.mask, truth)
