@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,15 +18,31 @@ from napari_vaeloc.evaluation.brain_benchmark import (
     warp_coordinates,
 )
 from napari_vaeloc.evaluation.synthetic import ANOMALY_KINDS
-from napari_vaeloc.models.store import load_model
+from napari_vaeloc.models.store import bundled_models, load_model
 from napari_vaeloc.training.datasets import heldout_slab_mask, load_template
 
 test_anatomies.__test__ = False  # a library function named test_*, not a test
 
 
+#: the split of a training run on the T2 template alone: 8-slice slabs held out (seed 0)
+SLAB_SPLIT = {"by": "slab", "gap": 2, "seed": 0, "slab": 8, "val_fraction": 0.15}
+
+
 @pytest.fixture(scope="module")
-def t2():
-    model = load_model("t2-brain")
+def slab_t2(tmp_path_factory):
+    """The bundled T2 model's folder with the card of a run that held out slabs of the T2
+    template (the bundled model itself trained on all of it)."""
+    folder = tmp_path_factory.mktemp("t2") / "t2-slabs"
+    shutil.copytree(bundled_models()["t2-brain"], folder)
+    card = json.loads((folder / "model.json").read_text())
+    card["training"]["split"] = dict(SLAB_SPLIT)
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def t2(slab_t2):
+    model = load_model(slab_t2)
     return model, test_anatomies("T2", model.card, n=2, seed=0)
 
 
@@ -89,14 +107,24 @@ def _table(path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.parametrize("model", ["t2-brain", "t1-brain"])
-def test_evaluate_brain_reduced_run_is_reproducible(model, tmp_path, capsys):
+def test_t2_benchmark_refuses_a_model_trained_on_the_whole_template(tmp_path, capsys):
+    args = ["evaluate", "brain", "--model", "t2-brain", "--cases", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vaeloc evaluate individual" in err
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+@pytest.mark.parametrize("which", ["t2", "t1-brain"])
+def test_evaluate_brain_reduced_run_is_reproducible(which, slab_t2, tmp_path, capsys):
+    model = str(slab_t2) if which == "t2" else which
+    stem = "t2-brain" if which == "t2" else which  # the card's name names the files
     args = ["evaluate", "brain", "--model", model, "--cases", "1", "--healthy", "1"]
     args += ["--anatomies", "1", "--maps", "rec_error_smooth,kl_grad,default", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a"), "--examples", "2"]) == 0
     printed = capsys.readouterr().out
     assert "| all |" in printed
-    rows = _table(tmp_path / "a" / f"brain_{model}.csv")
+    rows = _table(tmp_path / "a" / f"brain_{stem}.csv")
     kinds = {r["kind"] for r in rows}
     assert kinds == {*ANOMALY_KINDS, "healthy", "all"}
     overall = {r["map"]: r for r in rows if r["kind"] == "all" and r["region"] == "foreground"}
@@ -104,8 +132,8 @@ def test_evaluate_brain_reduced_run_is_reproducible(model, tmp_path, capsys):
     assert int(overall["default"]["cases"]) == len(ANOMALY_KINDS) + 1
     assert 0.0 < float(overall["rec_error_smooth"]["auroc"]) < 1.0
     for f in ("_samples.csv", ".md", "_roc.png", "_pr.png", "_examples.png"):
-        assert (tmp_path / "a" / f"brain_{model}{f}").stat().st_size > 0
+        assert (tmp_path / "a" / f"brain_{stem}{f}").stat().st_size > 0
     assert main([*args, "--out", str(tmp_path / "b"), "--examples", "0"]) == 0
-    again = _table(tmp_path / "b" / f"brain_{model}.csv")
+    again = _table(tmp_path / "b" / f"brain_{stem}.csv")
     assert again == rows  # same seed, same table
     assert main([*args, "--out", str(tmp_path / "a")]) == 2  # no overwrite without asking
