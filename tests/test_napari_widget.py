@@ -127,6 +127,9 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     mask0, comb0 = mask_layer.data.copy(), comb_layer.data.copy()
     info0 = widget.threshold_info.value
     assert "false-positive" in info0 or "uncalibrated" in info0
+    # the model's default map has its own slider, set to its weight; every computed map has one
+    assert widget.weights["restoration"].value == 1.0 and widget.weights["restoration"].enabled
+    assert all(w.enabled for w in widget.weights.values())
 
     widget.threshold.value = widget.threshold.value * 0.6
     qtbot.waitUntil(lambda: mask_layer.data.sum() > mask0.sum(), timeout=2000)

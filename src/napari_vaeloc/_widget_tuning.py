@@ -49,6 +49,8 @@ class TuningMixin:
     def _update_maps(self) -> None:
         s, names = self.session, self._names()
         assert s is not None
+        for key, slider in self.weights.items():  # a map the run did not compute has no say
+            slider.enabled = key in s.result.maps
         cmaps = {"reconstruction": "gray", "rec_error": "magma", "kl_grad": "viridis"}
         for suffix, key in MAP_LAYERS.items():
             extra = {} if key == "reconstruction" else {"blending": "additive"}
@@ -90,7 +92,9 @@ class TuningMixin:
             return
         st = self.session.settings
         others = {k: v for k, v in st.weights.items() if k not in self.weights}  # no slider
-        weights = {**others, **{k: float(w.value) for k, w in self.weights.items() if w.value}}
+        computed = self.session.result.maps
+        moved = {k: float(w.value) for k, w in self.weights.items() if w.value and k in computed}
+        weights = {**others, **moved}
         scan_normalise = bool(self.scan_normalise.value)
         top = max(4.0, 3.0 * sum(weights.values()), 10.0 if scan_normalise else 0.0)
         if top > self.threshold.max:  # growing the range never moves the value

@@ -77,8 +77,8 @@ class CombineSettings:
             if not math.isfinite(value):
                 raise InputError(f"{name} must be a finite number, not {value}")
             object.__setattr__(self, name, value)
-        if self.smoothing_mm < 0 or self.min_size_mm3 < 0:
-            raise InputError("smoothing and minimum size must be >= 0")
+        if self.smoothing_mm < 0 or self.min_size_mm3 < 0 or self.threshold < 0:
+            raise InputError("threshold, smoothing and minimum size must be >= 0")
 
     @classmethod
     def from_card(cls, card: ModelCard) -> CombineSettings:

@@ -485,6 +485,8 @@ def load_volume(
             raise InputError(f"volume index {volume_index} out of range for {n} volumes")
         volume_index %= n
         notes.append(f"took volume {volume_index} of {n}")
+    elif volume_index not in (None, 0, -1):
+        raise InputError(f"{p.name} is 3D: it has no volume {volume_index} (only 4D files do)")
     affine, geometry = header_affine(raw, shape[:3], p.name)
     _check_size(p, int(np.prod(shape[:3])), max_bytes)
     if len(shape) == 4:

@@ -31,7 +31,7 @@ DEFAULT_MAPS = tuple(m for m in OUTPUT_MAPS if m not in (*SMOOTHGRAD_MAPS, *REST
 #: the maps evaluated by default (sq_error ranks voxels like rec_error, so it is left out)
 EVALUATED_MAPS = ("rec_error", "rec_error_smooth", "kl_grad", "rec_grad", "elbo_grad", "combi")
 #: maps offered as weight sliders in the widget, in display order
-SLIDER_MAPS = ("rec_error_smooth", "rec_error", "elbo_grad", "kl_grad", "combi")
+SLIDER_MAPS = ("restoration", "rec_error_smooth", "rec_error", "elbo_grad", "kl_grad", "combi")
 #: maps that may be weighted into the combined map (every pixel map)
 COMBINABLE_MAPS = PIXEL_MAPS
 #: the named combinations of ``combine.CombineSettings.preset``

@@ -227,3 +227,20 @@ def test_the_maps_a_default_needs_are_computed_and_checked_first(tmp_path, capsy
     assert main([*args, "--overwrite"]) == 0
     img = nib.load(out / f"{stem}_restoration.nii.gz")
     assert img.shape == nib.load(scan).shape and float(np.asarray(img.dataobj).max()) > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--threshold", "-1"], "--threshold must be >= 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--device", "nosuch"], "unknown device"),
+        (["--volume-index", "2"], "is 3D: it has no volume 2"),
+    ],
+)
+def test_bad_options_fail_before_any_work(tmp_path, anatomical_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(["localize", str(anatomical_path), "--out", str(out), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())

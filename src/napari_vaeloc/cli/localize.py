@@ -116,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
         check_names(weights, COMBINABLE_MAPS, "weights")
     if args.smoothing is not None and args.smoothing < 0:
         raise VaelocError(f"--smoothing must be >= 0 mm, not {args.smoothing}")
+    if args.threshold is not None and args.threshold < 0:
+        raise VaelocError(f"--threshold must be >= 0, not {args.threshold}")
+    if args.batch_size < 1:
+        raise VaelocError(f"--batch-size must be at least 1, not {args.batch_size}")
+    from ..engine import resolve_device
+
+    resolve_device(args.device)  # an unavailable device fails before the scan is prepared
     prepare = options.prepare_settings(args)
     from ..io import default_output_folder
 
