@@ -69,7 +69,7 @@ def test_calibrate_chooses_the_level_with_the_best_dice_and_records_it(trained, 
     best = max(cal.combined_dice.values())
     assert cal.combined_dice[str(d.threshold_fpr)] == best
     assert d.threshold == cal.combined_fpr[str(d.threshold_fpr)]
-    assert (d.weights, d.smoothing_mm, d.scan_normalise) == ({"rec_error_smooth": 1.0}, 2.0, True)
+    assert (d.weights, d.smoothing_mm, d.scan_normalise) == ({"restoration": 1.0}, 2.0, True)
     assert f"healthy false-positive rate {d.threshold_fpr:g}" in printed
     assert (trained / "weights.safetensors").read_bytes() == before  # only the card changes
     first = json.loads((trained / "model.json").read_text())["calibration"]

@@ -22,9 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ca.add_argument("model", help="a model folder written by `vaeloc train`")
     ca.add_argument(
         "--weights",
-        default="rec_error_smooth=1",
+        default="restoration=1",
         metavar="MAP=W,...",
-        help="the default combination (default: rec_error_smooth=1)",
+        help="the default combination (default: restoration=1, the bundled models' default)",
     )
     ca.add_argument(
         "--smoothing-mm",
