@@ -160,6 +160,7 @@ def test_t1_scan_given_to_the_t2_model_is_refused(capsys, tmp_path):
 
 
 def test_a_strong_bias_field_is_corrected(t1):
+    level = 0.01
     healthy = load_volume(sample_path("t1-head"))
     x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in healthy.shape], indexing="ij")
     field = 1 + 0.25 * (0.6 * x + 0.5 * y - 0.6 * z)  # +-25 % across the head
@@ -168,14 +169,15 @@ def test_a_strong_bias_field_is_corrected(t1):
     for vol in (healthy, biased):
         res = localize(vol, t1, CPU, prepare="auto")
         post = PostProcessor(res)
-        # at the 5 % healthy-FPR threshold, so that a healthy scan has voxels to count
-        post.settings = post.settings.replace(threshold=post.threshold_for_fpr(0.05))
+        # at the 1 % healthy-FPR threshold, so that a healthy scan has voxels to count
+        post.settings = post.settings.replace(threshold=post.threshold_for_fpr(level))
         flagged.append(int(post.mask().sum()))
         brain = int(res.prepared.brain_mask.sum())
-    fpr = t1.card.defaults.threshold_fpr
     print(f"flagged voxels of {brain} (without, with the field): {flagged}")
     assert flagged[0] > 0
-    assert flagged[1] <= flagged[0] + fpr * brain, flagged
+    # the corrected field adds less than half the level's own false-positive rate (without the
+    # correction it adds about 1 % of the brain at this level)
+    assert flagged[1] - flagged[0] <= 0.5 * level * brain, flagged
 
 
 def test_prepare_command_writes_what_it_did(tmp_path, capsys):

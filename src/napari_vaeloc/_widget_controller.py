@@ -63,7 +63,7 @@ MAP_LABELS: dict[str, tuple[str, str]] = {
         "the whole-loss gradient, SmoothGrad",
     ),
     "restoration": (
-        "restoration difference",
+        "difference to a healthy version",
         "how far a few gradient steps on the model's whole loss move each voxel towards "
         "healthy-looking anatomy",
     ),
