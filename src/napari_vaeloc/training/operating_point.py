@@ -168,7 +168,8 @@ def healthy_fpr_table(
     for s in scans:
         res = _localize(model, s.volume, settings, prepare if s.prepared else None)
         combined = PostProcessor(res, settings, calibration).combined()
-        values.append(combined[s.brain & (res.foreground | (s.prepared is not None))])
+        counted = s.brain if s.prepared is not None else s.brain & res.foreground
+        values.append(combined[counted])
     if not values:
         raise ValueError("no held-out healthy scan to calibrate on")
     return fpr_table(np.concatenate(values))
