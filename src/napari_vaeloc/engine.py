@@ -360,7 +360,7 @@ def localize_axis(
     network.to(dev)
 
     # a single-slice scan can only be scored along its flat axis
-    from .preprocess import fill_object, make_geometry, outlier_note
+    from .preprocess import fill_object, make_geometry, outlier_note, with_neighbours
 
     geom0 = make_geometry(volume.shape, volume.affine, volume.spacing, ax, card.image_size)
     if 1 in geom0.canon_shape and geom0.canon_shape[ax] != 1:
@@ -376,6 +376,7 @@ def localize_axis(
         notes.append(outlier_note(ms.n_outliers))
     geom = ms.geometry
     n = geom.n_slices
+    images = with_neighbours(ms.images, card.preprocessing.neighbours)
     todo = np.flatnonzero(ms.foreground)
     s = card.image_size
     model_maps = {k: torch.zeros((n, s, s), dtype=torch.float32) for k in wanted}
@@ -395,7 +396,7 @@ def localize_axis(
         if opts.cancelled():
             raise Cancelled("localization cancelled")
         idx = todo[start : start + batch_size]
-        x = ms.images[idx].to(dev)
+        x = images[idx].to(dev)
         out = score_batch(
             network, x, card.likelihood_log_std, kernel, kl_scale, use_amp, smoothgrad, restoration
         )

@@ -342,6 +342,29 @@ def volume_to_slices(
     return ModelSlices(images, np.asarray(fg_slices), geom, stats, pad_value, fg, n_out)
 
 
+def with_neighbours(images, neighbours: int):
+    """Model-space slices with their neighbours as extra channels: (N, 1, S, S) in slice order
+    -> (N, 2k+1, S, S) with ``k = neighbours``, channel ``j`` of slice ``i`` holding slice
+    ``i + j - k`` (the slice itself in the middle channel); beyond the first and last slice the
+    edge slice is repeated. ``neighbours`` 0 returns ``images`` unchanged.
+
+    Raises:
+        ValueError: ``neighbours`` < 0 or ``images`` not (N, 1, S, S).
+    """
+    import torch
+
+    if neighbours < 0:
+        raise ValueError(f"neighbours must be >= 0, got {neighbours}")
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected (N, 1, S, S) slices, got {tuple(images.shape)}")
+    if neighbours == 0:
+        return images
+    n = images.shape[0]
+    offsets = torch.arange(-neighbours, neighbours + 1)
+    index = (torch.arange(n)[:, None] + offsets[None, :]).clamp_(0, n - 1)
+    return images[:, 0][index]
+
+
 def slices_to_volume(maps, geom: SliceGeometry) -> np.ndarray:
     """(N, S, S) maps in model space -> float32 array of the file's exact (X, Y, Z) shape."""
     import torch

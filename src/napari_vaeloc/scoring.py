@@ -1,6 +1,8 @@
 """Per-pixel and per-slice anomaly scores of a VAE, in pure torch (METHOD.md definitions).
 
-Per pixel, for an input batch x (B, 1, S, S), with z = mu (no sampling):
+Per pixel, for an input batch x (B, 1, S, S), with z = mu (no sampling). A model that takes
+neighbouring slices as extra channels gets x (B, 2k+1, S, S) and reconstructs the middle one;
+every map is then of the middle slice (:func:`centre_slice`):
 
 - ``rec_error``: Gaussian NLL ``0.5 (x - x_hat)^2 / sigma^2 + log sigma + 0.5 log 2 pi``;
 - ``rec_error_smooth``: ``rec_error`` smoothed like the gradients (not in the paper);
@@ -70,13 +72,27 @@ def autocast_for(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def centre_slice(x: torch.Tensor) -> torch.Tensor:
+    """The middle channel of (B, C, S, S) as (B, 1, S, S): the slice a model with neighbouring
+    slices as input channels reconstructs (C odd; C = 1 returns ``x``)."""
+    c = x.shape[1]
+    return x if c == 1 else x[:, c // 2 : c // 2 + 1]
+
+
+def target_of(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """What the reconstruction ``x_hat`` is compared with: ``x`` itself, or its middle slice when
+    the model reconstructs one slice of a stack of neighbours."""
+    return x if x.shape[1] == x_hat.shape[1] else centre_slice(x)
+
+
 def input_gradients(
     network: torch.nn.Module, x: torch.Tensor, likelihood_log_std: float = 0.0, amp: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """Signed input gradients of the KL and Rec terms, with z = mu.
 
-    Returns (dKL/dx, dRec/dx, KL (B,), Rec (B,), per-pixel Rec NLL, x_hat); gradients and maps
-    have the shape of x (B, C, S, S) and its dtype. dKL/dx needs the encoder only.
+    Returns (dKL/dx, dRec/dx, KL (B,), Rec (B,), per-pixel Rec NLL, x_hat); gradients have the
+    shape of x (B, C, S, S), the NLL and x_hat that of the output (B, C_out, S, S), all in x's
+    dtype. dKL/dx needs the encoder only.
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -88,7 +104,7 @@ def input_gradients(
         with autocast_for(x.device, amp):
             x_hat = network.decode(mu)
         x_hat = x_hat.to(x.dtype)
-        rec_px = gaussian_nll(x, x_hat, likelihood_log_std)
+        rec_px = gaussian_nll(target_of(x, x_hat), x_hat, likelihood_log_std)
         rec = rec_px.flatten(1).sum(dim=1)
         (g_rec,) = torch.autograd.grad(rec.sum(), x)
     return g_kl, g_rec, kl.detach(), rec.detach(), rec_px.detach(), x_hat.detach()
@@ -114,7 +130,8 @@ def score_batch(
 
     Args:
         network: a VAE with ``encode`` / ``decode``, in eval mode.
-        x: (B, 1, S, S) float32 inputs in model space.
+        x: (B, C, S, S) float32 inputs in model space (C = 1, or 2k+1 slices for a model with
+            k neighbouring slices on each side; the maps are of the middle slice).
         smoothgrad: compute ``SMOOTHGRAD_MAPS`` (``SMOOTHGRAD_N`` extra gradient passes).
         restoration: compute ``restoration`` (``RESTORATION_STEPS - 1`` extra gradient passes).
     Returns:
@@ -125,24 +142,25 @@ def score_batch(
     kernel = gaussian_kernel() if kernel is None else kernel
     x = x.detach().float()
     g_kl, g_rec, kl, rec, rec_px, x_hat = input_gradients(network, x, likelihood_log_std, amp)
+    xc, gk_c, gr_c = centre_slice(x), centre_slice(g_kl), centre_slice(g_rec)
     with torch.no_grad():
-        kl_grad = smooth(g_kl.abs(), kernel)
+        kl_grad = smooth(gk_c.abs(), kernel)
         out = {
             "rec_error": rec_px,
             "rec_error_smooth": smooth(rec_px, kernel),
-            "sq_error": (x - x_hat).pow(2),
+            "sq_error": (xc - x_hat).pow(2),
             "kl_grad": kl_grad,
-            "rec_grad": smooth(g_rec.abs(), kernel),
-            "elbo_grad": smooth((g_kl + g_rec).abs(), kernel),
+            "rec_grad": smooth(gr_c.abs(), kernel),
+            "elbo_grad": smooth((gk_c + gr_c).abs(), kernel),
             "combi": kl_grad / kl_grad_scale * rec_px,
             "reconstruction": x_hat,
         }
     if smoothgrad:
-        sum_kl, sum_elbo = g_kl.clone(), g_kl + g_rec
+        sum_kl, sum_elbo = gk_c.clone(), gk_c + gr_c
         for noise in _smoothgrad_noise(x.shape[-2:], x.device):
             gk, gr = input_gradients(network, x + noise, likelihood_log_std, amp)[:2]
-            sum_kl += gk
-            sum_elbo += gk + gr
+            sum_kl += centre_slice(gk)
+            sum_elbo += centre_slice(gk + gr)
         with torch.no_grad():
             out["kl_grad_sg"] = smooth((sum_kl / (SMOOTHGRAD_N + 1)).abs(), kernel)
             out["elbo_grad_sg"] = smooth((sum_elbo / (SMOOTHGRAD_N + 1)).abs(), kernel)
@@ -152,7 +170,7 @@ def score_batch(
             gk, gr = input_gradients(network, restored, likelihood_log_std, amp)[:2]
             restored = restored - RESTORATION_STEP * (gk + gr)
         with torch.no_grad():
-            out["restoration"] = smooth((x - restored).abs(), kernel)
+            out["restoration"] = smooth((xc - centre_slice(restored)).abs(), kernel)
     out = {k: v[:, 0] for k, v in out.items()}
     out.update(kl=kl, rec=rec, elbo=kl + rec)
     return out

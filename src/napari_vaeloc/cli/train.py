@@ -65,7 +65,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="otsu",
         help="foreground for the intensity normalisation (default: otsu)",
     )
+    tr.add_argument(
+        "--clip",
+        default="-1.5,1.5",
+        metavar="LOW,HIGH",
+        help="bounds of the foreground z-scores in model space (default: -1.5,1.5; a wider "
+        "range keeps lesions brighter or darker than the brightest or darkest tissue apart)",
+    )
+    tr.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help="start from the weights of this trained model (a bundled name or a folder) "
+        "instead of random ones; its architecture must match",
+    )
     tr.add_argument("--image-size", type=int, default=64, help="model input size (default: 64)")
+    tr.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also show the network the K slices on each side of a slice, as extra input "
+        "channels; it still reconstructs the slice itself (default: 0)",
+    )
     tr.add_argument("--z-dim", type=int, default=256, help="latent size (default: 256)")
     tr.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
     tr.add_argument("--batch-size", type=int, default=64, help="slices per step (default: 64)")
@@ -141,8 +163,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.individuals < 0:
         raise InputError("--individuals must be 0 or more")
+    if args.neighbours < 0:
+        raise InputError("--neighbours must be 0 or more")
     if args.denoise_std < 0 or args.denoise_cells < 1 or args.context_weight < 0:
         raise InputError("--denoise-std and --context-weight must be >= 0, --denoise-cells >= 1")
+    clip = _parse_clip(args.clip)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
@@ -160,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         denoise_std=args.denoise_std,
         denoise_cells=args.denoise_cells,
         context_weight=args.context_weight,
+        neighbours=args.neighbours,
     )
     augment = {"enabled": False} if args.no_augment else None
     device = resolve_device(args.device)
@@ -179,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
             cfg,
             name=args.name,
             modality=args.modality,
-            normalisation=Normalisation(foreground=args.foreground),
+            normalisation=Normalisation(foreground=args.foreground, clip=clip),
+            init_from=args.init,
             augment=augment,
             device=device,
             resume=args.resume,
@@ -195,3 +222,20 @@ def run(args: argparse.Namespace) -> int:
     for k, v in summary.items():
         print(f"  {k}: {v}")
     return 0
+
+
+def _parse_clip(text: str) -> tuple[float, float]:
+    """``"LOW,HIGH"`` -> (low, high), finite with low < 0 < high (the foreground mean is 0).
+
+    Raises:
+        InputError: anything else.
+    """
+    import math
+
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--clip takes LOW,HIGH in z-units, e.g. -3,3; got {text!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < 0 < high):
+        raise InputError(f"--clip needs finite LOW < 0 < HIGH; got {text!r}")
+    return low, high

@@ -138,13 +138,15 @@ class _Part:
 
 @dataclass
 class Architecture(_Part):
-    """The network: ``type`` "conv" (widths, in_channels) or "mlp" (hidden); square inputs of
-    ``image_size`` pixels; ``z_dim`` latent dimensions."""
+    """The network: ``type`` "conv" (widths, in_channels, out_channels: None for the same as
+    in_channels) or "mlp" (hidden); square inputs of ``image_size`` pixels; ``z_dim`` latent
+    dimensions."""
 
     type: str
     image_size: int
     z_dim: int
     in_channels: int | None = None
+    out_channels: int | None = None
     widths: list[int] | None = None
     hidden: int | None = None
 
@@ -167,17 +169,27 @@ class Preprocessing(_Part):
     normalisation, the modality it learned (e.g. "T2"), and the template whose space it learned
     (``template``, ``template_brain_mask``: NIfTI file names inside the model folder, at the
     model's working resolution; None for a model without one, which scans cannot be registered
-    to)."""
+    to). ``neighbours``: slices on each side of a slice that the model also sees, as extra
+    input channels (:func:`napari_vaeloc.preprocess.with_neighbours`; 0: the slice alone)."""
 
     axis: str = "axial"
     normalisation: Normalisation = field(default_factory=Normalisation)
     modality: str = "T2"
     template: str | None = None
     template_brain_mask: str | None = None
+    neighbours: int = 0
 
     def validate(self, where: str) -> None:
         if self.axis not in AXES:
             raise ModelError(f"{where}.axis must be one of {', '.join(AXES)}, not {self.axis!r}")
+        if self.neighbours < 0:
+            raise ModelError(f"{where}.neighbours must be 0 or more, not {self.neighbours}")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if not self.neighbours:  # a one-slice model's card keeps the layout it always had
+            out.pop("neighbours", None)
+        return out
 
 
 @dataclass
@@ -347,7 +359,14 @@ class ModelCard:
                 kwargs[k] = part.from_dict(d[k], f"{where}.{k}")
         for k, part in cls._FLAT.items():
             kwargs[k] = part.from_dict({x: d[x] for x in flat_keys[k] if x in d}, where)
-        return cls(**kwargs)
+        card = cls(**kwargs)
+        arch, k = card.architecture, card.preprocessing.neighbours
+        if arch.type == "conv" and (arch.in_channels or 1) != 2 * k + 1:
+            raise ModelError(
+                f"{where}: a model that sees {k} neighbouring slice(s) on each side takes "
+                f"{2 * k + 1} input channels, not {arch.in_channels or 1}"
+            )
+        return card
 
     @classmethod
     def from_json(cls, text: str, where: str = "model card") -> ModelCard:

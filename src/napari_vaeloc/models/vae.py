@@ -29,10 +29,12 @@ class ConvVAE(nn.Module):
 
     Encoder: stride-2 4x4 convolutions ``in_channels -> widths[0] -> ... -> widths[-1]``
     (image_size -> 4), then a 4x4 convolution to ``2 * z_dim`` channels at 1x1 (mu, log-std).
-    Decoder: the mirror with transposed convolutions, no output activation. LeakyReLU, no bias,
-    no normalisation layers.
+    Decoder: the mirror with transposed convolutions to ``out_channels`` (default
+    ``in_channels``; 1 for a model that sees neighbouring slices as extra input channels and
+    reconstructs the middle one), no output activation. LeakyReLU, no bias, no normalisation
+    layers.
 
-    Shapes: x (B, C, S, S) -> mu, log_std (B, z_dim); z (B, z_dim) -> x_hat (B, C, S, S).
+    Shapes: x (B, C_in, S, S) -> mu, log_std (B, z_dim); z (B, z_dim) -> x_hat (B, C_out, S, S).
     """
 
     def __init__(
@@ -41,8 +43,10 @@ class ConvVAE(nn.Module):
         in_channels: int = 1,
         widths: tuple[int, ...] | None = None,
         z_dim: int = 256,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
         widths = tuple(widths) if widths is not None else default_widths(image_size)
         if 4 * 2 ** len(widths) != image_size:
             raise ValueError(
@@ -56,6 +60,7 @@ class ConvVAE(nn.Module):
             widths,
             z_dim,
         )
+        self.out_channels = out_channels
         enc: list[nn.Module] = []
         c = in_channels
         for w in widths:
@@ -64,7 +69,7 @@ class ConvVAE(nn.Module):
         enc.append(nn.Conv2d(c, 2 * z_dim, 4, 1, 0, bias=False))
         self.encoder = nn.Sequential(*enc)
         dec: list[nn.Module] = [nn.ConvTranspose2d(z_dim, widths[-1], 4, 1, 0, bias=False)]
-        rev = [*list(widths[::-1]), in_channels]
+        rev = [*list(widths[::-1]), out_channels]
         for a, b in itertools.pairwise(rev):
             dec += [nn.LeakyReLU(), nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False)]
         self.decoder = nn.Sequential(*dec)
@@ -81,6 +86,7 @@ class ConvVAE(nn.Module):
             "type": "conv",
             "image_size": self.image_size,
             "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
             "widths": list(self.widths),
             "z_dim": self.z_dim,
         }

@@ -21,7 +21,7 @@ from ..models.card import (
     Preprocessing,
     Provenance,
 )
-from ..models.store import LoadedModel, save_model
+from ..models.store import LoadedModel, load_model, save_model
 from ..preprocess import Normalisation, foreground_mask
 from ..samples import TEMPLATES, TRAINING_TEMPLATES
 from .datasets import (
@@ -301,6 +301,45 @@ def check_provenance(card: ModelCard) -> None:
         )
 
 
+def initial_weights(net, source: str | os.PathLike) -> dict:
+    """Load the weights of the trained model ``source`` (bundled name or folder) into ``net``
+    in place, for fine-tuning. Every tensor must have the shape ``net`` expects, except that a
+    one-slice model can start a model with neighbouring slices as extra input channels: its
+    first layer's weights go to the middle channel and the others start at zero, so the new
+    model begins as exactly the old one. Returns the record the new card keeps (the model's
+    name, weights checksum and training sources).
+
+    Raises:
+        ModelError: ``source`` cannot be loaded, or its architecture differs from ``net``'s.
+    """
+    loaded = load_model(source)
+    state = dict(loaded.network.state_dict())
+    own = net.state_dict()
+    first = "encoder.0.weight"
+    old_w, new_w = state.get(first), own.get(first)
+    if (
+        old_w is not None
+        and new_w is not None
+        and old_w.shape[1] == 1 < new_w.shape[1]
+        and (old_w.shape[0], *old_w.shape[2:]) == (new_w.shape[0], *new_w.shape[2:])
+    ):
+        widened = new_w.new_zeros(new_w.shape)
+        widened[:, new_w.shape[1] // 2] = old_w[:, 0]
+        state[first] = widened
+    wrong = [k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong or set(state) - set(own):
+        raise ModelError(
+            f"cannot start from model {loaded.card.name!r}: its architecture differs from the one "
+            f"being trained ({loaded.card.architecture.config()} vs {net.config()})"
+        )
+    net.load_state_dict(state)
+    return {
+        "model": loaded.card.name,
+        "weights_sha256": loaded.card.weights_sha256,
+        "sources": loaded.card.provenance.sources if loaded.card.provenance else None,
+    }
+
+
 def train_model(
     sources: list[str],
     out: str | os.PathLike,
@@ -321,6 +360,7 @@ def train_model(
     cache_dir: str | os.PathLike | None = None,
     data_licence: str | None = None,
     log: Callable[[str], None] | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> tuple[Path, dict]:
     """Train a conv VAE on the healthy ``sources`` (files, folders or template names) and
     ``individuals`` synthetic individuals of each, calibrate it on the held-out volumes or
@@ -331,13 +371,15 @@ def train_model(
     Checkpoints go to a hidden folder beside ``out`` (the individuals are cached in its
     ``individuals`` folder unless ``cache_dir`` is given); it is removed once the model is
     written, except after a stop by ``cfg.max_minutes``, so that ``resume`` continues the run.
-    ``data_licence`` states the terms of the user's own files for the card. Returns (model
-    folder, training summary).
+    ``data_licence`` states the terms of the user's own files for the card. ``init_from``: a
+    trained model (bundled name or folder) whose weights the run starts from (fine-tuning; see
+    :func:`initial_weights`). Returns (model folder, training summary).
 
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
         InputError: bad sources (see :func:`build_training_set`, :func:`choose_holdout`).
-        ModelError: the card would lack training provenance (:func:`check_provenance`).
+        ModelError: the card would lack training provenance (:func:`check_provenance`), or
+            ``init_from`` cannot be loaded or does not fit the architecture.
     """
     import torch
 
@@ -366,7 +408,13 @@ def train_model(
         held = {g for g, h in zip(tset.groups, holdout or [], strict=True) if h}
         mark_validation(tset.records, held)
     data = build_slice_dataset(
-        tset.volumes, cfg.axis, cfg.image_size, norm, seed=cfg.seed, holdout=holdout
+        tset.volumes,
+        cfg.axis,
+        cfg.image_size,
+        norm,
+        seed=cfg.seed,
+        holdout=holdout,
+        neighbours=cfg.neighbours,
     )
     if held_by:
         data.split["by"] = held_by
@@ -378,8 +426,13 @@ def train_model(
     aug_cfg = dataclasses.replace(aug_cfg, background=data.pad_value, clip=tuple(norm.clip))
     torch.manual_seed(cfg.seed)
     net = ConvVAE(
-        image_size=cfg.image_size, z_dim=cfg.z_dim, widths=tuple(cfg.widths) if cfg.widths else None
+        image_size=cfg.image_size,
+        z_dim=cfg.z_dim,
+        widths=tuple(cfg.widths) if cfg.widths else None,
+        in_channels=2 * cfg.neighbours + 1,
+        out_channels=1,
     )
+    init_record = initial_weights(net, init_from) if init_from is not None else None
     result = fit(
         net,
         data.train,
@@ -415,12 +468,16 @@ def train_model(
         "python": platform.python_version(),
         "package_version": __version__,
     }
+    if init_record is not None:
+        training_record["init_from"] = init_record
     if individuals:
         training_record["individuals"] = {"per_source": individuals, "config": ind_cfg.to_dict()}
     card = ModelCard(
         name=name or out.name,
         architecture=Architecture.from_dict(net.config(), "network config"),
-        preprocessing=Preprocessing(axis=cfg.axis, normalisation=norm, modality=modality),
+        preprocessing=Preprocessing(
+            axis=cfg.axis, normalisation=norm, modality=modality, neighbours=cfg.neighbours
+        ),
         likelihood_log_std=cfg.likelihood_log_std,
         calibration=calibration,
         defaults=PostProcessingDefaults(

@@ -148,6 +148,7 @@ def build_slice_dataset(
     gap: int = 2,
     seed: int = 0,
     holdout: list[bool] | None = None,
+    neighbours: int = 0,
 ) -> SliceDataset:
     """Slice healthy volumes with the engine's preprocessing and split them for validation.
 
@@ -155,11 +156,13 @@ def build_slice_dataset(
     split records them as ``val_volumes``). Otherwise, three or more volumes: whole volumes are
     held out (``val_fraction`` of them, at least one). Fewer: each volume's foreground slices
     are cut into slabs of ``slab`` slices, a fraction of slabs is held out and ``gap`` slices
-    on each side of a held-out slab are dropped.
+    on each side of a held-out slab are dropped. With ``neighbours`` k > 0 every slice comes
+    with the k slices on each side as extra channels (:func:`preprocess.with_neighbours`), so
+    the images are (N, 2k+1, S, S).
     """
     import torch
 
-    from ..preprocess import canonical_slices, to_model_space
+    from ..preprocess import canonical_slices, to_model_space, with_neighbours
 
     rng = np.random.default_rng(seed)
     by_volume = holdout is not None or len(volumes) >= 3
@@ -173,7 +176,7 @@ def build_slice_dataset(
         ms = volume_to_slices(vol.data, vol.affine, vol.spacing, axis, image_size, norm)
         pad_values.append(ms.pad_value)
         keep = np.flatnonzero(ms.foreground)
-        images = ms.images[torch.from_numpy(keep)]
+        images = with_neighbours(ms.images, neighbours)[torch.from_numpy(keep)]
         # foreground in model space: the volume's own mask, resized like the images
         fg_stack = canonical_slices(ms.foreground_mask.astype(np.float32), ms.geometry)[keep]
         fg = to_model_space(fg_stack, ms.geometry, 0.0)[:, 0] > 0.5
@@ -189,7 +192,7 @@ def build_slice_dataset(
         val.append(images[torch.from_numpy(va)])
         val_fg.append(fg[torch.from_numpy(va)])
     s = image_size
-    empty = torch.zeros((0, 1, s, s))
+    empty = torch.zeros((0, 2 * neighbours + 1, s, s))
     out_train = torch.cat(train) if train else empty
     out_val = torch.cat(val) if val else empty
     out_fg = torch.cat(val_fg) if val_fg else torch.zeros((0, s, s), dtype=torch.bool)

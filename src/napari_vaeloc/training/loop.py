@@ -15,7 +15,7 @@ from ..errors import Cancelled
 from ..io import write_atomic, write_json_atomic
 from ..mapnames import PIXEL_MAPS
 from ..models.card import Calibration
-from ..scoring import gaussian_nll, kl_per_sample
+from ..scoring import gaussian_nll, kl_per_sample, target_of
 from .augment import AugmentConfig, Augmenter
 
 
@@ -28,11 +28,13 @@ def negative_elbo(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch-mean negative ELBO with a sampled z; returns (loss, mean KL, mean Rec) in nats.
     With ``target`` (same shape as ``x``) the reconstruction of ``x`` is scored against it
-    (denoising training: ``x`` is the corrupted input, ``target`` the clean slice)."""
+    (denoising training: ``x`` is the corrupted input, ``target`` the clean slice). A model with
+    neighbouring slices as input channels is scored on the middle one (``scoring.target_of``)."""
     mu, ls = network.encode(x)
     z = mu + torch.exp(ls) * torch.randn_like(mu)
     x_hat = network.decode(z)
-    rec = gaussian_nll(x if target is None else target, x_hat, log_std).flatten(1).sum(dim=1)
+    rec = gaussian_nll(target_of(x if target is None else target, x_hat), x_hat, log_std)
+    rec = rec.flatten(1).sum(dim=1)
     kl = kl_per_sample(mu, ls)
     return (rec + beta * kl).mean(), kl.mean(), rec.mean()
 
@@ -68,7 +70,8 @@ def context_loss(
     box = context_boxes(tuple(x.shape), gen).to(x.device)
     noise = torch.randn(tuple(x.shape), generator=gen).to(x.device)
     mu, _ = network.encode(torch.where(box, noise, x))
-    return gaussian_nll(x, network.decode(mu), log_std).flatten(1).sum(dim=1).mean()
+    x_hat = network.decode(mu)
+    return gaussian_nll(target_of(x, x_hat), x_hat, log_std).flatten(1).sum(dim=1).mean()
 
 
 def coarse_noise(
@@ -98,7 +101,9 @@ class TrainConfig:
     ``denoise_std`` > 0 the network sees each training slice with :func:`coarse_noise`
     (``denoise_cells`` per side) added inside its foreground and learns to reconstruct the clean
     slice (validation stays the plain negative ELBO). With ``context_weight`` > 0 the loss adds
-    the context-encoding term of the ceVAE (:func:`context_loss`) with that weight. (An
+    the context-encoding term of the ceVAE (:func:`context_loss`) with that weight. With
+    ``neighbours`` k > 0 the network sees the k slices on each side as extra input channels
+    and reconstructs the middle slice. (An
     absolute margin:
     most of the negative ELBO of a 64x64 slice is the likelihood's constant, 0.5 log 2 pi per
     pixel, so a relative margin would hide real progress.)
@@ -120,6 +125,7 @@ class TrainConfig:
     denoise_std: float = 0.0
     denoise_cells: int = 8
     context_weight: float = 0.0
+    neighbours: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +151,8 @@ def validation_loss(
         for i in range(0, len(val), batch_size):
             x = val[i : i + batch_size]
             mu, ls = network.encode(x)
-            rec = gaussian_nll(x, network.decode(mu), log_std).flatten(1).sum(1)
+            x_hat = network.decode(mu)
+            rec = gaussian_nll(target_of(x, x_hat), x_hat, log_std).flatten(1).sum(1)
             total += float((rec + kl_per_sample(mu, ls)).sum())
     return total / len(val)
 
