@@ -1,6 +1,7 @@
 """The ``vaeloc`` command: a thin front over the engine.
 
 vaeloc localize SCAN [--model auto|NAME|PATH] [--prepare auto|full|none] [--device DEV] [--out DIR]
+vaeloc screen INPUT... --out DIR [--scheduler ADDRESS] [--workers N]
 vaeloc prepare SCAN [--model auto|NAME|PATH] [--out DIR]
 vaeloc models
 vaeloc train SOURCES... --out DIR
@@ -19,7 +20,7 @@ import sys
 
 from .. import __version__
 from ..errors import OutputExistsError, VaelocError, describe_os_error
-from . import calibrate, demo, evaluate, localize, models, options, prepare, train
+from . import calibrate, demo, evaluate, localize, models, options, prepare, screen, train
 
 __all__ = ["build_parser", "main"]
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (localize, prepare, models, train, calibrate, evaluate, demo):
+    for group in (localize, screen, prepare, models, train, calibrate, evaluate, demo):
         group.add_parser(sub)
     return p
 

@@ -1,4 +1,10 @@
-"""``vaeloc localize``: score one scan and write its maps, mask and scores."""
+"""``vaeloc localize``: score one scan and write its maps, mask and scores.
+
+The options that decide a scan's result (:func:`add_scan_options`, read back as a
+:class:`~napari_vaeloc.pipeline.ScanSettings` by :func:`scan_settings`) are defined here once
+and shared with ``vaeloc screen``; the scan itself goes through
+:func:`napari_vaeloc.pipeline.localize_scan`, as every scan of a screen does.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import VaelocError
 from ..mapnames import COMBINABLE_MAPS, DEFAULT_MAPS, PRESETS, check_names
+from ..pipeline import ScanSettings
 from . import options
 
 if TYPE_CHECKING:
-    from ..combine import PostProcessor
+    from ..pipeline import ScanOutputs
 
 
 def _epilog() -> str:
@@ -38,22 +45,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     lo.add_argument("scan", help="the scan, .nii or .nii.gz (2D, 3D, or 4D with --volume-index)")
     options.add_model(lo, options.AUTO_MODEL, options.AUTO_MODEL_HELP)
-    options.add_axis(lo, help="anatomical slicing axis (default: the model's training axis)")
-    lo.add_argument(
+    add_scan_options(lo)
+    options.add_overwrite(lo)
+    options.add_quiet(lo)
+    lo.set_defaults(func=run)
+
+
+def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) -> None:
+    """The options that decide how one scan is scored and combined (``--axis``, ``--fuse``,
+    ``--prepare`` and its step switches, ``--device``, ``--out``, ``--volume-index``,
+    ``--batch-size``, ``--preset``, ``--threshold``, ``--weights``, ``--smoothing``,
+    ``--scan-normalise``), shared by ``localize`` and ``screen``; read them back with
+    :func:`scan_settings`. ``out_help``: what ``--out`` means for the command."""
+    options.add_axis(p, help="anatomical slicing axis (default: the model's training axis)")
+    p.add_argument(
         "--fuse",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="average in the model's companion models for the other slicing axes (default: "
         "as the model card says; t1-brain can fuse three axes, off by default)",
     )
-    options.add_prepare(lo)
-    options.add_device(lo)
+    options.add_prepare(p)
+    options.add_device(p)
     options.add_out(
-        lo, help="output folder (default: next to the scan; the current folder for a sample)"
+        p,
+        help=out_help
+        or "output folder (default: next to the scan; the current folder for a sample)",
+        required=out_help is not None,
     )
-    options.add_volume_index(lo)
-    lo.add_argument("--batch-size", type=int, default=64, help="slices per batch (default: 64)")
-    lo.add_argument(
+    options.add_volume_index(p)
+    p.add_argument("--batch-size", type=int, default=64, help="slices per batch (default: 64)")
+    p.add_argument(
         "--preset",
         choices=PRESETS,
         default="default",
@@ -61,33 +83,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "2019 as published: Combi alone, no 3D smoothing or per-scan normalisation, threshold "
         "at the healthy 99th percentile); the options below change it (default: default)",
     )
-    lo.add_argument(
+    p.add_argument(
         "--threshold",
         type=float,
         default=None,
         help="mask threshold in units of the combined map (default: the model's)",
     )
-    lo.add_argument(
+    p.add_argument(
         "--weights",
         default=None,
         help="combination weights, e.g. combi=1,elbo_grad=0.5 (default: the model's)",
     )
-    lo.add_argument(
+    p.add_argument(
         "--smoothing",
         type=float,
         default=None,
         help="3D Gaussian smoothing of the combined map, sigma in mm (default: the model's)",
     )
-    lo.add_argument(
+    p.add_argument(
         "--scan-normalise",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="express the combined map in robust z-units of the scan itself; the threshold is "
         "then in those units (default: the model's)",
     )
-    options.add_overwrite(lo)
-    options.add_quiet(lo)
-    lo.set_defaults(func=run)
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -108,9 +127,17 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    """Localize anomalies in ``args.scan`` and write the results; returns the exit status."""
-    # check the combination options first: a typo fails at once, before anything is loaded
+def scan_settings(args: argparse.Namespace, check_device: bool = True) -> ScanSettings:
+    """The :class:`~napari_vaeloc.pipeline.ScanSettings` of the options of
+    :func:`add_scan_options` and ``--model``, checked before anything is loaded: a typo fails
+    at once. ``check_device``: also check that ``--device`` exists here (not for scans
+    that run on other machines).
+
+    Raises:
+        VaelocError: malformed or unknown weights, negative smoothing or threshold, a batch
+            size below 1.
+        InputError: an unknown or unavailable device.
+    """
     weights = parse_weights(args.weights) if args.weights else None
     if weights is not None:
         check_names(weights, COMBINABLE_MAPS, "weights")
@@ -122,8 +149,28 @@ def run(args: argparse.Namespace) -> int:
         raise VaelocError(f"--batch-size must be at least 1, not {args.batch_size}")
     from ..engine import resolve_device
 
-    resolve_device(args.device)  # an unavailable device fails before the scan is prepared
-    prepare = options.prepare_settings(args)
+    if check_device:
+        resolve_device(args.device)  # an unavailable device fails before the scan is prepared
+    return ScanSettings(
+        model=args.model,
+        prepare=options.prepare_settings(args),
+        axis=args.axis,
+        fuse=args.fuse,
+        volume_index=args.volume_index,
+        device=args.device,
+        batch_size=args.batch_size,
+        preset=args.preset,
+        threshold=args.threshold,
+        weights=weights,
+        smoothing=args.smoothing,
+        scan_normalise=args.scan_normalise,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Localize anomalies in ``args.scan`` and write the results; returns the exit status."""
+    # check the combination options first: a typo fails at once, before anything is loaded
+    settings = scan_settings(args)
     from ..io import default_output_folder
 
     out = Path(args.out) if args.out else default_output_folder(args.scan)
@@ -135,38 +182,19 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(out)
     refuse_existing(planned_paths(Path(args.scan), out).values(), args.overwrite, "output file")
 
-    from ..combine import CombineSettings, PostProcessor
-    from ..engine import EngineOptions, localize, maps_for
-    from ..export import write_result
-    from ..io import load_volume, scan_stem
-    from ..models.store import cached_model
+    from ..pipeline import localize_scan
 
-    volume = load_volume(args.scan, volume_index=args.volume_index)
-    model = cached_model(options.model_for_scan(args, volume, prepare))
-    changes = {
-        "threshold": args.threshold,
-        "weights": weights,
-        "smoothing_mm": args.smoothing,
-        "scan_normalise": args.scan_normalise,
-    }
-    settings = CombineSettings.preset(args.preset, model.card).replace(
-        **{k: v for k, v in changes.items() if v is not None}
-    )
-    maps = maps_for(model.card, settings.used_weights())  # the model's may add costly maps
-    planned = planned_paths(Path(args.scan), out, maps=maps)
-    refuse_existing(planned.values(), args.overwrite, "output file")
     with options.LazyBar("scoring slices", "slice", args) as bar:
-        engine = EngineOptions(
-            device=args.device,
-            batch_size=args.batch_size,
+        done = localize_scan(
+            args.scan,
+            settings,
+            out,
+            overwrite=args.overwrite,
             progress=bar.progress,
             stage=None if args.quiet else bar.stage,
+            log=options.print_line,
         )
-        result = localize(
-            volume, model, engine, axis=args.axis, fuse=args.fuse, prepare=prepare, maps=maps
-        )
-    post = PostProcessor(result, settings)
-    paths = write_result(result, post, out, stem=scan_stem(args.scan), overwrite=args.overwrite)
+    result, paths = done.result, done.paths
     if result.preparation is not None:
         for line in result.preparation.lines():
             print(line)
@@ -175,23 +203,19 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"{result.model_name} on {result.device}, {result.axis} slices, {result.seconds:.1f} s")
-    print(mask_summary(post, paths["scores"]))
+    print(mask_summary(done))
     for p in paths.values():
         print(p)
     return 0
 
 
-def mask_summary(post: PostProcessor, scores: Path) -> str:
+def mask_summary(done: ScanOutputs) -> str:
     """One line on the mask written: its volume (the scores file's ``mask_volume_ml``), its
-    connected parts (:func:`..demo.mask_parts`), the threshold and, for a calibrated
-    combination, the healthy false-positive rate it was read at, e.g. "mask: 11.1 ml in 2
-    parts (threshold 2.66, healthy false-positive rate 0.1 %)"."""
-    import json
-
-    from ..demo import mask_parts
-
-    ml = json.loads(Path(scores).read_text())["mask_volume_ml"]
-    n = mask_parts(post.mask())[1]
+    connected parts, the threshold and, for a calibrated combination, the healthy
+    false-positive rate it was read at, e.g. "mask: 11.1 ml in 2 parts (threshold 2.66,
+    healthy false-positive rate 0.1 %)"."""
+    post = done.post
+    ml, n = done.mask_volume_ml(), done.mask_components()
     threshold = post.settings.threshold
     fpr, pairs = post.fpr_for_threshold(threshold), post.fpr_table()
     if fpr is None:

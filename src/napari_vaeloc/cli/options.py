@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..mapnames import AXIS_NAMES
+from ..pipeline import AUTO_MODEL as AUTO_MODEL
 
 if TYPE_CHECKING:
     from ..io import Volume
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
     from ..prepare import PrepareSettings
 
 DEFAULT_MODEL = "t2-brain"
-#: ``--model auto``: the bundled model of the modality the scan looks like
-AUTO_MODEL = "auto"
 AUTO_MODEL_HELP = (
     "bundled model name (see `vaeloc models`), a model folder, or auto: the bundled model of "
     "the modality the scan looks like (T1 or T2, found by preparing the scan; the run reuses "
@@ -109,46 +108,23 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 def model_for_scan(args: argparse.Namespace, volume: Volume, settings: PrepareSettings) -> str:
     """The model ``--model`` names, or with ``--model auto`` the bundled main model of the
-    modality ``volume`` looks like (:mod:`..models.choice`); then one line on stdout says
-    which and why, e.g. "model: t1-brain (the scan looks like T1, r = 0.58)".
-
-    The guess prepares the scan with ``settings`` (with "auto" when they turn preparation
-    off), cached, so a run with the same settings does not prepare it again.
+    modality ``volume`` looks like (:func:`..pipeline.model_for_scan`, which prepares the
+    scan with ``settings``, cached); then one line on stdout says which and why, e.g.
+    "model: t1-brain (the scan looks like T1, r = 0.58)", and the preparation's stages are
+    printed on stderr (none with ``--quiet``).
 
     Raises:
         InputError: ``--model auto`` and the scan is too thin to prepare, no modality is
             recognised, or no bundled model learned it.
     """
-    from ..models.choice import bundled_cards, choose_model, guess_modality
+    from ..pipeline import model_for_scan
 
-    if args.model != AUTO_MODEL:
-        return args.model
-    from ..errors import InputError, MisfitError
-    from ..prepare import PrepareSettings, too_thin
+    return model_for_scan(args.model, volume, settings, stage=stage_printer(args), log=print_line)
 
-    name_one = "name a model with --model (see `vaeloc models`)"
-    if too_thin(volume.shape):
-        raise InputError(
-            f"--model auto prepares the scan to tell its modality, and a "
-            f"{'x'.join(map(str, volume.shape))} image is too thin to prepare; {name_one}"
-        )
-    guess = guess_modality(
-        volume, settings if settings.enabled else PrepareSettings(), stage=stage_printer(args)
-    )
-    if guess.modality is None:
-        raise MisfitError(
-            f"--model auto: {guess.describe()}; is it a brain MRI? To score it as given, "
-            "without preparation, name a model with --model and pass --prepare none",
-            guess.report,
-        )
-    name = choose_model(guess.modality, bundled_cards())
-    if name is None:
-        raise InputError(
-            f"--model auto: the scan looks like {guess.modality} (r = {guess.r:.2f}), but no "
-            f"bundled model learned {guess.modality} scans; {name_one}"
-        )
-    print(f"model: {name} (the scan looks like {guess.modality}, r = {guess.r:.2f})", flush=True)
-    return name
+
+def print_line(line: str) -> None:
+    """Print ``line`` on stdout at once (a ``log`` callback of the core)."""
+    print(line, flush=True)
 
 
 def progress_bar(desc: str, unit: str, args: argparse.Namespace, total: int | None = None) -> Any:
