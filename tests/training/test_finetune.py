@@ -22,7 +22,7 @@ from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import with_neighbours
 from napari_vaeloc.scoring import score_batch
 from napari_vaeloc.training.augment import AugmentConfig, Augmenter
-from napari_vaeloc.training.builder import initial_weights
+from napari_vaeloc.training.builder import initial_weights, recalibrate
 
 TINY = ["--image-size", "16", "--z-dim", "8", "--val-every", "4", "--batch-size", "16"]
 TINY += ["--lr", "1e-3", "--quiet"]
@@ -80,6 +80,10 @@ def test_train_with_neighbours_and_a_wider_clip(healthy_dir, tmp_path):
     res = localize(load_volume(healthy_dir / "healthy0.nii.gz"), model)
     assert res.maps["rec_error"].shape == (24, 28, 24)
     assert np.isfinite(res.maps["kl_grad"]).all()
+    # recalibration rebuilds the held-out slices with their neighbours, as training did
+    before = card.calibration.scales["rec_error"]
+    recalibrate(out, {"rec_error": 1.0}, fpr=None, source_dir=healthy_dir.parent)
+    assert load_model(out).card.calibration.scales["rec_error"] == pytest.approx(before, rel=1e-4)
     # a card whose channels do not match its neighbours is refused when read
     bad = card.to_dict()
     bad["neighbours"] = 2

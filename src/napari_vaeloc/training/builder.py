@@ -591,6 +591,7 @@ def recalibrate(
         gap=split.get("gap", 2),
         seed=split.get("seed", 0),
         holdout=None if val_volumes is None else [i in val_volumes for i in range(len(volumes))],
+        neighbours=card.preprocessing.neighbours,
     )
     calibration = calibrate(
         model.network, data.val, data.val_foreground, card.likelihood_log_std, weights=weights
