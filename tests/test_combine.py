@@ -141,3 +141,22 @@ def test_scan_normalise_removes_a_global_offset():
     assert not np.allclose(plain, a)
     s = CombineSettings.from_card(card_with(defaults={"scan_normalise": True, "threshold": 4.0}))
     assert s.scan_normalise and s.threshold == 4.0
+
+
+def test_minimum_size_from_cached_components_equals_scikit_image():
+    from skimage.morphology import remove_small_objects
+
+    rng = np.random.default_rng(3)
+    c = rng.random((30, 28, 26)).astype(np.float32)
+    for thr, size in ((0.7, 5.0), (0.8, 3.0), (0.6, 40.0)):
+        n = int(np.ceil(size / 1.5))  # voxels of 1.5 mm^3
+        ref = remove_small_objects(c > thr, max_size=n - 1, connectivity=3).astype(np.uint8)
+        np.testing.assert_array_equal(threshold_mask(c, thr, size, (1.5, 1.0, 1.0)), ref)
+    fg = np.ones(c.shape, bool)
+    post = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, spacing=(1.5, 1.0, 1.0),
+                 threshold=0.7)  # fmt: skip
+    for size in (0.0, 5.0, 30.0, 3.0):  # one labelling, then size lookups
+        st = post.settings.replace(min_size_mm3=size)
+        np.testing.assert_array_equal(post.mask(st), threshold_mask(c, 0.7, size, post.spacing))
+    # settings given explicitly leave the post-processor's own settings alone
+    assert post.settings.min_size_mm3 == 0.0

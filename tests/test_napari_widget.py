@@ -156,7 +156,8 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     assert (st.smoothing_mm, st.scan_normalise, st.threshold) == (0.0, False, 1.0)
     assert not widget.scan_normalise.value and widget.threshold.value == 1.0
 
-    widget.defaults_button.clicked()
+    widget.defaults_button.clicked()  # the shown slice at once, the whole volume in a worker
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
     np.testing.assert_array_equal(comb_layer.data, comb0)
     np.testing.assert_array_equal(mask_layer.data, mask0)
     assert widget.threshold_info.value == info0

@@ -304,8 +304,6 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
         session = self.session
         if session is None or self.running or self.exporting or self.closed:
             return False
-        if self._timer.isActive():  # write what the sliders show
-            self.apply_settings()
         try:
             target, existing = export_plan(session, path, maps)
         except (VaelocError, OSError) as exc:

@@ -143,15 +143,20 @@ class Session(PostProcessor):
     """One finished run: its result (with the scan and the model's card) and the current
     settings. Nothing here ever runs the network.
 
-    The scales of every slider component are computed on creation (in the worker thread), so
-    that a slider move in the GUI thread only re-sums and re-thresholds.
+    The scales of every slider component and the contrast limits of the map layers are
+    computed on creation (in the worker thread), so that the GUI thread never goes over the
+    whole volume for them.
     """
 
     def __init__(self, result: LocalizationResult) -> None:
         super().__init__(result)
+        self._ranges: dict[str, tuple[float, float]] = {}
         for name in sorted(set(SLIDER_MAPS) | set(self.settings.weights)):
             if name in result.maps:
                 self.scale(name)
+        for name in MAP_LAYERS.values():
+            if name in result.maps:
+                self.map_range(name)
 
     @property
     def volume(self):
@@ -169,10 +174,14 @@ class Session(PostProcessor):
     def map_range(self, name: str) -> tuple[float, float]:
         """Contrast limits of a component map: 0 to twice its (calibrated) scale; for the
         reconstruction, the scan's minimum to its 99.5th percentile."""
-        if name == "reconstruction":
-            data = self.volume.data
-            return (float(data.min()), float(np.percentile(data[::2, ::2, ::2], 99.5)))
-        return (0.0, 2.0 * self.scale(name)[0])
+        if name not in self._ranges:
+            if name == "reconstruction":
+                data = self.volume.data
+                top = float(np.percentile(data[::2, ::2, ::2], 99.5))
+                self._ranges[name] = (float(data.min()), top)
+            else:
+                self._ranges[name] = (0.0, 2.0 * self.scale(name)[0])
+        return self._ranges[name]
 
     def threshold_text(self) -> str:
         """What the current threshold means, in calibrated terms when it can."""

@@ -201,3 +201,13 @@ def put_preparation_layers(
         )  # fmt: skip
         layers.append(image)
     return layers
+
+
+def file_axis(like: Any, axis: int, shape: tuple[int, ...]) -> int:
+    """The axis of data in the order :func:`scan_inputs` gave for ``like`` (the file's voxel
+    order, of ``shape``) that is shown on the layer axis ``axis`` (:func:`to_layer_order`)."""
+    layer_shape = tuple(np.shape(_spatial_data(like)))[1 if _is_4d(like) else 0 :]
+    axes = voxel_axes(like.metadata, layer_shape)
+    if axes is None or len(axes) != len(shape):
+        return axis
+    return int(axes[axis])

@@ -42,6 +42,14 @@ BUSY_STAGES = ("checking the scan", "bias-field correction", "brain extraction",
 FIT_STYLE = {"ok": "", "none": "", "warn": "color: #e8a33d;", "fail": "color: #f06464;"}
 #: how long quitting waits for the panel's workers to stop (ms)
 EXIT_WAIT_MS = 20_000
+#: the steps after the last slice, shown one by one on the progress bar: the engine's last
+#: stage, then the worker's, then the GUI thread's
+FINISH_STEPS = (
+    "mapping back to the scan",
+    "computing the scales",
+    "combining the maps",
+    "adding the layers",
+)
 _STARTED = False  # whether a worker was started (then exit waits for workers)
 
 
@@ -102,6 +110,7 @@ class Relay(QObject):
 
     progress = Signal(int, int)
     stage = Signal(str)
+    step = Signal(str)  # the panel's own steps after scoring (FINISH_STEPS)
 
 
 @dataclass
@@ -130,6 +139,8 @@ class RunMixin:
         self._relay = Relay()
         self._relay.progress.connect(self._on_progress)
         self._relay.stage.connect(self._on_stage)
+        self._relay.step.connect(self._on_step)
+        self._adding = False  # result layers are being added (the run is not over yet)
         self._fit: tuple[Any, str, str, str] | None = None  # layer, text, level, tooltip
 
     def close_down(self, *_: Any) -> None:
@@ -142,9 +153,10 @@ class RunMixin:
         if self.job is not None:
             self.job.cancel.set()
         self._stop_guess()
+        self._stop_recombination()
         for emitter, slot in self._viewer_events:
             emitter.disconnect(slot)
-        for name in ("progress", "stage"):
+        for name in ("progress", "stage", "step"):
             try:  # nothing connected, or Qt deleted the relay already (at exit)
                 getattr(self._relay, name).disconnect()
             except (TypeError, RuntimeError):
@@ -197,9 +209,10 @@ class RunMixin:
         job = Job(layer=layer, base=base, model=str(model_name))
         self.job = job
         axis = None if self.axis.value == "model" else self.axis.value
+        keep = (self._last_run_model, self.session.settings) if self.session is not None else None
         args = {
             "folder": folder, "axis": axis, "device": self.device.value, "prepare": mode,
-            "note": note, "shape": inputs["shape"],
+            "note": note, "shape": inputs["shape"], "keep": keep,
         }  # fmt: skip
         if mode != "none":
             self._set_fit(layer, "checking how the scan fits the model…", "none")
@@ -235,7 +248,23 @@ class RunMixin:
             stage=self._relay.stage.emit,
         )
         result = localize(volume, model, options, axis=args["axis"], prepare=args["prepare"])
-        session = Session(result)  # scales (percentiles if uncalibrated) here, off the GUI thread
+        # everything after the network that needs the whole volume runs here, off the GUI
+        # thread: the scales (percentiles if uncalibrated), the map layers' contrast limits,
+        # and the combination the sliders will show
+        self._relay.step.emit(FINISH_STEPS[1])
+        session = Session(result)
+        if job.cancel.is_set():
+            raise Cancelled("localization cancelled")
+        self._relay.step.emit(FINISH_STEPS[2])
+        keep = args["keep"]
+        settings = keep[1] if keep is not None and keep[0] == model.path else session.settings
+        try:
+            session.combined(settings, job.cancel.is_set)
+            session.mask(settings, job.cancel.is_set)
+        except ValueError:  # a weight without its map: shown (and explained) by the sliders
+            pass
+        if job.cancel.is_set():
+            raise Cancelled("localization cancelled")
         return session, model, args
 
     def cancel(self, *_: Any) -> None:
@@ -257,7 +286,7 @@ class RunMixin:
 
     def _on_finished(self, job: Job) -> None:
         job.finished = True
-        if job is not self.job:
+        if job is not self.job or self._adding:  # the layers are still being added
             return
         self.running = False
         self._worker = None
@@ -272,9 +301,21 @@ class RunMixin:
         """A stage began: name it on the progress bar (a busy bar while preparing)."""
         if self.job is not None:
             self.job.stage = name
+        if name in FINISH_STEPS:
+            self._on_step(name)
+            return
         if name in BUSY_STAGES and self.progress.value == 0:
             self.progress.max = 0
         self.progress.label = name
+
+    @live
+    def _on_step(self, name: str) -> None:
+        """A step after the last slice began: the bar counts them (1 to 4)."""
+        if self.job is not None:
+            self.job.stage = name
+        self.progress.max = len(FINISH_STEPS)
+        self.progress.value = FINISH_STEPS.index(name) + 1
+        self.progress.label = f"{name} ({self.progress.value}/{self.progress.max})"
 
     @live
     def _on_progress(self, done: int, total: int) -> None:
@@ -330,6 +371,33 @@ class RunMixin:
 
     @live
     def _on_done(self, job: Job, out: tuple) -> None:
+        """The run's result arrived: name the last step on the bar, and add the layers on the
+        next turn of the event loop (so that the bar shows it first); the run ends then."""
+        from qtpy.QtCore import QTimer
+
+        self._on_step(FINISH_STEPS[3])
+        self._adding = True
+
+        def done() -> None:
+            self._adding = False
+            if job.finished:
+                self._on_finished(job)
+
+        def add() -> None:
+            waiting = False
+            try:
+                waiting = not self.closed and self._add_result(job, out) is False
+            finally:
+                if waiting:  # the run ends when the whole combination is shown
+                    self._when_whole = done
+                else:
+                    done()
+
+        QTimer.singleShot(0, add)
+
+    def _add_result(self, job: Job, out: tuple) -> bool:
+        """Show a run's result; False when its combination is still being computed in the
+        background (it will be shown when it is done)."""
         session, model, args = out
         result = session.result
         layer = job.layer
@@ -338,7 +406,7 @@ class RunMixin:
             show_warning(f"result dropped: {why} during the run; no layers were added")
             self.progress.max, self.progress.value = 1, 0
             self.progress.label = "result dropped"
-            return
+            return True
         try:
             first = self.session is None  # sliders show this model's defaults or user edits
             keep = not first and self._last_run_model == model.path
@@ -352,7 +420,7 @@ class RunMixin:
                 self._show_settings(self.session.settings)
             self._read_settings()
             self._update_maps()
-            self.apply_settings()
+            shown = self._show_result()
             self.result_info.value = (
                 f"{job.base}, model {job.model} ({result.axis} slices, {result.device})"
             )
@@ -367,5 +435,7 @@ class RunMixin:
             for line in result.notes:
                 if line not in result.volume.notes:  # those were shown at the click
                     show_info(line)
+            return shown
         except Exception as exc:  # never let a display problem crash the viewer
             show_error(f"could not show the result: {type(exc).__name__}: {exc}")
+            return True

@@ -1,22 +1,66 @@
-"""Tuning the shown result in the "Localize anomalies" panel: sliders → settings → layers.
+"""The sliders of the "Localize anomalies" panel and the result layers they update.
 
-The sliders edit the settings of the shown :class:`~napari_vaeloc._widget_controller.Session`;
-a (debounced) move recombines and re-thresholds the cached maps without running the network,
-and updates the result layers (the combined map only when it changed).
+A finished run leaves a :class:`~napari_vaeloc._widget_controller.Session` (the cached maps and
+their cached, smoothed, scaled components). A slider move never waits for the whole volume:
+
+1. at once, in the GUI thread, the slice the viewer shows is recomputed from the cached
+   components (:meth:`~napari_vaeloc.combine.PostProcessor.slice_preview`, a few milliseconds)
+   and written into the shown layers;
+2. after a short debounce, a worker thread recombines the whole volume (first the shown slice,
+   when step 1 could not: a new smoothing is smoothed on the slab of slices that reach it) and
+   the layers take the result. A new move cancels stale work: a worker still running is asked
+   to stop between components, its result is dropped, and only the newest settings are
+   computed next.
+
+Both steps go through the one post-processing pipeline of :mod:`napari_vaeloc.combine`, so the
+whole volume the layers end with is what the command line computes for the same settings.
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from qtpy.QtCore import QTimer
 
 from ._widget_controller import MAP_LAYERS
-from ._widget_layers import put_layer
-from ._widget_run import live
+from ._widget_layers import file_axis, put_layer
+from ._widget_run import live, start_worker
 
-#: how long the sliders wait for the next move before updating the layers (ms)
+#: how long the sliders wait for the next move before recombining the whole volume (ms)
 DEBOUNCE_MS = 50
+
+
+@dataclass
+class Recombination:
+    """One background recombination: the settings it computes, the slice to show first (file
+    axis, index; None: none), and its cancel flag."""
+
+    generation: int
+    settings: Any
+    where: tuple[int, int] | None
+    previewed: bool
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def recombine(session: Any, job: Recombination) -> Any:
+    """The worker's generator: the shown slice first (when the GUI thread could not preview
+    it), then the whole combined map and mask; ``Cancelled`` when a newer move came."""
+    if job.where is not None and not job.previewed:
+        preview = session.slice_preview(job.settings, *job.where, compute=True)
+        if preview is not None and not job.cancel.is_set():
+            yield preview
+    combined = session.combined(job.settings, job.cancel.is_set)
+    mask = session.mask(job.settings, job.cancel.is_set)
+    return combined, mask
+
+
+def _kept(shown: float, setting: float) -> float:
+    """``setting`` when a slider showing ``shown`` shows it (to the slider's precision, about
+    six digits), else ``shown``."""
+    return setting if abs(shown - setting) <= 1e-5 * max(1.0, abs(setting)) else shown
 
 
 class TuningMixin:
@@ -36,7 +80,21 @@ class TuningMixin:
         self._base = ""  # the shown result's layer-name prefix
         self._shape: tuple[int, ...] = ()
         self._last_run_model: Any = None
-        self._shown_combined: Any = None  # the combined map the layer shows now
+        #: the arrays the combined-map and mask layers show (the session's, before a preview
+        #: writes into them)
+        self._shown: dict[str, np.ndarray] = {}
+        self._generation = 0  # bumped by every change of the shown settings
+        self._previewed = -1  # the generation whose shown slice the GUI thread previewed
+        self._recombination: Recombination | None = None  # the one running
+        self._recombine_worker: Any = None
+        self._next: Recombination | None = None  # waits for the running one to stop
+        self._when_whole: Any = None  # called once the whole volume is shown (ends a run)
+
+    @property
+    def updating(self) -> bool:
+        """True while the layers do not yet show the whole volume under the current settings
+        (a recombination is pending or running)."""
+        return self._timer.isActive() or self._recombine_worker is not None
 
     def _names(self) -> dict[str, str]:
         base = self._base
@@ -62,38 +120,241 @@ class TuningMixin:
 
     @live
     def _on_timer(self) -> None:
-        self.apply_settings()
+        self._recombine_in_background()
 
     def apply_settings(self) -> None:
-        """Recompute the combined map and the mask from the cached maps and update the layers."""
+        """Recompute the combined map and the mask of the whole volume from the cached maps, in
+        this thread, and update the layers (background work for older settings is dropped)."""
         s = self.session
         if s is None or self.closed:
             return
         self._timer.stop()
-        names = self._names()
-        combined = s.combined()
-        if combined is not self._shown_combined or names["combined"] not in self.viewer.layers:
-            # only when the map changed: a threshold move must not re-upload the whole volume
+        self._generation += 1
+        self._show_whole(s.combined(), s.mask())
+        self._whole_shown()
+
+    def _show_whole(self, combined: np.ndarray, mask: np.ndarray) -> None:
+        """Show a whole combined map and mask of the session's current settings (the combined
+        map only when it changed: a threshold move must not re-upload the whole volume)."""
+        s, names = self.session, self._names()
+        assert s is not None
+        layers = self.viewer.layers
+        if combined is not self._shown.get("combined") or names["combined"] not in layers:
             put_layer(
                 self.viewer, "image", names["combined"], combined.reshape(self._shape),
                 self._input_layer, "combined", colormap="inferno", blending="additive",
                 contrast_limits=s.display_range(),
             )  # fmt: skip
-            self._shown_combined = combined
-        put_layer(
-            self.viewer, "labels", names["mask"], s.mask().reshape(self._shape),
-            self._input_layer, "mask", opacity=0.6,
-        )  # fmt: skip
+            self._shown["combined"] = combined
+        if mask is not self._shown.get("mask") or names["mask"] not in layers:
+            put_layer(
+                self.viewer, "labels", names["mask"], mask.reshape(self._shape),
+                self._input_layer, "mask", opacity=0.6,
+            )  # fmt: skip
+            self._shown["mask"] = mask
         self.threshold_info.value = s.threshold_text()
+
+    def _whole_shown(self) -> None:
+        done, self._when_whole = self._when_whole, None
+        if done is not None:
+            done()
+
+    def _show_result(self) -> bool:
+        """Show a new session's combination: at once when the run's worker computed it for the
+        current settings (or, on a small scan, computing it here), else the rest in the
+        background."""
+        s = self.session
+        assert s is not None
+        self._generation += 1
+        cached = s.cached()
+        if cached is not None:
+            self._show_whole(cached.combined, cached.mask)
+        elif not self._large():
+            self._show_whole(s.combined(), s.mask())
+        else:
+            self._timer.stop()
+            self._recombine_in_background()
+            return False
+        return True
+
+    def _large(self) -> bool:
+        """Whether whole-volume work on this result takes long enough to belong in a worker
+        (above about a million voxels)."""
+        return int(np.prod(self._shape or (0,))) > 1_000_000
+
+    # ---------------------------------------------------------------- one slice first
+    def displayed_slice(self) -> tuple[int, int] | None:
+        """The slice of the result the viewer shows: (axis, index) on the scan's voxel grid (the
+        order :func:`~napari_vaeloc._widget_layers.scan_inputs` gives), or None when the
+        viewer shows the whole volume (3D view) or the result is not a 3D volume."""
+        names = self._names()
+        if len(self._shape) != 3 or names["combined"] not in self.viewer.layers:
+            return None
+        dims = self.viewer.dims
+        layer = self.viewer.layers[names["combined"]]
+        if dims.ndisplay != 2:
+            return None
+        lead = dims.ndim - layer.ndim
+        hidden = [a - lead for a in dims.not_displayed if a >= lead]
+        if len(hidden) != 1:
+            return None
+        j = hidden[0]
+        try:
+            position = layer.world_to_data(dims.point)
+        except Exception:  # an unusual transform: no preview, the worker shows it all
+            return None
+        size = layer.data.shape[j]
+        index = int(min(max(round(float(position[j])), 0), size - 1))
+        return file_axis(self._input_layer, j, self._shape), index
+
+    def _preview(self, where: tuple[int, int] | None, compute: bool = False) -> bool:
+        """Write the shown slice of the current settings into the shown layers (GUI thread,
+        from cached components); False when it needs components that are not cached."""
+        s = self.session
+        if s is None or where is None:
+            return False
+        try:
+            preview = s.slice_preview(s.settings, *where, compute=compute)
+        except ValueError:  # a weight without its map: the background job says why
+            return False
+        if preview is None:
+            return False
+        self._write_slice(preview, where)
+        return True
+
+    def _write_slice(self, preview: Any, where: tuple[int, int]) -> None:
+        """Put a slice preview into the shown layers, in place (their arrays become the
+        panel's: the session forgets them)."""
+        s, names = self.session, self._names()
+        assert s is not None
+        axis, index = where
+        targets = [("mask", preview.mask)]
+        if preview.combined_changed:
+            targets.insert(0, ("combined", preview.combined))
+        for role, values in targets:
+            shown = self._shown.get(role)
+            if shown is None or names[role] not in self.viewer.layers:
+                continue
+            s.release(shown)
+            grid = shown.reshape(self._shape)
+            sl = [slice(None)] * grid.ndim
+            sl[axis] = index
+            grid[tuple(sl)] = values.reshape(grid[tuple(sl)].shape)
+            layer = self.viewer.layers[names[role]]
+            if role == "combined":
+                limits = s.display_range()
+                if tuple(layer.contrast_limits) != tuple(limits):
+                    layer.contrast_limits = limits
+            layer.data = layer.data  # the same array, changed: napari redraws the slice
+        self.threshold_info.value = s.threshold_text()
+
+    # ---------------------------------------------------------------- the whole volume
+    def _request_update(self, debounce: bool = True) -> None:
+        """The settings changed: show the slice at once when its components are cached, and
+        recombine the whole volume in the background (after the debounce)."""
+        self._generation += 1
+        if self._preview(self.displayed_slice()):
+            self._previewed = self._generation
+        if debounce:
+            self._timer.start()
+        else:
+            self._timer.stop()
+            self._recombine_in_background()
+
+    def _recombine_in_background(self) -> None:
+        """Start recombining the whole volume under the current settings in a worker (after
+        the running one has stopped, when there is one)."""
+        s = self.session
+        if s is None or self.closed:
+            return
+        self._timer.stop()
+        where = self.displayed_slice()
+        previewed = self._previewed == self._generation
+        job = Recombination(self._generation, s.settings, where, previewed)
+        if self._recombine_worker is not None:
+            if self._recombination is not None:
+                self._recombination.cancel.set()
+            self._next = job
+            return
+        self._start_recombination(job)
+
+    def _start_recombination(self, job: Recombination) -> None:
+        from napari.qt.threading import create_worker
+
+        session = self.session
+        connect = {
+            "yielded": lambda preview: self._on_recombined_slice(job, session, preview),
+            "returned": lambda out: self._on_recombined(job, session, out),
+            "errored": lambda exc: self._on_recombine_error(job, exc),
+            "finished": lambda: self._on_recombine_finished(job),
+        }
+        self._recombination = job
+        self._recombine_worker = create_worker(
+            recombine, session, job, _start_thread=False, _connect=connect
+        )
+        start_worker(self._recombine_worker)
+
+    def _current(self, job: Recombination, session: Any) -> bool:
+        return not self.closed and job.generation == self._generation and session is self.session
+
+    def _on_recombined_slice(self, job: Recombination, session: Any, preview: Any) -> None:
+        if self._current(job, session) and job.where is not None:
+            try:
+                self._write_slice(preview, job.where)
+            except Exception as exc:  # never let a display problem crash the viewer
+                self._recombine_failed(exc)
+
+    def _on_recombined(self, job: Recombination, session: Any, out: tuple) -> None:
+        if self._current(job, session):
+            try:
+                self._show_whole(*out)
+            except Exception as exc:
+                self._recombine_failed(exc)
+            self._whole_shown()
+
+    def _on_recombine_error(self, job: Recombination, exc: BaseException) -> None:
+        from .errors import Cancelled
+
+        if not isinstance(exc, Cancelled) and self._current(job, self.session):
+            self._recombine_failed(exc)
+
+    def _recombine_failed(self, exc: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        show_error("could not update the anomaly map: " + " ".join(text.split()))
+
+    def _on_recombine_finished(self, job: Recombination) -> None:
+        if job is self._recombination:
+            self._recombination = None
+            self._recombine_worker = None
+        nxt, self._next = self._next, None
+        if nxt is not None and not self.closed and nxt.generation == self._generation:
+            self._start_recombination(nxt)
+        elif not self._timer.isActive():  # failed or cancelled, nothing newer: a run ends
+            self._whole_shown()
+
+    def _stop_recombination(self) -> None:
+        """Cancel background recombination (the panel closes)."""
+        self._next = None
+        if self._recombination is not None:
+            self._recombination.cancel.set()
 
     # ---------------------------------------------------------------- sliders
     def _read_settings(self) -> None:
+        """The session's settings from the sliders. A slider that shows a setting to its own
+        precision (a model's default threshold of 3.9486313 shows as 3.948631) keeps the exact
+        setting, so that the panel computes what the command line computes."""
         if self.session is None:
             return
         st = self.session.settings
         others = {k: v for k, v in st.weights.items() if k not in self.weights}  # no slider
         computed = self.session.result.maps
-        moved = {k: float(w.value) for k, w in self.weights.items() if w.value and k in computed}
+        moved = {
+            k: _kept(float(w.value), st.weights.get(k, 0.0))
+            for k, w in self.weights.items()
+            if w.value and k in computed
+        }
         weights = {**others, **moved}
         scan_normalise = bool(self.scan_normalise.value)
         top = max(4.0, 3.0 * sum(weights.values()), 10.0 if scan_normalise else 0.0)
@@ -102,9 +363,9 @@ class TuningMixin:
         self.session.settings = st.replace(
             weights=weights,
             scan_normalise=scan_normalise,
-            smoothing_mm=float(self.smoothing.value),
-            threshold=float(self.threshold.value),
-            min_size_mm3=float(self.min_size.value),
+            smoothing_mm=_kept(float(self.smoothing.value), st.smoothing_mm),
+            threshold=_kept(float(self.threshold.value), st.threshold),
+            min_size_mm3=_kept(float(self.min_size.value), st.min_size_mm3),
         )
 
     def _show_settings(self, st: Any) -> None:
@@ -122,10 +383,13 @@ class TuningMixin:
             self._quiet = False
 
     def _on_slider(self, *_: Any) -> None:
-        if self._quiet or self.session is None:
+        if self._quiet or self.session is None or self.closed:
             return
-        self._read_settings()
-        self._timer.start()  # debounced: a fast drag triggers one update
+        try:
+            self._read_settings()
+            self._request_update()  # the shown slice now, the whole volume after the debounce
+        except Exception as exc:  # never let a slider crash the viewer
+            self._recombine_failed(exc)
 
     def restore_defaults(self, *_: Any) -> None:
         """Set every slider to the model's defaults (the session's model after a run)."""
@@ -147,4 +411,4 @@ class TuningMixin:
         self._show_settings(st)
         if self.session is not None:
             self._read_settings()
-            self.apply_settings()
+            self._request_update(debounce=False)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -127,12 +128,28 @@ class Combination:
     calibrated: bool
 
 
+@dataclass
+class SlicePreview:
+    """One slice of a combination (:meth:`PostProcessor.slice_preview`): the combined map's
+    and the mask's slice, whether both are exact, and whether the combined map changed."""
+
+    combined: np.ndarray
+    mask: np.ndarray
+    exact: bool
+    combined_changed: bool
+
+
 class PostProcessor:
     """One result's post-processing under changing settings; nothing here runs the network.
 
     ``combined()`` and ``mask()`` cache their last output (keyed on the settings that matter to
-    them) and each smoothed, scaled component, so a threshold move only re-thresholds and a
-    weight move only re-sums.
+    them), each smoothed, scaled component, and the connected components of the last
+    thresholded map, so a threshold move only re-thresholds, a weight move only re-sums and a
+    minimum-size move only looks up component sizes. Both take the settings to use (default:
+    ``settings``), so that a worker thread can compute one combination while the GUI thread
+    changes ``settings``; the caches are shared between threads (a lock guards them, the work
+    itself runs outside it). :meth:`slice_preview` gives one slice of the same combination
+    from the cached components, for showing it before the whole volume is done.
 
     Args:
         result: the engine's output (maps on the scan's grid, foreground, the volume, the card).
@@ -151,12 +168,16 @@ class PostProcessor:
         self.calibration = calibration if calibration is not None else result.card.calibration
         self.spacing = result.volume.spacing
         self.settings = settings if settings is not None else self.default_settings()
+        self._lock = threading.RLock()
         self._scales: dict[str, tuple[float, bool]] = {}
-        self._smooth_cache: dict[tuple[str, float], np.ndarray] = {}
+        self._smooth_cache: dict[tuple[str, float, bool], np.ndarray] = {}
         self._combined_key: tuple | None = None
         self._combined: np.ndarray | None = None
         self._mask_key: tuple | None = None
+        self._mask_of: np.ndarray | None = None  # the combined map the cached mask is of
         self._mask: np.ndarray | None = None
+        self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
+        self._sample: np.ndarray | None = None  # foreground voxels for preview statistics
 
     def default_settings(self) -> CombineSettings:
         return CombineSettings.from_card(self.card)
@@ -180,60 +201,247 @@ class PostProcessor:
         used = self._used()
         return bool(used) and all(self.scale(k)[1] for k in used)
 
-    def _used(self) -> dict[str, float]:
-        return {k: w for k, w in self.settings.used_weights().items() if k in self.result.maps}
+    def _used(self, settings: CombineSettings | None = None) -> dict[str, float]:
+        s = self.settings if settings is None else settings
+        return {k: w for k, w in s.used_weights().items() if k in self.result.maps}
 
     # -- the pipeline ----------------------------------------------------------------------
-    def combined(self) -> np.ndarray:
-        """The combined map, float32 of the scan's shape (steps 1-4 of the module doc)."""
-        s = self.settings
-        key = (tuple(sorted(s.weights.items())), s.smoothing_mm, s.foreground_only,
-               s.scan_normalise)  # fmt: skip
-        if key != self._combined_key or self._combined is None:
-            missing = set(s.used_weights()) - set(self.result.maps)
-            if missing:
-                raise InputError(
-                    f"the result has no {', '.join(sorted(missing))} map(s) to combine; "
-                    "localize with those maps"
-                )
-            used = self._used()
-            # maps that are 0 outside an extracted brain (a prepared scan) are smoothed within
-            # the foreground; the model's own outputs outside the object take part otherwise, as
-            # they did when the thresholds were calibrated
-            inside = s.foreground_only and self.result.prepared is not None
-            terms = {k: self._scaled(k, s.smoothing_mm, inside) for k in used}
-            total = weighted_sum(terms, used, shape=self.result.shape)
-            fg = self.fg() if s.foreground_only else None
-            self._combined = finish(total, fg, s.scan_normalise)
-            self._combined_key, self._mask_key = key, None
-        return self._combined
+    @staticmethod
+    def combined_key(settings: CombineSettings) -> tuple:
+        """What the combined map depends on (weights, smoothing, normalisation, foreground)."""
+        s = settings
+        return (tuple(sorted(s.weights.items())), s.smoothing_mm, s.foreground_only,
+                s.scan_normalise)  # fmt: skip
+
+    def _inside(self, s: CombineSettings) -> bool:
+        # maps that are 0 outside an extracted brain (a prepared scan) are smoothed within the
+        # foreground; the model's own outputs outside the object take part otherwise, as they
+        # did when the thresholds were calibrated
+        return s.foreground_only and self.result.prepared is not None
+
+    def _check_used(self, s: CombineSettings) -> None:
+        missing = set(s.used_weights()) - set(self.result.maps)
+        if missing:
+            raise InputError(
+                f"the result has no {', '.join(sorted(missing))} map(s) to combine; "
+                "localize with those maps"
+            )
+
+    def combined(
+        self, settings: CombineSettings | None = None, cancel: Callable[[], bool] | None = None
+    ) -> np.ndarray:
+        """The combined map, float32 of the scan's shape (steps 1-4 of the module doc), under
+        ``settings`` (default: ``self.settings``). ``cancel`` is asked between components;
+        when it says yes, :class:`~napari_vaeloc.errors.Cancelled` is raised."""
+        s = self.settings if settings is None else settings
+        key = self.combined_key(s)
+        with self._lock:
+            if key == self._combined_key and self._combined is not None:
+                return self._combined
+        self._check_used(s)
+        used = self._used(s)
+        inside = self._inside(s)
+        terms = {}
+        for k in used:
+            _stop_if(cancel)
+            terms[k] = self._scaled(k, s.smoothing_mm, inside)
+        _stop_if(cancel)
+        total = weighted_sum(terms, used, shape=self.result.shape)
+        fg = self.fg() if s.foreground_only else None
+        out = finish(total, fg, s.scan_normalise)
+        with self._lock:
+            self._combined, self._combined_key = out, key
+        return out
 
     def _scaled(self, name: str, smoothing_mm: float, inside: bool = True) -> np.ndarray:
         """``map / scale`` of one component, smoothed (within the foreground when ``inside``);
         cached for the current smoothing only."""
         key = (name, smoothing_mm, inside)
-        if key not in self._smooth_cache:
+        cached = self._smooth_cache.get(key)
+        if cached is not None:
+            return cached
+        scaled = self.result.maps[name] * np.float32(1.0 / self.scale(name)[0])
+        where = self.fg() if inside else None
+        out = smooth(scaled, smoothing_mm, self.spacing, where)
+        with self._lock:
             kept = self._smooth_cache.items()
-            self._smooth_cache = {k: v for k, v in kept if k[1] == smoothing_mm}
-            scaled = self.result.maps[name] * np.float32(1.0 / self.scale(name)[0])
-            where = self.fg() if inside else None
-            self._smooth_cache[key] = smooth(scaled, smoothing_mm, self.spacing, where)
-        return self._smooth_cache[key]
+            cache = {k: v for k, v in kept if k[1] == smoothing_mm}
+            cache[key] = out
+            self._smooth_cache = cache  # replaced whole: readers never see it half-changed
+        return out
 
-    def mask(self) -> np.ndarray:
-        """uint8 mask of the combined map above the threshold, small components removed."""
-        s = self.settings
-        combined = self.combined()
-        key = (self._combined_key, s.threshold, s.min_size_mm3)
-        if key != self._mask_key or self._mask is None:
-            self._mask = threshold_mask(combined, s.threshold, s.min_size_mm3, self.spacing)
-            self._mask_key = key
-        return self._mask
+    def mask(
+        self, settings: CombineSettings | None = None, cancel: Callable[[], bool] | None = None
+    ) -> np.ndarray:
+        """uint8 mask of the combined map above the threshold, small components removed, under
+        ``settings`` (default: ``self.settings``); ``cancel`` as in :meth:`combined`."""
+        s = self.settings if settings is None else settings
+        combined = self.combined(s, cancel)
+        key = (s.threshold, s.min_size_mm3)
+        with self._lock:
+            if self._mask is not None and self._mask_of is combined and self._mask_key == key:
+                return self._mask
+        _stop_if(cancel)
+        n = min_voxels(s.min_size_mm3, self.spacing, combined.ndim)
+        if n > 1:
+            labels, sizes = self._components(combined, s.threshold)
+            out = keep_large(labels, sizes, n)
+        else:
+            out = threshold_mask(combined, s.threshold)
+        with self._lock:
+            self._mask, self._mask_of, self._mask_key = out, combined, key
+        return out
 
-    def combination(self) -> Combination:
+    def _components(self, combined: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Connected components of ``combined > threshold`` and their sizes, cached for the
+        last (combined map, threshold)."""
+        parts = self._parts
+        if parts is not None and parts[0] is combined and parts[1] == threshold:
+            return parts[2], parts[3]
+        labels, sizes = label_components(combined > threshold)
+        with self._lock:
+            self._parts = (combined, threshold, labels, sizes)
+        return labels, sizes
+
+    def combination(self, settings: CombineSettings | None = None) -> Combination:
         """Combined map, mask and the scales of the weighted components."""
-        scales = {k: self.scale(k)[0] for k in self._used()}
-        return Combination(self.combined(), self.mask(), scales, self.is_calibrated())
+        s = self.settings if settings is None else settings
+        scales = {k: self.scale(k)[0] for k in self._used(s)}
+        calibrated = bool(scales) and all(self.scale(k)[1] for k in scales)
+        return Combination(self.combined(s), self.mask(s), scales, calibrated)
+
+    def cached(self, settings: CombineSettings | None = None) -> Combination | None:
+        """The combination under ``settings`` when both its combined map and its mask are
+        cached (nothing is computed), else None."""
+        s = self.settings if settings is None else settings
+        with self._lock:
+            combined, mask = self._combined, self._mask
+            if combined is None or self._combined_key != self.combined_key(s):
+                return None
+            if mask is None or self._mask_of is not combined:
+                return None
+            if self._mask_key != (s.threshold, s.min_size_mm3):
+                return None
+        scales = {k: self.scale(k)[0] for k in self._used(s)}
+        calibrated = bool(scales) and all(self.scale(k)[1] for k in scales)
+        return Combination(combined, mask, scales, calibrated)
+
+    def release(self, array: np.ndarray) -> None:
+        """Forget ``array`` if it is the cached combined map or mask: its owner (a viewer layer
+        whose slices are previewed in place) may now change it; the next call recomputes."""
+        with self._lock:
+            if array is self._combined:
+                self._combined, self._combined_key = None, None
+            if array is self._combined or array is self._mask or array is self._mask_of:
+                self._mask, self._mask_of, self._mask_key = None, None, None
+            if self._parts is not None and self._parts[0] is array:
+                self._parts = None
+
+    # -- one slice first -------------------------------------------------------------------
+    def slice_preview(
+        self,
+        settings: CombineSettings,
+        axis: int,
+        index: int,
+        compute: bool = False,
+    ) -> SlicePreview | None:
+        """The combined map and mask of the slice ``index`` along ``axis`` under ``settings``,
+        from the cached components, without touching the rest of the volume.
+
+        The combined map's slice is exact (a component at a new smoothing is smoothed on the
+        slab of slices that reach the slice, when ``compute``); with per-scan normalisation its
+        median and spread come from a subsample of the foreground (approximate). The mask's
+        slice is exact unless a minimum size is set and the components of this thresholded map
+        are not cached (then only the threshold is applied: approximate).
+
+        Returns:
+            the preview, or None when a component at this smoothing is not cached and
+            ``compute`` is false.
+        """
+        s = settings
+        self._check_used(s)
+        fg_sl = np.take(self.fg(), index, axis)
+        exact = True
+        with self._lock:
+            combined = self._combined
+            same = combined is not None and self._combined_key == self.combined_key(s)
+        if same:
+            comb_sl = np.take(combined, index, axis)
+        else:
+            used = self._used(s)
+            inside = self._inside(s)
+            terms = {}
+            for k in used:
+                part = self._scaled_slice(k, s.smoothing_mm, inside, axis, index, compute)
+                if part is None:
+                    return None
+                terms[k] = part
+            total = weighted_sum(terms, used, shape=fg_sl.shape)
+            stats = None
+            if s.scan_normalise:
+                stats = self._sample_stats(s, compute)
+                if stats is None:
+                    return None
+                exact = False
+            comb_sl = finish(total, fg_sl if s.foreground_only else None, s.scan_normalise, stats)
+        n = min_voxels(s.min_size_mm3, self.spacing, self.fg().ndim)
+        mask_sl = (comb_sl > s.threshold).astype(np.uint8)
+        if n > 1:
+            parts = self._parts
+            if same and parts is not None and parts[0] is combined and parts[1] == s.threshold:
+                keep = _keep_table(parts[3], n)
+                mask_sl = keep[np.take(parts[2], index, axis)]
+            else:
+                exact = False
+        return SlicePreview(comb_sl, mask_sl, exact, not same)
+
+    def _scaled_slice(
+        self, name: str, smoothing_mm: float, inside: bool, axis: int, index: int, compute: bool
+    ) -> np.ndarray | None:
+        """One slice of :meth:`_scaled`: from its cache, or (with ``compute``) smoothed on the
+        slab of slices within the Gaussian's reach (exact: the slab's borders lie beyond it,
+        or are the volume's)."""
+        factor = np.float32(1.0 / self.scale(name)[0])
+        values = self.result.maps[name]
+        if smoothing_mm <= 0:
+            return np.take(values, index, axis) * factor
+        cached = self._smooth_cache.get((name, smoothing_mm, inside))
+        if cached is not None:
+            return np.take(cached, index, axis)
+        if not compute:
+            return None
+        reach = int(3.0 * smoothing_mm / max(self.spacing[axis], 1e-6) + 0.5)
+        lo, hi = max(index - reach, 0), min(index + reach + 1, values.shape[axis])
+        slab = [slice(None)] * values.ndim
+        slab[axis] = slice(lo, hi)
+        where = self.fg()[tuple(slab)] if inside else None
+        smoothed = smooth(values[tuple(slab)] * factor, smoothing_mm, self.spacing, where)
+        return np.take(smoothed, index - lo, axis)
+
+    def _sample_stats(self, s: CombineSettings, compute: bool) -> tuple[float, float] | None:
+        """Median and robust spread of the weighted sum on an even subsample of at most
+        200 000 foreground voxels (for previews under per-scan normalisation)."""
+        if self._sample is None:
+            where = self.fg()
+            flat = np.flatnonzero(where) if where.any() else np.arange(where.size)
+            self._sample = flat[:: max(1, flat.size // 200_000)]
+        idx = self._sample
+        used = self._used(s)
+        inside = self._inside(s)
+        terms = {}
+        for k in used:
+            comp = self._smooth_cache.get((k, s.smoothing_mm, inside))
+            if comp is None and s.smoothing_mm > 0:
+                if not compute:
+                    return None
+                comp = self._scaled(k, s.smoothing_mm, inside)
+            if comp is None:
+                values = self.result.maps[k].reshape(-1)[idx]
+                terms[k] = values * np.float32(1.0 / self.scale(k)[0])
+            else:
+                terms[k] = comp.reshape(-1)[idx]
+        total = weighted_sum(terms, used, shape=idx.shape)
+        return robust_stats(total)
 
     # -- threshold <-> healthy false-positive rate -----------------------------------------
     def uses_default_combination(self) -> bool:
@@ -340,28 +548,77 @@ def smooth(
     return out
 
 
-def finish(values: np.ndarray, foreground: np.ndarray | None, scan_normalise: bool) -> np.ndarray:
+def finish(
+    values: np.ndarray,
+    foreground: np.ndarray | None,
+    scan_normalise: bool,
+    stats: tuple[float, float] | None = None,
+) -> np.ndarray:
     """The last steps on a (smoothed) weighted sum: per-scan robust z-scores when asked (only
     "higher than this scan's median" counts: negative values become 0), then zero outside the
-    foreground when one is given (in place when no z-scoring)."""
+    foreground when one is given (in place when no z-scoring). ``stats`` (median, spread)
+    replaces the statistics of ``values`` itself (for a slice of a volume)."""
     out = values
     if scan_normalise:
-        out = np.maximum(robust_z(out, foreground), 0)
+        out = np.maximum(robust_z(out, foreground, stats), 0)
     if foreground is not None:
         out[~foreground] = 0
     return out
 
 
-def robust_z(values: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-    """``(values - median) / (1.4826 * MAD)`` with median and MAD over ``values[where]`` (all
-    values when ``where`` is None or empty; at most 2 million of them, evenly strided); float32."""
+def robust_stats(values: np.ndarray, where: np.ndarray | None = None) -> tuple[float, float]:
+    """(median, 1.4826 MAD) of ``values[where]`` (all values when ``where`` is None or empty;
+    at most 2 million of them, evenly strided)."""
     ref = values[where] if where is not None and where.any() else values.ravel()
     ref = ref[:: max(1, ref.size // 2_000_000)]
     med = float(np.median(ref))
     mad = 1.4826 * float(np.median(np.abs(ref - med)))
+    return med, mad
+
+
+def robust_z(
+    values: np.ndarray,
+    where: np.ndarray | None = None,
+    stats: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """``(values - median) / (1.4826 * MAD)`` with median and MAD over ``values[where]``
+    (:func:`robust_stats`), or the given ``stats``; float32."""
+    med, mad = robust_stats(values, where) if stats is None else stats
     out = values - np.float32(med)
     out /= np.float32(mad if mad > 0 else 1.0)
     return out
+
+
+def min_voxels(min_size_mm3: float, spacing: tuple[float, ...], ndim: int) -> int:
+    """The smallest component (voxels) a minimum size of ``min_size_mm3`` keeps."""
+    if min_size_mm3 <= 0:
+        return 0
+    voxel = float(np.prod(spacing[:ndim]))
+    return int(np.ceil(min_size_mm3 / voxel))
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of a boolean mask (fully connected: 26 neighbours in 3D) and the
+    size of each (``sizes[0]`` is the background's)."""
+    from scipy.ndimage import generate_binary_structure, label
+
+    labels, n = label(mask, structure=generate_binary_structure(mask.ndim, mask.ndim))
+    if n < 255:
+        labels = labels.astype(np.uint8)
+    elif n < 65535:
+        labels = labels.astype(np.uint16)
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)
+
+
+def _keep_table(sizes: np.ndarray, n: int) -> np.ndarray:
+    keep = (sizes >= n).astype(np.uint8)
+    keep[0] = 0
+    return keep
+
+
+def keep_large(labels: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
+    """uint8 mask of the components (:func:`label_components`) of at least ``n`` voxels."""
+    return _keep_table(sizes, n)[labels]
 
 
 def threshold_mask(
@@ -373,11 +630,14 @@ def threshold_mask(
     """uint8 mask of voxels above ``threshold``, without connected components (26-connected)
     smaller than ``min_size_mm3``."""
     mask = combined > threshold
-    if min_size_mm3 > 0 and mask.any():
-        from skimage.morphology import remove_small_objects
-
-        voxel = float(np.prod(spacing[: mask.ndim]))
-        min_voxels = int(np.ceil(min_size_mm3 / voxel))
-        if min_voxels > 1:
-            mask = remove_small_objects(mask, max_size=min_voxels - 1, connectivity=mask.ndim)
+    n = min_voxels(min_size_mm3, spacing, mask.ndim)
+    if n > 1 and mask.any():
+        return keep_large(*label_components(mask), n)
     return mask.astype(np.uint8)
+
+
+def _stop_if(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        from .errors import Cancelled
+
+        raise Cancelled("recombination cancelled")

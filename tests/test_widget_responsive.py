@@ -1,0 +1,212 @@
+"""The widget never waits for the whole volume: a slider move shows the displayed slice first and
+recombines the rest in a worker, with the same result as the one post-processing pipeline;
+export writes in a worker, the same files as the command line's writer. Real viewer, real tiny
+model folder, real torch, real NIfTI."""
+
+from __future__ import annotations
+
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_vaeloc import _widget
+from napari_vaeloc.combine import PostProcessor
+from napari_vaeloc.evaluation.synthetic import head_phantom
+from napari_vaeloc.export import write_result
+
+TIMEOUT_MS = 120_000
+SHAPE = (120, 120, 80)  # above the size whose whole-volume work the panel leaves to a worker
+
+
+def _open_and_run(make_napari_viewer, qtbot, model_dir):
+    viewer = make_napari_viewer()
+    scan = viewer.add_image(head_phantom(SHAPE, seed=4), name="big")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
+    qtbot.waitUntil(lambda: widget._devices is not None, timeout=TIMEOUT_MS)
+    widget.add_model_folder(model_dir)
+    widget.image.value = scan
+    widget.device.value = "cpu"
+    widget.prepare.value = "none"
+    steps: list[str] = []
+    widget._relay.step.connect(steps.append)
+    widget.run_button.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    widget._relay.step.disconnect(steps.append)
+    assert widget.session is not None, widget.fit_info.value
+    assert widget._large()
+    return viewer, widget, steps
+
+
+def _expected(widget):
+    """The whole volume under the panel's settings, by a fresh post-processor (as the command
+    line computes it)."""
+    s = widget.session
+    return PostProcessor(s.result, s.settings).combination()
+
+
+def _slice(a, axis, index):
+    return np.take(a, index, axis)
+
+
+def test_run_steps_and_the_first_layers(make_napari_viewer, qtbot, tiny_model_dir):
+    viewer, widget, steps = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    # after the last slice the bar names each step: the worker's, then the layers
+    assert steps == ["computing the scales", "combining the maps"], steps
+    assert widget.progress.label.startswith("done in")
+    c = _expected(widget)
+    np.testing.assert_array_equal(viewer.layers["big anomaly map"].data, c.combined)
+    np.testing.assert_array_equal(viewer.layers["big mask"].data, c.mask)
+
+
+def test_slider_shows_the_displayed_slice_before_the_whole_volume(
+    make_napari_viewer, qtbot, tiny_model_dir
+):
+    viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    comb_layer, mask_layer = viewer.layers["big anomaly map"], viewer.layers["big mask"]
+    viewer.dims.set_current_step(0, 40)  # slice 40 of the first axis shown
+    where = widget.displayed_slice()
+    assert where == (0, 40), where
+    old = comb_layer.data.copy()
+    widget._timer.setInterval(60_000)  # the whole-volume work waits: only the slice changes
+    widget.weights["kl_grad"].value = 1.5
+    exp = _expected(widget)
+    assert widget.updating
+    shown = _slice(comb_layer.data, 0, 40)
+    np.testing.assert_array_equal(shown, _slice(exp.combined, 0, 40))
+    np.testing.assert_array_equal(_slice(mask_layer.data, 0, 40), _slice(exp.mask, 0, 40))
+    assert not np.array_equal(shown, _slice(old, 0, 40))  # the move changed this slice
+    np.testing.assert_array_equal(_slice(comb_layer.data, 0, 10), _slice(old, 0, 10))  # not yet
+    widget._timer.setInterval(50)
+    widget._timer.start()
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
+    np.testing.assert_array_equal(comb_layer.data, exp.combined)
+    np.testing.assert_array_equal(mask_layer.data, exp.mask)
+
+
+def test_new_smoothing_slice_first_from_the_worker(make_napari_viewer, qtbot, tiny_model_dir):
+    viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    comb_layer = viewer.layers["big anomaly map"]
+    viewer.dims.set_current_step(0, 30)
+    old = comb_layer.data.copy()
+    session = widget.session
+    gate = threading.Event()
+    real = session.combined
+
+    def held(*args, **kwargs):  # the whole volume waits until the test lets it go
+        gate.wait(60)
+        return real(*args, **kwargs)
+
+    session.combined = held
+    try:
+        widget.smoothing.value = 3.0  # not cached: the worker smooths the slab of slice 30 first
+        expected = PostProcessor(session.result, session.settings).combined()
+        qtbot.waitUntil(
+            lambda: np.array_equal(_slice(comb_layer.data, 0, 30), _slice(expected, 0, 30)),
+            timeout=TIMEOUT_MS,
+        )
+        assert widget.updating
+        np.testing.assert_array_equal(_slice(comb_layer.data, 0, 5), _slice(old, 0, 5))
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
+    del session.combined
+    np.testing.assert_array_equal(comb_layer.data, expected)
+
+
+def test_recombination_in_a_worker_equals_combine(make_napari_viewer, qtbot, tiny_model_dir):
+    viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    comb_layer, mask_layer = viewer.layers["big anomaly map"], viewer.layers["big mask"]
+    viewer.dims.set_current_step(0, 50)
+    moves = [
+        (widget.weights["rec_error"], 0.5),
+        (widget.smoothing, 2.0),
+        (widget.threshold, 0.7),
+        (widget.min_size, 40.0),
+        (widget.min_size, 80.0),
+        (widget.threshold, 0.9),
+        (widget.scan_normalise, True),
+        (widget.threshold, 2.0),
+    ]
+    for slider, value in moves:  # each faster than the worker: stale work is dropped
+        slider.value = value
+        qtbot.wait(5)
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
+    st = widget.session.settings
+    assert (st.smoothing_mm, st.min_size_mm3, st.threshold, st.scan_normalise) == (
+        2.0, 80.0, 2.0, True,
+    )  # fmt: skip
+    exp = _expected(widget)
+    np.testing.assert_array_equal(comb_layer.data, exp.combined)
+    np.testing.assert_array_equal(mask_layer.data, exp.mask)
+    # a minimum-size move at the same threshold: its slice exact at once (cached components)
+    widget._timer.setInterval(60_000)
+    widget.min_size.value = 160.0
+    exp = _expected(widget)
+    np.testing.assert_array_equal(_slice(mask_layer.data, 0, 50), _slice(exp.mask, 0, 50))
+    widget._timer.setInterval(50)
+    widget._timer.start()
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
+    np.testing.assert_array_equal(mask_layer.data, exp.mask)
+
+
+def test_export_writes_the_same_files_in_a_worker(
+    make_napari_viewer, qtbot, tiny_model_dir, tmp_path, monkeypatch
+):
+    viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    widget.threshold.value = 0.8
+    widget.min_size.value = 24.0
+    threads: list[bool] = []
+    real = _widget.export_session
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_widget, "export_session", spy)
+    (tmp_path / "gui").mkdir()
+    (tmp_path / "cli").mkdir()
+    assert widget.export_in_background(tmp_path / "gui" / "big_mask.nii.gz", maps=True)
+    qtbot.waitUntil(lambda: not widget.exporting, timeout=TIMEOUT_MS)
+    assert threads == [False]  # written in a worker thread
+    s = widget.session
+    write_result(s.result, PostProcessor(s.result, s.settings), tmp_path / "cli", "big")
+    gui = sorted(p.name for p in (tmp_path / "gui").iterdir())
+    assert gui == sorted(p.name for p in (tmp_path / "cli").iterdir()) and len(gui) >= 10
+    for name in gui:
+        a, b = tmp_path / "gui" / name, tmp_path / "cli" / name
+        if name.endswith(".nii.gz"):
+            np.testing.assert_array_equal(np.asarray(nib.load(a).dataobj),
+                                          np.asarray(nib.load(b).dataobj))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(tmp_path / "gui" / "big_mask.nii.gz").dataobj),
+        viewer.layers["big mask"].data,
+    )
+
+
+@pytest.mark.parametrize("min_size", [0.0, 30.0])
+def test_preview_slice_is_the_whole_volumes_slice(tiny_model_dir, phantom, min_size):
+    """slice_preview, every axis: the slice of the whole combination (cached components)."""
+    from napari_vaeloc.combine import CombineSettings
+    from napari_vaeloc.engine import EngineOptions, localize
+    from napari_vaeloc.models.store import load_model
+
+    result = localize(phantom, load_model(tiny_model_dir), EngineOptions(device="cpu"))
+    post = PostProcessor(result)
+    st = post.settings.replace(weights={"rec_error": 1.0, "kl_grad": 0.5}, smoothing_mm=2.0,
+                               threshold=0.5, min_size_mm3=min_size)  # fmt: skip
+    whole = PostProcessor(result, st).combination()
+    for axis in range(3):
+        for index in (0, phantom.shape[axis] // 2):
+            pv = post.slice_preview(st, axis, index, compute=True)
+            np.testing.assert_array_equal(pv.combined, _slice(whole.combined, axis, index))
+            if min_size == 0:
+                assert pv.exact
+                np.testing.assert_array_equal(pv.mask, _slice(whole.mask, axis, index))
+    post.mask(st)  # cached components: the mask's slice is exact with a minimum size too
+    pv = post.slice_preview(st.replace(min_size_mm3=min_size * 2), 1, 10)
+    exp = PostProcessor(result, st.replace(min_size_mm3=min_size * 2)).mask()
+    assert pv is not None and pv.exact and not pv.combined_changed
+    np.testing.assert_array_equal(pv.mask, _slice(exp, 1, 10))
+    assert isinstance(CombineSettings(), CombineSettings)
