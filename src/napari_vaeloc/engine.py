@@ -30,7 +30,7 @@ from .mapnames import (
 from .models.card import ModelCard
 from .models.store import LoadedModel, bundled_models, cached_model
 from .prepare import PrepareSettings
-from .preprocess import resolve_axis, slices_to_volume, volume_to_slices
+from .preprocess import resolve_axis
 
 if TYPE_CHECKING:
     from .prepare import PreparationReport, Prepared
@@ -67,6 +67,15 @@ def resolve_device(device: str = "auto") -> str:
     return str(device)
 
 
+#: The precisions :class:`EngineOptions` can return maps in.
+MAP_DTYPES = ("float32", "float16")
+#: Working memory of a run beyond its maps, bytes per voxel of the volume: the foreground mask
+#: and its filled copy, the hole filling's labels, a clipped copy of a scan with outliers
+#: (the slices themselves are prepared and mapped back in chunks of
+#: ``preprocess.CHUNK_VOXELS`` voxels).
+WORKING_BYTES_PER_VOXEL = 8
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs, the same for every front.
@@ -80,6 +89,9 @@ class EngineOptions:
         max_bytes: refuse volumes whose maps need more memory (None: half of what is free).
         stage: called with the name of each stage as it starts (preparation's steps, then
             "scoring slices"), for progress displays.
+        map_dtype: "float32" (default) or "float16": the precision the maps are returned in
+            (float16 halves their memory; relative rounding 2**-11, ample for display and
+            thresholding, values beyond 65504 become inf). Everything is computed in float32.
     """
 
     device: str = "auto"
@@ -89,10 +101,15 @@ class EngineOptions:
     cancel: CancelFlag | None = None
     max_bytes: int | None = None
     stage: Callable[[str], None] | None = None
+    map_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
             raise InputError(f"batch size must be at least 1, not {self.batch_size}")
+        if str(self.map_dtype) not in MAP_DTYPES:
+            raise InputError(
+                f"map precision must be one of {', '.join(MAP_DTYPES)}, not {self.map_dtype!r}"
+            )
 
     def replace(self, **changes) -> EngineOptions:
         return dataclasses.replace(self, **changes)
@@ -109,8 +126,9 @@ class LocalizationResult:
     Attributes:
         volume: the scan that was scored.
         card: the card of the model that scored it (for a fused run, the main model's).
-        maps: name -> float32 (X, Y, Z) on the scan's voxel grid, for each map asked for
-            (default :func:`maps_for` the model).
+        maps: name -> float32 (X, Y, Z) on the scan's voxel grid (float16 with
+            ``EngineOptions(map_dtype="float16")``), for each map asked for (default
+            :func:`maps_for` the model).
             ``reconstruction`` is in the scan's intensity units; the others in model units
             (nats per pixel for rec_error, nats per z-unit for the gradients).
         foreground: bool (X, Y, Z), the object: the voxels the normalisation counted as
@@ -151,9 +169,16 @@ class LocalizationResult:
         return self.prepared.report if self.prepared is not None else None
 
 
-def estimate_bytes(shape: tuple[int, ...], n_maps: int = len(DEFAULT_MAPS)) -> int:
-    """Peak bytes the result maps of a volume of ``shape`` need (float32 maps + working copies)."""
-    return int(np.prod(shape)) * 4 * (n_maps + 4)
+def estimate_bytes(
+    shape: tuple[int, ...], n_maps: int = len(DEFAULT_MAPS), map_bytes: int = 4
+) -> int:
+    """Peak host bytes a localization of a volume of ``shape`` (voxels) needs beyond the loaded
+    volume: ``n_maps`` maps of ``map_bytes`` bytes per voxel (4: float32, 2: float16), and the
+    working memory (:data:`WORKING_BYTES_PER_VOXEL`, plus two chunks of slices)."""
+    from .preprocess import CHUNK_VOXELS
+
+    voxels = int(np.prod(shape))
+    return voxels * (n_maps * map_bytes + WORKING_BYTES_PER_VOXEL) + 2 * 4 * CHUNK_VOXELS
 
 
 def maps_for(card, weights: Iterable[str] = ()) -> tuple[str, ...]:
@@ -232,11 +257,11 @@ def localize(
     fused = [k for k in wanted if k != "reconstruction"]
     own = _scales(model)
     for i, other in enumerate(models[1:], start=1):
-        r = localize_axis(volume, other, part(i), maps=tuple(fused))
         theirs = _scales(other)
-        for k in fused:
-            ratio = own.get(k, 1.0) / theirs.get(k, 1.0) if theirs.get(k) else 1.0
-            res.maps[k] += r.maps[k] * np.float32(ratio)
+        ratios = {k: own.get(k, 1.0) / theirs.get(k, 1.0) if theirs.get(k) else 1.0 for k in fused}
+        # each companion's maps are added into the model's chunk by chunk: no second set of
+        # full-size maps
+        _localize_axis(volume, other, part(i), maps=tuple(fused), add_to=res.maps, ratios=ratios)
     for k in fused:
         res.maps[k] /= np.float32(runs)
     res.notes.append(
@@ -318,8 +343,15 @@ def localize_axis(
     """Score every slice of ``volume`` with ``model`` along one axis and map the results back
     to its grid.
 
+    One device-resident pipeline (see docs/engine.md, "Data flow"): the outlier, foreground and
+    z-score decisions are made once in numpy; the volume then goes to the device once (no copy
+    on the CPU), where it is reoriented, normalised, resized and padded chunk by chunk of slices,
+    scored batch by batch, and each map is resized back chunk by chunk straight into its own
+    host array (float32, or float16 with ``EngineOptions(map_dtype="float16")``), its
+    model-space stack freed as soon as it is mapped back.
+
     Args:
-        options: device, batch size, precision, progress, cancel, memory budget
+        options: device, batch size, precision, progress, cancel, memory budget, map precision
             (:class:`EngineOptions`).
         axis: "axial", "coronal" or "sagittal" (default: the model's training axis). A scan with
             one slice (a 2D image) is scored along its single-slice axis whatever is asked.
@@ -332,8 +364,66 @@ def localize_axis(
         InputError: unknown maps, or too little memory for the maps.
         Cancelled: ``options.cancel`` returned True.
     """
+    return _localize_axis(volume, model, options, axis=axis, maps=maps)
+
+
+def check_budget(
+    shape: tuple[int, ...], names: tuple[str, ...], options: EngineOptions, model_name: str = ""
+) -> int:
+    """Refuse a run whose maps and working memory would not fit, before anything is computed.
+
+    Returns the estimated peak bytes (:func:`estimate_bytes`). The budget is
+    ``options.max_bytes``, or half of the memory the system can still hand out.
+
+    Raises:
+        InputError: the estimate exceeds the budget; the message gives both in GiB, what the
+            maps and the working memory take, and what to do (fewer maps, float16 maps, crop or
+            downsample).
+    """
+    map_bytes = np.dtype(options.map_dtype).itemsize
+    need = estimate_bytes(shape, len(names), map_bytes)
+    limit = available_memory_bytes() // 2 if options.max_bytes is None else options.max_bytes
+    if need <= limit:
+        return need
+    voxels = int(np.prod(shape))
+    maps_gib = voxels * map_bytes * len(names) / 2**30
+    where = "the budget given" if options.max_bytes is not None else "half of the free memory"
+    advice = "ask for fewer maps"
+    if map_bytes > 2:
+        advice += ", keep them as float16"
+    raise InputError(
+        f"scoring a {'x'.join(map(str, shape))} volume"
+        + (f" with {model_name}" if model_name else "")
+        + f" needs about {need / 2**30:.1f} GiB ({len(names)} "
+        f"{np.dtype(options.map_dtype).name} maps: {maps_gib:.1f} GiB, working memory "
+        f"{(need / 2**30 - maps_gib):.1f} GiB), more than the {limit / 2**30:.1f} GiB "
+        f"available ({where}); {advice}, or crop or downsample the scan"
+    )
+
+
+def _localize_axis(
+    volume: Volume,
+    model: LoadedModel,
+    options: EngineOptions | None = None,
+    *,
+    axis: str | None = None,
+    maps: tuple[str, ...] | None = None,
+    add_to: dict[str, np.ndarray] | None = None,
+    ratios: dict[str, float] | None = None,
+) -> LocalizationResult:
+    """:func:`localize_axis`; with ``add_to``, each map (times ``ratios[name]``) is added into
+    the given (X, Y, Z) array chunk by chunk instead of being kept (fusion), the result's
+    ``maps`` is then empty and its foreground is not computed (``add_to`` 's owner has it)."""
     import torch
 
+    from .preprocess import (
+        fill_object,
+        make_geometry,
+        outlier_note,
+        slices_to_volume,
+        volume_to_slices,
+        with_neighbours,
+    )
     from .scoring import gaussian_kernel, score_batch
 
     t0 = time.perf_counter()
@@ -343,14 +433,8 @@ def localize_axis(
     check_names(wanted, OUTPUT_MAPS, "maps")
     opts = options or EngineOptions()
     progress = opts.progress
-    need = estimate_bytes(volume.shape, len(wanted))
-    limit = available_memory_bytes() // 2 if opts.max_bytes is None else opts.max_bytes
-    if need > limit:
-        raise InputError(
-            f"scoring a {'x'.join(map(str, volume.shape))} volume needs about "
-            f"{need / 2**30:.1f} GiB "
-            f"for its maps, more than the {limit / 2**30:.1f} GiB available; crop or downsample it"
-        )
+    if add_to is None:
+        check_budget(volume.shape, wanted, opts, card.name)
     axis_name = (axis or card.axis).lower()
     ax = resolve_axis(axis_name)
     dev = torch.device(resolve_device(opts.device))
@@ -360,8 +444,6 @@ def localize_axis(
     network.to(dev)
 
     # a single-slice scan can only be scored along its flat axis
-    from .preprocess import fill_object, make_geometry, outlier_note, with_neighbours
-
     geom0 = make_geometry(volume.shape, volume.affine, volume.spacing, ax, card.image_size)
     if 1 in geom0.canon_shape and geom0.canon_shape[ax] != 1:
         ax = geom0.canon_shape.index(1)
@@ -370,19 +452,26 @@ def localize_axis(
         axis_name = new_name
 
     ms = volume_to_slices(
-        volume.data, volume.affine, volume.spacing, ax, card.image_size, card.normalisation
+        volume.data,
+        volume.affine,
+        volume.spacing,
+        ax,
+        card.image_size,
+        card.normalisation,
+        device=dev,
     )
     if ms.n_outliers:
         notes.append(outlier_note(ms.n_outliers))
     geom = ms.geometry
     n = geom.n_slices
     images = with_neighbours(ms.images, card.preprocessing.neighbours)
+    ms.images = None  # the stacked images replace it (the same tensor without neighbours)
     todo = np.flatnonzero(ms.foreground)
     s = card.image_size
-    model_maps = {k: torch.zeros((n, s, s), dtype=torch.float32) for k in wanted}
+    model_maps = {k: torch.zeros((n, s, s), dtype=torch.float32, device=dev) for k in wanted}
     if "reconstruction" in model_maps:
         model_maps["reconstruction"].fill_(ms.pad_value)
-    scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SLICE_SCORES}
+    scores = {k: torch.full((n,), float("nan"), device=dev) for k in SLICE_SCORES}
     kl_scale = float(card.calibration.kl_grad_scale) if card.calibration is not None else 1.0
     kernel = gaussian_kernel().to(dev)
     smoothgrad = any(k in SMOOTHGRAD_MAPS for k in wanted)
@@ -392,47 +481,71 @@ def localize_axis(
         opts.stage("scoring slices")
     if progress:
         progress(0, len(todo))
+    todo_dev = torch.from_numpy(todo).to(dev)
     for start in range(0, len(todo), batch_size):
         if opts.cancelled():
             raise Cancelled("localization cancelled")
-        idx = todo[start : start + batch_size]
-        x = images[idx].to(dev)
+        tidx = todo_dev[start : start + batch_size]
         out = score_batch(
-            network, x, card.likelihood_log_std, kernel, kl_scale, use_amp, smoothgrad, restoration
+            network,
+            images[tidx],
+            card.likelihood_log_std,
+            kernel,
+            kl_scale,
+            use_amp,
+            smoothgrad,
+            restoration,
         )
-        tidx = torch.from_numpy(idx)
         for k in wanted:
-            model_maps[k][tidx] = out[k].cpu()
+            model_maps[k][tidx] = out[k].float()
         for k in SLICE_SCORES:
-            scores[k][idx] = out[k].cpu().numpy()
-        done += len(idx)
+            scores[k][tidx] = out[k].float()
+        del out
+        done += len(tidx)
         if progress:
             progress(done, len(todo))
+    del images
     if opts.cancelled():
         raise Cancelled("localization cancelled")
 
-    volume_maps = {}
+    # unscored slices are 0 in every map but the reconstruction: map back the scored span only
+    span = (int(todo[0]), int(todo[-1]) + 1) if len(todo) else (0, 0)
+    volume_maps: dict[str, np.ndarray] = {}
     for k in wanted:
-        volume_maps[k] = slices_to_volume(model_maps.pop(k), geom)
-    if "reconstruction" in volume_maps:
-        rec = volume_maps["reconstruction"]
-        rec *= np.float32(ms.stats["std"])
-        rec += np.float32(ms.stats["mean"])
+        if opts.cancelled():
+            raise Cancelled("localization cancelled")
+        stack = model_maps.pop(k)  # freed once mapped back
+        scale, offset, k_span = 1.0, 0.0, span
+        if k == "reconstruction":
+            scale, offset, k_span = ms.stats["std"], ms.stats["mean"], None
+        if add_to is not None:
+            ratio = (ratios or {}).get(k, 1.0)
+            slices_to_volume(
+                stack, geom, add_to[k], scale=ratio * scale, accumulate=True, span=k_span
+            )
+        else:
+            volume_maps[k] = slices_to_volume(
+                stack, geom, scale=scale, offset=offset, dtype=opts.map_dtype, span=k_span
+            )
+        del stack
 
+    host_scores = {k: v.cpu().numpy() for k, v in scores.items()}
     order = geom.file_slice_order()
-    slice_scores = {k: v[order] for k, v in scores.items()}
-    scored = {k: v[todo] for k, v in scores.items()}
+    slice_scores = {k: v[order] for k, v in host_scores.items()}
+    scored = {k: v[todo] for k, v in host_scores.items()}
     volume_scores: dict[str, float] = {"n_slices_scored": float(len(todo))}
     for k, v in scored.items():
         volume_scores[f"{k}_mean"] = float(v.mean()) if v.size else float("nan")
     volume_scores["elbo_max"] = float(scored["elbo"].max()) if len(todo) else float("nan")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    fg_mask = ms.foreground_mask
+    foreground = fill_object(fg_mask, geom.file_axis) if add_to is None else fg_mask
     return LocalizationResult(
         volume=volume,
         card=card,
         maps=volume_maps,
-        foreground=fill_object(ms.foreground_mask, geom.file_axis),
+        foreground=foreground,
         slice_scores=slice_scores,
         volume_scores=volume_scores,
         axis=axis_name,

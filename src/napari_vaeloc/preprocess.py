@@ -185,7 +185,13 @@ def fill_object(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
         spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
     box = tuple(spans)
     out = np.zeros(mask.shape, bool)
-    out[box] = _fill_slices(mask[box], axis)
+    inner, filled = mask[box], out[box]
+    # slices are filled independently: a chunk of them at a time keeps the labels small
+    step = max(1, CHUNK_VOXELS // max(1, inner.size // inner.shape[axis]))
+    for start in range(0, inner.shape[axis], step):
+        index = [slice(None)] * 3
+        index[axis] = slice(start, start + step)
+        filled[tuple(index)] = _fill_slices(inner[tuple(index)], axis)
     return out
 
 
@@ -208,20 +214,36 @@ def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
     return ~np.isin(labels, outside[outside > 0])
 
 
+def normalisation_stats(data: np.ndarray, foreground: np.ndarray) -> dict:
+    """{"mean", "std"} (float, scan intensity units) of ``data`` over ``foreground`` (both
+    (X, Y, Z)); over the whole volume when fewer than two voxels are foreground, std 1 when the
+    values are constant. Accumulated in float64 slab by slab along the first axis, so no copy of
+    the foreground's values is held at full size."""
+    step = max(1, (1 << 22) // max(1, int(np.prod(data.shape[1:]))))
+    slabs = [slice(i, i + step) for i in range(0, data.shape[0], step)]
+    count = int(sum(np.count_nonzero(foreground[sl]) for sl in slabs))
+    use_fg = count >= 2
+
+    def values(sl: slice) -> np.ndarray:
+        return data[sl][foreground[sl]] if use_fg else data[sl].ravel()
+
+    n = count if use_fg else data.size
+    mean = sum(float(values(sl).sum(dtype=np.float64)) for sl in slabs) / n
+    var = sum(float(np.square(values(sl).astype(np.float64) - mean).sum()) for sl in slabs) / n
+    std = float(np.sqrt(var))
+    if not std > 0:
+        std = float(data.std(dtype=np.float64)) or 1.0
+    return {"mean": float(mean), "std": std}
+
+
 def normalise(
     data: np.ndarray, foreground: np.ndarray, norm: Normalisation
 ) -> tuple[np.ndarray, dict]:
     """Z-score over the foreground, then clip. Returns (float32 array, {"mean", "std"})."""
-    values = data[foreground]
-    if values.size < 2:
-        values = data.ravel()
-    mean = float(values.mean(dtype=np.float64))
-    std = float(values.std(dtype=np.float64))
-    if not std > 0:
-        std = float(data.std(dtype=np.float64)) or 1.0
-    out = (data - np.float32(mean)) / np.float32(std)
+    stats = normalisation_stats(data, foreground)
+    out = (data - np.float32(stats["mean"])) / np.float32(stats["std"])
     np.clip(out, norm.clip[0], norm.clip[1], out=out)
-    return out.astype(np.float32, copy=False), {"mean": mean, "std": std}
+    return out.astype(np.float32, copy=False), stats
 
 
 def _canonical_transforms(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -276,14 +298,99 @@ def _resize(stack, size: tuple[int, int]):
     )[:, 0]
 
 
+#: Voxels per chunk of slices that is resized at once (16 Mi float32 voxels: 64 MiB); the
+#: volume's slices are prepared and mapped back chunk by chunk, never all at once.
+CHUNK_VOXELS = 1 << 24
+
+
 def canonical_slices(data: np.ndarray, geom: SliceGeometry) -> np.ndarray:
     """View of ``data`` (file order) as (N, A, B) slices in canonical order."""
     canon = apply_orientation(data, geom.to_canon)
     return np.moveaxis(canon, geom.axis, 0)
 
 
+def stack_layout(geom: SliceGeometry) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    """How the file's (X, Y, Z) array holds the canonical (N, A, B) slice stack: ``perm[k]`` is
+    the file axis of stack dimension k (0: slices, 1 and 2: in-plane), and ``flips`` lists the
+    stack dimensions that run backwards in the file. ``file.permute(perm)`` flipped along
+    ``flips`` is :func:`canonical_slices`."""
+    file_of_canon = np.argsort(geom.to_canon[:, 0])  # canonical axis j <- file axis
+    plane = [a for a in range(3) if a != geom.axis]
+    perm = tuple(int(file_of_canon[a]) for a in (geom.axis, *plane))
+    flips = tuple(k for k in range(3) if geom.to_canon[perm[k], 1] < 0)
+    return perm, flips  # type: ignore[return-value]
+
+
+def _chunk_slices(geom: SliceGeometry, plane_voxels: int, chunk_voxels: int | None) -> int:
+    return max(1, (CHUNK_VOXELS if chunk_voxels is None else int(chunk_voxels)) // plane_voxels)
+
+
+def _file_rows(geom: SliceGeometry, flips: tuple[int, ...], start: int, stop: int) -> slice:
+    """The file's indices along the slicing axis of canonical slices ``start:stop``."""
+    n = geom.n_slices
+    return slice(n - stop, n - start) if 0 in flips else slice(start, stop)
+
+
+def as_device_volume(data: np.ndarray, device=None):
+    """(X, Y, Z) float32 torch tensor of ``data`` on ``device`` (None: the CPU, sharing
+    ``data``'s memory when it is float32 and native-endian; one copy on an accelerator)."""
+    import warnings
+
+    import torch
+
+    arr = np.asarray(data, dtype=np.float32)
+    if not arr.dtype.isnative:
+        arr = arr.astype(np.float32)
+    with warnings.catch_warnings():  # a read-only array is only ever read here
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    return t if device is None else t.to(device)
+
+
+def slices_to_model_space(
+    volume,
+    geom: SliceGeometry,
+    stats: dict,
+    clip: tuple[float, float],
+    pad_value: float,
+    chunk_voxels: int | None = None,
+):
+    """Normalise, resize and pad every slice of a volume, on the volume's device.
+
+    Args:
+        volume: (X, Y, Z) float32 torch tensor in file order (:func:`as_device_volume`).
+        geom: the slicing plan (:func:`make_geometry`).
+        stats: {"mean", "std"} of the z-score (scan units); clip: (low, high) in z-units.
+        pad_value: the normalised background value the padding takes.
+        chunk_voxels: volume voxels handled at once (default :data:`CHUNK_VOXELS`).
+    Returns:
+        (N, 1, S, S) float32 tensor on the volume's device, canonical slice order.
+    """
+    import torch
+
+    perm, flips = stack_layout(geom)
+    view = volume.permute(perm)
+    n, s = geom.n_slices, geom.image_size
+    out = torch.full((n, 1, s, s), float(pad_value), dtype=torch.float32, device=volume.device)
+    (oa, ob), (fa, fb) = geom.offset, geom.fit_shape
+    mean, std = float(np.float32(stats["mean"])), float(np.float32(stats["std"]))
+    step = _chunk_slices(geom, geom.plane_shape[0] * geom.plane_shape[1], chunk_voxels)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rows = view[_file_rows(geom, flips, start, stop)]
+        if flips:  # a new tensor, in canonical order
+            chunk = rows.flip(flips).contiguous()
+        else:  # one contiguous copy: the volume itself is never written
+            chunk = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+            chunk.copy_(rows)
+        chunk.sub_(mean).div_(std).clamp_(clip[0], clip[1])
+        out[start:stop, 0, oa : oa + fa, ob : ob + fb] = _resize(chunk, geom.fit_shape)
+    return out
+
+
 def to_model_space(stack: np.ndarray, geom: SliceGeometry, pad_value: float):
-    """(N, A, B) numpy slices -> (N, 1, S, S) float32 torch tensor."""
+    """(N, A, B) numpy slices in canonical order -> (N, 1, S, S) float32 torch tensor (resized
+    and padded, values unchanged)."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))
@@ -299,10 +406,11 @@ def to_model_space(stack: np.ndarray, geom: SliceGeometry, pad_value: float):
 class ModelSlices:
     """Slices of one volume in model space.
 
-    ``images``: (N, 1, S, S) float32 torch tensor; ``foreground``: (N,) bool, slices holding any
-    foreground; ``stats``: the normalisation's mean and std (scan intensity units);
-    ``pad_value``: the normalised background value used for padding; ``foreground_mask``:
-    (X, Y, Z) bool in file order; ``n_outliers``: voxels clipped by :func:`clip_outliers`.
+    ``images``: (N, 1, S, S) float32 torch tensor (on the device asked for); ``foreground``:
+    (N,) bool, slices holding any foreground; ``stats``: the normalisation's mean and std (scan
+    intensity units); ``pad_value``: the normalised background value used for padding;
+    ``foreground_mask``: (X, Y, Z) bool in file order; ``n_outliers``: voxels clipped by
+    :func:`clip_outliers`.
     """
 
     images: object
@@ -314,6 +422,13 @@ class ModelSlices:
     n_outliers: int = 0
 
 
+def foreground_slices(mask: np.ndarray, geom: SliceGeometry) -> np.ndarray:
+    """(N,) bool in canonical slice order: slices of ``mask`` (X, Y, Z) holding any voxel."""
+    fa = geom.file_axis
+    per_file = mask.any(axis=tuple(a for a in range(3) if a != fa))
+    return per_file[::-1].copy() if geom.flipped else per_file
+
+
 def volume_to_slices(
     data: np.ndarray,
     affine: np.ndarray,
@@ -321,11 +436,18 @@ def volume_to_slices(
     axis: str | int,
     image_size: int,
     norm: Normalisation,
+    device=None,
+    chunk_voxels: int | None = None,
 ) -> ModelSlices:
     """Preprocess one (X, Y, Z) volume into model-space slices (training and scoring): outliers
     clipped (:func:`clip_outliers`), foreground (:func:`foreground_mask`, outliers left out),
-    z-score over it (:func:`normalise`), slicing along ``axis``, resizing and padding to
-    ``image_size`` squares. ``spacing`` in mm per voxel axis.
+    z-score over it (:func:`normalisation_stats`), slicing along ``axis``, resizing and padding
+    to ``image_size`` squares. ``spacing`` in mm per voxel axis.
+
+    The intensity decisions (outliers, foreground, mean and std) are made in numpy on the host;
+    the reorientation, z-score, clipping, resizing and padding run in torch on ``device``
+    (None: the CPU, working on ``data`` itself), chunk by chunk of slices
+    (:func:`slices_to_model_space`), with no normalised copy of the volume.
 
     Raises:
         InputError: unknown axis, or no voxel with a finite intensity.
@@ -333,13 +455,17 @@ def volume_to_slices(
     ax = resolve_axis(axis)
     geom = make_geometry(data.shape, affine, spacing, ax, image_size)
     data, outliers = clip_outliers(data)
-    fg = foreground_mask(data, norm.foreground) & ~outliers
-    normed, stats = normalise(data, fg, norm)
-    pad_value = float(np.clip((float(data.min()) - stats["mean"]) / stats["std"], *norm.clip))
-    images = to_model_space(canonical_slices(normed, geom), geom, pad_value)
-    fg_slices = canonical_slices(fg, geom).reshape(geom.n_slices, -1).any(axis=1)
+    fg = foreground_mask(data, norm.foreground)
     n_out = int(np.count_nonzero(outliers))
-    return ModelSlices(images, np.asarray(fg_slices), geom, stats, pad_value, fg, n_out)
+    if n_out:
+        fg &= ~outliers
+    del outliers
+    stats = normalisation_stats(data, fg)
+    pad_value = float(np.clip((float(data.min()) - stats["mean"]) / stats["std"], *norm.clip))
+    vol = as_device_volume(data, device)
+    images = slices_to_model_space(vol, geom, stats, norm.clip, pad_value, chunk_voxels)
+    del vol
+    return ModelSlices(images, foreground_slices(fg, geom), geom, stats, pad_value, fg, n_out)
 
 
 def with_neighbours(images, neighbours: int):
@@ -365,16 +491,71 @@ def with_neighbours(images, neighbours: int):
     return images[:, 0][index]
 
 
-def slices_to_volume(maps, geom: SliceGeometry) -> np.ndarray:
-    """(N, S, S) maps in model space -> float32 array of the file's exact (X, Y, Z) shape."""
+def slices_to_volume(
+    maps,
+    geom: SliceGeometry,
+    out: np.ndarray | None = None,
+    *,
+    scale: float = 1.0,
+    offset: float = 0.0,
+    accumulate: bool = False,
+    dtype=np.float32,
+    span: tuple[int, int] | None = None,
+    chunk_voxels: int | None = None,
+) -> np.ndarray:
+    """Map (N, S, S) model-space maps back onto the file's exact (X, Y, Z) grid.
+
+    Chunk by chunk of slices: crop the padding, resize to the slice plane, ``* scale + offset``
+    (float32, on the maps' device), undo the reorientation, and write (or, with
+    ``accumulate``, add) into ``out`` on the host; only ``out`` is ever of the volume's size.
+
+    Args:
+        maps: (N, S, S) numpy array or torch tensor (any device), canonical slice order.
+        geom: the slicing plan the maps came from.
+        out: (X, Y, Z) numpy array to fill (default: a new ``dtype`` array).
+        scale, offset: applied to the resized values (e.g. back to scan intensity units).
+        accumulate: add into ``out`` instead of overwriting it.
+        dtype: of a new ``out``: float32 (default) or float16.
+        span: (start, stop): map only canonical slices ``start:stop``; ``out`` keeps its values
+            on the others (a new ``out`` is then zero there). Default: every slice.
+        chunk_voxels: output voxels handled at once (default :data:`CHUNK_VOXELS`).
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: not N slices of S x S, or ``out`` not of the file's shape.
+    """
     import torch
 
     t = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps))
-    t = t.reshape(-1, geom.image_size, geom.image_size).to(torch.float32)
+    t = t.reshape(-1, geom.image_size, geom.image_size)
     if t.shape[0] != geom.n_slices:
         raise ValueError(f"expected {geom.n_slices} slices, got {t.shape[0]}")
+    first, last = (0, geom.n_slices) if span is None else (max(0, span[0]), min(span[1], len(t)))
+    if out is None:
+        partial = accumulate or (first, last) != (0, geom.n_slices)
+        out = (np.zeros if partial else np.empty)(geom.file_shape, dtype=dtype)
+    if tuple(out.shape) != tuple(geom.file_shape):
+        raise ValueError(f"out has shape {out.shape}, not the file's {geom.file_shape}")
+    perm, flips = stack_layout(geom)
+    view = torch.from_numpy(out).permute(perm)
     (oa, ob), (fa, fb) = geom.offset, geom.fit_shape
-    t = _resize(t[:, oa : oa + fa, ob : ob + fb].contiguous(), geom.plane_shape)
-    canon = np.moveaxis(t.numpy(), 0, geom.axis)
-    out = apply_orientation(canon, geom.from_canon)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    scale32, offset32 = float(np.float32(scale)), float(np.float32(offset))
+    step = _chunk_slices(geom, geom.plane_shape[0] * geom.plane_shape[1], chunk_voxels)
+    for start in range(first, last, step):
+        stop = min(last, start + step)
+        chunk = t[start:stop, oa : oa + fa, ob : ob + fb].to(torch.float32).contiguous()
+        chunk = _resize(chunk, geom.plane_shape)
+        if scale != 1.0:
+            chunk = chunk * scale32
+        if offset != 0.0:
+            chunk = chunk + offset32
+        if flips:
+            chunk = chunk.flip(flips)
+        chunk = chunk.to(device="cpu", dtype=view.dtype)
+        target = view[_file_rows(geom, flips, start, stop)]
+        if accumulate:
+            target += chunk
+        else:
+            target.copy_(chunk)
+    return out
