@@ -36,7 +36,8 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -355,13 +356,14 @@ def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None)
     shrink = [max(1, round(6.0 / s)) for s in volume.spacing]
     small = sitk.Shrink(img, shrink)
     small_mask = sitk.Shrink(msk, shrink)
-    n4 = sitk.N4BiasFieldCorrectionImageFilter()
-    n4.SetMaximumNumberOfIterations([50, 40, 30])
     _raise_if(cancel)
-    _execute(n4, small, small_mask)  # about 2 s at 6 mm: cancel is checked before and after
-    _raise_if(cancel)
-    # the field is smooth: evaluate it on the shrunk grid, then interpolate to full resolution
-    small_field = n4.GetLogBiasFieldAsImage(small)
+    with single_threaded():  # about 2 s at 6 mm: cancel is checked before and after
+        n4 = sitk.N4BiasFieldCorrectionImageFilter()
+        n4.SetMaximumNumberOfIterations([50, 40, 30])
+        _execute(n4, small, small_mask)
+        _raise_if(cancel)
+        # the field is smooth: evaluate it on the shrunk grid, then interpolate to full resolution
+        small_field = n4.GetLogBiasFieldAsImage(small)
     full_field = sitk.Resample(small_field, img, sitk.Transform(), sitk.sitkLinear, 0.0)
     log_field = from_sitk(full_field).astype(np.float32)
     return np.exp(log_field)
@@ -379,6 +381,35 @@ class _CancellableModel:
 
     def parameters(self) -> Any:
         return self.network.parameters()
+
+
+#: the seed of the registration's metric sampling (not 0: SimpleITK reads 0 as "the clock")
+REGISTRATION_SEED = 1
+#: SimpleITK's thread count is process-wide: one preparation at a time sets it to 1
+_SITK_THREADS_LOCK = threading.RLock()
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run SimpleITK on one thread inside the block, so that its results are repeatable.
+
+    N4's B-spline fit and the registration's Mattes metric sum partial results of their
+    threads in the order the threads finish; floating-point sums in another order differ in
+    the last bits, and the registration's optimizer amplifies that into transforms that differ
+    by up to a few hundredths of a millimetre between two runs, and into masks that differ at
+    their edges. On one thread the order is fixed, so the same scan gives the same transform,
+    bias field and mask in every run and process, whatever the machine's thread settings. The
+    setting is process-wide (other SimpleITK calls running at the same time also get one
+    thread); it is restored on leaving the block."""
+    import SimpleITK as sitk
+
+    with _SITK_THREADS_LOCK:
+        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 _BET: Any = None
@@ -431,16 +462,19 @@ def register(
     factors = [max(1, int(min(template.image.spacing) / s + 0.25)) for s in brain.spacing]
     if max(factors) > 1:
         moving = sitk.BinShrink(moving, factors)
-    similarity = sitk.CenteredTransformInitializer(
-        fixed, moving, sitk.Similarity3DTransform(),
-        sitk.CenteredTransformInitializerFilter.MOMENTS,
-    )  # fmt: skip
-    similarity, _ = _run_registration(fixed, moving, similarity, [4, 2, 1], [2.0, 1.0, 0.0], cancel)
-    affine = sitk.AffineTransform(3)
-    affine.SetMatrix(similarity.GetMatrix())
-    affine.SetTranslation(similarity.GetTranslation())
-    affine.SetCenter(similarity.GetCenter())
-    return _run_registration(fixed, moving, affine, [2, 1], [1.0, 0.0], cancel)
+    with single_threaded():
+        similarity = sitk.CenteredTransformInitializer(
+            fixed, moving, sitk.Similarity3DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS,
+        )  # fmt: skip
+        similarity, _ = _run_registration(
+            fixed, moving, similarity, [4, 2, 1], [2.0, 1.0, 0.0], cancel
+        )
+        affine = sitk.AffineTransform(3)
+        affine.SetMatrix(similarity.GetMatrix())
+        affine.SetTranslation(similarity.GetTranslation())
+        affine.SetCenter(similarity.GetCenter())
+        return _run_registration(fixed, moving, affine, [2, 1], [1.0, 0.0], cancel)
 
 
 def _run_registration(
@@ -456,7 +490,8 @@ def _run_registration(
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(0.2, seed=0)  # fixed samples (runs may differ by <0.1 mm)
+    # a fixed seed: SimpleITK's default, and a seed of 0 (sitkWallClock), take the clock
+    reg.SetMetricSamplingPercentage(0.2, seed=REGISTRATION_SEED)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.5,
