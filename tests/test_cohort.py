@@ -139,6 +139,13 @@ def test_a_folder_is_screened_ranked_and_reported(screened):
     assert four_d["status"] == "failed" and "4D" in four_d["error"]
     assert by_name["notes.txt"]["status"] == "skipped"
     assert "not a NIfTI" in by_name["notes.txt"]["error"]
+    # nothing was written for them: no folder to point at
+    for name in ("corrupt.nii.gz", "4d.nii", "notes.txt"):
+        assert by_name[name]["output"] == "", name
+    assert not (out / "scans" / "sub__corrupt").exists() and not (out / "scans" / "4d").exists()
+    for name in kinds:
+        assert by_name[name]["output"] == f"scans/{name[: -len('.nii.gz')]}"
+        assert (out / by_name[name]["output"]).is_dir()
 
     done = df[df["status"] == "done"]
     assert len(done) == len(kinds) and done["rank"].tolist() == list(range(1, len(kinds) + 1))
@@ -265,12 +272,15 @@ def test_prepared_scan_equals_vaeloc_localize(cluster, tmp_path):
     assert [c["level"] for c in mine["preparation"]["checks"]] == [
         c["level"] for c in theirs["preparation"]["checks"]
     ]
+    # the preparation is repeatable (see test_prepare.py): the same transform, the same
+    # slices scored, the same mask to the voxel
+    assert mine["volume_scores"]["n_slices_scored"] == theirs["volume_scores"]["n_slices_scored"]
     for k, v in theirs["volume_scores"].items():
-        assert mine["volume_scores"][k] == pytest.approx(v, rel=1e-3), k
+        assert mine["volume_scores"][k] == pytest.approx(v, rel=1e-6), k
     a = np.asarray(nib.load(tmp_path / "s" / "scans" / stem / f"{stem}_mask.nii.gz").dataobj)
     b = np.asarray(nib.load(tmp_path / "l" / f"{stem}_mask.nii.gz").dataobj)
     assert a.shape == b.shape == nib.load(scan).shape and b.sum() > 100
-    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
+    assert np.array_equal(a, b), int((a != b).sum())
     row = _table(tmp_path / "s").iloc[0]
     assert row["status"] == "done" and row["model"] == "t1-brain" and row["rank"] == 1
     checks = "; ".join(f"{c['name']}: {c['level']}" for c in theirs["preparation"]["checks"])
@@ -339,9 +349,11 @@ def test_other_settings_need_overwrite(cluster, tmp_path, capsys):
     assert main(base) == 0
     stamps = _outputs(out)
     capsys.readouterr()
+    default = float(_table(out).iloc[0]["threshold"])  # the model's calibrated threshold
     assert main([*base, "--threshold", "1.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vaeloc: error:") and err.count("\n") == 1 and "--overwrite" in err
+    assert f"screened with other settings (threshold: {default:.4g} -> 1.5)" in err
     assert _outputs(out) == stamps  # nothing changed
     assert main([*base, "--threshold", "1.5", "--overwrite"]) == 0
     record = json.loads((out / "scans" / "lesion0" / cohort.RECORD).read_text())
@@ -350,6 +362,30 @@ def test_other_settings_need_overwrite(cluster, tmp_path, capsys):
     assert row["threshold"] == 1.5 and not row["reused"]
     assert main([*base, "--threshold", "1.5"]) == 0  # now current: reused
     assert bool(_table(out).iloc[0]["reused"])
+
+
+def test_a_changed_version_or_setting_is_named(tmp_path):
+    """The refusal of a rerun names what changed: each setting with its old and new value,
+    else the package version."""
+    from napari_vaeloc import __version__
+    from napari_vaeloc.pipeline import ScanSettings
+    from napari_vaeloc.prepare import PrepareSettings
+
+    then = ScanSettings(model="t2-brain", prepare=PrepareSettings("auto"), smoothing=2.0)
+    record = {"settings": then.result_key(), "package": "0.0.1", "row": {"threshold": 3.0}}
+    now = ScanSettings(model="t2-brain", prepare=PrepareSettings("auto"), smoothing=2.0)
+    assert cohort.settings_change(record, now) == (
+        f"another version of napari-vaeloc (0.0.1, now {__version__})"
+    )
+    now = ScanSettings(
+        model="t2-brain", prepare=PrepareSettings("auto", brain_extraction=False), threshold=2.5
+    )
+    assert cohort.settings_change(record, now) == (
+        "other settings (brain extraction: auto -> off; threshold: 3 -> 2.5; "
+        "smoothing: 2 -> the preset's)"
+    )
+    del record["settings"]  # an old record: only the version can be told
+    assert "another version" in cohort.settings_change(record, now)
 
 
 def test_csv_list_with_a_model_per_row(cluster, tmp_path, tiny_model_dir):
@@ -366,17 +402,131 @@ def test_csv_list_with_a_model_per_row(cluster, tmp_path, tiny_model_dir):
     assert len(df) == len(kinds)
 
 
-def test_an_unreachable_scheduler_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("address", "message", "within_s"),
+    [
+        ("foo", "vaeloc: error: the scheduler address 'foo' has no port", 8.0),
+        ("xx://host:8786", "has an unknown protocol xx://", 8.0),
+        ("tcp://127.0.0.1:1", "vaeloc: error: cannot reach the Dask scheduler at tcp://127.0", 25),
+    ],
+)
+def test_a_bad_scheduler_is_one_line(tmp_path, address, message, within_s):
+    """A malformed address is refused at once, an unreachable one after --connect-timeout:
+    one line, exit 2, nothing written, and no traceback from Dask's client afterwards (a
+    process of its own: the client's noise would come when it is garbage-collected)."""
     make_cohort(tmp_path / "in", 1, 0)
     out = tmp_path / "out"
+    args = screen_args([tmp_path / "in"], out, "--scheduler", address, "--connect-timeout", "1")
+    code = "import sys; from napari_vaeloc.cli import main; sys.exit(main(sys.argv[1:]))"
     start = time.monotonic()
-    args = screen_args([tmp_path / "in"], out, "--scheduler", "tcp://127.0.0.1:1")
-    assert main([*args, "--connect-timeout", "1"]) == 2
-    assert time.monotonic() - start < 20
-    err = capsys.readouterr().err
-    assert err.startswith("vaeloc: error: cannot reach the Dask scheduler at tcp://127.0.0.1:1")
-    assert err.count("\n") == 1
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
+    )
+    seconds = time.monotonic() - start  # with the start of Python and its imports
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("vaeloc: error:") and message in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert seconds < within_s
     assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(
+    "address", ["tcp://sched-host:8786", "sched-host:8786", "tls://10.0.0.1:8786", "[::1]:8786"]
+)
+def test_scheduler_addresses_of_every_form_are_taken(address):
+    assert cohort.check_scheduler_address(f" {address} ") == address
+
+
+@pytest.mark.parametrize(
+    "address", ["", "foo", "tcp://host", "tcp://host:", "tcp://host:x", "tcp://h:0", "ftp://h:21"]
+)
+def test_malformed_scheduler_addresses_are_refused(address):
+    from napari_vaeloc.errors import InputError
+
+    with pytest.raises(InputError, match="tcp://HOST:PORT"):
+        cohort.check_scheduler_address(address)
+
+
+@pytest.mark.parametrize("where", ["option", "csv"])
+def test_a_mistyped_model_fails_before_anything_starts(tmp_path, capsys, where):
+    """Checked before a cluster starts: one line, exit 2, no output folder (the local
+    cluster that would start here needs no --scheduler)."""
+    make_cohort(tmp_path / "in", 2, 0)
+    out = tmp_path / "out"
+    if where == "option":
+        args = [*screen_args([tmp_path / "in"], out), "--model", "nosuch"]
+        told = "no model named or found at 'nosuch'"
+    else:
+        (tmp_path / "in" / "list.csv").write_text(
+            "scan,model\nhealthy0.nii.gz,t2-brain\nhealthy1.nii.gz,nosuch\n"
+        )
+        args = screen_args([tmp_path / "in" / "list.csv"], out)
+        told = "list.csv, line 3: no model named or found at 'nosuch'"
+    start = time.monotonic()
+    assert main(args) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert err.startswith("vaeloc: error:") and told in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_joining_a_one_worker_cluster_says_worker(tmp_path, capsys):
+    from distributed import LocalCluster
+
+    make_cohort(tmp_path / "in", 1, 0)
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": ":0"},
+        silence_logs=logging.ERROR,
+    ) as c:
+        args = screen_args([tmp_path / "in"], tmp_path / "out", "--scheduler", c.scheduler_address)
+        assert main([a for a in args if a != "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert f"joined {c.scheduler_address} (1 worker now)" in said, said
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_output_folder_holding_the_scanned_folder_is_refused(tmp_path, capsys, inside):
+    make_cohort(tmp_path / "study", 1, 0)
+    out = tmp_path if inside else tmp_path / "study"
+    assert main(screen_args([tmp_path / "study"], out)) == 2
+    err = capsys.readouterr().err
+    if inside:
+        told = f"the scanned folder {tmp_path / 'study'} must not lie inside the output folder"
+    else:
+        told = f"the output folder must not be the scanned folder {tmp_path / 'study'}"
+    assert told in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["healthy0.nii.gz"]
+
+
+def test_the_python_example_of_the_docs_makes_a_folder_the_command_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    """docs/cohort.md's Python example, run as written (its own 2-worker local cluster) on a
+    study of one skull-stripped T1 brain; `vaeloc screen` then reuses what it screened."""
+    import re
+    import runpy
+    import shutil
+
+    doc = (Path(__file__).parents[1] / "docs" / "cohort.md").read_text()
+    section = doc[doc.index("## Python") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "study").mkdir()
+    shutil.copy(sample_path("t1-healthy"), tmp_path / "study" / "brain.nii.gz")
+    (tmp_path / "example.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(tmp_path / "example.py"), run_name="__main__")
+    assert (tmp_path / "screen" / cohort.MANIFEST).is_file()
+    row = _table(tmp_path / "screen").iloc[0]
+    assert row["status"] == "done" and row["model"] == "t1-brain"
+    capsys.readouterr()
+    rc = main(["screen", "study/", "--out", "screen/", "--model", "t1-brain", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    row = _table(tmp_path / "screen").iloc[0]
+    assert row["status"] == "done" and bool(row["reused"])
 
 
 @pytest.mark.parametrize(
@@ -428,8 +578,8 @@ def test_a_scan_too_large_for_its_worker_fails_with_the_reason(cluster, tmp_path
     refused by the engine's estimate before it is scored: a reason, not a dead worker."""
     address, client = cluster
     workers = set(client.scheduler_info()["workers"])
-    big = np.zeros((420, 420, 240), np.uint8)  # 42 M voxels: about 2.2 GiB of maps
-    big[100:320, 100:320, 40:200] = 100
+    big = np.zeros((512, 512, 320), np.uint8)  # 84 M voxels: over 2 GiB of float32 maps
+    big[100:400, 100:400, 40:280] = 100
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(big, np.eye(4)), tmp_path / "in" / "big.nii.gz")
     out = tmp_path / "out"

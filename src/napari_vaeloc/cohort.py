@@ -122,7 +122,7 @@ def find_scans(
         if p.is_dir():
             root = p.resolve()
             if skip_root is not None and (root == skip_root or root.is_relative_to(skip_root)):
-                raise InputError(f"the output folder {exclude} cannot hold the input folder {p}")
+                raise InputError(_overlap_message(p, Path(exclude or ""), root == skip_root))
             for f in _walk(root, skip_root):
                 if is_nifti_path(f):
                     rel = f.relative_to(root)
@@ -156,6 +156,18 @@ def find_scans(
     return jobs, skipped
 
 
+def _overlap_message(scanned: Path, out: Path, same: bool) -> str:
+    if same:
+        return (
+            f"the output folder must not be the scanned folder {scanned}; choose another one "
+            f"(a new folder inside it, such as {scanned / 'screen'}, is fine)"
+        )
+    return (
+        f"the scanned folder {scanned} must not lie inside the output folder {out}; choose "
+        "another output folder"
+    )
+
+
 def _walk(root: Path, skip: Path | None) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
@@ -177,8 +189,9 @@ def read_scan_list(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
         [(absolute scan path, model or None)], in file order.
 
     Raises:
-        InputError: the file cannot be read, has no scan column, or a listed scan does not
-            exist (the message names the line).
+        InputError: the file cannot be read, has no scan column, a listed scan does not
+            exist, or a listed model is neither a bundled model nor a model folder (the
+            message names the line; every distinct model is checked once).
     """
     p = Path(path)
     try:
@@ -195,6 +208,7 @@ def read_scan_list(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
         )
     names = dict(zip(header, reader.fieldnames or [], strict=True))
     out: list[tuple[Path, str | None]] = []
+    checked: set[str] = set()
     for line, row in enumerate(reader, start=2):
         cell = (row.get(names[column]) or "").strip()
         if not cell:
@@ -205,8 +219,29 @@ def read_scan_list(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
         model = (row.get(names["model"]) or "").strip() if "model" in names else ""
         if model and not Path(model).is_absolute() and (p.parent / model).is_dir():
             model = str((p.parent / model).resolve())
+        if model and model not in checked:
+            try:
+                check_model(model)
+            except VaelocError as exc:
+                raise InputError(f"{p.name}, line {line}: {_one_line(exc)}") from None
+            checked.add(model)
         out.append((scan.resolve(), model or None))
     return out
+
+
+def check_model(model: str) -> None:
+    """Check that ``model`` names a bundled model or a model folder with a valid card (or is
+    :data:`~napari_vaeloc.pipeline.AUTO_MODEL`) without loading its weights: a mistyped
+    model fails before any cluster starts or any file is written.
+
+    Raises:
+        ModelError: no such model, or a folder without a valid model card.
+    """
+    if model == AUTO_MODEL:
+        return
+    from .models.store import read_card, resolve_model_path
+
+    read_card(resolve_model_path(model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +308,7 @@ def record_problem(
     if record.get("scan") != str(job.path):
         return "stale", f"holds the outputs of another scan ({record.get('scan')})"
     if record.get("settings_hash") != key:
-        return "stale", "screened with other settings or another version of napari-vaeloc"
+        return "stale", f"screened with {settings_change(record, settings)}"
     request = job.model or settings.model
     if record.get("model_request") != request:
         return "stale", f"screened with --model {record.get('model_request')}"
@@ -289,6 +324,81 @@ def record_problem(
     except OSError as exc:
         return "stale", f"the scan's file cannot be read: {os_reason(exc)}"
     return _files_problem(record, folder)
+
+
+#: the words for the settings of :meth:`~napari_vaeloc.pipeline.ScanSettings.result_key`
+#: (the preparation's four switches apart) and what None stands for in each
+_SETTING_WORDS = {
+    "prepare": ("--prepare", "auto"),
+    "bias_correction": ("bias correction", "auto"),
+    "brain_extraction": ("brain extraction", "auto"),
+    "registration": ("registration", "auto"),
+    "axis": ("axis", "the model's"),
+    "fuse": ("fuse", "the model's"),
+    "volume_index": ("volume index", "none"),
+    "preset": ("preset", "default"),
+    "threshold": ("threshold", "the model's default"),
+    "weights": ("weights", "the preset's"),
+    "smoothing": ("smoothing", "the preset's"),
+    "scan_normalise": ("scan normalise", "the preset's"),
+}
+
+
+def _flat_settings(key: dict[str, Any]) -> dict[str, Any]:
+    """``key`` (:meth:`~napari_vaeloc.pipeline.ScanSettings.result_key`) without the model,
+    the preparation's mode and switches apart, in order."""
+    steps = ("prepare", "bias_correction", "brain_extraction", "registration")
+    flat: dict[str, Any] = {}
+    for k, v in key.items():
+        if k == "prepare" and isinstance(v, list | tuple) and len(v) == len(steps):
+            flat.update(zip(steps, v, strict=True))
+        elif k != "model":
+            flat[k] = v
+    return flat
+
+
+def settings_change(record: dict[str, Any], settings: ScanSettings) -> str:
+    """What differs between the settings a done-record was made with and ``settings``, in
+    words for a message: "other settings (threshold: 3.34 -> 2.5)" (a threshold left to the
+    model is shown with the value the record's row says it took), or, when the settings are
+    the same or the record does not hold them, "another version of napari-vaeloc (0.3.0,
+    now 0.4.0)"."""
+    old, new = record.get("settings"), _flat_settings(settings.result_key())
+    if isinstance(old, dict):
+        old = _flat_settings(old)
+        taken = record.get("row") or {}
+        changes = []
+        for k, v in new.items():
+            if _same(old.get(k), v):
+                continue
+            word, default = _SETTING_WORDS.get(k, (k, "default"))
+            if old.get(k) is None and k == "threshold" and taken.get("threshold") is not None:
+                was = _show(taken["threshold"], default)
+            else:
+                was = _show(old.get(k), default)
+            changes.append(f"{word}: {was} -> {_show(v, default)}")
+        if changes:
+            return "other settings (" + "; ".join(changes) + ")"
+    package = record.get("package")
+    if package != __version__:
+        return f"another version of napari-vaeloc ({package or 'unknown'}, now {__version__})"
+    return "other settings"
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _show(value: Any, none: str) -> str:
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_show(v, none)}" for k, v in value.items())
+    return str(value)
 
 
 def _files_problem(record: dict[str, Any], folder: Path) -> tuple[str, str] | None:
@@ -440,6 +550,7 @@ def screen_scan(task: ScanTask) -> dict[str, Any]:
     except Exception as exc:  # a failure of a library or of the code: recorded, run goes on
         row.update(error=f"{type(exc).__name__}: {_one_line(exc)}")
     row["seconds"] = time.perf_counter() - t0
+    row["output"] = _output_of(task.out, job)
     if written is not None:
         _write_record(task, folder, row, written)
     return row
@@ -542,9 +653,22 @@ def _write_record(task: ScanTask, folder: Path, row: dict[str, Any], written: _W
         row.update(status="failed", error=f"outputs written, but not their record: {exc}")
 
 
-def _row(job: ScanJob, model: str, status: str = "failed", error: str = "") -> dict[str, Any]:
-    """A table row of ``job`` with nothing measured yet; its output folder is
-    ``scans/NAME`` (none for a job without a name: a skipped file)."""
+def _output_of(out: Path, job: ScanJob) -> str:
+    """The ``output`` column of ``job``: its folder ``scans/NAME``, relative to ``out``, when
+    that folder holds a file; empty when nothing was written for it."""
+    folder = out / SCANS_DIR / job.name
+    try:
+        wrote = bool(job.name) and any(p.is_file() for p in folder.iterdir())
+    except OSError:
+        wrote = False
+    return f"{SCANS_DIR}/{job.name}" if wrote else ""
+
+
+def _row(
+    job: ScanJob, model: str, status: str = "failed", error: str = "", output: str = ""
+) -> dict[str, Any]:
+    """A table row of ``job`` with nothing measured yet; ``output``: its folder, relative to
+    the output folder, when something was written for it (:func:`_output_of`)."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(
         scan=str(job.path),
@@ -554,7 +678,7 @@ def _row(job: ScanJob, model: str, status: str = "failed", error: str = "") -> d
         status=status,
         error=error,
         reused=False,
-        output=f"{SCANS_DIR}/{job.name}" if job.name else "",
+        output=output,
         components=None,
     )
     return row
@@ -656,11 +780,13 @@ def run_screen(
     report_top: int = 25,
 ) -> ScreenResult:
     """Screen ``jobs_plan.todo`` on the Dask ``client``'s cluster, one task per scan, and
-    write the table and the report: every ``table_every_s`` seconds while it runs (scans not
-    finished yet listed as "pending"), at the end, and when interrupted (then the
-    KeyboardInterrupt is raised again after the table is written). A scan whose worker died
-    (Dask gives up after its allowed failures) gets status "failed" with that reason; the run
-    goes on. ``on_row`` is called with each finished row (for progress displays).
+    write the folder's manifest first (:func:`write_manifest`: it marks ``out`` as a screen's,
+    which a rerun from the command line then resumes), then the table and the report: every
+    ``table_every_s`` seconds while it runs (scans not finished yet listed as "pending"), at
+    the end, and when interrupted (then the KeyboardInterrupt is raised again after the table
+    is written). A scan whose worker died (Dask gives up after its allowed failures) gets
+    status "failed" with that reason; the run goes on. ``on_row`` is called with each
+    finished row (for progress displays).
 
     Raises:
         OutputError: the table or the report cannot be written.
@@ -677,6 +803,7 @@ def run_screen(
     run_id = uuid.uuid4().hex[:12]
     if jobs_plan.todo and client is None:
         raise ValueError("run_screen needs a Dask client to screen scans")
+    write_manifest(out, settings)
     for job in jobs_plan.todo:
         task = ScanTask(
             job,
@@ -698,7 +825,7 @@ def run_screen(
             if str(job.path) not in finished:
                 model = job.model or settings.model
                 why = "not screened: the run was interrupted" if final else ""
-                pending.append(_row(job, model, "pending", why))
+                pending.append(_row(job, model, "pending", why, _output_of(out, job)))
         return [*base, *finished.values(), *pending]
 
     def write_all(final: bool) -> None:
@@ -723,7 +850,7 @@ def run_screen(
                     )
                 else:
                     why = f"its task failed: {name}: {_one_line(exc)}"
-                row = _row(job, model, "failed", why)
+                row = _row(job, model, "failed", why, _output_of(out, job))
             finally:
                 fut.release()
             finished[str(job.path)] = row
@@ -825,17 +952,82 @@ def start_local_cluster(
             raise VaelocError(f"cannot start a local Dask cluster: {_one_line(exc)}") from None
 
 
-def connect(address: str, timeout_s: float = 10.0) -> Any:
-    """A Dask client of the scheduler at ``address`` (e.g. tcp://host:8786).
+_ADDRESS_HINT = "give it as tcp://HOST:PORT, e.g. tcp://sched-host:8786"
+
+
+def check_scheduler_address(address: str) -> str:
+    """Check the form of a Dask scheduler address without contacting it: a known protocol
+    (tcp://, tls://, ws://, wss://, ucx://; none means tcp://), a host and a port.
+
+    Returns:
+        the address, stripped of surrounding spaces.
 
     Raises:
-        VaelocError: it cannot be reached within ``timeout_s`` seconds, or the address is
-            malformed; one line.
+        InputError: malformed; one line that says what is wrong.
     """
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import backends
+
+    text = address.strip()
+    if not text:
+        raise InputError(f"the scheduler address is empty; {_ADDRESS_HINT}")
+    scheme, loc = parse_address(text)  # no "scheme://": Dask's default, tcp
+    if scheme not in backends:
+        known = ", ".join(f"{b}://" for b in backends if b != "inproc")
+        raise InputError(
+            f"the scheduler address {text!r} has an unknown protocol {scheme}:// "
+            f"(known: {known}); {_ADDRESS_HINT}"
+        )
+    if scheme == "inproc":
+        raise InputError(
+            f"the scheduler address {text!r} is inside another process and cannot be joined; "
+            f"{_ADDRESS_HINT}"
+        )
+    if ":" not in loc.rsplit("]", 1)[-1]:
+        raise InputError(f"the scheduler address {text!r} has no port; {_ADDRESS_HINT}")
+    try:
+        host, port = parse_host_port(loc)
+    except ValueError:
+        raise InputError(
+            f"the scheduler address {text!r} has no valid port; {_ADDRESS_HINT}"
+        ) from None
+    if not host:
+        raise InputError(f"the scheduler address {text!r} has no host; {_ADDRESS_HINT}")
+    if not 0 < int(port) < 65536:
+        raise InputError(
+            f"the scheduler address {text!r} has port {port}, not 1-65535; {_ADDRESS_HINT}"
+        )
+    return text
+
+
+def connect(address: str, timeout_s: float = 10.0) -> Any:
+    """A Dask client of the scheduler at ``address`` (e.g. tcp://host:8786); a client that
+    could not connect is closed at once (no noise from it later).
+
+    Raises:
+        InputError: the address is malformed (:func:`check_scheduler_address`), at once.
+        VaelocError: it cannot be reached within ``timeout_s`` seconds; one line.
+    """
+    address = check_scheduler_address(address)
     from distributed import Client
 
+    class _ClosingClient(Client):
+        """A client that closes itself when it cannot start: Dask's own would be closed
+        later by the garbage collector, waiting for the scheduler once more and printing a
+        traceback of that."""
+
+        def start(self, **kwargs: Any) -> None:
+            try:
+                super().start(**kwargs)
+            except BaseException:
+                try:
+                    self.close(timeout=1)
+                except Exception:  # closing after a failed start: the first error counts
+                    pass
+                raise
+
     try:
-        return Client(address, timeout=f"{timeout_s}s", set_as_default=False)
+        return _ClosingClient(address, timeout=f"{timeout_s}s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         raise VaelocError(
             f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: {_one_line(exc)}"

@@ -260,8 +260,9 @@ def write_report(rows: Iterable[dict[str, Any]], out: Path, top: int = 25) -> Pa
         "img{display:block}</style></head><body>",
         "<h1>Anomaly screen</h1>",
         f"<p>{esc(summary)} ({reused} taken from an earlier run); napari-vaeloc "
-        f"{esc(__version__)}. Ranked by anomalous volume above the model's threshold, then by "
-        "the worst slice's score. Full table: "
+        f"{esc(__version__)}. Ranked by anomalous volume (ml) above each model's own "
+        "calibrated threshold, comparable across models, then by the worst slice's score; the "
+        "scores are on each model's own scale, not comparable across models. Full table: "
         f'<a href="{TABLE_CSV}">{TABLE_CSV}</a>, <a href="{TABLE_PARQUET}">{TABLE_PARQUET}</a>.'
         "</p>",
         f"<h2>The {min(top, counts['done'])} most anomalous scans</h2>",

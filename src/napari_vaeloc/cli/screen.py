@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--torch-threads must be at least 1, not {args.torch_threads}")
     if args.connect_timeout <= 0:
         raise InputError(f"--connect-timeout must be > 0 s, not {args.connect_timeout}")
+    if args.scheduler is not None:  # a malformed address fails at once, before any work
+        args.scheduler = cohort.check_scheduler_address(args.scheduler)
+    cohort.check_model(args.model)  # a typo fails before a cluster starts (a CSV's: below)
     out = Path(args.out)
     jobs, skipped = cohort.find_scans(args.inputs, exclude=out)
     if not jobs:
@@ -143,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
         _terminate_as_interrupt(),
         _Cluster(args, needed=bool(todo.todo)) as (client, torch_threads, where),
     ):
-        # the cluster is up (or joined): from here on the folder is this screen's
-        cohort.write_manifest(out, settings)
+        # the cluster is up (or joined): run_screen marks the folder as this screen's first
         say(
             f"{len(jobs)} scan{'s' if len(jobs) != 1 else ''}: {len(todo.todo)} to screen, "
             f"{len(todo.reused)} done before"
@@ -230,7 +232,8 @@ class _Cluster:
         if a.scheduler:
             self.client = cohort.connect(a.scheduler, a.connect_timeout)
             n = len(self.client.scheduler_info().get("workers", {}))
-            return self.client, a.torch_threads, f"joined {a.scheduler} ({n} workers now)"
+            now = f"{n} worker{'s' if n != 1 else ''} now"
+            return self.client, a.torch_threads, f"joined {a.scheduler} ({now})"
         workers, threads, torch_threads = cohort.local_cluster_size(a.workers, a.threads_per_worker)
         self.cluster = cohort.start_local_cluster(workers, threads, a.memory_limit)
         from distributed import Client
