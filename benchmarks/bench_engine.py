@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from machine_load import LoadMeter, cpu_name, load_average
+from machine_load import LoadMeter, cpu_name, current_rss_mib, load_average, maxrss_mib
 
 if TYPE_CHECKING:
     import torch
@@ -188,22 +187,6 @@ RUNNERS: dict[str, Callable[[Volume, LoadedModel, int], dict[str, np.ndarray]]] 
 # --------------------------------------------------------------------------- memory (children)
 
 
-def maxrss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
-
-
-def current_rss_mib() -> float:
-    """Resident set size now, MiB (Linux /proc; the peak so far elsewhere)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return maxrss_mib()
 
 
 def _memory_child(

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -54,27 +53,12 @@ from typing import Any
 
 import numpy as np
 
-from machine_load import LoadMeter, cpu_name, load_average
+from machine_load import LoadMeter, cpu_name, current_rss_mib, load_average, maxrss_mib
 
 LARGE_SHAPE = (600, 600, 400)
 TICK_MS = 10
 
 
-def maxrss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
-
-
-def current_rss_mib() -> float:
-    """Resident set size now, MiB (Linux /proc; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return maxrss_mib()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -11,8 +11,27 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
+
+
+def maxrss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB, macOS bytes)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def current_rss_mib() -> float:
+    """Resident set size now, MiB (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return maxrss_mib()
 
 
 def _busy_cpu_seconds() -> float | None:
