@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from machine_load import busy_cpu_seconds, own_cpu_seconds
+
 if TYPE_CHECKING:
     import torch
 
@@ -297,32 +299,16 @@ def measure_memory(variant: str, quick: bool, batch_size: int, threads: int | No
 # --------------------------------------------------------------------------- contention
 
 
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have used since boot (Linux /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as fh:
-            ticks = [int(t) for t in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system . . irq softirq steal
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 class Contention:
     """Share of the machine's CPUs that other processes used while the timed runs went on."""
 
     def __enter__(self) -> Contention:
-        self.busy0, self.own0, self.t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.time()
+        self.busy0, self.own0, self.t0 = busy_cpu_seconds(), own_cpu_seconds(), time.time()
         self.other_share: float | None = None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        busy1, own1, t1 = _busy_cpu_seconds(), _own_cpu_seconds(), time.time()
+        busy1, own1, t1 = busy_cpu_seconds(), own_cpu_seconds(), time.time()
         if self.busy0 is not None and busy1 is not None and t1 > self.t0:
             other = (busy1 - self.busy0) - (own1 - self.own0)
             self.other_share = max(0.0, other) / ((t1 - self.t0) * (os.cpu_count() or 1))

@@ -34,7 +34,7 @@ def current_rss_mib() -> float:
     return maxrss_mib()
 
 
-def _busy_cpu_seconds() -> float | None:
+def busy_cpu_seconds() -> float | None:
     """CPU seconds all processes have used since boot (Linux /proc/stat), or None."""
     try:
         with open("/proc/stat") as fh:
@@ -45,7 +45,7 @@ def _busy_cpu_seconds() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def _own_cpu_seconds() -> float:
+def own_cpu_seconds() -> float:
     total = 0.0
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         r = resource.getrusage(who)
@@ -91,12 +91,12 @@ class LoadMeter:
 
     def __enter__(self) -> LoadMeter:
         self.load_before = load_average()
-        self._start = (_busy_cpu_seconds(), _own_cpu_seconds(), time.monotonic())
+        self._start = (busy_cpu_seconds(), own_cpu_seconds(), time.monotonic())
         return self
 
     def __exit__(self, *exc: object) -> None:
         busy0, own0, t0 = self._start
-        busy1, own1, t1 = _busy_cpu_seconds(), _own_cpu_seconds(), time.monotonic()
+        busy1, own1, t1 = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
         self.load_after = load_average()
         self.seconds = t1 - t0
         if busy0 is not None and busy1 is not None and t1 > t0:
