@@ -10,6 +10,7 @@ import torch
 
 from napari_vaeloc.models.vae import MLPVAE, ConvVAE
 from napari_vaeloc.scoring import (
+    elbo_input_gradient,
     gaussian_kernel,
     gaussian_nll,
     input_gradients,
@@ -137,3 +138,15 @@ def test_restoration_follows_its_definition(net):
     torch.testing.assert_close(out["restoration"], want, rtol=1e-4, atol=1e-5)
     assert float(out["restoration"].abs().max()) > 0
     assert "restoration" not in score_batch(net, x, restoration=False)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_elbo_gradient_in_one_pass_is_the_sum_of_both(channels):
+    torch.manual_seed(5)
+    net = ConvVAE(image_size=16, widths=(4, 8), z_dim=6, in_channels=channels, out_channels=1)
+    net = net.eval()
+    x = torch.randn(3, channels, 16, 16)
+    g_kl, g_rec = input_gradients(net, x, likelihood_log_std=-0.3)[:2]
+    g = elbo_input_gradient(net, x, likelihood_log_std=-0.3)
+    assert g.shape == x.shape and float(g.abs().max()) > 0
+    torch.testing.assert_close(g, g_kl + g_rec, rtol=1e-5, atol=1e-6)

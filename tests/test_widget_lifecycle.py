@@ -234,7 +234,7 @@ def test_export_runs_in_a_worker(make_napari_viewer, qtbot, tiny_model_dir, tmp_
     took = time.perf_counter() - t0
     timer.stop()
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert "big_mask.nii.gz" in files and "big_scores.json" in files and len(files) >= 10
+    assert "big_mask.nii.gz" in files and "big_scores.json" in files and len(files) >= 9
     assert widget.progress.label == f"exported {len(files)} file(s)"
     assert took > 0.3 and np.diff(ticks).max() < 0.25, (took, np.diff(ticks).max())
     assert widget.run_button.enabled and widget.export_button.enabled and widget.threshold.enabled

@@ -39,6 +39,21 @@ def _open_and_run(make_napari_viewer, qtbot, model_dir):
     return viewer, widget, steps
 
 
+def test_run_keeps_only_the_maps_the_panel_uses(make_napari_viewer, qtbot, tiny_model_dir):
+    from napari_vaeloc._widget_controller import MAP_LAYERS, panel_maps
+    from napari_vaeloc.engine import maps_for
+    from napari_vaeloc.mapnames import SLIDER_MAPS
+
+    _, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    card = widget.session.result.card
+    kept = set(widget.session.result.maps)
+    assert kept == set(panel_maps(card))
+    assert {"sq_error", "rec_grad"} <= set(maps_for(card)) - kept  # computed by the CLI only
+    assert kept <= {*SLIDER_MAPS, *MAP_LAYERS.values(), *(card.defaults.weights or {})}
+    enabled = {k: w.enabled for k, w in widget.weights.items()}
+    assert enabled == {k: k in kept for k in widget.weights}  # no slider for a missing map
+
+
 def _expected(widget):
     """The whole volume under the panel's settings, by a fresh post-processor (as the command
     line computes it)."""
@@ -103,7 +118,9 @@ def test_new_smoothing_slice_first_from_the_worker(make_napari_viewer, qtbot, ti
         widget.smoothing.value = 3.0  # not cached: the worker smooths the slab of slice 30 first
         expected = PostProcessor(session.result, session.settings).combined()
         qtbot.waitUntil(
-            lambda: np.array_equal(_slice(comb_layer.data, 0, 30), _slice(expected, 0, 30)),
+            lambda: np.allclose(  # the slab's smoothing: equal to float32 rounding
+                _slice(comb_layer.data, 0, 30), _slice(expected, 0, 30), rtol=1e-5, atol=1e-6
+            ),
             timeout=TIMEOUT_MS,
         )
         assert widget.updating
@@ -173,7 +190,7 @@ def test_export_writes_the_same_files_in_a_worker(
     s = widget.session
     write_result(s.result, PostProcessor(s.result, s.settings), tmp_path / "cli", "big")
     gui = sorted(p.name for p in (tmp_path / "gui").iterdir())
-    assert gui == sorted(p.name for p in (tmp_path / "cli").iterdir()) and len(gui) >= 10
+    assert gui == sorted(p.name for p in (tmp_path / "cli").iterdir()) and len(gui) >= 9
     for name in gui:
         a, b = tmp_path / "gui" / name, tmp_path / "cli" / name
         if name.endswith(".nii.gz"):
@@ -200,7 +217,8 @@ def test_preview_slice_is_the_whole_volumes_slice(tiny_model_dir, phantom, min_s
     for axis in range(3):
         for index in (0, phantom.shape[axis] // 2):
             pv = post.slice_preview(st, axis, index, compute=True)
-            np.testing.assert_array_equal(pv.combined, _slice(whole.combined, axis, index))
+            want = _slice(whole.combined, axis, index)  # equal to float32 rounding (smoothing)
+            np.testing.assert_allclose(pv.combined, want, rtol=1e-5, atol=1e-6)
             if min_size == 0:
                 assert pv.exact
                 np.testing.assert_array_equal(pv.mask, _slice(whole.mask, axis, index))

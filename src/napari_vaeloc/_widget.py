@@ -54,9 +54,18 @@ from .mapnames import AXIS_NAMES, SLIDER_MAPS
 
 
 def _available_devices() -> list[str]:
-    from .engine import available_devices  # imports torch: call in a worker thread
+    """The device choices; in a worker thread at panel start, which also imports what the
+    first result will need: torch, and pandas, which napari imports when the first Labels
+    layer (the mask) is created, a tenth of a second or more the GUI thread would otherwise
+    spend at the end of the first run."""
+    from .engine import available_devices  # imports torch
 
-    return available_devices()
+    devices = available_devices()
+    try:
+        import pandas  # noqa: F401
+    except ImportError:  # napari then imports what it needs itself
+        pass
+    return devices
 
 
 class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):

@@ -20,6 +20,7 @@ from .mapnames import SLIDER_MAPS
 
 if TYPE_CHECKING:  # the engine pulls in torch: never at plugin import time
     from .engine import LocalizationResult
+    from .models.card import ModelCard
 
 #: every map in plain words: map name (files, ``mapnames``) -> (label in the panel, what it
 #: shows and what its number means); docs/plugin.md maps them to the paper's terms
@@ -70,6 +71,19 @@ MAP_LABELS: dict[str, tuple[str, str]] = {
 }
 #: result layers besides the combined map and the mask: layer suffix -> map name
 MAP_LAYERS = {MAP_LABELS[k][0]: k for k in ("reconstruction", "rec_error", "kl_grad")}
+
+
+def panel_maps(card: ModelCard) -> tuple[str, ...]:
+    """The maps a run of the panel computes and keeps: of the maps a localization computes by
+    default for ``card`` (:func:`~napari_vaeloc.engine.maps_for`), those a weight slider, a
+    result layer or the card's default combination uses; the others (``sq_error``,
+    ``rec_grad``) would only take memory and time (``vaeloc localize`` writes them)."""
+    from .engine import maps_for
+
+    used = {*SLIDER_MAPS, *MAP_LAYERS.values(), *(card.defaults.weights or {})}
+    return tuple(k for k in maps_for(card) if k in used)
+
+
 #: the other result layers: layer suffix -> what it shows
 RESULT_LAYERS = {
     "anomaly map": "the combined anomaly map that is thresholded: the weighted sum of the maps, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ._widget_controller import (
     in_panel_words,
     layer_help,
     offers_preparation_layers,
+    panel_maps,
     prepare_mode_for,
 )
 from ._widget_layers import put_preparation_layers, scan_inputs
@@ -205,6 +207,10 @@ class RunMixin:
         for line in volume.notes:
             show_warning(f"{layer.name}: {line}")
         self._stop_guess_for_run()
+        # the viewer's objects are long-lived: moved out of the garbage collector's reach,
+        # a full collection no longer walks them (it took 0.05-0.26 s, growing with the
+        # session, and fell while the result layers were being added)
+        gc.freeze()
         base = layer.name if index is None else f"{layer.name} volume {index}"
         job = Job(layer=layer, base=base, model=str(model_name))
         self.job = job
@@ -247,7 +253,10 @@ class RunMixin:
             cancel=job.cancel.is_set,
             stage=self._relay.stage.emit,
         )
-        result = localize(volume, model, options, axis=args["axis"], prepare=args["prepare"])
+        result = localize(
+            volume, model, options, axis=args["axis"], prepare=args["prepare"],
+            maps=panel_maps(model.card),
+        )  # fmt: skip
         # everything after the network that needs the whole volume runs here, off the GUI
         # thread: the scales (percentiles if uncalibrated), the map layers' contrast limits,
         # and the combination the sliders will show
@@ -281,8 +290,10 @@ class RunMixin:
         self.run_button.enabled = not busy
         self.cancel_button.enabled = self.running
         self.export_button.enabled = not busy and self.session is not None
-        for w in self._tuning:
-            w.enabled = not self.exporting
+        maps = self.session.result.maps if self.session is not None else None
+        computed = {w: maps is None or k in maps for k, w in self.weights.items()}
+        for w in self._tuning:  # a weight whose map the run did not compute stays off
+            w.enabled = not self.exporting and computed.get(w, True)
 
     def _on_finished(self, job: Job) -> None:
         job.finished = True

@@ -31,6 +31,15 @@ from ._widget_run import live, start_worker
 
 #: how long the sliders wait for the next move before recombining the whole volume (ms)
 DEBOUNCE_MS = 50
+#: the result layers: role -> (layer kind, how it is shown when it is added); the map layers'
+#: roles are their map names (their contrast limits come with the result)
+LAYER_STYLES: dict[str, tuple[str, dict[str, Any]]] = {
+    "reconstruction": ("image", {"colormap": "gray", "visible": False}),
+    "rec_error": ("image", {"colormap": "magma", "visible": False, "blending": "additive"}),
+    "kl_grad": ("image", {"colormap": "viridis", "visible": False, "blending": "additive"}),
+    "combined": ("image", {"colormap": "inferno", "blending": "additive"}),
+    "mask": ("labels", {"opacity": 0.6}),
+}
 
 
 @dataclass
@@ -96,8 +105,10 @@ class TuningMixin:
         (a recombination is pending or running)."""
         return self._timer.isActive() or self._recombine_worker is not None
 
-    def _names(self) -> dict[str, str]:
-        base = self._base
+    def _names(self, base: str | None = None) -> dict[str, str]:
+        """The result layers' names (of the shown result, or of the layer-name prefix
+        ``base``): layer suffix or role -> name."""
+        base = self._base if base is None else base
         return {
             **{suffix: f"{base} {suffix}" for suffix in MAP_LAYERS},
             "combined": f"{base} anomaly map",
@@ -109,13 +120,11 @@ class TuningMixin:
         assert s is not None
         for key, slider in self.weights.items():  # a map the run did not compute has no say
             slider.enabled = key in s.result.maps
-        cmaps = {"reconstruction": "gray", "rec_error": "magma", "kl_grad": "viridis"}
         for suffix, key in MAP_LAYERS.items():
-            extra = {} if key == "reconstruction" else {"blending": "additive"}
             put_layer(
                 self.viewer, "image", names[suffix], s.result.maps[key].reshape(self._shape),
-                self._input_layer, suffix, colormap=cmaps[key], visible=False,
-                contrast_limits=s.map_range(key), **extra,
+                self._input_layer, suffix, contrast_limits=s.map_range(key),
+                **LAYER_STYLES[key][1],
             )  # fmt: skip
 
     @live
@@ -142,14 +151,14 @@ class TuningMixin:
         if combined is not self._shown.get("combined") or names["combined"] not in layers:
             put_layer(
                 self.viewer, "image", names["combined"], combined.reshape(self._shape),
-                self._input_layer, "combined", colormap="inferno", blending="additive",
-                contrast_limits=s.display_range(),
+                self._input_layer, "combined", contrast_limits=s.display_range(),
+                **LAYER_STYLES["combined"][1],
             )  # fmt: skip
             self._shown["combined"] = combined
         if mask is not self._shown.get("mask") or names["mask"] not in layers:
             put_layer(
                 self.viewer, "labels", names["mask"], mask.reshape(self._shape),
-                self._input_layer, "mask", opacity=0.6,
+                self._input_layer, "mask", **LAYER_STYLES["mask"][1],
             )  # fmt: skip
             self._shown["mask"] = mask
         self.threshold_info.value = s.threshold_text()

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InputError
+from .hostmem import host_array
 from .mapnames import COMBINABLE_MAPS, PRESETS, check_names
 
 if TYPE_CHECKING:  # the engine pulls in torch lazily; only its result type is needed here
@@ -178,6 +179,7 @@ class PostProcessor:
         self._mask: np.ndarray | None = None
         self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
         self._sample: np.ndarray | None = None  # foreground voxels for preview statistics
+        self._norm_cache: tuple[float, np.ndarray] | None = None
 
     def default_settings(self) -> CombineSettings:
         return CombineSettings.from_card(self.card)
@@ -260,15 +262,29 @@ class PostProcessor:
         cached = self._smooth_cache.get(key)
         if cached is not None:
             return cached
-        scaled = self.result.maps[name] * np.float32(1.0 / self.scale(name)[0])
-        where = self.fg() if inside else None
-        out = smooth(scaled, smoothing_mm, self.spacing, where)
+        factor = 1.0 / self.scale(name)[0]
+        where, norm = (self.fg(), self._norm(smoothing_mm)) if inside else (None, None)
+        out = smooth(self.result.maps[name], smoothing_mm, self.spacing, where,
+                     factor=factor, norm=norm)  # fmt: skip
         with self._lock:
             kept = self._smooth_cache.items()
             cache = {k: v for k, v in kept if k[1] == smoothing_mm}
             cache[key] = out
             self._smooth_cache = cache  # replaced whole: readers never see it half-changed
         return out
+
+    def _norm(self, smoothing_mm: float) -> np.ndarray | None:
+        """The foreground's own smoothing (the denominator of smoothing within it), cached for
+        the current smoothing; None without smoothing."""
+        if smoothing_mm <= 0:
+            return None
+        with self._lock:
+            if self._norm_cache is not None and self._norm_cache[0] == smoothing_mm:
+                return self._norm_cache[1]
+        norm = smoothing_norm(self.fg(), smoothing_mm, self.spacing)
+        with self._lock:
+            self._norm_cache = (smoothing_mm, norm)
+        return norm
 
     def mask(
         self, settings: CombineSettings | None = None, cancel: Callable[[], bool] | None = None
@@ -348,11 +364,12 @@ class PostProcessor:
         """The combined map and mask of the slice ``index`` along ``axis`` under ``settings``,
         from the cached components, without touching the rest of the volume.
 
-        The combined map's slice is exact (a component at a new smoothing is smoothed on the
-        slab of slices that reach the slice, when ``compute``); with per-scan normalisation its
-        median and spread come from a subsample of the foreground (approximate). The mask's
-        slice is exact unless a minimum size is set and the components of this thresholded map
-        are not cached (then only the threshold is applied: approximate).
+        The combined map's slice is exact to float32 rounding (a component at a new smoothing
+        is smoothed on the slab of slices that reach the slice, when ``compute``); with
+        per-scan normalisation its median and spread come from a subsample of the foreground
+        (approximate). The mask's slice is exact unless a minimum size is set and the
+        components of this thresholded map are not cached (then only the threshold is applied:
+        approximate).
 
         Returns:
             the preview, or None when a component at this smoothing is not cached and
@@ -415,7 +432,7 @@ class PostProcessor:
         slab = [slice(None)] * values.ndim
         slab[axis] = slice(lo, hi)
         where = self.fg()[tuple(slab)] if inside else None
-        smoothed = smooth(values[tuple(slab)] * factor, smoothing_mm, self.spacing, where)
+        smoothed = smooth(values[tuple(slab)], smoothing_mm, self.spacing, where, factor=factor)
         return np.take(smoothed, index - lo, axis)
 
     def _sample_stats(self, s: CombineSettings, compute: bool) -> tuple[float, float] | None:
@@ -504,9 +521,11 @@ def weighted_sum(
     total: np.ndarray | None = None
     for k, w in used.items():
         factor = np.float32(w / (scales[k] if scales is not None else 1.0))
-        part = terms[k] * factor
-        total = part if total is None else total + part
-    return np.asarray(total, dtype=np.float32)
+        if total is None:
+            total = np.multiply(terms[k], factor, out=host_array(np.shape(terms[k])))
+        else:
+            total += terms[k] * factor
+    return total
 
 
 def _fallback_scale(values: np.ndarray, foreground: np.ndarray | None) -> float:
@@ -516,36 +535,120 @@ def _fallback_scale(values: np.ndarray, foreground: np.ndarray | None) -> float:
     return v if v > 0 else float(np.abs(vals).max() or 1.0)
 
 
+#: Gaussian smoothing truncates its kernel at this many sigmas (the tail beyond holds 0.3 % of
+#: the weight; scipy's default is 4)
+SMOOTHING_TRUNCATE = 3.0
+#: voxels smoothed at once along one axis (a chunk of the volume and its result: 2 x 32 MiB)
+SMOOTHING_CHUNK_VOXELS = 1 << 23
+
+
+def gaussian_matrix(n: int, sigma: float, truncate: float = SMOOTHING_TRUNCATE) -> np.ndarray:
+    """(n, n) float64 matrix of 1D Gaussian smoothing along an axis of ``n`` samples: row ``i``
+    holds the weights of sample ``i``'s neighbours, ``exp(-d^2 / 2 sigma^2)`` for offsets
+    ``|d| <= int(truncate * sigma + 0.5)``, normalised to sum 1, with nearest-value borders
+    (offsets beyond an end take the end sample: that weight is added to it). ``sigma`` in
+    samples (> 0). ``matrix @ v`` equals ``scipy.ndimage.gaussian_filter1d(v, sigma,
+    mode="nearest", truncate=truncate)``."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    weights /= weights.sum()
+    rows = np.repeat(np.arange(n), offsets.size)
+    cols = np.clip(np.arange(n)[:, None] + offsets[None, :], 0, n - 1).ravel()
+    matrix = np.zeros((n, n))
+    np.add.at(matrix, (rows, cols), np.tile(weights, n))
+    return matrix
+
+
 def smooth(
     values: np.ndarray,
     smoothing_mm: float,
     spacing: tuple[float, ...],
     where: np.ndarray | None = None,
+    *,
+    factor: float = 1.0,
+    norm: np.ndarray | None = None,
 ) -> np.ndarray:
-    """3D Gaussian smoothing with sigma ``smoothing_mm`` (mm, per-axis voxels from ``spacing``),
-    float32; ``values`` itself when ``smoothing_mm`` is 0. Truncated at 3 sigma (a third faster
-    than scipy's 4; the tail beyond holds 0.3 % of the weight), nearest-value borders.
+    """3D Gaussian smoothing with sigma ``smoothing_mm`` (mm, per-axis voxels from ``spacing``)
+    of ``values`` times ``factor``, float32 of the values' shape; ``values * factor`` when
+    ``smoothing_mm`` is 0. Truncated at :data:`SMOOTHING_TRUNCATE` sigmas, nearest-value borders.
+
+    Separable: one matrix product per axis with :func:`gaussian_matrix` (torch, on the CPU's
+    threads; chunk by chunk of the other axes, so beyond the result only two chunks of
+    :data:`SMOOTHING_CHUNK_VOXELS` are held). A dense matrix does more multiplications than the
+    kernel's taps but runs at the machine's matrix-product rate: on a 193x229x193 volume at
+    sigma 8 voxels, 4x faster than ``scipy.ndimage.gaussian_filter`` on one thread, equal to
+    it within 1e-6 of the maximum.
 
     With ``where`` (bool, the values' shape) the smoothing is normalised to it (normalised
     convolution, Knutsson & Westin 1993): ``G * (v 1_where) / G * 1_where`` inside ``where``,
     0 outside, so values outside the object (background, or zeros outside an extracted brain)
-    never leak in. Still linear in ``values``."""
+    never leak in. Still linear in ``values``. ``norm``: ``G * 1_where`` when already known
+    (:func:`smoothing_norm`), so that several maps smoothed within one region compute it once.
+    """
     if smoothing_mm <= 0:
-        return values
-    from scipy.ndimage import gaussian_filter
-
-    sigma = [smoothing_mm / max(s, 1e-6) for s in spacing[: values.ndim]]
-
-    def g(a: np.ndarray) -> np.ndarray:
-        return gaussian_filter(a, sigma=sigma, mode="nearest", truncate=3.0)
-
+        out = np.asarray(values, dtype=np.float32)
+        return out * np.float32(factor) if factor != 1.0 else out
     if where is None:
-        return g(values).astype(np.float32, copy=False)
-    num = g(np.where(where, values, 0).astype(np.float32))
-    den = g(where.astype(np.float32))
-    out = np.zeros(values.shape, np.float32)
+        return _gaussian_3d(values, smoothing_mm, spacing, factor)
+    num = _gaussian_3d(np.where(where, values, 0), smoothing_mm, spacing, factor)
+    den = smoothing_norm(where, smoothing_mm, spacing) if norm is None else norm
+    out = host_array(values.shape, np.float32, zero=True)
     np.divide(num, den, out=out, where=where & (den > 1e-6))
     return out
+
+
+def smoothing_norm(where: np.ndarray, smoothing_mm: float, spacing: tuple[float, ...]):
+    """``G * 1_where``: the denominator of :func:`smooth`'s normalised smoothing, float32."""
+    return _gaussian_3d(where, smoothing_mm, spacing)
+
+
+def _gaussian_3d(
+    values: np.ndarray, smoothing_mm: float, spacing: tuple[float, ...], factor: float = 1.0
+) -> np.ndarray:
+    """Separable Gaussian smoothing of ``values * factor`` (any number of axes; float32, a new
+    array)."""
+    import torch
+
+    out = host_array(np.shape(values), np.float32)
+    out[...] = values
+    t = torch.from_numpy(out)
+    pending = float(factor)  # carried by the first product
+    for axis, n in enumerate(out.shape):
+        if n == 1:
+            continue
+        sigma = smoothing_mm / max(float(spacing[axis]), 1e-6)
+        matrix = torch.from_numpy((gaussian_matrix(n, sigma) * pending).astype(np.float32))
+        pending = 1.0
+        _apply_along(t, matrix, axis)
+    if pending != 1.0:
+        t.mul_(pending)
+    return out
+
+
+def _apply_along(t, matrix, axis: int) -> None:
+    """``t`` (contiguous) <- ``matrix`` (n, n) applied along ``axis`` (of length n), in place,
+    chunk by chunk: ``t`` seen as (P, n, Q), the chunks run over P (or over Q when P is 1),
+    which the product never mixes."""
+    n = t.shape[axis]
+    lead = int(np.prod(t.shape[:axis], dtype=np.int64))
+    view = t.view(lead, n, -1)
+    trail = view.shape[2]
+    if lead == 1:  # the first axis: one product per block of columns
+        flat = view[0]
+        step = max(1, SMOOTHING_CHUNK_VOXELS // n)
+        for start in range(0, trail, step):
+            part = flat[:, start : start + step]
+            part.copy_(matrix @ part)
+        return
+    step = max(1, SMOOTHING_CHUNK_VOXELS // (n * trail))
+    for start in range(0, lead, step):
+        part = view[start : start + step]
+        if trail == 1:  # the last axis: rows times the matrix's transpose
+            rows = part[..., 0]
+            rows.copy_(rows @ matrix.T)
+        else:
+            part.copy_(matrix @ part)
 
 
 def finish(
@@ -556,13 +659,14 @@ def finish(
 ) -> np.ndarray:
     """The last steps on a (smoothed) weighted sum: per-scan robust z-scores when asked (only
     "higher than this scan's median" counts: negative values become 0), then zero outside the
-    foreground when one is given (in place when no z-scoring). ``stats`` (median, spread)
-    replaces the statistics of ``values`` itself (for a slice of a volume)."""
+    foreground when one is given, in place (``values`` is a new weighted sum). ``stats``
+    (median, spread) replaces the statistics of ``values`` itself (for a slice of a volume)."""
     out = values
     if scan_normalise:
-        out = np.maximum(robust_z(out, foreground, stats), 0)
-    if foreground is not None:
-        out[~foreground] = 0
+        out = robust_z(out, foreground, stats, out=out if out.dtype == np.float32 else None)
+        np.maximum(out, 0, out=out)
+    if foreground is not None:  # a product: far faster than assigning through ~foreground
+        np.multiply(out, foreground, out=out)
     return out
 
 
@@ -580,12 +684,14 @@ def robust_z(
     values: np.ndarray,
     where: np.ndarray | None = None,
     stats: tuple[float, float] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``(values - median) / (1.4826 * MAD)`` with median and MAD over ``values[where]``
-    (:func:`robust_stats`), or the given ``stats``; float32."""
+    (:func:`robust_stats`), or the given ``stats``; float32, into ``out`` when given (it may be
+    ``values`` itself)."""
     med, mad = robust_stats(values, where) if stats is None else stats
-    out = values - np.float32(med)
-    out /= np.float32(mad if mad > 0 else 1.0)
+    out = np.subtract(values, np.float32(med), out=out, dtype=np.float32)
+    out *= np.float32(1.0 / (mad if mad > 0 else 1.0))
     return out
 
 

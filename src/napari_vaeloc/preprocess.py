@@ -16,6 +16,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from .errors import InputError
+from .hostmem import host_array
 from .mapnames import AXES
 
 
@@ -102,6 +103,16 @@ OUTLIER_PERCENTILES = (1.0, 95.0)
 OUTLIER_SPANS = 3.0
 
 
+#: voxels the intensity decisions (outlier range, Otsu threshold) look at, evenly strided
+SAMPLE_VOXELS = 1_000_000
+
+
+def intensity_sample(data: np.ndarray) -> np.ndarray:
+    """About :data:`SAMPLE_VOXELS` of ``data``'s voxels, evenly strided over its memory, 1D."""
+    flat = data.ravel(order="K")  # a view of a C- or Fortran-ordered volume
+    return flat[:: max(1, flat.size // SAMPLE_VOXELS)]
+
+
 def outlier_mask(data: np.ndarray) -> np.ndarray:
     """Boolean mask, shape of ``data``: voxels that are not finite, or are isolated extremes far
     outside the scan's own intensity range (saturated or dropped-out voxels, hot pixels).
@@ -110,19 +121,23 @@ def outlier_mask(data: np.ndarray) -> np.ndarray:
     to 1 % of all voxels below it and up to 5 % of the object's voxels above it are found.
     Clean scans have none: bright vessels or fat lie well within the range.
     """
-    finite = np.isfinite(data)
-    flat = data[finite] if not finite.all() else data.ravel()
+    lo, hi = float(data.min()), float(data.max())
+    finite = None if np.isfinite(lo) and np.isfinite(hi) else np.isfinite(data)
+    flat = intensity_sample(data) if finite is None else data[finite]
+    none = np.zeros(data.shape, bool) if finite is None else ~finite
     if flat.size == 0:
-        return ~finite
-    flat = flat[:: max(1, flat.size // 1_000_000)]
+        return none
+    flat = flat[:: max(1, flat.size // SAMPLE_VOXELS)]
     p_low, p_high = OUTLIER_PERCENTILES
     low = float(np.percentile(flat, p_low))
     above = flat[flat > low]
     if above.size == 0:
-        return ~finite
+        return none
     high = float(np.percentile(above, p_high))
     margin = OUTLIER_SPANS * (high - low)
-    return ~finite | (data < low - margin) | (data > high + margin)
+    if finite is None and lo >= low - margin and hi <= high + margin:
+        return none  # the usual case: no voxel beyond the range (no full-size comparison)
+    return none | (data < low - margin) | (data > high + margin)
 
 
 def clip_outliers(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,8 +173,7 @@ def foreground_mask(data: np.ndarray, method: str = "otsu") -> np.ndarray:
     if method == "otsu":
         from skimage.filters import threshold_otsu
 
-        flat = data.ravel()
-        t = float(threshold_otsu(flat[:: max(1, flat.size // 1_000_000)]))
+        t = float(threshold_otsu(intensity_sample(data)))
         mask = data > t
         if not mask.any():
             mask = data > lo
@@ -208,28 +222,44 @@ def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
                 idx = list(centre)
                 idx[a] = d
                 structure[tuple(idx)] = True
-    labels, _ = label(~mask, structure=structure)
+    labels, n = label(~mask, structure=structure)
     touching = [labels.take(i, axis=a) for a in range(3) if a != axis for i in (0, -1)]
-    outside = np.unique(np.concatenate([t.ravel() for t in touching]))
-    return ~np.isin(labels, outside[outside > 0])
+    inside = np.ones(n + 1, bool)  # label -> part of the filled object
+    inside[np.concatenate([t.ravel() for t in touching])] = False
+    inside[0] = True  # the object itself
+    return inside[labels]
 
 
 def normalisation_stats(data: np.ndarray, foreground: np.ndarray) -> dict:
     """{"mean", "std"} (float, scan intensity units) of ``data`` over ``foreground`` (both
     (X, Y, Z)); over the whole volume when fewer than two voxels are foreground, std 1 when the
-    values are constant. Accumulated in float64 slab by slab along the first axis, so no copy of
-    the foreground's values is held at full size."""
-    step = max(1, (1 << 22) // max(1, int(np.prod(data.shape[1:]))))
-    slabs = [slice(i, i + step) for i in range(0, data.shape[0], step)]
-    count = int(sum(np.count_nonzero(foreground[sl]) for sl in slabs))
+    values are constant.
+
+    One pass, slab by slab along the axis outermost in memory (no copy of the foreground's
+    values at full size), in float64 around a shift ``c`` (the mean of a sparse subsample):
+    ``mean = c + S1 / n``, ``var = S2 / n - (S1 / n)^2`` with ``S1 = sum(x - c)`` and
+    ``S2 = sum((x - c)^2)``; shifting by a value near the mean keeps the difference exact to
+    float64 precision (Chan, Golub & LeVeque 1983)."""
+    count = int(np.count_nonzero(foreground))
     use_fg = count >= 2
-
-    def values(sl: slice) -> np.ndarray:
-        return data[sl][foreground[sl]] if use_fg else data[sl].ravel()
-
+    where = foreground
     n = count if use_fg else data.size
-    mean = sum(float(values(sl).sum(dtype=np.float64)) for sl in slabs) / n
-    var = sum(float(np.square(values(sl).astype(np.float64) - mean).sum()) for sl in slabs) / n
+    sub = (slice(None, None, 4),) * data.ndim
+    probe = data[sub][foreground[sub]] if use_fg else data[sub]
+    shift = float(probe.mean(dtype=np.float64)) if probe.size else 0.0
+    outer = int(np.argmax(np.abs(data.strides)))  # slabs contiguous in memory
+    step = max(1, (1 << 20) // max(1, data.size // data.shape[outer]))
+    s1 = s2 = 0.0
+    for i in range(0, data.shape[outer], step):
+        slab = (slice(None),) * outer + (slice(i, i + step),)
+        block = data[slab]
+        values = block[np.broadcast_to(where[slab] if use_fg else True, block.shape)]
+        centred = values.astype(np.float64) - shift
+        s1 += float(centred.sum())
+        s2 += float(np.square(centred, out=centred).sum())  # not np.dot: BLAS threads would
+        # then spin beside torch's
+    mean = shift + s1 / n
+    var = max(s2 / n - (s1 / n) ** 2, 0.0)
     std = float(np.sqrt(var))
     if not std > 0:
         std = float(data.std(dtype=np.float64)) or 1.0
@@ -532,13 +562,17 @@ def slices_to_volume(
     if t.shape[0] != geom.n_slices:
         raise ValueError(f"expected {geom.n_slices} slices, got {t.shape[0]}")
     first, last = (0, geom.n_slices) if span is None else (max(0, span[0]), min(span[1], len(t)))
-    if out is None:
-        partial = accumulate or (first, last) != (0, geom.n_slices)
-        out = (np.zeros if partial else np.empty)(geom.file_shape, dtype=dtype)
+    new = out is None
+    if new:
+        out = host_array(geom.file_shape, dtype, zero=accumulate)
     if tuple(out.shape) != tuple(geom.file_shape):
         raise ValueError(f"out has shape {out.shape}, not the file's {geom.file_shape}")
     perm, flips = stack_layout(geom)
     view = torch.from_numpy(out).permute(perm)
+    if new and not accumulate:  # zero the slices outside the span only
+        for start, stop in ((0, first), (last, geom.n_slices)):
+            if stop > start:
+                view[_file_rows(geom, flips, start, stop)].zero_()
     (oa, ob), (fa, fb) = geom.offset, geom.fit_shape
     scale32, offset32 = float(np.float32(scale)), float(np.float32(offset))
     step = _chunk_slices(geom, geom.plane_shape[0] * geom.plane_shape[1], chunk_voxels)

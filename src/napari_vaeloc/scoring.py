@@ -110,6 +110,24 @@ def input_gradients(
     return g_kl, g_rec, kl.detach(), rec.detach(), rec_px.detach(), x_hat.detach()
 
 
+def elbo_input_gradient(
+    network: torch.nn.Module, x: torch.Tensor, likelihood_log_std: float = 0.0, amp: bool = False
+) -> torch.Tensor:
+    """dELBO/dx = d(KL + Rec)/dx with z = mu, shape and dtype of x (B, C, S, S): the sum of the
+    two gradients of :func:`input_gradients`, from one backward pass instead of two (what a
+    restoration step needs)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        with autocast_for(x.device, amp):
+            mu, log_std = network.encode(x)
+            x_hat = network.decode(mu)
+        mu, log_std, x_hat = mu.to(x.dtype), log_std.to(x.dtype), x_hat.to(x.dtype)
+        kl = kl_per_sample(mu, log_std)
+        rec = gaussian_nll(target_of(x, x_hat), x_hat, likelihood_log_std).flatten(1).sum(dim=1)
+        (g_elbo,) = torch.autograd.grad((kl + rec).sum(), x)
+    return g_elbo
+
+
 def score_batch(
     network: torch.nn.Module,
     x: torch.Tensor,
@@ -167,8 +185,8 @@ def score_batch(
     if restoration:
         restored = x - RESTORATION_STEP * (g_kl + g_rec)
         for _ in range(RESTORATION_STEPS - 1):
-            gk, gr = input_gradients(network, restored, likelihood_log_std, amp)[:2]
-            restored = restored - RESTORATION_STEP * (gk + gr)
+            g_elbo = elbo_input_gradient(network, restored, likelihood_log_std, amp)
+            restored = restored - RESTORATION_STEP * g_elbo
         with torch.no_grad():
             out["restoration"] = smooth((xc - centre_slice(restored)).abs(), kernel)
     out = {k: v[:, 0] for k, v in out.items()}
