@@ -116,6 +116,7 @@ class Recorder:
     inserted: list[tuple[float, str]] = field(default_factory=list)
     progress: list[tuple[float, str, int, int]] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
+    long_gaps: list[tuple[float, float]] = field(default_factory=list)  # (end, length) > 100 ms
     last_tick: float | None = None
 
     def on_draw(self, *_: Any) -> None:
@@ -138,6 +139,7 @@ class Recorder:
 
     def reset_gaps(self) -> None:
         self.gaps = []
+        self.long_gaps = []
         self.last_tick = None
 
 
@@ -163,6 +165,8 @@ class Heartbeat:
         rec = self.rec
         if rec.last_tick is not None:
             rec.gaps.append(now - rec.last_tick)
+            if now - rec.last_tick > 0.1:
+                rec.long_gaps.append((now, now - rec.last_tick))
         rec.last_tick = now
         bar = self.widget.progress
         state = (str(bar.label), int(bar.value), int(bar.max))
@@ -259,6 +263,8 @@ def click_run(beat: Heartbeat, rec: Recorder, widget: Any, timeout_s: float) -> 
     new = rec.inserted[n_layers:]
     timeline += [(t - t0, f"layer added: {name}") for t, name in new]
     timeline.append((drawn - t0, "canvas drawn with the result"))
+    blocks = rec.long_gaps
+    timeline += [(t - t0, f"event loop blocked {g * 1000:.0f} ms until here") for t, g in blocks]
     timeline.sort()
     stages = click_stages(t0, rec.progress, new, drawn)
     gaps = rec.gaps

@@ -65,6 +65,7 @@ def _run(qtbot, widget):
     job = widget.job
     assert widget.running and job is not None
     qtbot.waitUntil(lambda: job.finished, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not widget.running or widget.job is not job, timeout=TIMEOUT_MS)
     qtbot.wait(50)  # signals queued behind the end
     return job
 

@@ -53,11 +53,11 @@ from ._widget_tuning import TuningMixin
 from .mapnames import AXIS_NAMES, SLIDER_MAPS
 
 
-def _available_devices() -> list[str]:
-    """The device choices; in a worker thread at panel start, which also imports what the
-    first result will need: torch, and pandas, which napari imports when the first Labels
-    layer (the mask) is created, a tenth of a second or more the GUI thread would otherwise
-    spend at the end of the first run."""
+def _available_devices(model_folder: str | None = None) -> list[str]:
+    """The device choices; in a worker thread at panel start, which also prepares what the
+    first run will need: torch, the model shown first (loaded into the shared cache), and
+    pandas, which napari imports when the first Labels layer (the mask) is created, a tenth
+    of a second or more the GUI thread would otherwise spend at the end of the first run."""
     from .engine import available_devices  # imports torch
 
     devices = available_devices()
@@ -65,6 +65,13 @@ def _available_devices() -> list[str]:
         import pandas  # noqa: F401
     except ImportError:  # napari then imports what it needs itself
         pass
+    if model_folder is not None:
+        from .models.store import cached_model
+
+        try:
+            cached_model(model_folder)
+        except Exception:  # a broken model is reported when a run uses it
+            pass
     return devices
 
 
@@ -120,11 +127,11 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
         self.model_info = Label(label="")
         self._devices: list[str] | None = None  # filled by a worker: importing torch takes ~2 s
         self.device = ComboBox(label="device", choices=self._device_choices, value="auto")
-        start_worker(
-            create_worker(
-                _available_devices, _start_thread=False, _connect={"returned": self._set_devices}
-            )
-        )
+        warm_up = create_worker(
+            _available_devices, self._folders.get(first or ""), _start_thread=False,
+            _connect={"returned": self._set_devices},
+        )  # fmt: skip
+        start_worker(warm_up)
         self.axis = ComboBox(
             label="slicing axis",
             choices=[("model's axis", "model"), *[(a, a) for a in AXIS_NAMES]],

@@ -17,7 +17,7 @@ import atexit
 import functools
 import gc
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,21 +394,31 @@ class RunMixin:
             if job.finished:
                 self._on_finished(job)
 
-        def add() -> None:
-            waiting = False
+        steps = self._add_result(job, out)
+
+        def add() -> None:  # one step per turn of the event loop
+            waiting, more = False, False
             try:
-                waiting = not self.closed and self._add_result(job, out) is False
+                if not self.closed:
+                    next(steps)
+                    more = True
+            except StopIteration as stop:
+                waiting = stop.value is False
             finally:
-                if waiting:  # the run ends when the whole combination is shown
+                if more:  # 1 ms, not 0: a zero timer would come before other due timers
+                    QTimer.singleShot(1, add)
+                elif waiting:  # the run ends when the whole combination is shown
                     self._when_whole = done
                 else:
                     done()
 
         QTimer.singleShot(0, add)
 
-    def _add_result(self, job: Job, out: tuple) -> bool:
-        """Show a run's result; False when its combination is still being computed in the
-        background (it will be shown when it is done)."""
+    def _add_result(self, job: Job, out: tuple) -> Iterator[None]:
+        """Show a run's result, a generator that yields after each layer it adds (napari takes
+        up to a tenth of a second for one; the viewer stays responsive in between). Returns
+        False when its combination is still being computed in the background (it will be
+        shown when it is done)."""
         session, model, args = out
         result = session.result
         layer = job.layer
@@ -430,7 +440,8 @@ class RunMixin:
             elif not first:  # another model: start from its defaults
                 self._show_settings(self.session.settings)
             self._read_settings()
-            self._update_maps()
+            yield from self._update_maps()
+            yield from self._show_first()
             shown = self._show_result()
             self.result_info.value = (
                 f"{job.base}, model {job.model} ({result.axis} slices, {result.device})"

@@ -19,6 +19,7 @@ whole volume the layers end with is what the command line computes for the same 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +116,8 @@ class TuningMixin:
             "mask": f"{base} mask",
         }
 
-    def _update_maps(self) -> None:
+    def _update_maps(self) -> Iterator[None]:
+        """Put the session's map layers (a generator: it yields after each layer)."""
         s, names = self.session, self._names()
         assert s is not None
         for key, slider in self.weights.items():  # a map the run did not compute has no say
@@ -126,6 +128,18 @@ class TuningMixin:
                 self._input_layer, suffix, contrast_limits=s.map_range(key),
                 **LAYER_STYLES[key][1],
             )  # fmt: skip
+            yield
+
+    def _show_first(self) -> Iterator[None]:
+        """Of a new session whose combination is cached, show the combined map, then the mask
+        (a generator: it yields after each)."""
+        s = self.session
+        cached = s.cached() if s is not None else None
+        if cached is not None:
+            self._show_combined(cached.combined)
+            yield
+            self._show_mask(cached.mask)
+            yield
 
     @live
     def _on_timer(self) -> None:
@@ -145,23 +159,32 @@ class TuningMixin:
     def _show_whole(self, combined: np.ndarray, mask: np.ndarray) -> None:
         """Show a whole combined map and mask of the session's current settings (the combined
         map only when it changed: a threshold move must not re-upload the whole volume)."""
-        s, names = self.session, self._names()
+        s = self.session
         assert s is not None
-        layers = self.viewer.layers
-        if combined is not self._shown.get("combined") or names["combined"] not in layers:
+        self._show_combined(combined)
+        self._show_mask(mask)
+        self.threshold_info.value = s.threshold_text()
+
+    def _show_combined(self, combined: np.ndarray) -> None:
+        """Put ``combined`` into the anomaly-map layer unless it shows it already."""
+        s, name = self.session, self._names()["combined"]
+        assert s is not None
+        if combined is not self._shown.get("combined") or name not in self.viewer.layers:
             put_layer(
-                self.viewer, "image", names["combined"], combined.reshape(self._shape),
-                self._input_layer, "combined", contrast_limits=s.display_range(),
-                **LAYER_STYLES["combined"][1],
+                self.viewer, "image", name, combined.reshape(self._shape), self._input_layer,
+                "combined", contrast_limits=s.display_range(), **LAYER_STYLES["combined"][1],
             )  # fmt: skip
             self._shown["combined"] = combined
-        if mask is not self._shown.get("mask") or names["mask"] not in layers:
+
+    def _show_mask(self, mask: np.ndarray) -> None:
+        """Put ``mask`` into the mask layer unless it shows it already."""
+        name = self._names()["mask"]
+        if mask is not self._shown.get("mask") or name not in self.viewer.layers:
             put_layer(
-                self.viewer, "labels", names["mask"], mask.reshape(self._shape),
-                self._input_layer, "mask", **LAYER_STYLES["mask"][1],
+                self.viewer, "labels", name, mask.reshape(self._shape), self._input_layer,
+                "mask", **LAYER_STYLES["mask"][1],
             )  # fmt: skip
             self._shown["mask"] = mask
-        self.threshold_info.value = s.threshold_text()
 
     def _whole_shown(self) -> None:
         done, self._when_whole = self._when_whole, None

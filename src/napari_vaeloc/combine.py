@@ -620,35 +620,58 @@ def _gaussian_3d(
         sigma = smoothing_mm / max(float(spacing[axis]), 1e-6)
         matrix = torch.from_numpy((gaussian_matrix(n, sigma) * pending).astype(np.float32))
         pending = 1.0
-        _apply_along(t, matrix, axis)
+        _apply_along(t, matrix, axis, int(SMOOTHING_TRUNCATE * sigma + 0.5))
     if pending != 1.0:
         t.mul_(pending)
     return out
 
 
-def _apply_along(t, matrix, axis: int) -> None:
+def _apply_along(t, matrix, axis: int, radius: int | None = None) -> None:
     """``t`` (contiguous) <- ``matrix`` (n, n) applied along ``axis`` (of length n), in place,
     chunk by chunk: ``t`` seen as (P, n, Q), the chunks run over P (or over Q when P is 1),
-    which the product never mixes."""
+    which the product never mixes. With ``radius`` (the matrix is zero beyond that distance
+    from its diagonal), each block of output rows multiplies only the band of inputs it
+    reaches (about half the work of the dense product once n exceeds four radii)."""
+    import torch
+
     n = t.shape[axis]
+    block = max(32, 2 * (radius or 0))
+    blocks = [(0, n, 0, n)]
+    if radius is not None and block + 2 * radius < n:
+        blocks = [
+            (a, min(a + block, n), max(0, a - radius), min(n, a + block + radius))
+            for a in range(0, n, block)
+        ]
     lead = int(np.prod(t.shape[:axis], dtype=np.int64))
     view = t.view(lead, n, -1)
     trail = view.shape[2]
+
+    def product(part, last: bool):
+        if len(blocks) == 1:
+            return part @ matrix.T if last else matrix @ part
+        out = torch.empty_like(part)
+        for a, b, c0, c1 in blocks:
+            if last:
+                out[..., a:b] = part[..., c0:c1] @ matrix[a:b, c0:c1].T
+            else:
+                out[..., a:b, :] = matrix[a:b, c0:c1] @ part[..., c0:c1, :]
+        return out
+
     if lead == 1:  # the first axis: one product per block of columns
         flat = view[0]
         step = max(1, SMOOTHING_CHUNK_VOXELS // n)
         for start in range(0, trail, step):
             part = flat[:, start : start + step]
-            part.copy_(matrix @ part)
+            part.copy_(product(part, last=False))
         return
     step = max(1, SMOOTHING_CHUNK_VOXELS // (n * trail))
     for start in range(0, lead, step):
         part = view[start : start + step]
         if trail == 1:  # the last axis: rows times the matrix's transpose
             rows = part[..., 0]
-            rows.copy_(rows @ matrix.T)
+            rows.copy_(product(rows, last=True))
         else:
-            part.copy_(matrix @ part)
+            part.copy_(product(part, last=False))
 
 
 def finish(
