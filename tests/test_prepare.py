@@ -281,3 +281,15 @@ def test_a_scan_on_the_template_grid_but_shifted_is_registered():
     assert res.preparation.check("registration").level == "ok"
     on_grid = localize(healthy, model, CPU, prepare="auto").preparation
     assert not next(s for s in on_grid.steps if s.name == "registration").ran
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="no CUDA device (brain extraction on it)"
+)
+def test_brain_extraction_on_cuda_matches_the_cpu():
+    from napari_vaeloc.prepare import extract_brain
+
+    head = load_volume(sample_path("t1-head"))
+    cpu, gpu = extract_brain(head, device="cpu"), extract_brain(head, device="cuda")
+    dice = 2 * np.count_nonzero(cpu & gpu) / (np.count_nonzero(cpu) + np.count_nonzero(gpu))
+    assert dice > 0.99, dice

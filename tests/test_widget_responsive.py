@@ -5,6 +5,7 @@ model folder, real torch, real NIfTI."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import nibabel as nib
@@ -52,6 +53,26 @@ def test_run_keeps_only_the_maps_the_panel_uses(make_napari_viewer, qtbot, tiny_
     assert kept <= {*SLIDER_MAPS, *MAP_LAYERS.values(), *(card.defaults.weights or {})}
     enabled = {k: w.enabled for k, w in widget.weights.items()}
     assert enabled == {k: k in kept for k in widget.weights}  # no slider for a missing map
+
+
+def test_large_scans_keep_float16_maps_and_components(
+    make_napari_viewer, qtbot, tiny_model_dir, monkeypatch
+):
+    from napari_vaeloc import _widget_controller
+
+    monkeypatch.setattr(_widget_controller, "PANEL_FLOAT16_VOXELS", 1000)  # SHAPE is above
+    viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    s = widget.session
+    assert {m.dtype for m in s.result.maps.values()} == {np.dtype(np.float16)}
+    widget.smoothing.value = 2.0
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
+    assert s._smooth_cache and all(v.dtype == np.float16 for v in s._smooth_cache.values())
+    exp = _expected(widget)  # the command line's post-processing of the same float16 maps
+    np.testing.assert_array_equal(viewer.layers["big anomaly map"].data, exp.combined)
+    np.testing.assert_array_equal(viewer.layers["big mask"].data, exp.mask)
+    f32 = {k: v.astype(np.float32) for k, v in s.result.maps.items()}
+    ref = PostProcessor(dataclasses.replace(s.result, maps=f32), s.settings).combined()
+    np.testing.assert_allclose(exp.combined, ref, rtol=5e-3, atol=5e-3 * float(ref.max()))
 
 
 def _expected(widget):

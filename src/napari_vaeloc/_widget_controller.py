@@ -72,6 +72,17 @@ MAP_LABELS: dict[str, tuple[str, str]] = {
 #: result layers besides the combined map and the mask: layer suffix -> map name
 MAP_LAYERS = {MAP_LABELS[k][0]: k for k in ("reconstruction", "rec_error", "kl_grad")}
 
+#: above this many voxels the panel keeps its maps, and their smoothed components, as float16
+#: (a 1 mm head has 8.5 million; at 600x600x400, 144 million, seven float32 maps would take
+#: 4 GiB). Their relative rounding, 2**-11, is far below what a slider or the eye resolves.
+PANEL_FLOAT16_VOXELS = 1 << 25
+
+
+def panel_map_dtype(shape: tuple[int, ...]) -> str:
+    """The precision of the maps the panel keeps for a scan of ``shape``: "float32", or
+    "float16" above :data:`PANEL_FLOAT16_VOXELS` voxels."""
+    return "float16" if int(np.prod(shape, dtype=np.int64)) > PANEL_FLOAT16_VOXELS else "float32"
+
 
 def panel_maps(card: ModelCard) -> tuple[str, ...]:
     """The maps a run of the panel computes and keeps: of the maps a localization computes by

@@ -33,6 +33,7 @@ from ._widget_controller import (
     in_panel_words,
     layer_help,
     offers_preparation_layers,
+    panel_map_dtype,
     panel_maps,
     prepare_mode_for,
 )
@@ -252,6 +253,7 @@ class RunMixin:
             progress=self._relay.progress.emit,
             cancel=job.cancel.is_set,
             stage=self._relay.stage.emit,
+            map_dtype=panel_map_dtype(args["shape"]),
         )
         result = localize(
             volume, model, options, axis=args["axis"], prepare=args["prepare"],

@@ -257,15 +257,17 @@ class PostProcessor:
 
     def _scaled(self, name: str, smoothing_mm: float, inside: bool = True) -> np.ndarray:
         """``map / scale`` of one component, smoothed (within the foreground when ``inside``);
-        cached for the current smoothing only."""
+        cached for the current smoothing only, float16 when the map is."""
         key = (name, smoothing_mm, inside)
         cached = self._smooth_cache.get(key)
         if cached is not None:
             return cached
         factor = 1.0 / self.scale(name)[0]
         where, norm = (self.fg(), self._norm(smoothing_mm)) if inside else (None, None)
-        out = smooth(self.result.maps[name], smoothing_mm, self.spacing, where,
-                     factor=factor, norm=norm)  # fmt: skip
+        values = self.result.maps[name]
+        out = smooth(values, smoothing_mm, self.spacing, where, factor=factor, norm=norm)
+        if values.dtype == np.float16:  # kept at the precision of the map it comes from
+            out = out.astype(np.float16)
         with self._lock:
             kept = self._smooth_cache.items()
             cache = {k: v for k, v in kept if k[1] == smoothing_mm}

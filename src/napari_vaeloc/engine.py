@@ -21,6 +21,7 @@ from .io import Volume, available_memory_bytes
 from .mapnames import (
     AXES,
     DEFAULT_MAPS,
+    MAP_DTYPES,
     OUTPUT_MAPS,
     RESTORATION_MAPS,
     SLICE_SCORES,
@@ -68,7 +69,6 @@ def resolve_device(device: str = "auto") -> str:
 
 
 #: The precisions :class:`EngineOptions` can return maps in.
-MAP_DTYPES = ("float32", "float16")
 #: Working memory of a run beyond its maps, bytes per voxel of the volume: the foreground mask
 #: and its filled copy, the hole filling's labels, a clipped copy of a scan with outliers
 #: (the slices themselves are prepared and mapped back in chunks of
@@ -295,7 +295,10 @@ def _localize_prepared(
         res = localize(volume, model, opts, prepare=None, **kwargs)
         res.notes.append(f"{why}: it was scored as given")
         return res
-    prepared = prepare_cached(volume, template, settings, stage=opts.stage, cancel=opts.cancel)
+    prepared = prepare_cached(
+        volume, template, settings, stage=opts.stage, cancel=opts.cancel,
+        device=resolve_device(opts.device),
+    )  # fmt: skip
     res = localize(prepared.volume, model, opts, prepare=None, **kwargs)
     if opts.stage is not None:
         opts.stage("mapping back to the scan")

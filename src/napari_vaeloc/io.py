@@ -535,8 +535,10 @@ def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"])
     if kind == "mask":
         data = np.asarray(array).astype(np.uint8)
         dtype = np.uint8
-    elif kind == "map":
-        data = np.asarray(array, dtype=np.float32)
+    elif kind == "map":  # float16 maps stay so until nibabel writes them as float32
+        data = np.asarray(array)
+        if data.dtype not in (np.float32, np.float16):
+            data = data.astype(np.float32)
         dtype = np.float32
     else:
         raise ValueError(f"kind must be 'map' or 'mask', not {kind!r}")

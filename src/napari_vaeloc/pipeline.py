@@ -45,6 +45,11 @@ class ScanSettings:
         threshold, weights, smoothing, scan_normalise: changes to that combination (None:
             keep the preset's); threshold in combined-map units, weights map name -> weight,
             smoothing sigma in mm.
+        maps: the maps to compute and write (None: the model's default maps,
+            :func:`napari_vaeloc.engine.maps_for`); the maps the combination weights are
+            always computed, and written, too.
+        map_dtype: "float32" or "float16": the precision the maps are kept in while the scan
+            is processed (float16 halves their memory; the files are float32 either way).
     """
 
     model: str
@@ -59,6 +64,18 @@ class ScanSettings:
     weights: dict[str, float] | None = None
     smoothing: float | None = None
     scan_normalise: bool | None = None
+    maps: tuple[str, ...] | None = None
+    map_dtype: str = "float32"
+
+    def wanted_maps(self, card: Any, combine: CombineSettings) -> tuple[str, ...]:
+        """The maps to compute for a model with ``card`` under the combination ``combine``:
+        :attr:`maps` (or the model's defaults) and those the combination weights."""
+        from .engine import maps_for
+
+        used = combine.used_weights()
+        if self.maps is None:
+            return maps_for(card, used)
+        return tuple(dict.fromkeys([*self.maps, *used]))
 
     def combine_settings(self, card: Any) -> CombineSettings:
         """The combination these settings ask for with the model whose card is ``card``
@@ -89,6 +106,8 @@ class ScanSettings:
             "weights": self.weights,
             "smoothing": self.smoothing,
             "scan_normalise": self.scan_normalise,
+            # only when set: the records of runs that predate these options stay valid
+            **({"maps": list(self.maps)} if self.maps is not None else {}),
         }
 
 
@@ -214,7 +233,7 @@ def localize_scan(
         OutputError: the output folder cannot be written.
     """
     from .combine import PostProcessor
-    from .engine import EngineOptions, localize, maps_for
+    from .engine import EngineOptions, localize
     from .export import planned_paths, write_result
     from .io import load_volume, refuse_existing, scan_stem
     from .models.store import cached_model
@@ -224,7 +243,7 @@ def localize_scan(
         model_for_scan(settings.model, volume, settings.prepare, stage=stage, log=log)
     )
     combine = settings.combine_settings(model.card)
-    maps = maps_for(model.card, combine.used_weights())  # the model's may add costly maps
+    maps = settings.wanted_maps(model.card, combine)  # the model's may add costly maps
     planned = planned_paths(Path(scan), out, maps=maps)
     refuse_existing(planned.values(), overwrite, "output file")
     engine = EngineOptions(
@@ -233,6 +252,7 @@ def localize_scan(
         progress=progress,
         stage=stage,
         max_bytes=max_bytes,
+        map_dtype=settings.map_dtype,
     )
     result = localize(
         volume,

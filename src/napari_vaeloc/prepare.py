@@ -412,25 +412,30 @@ def single_threaded() -> Iterator[None]:
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
-_BET: Any = None
-#: deepbet's networks are one shared instance whose passes are wrapped per call (cancel)
+#: deepbet's networks, one shared instance per device, whose passes are wrapped per call
+_BETS: dict[str, Any] = {}
 _BET_LOCK = threading.Lock()
 
 
-def extract_brain(volume: Volume, cancel: CancelFlag | None = None) -> np.ndarray:
-    """deepbet's brain mask of ``volume`` (bool, its shape), on the CPU, with its default
-    threshold 0.5; cancel is checked before each of its two network passes."""
+def extract_brain(
+    volume: Volume, cancel: CancelFlag | None = None, device: str = "cpu"
+) -> np.ndarray:
+    """deepbet's brain mask of ``volume`` (bool, its shape), with its default threshold 0.5,
+    its networks on ``device`` (a torch device name; deepbet moves its input to them); cancel
+    is checked before each of its two network passes."""
     import nibabel as nib
     import torch
 
-    global _BET
     img = nib.Nifti1Image(volume.data.astype(np.float32), volume.affine)
     with _BET_LOCK:  # the widget's modality guess and a run may both extract at once
-        if _BET is None:
+        bet = _BETS.get(device)
+        if bet is None:
             from deepbet.bet import BrainExtraction
 
-            _BET = BrainExtraction(no_gpu=True)
-        bet = _BET
+            bet = BrainExtraction(no_gpu=True)  # loaded on the CPU, then moved
+            if torch.device(device).type != "cpu":
+                bet.model, bet.bbox_model = bet.model.to(device), bet.bbox_model.to(device)
+            _BETS[device] = bet
         model, bbox_model = bet.model, bet.bbox_model
         bet.model = _CancellableModel(model, cancel)
         bet.bbox_model = _CancellableModel(bbox_model, cancel)
@@ -643,6 +648,7 @@ def prepare(
     cancel: CancelFlag | None = None,
     templates: list[Template] | None = None,
     refuse: bool = True,
+    device: str = "cpu",
 ) -> Prepared:
     """Bring ``volume`` into ``template``'s space and check that it fits (see the module doc).
 
@@ -654,6 +660,9 @@ def prepare(
         templates: templates of every modality for the modality check (default: the bundled
             models').
         refuse: raise on a clear misfit (False: only record it in the report).
+        device: where brain extraction runs ("cpu", "cuda", "cuda:N", "mps"): deepbet's
+            networks run on the scoring device; bias correction and registration are
+            SimpleITK's, on the CPU.
 
     Raises:
         InputError: a clear misfit (wrong modality, failed registration, too little coverage,
@@ -717,7 +726,7 @@ def prepare(
 
     if run_bet:
         t0 = begin(STAGES[2])
-        brain_mask = extract_brain(corrected, cancel)
+        brain_mask = extract_brain(corrected, cancel, device)
         ml = float(brain_mask.sum()) * float(np.prod(volume.spacing)) / 1000.0
         report.steps.append(Step(STAGES[2], True, time.perf_counter() - t0, f"brain {ml:.0f} ml"))
     else:

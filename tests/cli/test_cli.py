@@ -141,6 +141,8 @@ def test_help_lists_every_option():
         "--batch-size",
         "--threshold",
         "--weights",
+        "--maps",
+        "--map-dtype",
         "--overwrite",
         "--quiet",
         "axial",
@@ -236,6 +238,8 @@ def test_the_maps_a_default_needs_are_computed_and_checked_first(tmp_path, capsy
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--device", "nosuch"], "unknown device"),
         (["--volume-index", "2"], "is 3D: it has no volume 2"),
+        (["--maps", "rec_errr"], "unknown maps rec_errr"),
+        (["--maps", ","], "--maps needs at least one map name"),
     ],
 )
 def test_bad_options_fail_before_any_work(tmp_path, anatomical_path, capsys, extra, message):
@@ -244,3 +248,23 @@ def test_bad_options_fail_before_any_work(tmp_path, anatomical_path, capsys, ext
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_maps_and_float16_maps(tmp_path, anatomical_path, tiny_model_dir):
+    """--maps: only those maps (and what the combination weights) are computed and written;
+    --map-dtype float16: float32 files, equal to the float32 run to float16 rounding."""
+    base = ["localize", str(anatomical_path), "--model", str(tiny_model_dir), "--quiet",
+            "--device", "cpu", "--maps", "kl_grad,rec_error", "--weights", "combi=1"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--map-dtype", "float16"]) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    stems = ("kl_grad", "rec_error", "combi", "combined", "mask")
+    assert names == sorted([*(f"anatomical_{k}.nii.gz" for k in stems), "anatomical_scores.json"])
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for k in ("kl_grad", "rec_error", "combi", "combined"):
+        a, b = (nib.load(tmp_path / d / f"anatomical_{k}.nii.gz") for d in "ab")
+        assert b.get_data_dtype().newbyteorder("=") == np.float32
+        va, vb = np.asarray(a.dataobj), np.asarray(b.dataobj)
+        np.testing.assert_allclose(vb, va, rtol=2e-3, atol=2e-3 * float(np.abs(va).max()))
+        if k != "combined":
+            assert not np.array_equal(va, vb)  # the maps really were float16

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import VaelocError
-from ..mapnames import COMBINABLE_MAPS, DEFAULT_MAPS, PRESETS, check_names
+from ..mapnames import COMBINABLE_MAPS, DEFAULT_MAPS, MAP_DTYPES, OUTPUT_MAPS, PRESETS, check_names
 from ..pipeline import ScanSettings
 from . import options
 
@@ -101,6 +101,19 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
         help="3D Gaussian smoothing of the combined map, sigma in mm (default: the model's)",
     )
     p.add_argument(
+        "--maps",
+        default=None,
+        help="the maps to compute and write, comma-separated, e.g. rec_error,kl_grad (default: "
+        "the model's default maps); the maps the combination weights are always added",
+    )
+    p.add_argument(
+        "--map-dtype",
+        choices=MAP_DTYPES,
+        default="float32",
+        help="precision the maps are kept in while the scan is processed: float16 halves "
+        "their memory, for very large scans; files are float32 either way (default: float32)",
+    )
+    p.add_argument(
         "--scan-normalise",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -147,6 +160,12 @@ def scan_settings(args: argparse.Namespace, check_device: bool = True) -> ScanSe
         raise VaelocError(f"--threshold must be >= 0, not {args.threshold}")
     if args.batch_size < 1:
         raise VaelocError(f"--batch-size must be at least 1, not {args.batch_size}")
+    maps = None
+    if args.maps is not None:
+        maps = tuple(dict.fromkeys(m.strip() for m in args.maps.split(",") if m.strip()))
+        if not maps:
+            raise VaelocError("--maps needs at least one map name")
+        check_names(maps, OUTPUT_MAPS, "maps")
     from ..engine import resolve_device
 
     if check_device:
@@ -164,6 +183,8 @@ def scan_settings(args: argparse.Namespace, check_device: bool = True) -> ScanSe
         weights=weights,
         smoothing=args.smoothing,
         scan_normalise=args.scan_normalise,
+        maps=maps,
+        map_dtype=args.map_dtype,
     )
 
 
