@@ -547,9 +547,14 @@ def main(argv: list[str] | None = None) -> int:
         for s in series:
             extra = f"; {s.no_update} moves changed no layer" if s.no_update else ""
             print(f"  {s.name}: {s.load_text}{extra}")
+        import gc
+
+        gc.collect()
+        rss_now = current_rss_mib()  # what stays held, against the high-water mark above
         print(
             f"  peak RSS after the moves {rss_end:.0f} MiB (+{rss_end - rss_before:.0f} MiB "
-            f"over the loaded viewer); load at end {load_average():.2f}"
+            f"over the loaded viewer); held now {rss_now:.0f} MiB "
+            f"(+{rss_now - rss_before:.0f}); load at end {load_average():.2f}"
         )
         report.update(
             volume=shape,

@@ -446,7 +446,7 @@ class PostProcessor:
         if self._sample is None:
             where = self.fg()
             flat = np.flatnonzero(where) if where.any() else np.arange(where.size)
-            self._sample = flat[:: max(1, flat.size // 200_000)]
+            self._sample = flat[:: max(1, flat.size // 200_000)].copy()  # not a view of all
         idx = self._sample
         used = self._used(s)
         inside = self._inside(s)
