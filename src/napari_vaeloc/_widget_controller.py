@@ -95,6 +95,16 @@ def panel_maps(card: ModelCard) -> tuple[str, ...]:
     return tuple(k for k in maps_for(card) if k in used)
 
 
+#: the result layers: role -> (layer kind, how it is shown when it is added); the map layers'
+#: roles are their map names (their contrast limits come with the result)
+LAYER_STYLES: dict[str, tuple[str, dict]] = {
+    "reconstruction": ("image", {"colormap": "gray", "visible": False}),
+    "rec_error": ("image", {"colormap": "magma", "visible": False, "blending": "additive"}),
+    "kl_grad": ("image", {"colormap": "viridis", "visible": False, "blending": "additive"}),
+    "combined": ("image", {"colormap": "inferno", "blending": "additive"}),
+    "mask": ("labels", {"opacity": 0.6}),
+}
+
 #: the other result layers: layer suffix -> what it shows
 RESULT_LAYERS = {
     "anomaly map": "the combined anomaly map that is thresholded: the weighted sum of the maps, "

@@ -26,21 +26,12 @@ from typing import Any
 import numpy as np
 from qtpy.QtCore import QTimer
 
-from ._widget_controller import MAP_LAYERS
+from ._widget_controller import LAYER_STYLES, MAP_LAYERS
 from ._widget_layers import file_axis, put_layer
 from ._widget_run import live, start_worker
 
 #: how long the sliders wait for the next move before recombining the whole volume (ms)
 DEBOUNCE_MS = 50
-#: the result layers: role -> (layer kind, how it is shown when it is added); the map layers'
-#: roles are their map names (their contrast limits come with the result)
-LAYER_STYLES: dict[str, tuple[str, dict[str, Any]]] = {
-    "reconstruction": ("image", {"colormap": "gray", "visible": False}),
-    "rec_error": ("image", {"colormap": "magma", "visible": False, "blending": "additive"}),
-    "kl_grad": ("image", {"colormap": "viridis", "visible": False, "blending": "additive"}),
-    "combined": ("image", {"colormap": "inferno", "blending": "additive"}),
-    "mask": ("labels", {"opacity": 0.6}),
-}
 
 
 @dataclass
