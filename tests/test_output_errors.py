@@ -149,6 +149,34 @@ def test_write_set_failure_in_the_middle_leaves_nothing(tmp_path):
     assert _listing(tmp_path) == before  # no file of the set, no temporary file
 
 
+def test_write_set_side_by_side_writes_all_or_none(tmp_path):
+    """add_all on threads: every file on success; one failing write leaves none of them."""
+    import threading
+
+    threads: set[int] = set()
+
+    def slow(text: str):
+        def write(tmp: Path) -> None:
+            threads.add(threading.get_ident())
+            time.sleep(0.05)
+            tmp.write_text(text)
+
+        return write
+
+    with WriteSet() as ws:
+        got = ws.add_all([(tmp_path / f"{i}.txt", slow(str(i))) for i in range(4)], workers=2)
+    assert got == [tmp_path / f"{i}.txt" for i in range(4)] and len(threads) == 2
+    assert _listing(tmp_path) == {f"{i}.txt": str(i).encode() for i in range(4)}
+    (tmp_path / "x").mkdir()
+    before = _listing(tmp_path)
+    with pytest.raises(OutputError, match="No space left on device"):
+        with WriteSet() as ws:
+            sub = tmp_path / "x"
+            items = [(sub / "a.txt", slow("a")), (sub / "b.txt", _disk_full)]
+            ws.add_all([*items, (sub / "c.txt", slow("c"))], workers=2)
+    assert _listing(tmp_path) == before  # neither the written files nor temporary ones
+
+
 def test_write_set_other_error_in_the_block_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with WriteSet() as ws:

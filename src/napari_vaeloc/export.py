@@ -86,10 +86,10 @@ def write_result(
         "slice_scores": result.slice_scores,
         "files": {k: p.name for k, p in paths.items() if k != "scores"},
     }
+    images = [(result.maps[k], volume, paths[k], "map") for k in maps]
+    images += [(c.combined, volume, paths["combined"], "map")]
+    images += [(c.mask, volume, paths["mask"], "mask")]
     with WriteSet(overwrite) as files:
-        for k in maps:
-            files.add_nifti(result.maps[k], volume, paths[k], "map")
-        files.add_nifti(c.combined, volume, paths["combined"], "map")
-        files.add_nifti(c.mask, volume, paths["mask"], "mask")
+        files.add_niftis(images)  # compressed side by side
         files.add_json(report, paths["scores"])
     return paths

@@ -533,7 +533,7 @@ def load_image(path: str | os.PathLike, max_bytes: int | None = None) -> Volume:
 
 def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"]) -> nib.Nifti1Image:
     if kind == "mask":
-        data = np.asarray(array).astype(np.uint8)
+        data = np.asarray(array).astype(np.uint8, copy=False)
         dtype = np.uint8
     elif kind == "map":  # float16 maps stay so until nibabel writes them as float32
         data = np.asarray(array)
@@ -874,29 +874,63 @@ class WriteSet:
             OutputExistsError: ``path`` exists and ``overwrite`` is false.
             OutputError: ``path`` is a folder, is already in the set, or cannot be written.
         """
-        dest = Path(path)
-        _refuse_folder(dest)
-        if _exists(dest) and not self.overwrite:
-            raise OutputExistsError(dest)
-        if any(d == dest for _, d in self._staged):
-            raise OutputError(dest, f"cannot write {dest} twice in one set")
-        if dest.name.startswith(".vaeloc-"):
-            raise OutputError(dest, f"cannot write {dest}: the name is reserved")
-        staging = self._staging.get(dest.parent)
-        if staging is None:
-            staging = self._staging[dest.parent] = _Staging(dest.parent)
-        tmp = staging.path / dest.name
-        try:
-            write(tmp)
-            make_readable(tmp)
-        except OSError as exc:
-            _discard(tmp)
-            raise OutputError.from_os(dest, exc) from None
-        except BaseException:
-            _discard(tmp)
-            raise
-        self._staged.append((tmp, dest))
-        return dest
+        return self.add_all([(path, write)])[0]
+
+    def add_all(
+        self, items: list[tuple[str | os.PathLike, Callable[[Path], None]]], workers: int = 1
+    ) -> list[Path]:
+        """Stage several files, each ``(path, write)`` as in :meth:`add`, their writes on up to
+        ``workers`` threads (compressing a ``.nii.gz`` releases the interpreter, so large maps
+        are written side by side); every target is checked before any is written. On any
+        failure none of them stays staged and the first error is raised. Returns the final
+        paths, in order.
+
+        Raises:
+            OutputExistsError: a path exists and ``overwrite`` is false.
+            OutputError: a path is a folder, is in the set twice, or cannot be written.
+        """
+        claimed: list[tuple[Path, Path, Callable[[Path], None]]] = []
+        for path, write in items:
+            dest = Path(path)
+            _refuse_folder(dest)
+            if _exists(dest) and not self.overwrite:
+                raise OutputExistsError(dest)
+            if any(d == dest for _, d in self._staged) or any(d == dest for d, _, _ in claimed):
+                raise OutputError(dest, f"cannot write {dest} twice in one set")
+            if dest.name.startswith(".vaeloc-"):
+                raise OutputError(dest, f"cannot write {dest}: the name is reserved")
+            staging = self._staging.get(dest.parent)
+            if staging is None:
+                staging = self._staging[dest.parent] = _Staging(dest.parent)
+            claimed.append((dest, staging.path / dest.name, write))
+
+        def write_one(dest: Path, tmp: Path, write: Callable[[Path], None]) -> None:
+            try:
+                write(tmp)
+                make_readable(tmp)
+            except OSError as exc:
+                raise OutputError.from_os(dest, exc) from None
+
+        errors: list[BaseException] = []
+        if workers > 1 and len(claimed) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(workers, len(claimed))) as pool:
+                futures = [pool.submit(write_one, *c) for c in claimed]
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
+        else:
+            for c in claimed:
+                try:
+                    write_one(*c)
+                except BaseException as exc:
+                    errors.append(exc)
+                    break
+        if errors:
+            for _, tmp, _ in claimed:
+                _discard(tmp)
+            raise errors[0]
+        self._staged.extend((tmp, dest) for dest, tmp, _ in claimed)
+        return [dest for dest, _, _ in claimed]
 
     def add_nifti(
         self,
@@ -908,6 +942,17 @@ class WriteSet:
         """Stage a map or mask as :func:`save_nifti` writes it."""
         write, suffix = _nifti_writer(array, like, path, kind)
         return self.add(path, write, suffix)
+
+    def add_niftis(
+        self,
+        items: list[tuple[np.ndarray, Volume, str | os.PathLike, Literal["map", "mask"]]],
+        workers: int | None = None,
+    ) -> list[Path]:
+        """Stage several maps and masks, each ``(array, like, path, kind)`` as in
+        :meth:`add_nifti`, written side by side on ``workers`` threads (default: the CPUs, at
+        most 4) through :meth:`add_all`."""
+        writes = [(path, _nifti_writer(a, like, path, kind)[0]) for a, like, path, kind in items]
+        return self.add_all(writes, workers or min(4, os.cpu_count() or 1))
 
     def add_json(self, obj: Any, path: str | os.PathLike) -> Path:
         """Stage JSON as :func:`write_json_atomic` writes it."""
