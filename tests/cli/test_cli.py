@@ -268,3 +268,15 @@ def test_maps_and_float16_maps(tmp_path, anatomical_path, tiny_model_dir):
         np.testing.assert_allclose(vb, va, rtol=2e-3, atol=2e-3 * float(np.abs(va).max()))
         if k != "combined":
             assert not np.array_equal(va, vb)  # the maps really were float16
+
+
+def test_maps_refuse_only_the_files_they_would_write(tmp_path, anatomical_path, tiny_model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    other = out / "anatomical_sq_error.nii.gz"  # a map of an earlier run that --maps leaves
+    other.write_bytes(b"kept")
+    base = ["localize", str(anatomical_path), "--model", str(tiny_model_dir), "--quiet",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main([*base, "--maps", "kl_grad"]) == 0
+    assert other.read_bytes() == b"kept" and (out / "anatomical_kl_grad.nii.gz").exists()
+    assert main([*base, "--maps", "kl_grad"]) == 2  # its own files are not replaced

@@ -201,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
     from ..io import check_output_folder, refuse_existing
 
     check_output_folder(out)
-    refuse_existing(planned_paths(Path(args.scan), out).values(), args.overwrite, "output file")
+    early = planned_paths(Path(args.scan), out, maps=settings.maps or DEFAULT_MAPS)
+    refuse_existing(early.values(), args.overwrite, "output file")  # the rest once the model
+    # (and so what the combination weights) is known
 
     from ..pipeline import localize_scan
 
