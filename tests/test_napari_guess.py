@@ -79,3 +79,35 @@ def test_brain_extraction_advice_names_the_panel_controls():
     said = in_panel_words(advice)
     assert "'prepare scan: full'" in said and "'prepare scan: none'" in said
     assert "on or off" not in said and in_panel_words(said) == said
+
+
+def test_a_very_large_scan_is_guessed_from_a_block_averaged_copy(monkeypatch):
+    """coarse_copy: blocks averaged, each coarse voxel at the centre of its block in world
+    coordinates; the guess on a 2x upsampled T2 sample still says T2."""
+    from napari_vaeloc._widget_guess import coarse_copy, guess_in_worker
+    from napari_vaeloc.io import Volume, load_volume
+    from napari_vaeloc.samples import sample_path
+
+    rng = np.random.default_rng(0)
+    affine = np.array([[0, 0, -0.5, 10], [0.7, 0, 0, -3], [0, 0.6, 0, 2], [0, 0, 0, 1.0]])
+    fine = Volume.from_array(rng.random((13, 12, 9)).astype(np.float32), affine)
+    assert coarse_copy(fine, max_voxels=13 * 12 * 9) is fine
+    coarse = coarse_copy(fine, max_voxels=300)  # 1404 voxels: blocks of 2 (6x6x4 = 144)
+    assert coarse.shape == (6, 6, 4)
+    np.testing.assert_allclose(coarse.data[1, 2, 3], fine.data[2:4, 4:6, 6:8].mean(), rtol=1e-6)
+    centre = fine.affine @ np.array([2.5, 4.5, 6.5, 1.0])  # the mean of block (1, 2, 3)
+    np.testing.assert_allclose(coarse.affine @ np.array([1, 2, 3, 1.0]), centre)
+
+    t2 = load_volume(sample_path("t2-healthy"))
+    big = np.repeat(np.repeat(np.repeat(t2.data, 2, 0), 2, 1), 2, 2)
+    a = np.array(t2.affine, dtype=np.float64)
+    a[:3, 3] -= a[:3, :3] @ np.full(3, 0.25)
+    a[:3, :3] /= 2
+    inputs = {"data": big, "affine": a, "header": None, "path": None}
+    import napari_vaeloc._widget_guess as guess
+
+    monkeypatch.setattr(guess, "GUESS_MAX_VOXELS", big.size // 4)  # "very large" here
+    seen = []
+    monkeypatch.setattr(guess, "coarse_copy", lambda v: seen.append(coarse_copy(v)) or seen[-1])
+    assert guess_in_worker(inputs, lambda: False).modality == "T2"
+    assert seen[0].shape == t2.shape  # the guess saw the block-averaged copy

@@ -201,7 +201,7 @@ def test_paper_preset_is_combi_alone_at_its_healthy_99th_percentile(
     assert main(more) == 0
     mask2 = np.asarray(nib.load(tmp_path / "q" / "anatomical_mask.nii.gz").dataobj) > 0
     np.testing.assert_array_equal(mask2, combined >= 2.0)
-    with pytest.raises(SystemExit):  # argparse: usage line and "invalid choice"
+    with pytest.raises(SystemExit):  # argparse: one line, "invalid choice"
         main([*args, "--out", str(tmp_path / "r"), "--preset", "best"])
     assert not (tmp_path / "r").exists()
 
@@ -280,3 +280,31 @@ def test_maps_refuse_only_the_files_they_would_write(tmp_path, anatomical_path, 
     assert main([*base, "--maps", "kl_grad"]) == 0
     assert other.read_bytes() == b"kept" and (out / "anatomical_kl_grad.nii.gz").exists()
     assert main([*base, "--maps", "kl_grad"]) == 2  # its own files are not replaced
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["localize", "x.nii.gz", "--map-dtype", "float64"], "invalid choice: 'float64'"),
+        (["localize", "x.nii.gz", "--axis", "up"], "invalid choice: 'up'"),
+        (["localize"], "the following arguments are required: scan"),
+        (["nosuch"], "invalid choice: 'nosuch'"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("vaeloc: error: ") and message in err
+    assert err.count("\n") == 1 and "--help)" in err
+
+
+def test_maps_default_and_all(tmp_path, anatomical_path, tiny_model_dir):
+    base = ["localize", str(anatomical_path), "--model", str(tiny_model_dir), "--quiet",
+            "--device", "cpu"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "d"), "--maps", "default"]) == 0
+    assert main([*base, "--out", str(tmp_path / "a"), "--maps", "all"]) == 0
+    written = {d: {p.name for p in (tmp_path / d).iterdir()} for d in "da"}
+    assert written["d"] == {*EXPECTED, "anatomical_scores.json"}
+    extra = {f"anatomical_{k}.nii.gz" for k in ("kl_grad_sg", "elbo_grad_sg", "restoration")}
+    assert written["a"] == written["d"] | extra

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import OutputExistsError, VaelocError, describe_os_error
@@ -25,9 +26,20 @@ from . import calibrate, demo, evaluate, localize, models, options, prepare, scr
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error of the
+    command (``vaeloc: error: ...``, exit status 2), naming where the options are listed.
+    Sub-commands' parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        see = f"vaeloc {command} --help" if command else "vaeloc --help"
+        self.exit(2, f"vaeloc: error: {' '.join(message.split())} (see {see})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vaeloc`` argument parser with every subcommand."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vaeloc",
         description="Unsupervised anomaly localization in MRI with variational auto-encoders "
         "(Zimmerer et al., MICCAI 2019).",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
 def _epilog() -> str:
     maps = f"{', '.join(DEFAULT_MAPS[:-1])} and {DEFAULT_MAPS[-1]}"
     return (
-        f"Outputs (localize): SCAN_<map>.nii.gz for {maps}, SCAN_combined.nii.gz, "
-        "SCAN_mask.nii.gz (uint8) and SCAN_scores.json (slice and volume scores), all in the "
-        "scan's own geometry."
+        f"Outputs (localize): SCAN_<map>.nii.gz for {maps} and any map the model's default "
+        "combination uses (restoration for the bundled models), or only those of --maps; "
+        "SCAN_combined.nii.gz, SCAN_mask.nii.gz (uint8) and SCAN_scores.json (slice and "
+        "volume scores), all in the scan's own geometry."
     )
 
 
@@ -103,8 +105,10 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
     p.add_argument(
         "--maps",
         default=None,
-        help="the maps to compute and write, comma-separated, e.g. rec_error,kl_grad (default: "
-        "the model's default maps); the maps the combination weights are always added",
+        help="the maps to compute and write, comma-separated, e.g. rec_error,kl_grad; "
+        f"'default' (the model's default maps, the default), 'all', or names from: "
+        f"{', '.join(OUTPUT_MAPS)}. Maps that the combination's weights use are always "
+        "computed and written too",
     )
     p.add_argument(
         "--map-dtype",
@@ -161,8 +165,10 @@ def scan_settings(args: argparse.Namespace, check_device: bool = True) -> ScanSe
     if args.batch_size < 1:
         raise VaelocError(f"--batch-size must be at least 1, not {args.batch_size}")
     maps = None
-    if args.maps is not None:
+    if args.maps is not None and args.maps.strip() != "default":
         maps = tuple(dict.fromkeys(m.strip() for m in args.maps.split(",") if m.strip()))
+        if maps == ("all",):
+            maps = OUTPUT_MAPS
         if not maps:
             raise VaelocError("--maps needs at least one map name")
         check_names(maps, OUTPUT_MAPS, "maps")
@@ -207,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..pipeline import localize_scan
 
+    started = time.perf_counter()
     with options.LazyBar("scoring slices", "slice", args) as bar:
         done = localize_scan(
             args.scan,
@@ -219,13 +226,15 @@ def run(args: argparse.Namespace) -> int:
         )
     result, paths = done.result, done.paths
     if result.preparation is not None:
-        for line in result.preparation.lines():
-            print(line)
+        if not args.quiet:
+            for line in result.preparation.lines():
+                print(line)
         for warning in result.preparation.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"{result.model_name} on {result.device}, {result.axis} slices, {result.seconds:.1f} s")
+    took = time.perf_counter() - started  # reading, preparing, scoring and writing
+    print(f"{result.model_name} on {result.device}, {result.axis} slices, {took:.1f} s in all")
     print(mask_summary(done))
     for p in paths.values():
         print(p)

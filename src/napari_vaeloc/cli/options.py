@@ -99,10 +99,11 @@ def add_overwrite(p: argparse.ArgumentParser, what: str = "existing output files
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
-    """``--quiet``: no progress bars, stage lines or a refused scan's report lines."""
+    """``--quiet``: no progress bars, stage lines or preparation report lines."""
     p.add_argument(
         "--quiet", action="store_true",
-        help="no progress bars, stage lines or report lines of a refused scan; errors still print",
+        help="no progress bars, stage lines or the preparation's report lines; the result's "
+        "summary, warnings and errors still print",
     )  # fmt: skip
 
 
