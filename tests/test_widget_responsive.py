@@ -40,40 +40,6 @@ def _open_and_run(make_napari_viewer, qtbot, model_dir):
     return viewer, widget, steps
 
 
-def test_map_layers_come_while_combining_and_go_if_the_run_is_cancelled(
-    make_napari_viewer, qtbot, tiny_model_dir, monkeypatch
-):
-    """The map layers are added while the worker still combines; cancelled then, the run
-    leaves no layer behind."""
-    from napari_vaeloc._widget_controller import Session
-
-    viewer = make_napari_viewer()
-    scan = viewer.add_image(head_phantom(SHAPE, seed=4), name="big")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
-    qtbot.waitUntil(lambda: widget._devices is not None, timeout=TIMEOUT_MS)
-    widget.add_model_folder(tiny_model_dir)
-    widget.image.value, widget.device.value, widget.prepare.value = scan, "cpu", "none"
-    gate = threading.Event()
-    real = Session.combined
-
-    def held(self, *args, **kwargs):  # the worker's combination waits for the test
-        gate.wait(60)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Session, "combined", held)
-    names = ["big reconstruction", "big reconstruction error", "big KL gradient"]
-    try:
-        widget.run_button.clicked()
-        qtbot.waitUntil(lambda: all(n in viewer.layers for n in names), timeout=TIMEOUT_MS)
-        assert widget.running and "big anomaly map" not in viewer.layers
-        widget.cancel()
-    finally:
-        gate.set()
-    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
-    assert [layer.name for layer in viewer.layers] == ["big"]
-    assert widget.session is None and "cancelled" in widget.progress.label
-
-
 def test_run_keeps_only_the_maps_the_panel_uses(make_napari_viewer, qtbot, tiny_model_dir):
     from napari_vaeloc._widget_controller import MAP_LAYERS, panel_maps
     from napari_vaeloc.engine import maps_for

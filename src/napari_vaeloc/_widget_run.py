@@ -5,8 +5,6 @@ to layers named after that scan, and the "result" line names scan and model, wha
 meanwhile. It runs in a napari thread worker; progress and stage names reach the GUI thread
 through queued Qt signals (:class:`Relay`), the progress bar names each stage (a busy bar while
 preparing), and the fit line under it says how the scan fits the model (or why it was refused).
-The map layers go up as soon as the maps are ready, while the worker still computes the
-anomaly map and the mask; a run that ends without a result takes them away again.
 Removing the scan layer cancels the run (a result that arrives anyway is dropped). Closing the
 panel or the viewer cancels the run and the modality guess, and everything they still send is
 ignored (:meth:`RunMixin.close_down`; slots that workers, timers or the viewer call are wrapped in
@@ -28,8 +26,6 @@ from qtpy.QtCore import QEvent, QObject, Signal
 
 from ._widget_controller import (
     FIT_TOOLTIP,
-    LAYER_STYLES,
-    MAP_LAYERS,
     TOOLTIPS,
     Session,
     fit_text,
@@ -41,7 +37,7 @@ from ._widget_controller import (
     panel_maps,
     prepare_mode_for,
 )
-from ._widget_layers import put_layer, put_preparation_layers, scan_inputs
+from ._widget_layers import put_preparation_layers, scan_inputs
 
 #: preparation stages, shown with a busy bar (they report no fraction done)
 BUSY_STAGES = ("checking the scan", "bias-field correction", "brain extraction", "registration")
@@ -118,7 +114,6 @@ class Relay(QObject):
     progress = Signal(int, int)
     stage = Signal(str)
     step = Signal(str)  # the panel's own steps after scoring (FINISH_STEPS)
-    maps = Signal(object)  # (job, session): the maps are ready, the combination is not yet
 
 
 @dataclass
@@ -128,8 +123,6 @@ class Job:
     layer: Any  # the scan layer
     base: str  # the result layers' name prefix: the layer's name (and volume)
     model: str  # the model's name in the list
-    shape: tuple[int, ...] = ()  # the scored volume's shape (the scan's voxel order)
-    early: list = field(default_factory=list)  # map layers added before the combination
     cancel: threading.Event = field(default_factory=threading.Event)
     stage: str = ""  # the stage it is in
     reason: str = ""  # why the panel cancelled it (the scan layer was removed)
@@ -150,7 +143,6 @@ class RunMixin:
         self._relay.progress.connect(self._on_progress)
         self._relay.stage.connect(self._on_stage)
         self._relay.step.connect(self._on_step)
-        self._relay.maps.connect(self._on_maps)
         self._adding = False  # result layers are being added (the run is not over yet)
         self._fit: tuple[Any, str, str, str] | None = None  # layer, text, level, tooltip
 
@@ -167,9 +159,7 @@ class RunMixin:
         self._stop_recombination()
         for emitter, slot in self._viewer_events:
             emitter.disconnect(slot)
-        if self.job is not None and not self.job.finished:
-            self._drop_early(self.job)
-        for name in ("progress", "stage", "step", "maps"):
+        for name in ("progress", "stage", "step"):
             try:  # nothing connected, or Qt deleted the relay already (at exit)
                 getattr(self._relay, name).disconnect()
             except (TypeError, RuntimeError):
@@ -223,7 +213,7 @@ class RunMixin:
         # session, and fell while the result layers were being added)
         gc.freeze()
         base = layer.name if index is None else f"{layer.name} volume {index}"
-        job = Job(layer=layer, base=base, model=str(model_name), shape=inputs["shape"])
+        job = Job(layer=layer, base=base, model=str(model_name))
         self.job = job
         axis = None if self.axis.value == "model" else self.axis.value
         keep = (self._last_run_model, self.session.settings) if self.session is not None else None
@@ -276,7 +266,6 @@ class RunMixin:
         session = Session(result)
         if job.cancel.is_set():
             raise Cancelled("localization cancelled")
-        self._relay.maps.emit((job, session))  # their layers go up while this thread combines
         self._relay.step.emit(FINISH_STEPS[2])
         keep = args["keep"]
         settings = keep[1] if keep is not None and keep[0] == model.path else session.settings
@@ -348,49 +337,8 @@ class RunMixin:
         self.progress.label = f"{done}/{total} slices"
 
     @live
-    def _on_maps(self, payload: tuple) -> None:
-        """A run's maps are ready (its combination is being computed): add the map layers the
-        viewer does not have yet, one per turn of the event loop, so that napari's time to
-        create them overlaps the worker's. Layers of an earlier result are updated only with
-        the whole result."""
-        from qtpy.QtCore import QTimer
-
-        job, session = payload
-        names = self._names(job.base)
-        todo = [k for k in MAP_LAYERS if names[k] not in self.viewer.layers]
-
-        def add() -> None:
-            if self.closed or job is not self.job or job.finished or job.cancel.is_set():
-                return
-            if not todo or job.layer not in self.viewer.layers:
-                return
-            suffix = todo.pop(0)
-            key = MAP_LAYERS[suffix]
-            if names[suffix] not in self.viewer.layers:
-                data = session.result.maps[key].reshape(job.shape)
-                style = {"contrast_limits": session.map_range(key), **LAYER_STYLES[key][1]}
-                layer = put_layer(self.viewer, "image", names[suffix], data, job.layer, suffix,
-                                  **style)  # fmt: skip
-                job.early.append(layer)
-            QTimer.singleShot(1, add)
-
-        add()
-
-    def _drop_early(self, job: Job) -> None:
-        """Remove the map layers ``job`` added before its end (it ended without a result)."""
-        layers, job.early = job.early, []
-        for layer in layers:
-            try:
-                if layer in self.viewer.layers:
-                    self.viewer.layers.remove(layer)
-            except (RuntimeError, ValueError):  # the viewer is closing
-                pass
-
-    @live
     def _on_error(self, job: Job, exc: BaseException) -> None:
         from .errors import Cancelled, VaelocError
-
-        self._drop_early(job)
         if isinstance(exc, Cancelled):
             during = f" during {job.stage}" if job.stage else ""
             self.progress.max = max(self.progress.max, 1)
@@ -477,7 +425,6 @@ class RunMixin:
         layer = job.layer
         if job.reason or layer not in self.viewer.layers:
             why = job.reason or f"the scan layer '{layer.name}' was removed"
-            self._drop_early(job)
             show_warning(f"result dropped: {why} during the run; no layers were added")
             self.progress.max, self.progress.value = 1, 0
             self.progress.label = "result dropped"
@@ -489,7 +436,6 @@ class RunMixin:
             self.session = session
             self._last_run_model = model.path
             self._input_layer, self._shape, self._base = layer, args["shape"], job.base
-            job.early = []  # they are this result's layers now
             if old is not None:
                 self.session.settings = old
             elif not first:  # another model: start from its defaults
