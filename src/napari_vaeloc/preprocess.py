@@ -562,17 +562,13 @@ def slices_to_volume(
     if t.shape[0] != geom.n_slices:
         raise ValueError(f"expected {geom.n_slices} slices, got {t.shape[0]}")
     first, last = (0, geom.n_slices) if span is None else (max(0, span[0]), min(span[1], len(t)))
-    new = out is None
-    if new:
-        out = host_array(geom.file_shape, dtype, zero=accumulate)
+    if out is None:  # zeros where nothing is mapped (one contiguous fill, not strided ones)
+        partial = accumulate or (first, last) != (0, geom.n_slices)
+        out = host_array(geom.file_shape, dtype, zero=partial)
     if tuple(out.shape) != tuple(geom.file_shape):
         raise ValueError(f"out has shape {out.shape}, not the file's {geom.file_shape}")
     perm, flips = stack_layout(geom)
     view = torch.from_numpy(out).permute(perm)
-    if new and not accumulate:  # zero the slices outside the span only
-        for start, stop in ((0, first), (last, geom.n_slices)):
-            if stop > start:
-                view[_file_rows(geom, flips, start, stop)].zero_()
     (oa, ob), (fa, fb) = geom.offset, geom.fit_shape
     scale32, offset32 = float(np.float32(scale)), float(np.float32(offset))
     step = _chunk_slices(geom, geom.plane_shape[0] * geom.plane_shape[1], chunk_voxels)
