@@ -48,7 +48,7 @@ from .cohort_report import (
     write_table,
     write_thumbnail,
 )
-from .errors import InputError, MisfitError, OutputError, VaelocError, os_reason
+from .errors import InputError, MisfitError, OutputError, VaelocError, one_line, os_reason
 from .io import is_nifti_path, scan_stem, write_json_atomic
 from .pipeline import AUTO_MODEL, ScanSettings, localize_scan
 
@@ -223,7 +223,7 @@ def read_scan_list(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
             try:
                 check_model(model)
             except VaelocError as exc:
-                raise InputError(f"{p.name}, line {line}: {_one_line(exc)}") from None
+                raise InputError(f"{p.name}, line {line}: {one_line(exc)}") from None
             checked.add(model)
         out.append((scan.resolve(), model or None))
     return out
@@ -542,13 +542,13 @@ def screen_scan(task: ScanTask) -> dict[str, Any]:
         report = getattr(exc, "report", None)
         if report is not None:
             row.update(_fit_columns(report))
-        row.update(error=_one_line(exc))
+        row.update(error=one_line(exc))
     except VaelocError as exc:  # corrupt, wrong dimensionality, too large, unwritable ...
-        row.update(error=_one_line(exc))
+        row.update(error=one_line(exc))
     except MemoryError:
         row.update(error="ran out of memory while screening it")
     except Exception as exc:  # a failure of a library or of the code: recorded, run goes on
-        row.update(error=f"{type(exc).__name__}: {_one_line(exc)}")
+        row.update(error=f"{type(exc).__name__}: {one_line(exc)}")
     row["seconds"] = time.perf_counter() - t0
     row["output"] = _output_of(task.out, job)
     if written is not None:
@@ -689,10 +689,6 @@ def _fit_columns(report: Any) -> dict[str, str]:
     order = {"ok": 0, "warn": 1, "fail": 2}
     worst = max((c.level for c in checks), key=lambda lv: order.get(lv, 1), default="none")
     return {"fit": worst, "fit_checks": "; ".join(f"{c.name}: {c.level}" for c in checks)}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _task_budget(explicit: int | None) -> int | None:
@@ -849,7 +845,7 @@ def run_screen(
                         "memory, or a crash in a library)"
                     )
                 else:
-                    why = f"its task failed: {name}: {_one_line(exc)}"
+                    why = f"its task failed: {name}: {one_line(exc)}"
                 row = _row(job, model, "failed", why, _output_of(out, job))
             finally:
                 fut.release()
@@ -949,7 +945,7 @@ def start_local_cluster(
                 silence_logs=logging.ERROR,
             )
         except (OSError, ValueError, RuntimeError) as exc:
-            raise VaelocError(f"cannot start a local Dask cluster: {_one_line(exc)}") from None
+            raise VaelocError(f"cannot start a local Dask cluster: {one_line(exc)}") from None
 
 
 _ADDRESS_HINT = "give it as tcp://HOST:PORT, e.g. tcp://sched-host:8786"
@@ -1030,5 +1026,5 @@ def connect(address: str, timeout_s: float = 10.0) -> Any:
         return _ClosingClient(address, timeout=f"{timeout_s}s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         raise VaelocError(
-            f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: {_one_line(exc)}"
+            f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: {one_line(exc)}"
         ) from None

@@ -67,6 +67,12 @@ def os_reason(exc: BaseException) -> str:
     return str(reason) if reason else (str(exc) or type(exc).__name__)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its whitespace runs collapsed), or its type's name
+    when it has none: how every front reports an error."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def describe_os_error(exc: OSError) -> str:
     """One line for an OSError: ``<reason>: <path>`` (or just the reason when it names no
     path), instead of Python's ``[Errno 28] ...: '<path>'``."""

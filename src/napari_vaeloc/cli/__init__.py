@@ -20,7 +20,7 @@ import sys
 from typing import NoReturn
 
 from .. import __version__
-from ..errors import OutputExistsError, VaelocError, describe_os_error
+from ..errors import OutputExistsError, VaelocError, describe_os_error, one_line
 from . import calibrate, demo, evaluate, localize, models, options, prepare, screen, train
 
 __all__ = ["build_parser", "main"]
@@ -51,10 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``vaeloc`` with ``argv`` (default: the command line); returns the exit status:
     0 on success, 2 on a usage, input or output error (one line on stderr: ``vaeloc: error:
@@ -71,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if report is not None and not getattr(args, "quiet", False):
             for line in report.lines():
                 print(line, file=sys.stderr)
-        print(f"vaeloc: error: {options.in_option_words(_one_line(exc))}", file=sys.stderr)
+        print(f"vaeloc: error: {options.in_option_words(one_line(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the front itself could not read or write
         print(f"vaeloc: error: {describe_os_error(exc)}", file=sys.stderr)
