@@ -51,5 +51,7 @@ def check_names(names: Iterable[str], allowed: Sequence[str], what: str = "maps"
     unknown = [n for n in dict.fromkeys(names) if n not in allowed]
     if unknown:
         raise InputError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+
+
 #: the precisions maps can be kept in (``EngineOptions.map_dtype``, ``--map-dtype``)
 MAP_DTYPES = ("float32", "float16")

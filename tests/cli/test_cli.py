@@ -238,7 +238,7 @@ def test_the_maps_a_default_needs_are_computed_and_checked_first(tmp_path, capsy
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--device", "nosuch"], "unknown device"),
         (["--volume-index", "2"], "is 3D: it has no volume 2"),
-        (["--maps", "rec_errr"], "unknown maps rec_errr"),
+        (["--maps", "rec_errr"], "unknown map(s) rec_errr"),
         (["--maps", ","], "--maps needs at least one map name"),
     ],
 )
@@ -308,3 +308,29 @@ def test_maps_default_and_all(tmp_path, anatomical_path, tiny_model_dir):
     assert written["d"] == {*EXPECTED, "anatomical_scores.json"}
     extra = {f"anatomical_{k}.nii.gz" for k in ("kl_grad_sg", "elbo_grad_sg", "restoration")}
     assert written["a"] == written["d"] | extra
+
+
+def test_a_map_the_combination_needs_is_checked_before_any_work(
+    tmp_path, anatomical_path, tiny_model_dir, monkeypatch, capsys
+):
+    """--maps kl_grad with weights on restoration writes restoration too: an existing
+    restoration file is refused before the scan is read."""
+    import napari_vaeloc.pipeline as pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "anatomical_restoration.nii.gz").write_bytes(b"kept")
+    monkeypatch.setattr(pipeline, "localize_scan", lambda *a, **k: pytest.fail("work started"))
+    argv = ["localize", str(anatomical_path), "--model", str(tiny_model_dir), "--out", str(out),
+            "--maps", "kl_grad", "--weights", "restoration=1", "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "anatomical_restoration.nii.gz" in err and err.count("\n") == 1
+    assert (out / "anatomical_restoration.nii.gz").read_bytes() == b"kept"
+
+
+def test_unknown_maps_name_the_choices(anatomical_path, capsys):
+    assert main(["localize", str(anatomical_path), "--maps", "kl_grad,mask"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown map(s) mask (the combined map and the mask are always written)" in err
+    assert "'default', 'all'" in err and err.count("\n") == 1

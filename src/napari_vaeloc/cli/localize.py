@@ -27,7 +27,8 @@ def _epilog() -> str:
     maps = f"{', '.join(DEFAULT_MAPS[:-1])} and {DEFAULT_MAPS[-1]}"
     return (
         f"Outputs (localize): SCAN_<map>.nii.gz for {maps} and any map the model's default "
-        "combination uses (restoration for the bundled models), or only those of --maps; "
+        "combination uses (restoration for the bundled models), or for the maps of --maps "
+        "and those the combination uses; "
         "SCAN_combined.nii.gz, SCAN_mask.nii.gz (uint8) and SCAN_scores.json (slice and "
         "volume scores), all in the scan's own geometry."
     )
@@ -171,7 +172,17 @@ def scan_settings(args: argparse.Namespace, check_device: bool = True) -> ScanSe
             maps = OUTPUT_MAPS
         if not maps:
             raise VaelocError("--maps needs at least one map name")
-        check_names(maps, OUTPUT_MAPS, "maps")
+        unknown = [m for m in maps if m not in OUTPUT_MAPS]
+        if unknown:
+            always = (
+                " (the combined map and the mask are always written)"
+                if {"combined", "mask"} & set(unknown)
+                else ""
+            )
+            raise VaelocError(
+                f"--maps: unknown map(s) {', '.join(unknown)}{always}; use 'default', 'all' "
+                f"or names from {', '.join(OUTPUT_MAPS)}"
+            )
     from ..engine import resolve_device
 
     if check_device:
@@ -194,6 +205,29 @@ def scan_settings(args: argparse.Namespace, check_device: bool = True) -> ScanSe
     )
 
 
+def _maps_to_check(settings: ScanSettings) -> tuple[str, ...]:
+    """The maps a run may write, known before the scan is read: those of ``--maps`` (or the
+    default maps) and those the combination weights, for the model named, or for every
+    bundled model with ``--model auto`` (the one chosen is known only after the scan was
+    prepared). The pipeline checks the exact list again once the model is known."""
+    from ..models.store import bundled_models, read_card, resolve_model_path
+    from ..pipeline import AUTO_MODEL
+
+    try:
+        folders = (
+            list(bundled_models().values())
+            if settings.model == AUTO_MODEL
+            else [resolve_model_path(settings.model)]
+        )
+        cards = [read_card(f) for f in folders]
+    except VaelocError:  # an unknown model: reported by the run, with its own message
+        cards = []
+    wanted = [*(settings.maps or DEFAULT_MAPS)]
+    for card in cards:
+        wanted += settings.wanted_maps(card, settings.combine_settings(card))
+    return tuple(dict.fromkeys(wanted))
+
+
 def run(args: argparse.Namespace) -> int:
     """Localize anomalies in ``args.scan`` and write the results; returns the exit status."""
     # check the combination options first: a typo fails at once, before anything is loaded
@@ -207,9 +241,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io import check_output_folder, refuse_existing
 
     check_output_folder(out)
-    early = planned_paths(Path(args.scan), out, maps=settings.maps or DEFAULT_MAPS)
-    refuse_existing(early.values(), args.overwrite, "output file")  # the rest once the model
-    # (and so what the combination weights) is known
+    early = planned_paths(Path(args.scan), out, maps=_maps_to_check(settings))
+    refuse_existing(early.values(), args.overwrite, "output file")
 
     from ..pipeline import localize_scan
 
