@@ -145,8 +145,7 @@ def put_layer(
     if existing is None:
         adder = viewer.add_labels if kind == "labels" else viewer.add_image
         return adder(data, name=name, **geom, **kwargs)
-    if not _same_memory(existing.data, data):  # an early-added layer already shows it
-        existing.data = data  # napari refreshes the view itself
+    existing.data = data  # napari refreshes the view itself
     for key in ("scale", "translate", "rotate", "shear", "affine", "units"):
         current = getattr(existing, key)
         if key == "affine":
@@ -164,18 +163,6 @@ def put_layer(
     ):
         existing.contrast_limits = kwargs["contrast_limits"]
     return existing
-
-
-def _same_memory(a: Any, b: Any) -> bool:
-    """Whether two arrays are views of the same memory in the same layout."""
-    if a is b:
-        return True
-    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
-        return False
-    return (
-        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-        and (a.shape, a.strides, a.dtype) == (b.shape, b.strides, b.dtype)
-    )
 
 
 def _same(a: Any, b: Any) -> bool:
