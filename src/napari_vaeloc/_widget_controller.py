@@ -95,14 +95,14 @@ def panel_maps(card: ModelCard) -> tuple[str, ...]:
     return tuple(k for k in maps_for(card) if k in used)
 
 
-#: the result layers: role -> (layer kind, how it is shown when it is added); the map layers'
-#: roles are their map names (their contrast limits come with the result)
-LAYER_STYLES: dict[str, tuple[str, dict]] = {
-    "reconstruction": ("image", {"colormap": "gray", "visible": False}),
-    "rec_error": ("image", {"colormap": "magma", "visible": False, "blending": "additive"}),
-    "kl_grad": ("image", {"colormap": "viridis", "visible": False, "blending": "additive"}),
-    "combined": ("image", {"colormap": "inferno", "blending": "additive"}),
-    "mask": ("labels", {"opacity": 0.6}),
+#: how each result layer is shown when it is added: role -> napari layer options; the map
+#: layers' roles are their map names (their contrast limits come with the result)
+LAYER_STYLES: dict[str, dict] = {
+    "reconstruction": {"colormap": "gray", "visible": False},
+    "rec_error": {"colormap": "magma", "visible": False, "blending": "additive"},
+    "kl_grad": {"colormap": "viridis", "visible": False, "blending": "additive"},
+    "combined": {"colormap": "inferno", "blending": "additive"},
+    "mask": {"opacity": 0.6},
 }
 
 #: the other result layers: layer suffix -> what it shows

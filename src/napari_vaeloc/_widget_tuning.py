@@ -97,10 +97,9 @@ class TuningMixin:
         (a recombination is pending or running)."""
         return self._timer.isActive() or self._recombine_worker is not None
 
-    def _names(self, base: str | None = None) -> dict[str, str]:
-        """The result layers' names (of the shown result, or of the layer-name prefix
-        ``base``): layer suffix or role -> name."""
-        base = self._base if base is None else base
+    def _names(self) -> dict[str, str]:
+        """The shown result's layer names: layer suffix or role -> name."""
+        base = self._base
         return {
             **{suffix: f"{base} {suffix}" for suffix in MAP_LAYERS},
             "combined": f"{base} anomaly map",
@@ -117,7 +116,7 @@ class TuningMixin:
             put_layer(
                 self.viewer, "image", names[suffix], s.result.maps[key].reshape(self._shape),
                 self._input_layer, suffix, contrast_limits=s.map_range(key),
-                **LAYER_STYLES[key][1],
+                **LAYER_STYLES[key],
             )  # fmt: skip
             yield
 
@@ -163,7 +162,7 @@ class TuningMixin:
         if combined is not self._shown.get("combined") or name not in self.viewer.layers:
             put_layer(
                 self.viewer, "image", name, combined.reshape(self._shape), self._input_layer,
-                "combined", contrast_limits=s.display_range(), **LAYER_STYLES["combined"][1],
+                "combined", contrast_limits=s.display_range(), **LAYER_STYLES["combined"],
             )  # fmt: skip
             self._shown["combined"] = combined
 
@@ -173,7 +172,7 @@ class TuningMixin:
         if mask is not self._shown.get("mask") or name not in self.viewer.layers:
             put_layer(
                 self.viewer, "labels", name, mask.reshape(self._shape), self._input_layer,
-                "mask", **LAYER_STYLES["mask"][1],
+                "mask", **LAYER_STYLES["mask"],
             )  # fmt: skip
             self._shown["mask"] = mask
 
