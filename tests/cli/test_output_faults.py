@@ -144,7 +144,11 @@ def test_killed_run_leaves_no_result_and_the_rerun_needs_no_overwrite(
     staged: list[str] = []
     deadline = time.monotonic() + 120
     while not staged and proc.poll() is None and time.monotonic() < deadline:
-        staged = [f for d in out.glob(".vaeloc-partial-*") for f in os.listdir(d) if "scan_" in f]
+        try:  # the run's up-front checks may make and remove the folder meanwhile
+            staged = [f for d in out.glob(".vaeloc-partial-*") for f in os.listdir(d)
+                      if "scan_" in f]  # fmt: skip
+        except FileNotFoundError:
+            pass
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
