@@ -4,6 +4,7 @@ same outputs as `vaeloc localize`."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -383,6 +384,13 @@ def test_a_changed_version_or_setting_is_named(tmp_path):
     assert cohort.settings_change(record, now) == (
         "other settings (brain extraction: auto -> off; threshold: 3 -> 2.5; "
         "smoothing: 2 -> the preset's)"
+    )
+    with_maps = dataclasses.replace(then, maps=("restoration",))
+    assert cohort.settings_change(record, with_maps) == (
+        "other settings (--maps: default -> ['restoration'])"
+    )
+    assert cohort.settings_change({**record, "settings": with_maps.result_key()}, then) == (
+        "other settings (--maps: ['restoration'] -> default)"
     )
     del record["settings"]  # an old record: only the version can be told
     assert "another version" in cohort.settings_change(record, now)

@@ -341,6 +341,7 @@ _SETTING_WORDS = {
     "weights": ("weights", "the preset's"),
     "smoothing": ("smoothing", "the preset's"),
     "scan_normalise": ("scan normalise", "the preset's"),
+    "maps": ("--maps", "default"),
 }
 
 
@@ -368,7 +369,9 @@ def settings_change(record: dict[str, Any], settings: ScanSettings) -> str:
         old = _flat_settings(old)
         taken = record.get("row") or {}
         changes = []
-        for k, v in new.items():
+        # keys a record holds only when set (``maps``) may be in either one
+        for k in [*new, *(k for k in old if k not in new)]:
+            v = new.get(k)
             if _same(old.get(k), v):
                 continue
             word, default = _SETTING_WORDS.get(k, (k, "default"))
