@@ -586,8 +586,10 @@ def test_a_scan_too_large_for_its_worker_fails_with_the_reason(cluster, tmp_path
     refused by the engine's estimate before it is scored: a reason, not a dead worker."""
     address, client = cluster
     workers = set(client.scheduler_info()["workers"])
-    big = np.zeros((512, 512, 320), np.uint8)  # 84 M voxels: over 2 GiB of float32 maps
-    big[100:400, 100:400, 40:280] = 100
+    # 117 M voxels: even the maps a run writing them one by one holds at once (three float32),
+    # with its working memory, take over the 2 GB a task may use here
+    big = np.zeros((512, 512, 448), np.uint8)
+    big[100:400, 100:400, 40:400] = 100
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(big, np.eye(4)), tmp_path / "in" / "big.nii.gz")
     out = tmp_path / "out"

@@ -293,3 +293,12 @@ def test_brain_extraction_on_cuda_matches_the_cpu():
     cpu, gpu = extract_brain(head, device="cpu"), extract_brain(head, device="cuda")
     dice = 2 * np.count_nonzero(cpu & gpu) / (np.count_nonzero(cpu) + np.count_nonzero(gpu))
     assert dice > 0.99, dice
+
+
+def test_deferred_maps_of_a_prepared_scan_equal_those_mapped_back_at_once(raw_head_result, t1):
+    scan, eager = raw_head_result
+    lazy = localize(scan, t1, CPU.replace(defer_maps=True), prepare="auto")  # preparation cached
+    assert list(lazy.maps) == list(eager.maps) and lazy.maps.held() == []
+    for k in eager.maps:
+        np.testing.assert_array_equal(lazy.maps.peek(k), eager.maps[k])
+    np.testing.assert_array_equal(lazy.foreground, eager.foreground)

@@ -5,6 +5,7 @@ model folder, real torch, real NIfTI."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
@@ -53,6 +54,10 @@ def test_run_keeps_only_the_maps_the_panel_uses(make_napari_viewer, qtbot, tiny_
     assert kept <= {*SLIDER_MAPS, *MAP_LAYERS.values(), *(card.defaults.weights or {})}
     enabled = {k: w.enabled for k, w in widget.weights.items()}
     assert enabled == {k: k in kept for k in widget.weights}  # no slider for a missing map
+    # at full size: only the maps of the map layers and of the weights in use
+    shown = {*MAP_LAYERS.values(), *widget.session.settings.used_weights()} & kept
+    assert set(widget.session.result.maps.held()) == shown
+    assert "elbo_grad" in kept - shown
 
 
 def test_large_scans_keep_float16_maps_and_components(
@@ -121,21 +126,32 @@ def test_slider_shows_the_displayed_slice_before_the_whole_volume(
     np.testing.assert_array_equal(mask_layer.data, exp.mask)
 
 
+@contextlib.contextmanager
+def _whole_volume_held(session):
+    """The session's whole-volume recombination waits until the block ends (only the shown
+    slice can change meanwhile)."""
+    gate = threading.Event()
+    real = session.combined
+
+    def held(*args, **kwargs):
+        gate.wait(60)
+        return real(*args, **kwargs)
+
+    session.combined = held
+    try:
+        yield
+    finally:
+        gate.set()
+        del session.combined  # the instance's own method again
+
+
 def test_new_smoothing_slice_first_from_the_worker(make_napari_viewer, qtbot, tiny_model_dir):
     viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
     comb_layer = viewer.layers["big anomaly map"]
     viewer.dims.set_current_step(0, 30)
     old = comb_layer.data.copy()
     session = widget.session
-    gate = threading.Event()
-    real = session.combined
-
-    def held(*args, **kwargs):  # the whole volume waits until the test lets it go
-        gate.wait(60)
-        return real(*args, **kwargs)
-
-    session.combined = held
-    try:
+    with _whole_volume_held(session):
         widget.smoothing.value = 3.0  # not cached: the worker smooths the slab of slice 30 first
         expected = PostProcessor(session.result, session.settings).combined()
         qtbot.waitUntil(
@@ -146,11 +162,36 @@ def test_new_smoothing_slice_first_from_the_worker(make_napari_viewer, qtbot, ti
         )
         assert widget.updating
         np.testing.assert_array_equal(_slice(comb_layer.data, 0, 5), _slice(old, 0, 5))
-    finally:
-        gate.set()
     qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
-    del session.combined
     np.testing.assert_array_equal(comb_layer.data, expected)
+
+
+def test_a_weight_whose_map_is_not_made_yet_shows_its_slice_first_from_the_worker(
+    make_napari_viewer, qtbot, tiny_model_dir
+):
+    viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    comb_layer = viewer.layers["big anomaly map"]
+    viewer.dims.set_current_step(0, 30)
+    old = comb_layer.data.copy()
+    session = widget.session
+    maps = session.result.maps
+    assert maps.is_deferred("elbo_grad")
+    with _whole_volume_held(session):
+        widget.weights["elbo_grad"].value = 1.0
+        assert maps.is_deferred("elbo_grad")  # the GUI thread did not make it
+        made = dataclasses.replace(session.result, maps={k: maps.peek(k) for k in maps})
+        expected = PostProcessor(made, session.settings).combined()
+        qtbot.waitUntil(
+            lambda: np.allclose(
+                _slice(comb_layer.data, 0, 30), _slice(expected, 0, 30), rtol=1e-5, atol=1e-6
+            ),
+            timeout=TIMEOUT_MS,
+        )
+        assert widget.updating
+        np.testing.assert_array_equal(_slice(comb_layer.data, 0, 5), _slice(old, 0, 5))
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
+    assert not maps.is_deferred("elbo_grad")  # made by the worker, kept for the next moves
+    np.testing.assert_allclose(comb_layer.data, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_recombination_in_a_worker_equals_combine(make_napari_viewer, qtbot, tiny_model_dir):

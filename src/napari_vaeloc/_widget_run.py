@@ -254,6 +254,7 @@ class RunMixin:
             cancel=job.cancel.is_set,
             stage=self._relay.stage.emit,
             map_dtype=panel_map_dtype(args["shape"]),
+            defer_maps=True,  # a map no layer shows and no weight uses is not made yet
         )
         result = localize(
             volume, model, options, axis=args["axis"], prepare=args["prepare"],
@@ -339,6 +340,7 @@ class RunMixin:
     @live
     def _on_error(self, job: Job, exc: BaseException) -> None:
         from .errors import Cancelled, VaelocError
+
         if isinstance(exc, Cancelled):
             during = f" during {job.stage}" if job.stage else ""
             self.progress.max = max(self.progress.max, 1)

@@ -40,6 +40,7 @@ import numpy as np
 from .errors import InputError
 from .hostmem import host_array
 from .mapnames import COMBINABLE_MAPS, PRESETS, check_names
+from .mapset import MapSet
 
 if TYPE_CHECKING:  # the engine pulls in torch lazily; only its result type is needed here
     from .engine import LocalizationResult
@@ -196,7 +197,10 @@ class PostProcessor:
             if calib.get(name, 0) > 0:
                 self._scales[name] = (float(calib[name]), True)
             else:
-                self._scales[name] = (_fallback_scale(self.result.maps[name], self.fg()), False)
+                # a deferred map is made for its percentile and let go (no layer may need it)
+                maps = self.result.maps
+                values = maps.peek(name) if isinstance(maps, MapSet) else maps[name]
+                self._scales[name] = (_fallback_scale(values, self.fg()), False)
         return self._scales[name]
 
     def fg(self) -> np.ndarray:
@@ -377,8 +381,8 @@ class PostProcessor:
         approximate).
 
         Returns:
-            the preview, or None when a component at this smoothing is not cached and
-            ``compute`` is false.
+            the preview, or None when a component at this smoothing is not cached, or a map
+            it needs is deferred (not made yet), and ``compute`` is false.
         """
         s = settings
         self._check_used(s)
@@ -424,7 +428,9 @@ class PostProcessor:
         slab of slices within the Gaussian's reach (exact: the slab's borders lie beyond it,
         or are the volume's)."""
         factor = np.float32(1.0 / self.scale(name)[0])
-        values = self.result.maps[name]
+        values = self._map(name, compute)
+        if values is None:
+            return None
         if smoothing_mm <= 0:
             return np.take(values, index, axis) * factor
         cached = self._smooth_cache.get((name, smoothing_mm, inside))
@@ -439,6 +445,15 @@ class PostProcessor:
         where = self.fg()[tuple(slab)] if inside else None
         smoothed = smooth(values[tuple(slab)], smoothing_mm, self.spacing, where, factor=factor)
         return np.take(smoothed, index - lo, axis)
+
+    def _map(self, name: str, compute: bool) -> np.ndarray | None:
+        """The map ``name`` for a preview: None when the engine deferred it
+        (:class:`~napari_vaeloc.mapset.MapSet`) and ``compute`` is false (making it goes
+        over the whole volume)."""
+        maps = self.result.maps
+        if not compute and isinstance(maps, MapSet) and maps.is_deferred(name):
+            return None
+        return maps[name]
 
     def _sample_stats(self, s: CombineSettings, compute: bool) -> tuple[float, float] | None:
         """Median and robust spread of the weighted sum on an even subsample of at most
@@ -458,7 +473,10 @@ class PostProcessor:
                     return None
                 comp = self._scaled(k, s.smoothing_mm, inside)
             if comp is None:
-                values = self.result.maps[k].reshape(-1)[idx]
+                held = self._map(k, compute)
+                if held is None:
+                    return None
+                values = held.reshape(-1)[idx]
                 terms[k] = values * np.float32(1.0 / self.scale(k)[0])
             else:
                 terms[k] = comp.reshape(-1)[idx]

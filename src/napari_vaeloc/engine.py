@@ -8,6 +8,7 @@ maps lie on the scan's own voxel grid, so that combining and thresholding
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .mapnames import (
     SMOOTHGRAD_MAPS,
     check_names,
 )
+from .mapset import MapSet
 from .models.card import ModelCard
 from .models.store import LoadedModel, bundled_models, cached_model
 from .prepare import PrepareSettings
@@ -76,6 +78,12 @@ def resolve_device(device: str = "auto") -> str:
 WORKING_BYTES_PER_VOXEL = 8
 
 
+#: Full-size maps a front holds at once when the engine defers them: the writer
+#: (:func:`napari_vaeloc.export.write_result`) holds the map its combination weights, or the
+#: maps it compresses side by side (:data:`napari_vaeloc.export.STREAM_WORKERS`).
+DEFERRED_MAPS_HELD = 3
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs, the same for every front.
@@ -92,6 +100,10 @@ class EngineOptions:
         map_dtype: "float32" (default) or "float16": the precision the maps are returned in
             (float16 halves their memory; relative rounding 2**-11, ample for display and
             thresholding, values beyond 65504 become inf). Everything is computed in float32.
+        defer_maps: return the maps deferred (:class:`~napari_vaeloc.mapset.MapSet`): each is
+            kept as its model-space stack and mapped back onto the scan's grid when first
+            used, so a front that writes them one by one or shows only some holds only those
+            at full size. The values are the same either way.
     """
 
     device: str = "auto"
@@ -102,6 +114,7 @@ class EngineOptions:
     max_bytes: int | None = None
     stage: Callable[[str], None] | None = None
     map_dtype: str = "float32"
+    defer_maps: bool = False
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -128,7 +141,8 @@ class LocalizationResult:
         card: the card of the model that scored it (for a fused run, the main model's).
         maps: name -> float32 (X, Y, Z) on the scan's voxel grid (float16 with
             ``EngineOptions(map_dtype="float16")``), for each map asked for (default
-            :func:`maps_for` the model).
+            :func:`maps_for` the model); a :class:`~napari_vaeloc.mapset.MapSet`, whose maps
+            are mapped back on first use with ``EngineOptions(defer_maps=True)``.
             ``reconstruction`` is in the scan's intensity units; the others in model units
             (nats per pixel for rec_error, nats per z-unit for the gradients).
         foreground: bool (X, Y, Z), the object: the voxels the normalisation counted as
@@ -144,7 +158,7 @@ class LocalizationResult:
 
     volume: Volume
     card: ModelCard
-    maps: dict[str, np.ndarray]
+    maps: MapSet
     foreground: np.ndarray
     slice_scores: dict[str, np.ndarray]
     volume_scores: dict[str, float]
@@ -302,9 +316,12 @@ def _localize_prepared(
     res = localize(prepared.volume, model, opts, prepare=None, **kwargs)
     if opts.stage is not None:
         opts.stage("mapping back to the scan")
-    maps = {}
+    maps = MapSet()
     for k in list(res.maps):
-        maps[k] = prepared.to_scan(res.maps.pop(k), "map")
+        if res.maps.is_deferred(k):  # onto the scan's grid when first used, too
+            maps.defer(k, functools.partial(_to_scan, prepared, res.maps, k))
+        else:
+            maps[k] = prepared.to_scan(res.maps.pop(k), "map")
     foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
     notes = [*volume.notes, *res.notes]  # the checks' warnings stay in the report
     return LocalizationResult(
@@ -321,6 +338,11 @@ def _localize_prepared(
         notes=notes,
         prepared=prepared,
     )
+
+
+def _to_scan(prepared: Prepared, maps: MapSet, name: str) -> np.ndarray:
+    """A deferred map of the template's grid, made and put onto the scan's grid."""
+    return prepared.to_scan(maps.peek(name), "map")
 
 
 def _scales(model: LoadedModel) -> dict[str, float]:
@@ -375,7 +397,8 @@ def check_budget(
 ) -> int:
     """Refuse a run whose maps and working memory would not fit, before anything is computed.
 
-    Returns the estimated peak bytes (:func:`estimate_bytes`). The budget is
+    Returns the estimated peak bytes (:func:`estimate_bytes`); with deferred maps
+    (``options.defer_maps``) at most :data:`DEFERRED_MAPS_HELD` of them count. The budget is
     ``options.max_bytes``, or half of the memory the system can still hand out.
 
     Raises:
@@ -384,12 +407,13 @@ def check_budget(
             downsample).
     """
     map_bytes = np.dtype(options.map_dtype).itemsize
-    need = estimate_bytes(shape, len(names), map_bytes)
+    held = min(len(names), DEFERRED_MAPS_HELD) if options.defer_maps else len(names)
+    need = estimate_bytes(shape, held, map_bytes)
     limit = available_memory_bytes() // 2 if options.max_bytes is None else options.max_bytes
     if need <= limit:
         return need
     voxels = int(np.prod(shape))
-    maps_gib = voxels * map_bytes * len(names) / 2**30
+    maps_gib = voxels * map_bytes * held / 2**30
     where = "the budget given" if options.max_bytes is not None else "half of the free memory"
     advice = "ask for fewer maps"
     if map_bytes > 2:
@@ -397,7 +421,7 @@ def check_budget(
     raise InputError(
         f"scoring a {'x'.join(map(str, shape))} volume"
         + (f" with {model_name}" if model_name else "")
-        + f" needs about {need / 2**30:.1f} GiB ({len(names)} "
+        + f" needs about {need / 2**30:.1f} GiB ({held} "
         f"{np.dtype(options.map_dtype).name} maps: {maps_gib:.1f} GiB, working memory "
         f"{(need / 2**30 - maps_gib):.1f} GiB), more than the {limit / 2**30:.1f} GiB "
         f"available ({where}); {advice}, or crop or downsample the scan"
@@ -513,7 +537,7 @@ def _localize_axis(
 
     # unscored slices are 0 in every map but the reconstruction: map back the scored span only
     span = (int(todo[0]), int(todo[-1]) + 1) if len(todo) else (0, 0)
-    volume_maps: dict[str, np.ndarray] = {}
+    volume_maps = MapSet()
     for k in wanted:
         if opts.cancelled():
             raise Cancelled("localization cancelled")
@@ -521,7 +545,12 @@ def _localize_axis(
         scale, offset, k_span = 1.0, 0.0, span
         if k == "reconstruction":
             scale, offset, k_span = ms.stats["std"], ms.stats["mean"], None
-        if add_to is not None:
+        if opts.defer_maps and add_to is None:
+            volume_maps.defer(k, functools.partial(
+                slices_to_volume, stack, geom, scale=scale, offset=offset,
+                dtype=opts.map_dtype, span=k_span,
+            ))  # fmt: skip
+        elif add_to is not None:
             ratio = (ratios or {}).get(k, 1.0)
             slices_to_volume(
                 stack, geom, add_to[k], scale=ratio * scale, accumulate=True, span=k_span

@@ -6,14 +6,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from .combine import CombineSettings, PostProcessor
+from .combine import Combination, CombineSettings, PostProcessor
 from .engine import LocalizationResult
 from .io import Volume, WriteSet, check_output_folder, refuse_existing, scan_stem
 from .mapnames import DEFAULT_MAPS, OUTPUT_MAPS
+from .mapset import MapSet
+
+#: deferred maps (:class:`~napari_vaeloc.mapset.MapSet`) made and compressed side by side while
+#: a result is written; each holds one full-size map until its file is written
+STREAM_WORKERS = 2
 
 
 def output_paths(out_dir: Path, stem: str, maps: Sequence[str] = DEFAULT_MAPS) -> dict[str, Path]:
@@ -65,9 +71,33 @@ def write_result(
     maps = [k for k in OUTPUT_MAPS if k in result.maps]
     paths = output_paths(out, stem or scan_stem(volume.path), maps)
     refuse_existing(paths.values(), overwrite, "output file")
-    c = post.combination()
+    # a deferred map the combination does not read is made, written and let go first, before
+    # the combination holds its own memory: at most STREAM_WORKERS of them at full size at once
+    used = post.settings.used_weights()
+    streamed = [k for k in maps if _deferred(result, k) and k not in used]
+    with WriteSet(overwrite) as files:
+        made = [(partial(result.maps.peek, k), volume, paths[k], "map") for k in streamed]
+        files.add_niftis(made, STREAM_WORKERS)
+        c = post.combination()
+        images = [(result.maps[k], volume, paths[k], "map") for k in maps if k not in streamed]
+        images += [(c.combined, volume, paths["combined"], "map")]
+        images += [(c.mask, volume, paths["mask"], "mask")]
+        files.add_niftis(images)  # compressed side by side
+        files.add_json(_report(result, post, c, paths), paths["scores"])
+    return paths
+
+
+def _deferred(result: LocalizationResult, name: str) -> bool:
+    return isinstance(result.maps, MapSet) and result.maps.is_deferred(name)
+
+
+def _report(
+    result: LocalizationResult, post: PostProcessor, c: Combination, paths: dict[str, Path]
+) -> dict:
+    """The scores JSON of a written result."""
+    volume = result.volume
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    report = {
+    return {
         "scan": str(volume.path) if volume.path else None,
         "shape": list(volume.shape),
         "model": result.model_name,
@@ -86,10 +116,3 @@ def write_result(
         "slice_scores": result.slice_scores,
         "files": {k: p.name for k, p in paths.items() if k != "scores"},
     }
-    images = [(result.maps[k], volume, paths[k], "map") for k in maps]
-    images += [(c.combined, volume, paths["combined"], "map")]
-    images += [(c.mask, volume, paths["mask"], "mask")]
-    with WriteSet(overwrite) as files:
-        files.add_niftis(images)  # compressed side by side
-        files.add_json(report, paths["scores"])
-    return paths

@@ -253,6 +253,7 @@ def localize_scan(
         stage=stage,
         max_bytes=max_bytes,
         map_dtype=settings.map_dtype,
+        defer_maps=True,  # written one by one: only a few at full size at once
     )
     result = localize(
         volume,
