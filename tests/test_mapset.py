@@ -74,6 +74,7 @@ def test_deferred_maps_equal_maps_mapped_back_at_once(tiny_model, axis):
     )
     assert list(lazy.maps) == list(eager.maps)
     assert all(lazy.maps.is_deferred(k) for k in ALL)
+    assert lazy.maps.describe("kl_grad") == (vol.shape, np.dtype(np.float32))
     for k in ALL:
         np.testing.assert_array_equal(lazy.maps.peek(k), eager.maps[k])
     np.testing.assert_array_equal(lazy.foreground, eager.foreground)

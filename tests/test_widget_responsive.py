@@ -46,7 +46,7 @@ def test_run_keeps_only_the_maps_the_panel_uses(make_napari_viewer, qtbot, tiny_
     from napari_vaeloc.engine import maps_for
     from napari_vaeloc.mapnames import SLIDER_MAPS
 
-    _, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
     card = widget.session.result.card
     kept = set(widget.session.result.maps)
     assert kept == set(panel_maps(card))
@@ -54,10 +54,20 @@ def test_run_keeps_only_the_maps_the_panel_uses(make_napari_viewer, qtbot, tiny_
     assert kept <= {*SLIDER_MAPS, *MAP_LAYERS.values(), *(card.defaults.weights or {})}
     enabled = {k: w.enabled for k, w in widget.weights.items()}
     assert enabled == {k: k in kept for k in widget.weights}  # no slider for a missing map
-    # at full size: only the maps of the map layers and of the weights in use
-    shown = {*MAP_LAYERS.values(), *widget.session.settings.used_weights()} & kept
-    assert set(widget.session.result.maps.held()) == shown
-    assert "elbo_grad" in kept - shown
+    # at full size: only the maps of the weights in use; the hidden map layers' maps are made
+    # when a layer is shown
+    maps = widget.session.result.maps
+    used = set(widget.session.settings.used_weights())
+    assert set(maps.held()) == used & kept and "elbo_grad" in kept - used
+    layer = viewer.layers["big KL gradient"]
+    assert not layer.visible and maps.is_deferred("kl_grad")
+    assert not np.asarray(layer.data[40]).any()  # nothing read, nothing made
+    assert maps.is_deferred("kl_grad")
+    layer.visible = True
+    qtbot.waitUntil(lambda: isinstance(layer.data, np.ndarray), timeout=TIMEOUT_MS)
+    assert not maps.is_deferred("kl_grad")
+    np.testing.assert_array_equal(layer.data, maps["kl_grad"])
+    assert np.asarray(layer.data).any()
 
 
 def test_large_scans_keep_float16_maps_and_components(
@@ -111,7 +121,8 @@ def test_slider_shows_the_displayed_slice_before_the_whole_volume(
     assert where == (0, 40), where
     old = comb_layer.data.copy()
     widget._timer.setInterval(60_000)  # the whole-volume work waits: only the slice changes
-    widget.weights["kl_grad"].value = 1.5
+    used = next(k for k in widget.session.settings.used_weights() if k in widget.weights)
+    widget.weights[used].value = 1.5  # a map in use: its component is cached
     exp = _expected(widget)
     assert widget.updating
     shown = _slice(comb_layer.data, 0, 40)

@@ -180,14 +180,14 @@ class Session(PostProcessor):
 
     The scales of every slider component and the contrast limits of the map layers are
     computed on creation (in the worker thread), so that the GUI thread never goes over the
-    whole volume for them. So are the maps of the map layers and of the starting weights,
-    when the engine deferred them; the others stay deferred until a weight slider uses them
-    (the background recombination makes them).
+    whole volume for them. So are the maps of the starting weights, when the engine deferred
+    them; the others stay deferred until a weight slider uses them (the background
+    recombination makes them) or their map layer is shown (the panel makes it in a worker).
     """
 
     def __init__(self, result: LocalizationResult) -> None:
         super().__init__(result)
-        for name in (*MAP_LAYERS.values(), *self.settings.used_weights()):
+        for name in self.settings.used_weights():
             if name in result.maps:
                 result.maps[name]  # made now, in the worker
         self._ranges: dict[str, tuple[float, float]] = {}

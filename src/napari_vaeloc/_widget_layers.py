@@ -211,3 +211,79 @@ def file_axis(like: Any, axis: int, shape: tuple[int, ...]) -> int:
     if axes is None or len(axes) != len(shape):
         return axis
     return int(axes[axis])
+
+
+class PendingMap:
+    """The data of a map layer whose map the engine deferred
+    (:class:`~napari_vaeloc.mapset.MapSet`), as napari reads layer data: ``shape``, ``dtype``,
+    ``ndim`` and indexing. napari reads nothing of a hidden layer, so a hidden map layer costs
+    no memory until it is shown; when it is, the panel makes the map in a worker
+    (:meth:`make`) and puts it in the layer's place. Until then indexing gives zeros (a
+    read-only view, no memory). ``np.asarray`` makes the map at once (for code reading a layer).
+    ``reshape`` and ``transpose`` are applied to the map once made.
+    """
+
+    def __init__(
+        self,
+        maps: Any,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: Any,
+        ops: tuple[tuple[str, tuple[int, ...]], ...] = (),
+    ) -> None:
+        self.maps, self.name, self.ops = maps, name, ops
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def reshape(self, *shape: Any) -> PendingMap:
+        new = tuple(shape[0]) if len(shape) == 1 and np.iterable(shape[0]) else tuple(shape)
+        if int(np.prod(new)) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} to {new}")
+        return PendingMap(self.maps, self.name, new, self.dtype, (*self.ops, ("reshape", new)))
+
+    def transpose(self, *axes: Any) -> PendingMap:
+        order = tuple(axes[0]) if len(axes) == 1 and np.iterable(axes[0]) else tuple(axes)
+        order = order or tuple(reversed(range(self.ndim)))
+        shape = tuple(self.shape[a] for a in order)
+        return PendingMap(
+            self.maps, self.name, shape, self.dtype, (*self.ops, ("transpose", order))
+        )
+
+    def made(self) -> np.ndarray | None:
+        """The map in this layer's order once it is made (held by the result); else None."""
+        if self.maps.is_deferred(self.name):
+            return None
+        return self._arranged(self.maps[self.name])
+
+    def make(self) -> np.ndarray:
+        """Make the map (and keep it in the result), in this layer's order; for a worker."""
+        return self._arranged(self.maps[self.name])
+
+    def _arranged(self, values: np.ndarray) -> np.ndarray:
+        for op, arg in self.ops:
+            values = values.reshape(arg) if op == "reshape" else values.transpose(arg)
+        return values
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        values = self.made()
+        if values is None:
+            values = np.broadcast_to(np.zeros((), self.dtype), self.shape)
+        return values[key]
+
+    def copy(self) -> np.ndarray:
+        """A copy of the map (made now), as ``ndarray.copy`` gives."""
+        return self.make().copy()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = self.make()
+        return values if dtype is None else values.astype(dtype, copy=False)

@@ -19,6 +19,7 @@ whole volume the layers end with is what the command line computes for the same 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +28,9 @@ import numpy as np
 from qtpy.QtCore import QTimer
 
 from ._widget_controller import LAYER_STYLES, MAP_LAYERS
-from ._widget_layers import file_axis, put_layer
+from ._widget_layers import PendingMap, file_axis, put_layer
 from ._widget_run import live, start_worker
+from .mapset import MapSet
 
 #: how long the sliders wait for the next move before recombining the whole volume (ms)
 DEBOUNCE_MS = 50
@@ -58,6 +60,16 @@ def recombine(session: Any, job: Recombination) -> Any:
     return combined, mask
 
 
+def _layer_data(maps: Any, name: str) -> Any:
+    """A map layer's data: the map when it is made, else a :class:`PendingMap` (made when the
+    layer is shown)."""
+    if isinstance(maps, MapSet) and maps.is_deferred(name):
+        shape, dtype = maps.describe(name)
+        if shape is not None and dtype is not None:
+            return PendingMap(maps, name, shape, dtype)
+    return maps[name]
+
+
 def _kept(shown: float, setting: float) -> float:
     """``setting`` when a slider showing ``shown`` shows it (to the slider's precision, about
     six digits), else ``shown``."""
@@ -78,6 +90,8 @@ class TuningMixin:
         self._timer.timeout.connect(self._on_timer)
         self._quiet = False  # set while the panel itself moves the sliders
         self._input_layer: Any = None  # the scan of the shown result
+        self._watched: weakref.WeakSet = weakref.WeakSet()  # map layers whose showing we follow
+        self._making: set[PendingMap] = set()  # map layers' maps being made in a worker
         self._base = ""  # the shown result's layer-name prefix
         self._shape: tuple[int, ...] = ()
         self._last_run_model: Any = None
@@ -113,12 +127,40 @@ class TuningMixin:
         for key, slider in self.weights.items():  # a map the run did not compute has no say
             slider.enabled = key in s.result.maps
         for suffix, key in MAP_LAYERS.items():
-            put_layer(
-                self.viewer, "image", names[suffix], s.result.maps[key].reshape(self._shape),
-                self._input_layer, suffix, contrast_limits=s.map_range(key),
+            layer = put_layer(
+                self.viewer, "image", names[suffix], _layer_data(s.result.maps, key).reshape(
+                    self._shape), self._input_layer, suffix, contrast_limits=s.map_range(key),
                 **LAYER_STYLES[key],
             )  # fmt: skip
+            if layer is not None and layer not in self._watched:
+                self._watched.add(layer)
+                layer.events.visible.connect(self._on_map_layer_visible)
+            self._make_if_shown(layer)
             yield
+
+    @live
+    def _on_map_layer_visible(self, event: Any) -> None:
+        self._make_if_shown(event.source)
+
+    def _make_if_shown(self, layer: Any) -> None:
+        """A shown map layer whose map is not made yet gets it from a worker."""
+        from napari.qt.threading import create_worker
+
+        pending = getattr(layer, "data", None)
+        if not isinstance(pending, PendingMap) or not layer.visible or pending in self._making:
+            return
+        self._making.add(pending)
+        worker = create_worker(
+            pending.make, _start_thread=False,
+            _connect={"returned": lambda made: self._on_map_made(layer, pending, made),
+                      "finished": lambda: self._making.discard(pending)},
+        )  # fmt: skip
+        start_worker(worker)
+
+    @live
+    def _on_map_made(self, layer: Any, pending: PendingMap, made: np.ndarray) -> None:
+        if layer in self.viewer.layers and layer.data is pending:
+            layer.data = made
 
     def _show_first(self) -> Iterator[None]:
         """Of a new session whose combination is cached, show the combined map, then the mask

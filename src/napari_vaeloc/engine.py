@@ -319,7 +319,7 @@ def _localize_prepared(
     maps = MapSet()
     for k in list(res.maps):
         if res.maps.is_deferred(k):  # onto the scan's grid when first used, too
-            maps.defer(k, functools.partial(_to_scan, prepared, res.maps, k))
+            maps.defer(k, functools.partial(_to_scan, prepared, res.maps, k), volume.shape, "f4")
         else:
             maps[k] = prepared.to_scan(res.maps.pop(k), "map")
     foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
@@ -549,7 +549,7 @@ def _localize_axis(
             volume_maps.defer(k, functools.partial(
                 slices_to_volume, stack, geom, scale=scale, offset=offset,
                 dtype=opts.map_dtype, span=k_span,
-            ))  # fmt: skip
+            ), geom.file_shape, opts.map_dtype)  # fmt: skip
         elif add_to is not None:
             ratio = (ratios or {}).get(k, 1.0)
             slices_to_volume(

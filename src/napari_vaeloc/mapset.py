@@ -32,16 +32,41 @@ class MapSet(MutableMapping):
         self._order: list[str] = []
         self._lock = threading.RLock()
         self._making: dict[str, threading.Lock] = {}
+        self._described: dict[str, tuple[tuple[int, ...] | None, np.dtype | None]] = {}
         for k, v in (arrays or {}).items():
             self[k] = v
 
-    def defer(self, name: str, make: MapMaker) -> None:
-        """Add ``name``, made by ``make()`` when it is first used (replacing any held map)."""
+    def defer(
+        self,
+        name: str,
+        make: MapMaker,
+        shape: tuple[int, ...] | None = None,
+        dtype: np.dtype | str | None = None,
+    ) -> None:
+        """Add ``name``, made by ``make()`` when it is first used (replacing any held map);
+        ``shape`` and ``dtype``: what it will be (for :meth:`describe`; default: unknown)."""
         with self._lock:
             self._arrays.pop(name, None)
             self._makers[name] = make
+            self._described[name] = (
+                None if shape is None else tuple(int(n) for n in shape),
+                None if dtype is None else np.dtype(dtype),
+            )
             if name not in self._order:
                 self._order.append(name)
+
+    def describe(self, name: str) -> tuple[tuple[int, ...] | None, np.dtype | None]:
+        """(shape, dtype) of a map without making it (None for what a deferred map was not
+        told).
+
+        Raises:
+            KeyError: no such map.
+        """
+        with self._lock:
+            if name in self._arrays:
+                return self._arrays[name].shape, self._arrays[name].dtype
+            self._makers[name]  # KeyError for an unknown name
+            return self._described.get(name, (None, None))
 
     def is_deferred(self, name: str) -> bool:
         """True while ``name`` is not held at full size (it is made on its next use)."""
