@@ -9,6 +9,7 @@ import pytest
 from napari_vaeloc.combine import (
     CombineSettings,
     PostProcessor,
+    label_components,
     robust_z,
     smooth,
     threshold_mask,
@@ -160,3 +161,17 @@ def test_minimum_size_from_cached_components_equals_scikit_image():
         np.testing.assert_array_equal(post.mask(st), threshold_mask(c, 0.7, size, post.spacing))
     # settings given explicitly leave the post-processor's own settings alone
     assert post.settings.min_size_mm3 == 0.0
+
+
+@pytest.mark.parametrize("step, dtype", [(25, np.uint8), (3, np.uint16), (2, np.int32)])
+def test_components_are_labelled_in_the_smallest_type_that_holds_them(step, dtype):
+    from scipy.ndimage import label
+
+    mask = np.zeros((100, 100, 100), bool)
+    mask[::step, ::step, ::step] = True  # isolated voxels: 4^3, 34^3 and 50^3 parts
+    mask[:5, :5, :5] = True  # and one larger part
+    labels, sizes = label_components(mask)
+    ref, n = label(mask, structure=np.ones((3, 3, 3), bool))
+    assert labels.dtype == dtype, n
+    np.testing.assert_array_equal(labels, ref)
+    assert len(sizes) == n + 1 and sizes[1:].sum() == mask.sum() and sizes.max() >= 125

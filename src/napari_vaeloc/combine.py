@@ -616,11 +616,13 @@ def smooth(
         return out * np.float32(factor) if factor != 1.0 else out
     if where is None:
         return _gaussian_3d(values, smoothing_mm, spacing, factor)
-    num = _gaussian_3d(np.where(where, values, 0), smoothing_mm, spacing, factor)
+    num = _gaussian_3d(values, smoothing_mm, spacing, factor, where=where)
     den = smoothing_norm(where, smoothing_mm, spacing) if norm is None else norm
-    out = host_array(values.shape, np.float32, zero=True)
-    np.divide(num, den, out=out, where=where & (den > 1e-6))
-    return out
+    inside = where & (den > 1e-6)
+    np.divide(num, den, out=num, where=inside)  # in place: one float32 array of the volume
+    outside = np.logical_not(inside, out=inside)
+    np.copyto(num, 0.0, where=outside)
+    return num
 
 
 def smoothing_norm(where: np.ndarray, smoothing_mm: float, spacing: tuple[float, ...]):
@@ -629,14 +631,21 @@ def smoothing_norm(where: np.ndarray, smoothing_mm: float, spacing: tuple[float,
 
 
 def _gaussian_3d(
-    values: np.ndarray, smoothing_mm: float, spacing: tuple[float, ...], factor: float = 1.0
+    values: np.ndarray,
+    smoothing_mm: float,
+    spacing: tuple[float, ...],
+    factor: float = 1.0,
+    where: np.ndarray | None = None,
 ) -> np.ndarray:
     """Separable Gaussian smoothing of ``values * factor`` (any number of axes; float32, a new
-    array)."""
+    array); with ``where``, of the values inside it (0 outside)."""
     import torch
 
-    out = host_array(np.shape(values), np.float32)
-    out[...] = values
+    out = host_array(np.shape(values), np.float32, zero=where is not None)
+    if where is None:
+        out[...] = values
+    else:
+        np.copyto(out, values, where=where, casting="same_kind")
     t = torch.from_numpy(out)
     pending = float(factor)  # carried by the first product
     for axis, n in enumerate(out.shape):
@@ -756,12 +765,18 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     size of each (``sizes[0]`` is the background's)."""
     from scipy.ndimage import generate_binary_structure, label
 
-    labels, n = label(mask, structure=generate_binary_structure(mask.ndim, mask.ndim))
+    structure = generate_binary_structure(mask.ndim, mask.ndim)
+    try:  # labelled as uint16 at once (half of int32's memory); too many parts need int32
+        labels, n = label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:
+        labels, n = label(mask, structure=structure)
     if n < 255:
         labels = labels.astype(np.uint8)
-    elif n < 65535:
-        labels = labels.astype(np.uint16)
-    return labels, np.bincount(labels.ravel(), minlength=n + 1)
+    flat = labels.reshape(-1)
+    sizes = np.zeros(n + 1, np.int64)
+    for start in range(0, flat.size, CHUNK_VOXELS):  # bincount copies its input as int64
+        sizes += np.bincount(flat[start : start + CHUNK_VOXELS], minlength=n + 1)
+    return labels, sizes
 
 
 def _keep_table(sizes: np.ndarray, n: int) -> np.ndarray:

@@ -151,8 +151,10 @@ def mask_like_note(data: np.ndarray) -> str | None:
 
 
 def _float_image(data: np.ndarray, constant_ok: bool) -> tuple[np.ndarray, list[str]]:
-    """float32 copy of a real-valued image with non-finite voxels set to the smallest finite
-    value; the notes say what was changed and whether it looks like a mask.
+    """float32 version of a real-valued image with non-finite voxels set to the smallest finite
+    value; the notes say what was changed and whether it looks like a mask. A float32 image
+    with nothing to change is not copied: a read-only view of it is returned (a viewer's scan
+    is not held twice).
 
     Raises:
         InputError: complex or non-numeric data, empty, all non-finite, or (unless
@@ -164,16 +166,20 @@ def _float_image(data: np.ndarray, constant_ok: bool) -> tuple[np.ndarray, list[
     if data.size == 0:
         raise InputError(f"the image is empty (shape {data.shape})")
     arr = np.asarray(data, dtype=np.float32)
-    if arr is data:
-        arr = arr.copy()
     finite = np.isfinite(arr)
     n_bad = int(arr.size - np.count_nonzero(finite))
     if n_bad == arr.size:
         raise InputError("every voxel is NaN or infinite: nothing to score")
     if n_bad:
+        if np.shares_memory(arr, data):
+            arr = arr.copy()
         low = float(arr[finite].min())
         arr[~finite] = low
         notes.append(f"{n_bad} non-finite voxels (NaN/Inf) set to the minimum {low:g} (background)")
+    elif np.shares_memory(arr, data):
+        arr = arr.view()
+        arr.flags.writeable = False
+    del finite
     lo, hi = float(arr.min()), float(arr.max())
     if not constant_ok and hi - lo <= 1e-12 * max(1.0, abs(hi)):
         raise InputError(f"the image is constant (every voxel is {lo:g}): nothing to localize")
