@@ -305,3 +305,21 @@ def test_outputs_carry_the_geometry_used_and_a_mask_is_a_label_image(tmp_path):
         np.testing.assert_allclose(hdr.get_sform(), aff, atol=1e-6)
         np.testing.assert_allclose(hdr.get_qform(), hdr.get_sform(), atol=1e-5)  # no shear
         assert hdr.get_xyzt_units()[0] == "mm"
+
+
+def test_a_float32_scan_is_shared_read_only_and_one_with_nan_is_copied():
+    from napari_vaeloc.evaluation.synthetic import head_phantom
+
+    data = head_phantom((20, 24, 18), seed=2).astype(np.float32)
+    vol = Volume.from_array(data)
+    assert np.shares_memory(vol.data, data) and not vol.data.flags.writeable
+    assert data.flags.writeable  # the caller's array is left as it was
+    with pytest.raises(ValueError):
+        vol.data[0, 0, 0] = 1.0
+    bad = data.copy()
+    bad[0, 0, 0] = np.nan
+    fixed = Volume.from_array(bad)
+    assert not np.shares_memory(fixed.data, bad) and np.isnan(bad[0, 0, 0])
+    assert fixed.data[0, 0, 0] == fixed.data.min()
+    as_int = Volume.from_array((data * 1000).astype(np.int16))
+    assert as_int.data.dtype == np.float32 and as_int.data.flags.writeable
