@@ -168,7 +168,10 @@ class GuessMixin:
         if g["state"] == "running":
             return "checking which modality the scan looks like…"
         if g["state"] == "stopped":
-            return "modality not checked: a run started first"
+            return (
+                "modality not checked before the run (it started first); "
+                "the fit line says what the run found"
+            )
         if g["state"] == "failed":
             return f"could not tell the scan's modality ({g['message']}); model left as it is"
         guess: ModalityGuess = g["guess"]

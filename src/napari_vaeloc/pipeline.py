@@ -217,8 +217,8 @@ def localize_scan(
         out: the output folder (made if missing).
         overwrite: replace existing outputs instead of refusing.
         progress: ``progress(done, total)`` with the slices scored (None: silent).
-        stage: ``stage(name)`` as each stage begins: the modality guess's and the engine's
-            (None: silent).
+        stage: ``stage(name)`` as each stage begins: the modality guess's, the engine's, and
+            the writing's (None: silent).
         log: gets the lines meant for the user (with ``--model auto``, the model chosen and
             why); None: nothing is said.
         max_bytes: refuse a scan whose float32 copy, or whose maps, would need more memory
@@ -265,5 +265,7 @@ def localize_scan(
         maps=maps,
     )
     post = PostProcessor(result, combine)
+    if stage is not None:  # the maps are mapped back and compressed now, one by one
+        stage("writing the maps and the mask")
     paths = write_result(result, post, out, stem=scan_stem(scan), overwrite=overwrite)
     return ScanOutputs(result, post, paths)

@@ -50,6 +50,17 @@ def test_localize_writes_every_file(tmp_path, anatomical_path, tiny_model_dir, c
     assert "anatomical_mask.nii.gz" in capsys.readouterr().out
 
 
+def test_the_scoring_bar_ends_before_the_maps_are_written(
+    tmp_path, anatomical_path, tiny_model_dir, capsys
+):
+    args = ["localize", str(anatomical_path), "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path), "--prepare", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "\nwriting the maps and the mask ...\n" in err, repr(err)
+    after = err.split("writing the maps and the mask ...")[1]
+    assert "slice" not in after  # the bar was closed: it does not count the writing's time
+
+
 def test_existing_outputs_are_kept(tmp_path, anatomical_path, tiny_model_dir, capsys):
     args = [
         "localize",

@@ -87,9 +87,10 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
         assert err.count(f"{stage} ...") == 1, err
         assert f"{stage}: done" in captured.out
     # every stage line starts a line of its own and no bar is drawn after the next stage began
-    for stage in ("scoring slices", "mapping back to the scan"):
+    for stage in ("scoring slices", "mapping back to the scan", "writing the maps and the mask"):
         assert f"\n{stage} ...\n" in err, repr(err)
     assert "scoring slices:" not in err.split("mapping back to the scan ...")[1]
+    assert err.index("mapping back to the scan ...") < err.index("writing the maps and the mask")
     # the mask's summary: the scores file's volume, the mask file's parts, the calibrated FPR
     scores = json.loads((out / "head_scores.json").read_text())
     parts = mask_parts(np.asarray(nib.load(out / "head_mask.nii.gz").dataobj))[1]
