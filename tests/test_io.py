@@ -307,7 +307,7 @@ def test_outputs_carry_the_geometry_used_and_a_mask_is_a_label_image(tmp_path):
         assert hdr.get_xyzt_units()[0] == "mm"
 
 
-def test_a_float32_scan_is_shared_read_only_and_one_with_nan_is_copied():
+def test_a_float32_scan_is_shared_read_only_and_one_with_nan_is_copied(tmp_path):
     from napari_vaeloc.evaluation.synthetic import head_phantom
 
     data = head_phantom((20, 24, 18), seed=2).astype(np.float32)
@@ -321,5 +321,12 @@ def test_a_float32_scan_is_shared_read_only_and_one_with_nan_is_copied():
     fixed = Volume.from_array(bad)
     assert not np.shares_memory(fixed.data, bad) and np.isnan(bad[0, 0, 0])
     assert fixed.data[0, 0, 0] == fixed.data.min()
+    flipped = Volume.from_array(data[:, ::-1, :])  # negative strides: copied, contiguous
+    assert not np.shares_memory(flipped.data, data) and flipped.data.flags.c_contiguous
+    np.testing.assert_array_equal(flipped.data, data[:, ::-1, :])
     as_int = Volume.from_array((data * 1000).astype(np.int16))
+    mapped = np.memmap(tmp_path / "raw.f4", np.float32, "w+", shape=data.shape)
+    mapped[:] = data
+    from_file = Volume.from_array(mapped)  # a file that may change: copied
+    assert not np.shares_memory(from_file.data, mapped)
     assert as_int.data.dtype == np.float32 and as_int.data.flags.writeable

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -150,11 +151,21 @@ def mask_like_note(data: np.ndarray) -> str | None:
     return f"the image has only two values ({lo:g} and {hi:g}): it looks like a mask, not a scan"
 
 
+def _file_backed(arr: np.ndarray) -> bool:
+    """True when ``arr`` is (a view of) a memory-mapped file."""
+    base: Any = arr
+    while base is not None:
+        if isinstance(base, (np.memmap, mmap.mmap)):
+            return True
+        base = getattr(base, "base", None)
+    return False
+
+
 def _float_image(data: np.ndarray, constant_ok: bool) -> tuple[np.ndarray, list[str]]:
     """float32 version of a real-valued image with non-finite voxels set to the smallest finite
-    value; the notes say what was changed and whether it looks like a mask. A float32 image
-    with nothing to change is not copied: a read-only view of it is returned (a viewer's scan
-    is not held twice).
+    value; the notes say what was changed and whether it looks like a mask. A contiguous
+    float32 image in memory with nothing to change is not copied: a read-only view of it is
+    returned (a viewer's scan is not held twice); a memory-mapped file is copied.
 
     Raises:
         InputError: complex or non-numeric data, empty, all non-finite, or (unless
@@ -177,8 +188,11 @@ def _float_image(data: np.ndarray, constant_ok: bool) -> tuple[np.ndarray, list[
         arr[~finite] = low
         notes.append(f"{n_bad} non-finite voxels (NaN/Inf) set to the minimum {low:g} (background)")
     elif np.shares_memory(arr, data):
-        arr = arr.view()
-        arr.flags.writeable = False
+        if (arr.flags.c_contiguous or arr.flags.f_contiguous) and not _file_backed(arr):
+            arr = arr.view()
+            arr.flags.writeable = False
+        else:  # a flipped or strided view, or a mapped file that may change under us: a copy
+            arr = np.array(arr, order="C" if not arr.flags.f_contiguous else "F")
     del finite
     lo, hi = float(arr.min()), float(arr.max())
     if not constant_ok and hi - lo <= 1e-12 * max(1.0, abs(hi)):
