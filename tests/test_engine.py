@@ -199,3 +199,36 @@ def test_restoration_map_on_request(tiny_model, phantom):
     assert r.min() >= 0 and r.max() > 0
     # the restored image moves towards the reconstruction: the map follows the error's pattern
     assert np.corrcoef(r, b.maps["rec_error"][b.foreground])[0, 1] > 0.3
+
+
+def test_warm_up_scores_full_batches_of_a_small_volume(tiny_model, monkeypatch):
+    from napari_vaeloc import scoring
+    from napari_vaeloc.engine import warm_up
+
+    real, batches = scoring.score_batch, []
+
+    def counted(network, x, *args, **kwargs):  # the real scoring, its batch sizes recorded
+        batches.append(x.shape[0])
+        return real(network, x, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_batch", counted)
+    assert warm_up(tiny_model, "cpu", batch_size=8) > 0
+    assert batches == [8, 6]  # a full batch (its convolutions are set up), then the rest
+    with pytest.raises(InputError, match="unknown device"):
+        warm_up(tiny_model, "nope")
+
+
+def test_a_warm_up_in_another_thread_does_not_change_a_run(tiny_model, phantom):
+    import threading
+
+    from napari_vaeloc.engine import warm_up
+
+    alone = localize(phantom, tiny_model, EngineOptions(device="cpu"))
+    threads = [threading.Thread(target=warm_up, args=(tiny_model, "cpu", 8)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    both = localize(phantom, tiny_model, EngineOptions(device="cpu", batch_size=8))
+    for t in threads:
+        t.join()
+    for k in alone.maps:
+        np.testing.assert_allclose(both.maps[k], alone.maps[k], rtol=1e-5, atol=1e-6)

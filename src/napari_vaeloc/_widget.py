@@ -75,6 +75,19 @@ def _available_devices(model_folder: str | None = None) -> list[str]:
     return devices
 
 
+def _warm_up(model_folder: str, device: str, batch_size: int) -> None:
+    """In a worker after panel start: run the engine once on a small synthetic volume with the
+    model shown first (:func:`napari_vaeloc.engine.warm_up`); a failure is left for the run to
+    report."""
+    from .engine import warm_up
+    from .models.store import cached_model
+
+    try:
+        warm_up(cached_model(model_folder), device, batch_size)
+    except Exception:
+        pass
+
+
 class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
     """Dock widget: pick scan, model, device and axis; run; tune the combination live; export."""
 
@@ -220,6 +233,12 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
     def _set_devices(self, devices: list[str]) -> None:
         self._devices = list(devices)
         self.device.reset_choices()
+        folder = self._folders.get(self.model.value or "")
+        if folder is not None and not self.running:  # the first run then starts warm
+            from napari.qt.threading import create_worker
+
+            args = (folder, self.device.value, self.batch_size)
+            start_worker(create_worker(_warm_up, *args, _start_thread=False))
 
     def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
         from napari.layers import Image
