@@ -301,3 +301,26 @@ def test_preview_slice_is_the_whole_volumes_slice(tiny_model_dir, phantom, min_s
     assert pv is not None and pv.exact and not pv.combined_changed
     np.testing.assert_array_equal(pv.mask, _slice(exp, 1, 10))
     assert isinstance(CombineSettings(), CombineSettings)
+
+
+def test_a_map_that_cannot_be_made_for_its_layer_is_one_error_line(
+    make_napari_viewer, qtbot, tiny_model_dir
+):
+    from napari.utils.notifications import notification_manager
+
+    viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
+    maps = widget.session.result.maps
+    shape, dtype = maps.describe("kl_grad")
+
+    def fails():
+        raise MemoryError("not enough memory for the map")
+
+    maps.defer("kl_grad", fails, shape, dtype)
+    since = len(notification_manager.records)
+    layer = viewer.layers["big KL gradient"]
+    layer.visible = True
+    qtbot.waitUntil(lambda: len(notification_manager.records) > since, timeout=TIMEOUT_MS)
+    qtbot.wait(200)
+    messages = [str(n.message) for n in notification_manager.records[since:]]
+    assert messages == ["could not show big KL gradient: not enough memory for the map"]
+    assert layer in viewer.layers and not np.asarray(layer.data[0]).any()

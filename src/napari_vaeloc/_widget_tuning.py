@@ -153,9 +153,17 @@ class TuningMixin:
         worker = create_worker(
             pending.make, _start_thread=False,
             _connect={"returned": lambda made: self._on_map_made(layer, pending, made),
+                      "errored": lambda exc: self._on_map_failed(layer, exc),
                       "finished": lambda: self._making.discard(pending)},
         )  # fmt: skip
         start_worker(worker)
+
+    @live
+    def _on_map_failed(self, layer: Any, exc: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        show_error(f"could not show {getattr(layer, 'name', 'the map')}: {text}")
 
     @live
     def _on_map_made(self, layer: Any, pending: PendingMap, made: np.ndarray) -> None:
