@@ -30,7 +30,6 @@ from qtpy.QtCore import QTimer
 from ._widget_controller import LAYER_STYLES, MAP_LAYERS
 from ._widget_layers import PendingMap, file_axis, put_layer
 from ._widget_run import live, start_worker
-from .mapset import MapSet
 
 #: how long the sliders wait for the next move before recombining the whole volume (ms)
 DEBOUNCE_MS = 50
@@ -63,7 +62,7 @@ def recombine(session: Any, job: Recombination) -> Any:
 def _layer_data(maps: Any, name: str) -> Any:
     """A map layer's data: the map when it is made, else a :class:`PendingMap` (made when the
     layer is shown)."""
-    if isinstance(maps, MapSet) and maps.is_deferred(name):
+    if maps.is_deferred(name):
         shape, dtype = maps.describe(name)
         if shape is not None and dtype is not None:
             return PendingMap(maps, name, shape, dtype)

@@ -40,7 +40,6 @@ import numpy as np
 from .errors import InputError
 from .hostmem import host_array
 from .mapnames import COMBINABLE_MAPS, PRESETS, check_names
-from .mapset import MapSet
 
 if TYPE_CHECKING:  # the engine pulls in torch lazily; only its result type is needed here
     from .engine import LocalizationResult
@@ -198,8 +197,7 @@ class PostProcessor:
                 self._scales[name] = (float(calib[name]), True)
             else:
                 # a deferred map is made for its percentile and let go (no layer may need it)
-                maps = self.result.maps
-                values = maps.peek(name) if isinstance(maps, MapSet) else maps[name]
+                values = self.result.maps.peek(name)
                 self._scales[name] = (_fallback_scale(values, self.fg()), False)
         return self._scales[name]
 
@@ -451,9 +449,7 @@ class PostProcessor:
         (:class:`~napari_vaeloc.mapset.MapSet`) and ``compute`` is false (making it goes
         over the whole volume)."""
         maps = self.result.maps
-        if not compute and isinstance(maps, MapSet) and maps.is_deferred(name):
-            return None
-        return maps[name]
+        return None if not compute and maps.is_deferred(name) else maps[name]
 
     def _sample_stats(self, s: CombineSettings, compute: bool) -> tuple[float, float] | None:
         """Median and robust spread of the weighted sum on an even subsample of at most

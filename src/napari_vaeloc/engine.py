@@ -143,8 +143,9 @@ class LocalizationResult:
         card: the card of the model that scored it (for a fused run, the main model's).
         maps: name -> float32 (X, Y, Z) on the scan's voxel grid (float16 with
             ``EngineOptions(map_dtype="float16")``), for each map asked for (default
-            :func:`maps_for` the model); a :class:`~napari_vaeloc.mapset.MapSet`, whose maps
-            are mapped back on first use with ``EngineOptions(defer_maps=True)``.
+            :func:`maps_for` the model); a :class:`~napari_vaeloc.mapset.MapSet` (a dict given
+            is wrapped in one), whose maps are mapped back on first use with
+            ``EngineOptions(defer_maps=True)``.
             ``reconstruction`` is in the scan's intensity units; the others in model units
             (nats per pixel for rec_error, nats per z-unit for the gradients).
         foreground: bool (X, Y, Z), the object: the voxels the normalisation counted as
@@ -170,6 +171,10 @@ class LocalizationResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     prepared: Prepared | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.maps, MapSet):  # a plain dict of arrays: every map held
+            self.maps = MapSet(self.maps)
 
     @property
     def shape(self) -> tuple[int, ...]:

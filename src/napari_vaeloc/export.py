@@ -15,7 +15,6 @@ from .combine import Combination, CombineSettings, PostProcessor
 from .engine import LocalizationResult
 from .io import Volume, WriteSet, check_output_folder, refuse_existing, scan_stem
 from .mapnames import DEFAULT_MAPS, OUTPUT_MAPS
-from .mapset import MapSet
 
 #: deferred maps (:class:`~napari_vaeloc.mapset.MapSet`) made and compressed side by side while
 #: a result is written; each holds one full-size map until its file is written
@@ -74,7 +73,7 @@ def write_result(
     # a deferred map the combination does not read is made, written and let go first, before
     # the combination holds its own memory: at most STREAM_WORKERS of them at full size at once
     used = post.settings.used_weights()
-    streamed = [k for k in maps if _deferred(result, k) and k not in used]
+    streamed = [k for k in maps if result.maps.is_deferred(k) and k not in used]
     with WriteSet(overwrite) as files:
         made = [(partial(result.maps.peek, k), volume, paths[k], "map") for k in streamed]
         files.add_niftis(made, STREAM_WORKERS)
@@ -85,10 +84,6 @@ def write_result(
         files.add_niftis(images)  # compressed side by side
         files.add_json(_report(result, post, c, paths), paths["scores"])
     return paths
-
-
-def _deferred(result: LocalizationResult, name: str) -> bool:
-    return isinstance(result.maps, MapSet) and result.maps.is_deferred(name)
 
 
 def _report(
