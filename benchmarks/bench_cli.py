@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     ref = rows.get("default")
     print(f"\n== vaeloc localize, {shape[0]}x{shape[1]}x{shape[2]} (synthetic), t2-brain, cpu ==")
-    print("variant              time s   peak RSS MiB   increase MiB   written MiB   "
-          "time / default   increase / default")
+    print(
+        "variant              time s   peak RSS MiB   increase MiB   written MiB   "
+        "time / default   increase / default"
+    )
     for name, r in rows.items():
         ratio_t = f"{r['seconds'] / ref['seconds']:.2f}x" if ref else "-"
         ratio_m = f"{r['increase_mib'] / ref['increase_mib']:.2f}x" if ref else "-"

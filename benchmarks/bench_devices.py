@@ -48,7 +48,7 @@ def upsampled_sample() -> Volume:
 
 def timed_localize(volume, model, device: str, amp: bool | None, repeat: int):
     options = EngineOptions(device=device, amp=amp)
-    localize(volume, model, options)  # warm-up (kernels, allocator)
+    localize(volume, model, options, prepare=None)  # warm-up (kernels, allocator)
     best, res = float("inf"), None
     for _ in range(repeat):
         t0 = time.perf_counter()

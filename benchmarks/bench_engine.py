@@ -187,8 +187,6 @@ RUNNERS: dict[str, Callable[[Volume, LoadedModel, int], dict[str, np.ndarray]]] 
 # --------------------------------------------------------------------------- memory (children)
 
 
-
-
 def _memory_child(
     variant: str, size: str, quick: bool, batch_size: int, threads: int, queue: Any
 ) -> None:

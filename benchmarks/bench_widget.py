@@ -59,8 +59,6 @@ LARGE_SHAPE = (600, 600, 400)
 TICK_MS = 10
 
 
-
-
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 

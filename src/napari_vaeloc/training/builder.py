@@ -340,6 +340,66 @@ def initial_weights(net, source: str | os.PathLike) -> dict:
     }
 
 
+def prepare_slices(
+    sources: list[str],
+    cfg: TrainConfig,
+    *,
+    modality: str = "T2",
+    normalisation: Normalisation | None = None,
+    individuals: int = 0,
+    individual_config: IndividualConfig | None = None,
+    val_sources: list[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    data_licence: str | None = None,
+    log: Callable[[str], None] | None = None,
+):
+    """The slices a run on ``sources`` trains and validates on (:class:`slicefile.SliceSet`):
+    the sources and ``individuals`` synthetic individuals of each (cached in ``cache_dir``),
+    split by :func:`choose_holdout`, sliced with the engine's preprocessing at ``cfg``'s axis,
+    input size and neighbours.
+
+    Raises:
+        InputError: bad sources (see :func:`build_training_set`, :func:`choose_holdout`).
+    """
+    from .slicefile import SliceSet
+
+    sources = [str(s) for s in sources]
+    norm = normalisation or Normalisation()
+    ind_cfg = individual_config or IndividualConfig()
+    tset = build_training_set(
+        sources, modality, individuals, cfg.seed, ind_cfg, cache_dir, data_licence, log
+    )
+    holdout, held_by = choose_holdout(tset, val_sources, seed=cfg.seed)
+    if held_by == "source":
+        held = {g for g, h in zip(tset.groups, holdout or [], strict=True) if h}
+        mark_validation(tset.records, held)
+    data = build_slice_dataset(
+        tset.volumes,
+        cfg.axis,
+        cfg.image_size,
+        norm,
+        seed=cfg.seed,
+        holdout=holdout,
+        neighbours=cfg.neighbours,
+    )
+    if held_by:
+        data.split["by"] = held_by
+        data.split["val_names"] = [n for n, h in zip(tset.names, holdout or [], strict=True) if h]
+    return SliceSet(
+        data=data,
+        axis=cfg.axis,
+        image_size=cfg.image_size,
+        neighbours=cfg.neighbours,
+        modality=modality,
+        normalisation=norm,
+        records=tset.records,
+        sources=[str(s) if s in TEMPLATES else Path(s).name for s in sources],
+        individuals=(
+            {"per_source": individuals, "config": ind_cfg.to_dict()} if individuals else None
+        ),
+    )
+
+
 def train_model(
     sources: list[str],
     out: str | os.PathLike,
@@ -361,6 +421,7 @@ def train_model(
     data_licence: str | None = None,
     log: Callable[[str], None] | None = None,
     init_from: str | os.PathLike | None = None,
+    slices: str | os.PathLike | None = None,
 ) -> tuple[Path, dict]:
     """Train a conv VAE on the healthy ``sources`` (files, folders or template names) and
     ``individuals`` synthetic individuals of each, calibrate it on the held-out volumes or
@@ -373,11 +434,15 @@ def train_model(
     written, except after a stop by ``cfg.max_minutes``, so that ``resume`` continues the run.
     ``data_licence`` states the terms of the user's own files for the card. ``init_from``: a
     trained model (bundled name or folder) whose weights the run starts from (fine-tuning; see
-    :func:`initial_weights`). Returns (model folder, training summary).
+    :func:`initial_weights`). ``slices``: a slice set written by :func:`export_slices`, used
+    instead of ``sources`` (which must then be empty); its axis, input size, neighbours,
+    modality and normalisation must be ``cfg``'s and the given ones. Returns (model folder,
+    training summary).
 
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
-        InputError: bad sources (see :func:`build_training_set`, :func:`choose_holdout`).
+        InputError: bad sources (see :func:`build_training_set`, :func:`choose_holdout`), or
+            a slice set that cannot be read or does not match (:mod:`slicefile`).
         ModelError: the card would lack training provenance (:func:`check_provenance`), or
             ``init_from`` cannot be loaded or does not fit the architecture.
     """
@@ -385,41 +450,34 @@ def train_model(
 
     from ..models.vae import ConvVAE
     from .augment import AugmentConfig, Augmenter
+    from .slicefile import check_matches, read_meta, read_slices
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(out)
-    sources = [str(s) for s in sources]
     norm = normalisation or Normalisation()
     ckpt = checkpoint_dir_for(out)
-    ind_cfg = individual_config or IndividualConfig()
-    tset = build_training_set(
-        sources,
-        modality,
-        individuals,
-        cfg.seed,
-        ind_cfg,
-        cache_dir if cache_dir is not None else ckpt / "individuals",
-        data_licence,
-        log,
-    )
-    holdout, held_by = choose_holdout(tset, val_sources, seed=cfg.seed)
-    if held_by == "source":
-        held = {g for g, h in zip(tset.groups, holdout or [], strict=True) if h}
-        mark_validation(tset.records, held)
-    data = build_slice_dataset(
-        tset.volumes,
-        cfg.axis,
-        cfg.image_size,
-        norm,
-        seed=cfg.seed,
-        holdout=holdout,
-        neighbours=cfg.neighbours,
-    )
-    if held_by:
-        data.split["by"] = held_by
-        data.split["val_names"] = [n for n, h in zip(tset.names, holdout or [], strict=True) if h]
-    del tset.volumes[:]  # the slices are all that training needs
+    if slices is not None:
+        if sources:
+            raise InputError("give either sources or a slice set (--slices), not both")
+        check_matches(
+            read_meta(slices), slices, cfg.axis, cfg.image_size, cfg.neighbours, modality, norm
+        )
+        sset = read_slices(slices)
+    else:
+        sset = prepare_slices(
+            sources,
+            cfg,
+            modality=modality,
+            normalisation=norm,
+            individuals=individuals,
+            individual_config=individual_config,
+            val_sources=val_sources,
+            cache_dir=cache_dir if cache_dir is not None else ckpt / "individuals",
+            data_licence=data_licence,
+            log=log,
+        )
+    data = sset.data
     aug_d = dict(augment or {})
     enabled = aug_d.pop("enabled", True)
     aug_cfg = AugmentConfig.from_dict(aug_d) if enabled else AugmentConfig.none()
@@ -453,7 +511,7 @@ def train_model(
     )
     table = (calibration.combined_fpr if calibration is not None else None) or {}
     threshold = table.get(str(DEFAULT_FPR), 1.0)
-    sources_line, licence = card_provenance(tset.records)
+    sources_line, licence = card_provenance(sset.records)
     training_record = {
         "config": cfg.to_dict(),
         "augment": aug_cfg.to_dict(),
@@ -462,16 +520,18 @@ def train_model(
         "best_step": result.best_step,
         "best_val_loss": result.best_val,
         "stopped": result.stopped,
-        "sources": [str(s) if s in TEMPLATES else Path(s).name for s in sources],
-        "source_records": tset.records,
+        "sources": sset.sources,
+        "source_records": sset.records,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "package_version": __version__,
     }
     if init_record is not None:
         training_record["init_from"] = init_record
-    if individuals:
-        training_record["individuals"] = {"per_source": individuals, "config": ind_cfg.to_dict()}
+    if sset.individuals:
+        training_record["individuals"] = sset.individuals
+    if slices is not None:
+        training_record["slice_set"] = Path(slices).name
     card = ModelCard(
         name=name or out.name,
         architecture=Architecture.from_dict(net.config(), "network config"),
@@ -512,6 +572,42 @@ def train_model(
         "final_train_loss": result.history[-1]["train_loss"] if result.history else float("nan"),
     }
     return folder, summary
+
+
+def export_slices(
+    sources: list[str],
+    path: str | os.PathLike,
+    cfg: TrainConfig,
+    *,
+    overwrite: bool = False,
+    **prepare: object,
+) -> dict:
+    """Write the slices a run on ``sources`` would train on (:func:`prepare_slices`, which
+    takes the keyword arguments ``prepare``) to the slice set ``path``
+    (:func:`slicefile.write_slices`), for ``train_model(slices=path)`` on another machine.
+    Returns a summary (slices, input size, sources).
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is false.
+        InputError: bad sources (see :func:`prepare_slices`).
+        OutputError: ``path`` cannot be written.
+    """
+    from ..io import check_output_folder
+    from .slicefile import write_slices
+
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputExistsError(p)
+    check_output_folder(p.resolve().parent)
+    sset = prepare_slices(sources, cfg, **prepare)  # type: ignore[arg-type]
+    write_slices(sset, p, overwrite=overwrite)
+    return {
+        "train_slices": int(sset.data.split["n_train"]),
+        "val_slices": int(sset.data.split["n_val"]),
+        "image_size": sset.image_size,
+        "sources": ", ".join(sset.sources),
+        "megabytes": round(p.stat().st_size / 1e6, 1),
+    }
 
 
 def recalibrate(
