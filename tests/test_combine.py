@@ -9,6 +9,7 @@ import pytest
 from napari_vaeloc.combine import (
     CombineSettings,
     PostProcessor,
+    finish,
     label_components,
     robust_z,
     smooth,
@@ -142,6 +143,42 @@ def test_scan_normalise_removes_a_global_offset():
     assert not np.allclose(plain, a)
     s = CombineSettings.from_card(card_with(defaults={"scan_normalise": True, "threshold": 4.0}))
     assert s.scan_normalise and s.threshold == 4.0
+
+
+@pytest.mark.parametrize("scan_normalise", [False, True])
+def test_float16_components_give_a_float16_combination_equal_to_the_float32_one(
+    scan_normalise, monkeypatch
+):
+    import napari_vaeloc.combine as combine
+
+    monkeypatch.setattr(combine, "CHUNK_VOXELS", 1000)  # several chunks on a small volume
+    rng = np.random.default_rng(3)
+    shape = (20, 18, 16)
+    maps = {k: rng.gamma(2.0, 1.0, shape).astype(np.float16) for k in ("rec_error", "kl_grad")}
+    fg = np.zeros(shape, bool)
+    fg[3:17, 2:16, 2:14] = True
+    cal = {"scales": {"rec_error": 2.0, "kl_grad": 0.5}}
+    w = {"rec_error": 1.0, "kl_grad": 0.5}
+    settings = dict(weights=w, smoothing_mm=2.0, scan_normalise=scan_normalise)
+    half = _post(maps, fg, cal, **settings)
+    b = half.combined()
+    assert b.dtype == np.float16
+    # what the combination was before: the same float16 components, summed and kept in float32
+    inside = half._inside(half.settings)
+    terms = {k: half._scaled(k, 2.0, inside) for k in maps}
+    assert all(t.dtype == np.float16 for t in terms.values())
+    region = fg if half.settings.foreground_only else None
+    a = finish(weighted_sum(terms, w), region, scan_normalise)
+    assert a.dtype == np.float32
+    # the float32 result rounded once: the nearest float16 or, at a tie, its neighbour
+    np.testing.assert_allclose(b.astype(np.float32), a, rtol=2.0**-11, atol=2.0**-24)
+    assert not np.array_equal(a, b.astype(np.float32))  # it really is rounded
+    t = float(np.median(a[a > 0]))  # a threshold amid the values
+    near = np.abs(a - t) <= 2.0**-11 * np.abs(a)  # masks differ only within that rounding
+    differ = threshold_mask(a, t) != half.mask(half.settings.replace(threshold=t))
+    assert not (differ & ~near).any()
+    mixed = _post({**maps, "rec_error": maps["rec_error"].astype(np.float32)}, fg, cal, **settings)
+    assert mixed.combined().dtype == np.float32  # float16 only when every term is
 
 
 def test_minimum_size_from_cached_components_equals_scikit_image():

@@ -237,7 +237,8 @@ class PostProcessor:
     def combined(
         self, settings: CombineSettings | None = None, cancel: Callable[[], bool] | None = None
     ) -> np.ndarray:
-        """The combined map, float32 of the scan's shape (steps 1-4 of the module doc), under
+        """The combined map of the scan's shape (steps 1-4 of the module doc), float32, or
+        float16 when every weighted component is (maps kept as float16), under
         ``settings`` (default: ``self.settings``). ``cancel`` is asked between components;
         when it says yes, :class:`~napari_vaeloc.errors.Cancelled` is raised."""
         s = self.settings if settings is None else settings
@@ -253,9 +254,12 @@ class PostProcessor:
             _stop_if(cancel)
             terms[k] = self._scaled(k, s.smoothing_mm, inside)
         _stop_if(cancel)
-        total = weighted_sum(terms, used, shape=self.result.shape)
         fg = self.fg() if s.foreground_only else None
-        out = finish(total, fg, s.scan_normalise)
+        # float16 when every weighted component is (the panel's maps of a large scan): it is
+        # no finer than its terms, and it halves the largest array the panel holds
+        half = bool(terms) and all(t.dtype == np.float16 for t in terms.values())
+        dtype = np.float16 if half else np.float32
+        out = combine_terms(terms, used, fg, s.scan_normalise, self.result.shape, dtype)
         with self._lock:
             self._combined, self._combined_key = out, key
         return out
@@ -321,7 +325,7 @@ class PostProcessor:
         parts = self._parts
         if parts is not None and parts[0] is combined and parts[1] == threshold:
             return parts[2], parts[3]
-        labels, sizes = label_components(combined > threshold)
+        labels, sizes = label_components(above(combined, threshold))
         with self._lock:
             self._parts = (combined, threshold, labels, sizes)
         return labels, sizes
@@ -409,7 +413,7 @@ class PostProcessor:
                 exact = False
             comb_sl = finish(total, fg_sl if s.foreground_only else None, s.scan_normalise, stats)
         n = min_voxels(s.min_size_mm3, self.spacing, self.fg().ndim)
-        mask_sl = (comb_sl > s.threshold).astype(np.uint8)
+        mask_sl = above(comb_sl, s.threshold).astype(np.uint8)
         if n > 1:
             parts = self._parts
             if same and parts is not None and parts[0] is combined and parts[1] == s.threshold:
@@ -549,6 +553,53 @@ def weighted_sum(
             part = slice(start, start + CHUNK_VOXELS)
             flat[part] += term[part] * factor
     return total
+
+
+def combine_terms(
+    terms: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    foreground: np.ndarray | None,
+    scan_normalise: bool,
+    shape: tuple[int, ...],
+    dtype=np.float32,
+) -> np.ndarray:
+    """:func:`weighted_sum` of ``terms`` (already scaled) then :func:`finish`, as ``dtype``:
+    float32, or float16, which is computed chunk by chunk in float32 and rounded once at the
+    end (the per-scan median and spread come from the float32 sum at the same voxels
+    :func:`robust_stats` samples), so that no float32 volume is ever made.
+    """
+    if np.dtype(dtype) == np.float32:
+        return finish(weighted_sum(terms, weights, shape=shape), foreground, scan_normalise)
+    used = {k: np.float32(w) for k, w in weights.items() if w}
+    flat_terms = {k: np.asarray(terms[k]).reshape(-1) for k in used}
+    size = int(np.prod(shape, dtype=np.int64))
+
+    def summed(index: slice | np.ndarray) -> np.ndarray:
+        acc = None
+        for k, w in used.items():  # weighted_sum's order and arithmetic: equal float32 sums
+            term = np.multiply(flat_terms[k][index], w, dtype=np.float32)
+            acc = term if acc is None else np.add(acc, term, out=acc)
+        return acc
+
+    stats = None
+    if scan_normalise:
+        fg = foreground.reshape(-1) if foreground is not None and foreground.any() else None
+        where = np.flatnonzero(fg) if fg is not None else np.arange(size)
+        sample = summed(where[:: max(1, where.size // ROBUST_SAMPLE)])
+        stats = robust_stats(sample)
+    out = host_array(shape, dtype)
+    flat = out.reshape(-1)
+    flat_fg = foreground.reshape(-1) if foreground is not None else None
+    for start in range(0, size, CHUNK_VOXELS):
+        part = slice(start, min(size, start + CHUNK_VOXELS))
+        acc = summed(part)
+        if stats is not None:
+            acc = robust_z(acc, None, stats, out=acc)
+            np.maximum(acc, 0, out=acc)
+        if flat_fg is not None:
+            np.multiply(acc, flat_fg[part], out=acc)
+        flat[part] = acc
+    return out
 
 
 def _fallback_scale(values: np.ndarray, foreground: np.ndarray | None) -> float:
@@ -723,11 +774,15 @@ def finish(
     return out
 
 
+#: at most this many voxels, evenly strided, set a scan's median and spread
+ROBUST_SAMPLE = 2_000_000
+
+
 def robust_stats(values: np.ndarray, where: np.ndarray | None = None) -> tuple[float, float]:
     """(median, 1.4826 MAD) of ``values[where]`` (all values when ``where`` is None or empty;
     at most 2 million of them, evenly strided)."""
     ref = values[where] if where is not None and where.any() else values.ravel()
-    ref = ref[:: max(1, ref.size // 2_000_000)]
+    ref = ref[:: max(1, ref.size // ROBUST_SAMPLE)]
     med = float(np.median(ref))
     mad = 1.4826 * float(np.median(np.abs(ref - med)))
     return med, mad
@@ -795,6 +850,13 @@ def keep_large(labels: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """bool ``values > threshold``, the threshold taken in at least float32: NumPy would round
+    it to a float16 map's own precision (a Python float adapts to the array), which moves the
+    threshold by up to 2**-11 of itself."""
+    return values > np.asarray(threshold, dtype=np.result_type(values.dtype, np.float32))
+
+
 def threshold_mask(
     combined: np.ndarray,
     threshold: float,
@@ -803,7 +865,7 @@ def threshold_mask(
 ) -> np.ndarray:
     """uint8 mask of voxels above ``threshold``, without connected components (26-connected)
     smaller than ``min_size_mm3``."""
-    mask = combined > threshold
+    mask = above(combined, threshold)
     n = min_voxels(min_size_mm3, spacing, mask.ndim)
     if n > 1 and mask.any():
         return keep_large(*label_components(mask), n)
