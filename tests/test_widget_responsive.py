@@ -90,6 +90,18 @@ def test_large_scans_keep_float16_maps_and_components(
     np.testing.assert_allclose(exp.combined, ref, rtol=5e-3, atol=5e-3 * float(ref.max()))
 
 
+def test_the_panel_warm_up_builds_the_line_patterns_off_the_gui_thread(tiny_model_dir):
+    """napari's first Labels layer would otherwise build vispy's dash patterns on the GUI
+    thread during the click."""
+    from vispy.visuals.line import dash_atlas
+
+    dash_atlas._make_pattern.cache_clear()
+    worker = threading.Thread(target=_widget._warm_up, args=(str(tiny_model_dir), "cpu", 8))
+    worker.start()
+    worker.join(timeout=60)
+    assert dash_atlas._make_pattern.cache_info().currsize >= 13  # all of DashAtlas's patterns
+
+
 def _expected(widget):
     """The whole volume under the panel's settings, by a fresh post-processor (as the command
     line computes it)."""

@@ -86,6 +86,22 @@ def _warm_up(model_folder: str, device: str, batch_size: int) -> None:
         warm_up(cached_model(model_folder), device, batch_size)
     except Exception:
         pass
+    _warm_line_patterns()
+
+
+def _warm_line_patterns() -> None:
+    """Build vispy's line dash patterns once, off the GUI thread. napari's first Labels layer
+    (the mask) makes a line visual for its polygon overlay, and vispy computes its 13 dash
+    patterns in Python the first time one is made in a process (about 50 ms, cached after);
+    on the GUI thread, during the click, that is most of the panel's longest freeze. The
+    patterns are plain numpy arrays, so building them in a worker is safe; where vispy has
+    moved them, nothing is done."""
+    try:
+        from vispy.visuals.line.dash_atlas import DashAtlas
+
+        DashAtlas()
+    except Exception:
+        pass
 
 
 class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
