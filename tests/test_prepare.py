@@ -302,3 +302,15 @@ def test_deferred_maps_of_a_prepared_scan_equal_those_mapped_back_at_once(raw_he
     for k in eager.maps:
         np.testing.assert_array_equal(lazy.maps.peek(k), eager.maps[k])
     np.testing.assert_array_equal(lazy.foreground, eager.foreground)
+
+
+def test_a_prepared_scan_gets_its_maps_in_the_precision_asked_for(raw_head_result, t1):
+    """The panel asks for float16 maps on a large scan; with preparation they were float32."""
+    scan, eager = raw_head_result
+    half = CPU.replace(map_dtype="float16")
+    for options in (half, half.replace(defer_maps=True)):
+        res = localize(scan, t1, options, prepare="auto", maps=("rec_error",))
+        assert res.maps.describe("rec_error") == (scan.shape, np.dtype(np.float16))
+        got = res.maps["rec_error"]
+        assert got.dtype == np.float16 and got.shape == scan.shape
+        np.testing.assert_allclose(got, eager.maps["rec_error"], rtol=2.0**-10, atol=1e-6)

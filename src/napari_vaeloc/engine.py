@@ -349,11 +349,13 @@ def _localize_prepared(
     if opts.stage is not None:
         opts.stage("mapping back to the scan")
     maps = MapSet()
+    dtype = np.dtype(opts.map_dtype)  # on the scan's grid in the precision asked for, too
     for k in list(res.maps):
         if res.maps.is_deferred(k):  # onto the scan's grid when first used, too
-            maps.defer(k, functools.partial(_to_scan, prepared, res.maps, k), volume.shape, "f4")
+            make = functools.partial(_to_scan, prepared, res.maps, k, dtype)
+            maps.defer(k, make, volume.shape, dtype)
         else:
-            maps[k] = prepared.to_scan(res.maps.pop(k), "map")
+            maps[k] = _to_scan(prepared, res.maps, k, dtype, pop=True)
     foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
     notes = [*volume.notes, *res.notes]  # the checks' warnings stay in the report
     return LocalizationResult(
@@ -385,9 +387,13 @@ def _network_lock(network: object) -> threading.Lock:
         return lock
 
 
-def _to_scan(prepared: Prepared, maps: MapSet, name: str) -> np.ndarray:
-    """A deferred map of the template's grid, made and put onto the scan's grid."""
-    return prepared.to_scan(maps.peek(name), "map")
+def _to_scan(
+    prepared: Prepared, maps: MapSet, name: str, dtype: np.dtype, pop: bool = False
+) -> np.ndarray:
+    """A map of the template's grid (made first when deferred; taken out of ``maps`` with
+    ``pop``) put onto the scan's grid, as ``dtype``."""
+    values = maps.pop(name) if pop else maps.peek(name)
+    return prepared.to_scan(values, "map").astype(dtype, copy=False)
 
 
 def _scales(model: LoadedModel) -> dict[str, float]:
