@@ -116,8 +116,20 @@ def test_bad_slice_sets_and_contradicting_settings_are_refused(sources, tmp_path
 
     junk = tmp_path / "junk.npz"
     np.savez(junk, a=np.zeros(3))
-    assert _train_from(junk, tmp_path / "m") == 2
-    assert "cannot read the slice set" in capsys.readouterr().err
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), nifti)
+    for bad, word in (
+        (junk, "is not a slice set"),
+        (nifti, "is not a slice set"),
+        (tmp_path / "missing.npz", "it is missing"),
+        (tmp_path, "it is a folder"),
+    ):
+        assert _train_from(bad, tmp_path / "m") == 2
+        err = capsys.readouterr().err
+        assert word in err and "pickle" not in err and "Errno" not in err
+        assert len(err.strip().splitlines()) == 1
+    assert _train_from(f, tmp_path / "m", "--individuals", "3") == 2
+    assert "--individuals were decided when the slice set was exported" in capsys.readouterr().err
     meta = json.loads(str(np.load(f)["meta"]))
     other = tmp_path / "other.npz"
     with np.load(f) as z:

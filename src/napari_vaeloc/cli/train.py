@@ -167,6 +167,19 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give the healthy sources to train on, or one slice set (--slices)")
     if args.export_slices and args.slices:
         raise InputError("--export-slices writes a slice set from sources; it cannot read one")
+    if args.slices:  # made when the slices were exported: refused rather than ignored
+        fixed = {
+            "--individuals": args.individuals != 0,
+            "--val-sources": args.val_sources is not None,
+            "--cache": args.cache is not None,
+            "--data-licence": args.data_licence is not None,
+        }
+        given = [k for k, v in fixed.items() if v]
+        if given:
+            raise InputError(
+                f"{', '.join(given)} were decided when the slice set was exported; "
+                "train from it without them"
+            )
     # the output's folder must take it: checked before anything is loaded or trained
     out = Path(args.out)
     if args.export_slices:

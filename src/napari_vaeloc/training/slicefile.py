@@ -95,13 +95,18 @@ def write_slices(sset: SliceSet, path: str | os.PathLike, overwrite: bool = Fals
 
 
 def _open(p: Path):
+    hint = "write one with `vaeloc train SOURCES --export-slices --out FILE`"
+    if not p.is_file():
+        what = "a folder" if p.is_dir() else "missing"
+        raise InputError(f"cannot read the slice set {p}: it is {what}; {hint}")
     try:
         z = np.load(p, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
         meta = json.loads(str(z["meta"]))
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError):
         raise InputError(
-            f"cannot read the slice set {p}: {exc.__class__.__name__}: {exc}; write one with "
-            "`vaeloc train SOURCES --export-slices --out FILE`"
+            f"{p} is not a slice set (the .npz that --export-slices writes); {hint}"
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         z.close()
