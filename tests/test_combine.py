@@ -181,6 +181,36 @@ def test_float16_components_give_a_float16_combination_equal_to_the_float32_one(
     assert mixed.combined().dtype == np.float32  # float16 only when every term is
 
 
+def test_a_slice_of_a_fortran_ordered_volume_is_a_new_array_equal_to_np_take():
+    from napari_vaeloc.combine import plane
+
+    rng = np.random.default_rng(4)
+    for volume in (rng.random((9, 7, 5)), np.asfortranarray(rng.random((9, 7, 5)) > 0.5)):
+        for axis in range(3):
+            for index in (0, 3, -1):
+                got = plane(volume, axis, index)
+                np.testing.assert_array_equal(got, np.take(volume, index, axis))
+                assert got.flags.c_contiguous and not np.shares_memory(got, volume)
+
+
+def test_the_slice_preview_of_a_fortran_ordered_result_equals_the_c_ordered_one():
+    rng = np.random.default_rng(5)
+    maps = {"rec_error": rng.gamma(2.0, 1.0, (16, 14, 12)).astype(np.float32)}
+    fg = np.zeros((16, 14, 12), bool)
+    fg[2:14, 2:12, 2:10] = True
+    settings = dict(weights={"rec_error": 1.0}, smoothing_mm=2.0, threshold=1.5)
+    c = _post(maps, fg, {"scales": {"rec_error": 1.0}}, **settings)
+    f_maps = {k: np.asfortranarray(v) for k, v in maps.items()}
+    f = _post(f_maps, np.asfortranarray(fg), {"scales": {"rec_error": 1.0}}, **settings)
+    for post in (c, f):
+        post.combined()
+    for axis, index in ((0, 5), (1, 0), (2, 11)):
+        a = c.slice_preview(c.settings, axis, index, compute=True)
+        b = f.slice_preview(f.settings, axis, index, compute=True)
+        np.testing.assert_array_equal(a.combined, b.combined)
+        np.testing.assert_array_equal(a.mask, b.mask)
+
+
 def test_minimum_size_from_cached_components_equals_scikit_image():
     from skimage.morphology import remove_small_objects
 

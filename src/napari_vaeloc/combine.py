@@ -388,13 +388,13 @@ class PostProcessor:
         """
         s = settings
         self._check_used(s)
-        fg_sl = np.take(self.fg(), index, axis)
+        fg_sl = plane(self.fg(), axis, index)
         exact = True
         with self._lock:
             combined = self._combined
             same = combined is not None and self._combined_key == self.combined_key(s)
         if same:
-            comb_sl = np.take(combined, index, axis)
+            comb_sl = plane(combined, axis, index)
         else:
             used = self._used(s)
             inside = self._inside(s)
@@ -418,7 +418,7 @@ class PostProcessor:
             parts = self._parts
             if same and parts is not None and parts[0] is combined and parts[1] == s.threshold:
                 keep = _keep_table(parts[3], n)
-                mask_sl = keep[np.take(parts[2], index, axis)]
+                mask_sl = keep[plane(parts[2], axis, index)]
             else:
                 exact = False
         return SlicePreview(comb_sl, mask_sl, exact, not same)
@@ -434,10 +434,10 @@ class PostProcessor:
         if values is None:
             return None
         if smoothing_mm <= 0:
-            return np.take(values, index, axis) * factor
+            return plane(values, axis, index) * factor
         cached = self._smooth_cache.get((name, smoothing_mm, inside))
         if cached is not None:
-            return np.take(cached, index, axis)
+            return plane(cached, axis, index)
         if not compute:
             return None
         reach = int(3.0 * smoothing_mm / max(self.spacing[axis], 1e-6) + 0.5)
@@ -446,7 +446,7 @@ class PostProcessor:
         slab[axis] = slice(lo, hi)
         where = self.fg()[tuple(slab)] if inside else None
         smoothed = smooth(values[tuple(slab)], smoothing_mm, self.spacing, where, factor=factor)
-        return np.take(smoothed, index - lo, axis)
+        return plane(smoothed, axis, index - lo)
 
     def _map(self, name: str, compute: bool) -> np.ndarray | None:
         """The map ``name`` for a preview: None when the engine deferred it
@@ -855,6 +855,15 @@ def above(values: np.ndarray, threshold: float) -> np.ndarray:
     it to a float16 map's own precision (a Python float adapts to the array), which moves the
     threshold by up to 2**-11 of itself."""
     return values > np.asarray(threshold, dtype=np.result_type(values.dtype, np.float32))
+
+
+def plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """A new C-contiguous copy of slice ``index`` along ``axis`` (what ``np.take`` returns,
+    without its copy of the whole volume first when the volume is not C-contiguous, as the
+    arrays SimpleITK gives back are: 0.13 s per slice at 600x600x400)."""
+    key = [slice(None)] * volume.ndim
+    key[axis] = index
+    return np.array(volume[tuple(key)], order="C")
 
 
 def threshold_mask(
