@@ -37,7 +37,7 @@ from ._widget_controller import (
     panel_maps,
     prepare_mode_for,
 )
-from ._widget_layers import put_preparation_layers, scan_inputs
+from ._widget_layers import preparation_layer_data, put_preparation_layers, scan_inputs
 
 #: preparation stages, shown with a busy bar (they report no fraction done)
 BUSY_STAGES = ("checking the scan", "bias-field correction", "brain extraction", "registration")
@@ -265,6 +265,8 @@ class RunMixin:
         # and the combination the sliders will show
         self._relay.step.emit(FINISH_STEPS[1])
         session = Session(result)
+        if offers_preparation_layers(result):  # their whole-volume work, here too
+            args["preparation_layers"] = preparation_layer_data(result.prepared, args["shape"])
         if job.cancel.is_set():
             raise Cancelled("localization cancelled")
         self._relay.step.emit(FINISH_STEPS[2])
@@ -452,8 +454,8 @@ class RunMixin:
             self.result_info.tooltip = f"{TOOLTIPS['result']}\n{layer_help(job.base)}"
             text, level = fit_text(result, args["prepare"], args["note"])
             self._set_fit(layer, text, level, fit_tooltip(result))
-            if offers_preparation_layers(result):
-                put_preparation_layers(self.viewer, result.prepared, layer, args["shape"], job.base)
+            if "preparation_layers" in args:
+                put_preparation_layers(self.viewer, args["preparation_layers"], layer, job.base)
             self.progress.max = max(self.progress.max, 1)
             self.progress.value = self.progress.max
             self.progress.label = f"done in {result.seconds:.1f} s on {result.device}"
