@@ -584,9 +584,7 @@ def combine_terms(
     stats = None
     if scan_normalise:
         fg = foreground.reshape(-1) if foreground is not None and foreground.any() else None
-        where = np.flatnonzero(fg) if fg is not None else np.arange(size)
-        sample = summed(where[:: max(1, where.size // ROBUST_SAMPLE)])
-        stats = robust_stats(sample)
+        stats = robust_stats(summed(_sample_positions(fg, size)))
     out = host_array(shape, dtype)
     flat = out.reshape(-1)
     flat_fg = foreground.reshape(-1) if foreground is not None else None
@@ -600,6 +598,21 @@ def combine_terms(
             np.multiply(acc, flat_fg[part], out=acc)
         flat[part] = acc
     return out
+
+
+def _sample_positions(foreground: np.ndarray | None, size: int) -> slice | np.ndarray:
+    """The flat positions :func:`robust_stats` samples: every step-th voxel of the flat
+    ``foreground`` (all ``size`` voxels when None), at most :data:`ROBUST_SAMPLE` of them,
+    found chunk by chunk (an index of the whole foreground would be 8 bytes per voxel)."""
+    if foreground is None:
+        return slice(0, size, max(1, size // ROBUST_SAMPLE))
+    step = max(1, int(np.count_nonzero(foreground)) // ROBUST_SAMPLE)
+    picks, seen = [], 0
+    for start in range(0, size, CHUNK_VOXELS):
+        found = np.flatnonzero(foreground[start : start + CHUNK_VOXELS]) + start
+        picks.append(found[(-seen) % step :: step])
+        seen += found.size
+    return np.concatenate(picks)
 
 
 def _fallback_scale(values: np.ndarray, foreground: np.ndarray | None) -> float:

@@ -99,19 +99,23 @@ def _open(p: Path):
     if not p.is_file():
         what = "a folder" if p.is_dir() else "missing"
         raise InputError(f"cannot read the slice set {p}: it is {what}; {hint}")
+    z = None
     try:
         z = np.load(p, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise ValueError("not an .npz archive")
         meta = json.loads(str(z["meta"]))
-    except (OSError, KeyError, ValueError, EOFError):
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else None
+            raise InputError(f"{p} is a slice set of another format ({got}), not {FORMAT!r}")
+    except (OSError, KeyError, ValueError, EOFError, InputError) as exc:
+        if isinstance(z, np.lib.npyio.NpzFile):
+            z.close()  # nothing of a file that is refused stays open
+        if isinstance(exc, InputError):
+            raise
         raise InputError(
             f"{p} is not a slice set (the .npz that --export-slices writes); {hint}"
         ) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        z.close()
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise InputError(f"{p} is a slice set of another format ({got}), not {FORMAT!r}")
     return z, meta
 
 
