@@ -104,7 +104,14 @@ def _report(
         "seconds": result.seconds,
         "notes": result.notes,
         "preparation": result.preparation.to_dict() if result.preparation else None,
-        "combination": {**asdict(post.settings), "scales": c.scales, "calibrated": c.calibrated},
+        # "calibrated": the component scales are the model's; "healthy_fpr": the threshold's
+        # healthy false-positive rate, null when the settings are not the calibrated combination
+        "combination": {
+            **asdict(post.settings),
+            "scales": c.scales,
+            "calibrated": c.calibrated,
+            "healthy_fpr": post.fpr_for_threshold(post.settings.threshold),
+        },
         "mask_voxels": int(c.mask.sum()),
         "mask_volume_ml": float(c.mask.sum()) * voxel_ml,
         "volume_scores": result.volume_scores,

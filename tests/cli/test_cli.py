@@ -59,6 +59,11 @@ def test_the_scoring_bar_ends_before_the_maps_are_written(
     assert "\nwriting the maps and the mask ...\n" in err, repr(err)
     after = err.split("writing the maps and the mask ...")[1]
     assert "slice" not in after  # the bar was closed: it does not count the writing's time
+    # stderr is not a terminal here: whole lines, none redrawn with a carriage return
+    assert "\r" not in err
+    bar_lines = [t for t in err.splitlines() if t.startswith("scoring")]
+    assert 1 <= len(bar_lines) <= 12, bar_lines
+    assert "(100 %)" in bar_lines[-1], bar_lines
 
 
 def test_existing_outputs_are_kept(tmp_path, anatomical_path, tiny_model_dir, capsys):
@@ -89,6 +94,7 @@ def test_existing_outputs_are_kept(tmp_path, anatomical_path, tiny_model_dir, ca
     assert report["combination"]["threshold"] == 2.0
     assert report["combination"]["smoothing_mm"] == 1.5
     assert report["combination"]["scan_normalise"] is True
+    assert report["combination"]["healthy_fpr"] is None  # custom weights: no calibrated rate
 
 
 def test_4d_file_through_the_cli(tmp_path, example4d_path, tiny_model_dir, capsys):
@@ -240,6 +246,10 @@ def test_the_maps_a_default_needs_are_computed_and_checked_first(tmp_path, capsy
     assert main([*args, "--overwrite"]) == 0
     img = nib.load(out / f"{stem}_restoration.nii.gz")
     assert img.shape == nib.load(scan).shape and float(np.asarray(img.dataobj).max()) > 0
+    # the default threshold is read at the model's calibrated rate, and the scores say so
+    combination = json.loads((out / f"{stem}_scores.json").read_text())["combination"]
+    assert combination["calibrated"] is True
+    assert combination["healthy_fpr"] == pytest.approx(card.defaults.threshold_fpr, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,10 @@ from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.samples import TEMPLATES, TRAINING_TEMPLATES, sample_path
 from napari_vaeloc.training.builder import (
+    TrainingSet,
     build_training_set,
     check_provenance,
+    choose_holdout,
     recalibrate,
     train_model,
 )
@@ -215,3 +217,27 @@ def test_a_card_without_training_provenance_is_refused(brain, tmp_path):
             recalibrate(out, {"rec_error": 1.0})
     assert json.loads((out / "model.json").read_text())["licence"] == ""  # not rewritten
     assert main(["train", *sources, "--out", str(tmp_path / "n"), "--individuals", "-1"]) == 2
+
+
+@pytest.mark.parametrize(("per_source", "held"), [(1, 1), (2, 1), (8, 2), (20, 6)])
+def test_holdout_by_individuals_keeps_the_validation_share_small(per_source, held):
+    # two sources, each its own volume and ``per_source`` synthetic individuals
+    groups, individual = [], []
+    for g in ("a", "b"):
+        groups += [g] * (per_source + 1)
+        individual += [False] + [True] * per_source
+    tset = TrainingSet(
+        volumes=[None] * len(groups),
+        names=[f"{g}#{i}" for i, g in enumerate(groups)],
+        groups=groups,
+        individual=individual,
+        records=[],
+    )
+    flags, by = choose_holdout(tset, seed=3)
+    assert by == "individual"
+    assert sum(flags) == held
+    assert not any(f and not ind for f, ind in zip(flags, individual, strict=True))
+    # spread over the sources: their counts differ by at most one
+    counts = [sum(f for f, g in zip(flags, groups, strict=True) if g == s) for s in ("a", "b")]
+    assert abs(counts[0] - counts[1]) <= 1
+    assert choose_holdout(tset, seed=3) == (flags, by)

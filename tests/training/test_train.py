@@ -168,10 +168,14 @@ def test_train_command_end_to_end(tmp_path, capsys):
             "phantom-t2",
         ]
     )
-    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
     model = load_model(out)
     card = model.card
     assert card.name == "phantom-t2"
+    # the summary's numbers are rounded to 4 significant digits
+    line = next(t for t in printed.out.splitlines() if t.strip().startswith("threshold:"))
+    assert line.split(":")[1].strip() == f"{card.defaults.threshold:.4g}"
     assert card.calibration.kl_grad_scale > 0
     assert set(card.calibration.scales) >= {"rec_error", "kl_grad", "elbo_grad", "combi"}
     assert card.defaults.threshold == card.calibration.combined_fpr["0.01"]

@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_summary(headline: str, summary: dict) -> None:
     print(headline)
     for k, v in summary.items():
-        print(f"  {k}: {v}")
+        print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
 
 
 def _parse_clip(text: str) -> tuple[float, float]:

@@ -211,8 +211,8 @@ def choose_holdout(
 ) -> tuple[list[bool] | None, str]:
     """Which volumes validate: the named ``val_sources`` (whole sources with their
     individuals); else with three or more sources, ``val_fraction`` of them (at least one,
-    seeded); else with individuals, ``val_fraction`` of each source's individuals (at least
-    one); else None (the dataset's own volume / slab split). Returns (flags, "source" |
+    seeded); else with individuals, ``val_fraction`` of all individuals (at least one), spread
+    over the sources; else None (the dataset's own volume / slab split). Returns (flags, "source" |
     "individual" | "").
 
     Raises:
@@ -232,13 +232,26 @@ def choose_holdout(
         held = {groups[i] for i in rng.choice(len(groups), size=k, replace=False)}
         return [g in held for g in tset.groups], "source"
     if any(tset.individual):
-        flags = [False] * len(tset.volumes)
+        # val_fraction of all individuals (at least one), dealt round-robin over the sources
+        # in a seeded order, so that a small run does not lose one individual per source
+        per_source = []
         for g in groups:
-            pairs = enumerate(zip(tset.groups, tset.individual, strict=True))
-            ids = [i for i, (gg, ind) in pairs if gg == g and ind]
-            k = max(1, round(len(ids) * val_fraction)) if ids else 0
-            for i in rng.choice(ids, size=k, replace=False) if k else []:
-                flags[int(i)] = True
+            ids = [
+                i
+                for i, (gg, ind) in enumerate(zip(tset.groups, tset.individual, strict=True))
+                if gg == g and ind
+            ]
+            per_source.append([int(i) for i in rng.permutation(ids)])
+        k = max(1, round(sum(map(len, per_source)) * val_fraction))
+        flags = [False] * len(tset.volumes)
+        order = [int(j) for j in rng.permutation(len(per_source))]
+        rank = 0
+        while k:
+            for j in order:
+                if k and rank < len(per_source[j]):
+                    flags[per_source[j][rank]] = True
+                    k -= 1
+            rank += 1
         return flags, "individual"
     return None, ""
 
