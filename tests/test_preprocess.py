@@ -184,3 +184,26 @@ def test_fill_object_fills_holes_within_slices():
             index[ax] = i
             ref[tuple(index)] = binary_fill_holes(ref[tuple(index)])
         np.testing.assert_array_equal(fill_object(m, axis=ax), ref)
+
+
+@pytest.mark.parametrize("shape", [(17, 15), (12, 13, 14), (30, 8, 21)])
+@pytest.mark.parametrize("density", [0.35, 0.55, 0.7])
+def test_fill_holes_equals_scipy(shape, density):
+    from scipy.ndimage import binary_fill_holes
+
+    from napari_vaeloc.preprocess import fill_holes
+
+    rng = np.random.default_rng(len(shape) * 100 + int(density * 10))
+    for _ in range(4):
+        m = rng.random(shape) > 1 - density
+        m[(slice(0, 2),) * len(shape)] = False  # background in a corner of the array
+        np.testing.assert_array_equal(fill_holes(m), binary_fill_holes(m))
+    ball = np.zeros((20, 20, 20), bool)
+    ball[3:17, 3:17, 3:17] = True
+    ball[8:12, 8:12, 8:12] = False  # a cavity: filled
+    ball[10, 10, 4:8] = False  # a channel from the cavity, closed by the wall at z = 3 ...
+    assert fill_holes(ball)[8:12, 8:12, 8:12].all()
+    ball[10, 10, :] = False  # ... open to the border along the line
+    np.testing.assert_array_equal(fill_holes(ball), binary_fill_holes(ball))
+    assert not fill_holes(ball)[10, 10, 10]
+    assert not fill_holes(np.zeros((5, 6, 7), bool)).any()

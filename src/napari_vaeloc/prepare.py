@@ -46,7 +46,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError, MisfitError
 from .io import Volume, load_volume
-from .preprocess import clip_outliers, outlier_note
+from .preprocess import clip_outliers, fill_holes, outlier_note
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -307,7 +307,7 @@ def object_mask(data: np.ndarray) -> np.ndarray:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         mask = labels == sizes.argmax()
-    return ndi.binary_fill_holes(mask)
+    return fill_holes(mask)
 
 
 def looks_skull_stripped(volume: Volume) -> tuple[bool, float]:
@@ -319,9 +319,7 @@ def looks_skull_stripped(volume: Volume) -> tuple[bool, float]:
     flat = float(np.mean(data <= data.min() + 1e-6 * (float(data.max()) - float(data.min()))))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     obj = data > data.min() + 1e-6 * (float(data.max()) - float(data.min()))
-    from scipy import ndimage as ndi
-
-    ml = float(ndi.binary_fill_holes(obj).sum()) * voxel_ml
+    ml = float(np.count_nonzero(fill_holes(obj))) * voxel_ml
     faces = [np.take(obj, i, axis=a) for a in range(3) for i in (0, -1) if obj.shape[a] > 1]
     cut = any(f.mean() > 0.02 for f in faces)  # object across a face of the field of view
     return flat >= 0.2 and MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and not cut, ml

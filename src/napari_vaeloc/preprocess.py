@@ -186,10 +186,8 @@ def fill_object(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
     (which also fills every hole enclosed in 3D), or in 3D when ``axis`` is None. Dark structures
     inside the object (a necrotic lesion core, ventricles) then belong to it even where the
     intensity threshold left them out."""
-    from scipy.ndimage import binary_fill_holes
-
     if axis is None:
-        return binary_fill_holes(mask)
+        return fill_holes(mask)
     if not mask.any():
         return mask.copy()
     # work inside the object's bounding box: background beyond it is outside anyway
@@ -206,6 +204,34 @@ def fill_object(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
         index = [slice(None)] * 3
         index[axis] = slice(start, start + step)
         filled[tuple(index)] = _fill_slices(inner[tuple(index)], axis)
+    return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (any shape, 2D or 3D) as bool with every hole filled: each background region
+    that does not reach the array's border (regions connected through faces, as
+    ``scipy.ndimage.binary_fill_holes`` defines them; equal to it, voxel for voxel).
+
+    SimpleITK's ``BinaryFillhole`` does the work on the object's bounding box: it releases
+    Python's GIL (scipy's version holds it for seconds on a large scan, freezing a viewer that
+    waits on the same interpreter) and is about twice as fast.
+    """
+    import SimpleITK as sitk
+
+    mask = np.asarray(mask, dtype=bool)
+    out = mask.copy()
+    if not mask.any() or mask.ndim not in (2, 3):
+        return out
+    # the bounding box with one voxel of background around it: every background voxel outside
+    # the box reaches the border, so filling the box fills the whole
+    box = []
+    for a in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    inner = np.ascontiguousarray(mask[tuple(box)], dtype=np.uint8)
+    image = sitk.GetImageFromArray(inner)
+    filled = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
+    out[tuple(box)] = sitk.GetArrayViewFromImage(filled).astype(bool)
     return out
 
 

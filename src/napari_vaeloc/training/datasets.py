@@ -55,9 +55,9 @@ def load_template_brain(name: str) -> tuple[Volume, np.ndarray]:
 
 def nonzero_brain_mask(data: np.ndarray) -> np.ndarray:
     """bool: the nonzero voxels of a skull-stripped brain, holes filled."""
-    from scipy.ndimage import binary_fill_holes
+    from ..preprocess import fill_holes
 
-    return binary_fill_holes(np.asarray(data) > 0)
+    return fill_holes(np.asarray(data) > 0)
 
 
 def _on_grid(moving: Volume, fixed: Volume) -> np.ndarray:
