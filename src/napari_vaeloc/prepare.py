@@ -46,7 +46,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError, MisfitError
 from .io import Volume, load_volume
-from .preprocess import clip_outliers, fill_holes, outlier_note
+from .preprocess import CHUNK_VOXELS, clip_outliers, fill_holes, outlier_note
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -212,8 +212,8 @@ class Prepared:
         report: steps and checks.
         corrected: float32, the scan's grid: the bias-corrected brain (0 outside it), for
             display.
-        bias_field: float32, the scan's grid: the multiplicative bias field divided out (None:
-            no bias-field correction ran).
+        bias_field: the N4 bias field divided out (:class:`BiasField`; None: no bias-field
+            correction ran).
         offset: subtracted from the corrected scan before it is resampled (its minimum), so
             the brain is non-negative.
     """
@@ -225,7 +225,7 @@ class Prepared:
     transform: Any
     report: PreparationReport
     corrected: np.ndarray | None = None
-    bias_field: np.ndarray | None = None
+    bias_field: BiasField | None = None
     offset: float = 0.0
 
     def to_scan(self, values: np.ndarray, kind: str = "map") -> np.ndarray:
@@ -283,10 +283,16 @@ def resample(
 ) -> np.ndarray:
     """``values`` on ``source``'s grid resampled onto ``target``'s grid; ``transform`` maps
     target world points (LPS) to source world points. Linear for maps (float32), nearest for
-    masks (bool); 0 outside the source."""
+    masks (bool); 0 outside the source. uint8 and bool values are resampled as they are
+    (a quarter of float32's memory), others as float32."""
     import SimpleITK as sitk
 
-    src = to_sitk(np.asarray(values, np.float32), source.affine)
+    values = np.asarray(values)
+    if values.dtype == bool:
+        values = values.view(np.uint8)
+    elif values.dtype not in (np.uint8, np.float32):
+        values = values.astype(np.float32)
+    src = to_sitk(values, source.affine)
     ref = to_sitk(np.zeros(target.shape, np.uint8), target.affine)
     interp = sitk.sitkLinear if kind == "map" else sitk.sitkNearestNeighbor
     out = from_sitk(sitk.Resample(src, ref, transform, interp, 0.0, sitk.sitkFloat32))
@@ -341,30 +347,79 @@ def fill_brain(mask: np.ndarray) -> np.ndarray:
 def n4_correct(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> np.ndarray:
     """N4 bias-field corrected intensities (float32, the scan's shape), the field estimated on a
     copy shrunk to about 6 mm inside ``mask`` and divided out at full resolution."""
-    return (volume.data.astype(np.float32) / n4_field(volume, mask, cancel)).astype(np.float32)
+    return n4_field(volume, mask, cancel).correct(volume)
 
 
-def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> np.ndarray:
-    """The multiplicative N4 bias field of ``volume`` (float32, its shape; the corrected scan is
-    ``volume.data / field``), estimated on a copy shrunk to about 6 mm inside ``mask``."""
+@dataclass(frozen=True)
+class BiasField:
+    """N4's multiplicative bias field of one scan, kept as its log on the shrunk grid it was
+    estimated on (a few hundred kB); :meth:`correct` evaluates it at full resolution a slab
+    of planes at a time, so no field of the scan's size is ever held.
+
+    Attributes:
+        log_field: SimpleITK image (LPS) of the log field on the shrunk grid.
+    """
+
+    log_field: Any
+
+    def correct(self, volume: Volume, data: np.ndarray | None = None) -> np.ndarray:
+        """``data`` (default: ``volume.data``; the grid of ``volume``) divided by the field:
+        float32, a new array."""
+        out = np.array(volume.data if data is None else data, dtype=np.float32, order="K")
+        for planes, values in self._slabs(volume):
+            out[:, :, planes] /= values
+        return out
+
+    def full(self, volume: Volume) -> np.ndarray:
+        """The multiplicative field on ``volume``'s grid (float32): what :meth:`correct`
+        divides by."""
+        out = np.empty(volume.shape, np.float32)
+        for planes, values in self._slabs(volume):
+            out[:, :, planes] = values
+        return out
+
+    def _slabs(self, volume: Volume) -> Iterator[tuple[slice, np.ndarray]]:
+        """(planes, field there) for slabs of about ``CHUNK_VOXELS`` voxels along the third
+        axis: the log field interpolated linearly from the shrunk grid, then exponentiated."""
+        import SimpleITK as sitk
+
+        nx, ny, nz = volume.shape[:3]
+        step = max(1, CHUNK_VOXELS // max(1, nx * ny))
+        for z in range(0, nz, step):
+            planes = slice(z, min(z + step, nz))
+            ref = to_sitk(np.zeros((nx, ny, planes.stop - z), np.uint8), _shifted(volume.affine, z))
+            log = sitk.Resample(self.log_field, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+            yield planes, np.exp(from_sitk(log))
+
+
+def _shifted(affine: np.ndarray, planes: int) -> np.ndarray:
+    """``affine`` of the sub-grid that starts ``planes`` voxels along the third axis."""
+    out = np.array(affine, np.float64)
+    out[:3, 3] += out[:3, 2] * planes
+    return out
+
+
+def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> BiasField:
+    """The multiplicative N4 bias field of ``volume`` (the corrected scan is
+    ``field.correct(volume)``), estimated on a copy shrunk to about 6 mm inside ``mask``."""
     import SimpleITK as sitk
 
-    img = to_sitk(volume.data.astype(np.float32) - float(volume.data.min()) + 1.0, volume.affine)
-    msk = to_sitk(mask.astype(np.uint8), volume.affine)
     shrink = [max(1, round(6.0 / s)) for s in volume.spacing]
-    small = sitk.Shrink(img, shrink)
-    small_mask = sitk.Shrink(msk, shrink)
+    # Shrink subsamples: shrinking first and then shifting the intensities (so that they are
+    # positive, as N4 needs) gives the same small image as shifting the whole scan
+    small = sitk.Shrink(to_sitk(np.asarray(volume.data, np.float32), volume.affine), shrink)
+    shifted = sitk.GetArrayFromImage(small) - float(volume.data.min()) + np.float32(1.0)
+    small_img = sitk.GetImageFromArray(shifted.astype(np.float32))
+    small_img.CopyInformation(small)
+    small_mask = sitk.Shrink(to_sitk(mask.view(np.uint8), volume.affine), shrink)
     _raise_if(cancel)
     with single_threaded():  # about 2 s at 6 mm: cancel is checked before and after
         n4 = sitk.N4BiasFieldCorrectionImageFilter()
         n4.SetMaximumNumberOfIterations([50, 40, 30])
-        _execute(n4, small, small_mask)
+        _execute(n4, small_img, small_mask)
         _raise_if(cancel)
-        # the field is smooth: evaluate it on the shrunk grid, then interpolate to full resolution
-        small_field = n4.GetLogBiasFieldAsImage(small)
-    full_field = sitk.Resample(small_field, img, sitk.Transform(), sitk.sitkLinear, 0.0)
-    log_field = from_sitk(full_field).astype(np.float32)
-    return np.exp(log_field)
+        # the field is smooth: keep it on the shrunk grid, interpolate it where it is applied
+        return BiasField(n4.GetLogBiasFieldAsImage(small_img))
 
 
 class _CancellableModel:
@@ -424,7 +479,7 @@ def extract_brain(
     import nibabel as nib
     import torch
 
-    img = nib.Nifti1Image(volume.data.astype(np.float32), volume.affine)
+    img = nib.Nifti1Image(np.asarray(volume.data, np.float32), volume.affine)
     with _BET_LOCK:  # the widget's modality guess and a run may both extract at once
         bet = _BETS.get(device)
         if bet is None:
@@ -460,7 +515,7 @@ def register(
     import SimpleITK as sitk
 
     fixed = to_sitk(template.image.data.astype(np.float32), template.image.affine)
-    moving = to_sitk(brain.data.astype(np.float32), brain.affine)
+    moving = to_sitk(np.asarray(brain.data, np.float32), brain.affine)
     # finer than the template gains nothing: average down to about its voxel size first
     factors = [max(1, int(min(template.image.spacing) / s + 0.25)) for s in brain.spacing]
     if max(factors) > 1:
@@ -716,7 +771,7 @@ def prepare(
     if run_n4:
         t0 = begin(STAGES[1])
         field = n4_field(volume, head, cancel)
-        data = (volume.data.astype(np.float32) / field).astype(np.float32)
+        data = field.correct(volume)
         report.steps.append(Step(STAGES[1], True, time.perf_counter() - t0))
     else:
         report.steps.append(Step(STAGES[1], False, note="turned off"))
@@ -746,7 +801,7 @@ def prepare(
                  "the skull was misjudged, force brain extraction on or off")
     )  # fmt: skip
     offset = float(data.min())
-    brain_data = np.where(brain_mask, data - offset, 0).astype(np.float32)
+    brain_data = brain_values(data, brain_mask, offset)
     brain = Volume(brain_data, volume.affine, volume.header, volume.path)
 
     same_grid = brain.shape == template.image.shape and np.allclose(
@@ -767,7 +822,7 @@ def prepare(
         transform, metric = register(brain, template, cancel)
         moved = resample(brain.data, brain, template.image, transform, "map")
         carried = resample(brain_mask, brain, template.image, transform, "mask")
-        inside = resample(np.ones(volume.shape, np.float32), brain, template.image, transform)
+        inside = resample(np.ones(volume.shape, np.uint8), brain, template.image, transform)
         why = f"Mattes MI {metric:.3f}" + (f"; {grid_note}" if same_grid else "")
         report.steps.append(Step(STAGES[3], True, time.perf_counter() - t0, why))
     else:
@@ -814,12 +869,22 @@ def prepare(
             c.advice = advice[c.name]
     if refuse:
         refuse_misfit(report)
+    del brain, brain_data
     moved = np.where(tmask | carried, moved, 0).astype(np.float32)
     prepared = Volume(moved, template.image.affine, template.image.header, volume.path)
-    corrected = np.where(brain_mask, data, 0).astype(np.float32)
+    corrected = data if data is not volume.data else data.astype(np.float32)  # never the scan
+    np.copyto(corrected, 0, where=~brain_mask)
     return Prepared(
         scan, prepared, brain_mask, carried, transform, report, corrected, field, offset
     )
+
+
+def brain_values(data: np.ndarray, brain_mask: np.ndarray, offset: float) -> np.ndarray:
+    """float32 ``data - offset`` inside ``brain_mask``, 0 outside: the brain that is registered
+    and scored (one new array, no temporaries of the scan's size)."""
+    out = np.zeros_like(data, dtype=np.float32)  # the scan's memory order: no copy for SimpleITK
+    np.subtract(data, np.float32(offset), out=out, where=brain_mask, casting="unsafe")
+    return out
 
 
 def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -847,7 +912,12 @@ CACHE_SIZE = 4
 def scan_key(volume: Volume) -> str:
     """sha256 of a scan's voxels and affine: the cache key of its preparation."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(volume.data).tobytes())
+    data = np.asarray(volume.data)
+    # the voxels in C order, a slab at a time: no copy of the whole scan (a 600x600x400 scan's
+    # copy and its bytes held Python's GIL for about half a second); hashlib releases it
+    step = max(1, CHUNK_VOXELS // max(1, data[:1].size))
+    for i in range(0, data.shape[0], step):
+        h.update(np.ascontiguousarray(data[i : i + step]).data)
     h.update(np.asarray(volume.affine, np.float64).tobytes())
     return h.hexdigest()
 
@@ -916,10 +986,12 @@ def apply_prepared(
             "a fitted preparation applies only to scans on the grid it was fitted to "
             f"({'x'.join(map(str, scan.shape))}); this scan's grid differs"
         )
-    data = clip_outliers(volume.data)[0].astype(np.float32)
+    data = clip_outliers(volume.data)[0]
     if fitted.bias_field is not None:
-        data = (data / fitted.bias_field).astype(np.float32)
-    brain_data = np.where(fitted.brain_mask, data - fitted.offset, 0).astype(np.float32)
+        data = fitted.bias_field.correct(volume, data)
+    else:
+        data = data.astype(np.float32)
+    brain_data = brain_values(data, fitted.brain_mask, fitted.offset)
     if fitted.transform is None:
         moved = brain_data
     else:
@@ -927,8 +999,9 @@ def apply_prepared(
         moved = resample(brain_data, brain, fitted.volume, fitted.transform, "map")
     moved = np.where(template.brain_mask | fitted.template_mask, moved, 0).astype(np.float32)
     image = Volume(moved, fitted.volume.affine, fitted.volume.header, volume.path)
-    corrected = np.where(fitted.brain_mask, data, 0).astype(np.float32)
-    out = dataclasses.replace(fitted, scan=volume, volume=image, corrected=corrected)
+    del brain_data
+    np.copyto(data, 0, where=~fitted.brain_mask)
+    out = dataclasses.replace(fitted, scan=volume, volume=image, corrected=data)
     return _remember(_cache_key(volume, settings or PrepareSettings(), template), out)
 
 
