@@ -3,6 +3,7 @@ that copy the input's geometry and are updated in place by name."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,26 +196,25 @@ def preparation_layer_data(
 
 def put_preparation_layers(
     viewer: Any, shown: tuple[np.ndarray, np.ndarray | None, float], like: Any, base: str
-) -> list[Any]:
+) -> Iterator[Any]:
     """Show what preparation found on the scan ``like``: the brain mask ("<base> brain mask",
     Labels, just above the scan when new) and the bias-corrected brain ("<base> corrected brain",
     Image, hidden), both with ``like``'s geometry (:func:`put_layer`), from
-    :func:`preparation_layer_data`'s ``shown``; returns the layers."""
+    :func:`preparation_layer_data`'s ``shown``. A generator: it yields each layer as it is
+    put, so that a caller can let the event loop turn in between (napari takes up to a tenth
+    of a second for one layer of a large scan)."""
     mask, corrected, top = shown
-    layers = []
     name = f"{base} brain mask"
     new = name not in viewer.layers
     layer = put_layer(viewer, "labels", name, mask, like, "brain mask", opacity=0.25)
     if new and like in viewer.layers:  # under the result maps, over the scan
         viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(like) + 1)
-    layers.append(layer)
+    yield layer
     if corrected is not None:
-        image = put_layer(
+        yield put_layer(
             viewer, "image", f"{base} corrected brain", corrected, like, "prepared",
             colormap="gray", visible=False, contrast_limits=(0.0, top),
         )  # fmt: skip
-        layers.append(image)
-    return layers
 
 
 def file_axis(like: Any, axis: int, shape: tuple[int, ...]) -> int:

@@ -454,8 +454,11 @@ class RunMixin:
             self.result_info.tooltip = f"{TOOLTIPS['result']}\n{layer_help(job.base)}"
             text, level = fit_text(result, args["prepare"], args["note"])
             self._set_fit(layer, text, level, fit_tooltip(result))
-            if "preparation_layers" in args:
-                put_preparation_layers(self.viewer, args["preparation_layers"], layer, job.base)
+            if "preparation_layers" in args:  # a turn of the event loop after each layer
+                for _ in put_preparation_layers(
+                    self.viewer, args["preparation_layers"], layer, job.base
+                ):
+                    yield
             self.progress.max = max(self.progress.max, 1)
             self.progress.value = self.progress.max
             self.progress.label = f"done in {result.seconds:.1f} s on {result.device}"

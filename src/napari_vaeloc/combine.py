@@ -456,12 +456,12 @@ class PostProcessor:
         return None if not compute and maps.is_deferred(name) else maps[name]
 
     def _sample_stats(self, s: CombineSettings, compute: bool) -> tuple[float, float] | None:
-        """Median and robust spread of the weighted sum on an even subsample of at most
-        200 000 foreground voxels (for previews under per-scan normalisation)."""
+        """Median and robust spread of the weighted sum on an even subsample of about
+        :data:`PREVIEW_SAMPLE` foreground voxels (for previews under per-scan normalisation)."""
         if self._sample is None:
             where = self.fg()
-            flat = np.flatnonzero(where) if where.any() else np.arange(where.size)
-            self._sample = flat[:: max(1, flat.size // 200_000)].copy()  # not a view of all
+            fg = where.reshape(-1) if where.any() else None
+            self._sample = _sample_positions(fg, where.size, PREVIEW_SAMPLE)
         idx = self._sample
         used = self._used(s)
         inside = self._inside(s)
@@ -600,13 +600,17 @@ def combine_terms(
     return out
 
 
-def _sample_positions(foreground: np.ndarray | None, size: int) -> slice | np.ndarray:
+def _sample_positions(
+    foreground: np.ndarray | None, size: int, limit: int | None = None
+) -> slice | np.ndarray:
     """The flat positions :func:`robust_stats` samples: every step-th voxel of the flat
-    ``foreground`` (all ``size`` voxels when None), at most :data:`ROBUST_SAMPLE` of them,
-    found chunk by chunk (an index of the whole foreground would be 8 bytes per voxel)."""
+    ``foreground`` (all ``size`` voxels when None), at most about ``limit`` of them (default
+    :data:`ROBUST_SAMPLE`), found chunk by chunk (an index of the whole foreground would be 8
+    bytes per voxel)."""
+    limit = ROBUST_SAMPLE if limit is None else limit
     if foreground is None:
-        return slice(0, size, max(1, size // ROBUST_SAMPLE))
-    step = max(1, int(np.count_nonzero(foreground)) // ROBUST_SAMPLE)
+        return slice(0, size, max(1, size // limit))
+    step = max(1, int(np.count_nonzero(foreground)) // limit)
     picks, seen = [], 0
     for start in range(0, size, CHUNK_VOXELS):
         found = np.flatnonzero(foreground[start : start + CHUNK_VOXELS]) + start
@@ -789,6 +793,8 @@ def finish(
 
 #: at most this many voxels, evenly strided, set a scan's median and spread
 ROBUST_SAMPLE = 2_000_000
+#: about this many voxels set the median and spread of a one-slice preview
+PREVIEW_SAMPLE = 200_000
 
 
 def robust_stats(values: np.ndarray, where: np.ndarray | None = None) -> tuple[float, float]:

@@ -4,7 +4,8 @@ and map every result back onto the scan's own voxel grid.
 Steps, each recorded in the :class:`PreparationReport` (seconds, whether it ran, why):
 
 1. **bias-field correction**: N4 (Tustison et al., IEEE TMI 2010) from SimpleITK, estimated on a
-   copy shrunk to about 6 mm inside the head (Otsu) and applied at full resolution;
+   copy shrunk to about 6 mm inside the head (Otsu, found on that copy) and applied at full
+   resolution;
 2. **brain extraction**: deepbet (Fisch et al., Comput. Biol. Med. 2024; MIT, TorchScript
    weights inside its wheel), skipped when the scan is already skull-stripped (a flat
    background around an object of brain size; overridable);
@@ -294,9 +295,14 @@ def resample(
         values = values.astype(np.float32)
     src = to_sitk(values, source.affine)
     ref = to_sitk(np.zeros(target.shape, np.uint8), target.affine)
-    interp = sitk.sitkLinear if kind == "map" else sitk.sitkNearestNeighbor
-    out = from_sitk(sitk.Resample(src, ref, transform, interp, 0.0, sitk.sitkFloat32))
-    return out.astype(np.float32) if kind == "map" else out > 0.5
+    if kind == "map":
+        out = sitk.Resample(src, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        return from_sitk(out)  # float32 already: no copy
+    # a mask by nearest neighbour: uint8 throughout (a quarter of float32's memory)
+    if values.dtype != np.uint8:
+        src = sitk.Cast(src > 0.5, sitk.sitkUInt8)
+    out = sitk.Resample(src, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return from_sitk(out) > 0
 
 
 # -- the steps ---------------------------------------------------------------------------------
@@ -344,9 +350,12 @@ def fill_brain(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def n4_correct(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> np.ndarray:
+def n4_correct(
+    volume: Volume, mask: np.ndarray | None = None, cancel: CancelFlag | None = None
+) -> np.ndarray:
     """N4 bias-field corrected intensities (float32, the scan's shape), the field estimated on a
-    copy shrunk to about 6 mm inside ``mask`` and divided out at full resolution."""
+    copy shrunk to about 6 mm inside ``mask`` (default: the head, :func:`n4_field`) and divided
+    out at full resolution."""
     return n4_field(volume, mask, cancel).correct(volume)
 
 
@@ -399,9 +408,13 @@ def _shifted(affine: np.ndarray, planes: int) -> np.ndarray:
     return out
 
 
-def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> BiasField:
+def n4_field(
+    volume: Volume, mask: np.ndarray | None = None, cancel: CancelFlag | None = None
+) -> BiasField:
     """The multiplicative N4 bias field of ``volume`` (the corrected scan is
-    ``field.correct(volume)``), estimated on a copy shrunk to about 6 mm inside ``mask``."""
+    ``field.correct(volume)``), estimated on a copy shrunk to about 6 mm inside ``mask``
+    (bool, the scan's grid); without one, inside the head (:func:`object_mask`) found on the
+    shrunk copy itself, which is all N4 sees of it."""
     import SimpleITK as sitk
 
     shrink = [max(1, round(6.0 / s)) for s in volume.spacing]
@@ -411,7 +424,11 @@ def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None)
     shifted = sitk.GetArrayFromImage(small) - float(volume.data.min()) + np.float32(1.0)
     small_img = sitk.GetImageFromArray(shifted.astype(np.float32))
     small_img.CopyInformation(small)
-    small_mask = sitk.Shrink(to_sitk(mask.view(np.uint8), volume.affine), shrink)
+    if mask is None:
+        small_mask = sitk.GetImageFromArray(object_mask(shifted).astype(np.uint8))
+        small_mask.CopyInformation(small)
+    else:
+        small_mask = sitk.Shrink(to_sitk(mask.view(np.uint8), volume.affine), shrink)
     _raise_if(cancel)
     with single_threaded():  # about 2 s at 6 mm: cancel is checked before and after
         n4 = sitk.N4BiasFieldCorrectionImageFilter()
@@ -470,16 +487,32 @@ _BETS: dict[str, Any] = {}
 _BET_LOCK = threading.Lock()
 
 
+#: brain extraction works on voxels of at least about this size (mm): deepbet resizes the head's
+#: bounding box to 256 voxels a side anyway, and a finer scan only costs memory (deepbet keeps
+#: several float32 copies of its input)
+BET_WORK_MM = 1.0
+
+
 def extract_brain(
-    volume: Volume, cancel: CancelFlag | None = None, device: str = "cpu"
-) -> np.ndarray:
+    volume: Volume, cancel: CancelFlag | None = None, device: str = "cpu",
+    work_mm: float = BET_WORK_MM,
+) -> np.ndarray:  # fmt: skip
     """deepbet's brain mask of ``volume`` (bool, its shape), with its default threshold 0.5,
     its networks on ``device`` (a torch device name; deepbet moves its input to them); cancel
-    is checked before each of its two network passes."""
+    is checked before each of its two network passes. A scan with voxels finer than
+    ``work_mm`` along an axis is averaged down by an integer factor there first (SimpleITK's
+    ``BinShrink``) and the mask is brought back to its grid by nearest neighbour."""
     import nibabel as nib
     import torch
 
-    img = nib.Nifti1Image(np.asarray(volume.data, np.float32), volume.affine)
+    factors = [max(1, int(work_mm / s + 1e-6)) for s in volume.spacing[:3]]
+    work = volume
+    if max(factors) > 1:
+        import SimpleITK as sitk
+
+        small = sitk.BinShrink(to_sitk(np.asarray(volume.data, np.float32), volume.affine), factors)
+        work = Volume.from_array(from_sitk(small), _ras_affine(small))
+    img = nib.Nifti1Image(np.asarray(work.data, np.float32), work.affine)
     with _BET_LOCK:  # the widget's modality guess and a run may both extract at once
         bet = _BETS.get(device)
         if bet is None:
@@ -498,9 +531,24 @@ def extract_brain(
         finally:
             bet.model, bet.bbox_model = model, bbox_model
     mask = np.asarray(mask_img.dataobj) > 0
-    if mask.shape != volume.shape:  # deepbet keeps the grid; guard against a 4D quirk
-        mask = mask.reshape(volume.shape)
+    del img, mask_img
+    if mask.shape != work.shape:  # deepbet keeps the grid; guard against a 4D quirk
+        mask = mask.reshape(work.shape)
+    if work is not volume:
+        import SimpleITK as sitk
+
+        mask = resample(mask, work, volume, sitk.Transform(), "mask")
     return mask
+
+
+def _ras_affine(img: Any) -> np.ndarray:
+    """The RAS voxel-to-world affine of a SimpleITK image made by :func:`to_sitk` (its
+    inverse): axes in the array order of :func:`from_sitk`."""
+    direction = np.array(img.GetDirection(), np.float64).reshape(3, 3)
+    out = np.eye(4)
+    out[:3, :3] = _LPS @ direction * np.array(img.GetSpacing(), np.float64)[None, :]
+    out[:3, 3] = _LPS @ np.array(img.GetOrigin(), np.float64)
+    return out
 
 
 def register(
@@ -765,12 +813,11 @@ def prepare(
     report.steps.append(Step("checks", True, time.perf_counter() - t0))
 
     data = volume.data
-    head = object_mask(data)
     run_n4 = s.bias_correction if s.bias_correction is not None else True
     field = None
     if run_n4:
         t0 = begin(STAGES[1])
-        field = n4_field(volume, head, cancel)
+        field = n4_field(volume, cancel=cancel)  # fitted inside the head
         data = field.correct(volume)
         report.steps.append(Step(STAGES[1], True, time.perf_counter() - t0))
     else:

@@ -152,7 +152,7 @@ def _is_terminal(stream: Any) -> bool:
 class LineProgress:
     """Progress for a stream that is not a terminal: one line each time another tenth of the
     total is done (every ``every_s`` seconds without a total) and one when it closes, e.g.
-    ``training: 600/1000 step (60 %), 12 s, val=412.3``. Offers the part of tqdm's interface
+    ``training: 600/1000 steps (60 %), 12 s, val=412.3``. Offers the part of tqdm's interface
     the commands use: ``n``, ``total``, ``update``, ``refresh``, ``set_postfix``, ``close``."""
 
     def __init__(
@@ -198,7 +198,8 @@ class LineProgress:
     def _write(self) -> None:
         self._last_time, self._last_n = self._clock(), self.n
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
-        text = f"{self.desc}: {done} {self.unit}"
+        unit = self.unit if (self.total or self.n) == 1 else self.unit + "s"
+        text = f"{self.desc}: {done} {unit}"
         if self.total:
             text += f" ({100 * self.n / self.total:.0f} %)"
         text += f", {self._last_time - self._start:.0f} s"
