@@ -170,3 +170,16 @@ def test_mask_parts_are_26_connected():
     mask[4, 4, 4] = 1
     labels, n = mask_parts(mask)
     assert n == 2 and labels[0, 0, 0] == labels[1, 1, 1] != labels[4, 4, 4]
+
+
+def test_count_parts_counts_within_the_bounding_box():
+    from napari_vaeloc.demo import count_parts
+
+    mask = np.zeros((30, 40, 20), np.uint8)
+    assert count_parts(mask) == 0
+    mask[3:6, 30:33, 2:4] = 1
+    mask[10, 10, 10] = 1
+    mask[11, 11, 11] = 1  # touches the voxel before at a corner: one part (26-connected)
+    mask[20:22, 5, 15:18] = 1
+    assert count_parts(mask) == mask_parts(mask)[1] == 3
+    assert count_parts(mask[..., 10:12]) == mask_parts(mask[..., 10:12])[1] == 1

@@ -133,10 +133,10 @@ class ScanOutputs:
 
     def mask_components(self) -> int:
         """The written mask's connected parts (26-connected in 3D,
-        :func:`napari_vaeloc.demo.mask_parts`)."""
-        from .demo import mask_parts
+        :func:`napari_vaeloc.demo.count_parts`)."""
+        from .demo import count_parts
 
-        return mask_parts(self.post.mask())[1]
+        return count_parts(self.post.mask())
 
 
 def model_for_scan(
