@@ -4,8 +4,7 @@ and map every result back onto the scan's own voxel grid.
 Steps, each recorded in the :class:`PreparationReport` (seconds, whether it ran, why):
 
 1. **bias-field correction**: N4 (Tustison et al., IEEE TMI 2010) from SimpleITK, estimated on a
-   copy shrunk to about 6 mm inside the head (Otsu, found on that copy) and applied at full
-   resolution;
+   copy shrunk to about 6 mm inside the head (Otsu) and applied at full resolution;
 2. **brain extraction**: deepbet (Fisch et al., Comput. Biol. Med. 2024; MIT, TorchScript
    weights inside its wheel), skipped when the scan is already skull-stripped (a flat
    background around an object of brain size; overridable);
@@ -350,12 +349,9 @@ def fill_brain(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def n4_correct(
-    volume: Volume, mask: np.ndarray | None = None, cancel: CancelFlag | None = None
-) -> np.ndarray:
+def n4_correct(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> np.ndarray:
     """N4 bias-field corrected intensities (float32, the scan's shape), the field estimated on a
-    copy shrunk to about 6 mm inside ``mask`` (default: the head, :func:`n4_field`) and divided
-    out at full resolution."""
+    copy shrunk to about 6 mm inside ``mask`` and divided out at full resolution."""
     return n4_field(volume, mask, cancel).correct(volume)
 
 
@@ -408,13 +404,10 @@ def _shifted(affine: np.ndarray, planes: int) -> np.ndarray:
     return out
 
 
-def n4_field(
-    volume: Volume, mask: np.ndarray | None = None, cancel: CancelFlag | None = None
-) -> BiasField:
+def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> BiasField:
     """The multiplicative N4 bias field of ``volume`` (the corrected scan is
-    ``field.correct(volume)``), estimated on a copy shrunk to about 6 mm inside ``mask``
-    (bool, the scan's grid); without one, inside the head (:func:`object_mask`) found on the
-    shrunk copy itself, which is all N4 sees of it."""
+    ``field.correct(volume)``), estimated on a copy shrunk to about 6 mm inside ``mask`` (bool,
+    the scan's grid)."""
     import SimpleITK as sitk
 
     shrink = [max(1, round(6.0 / s)) for s in volume.spacing]
@@ -424,11 +417,7 @@ def n4_field(
     shifted = sitk.GetArrayFromImage(small) - float(volume.data.min()) + np.float32(1.0)
     small_img = sitk.GetImageFromArray(shifted.astype(np.float32))
     small_img.CopyInformation(small)
-    if mask is None:
-        small_mask = sitk.GetImageFromArray(object_mask(shifted).astype(np.uint8))
-        small_mask.CopyInformation(small)
-    else:
-        small_mask = sitk.Shrink(to_sitk(mask.view(np.uint8), volume.affine), shrink)
+    small_mask = sitk.Shrink(to_sitk(mask.view(np.uint8), volume.affine), shrink)
     _raise_if(cancel)
     with single_threaded():  # about 2 s at 6 mm: cancel is checked before and after
         n4 = sitk.N4BiasFieldCorrectionImageFilter()
@@ -817,7 +806,7 @@ def prepare(
     field = None
     if run_n4:
         t0 = begin(STAGES[1])
-        field = n4_field(volume, cancel=cancel)  # fitted inside the head
+        field = n4_field(volume, object_mask(data), cancel)  # fitted inside the head
         data = field.correct(volume)
         report.steps.append(Step(STAGES[1], True, time.perf_counter() - t0))
     else:
