@@ -118,3 +118,30 @@ def test_a_deferred_result_writes_the_same_files_holding_only_the_combinations_m
         np.testing.assert_array_equal(y.affine, x.affine)
     # the maps were written one by one; only the one the combination weights stays at full size
     assert lazy.maps.held() == ["restoration"]
+
+
+def test_a_region_of_a_deferred_map_is_made_alone():
+    full = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    wholes, parts = [], []
+
+    def make():
+        wholes.append(1)
+        return full.copy()
+
+    def region(index):
+        parts.append(index)
+        return full[index].copy()
+
+    maps = MapSet()
+    maps.defer("a", make, full.shape, np.float32, region=region)
+    maps.defer("b", make, full.shape, np.float32)  # no region maker
+    index = (slice(None), slice(1, 3), slice(0, 6, 2))
+    np.testing.assert_array_equal(maps.region("a", index), full[index])
+    assert maps.is_deferred("a") and not wholes and parts == [index]
+    assert maps.region("b", index) is None and maps.is_deferred("b")
+    np.testing.assert_array_equal(maps["a"], full)  # made whole: now a view of the held map
+    assert not maps.is_deferred("a") and len(wholes) == 1
+    np.testing.assert_array_equal(maps.region("a", index), full[index])
+    assert len(parts) == 1
+    with pytest.raises(KeyError):
+        maps.region("c", index)

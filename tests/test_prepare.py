@@ -376,3 +376,38 @@ def test_brain_extraction_of_a_fine_scan_works_on_coarser_voxels():
     ml = float(np.prod(head.spacing)) / 1000.0
     print(f"brain {whole.sum() * ml:.0f} / {coarse.sum() * ml:.0f} ml; Dice {dice:.3f}")
     assert dice > 0.95
+
+
+def test_a_preview_weighting_a_deferred_map_does_not_make_it_whole(raw_head_result, t1):
+    """A weight slider's first move on a prepared scan: the shown slice needs a map the panel
+    has not put on the scan's grid yet. Only the slab of planes the smoothing reaches, and a
+    coarse grid for the per-scan median and spread, are mapped back; the map stays deferred.
+    The slice equals the whole volume's without per-scan normalisation, and is close with it."""
+    scan, eager = raw_head_result
+    lazy = localize(scan, t1, CPU.replace(defer_maps=True), prepare="auto")
+    prep = lazy.prepared
+    # part of the scan's grid alone equals that part of the whole (a strided box)
+    template_map = localize(prep.volume, t1, CPU, prepare=None).maps["kl_grad"]
+    index = (slice(3, 40, 2), slice(None), slice(60, 64))
+    np.testing.assert_allclose(
+        prep.to_scan(template_map, "map", index), prep.to_scan(template_map, "map")[index],
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    axis, where = 2, scan.shape[2] // 2
+    inside = np.take(lazy.foreground, where, axis=axis)
+    for normalise in (False, True):
+        post = PostProcessor(lazy)
+        s = post.settings.replace(
+            weights={"restoration": 1.0, "kl_grad": 0.5}, scan_normalise=normalise
+        )
+        post.combined(post.settings)  # the default combination is shown: restoration is made
+        assert lazy.maps.is_deferred("kl_grad")
+        assert post.slice_preview(s, axis, where) is None  # the GUI thread does not make it
+        preview = post.slice_preview(s, axis, where, compute=True)
+        assert preview is not None and lazy.maps.is_deferred("kl_grad")
+        exact = np.take(PostProcessor(eager).combined(s), where, axis=axis)
+        if not normalise:
+            np.testing.assert_allclose(preview.combined, exact, rtol=1e-4, atol=1e-5)
+        else:  # the median and spread estimated on a coarse grid
+            diff = np.abs(preview.combined - exact)[inside]
+            assert np.median(diff) < 0.05 * np.percentile(exact[inside], 99), np.median(diff)

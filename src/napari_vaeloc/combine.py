@@ -428,24 +428,33 @@ class PostProcessor:
     ) -> np.ndarray | None:
         """One slice of :meth:`_scaled`: from its cache, or (with ``compute``) smoothed on the
         slab of slices within the Gaussian's reach (exact: the slab's borders lie beyond it,
-        or are the volume's)."""
+        or are the volume's). A deferred map that can make the slab alone
+        (:meth:`~napari_vaeloc.mapset.MapSet.region`) is not made whole for it."""
         factor = np.float32(1.0 / self.scale(name)[0])
-        values = self._map(name, compute)
-        if values is None:
-            return None
+        maps = self.result.maps
+        deferred = maps.is_deferred(name)
+        if deferred and not compute:
+            return None  # making it goes over the whole volume
+        if smoothing_mm > 0:
+            cached = self._smooth_cache.get((name, smoothing_mm, inside))
+            if cached is not None:
+                return plane(cached, axis, index)
+            if not compute:
+                return None
+        reach = 0
+        if smoothing_mm > 0:
+            reach = int(3.0 * smoothing_mm / max(self.spacing[axis], 1e-6) + 0.5)
+        lo, hi = max(index - reach, 0), min(index + reach + 1, self.result.shape[axis])
+        key = [slice(None)] * len(self.result.shape)
+        key[axis] = slice(lo, hi)
+        slab = tuple(key)
+        part = maps.region(name, slab) if deferred else None
+        if part is None:
+            part = maps[name][slab]
         if smoothing_mm <= 0:
-            return plane(values, axis, index) * factor
-        cached = self._smooth_cache.get((name, smoothing_mm, inside))
-        if cached is not None:
-            return plane(cached, axis, index)
-        if not compute:
-            return None
-        reach = int(3.0 * smoothing_mm / max(self.spacing[axis], 1e-6) + 0.5)
-        lo, hi = max(index - reach, 0), min(index + reach + 1, values.shape[axis])
-        slab = [slice(None)] * values.ndim
-        slab[axis] = slice(lo, hi)
-        where = self.fg()[tuple(slab)] if inside else None
-        smoothed = smooth(values[tuple(slab)], smoothing_mm, self.spacing, where, factor=factor)
+            return plane(part, axis, index - lo) * factor
+        where = self.fg()[slab] if inside else None
+        smoothed = smooth(part, smoothing_mm, self.spacing, where, factor=factor)
         return plane(smoothed, axis, index - lo)
 
     def _map(self, name: str, compute: bool) -> np.ndarray | None:
@@ -458,13 +467,19 @@ class PostProcessor:
     def _sample_stats(self, s: CombineSettings, compute: bool) -> tuple[float, float] | None:
         """Median and robust spread of the weighted sum on an even subsample of about
         :data:`PREVIEW_SAMPLE` foreground voxels (for previews under per-scan normalisation)."""
+        used = self._used(s)
+        inside = self._inside(s)
+        if any(self.result.maps.is_deferred(k) for k in used):
+            if not compute:
+                return None
+            estimate = self._coarse_stats(s, used, inside)
+            if estimate is not None:
+                return estimate
         if self._sample is None:
             where = self.fg()
             fg = where.reshape(-1) if where.any() else None
             self._sample = _sample_positions(fg, where.size, PREVIEW_SAMPLE)
         idx = self._sample
-        used = self._used(s)
-        inside = self._inside(s)
         terms = {}
         for k in used:
             comp = self._smooth_cache.get((k, s.smoothing_mm, inside))
@@ -482,6 +497,34 @@ class PostProcessor:
                 terms[k] = comp.reshape(-1)[idx]
         total = weighted_sum(terms, used, shape=idx.shape)
         return robust_stats(total)
+
+    def _coarse_stats(
+        self, s: CombineSettings, used: dict[str, float], inside: bool
+    ) -> tuple[float, float] | None:
+        """Median and robust spread of the weighted sum estimated on every ``step``-th voxel
+        along each axis (about :data:`COARSE_VOXELS` voxels), for a preview that weights a map
+        not made yet: a component with a smoothed cache is subsampled from it (exact values),
+        any other is made on that grid alone and smoothed there (approximate: sigma spans
+        fewer voxels). None when a map cannot make that grid alone."""
+        shape = self.result.shape
+        step = max(1, math.ceil((float(np.prod(shape)) / COARSE_VOXELS) ** (1.0 / 3.0)))
+        index = tuple(slice(0, n, step) for n in shape)
+        fg = self.fg()[index]
+        spacing = tuple(float(sp) * step for sp in self.spacing)
+        terms = {}
+        for k in used:
+            cached = self._smooth_cache.get((k, s.smoothing_mm, inside))
+            if cached is not None:
+                terms[k] = cached[index]
+                continue
+            part = self.result.maps.region(k, index)
+            if part is None:
+                return None
+            factor = 1.0 / self.scale(k)[0]
+            where = fg if inside else None
+            terms[k] = smooth(part, s.smoothing_mm, spacing, where, factor=factor)
+        total = weighted_sum(terms, used, shape=fg.shape)
+        return robust_stats(total, fg if fg.any() else None)
 
     # -- threshold <-> healthy false-positive rate -----------------------------------------
     def uses_default_combination(self) -> bool:
@@ -795,6 +838,8 @@ def finish(
 ROBUST_SAMPLE = 2_000_000
 #: about this many voxels set the median and spread of a one-slice preview
 PREVIEW_SAMPLE = 200_000
+#: at most about this many voxels estimate them when a weighted map is not made yet
+COARSE_VOXELS = 2_000_000
 
 
 def robust_stats(values: np.ndarray, where: np.ndarray | None = None) -> tuple[float, float]:

@@ -353,7 +353,8 @@ def _localize_prepared(
     for k in list(res.maps):
         if res.maps.is_deferred(k):  # onto the scan's grid when first used, too
             make = functools.partial(_to_scan, prepared, res.maps, k, dtype)
-            maps.defer(k, make, volume.shape, dtype)
+            region = functools.partial(_to_scan_region, prepared, res.maps, k, dtype)
+            maps.defer(k, make, volume.shape, dtype, region=region)
         else:
             maps[k] = _to_scan(prepared, res.maps, k, dtype, pop=True)
     foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
@@ -394,6 +395,14 @@ def _to_scan(
     ``pop``) put onto the scan's grid, as ``dtype``."""
     values = maps.pop(name) if pop else maps.peek(name)
     return prepared.to_scan(values, "map").astype(dtype, copy=False)
+
+
+def _to_scan_region(
+    prepared: Prepared, maps: MapSet, name: str, dtype: np.dtype, index: tuple[slice, ...]
+) -> np.ndarray:
+    """The voxels ``index`` of :func:`_to_scan`'s map, made alone (the template-grid map is
+    made and let go)."""
+    return prepared.to_scan(maps.peek(name), "map", index).astype(dtype, copy=False)
 
 
 def _scales(model: LoadedModel) -> dict[str, float]:

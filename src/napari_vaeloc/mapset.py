@@ -16,6 +16,8 @@ import numpy as np
 
 #: makes one full-size map: () -> (X, Y, Z) array on the scan's grid
 MapMaker = Callable[[], np.ndarray]
+#: makes part of a map: (one slice per axis, start:stop:step) -> ``full_map[index]``
+RegionMaker = Callable[[tuple[slice, ...]], np.ndarray]
 
 
 class MapSet(MutableMapping):
@@ -33,6 +35,7 @@ class MapSet(MutableMapping):
         self._lock = threading.RLock()
         self._making: dict[str, threading.Lock] = {}
         self._described: dict[str, tuple[tuple[int, ...] | None, np.dtype | None]] = {}
+        self._regions: dict[str, RegionMaker] = {}
         for k, v in (arrays or {}).items():
             self[k] = v
 
@@ -42,12 +45,18 @@ class MapSet(MutableMapping):
         make: MapMaker,
         shape: tuple[int, ...] | None = None,
         dtype: np.dtype | str | None = None,
+        region: RegionMaker | None = None,
     ) -> None:
         """Add ``name``, made by ``make()`` when it is first used (replacing any held map);
-        ``shape`` and ``dtype``: what it will be (for :meth:`describe`; default: unknown)."""
+        ``shape`` and ``dtype``: what it will be (for :meth:`describe`; default: unknown);
+        ``region``: makes a part of it alone (for :meth:`region`; default: none)."""
         with self._lock:
             self._arrays.pop(name, None)
             self._makers[name] = make
+            if region is None:
+                self._regions.pop(name, None)
+            else:
+                self._regions[name] = region
             self._described[name] = (
                 None if shape is None else tuple(int(n) for n in shape),
                 None if dtype is None else np.dtype(dtype),
@@ -67,6 +76,21 @@ class MapSet(MutableMapping):
                 return self._arrays[name].shape, self._arrays[name].dtype
             self._makers[name]  # KeyError for an unknown name
             return self._described.get(name, (None, None))
+
+    def region(self, name: str, index: tuple[slice, ...]) -> np.ndarray | None:
+        """``maps[name][index]`` (``index``: one slice per axis) without making a deferred map
+        whole: a view of the held map, a deferred map's part made by its region maker (not
+        held), or None for a deferred map without one.
+
+        Raises:
+            KeyError: no such map.
+        """
+        with self._lock:
+            if name in self._arrays:
+                return self._arrays[name][index]
+            self._makers[name]  # KeyError for an unknown name
+            make = self._regions.get(name)
+        return None if make is None else make(index)
 
     def is_deferred(self, name: str) -> bool:
         """True while ``name`` is not held at full size (it is made on its next use)."""
@@ -103,6 +127,7 @@ class MapSet(MutableMapping):
             with self._lock:
                 if self._makers.get(name) is make:  # not replaced or removed meanwhile
                     del self._makers[name]
+                    self._regions.pop(name, None)
                     self._arrays[name] = array
                 self._making.pop(name, None)
             return array
@@ -110,6 +135,7 @@ class MapSet(MutableMapping):
     def __setitem__(self, name: str, value: np.ndarray) -> None:
         with self._lock:
             self._makers.pop(name, None)
+            self._regions.pop(name, None)
             self._arrays[name] = value
             if name not in self._order:
                 self._order.append(name)
@@ -120,6 +146,7 @@ class MapSet(MutableMapping):
                 raise KeyError(name)
             self._arrays.pop(name, None)
             self._makers.pop(name, None)
+            self._regions.pop(name, None)
             self._order.remove(name)
 
     def __contains__(self, name: object) -> bool:

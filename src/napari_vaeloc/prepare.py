@@ -228,15 +228,22 @@ class Prepared:
     bias_field: BiasField | None = None
     offset: float = 0.0
 
-    def to_scan(self, values: np.ndarray, kind: str = "map") -> np.ndarray:
+    def to_scan(
+        self, values: np.ndarray, kind: str = "map", index: tuple[slice, ...] | None = None
+    ) -> np.ndarray:
         """An array on the template's grid, resampled onto the scan's grid (linear for "map",
         nearest for "mask"); 0 outside the extracted brain. float32 for maps, bool for masks.
+        ``index`` (one slice per axis, start:stop:step): only those voxels of the scan's grid,
+        equal to ``to_scan(values, kind)[index]`` (e.g. the planes a preview shows, or every
+        fifth voxel for an estimate), at the cost of those voxels alone.
         """
+        dtype = np.float32 if kind == "map" else bool
         if self.transform is None:
-            out = np.asarray(values, np.float32 if kind == "map" else bool).copy()
+            out = np.array(np.asarray(values, dtype)[index or ...], dtype)
         else:
-            out = resample(values, self.volume, self.scan, self.to_template, kind)
-        out[~self.brain_mask] = 0
+            out = resample(values, self.volume, self.scan, self.to_template, kind, index)
+        inside = self.brain_mask if index is None else self.brain_mask[index]
+        out[~inside] = 0
         return out
 
     def onto_template(self, values: np.ndarray, kind: str = "mask") -> np.ndarray:
@@ -279,13 +286,32 @@ def from_sitk(img: sitk.Image) -> np.ndarray:
 
 
 def resample(
-    values: np.ndarray, source: Volume, target: Volume, transform: Any, kind: str = "map"
+    values: np.ndarray,
+    source: Volume,
+    target: Volume,
+    transform: Any,
+    kind: str = "map",
+    index: tuple[slice, ...] | None = None,
 ) -> np.ndarray:
-    """``values`` on ``source``'s grid resampled onto ``target``'s grid; ``transform`` maps
-    target world points (LPS) to source world points. Linear for maps (float32), nearest for
-    masks (bool); 0 outside the source. uint8 and bool values are resampled as they are
-    (a quarter of float32's memory), others as float32."""
+    """``values`` on ``source``'s grid resampled onto ``target``'s grid (only its voxels
+    ``index``, one slice per axis, when given); ``transform`` maps target world points (LPS)
+    to source world points. Linear for maps (float32), nearest for masks (bool); 0 outside
+    the source. uint8 and bool values are resampled as they are (a quarter of float32's
+    memory), others as float32."""
     import SimpleITK as sitk
+
+    shape, affine = tuple(target.shape[:3]), np.asarray(target.affine, np.float64)
+    if index is not None:  # the sub-grid: first voxel, step and count per axis
+        starts, steps, counts = [], [], []
+        for sl, n in zip(index, shape, strict=True):
+            start, stop, step = sl.indices(n)
+            starts.append(start)
+            steps.append(step)
+            counts.append(len(range(start, stop, step)))
+        grid = np.eye(4)
+        grid[:3, :3] = np.diag(steps)
+        grid[:3, 3] = starts
+        shape, affine = tuple(counts), affine @ grid
 
     values = np.asarray(values)
     if values.dtype == bool:
@@ -293,7 +319,7 @@ def resample(
     elif values.dtype not in (np.uint8, np.float32):
         values = values.astype(np.float32)
     src = to_sitk(values, source.affine)
-    ref = to_sitk(np.zeros(target.shape, np.uint8), target.affine)
+    ref = to_sitk(np.zeros(shape, np.uint8), affine)
     if kind == "map":
         out = sitk.Resample(src, ref, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return from_sitk(out)  # float32 already: no copy
