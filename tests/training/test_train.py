@@ -16,6 +16,7 @@ from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.models.vae import ConvVAE
 from napari_vaeloc.preprocess import Normalisation, volume_to_slices
+from napari_vaeloc.samples import sample_path
 from napari_vaeloc.training.builder import OWN_DATA_LICENCE
 from napari_vaeloc.training.datasets import _slab_split, build_slice_dataset
 from napari_vaeloc.training.loop import (
@@ -226,3 +227,28 @@ def test_same_command_gives_the_same_weights_file(tmp_path):
     assert a.weights_sha256 == b.weights_sha256
     assert main([*args[:-1], "6", "--out", str(tmp_path / "c")]) == 0
     assert load_model(tmp_path / "c").card.weights_sha256 != a.weights_sha256
+
+
+def test_a_model_trained_on_templates_ships_their_space_and_prepares_scans(tmp_path, capsys):
+    """Trained on template names, a model learned the ICBM 2009c space: it ships the bundled
+    T1 model's registration template, so a raw head is registered to it before scoring (a
+    model of the user's own files ships none and scores scans as given)."""
+    out = tmp_path / "from-templates"
+    args = ["train", "icbm-t1", "--out", str(out), "--modality", "T1", "--image-size", "16",
+            "--z-dim", "8", "--max-steps", "8", "--val-every", "4", "--batch-size", "16",
+            "--quiet"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    card = load_model(out).card
+    assert card.preprocessing.template == "template.nii.gz"
+    assert (out / "template.nii.gz").is_file() and (out / "template_brain_mask.nii.gz").is_file()
+    bundled = load_model("t1-brain")
+    same = (bundled.path / bundled.card.preprocessing.template).read_bytes()
+    assert (out / "template.nii.gz").read_bytes() == same
+    scan = tmp_path / "head_out"
+    rc = main(["localize", str(sample_path("t1-head")), "--model", str(out), "--out", str(scan)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "registration ..." in err and "scored as given" not in err
+    report = json.loads(next(scan.glob("*_scores.json")).read_text())
+    ran = {s["name"] for s in report["preparation"]["steps"] if s["ran"]}
+    assert {"brain extraction", "registration"} <= ran

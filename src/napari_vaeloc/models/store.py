@@ -40,15 +40,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def save_model(
-    network, card: ModelCard, directory: str | os.PathLike, overwrite: bool = False
+    network,
+    card: ModelCard,
+    directory: str | os.PathLike,
+    overwrite: bool = False,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Write ``directory/weights.safetensors`` and ``directory/model.json`` as one folder that
-    appears whole or not at all (:func:`napari_vaeloc.io.write_folder_atomic`). The card's
-    architecture and checksum are filled in from the network.
+    """Write ``directory/weights.safetensors`` and ``directory/model.json`` (and a copy of each
+    of ``extra_files``, name in the folder -> file, e.g. the registration template the card
+    names) as one folder that appears whole or not at all
+    (:func:`napari_vaeloc.io.write_folder_atomic`). The card's architecture and checksum are
+    filled in from the network.
 
     Raises:
         OutputExistsError: the folder exists and ``overwrite`` is false.
     """
+    import shutil
+
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -64,6 +72,8 @@ def save_model(
         card.weights_sha256 = sha256_file(tmp / WEIGHTS_FILE)
         card.provenance.package_version = card.provenance.package_version or __version__
         card.save(tmp / CARD_FILE)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
 
     return write_folder_atomic(directory, fill, overwrite)
 

@@ -256,6 +256,38 @@ def choose_holdout(
     return None, ""
 
 
+#: the names a trained model's registration template and its brain mask get in its folder
+TEMPLATE_FILE = "template.nii.gz"
+TEMPLATE_MASK_FILE = "template_brain_mask.nii.gz"
+
+
+def reference_template_files(modality: str, sources: list[str]) -> dict[str, Path]:
+    """The registration template a model trained on ``sources`` ships, as files to copy into
+    its folder (name there -> file): when every source is a template name, the training
+    volumes were all brought into the space of :data:`REFERENCE` (the ICBM 2009c grid), which
+    is the space of the bundled model of ``modality``; its template, brain mask and the MNI
+    notice are copied, so that scans are prepared (registered to that space) before they are
+    scored. Empty for the user's own files (their space is theirs; see docs/prepare.md) or a
+    modality without a bundled model."""
+    from ..models.store import bundled_models, read_card
+
+    if not sources or not all(s in TEMPLATES for s in sources):
+        return {}
+    for folder in bundled_models().values():
+        card = read_card(folder)
+        pre = card.preprocessing
+        if pre.modality != modality or not pre.template or not pre.template_brain_mask:
+            continue
+        files = {TEMPLATE_FILE: folder / pre.template}
+        files[TEMPLATE_MASK_FILE] = folder / pre.template_brain_mask
+        notice = folder / "MNI-COPYING"
+        if notice.is_file():
+            files[notice.name] = notice
+        if all(f.is_file() for f in files.values()):
+            return files
+    return {}
+
+
 #: a source record's role when the run held it out whole
 VALIDATION_ROLE = "validation and calibration only"
 
@@ -569,7 +601,11 @@ def train_model(
         ),
     )
     check_provenance(card)
-    folder = save_model(net, card, out, overwrite=overwrite)
+    shipped = reference_template_files(modality, sset.sources)
+    if shipped:  # the model learned the reference space: scans are registered to it
+        card.preprocessing.template = TEMPLATE_FILE
+        card.preprocessing.template_brain_mask = TEMPLATE_MASK_FILE
+    folder = save_model(net, card, out, overwrite=overwrite, extra_files=shipped)
     if ckpt.is_dir() and result.stopped != "max_minutes":
         import shutil
 
