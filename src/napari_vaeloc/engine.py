@@ -339,7 +339,7 @@ def _localize_prepared(
         if settings.mode == "full":
             raise InputError(f"{why}; it can only be scored as given, without preparation")
         res = localize(volume, model, opts, prepare=None, **kwargs)
-        res.notes.append(f"{why}: it was scored as given")
+        res.notes.append(f"{why}: {UNPREPARED_NOTE}")
         return res
     prepared = prepare_cached(
         volume, template, settings, stage=opts.stage, cancel=opts.cancel,
@@ -374,6 +374,10 @@ def _localize_prepared(
         prepared=prepared,
     )
 
+
+#: ends the note of a result that "auto" preparation scored as given (a model without a
+#: template, or an image too thin to register)
+UNPREPARED_NOTE = "it was scored as given"
 
 _NETWORK_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()

@@ -355,3 +355,19 @@ def test_unknown_maps_name_the_choices(anatomical_path, capsys):
     err = capsys.readouterr().err
     assert "unknown map(s) mask (the combined map and the mask are always written)" in err
     assert "'default', 'all'" in err and err.count("\n") == 1
+
+
+def test_a_scan_scored_unprepared_says_so_in_the_mask_line(tmp_path, tiny_model_dir, capsys):
+    """A model without a template scores a raw head as given in "auto" mode: the mask line says
+    so, not only a note on stderr (with --prepare none the user asked for it: no warning)."""
+    from napari_vaeloc.samples import sample_path
+
+    head = str(sample_path("t1-head"))
+    base = ["localize", head, "--model", str(tiny_model_dir), "--device", "cpu", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    out, err = capsys.readouterr()
+    line = next(t for t in out.splitlines() if t.startswith("mask:"))
+    assert "NOT PREPARED" in line and "ships no template" in err
+    assert main([*base, "--out", str(tmp_path / "b"), "--prepare", "none"]) == 0
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("mask:"))
+    assert "NOT PREPARED" not in line

@@ -293,6 +293,10 @@ def mask_summary(done: ScanOutputs) -> str:
         rate = f"healthy false-positive rate > {pairs[0][1] * 100:.2g} %"
     else:
         rate = f"healthy false-positive rate {fpr * 100:.2g} %"
+    from ..engine import UNPREPARED_NOTE
+
+    if any(note.endswith(UNPREPARED_NOTE) for note in done.result.notes):
+        rate += "; NOT PREPARED: scored as given, see the note"
     return (
         f"mask: {ml:.1f} ml in {n} part{'' if n == 1 else 's'} (threshold {threshold:.3g}, {rate})"
     )

@@ -192,8 +192,8 @@ class LineProgress:
             self._write()
 
     def close(self) -> None:
-        if self._last_n != self.n:
-            self._write()
+        if self._last_n != self.n and (self._last_n is not None or self.n > 0):
+            self._write()  # the last state, unless nothing ever happened
 
     def _write(self) -> None:
         self._last_time, self._last_n = self._clock(), self.n

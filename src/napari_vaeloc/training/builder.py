@@ -309,7 +309,8 @@ def card_provenance(records: list[dict]) -> tuple[str, str]:
         if r.get("origin"):
             text += f" [{r['origin']}]"
         if r.get("individuals"):
-            text += f" + {r['individuals']} synthetic individuals"
+            k = r["individuals"]
+            text += f" + {k} synthetic individual{'' if k == 1 else 's'}"
         if r.get("role"):
             text += f" ({r['role']})"
         parts.append(text)
