@@ -61,7 +61,7 @@ def test_calibrate_chooses_the_level_with_the_best_dice_and_records_it(trained, 
         "healthy2.nii.gz": "validation and calibration only",  # held out whole
     }
     assert card.provenance.sources.endswith(
-        "healthy2.nii.gz: NIfTI file [user's file] + 1 synthetic individuals (validation and "
+        "healthy2.nii.gz: NIfTI file [user's file] + 1 synthetic individual (validation and "
         "calibration only)"
     )
     assert cal.combined_dice and cal.combined_dice_cases == 2 * 4  # 2 held-out volumes x 4
