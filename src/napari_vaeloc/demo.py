@@ -159,11 +159,7 @@ def count_parts(mask: np.ndarray) -> int:
     labels of a whole 600x600x400 scan would be 0.5 GiB of int32; an empty mask has none)."""
     import numpy as np
 
+    from .preprocess import bounding_box
+
     mask = np.asarray(mask) > 0
-    if not mask.any():
-        return 0
-    box = []
-    for a in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return mask_parts(mask[tuple(box)])[1]
+    return mask_parts(mask[bounding_box(mask)])[1] if mask.any() else 0

@@ -285,6 +285,26 @@ def from_sitk(img: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(img).transpose(2, 1, 0)
 
 
+def subgrid(
+    shape: tuple[int, ...], affine: np.ndarray, index: tuple[slice, ...] | None
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, voxel-to-world affine) of the voxels ``index`` (one start:stop:step slice per
+    axis) of a grid: the whole grid when None."""
+    affine = np.asarray(affine, np.float64)
+    if index is None:
+        return tuple(shape), affine
+    starts, steps, counts = [], [], []
+    for sl, n in zip(index, shape, strict=True):
+        start, stop, step = sl.indices(n)
+        starts.append(start)
+        steps.append(step)
+        counts.append(len(range(start, stop, step)))
+    grid = np.eye(4)
+    grid[:3, :3] = np.diag(steps)
+    grid[:3, 3] = starts
+    return tuple(counts), affine @ grid
+
+
 def resample(
     values: np.ndarray,
     source: Volume,
@@ -300,19 +320,7 @@ def resample(
     memory), others as float32."""
     import SimpleITK as sitk
 
-    shape, affine = tuple(target.shape[:3]), np.asarray(target.affine, np.float64)
-    if index is not None:  # the sub-grid: first voxel, step and count per axis
-        starts, steps, counts = [], [], []
-        for sl, n in zip(index, shape, strict=True):
-            start, stop, step = sl.indices(n)
-            starts.append(start)
-            steps.append(step)
-            counts.append(len(range(start, stop, step)))
-        grid = np.eye(4)
-        grid[:3, :3] = np.diag(steps)
-        grid[:3, 3] = starts
-        shape, affine = tuple(counts), affine @ grid
-
+    shape, affine = subgrid(tuple(target.shape[:3]), target.affine, index)
     values = np.asarray(values)
     if values.dtype == bool:
         values = values.view(np.uint8)
@@ -414,20 +422,14 @@ class BiasField:
         axis: the log field interpolated linearly from the shrunk grid, then exponentiated."""
         import SimpleITK as sitk
 
-        nx, ny, nz = volume.shape[:3]
-        step = max(1, CHUNK_VOXELS // max(1, nx * ny))
-        for z in range(0, nz, step):
-            planes = slice(z, min(z + step, nz))
-            ref = to_sitk(np.zeros((nx, ny, planes.stop - z), np.uint8), _shifted(volume.affine, z))
+        shape = tuple(volume.shape[:3])
+        step = max(1, CHUNK_VOXELS // max(1, shape[0] * shape[1]))
+        for z in range(0, shape[2], step):
+            planes = slice(z, min(z + step, shape[2]))
+            sub = subgrid(shape, volume.affine, (slice(None), slice(None), planes))
+            ref = to_sitk(np.zeros(sub[0], np.uint8), sub[1])
             log = sitk.Resample(self.log_field, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
             yield planes, np.exp(from_sitk(log))
-
-
-def _shifted(affine: np.ndarray, planes: int) -> np.ndarray:
-    """``affine`` of the sub-grid that starts ``planes`` voxels along the third axis."""
-    out = np.array(affine, np.float64)
-    out[:3, 3] += out[:3, 2] * planes
-    return out
 
 
 def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> BiasField:

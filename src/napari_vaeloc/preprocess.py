@@ -190,12 +190,7 @@ def fill_object(mask: np.ndarray, axis: int | None = None) -> np.ndarray:
         return fill_holes(mask)
     if not mask.any():
         return mask.copy()
-    # work inside the object's bounding box: background beyond it is outside anyway
-    spans = []
-    for a in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))
-        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    box = tuple(spans)
+    box = bounding_box(mask)  # background beyond the object's box is outside anyway
     out = np.zeros(mask.shape, bool)
     inner, filled = mask[box], out[box]
     # slices are filled independently: a chunk of them at a time keeps the labels small
@@ -224,15 +219,21 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
         return out
     # the bounding box with one voxel of background around it: every background voxel outside
     # the box reaches the border, so filling the box fills the whole
+    box = bounding_box(mask, margin=1)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(mask[box], dtype=np.uint8))
+    filled = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
+    out[box] = sitk.GetArrayViewFromImage(filled).astype(bool)
+    return out
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """One slice per axis: the smallest box holding every True voxel of ``mask`` (which must
+    hold one), grown by ``margin`` voxels on each side within the array."""
     box = []
     for a in range(mask.ndim):
         hit = np.flatnonzero(mask.any(axis=tuple(b for b in range(mask.ndim) if b != a)))
-        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
-    inner = np.ascontiguousarray(mask[tuple(box)], dtype=np.uint8)
-    image = sitk.GetImageFromArray(inner)
-    filled = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
-    out[tuple(box)] = sitk.GetArrayViewFromImage(filled).astype(bool)
-    return out
+        box.append(slice(max(int(hit[0]) - margin, 0), int(hit[-1]) + 1 + margin))
+    return tuple(box)
 
 
 def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
