@@ -21,12 +21,19 @@ import tempfile
 from pathlib import Path
 
 from napari_vaeloc.models.card import ModelCard
-from napari_vaeloc.models.store import CARD_FILE, WEIGHTS_FILE, load_model
+from napari_vaeloc.models.store import (
+    CARD_FILE,
+    MNI_NOTICE_FILE,
+    TEMPLATE_FILE,
+    TEMPLATE_MASK_FILE,
+    WEIGHTS_FILE,
+    load_model,
+)
 from napari_vaeloc.training.builder import card_provenance, check_provenance, mark_validation
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "napari_vaeloc"
 WEIGHTS = PACKAGE / "models" / "weights"
-KEPT = ("template.nii.gz", "template_brain_mask.nii.gz", "MNI-COPYING")
+KEPT = (TEMPLATE_FILE, TEMPLATE_MASK_FILE, MNI_NOTICE_FILE)
 
 
 def notice_text(card: ModelCard) -> str:

@@ -59,6 +59,7 @@ from napari_vaeloc.evaluation.brain_benchmark import downsample as resample_coar
 from napari_vaeloc.evaluation.synthetic import synthesize_anomaly
 from napari_vaeloc.io import write_atomic
 from napari_vaeloc.models.card import ModelCard
+from napari_vaeloc.models.store import MNI_NOTICE_FILE, TEMPLATE_FILE, TEMPLATE_MASK_FILE
 from napari_vaeloc.samples import SAMPLES, package_file, template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +69,6 @@ WEIGHTS = ROOT / "src" / "napari_vaeloc" / "models" / "weights"
 # model folder -> (template key in napari_vaeloc.samples.TEMPLATES, the bundled sample it equals)
 MODELS = {"t2-brain": ("icbm-t2", "t2-healthy"), "t1-brain": ("icbm-t1", "t1-healthy")}
 ICBM_MASK = "MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c_mask.nii"
-TEMPLATE_FILE = "template.nii.gz"
-TEMPLATE_MASK_FILE = "template_brain_mask.nii.gz"
 
 PYCORTEX = "pycortex==1.4.0"
 SDIST = "pycortex-1.4.0.tar.gz"
@@ -347,7 +346,8 @@ def outputs(only: str | None) -> list[Path]:
     out = []
     if only in (None, "templates"):
         for model in MODELS:
-            out += [WEIGHTS / model / n for n in (TEMPLATE_FILE, TEMPLATE_MASK_FILE, "MNI-COPYING")]
+            names = (TEMPLATE_FILE, TEMPLATE_MASK_FILE, MNI_NOTICE_FILE)
+            out += [WEIGHTS / model / n for n in names]
     if only in (None, "head"):
         out += [DATA / n for n in (HEAD, HEAD_MASK, HEAD_LESION, HEAD_TRUTH, HEAD_LICENSE)]
     return out

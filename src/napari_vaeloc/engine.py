@@ -353,8 +353,7 @@ def _localize_prepared(
     for k in list(res.maps):
         if res.maps.is_deferred(k):  # onto the scan's grid when first used, too
             make = functools.partial(_to_scan, prepared, res.maps, k, dtype)
-            region = functools.partial(_to_scan_region, prepared, res.maps, k, dtype)
-            maps.defer(k, make, volume.shape, dtype, region=region)
+            maps.defer(k, make, volume.shape, dtype, region=make)  # make(index): a part alone
         else:
             maps[k] = _to_scan(prepared, res.maps, k, dtype, pop=True)
     foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
@@ -393,20 +392,18 @@ def _network_lock(network: object) -> threading.Lock:
 
 
 def _to_scan(
-    prepared: Prepared, maps: MapSet, name: str, dtype: np.dtype, pop: bool = False
+    prepared: Prepared,
+    maps: MapSet,
+    name: str,
+    dtype: np.dtype,
+    index: tuple[slice, ...] | None = None,
+    pop: bool = False,
 ) -> np.ndarray:
-    """A map of the template's grid (made first when deferred; taken out of ``maps`` with
-    ``pop``) put onto the scan's grid, as ``dtype``."""
+    """A map of the template's grid (made first when deferred, and let go; taken out of
+    ``maps`` with ``pop``) put onto the scan's grid, as ``dtype``: the whole grid, or only its
+    voxels ``index`` (one slice per axis, :meth:`Prepared.to_scan`)."""
     values = maps.pop(name) if pop else maps.peek(name)
-    return prepared.to_scan(values, "map").astype(dtype, copy=False)
-
-
-def _to_scan_region(
-    prepared: Prepared, maps: MapSet, name: str, dtype: np.dtype, index: tuple[slice, ...]
-) -> np.ndarray:
-    """The voxels ``index`` of :func:`_to_scan`'s map, made alone (the template-grid map is
-    made and let go)."""
-    return prepared.to_scan(maps.peek(name), "map", index).astype(dtype, copy=False)
+    return prepared.to_scan(values, "map", index).astype(dtype, copy=False)
 
 
 def _scales(model: LoadedModel) -> dict[str, float]:

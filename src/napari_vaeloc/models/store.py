@@ -19,6 +19,10 @@ from .card import Architecture, ModelCard
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model.json"
+#: a model folder's registration template, its brain mask, and the MNI notice beside them
+TEMPLATE_FILE = "template.nii.gz"
+TEMPLATE_MASK_FILE = "template_brain_mask.nii.gz"
+MNI_NOTICE_FILE = "MNI-COPYING"
 BUNDLED_DIR = Path(__file__).parent / "weights"
 
 

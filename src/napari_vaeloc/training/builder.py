@@ -256,11 +256,6 @@ def choose_holdout(
     return None, ""
 
 
-#: the names a trained model's registration template and its brain mask get in its folder
-TEMPLATE_FILE = "template.nii.gz"
-TEMPLATE_MASK_FILE = "template_brain_mask.nii.gz"
-
-
 def reference_template_files(modality: str, sources: list[str]) -> dict[str, Path]:
     """The registration template a model trained on ``sources`` ships, as files to copy into
     its folder (name there -> file): when every source is a template name, the training
@@ -269,7 +264,13 @@ def reference_template_files(modality: str, sources: list[str]) -> dict[str, Pat
     notice are copied, so that scans are prepared (registered to that space) before they are
     scored. Empty for the user's own files (their space is theirs; see docs/prepare.md) or a
     modality without a bundled model."""
-    from ..models.store import bundled_models, read_card
+    from ..models.store import (
+        MNI_NOTICE_FILE,
+        TEMPLATE_FILE,
+        TEMPLATE_MASK_FILE,
+        bundled_models,
+        read_card,
+    )
 
     if not sources or not all(s in TEMPLATES for s in sources):
         return {}
@@ -280,7 +281,7 @@ def reference_template_files(modality: str, sources: list[str]) -> dict[str, Pat
             continue
         files = {TEMPLATE_FILE: folder / pre.template}
         files[TEMPLATE_MASK_FILE] = folder / pre.template_brain_mask
-        notice = folder / "MNI-COPYING"
+        notice = folder / MNI_NOTICE_FILE
         if notice.is_file():
             files[notice.name] = notice
         if all(f.is_file() for f in files.values()):
@@ -604,6 +605,8 @@ def train_model(
     check_provenance(card)
     shipped = reference_template_files(modality, sset.sources)
     if shipped:  # the model learned the reference space: scans are registered to it
+        from ..models.store import TEMPLATE_FILE, TEMPLATE_MASK_FILE
+
         card.preprocessing.template = TEMPLATE_FILE
         card.preprocessing.template_brain_mask = TEMPLATE_MASK_FILE
     folder = save_model(net, card, out, overwrite=overwrite, extra_files=shipped)
