@@ -19,7 +19,7 @@ from napari_vaeloc.combine import (
 from napari_vaeloc.errors import InputError
 from napari_vaeloc.io import Volume
 from napari_vaeloc.mapnames import COMBINABLE_MAPS
-from tests.helpers import card_with, make_result
+from tests.helpers import card_with, make_result, outline_reference
 
 
 def _post(maps, fg, calibration=None, spacing=(1.0, 1.0, 1.0), **settings) -> PostProcessor:
@@ -243,3 +243,104 @@ def test_components_are_labelled_in_the_smallest_type_that_holds_them(step, dtyp
     assert labels.dtype == dtype, n
     np.testing.assert_array_equal(labels, ref)
     assert len(sizes) == n + 1 and sizes[1:].sum() == mask.sum() and sizes.max() >= 125
+
+
+def _ball(shape, centre, radius, sigma):
+    from scipy.ndimage import gaussian_filter
+
+    idx = np.indices(shape)
+    inside = sum((i - c) ** 2 for i, c in zip(idx, centre, strict=True)) <= radius**2
+    return inside, gaussian_filter(inside.astype(np.float32), sigma)
+
+
+@pytest.mark.parametrize("fraction, size", [(0.0, 0.0), (0.5, 0.0), (0.3, 20.0), (0.5, 50.0)])
+def test_outlined_mask_equals_a_part_by_part_reference(fraction, size):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(7)
+    c = gaussian_filter(rng.normal(size=(36, 30, 28)), 1.5).astype(np.float32)
+    c = np.maximum(c / c.std(), 0)
+    fg = np.ones(c.shape, bool)
+    post = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=2.5)
+    for thr, grow in ((2.5, 1.0), (3.0, 1.0), (2.0, 1.5)):
+        st = post.settings.replace(
+            threshold=thr, grow_threshold=grow, outline_fraction=fraction, min_size_mm3=size
+        )
+        ref = outline_reference(c, thr, grow, fraction, int(size))
+        assert ref.any()
+        np.testing.assert_array_equal(post.mask(st), ref)
+    # a grow level at or above the threshold outlines nothing: the plain threshold mask
+    st = post.settings.replace(grow_threshold=3.0, outline_fraction=0.5)
+    assert st.grow_level() is None
+    np.testing.assert_array_equal(post.mask(st), threshold_mask(c, 2.5))
+
+
+def test_the_half_maximum_outlines_a_smoothed_lesion_where_it_is_whatever_its_strength():
+    """A lesion's smoothed edge crosses half its height at the edge itself: outlined at half
+    each part's peak, a strong and a weak ball get about their true volume, while a plain
+    threshold near the weak ball's peak keeps only its core."""
+    shape = (48, 48, 48)
+    inside, blob = _ball(shape, (24, 24, 24), 9, 2.0)
+    fg = np.ones(shape, bool)
+    outlines = []
+    for height in (8.0, 3.6):
+        c = blob * height
+        post = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=3.34)
+        plain = post.mask().astype(bool)
+        st = post.settings.replace(grow_threshold=1.0, outline_fraction=0.5)
+        outlines.append(post.mask(st).astype(bool))
+        dice = 2 * (outlines[-1] & inside).sum() / (outlines[-1].sum() + inside.sum())
+        assert dice > 0.9, (height, dice)
+        plain_dice = 2 * (plain & inside).sum() / (plain.sum() + inside.sum())
+        if height < 4:
+            assert plain_dice < 0.5, plain_dice  # the plain threshold: the core alone
+    np.testing.assert_array_equal(outlines[0], outlines[1])  # the same outline at any height
+    # no part above the threshold: nothing is marked, however much lies above the grow level
+    post = _post({"combi": blob * 3.0}, fg, {"scales": {"combi": 1.0}}, threshold=3.34)
+    assert not post.mask(post.settings.replace(grow_threshold=1.0, outline_fraction=0.5)).any()
+
+
+def test_outlined_slice_previews_are_exact_once_the_parts_are_known():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(11)
+    c = gaussian_filter(rng.normal(size=(30, 26, 24)), 1.5).astype(np.float32)
+    c = np.maximum(c / c.std(), 0)
+    fg = np.ones(c.shape, bool)
+    post = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=2.5,
+                 grow_threshold=1.0, outline_fraction=0.5)  # fmt: skip
+    # before the whole mask: the slice alone, marked approximate
+    first = post.slice_preview(post.settings, 0, 12, compute=True)
+    assert first is not None and not first.exact
+    whole = post.mask()
+    # once the parts are labelled, every slice, and every later threshold, is exact
+    for thr in (2.5, 2.2, 3.1):
+        st = post.settings.replace(threshold=thr)
+        for axis, index in ((0, 12), (1, 5), (2, 20)):
+            pv = post.slice_preview(st, axis, index)
+            assert pv.exact
+            key = [slice(None)] * 3
+            key[axis] = index
+            np.testing.assert_array_equal(pv.mask, post.mask(st)[tuple(key)])
+    assert whole.any()
+
+
+BAD_OUTLINES = [
+    {"outline_fraction": 1.0},
+    {"outline_fraction": -0.1},
+    {"grow_threshold": -1.0},
+    {"grow_threshold": float("nan")},
+]
+
+
+@pytest.mark.parametrize("changes", BAD_OUTLINES)
+def test_bad_outline_settings_are_refused(changes):
+    with pytest.raises(InputError):
+        CombineSettings(**changes)
+
+
+def test_the_outline_comes_from_the_card():
+    card = card_with(defaults={"threshold": 3.0, "grow_threshold": 1.5, "outline_fraction": 0.5})
+    s = CombineSettings.from_card(card)
+    assert (s.grow_threshold, s.outline_fraction, s.grow_level()) == (1.5, 0.5, 1.5)
+    assert CombineSettings.preset("paper", card).grow_level() is None  # the paper's method

@@ -112,11 +112,34 @@ def test_mask_overlaps_known_lesion(make_napari_viewer, qtbot):
     inside = (mask & truth).sum()
     # default threshold (healthy false-positive rate 1 %): mostly correct voxels
     assert inside >= 20 and inside > 0.5 * mask.sum(), (inside, truth.sum(), mask.sum())
+    # the default outlines each part down to a fraction of its peak: the lesion better than
+    # its core alone
+    assert widget.outline.value and widget.outline.enabled
+    comb = viewer.layers["t2-lesion anomaly map"].data.astype(np.float32)
+    st = widget.session.settings
+
+    def dice(m):
+        return 2 * (m & truth).sum() / (m.sum() + truth.sum())
+
+    widget.outline.value = False
+    widget.apply_settings()
+    plain = viewer.layers["t2-lesion mask"].data.astype(bool)
+    np.testing.assert_array_equal(plain, comb > st.threshold)
+    assert widget.session.settings.grow_level() is None
+    assert dice(mask) > dice(plain), (dice(mask), dice(plain))
     # a lower threshold finds more of the lesion
     widget.threshold.value = 0.8 * widget.threshold.value
     widget.apply_settings()
     mask2 = viewer.layers["t2-lesion mask"].data.astype(bool)
-    assert (mask2 & truth).sum() > inside
+    assert (mask2 & truth).sum() > (plain & truth).sum()
+    # turned on again: the model's outline at the new threshold
+    widget.outline.value = True
+    widget.apply_settings()
+    again = widget.session.settings
+    assert (again.grow_threshold, again.outline_fraction) == (
+        st.grow_threshold,
+        st.outline_fraction,
+    )
 
 
 def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, counted):

@@ -183,6 +183,9 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
         )
         self.threshold = FloatSlider(label="threshold", min=0.0, max=4.0, step=0.01, value=1.0)
         self.threshold_info = Label(label="")
+        self.outline = CheckBox(
+            text="outline each part (down to a fraction of its peak)", value=False
+        )
         self.min_size = FloatSlider(label="min size (mm³)", min=0.0, max=4000.0, step=8.0)
         self.defaults_button = PushButton(text="Restore model defaults")
         self.paper_button = PushButton(text="The paper's method")
@@ -194,7 +197,8 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
             "run": self.run_button, "cancel": self.cancel_button, "progress": self.progress,
             "result": self.result_info, "smoothing": self.smoothing,
             "scan_normalise": self.scan_normalise, "threshold": self.threshold,
-            "threshold_info": self.threshold_info, "min_size": self.min_size,
+            "threshold_info": self.threshold_info, "outline": self.outline,
+            "min_size": self.min_size,
             "defaults": self.defaults_button, "paper": self.paper_button,
             "export_maps": self.export_maps, "export": self.export_button,
         }  # fmt: skip
@@ -211,7 +215,7 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
                 self.image, self.volume, self.model, self.model_info, self.device, self.axis,
                 self.prepare, self.run_button, self.cancel_button, self.progress, self.fit_info,
                 self.result_info, *self.weights.values(), self.smoothing, self.scan_normalise,
-                self.threshold, self.threshold_info,
+                self.threshold, self.threshold_info, self.outline,
                 self.min_size, self.defaults_button, self.paper_button, self.export_maps,
                 self.export_button,
             ]
@@ -219,7 +223,8 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
         #: controls that change the shown result's settings (fixed while it is exported)
         self._tuning = [
             *self.weights.values(), self.smoothing, self.scan_normalise, self.threshold,
-            self.min_size, self.defaults_button, self.paper_button, self.export_maps,
+            self.outline, self.min_size, self.defaults_button, self.paper_button,
+            self.export_maps,
         ]  # fmt: skip
         self.model.changed.connect(self._on_model_changed)
         self.volume.changed.connect(self._on_volume_changed)
@@ -230,6 +235,7 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
             self.smoothing,
             self.scan_normalise,
             self.threshold,
+            self.outline,
             self.min_size,
         ):
             w.changed.connect(self._on_slider)

@@ -144,6 +144,10 @@ TOOLTIPS = {
     "threshold": "voxels of the anomaly map above this value form the mask; the line below "
     "says what the value means (a healthy false-positive rate when the model is calibrated)",
     "threshold_info": "what the threshold means for this model and these settings",
+    "outline": "a part of the mask is found where the anomaly map passes the threshold, and "
+    "reaches out to where the map falls to a fraction of its peak (0.4 for the bundled models; "
+    "not below the model's grow level): the edge of a smoothed lesion; off, the mask is the "
+    "voxels above the threshold only, often just a lesion's core",
     "min_size": "parts of the mask smaller than this volume (mm³) are dropped; 0 keeps all",
     "defaults": "set weights, smoothing, normalisation, threshold and minimum size to the "
     "values stored with the model",
@@ -235,7 +239,11 @@ class Session(PostProcessor):
             if t < pairs[0][0]:
                 return f"healthy false-positive rate > {pairs[0][1]:.0%}"
             fpr = self.fpr_for_threshold(t)
-            return f"healthy false-positive rate ≈ {fpr:.3g} ({fpr:.2%} of healthy voxels)"
+            text = f"healthy false-positive rate ≈ {fpr:.3g} ({fpr:.2%} of healthy voxels)"
+            mask_fpr = self.mask_fpr()
+            if mask_fpr is not None and self.settings.grow_level() is not None:
+                text += f"; the outlined mask marks {mask_fpr:.2%} of healthy voxels"
+            return text
         if self.settings.scan_normalise:
             return f"{t:.2f} robust z-units above this scan's median (no FPR calibration)"
         return f"{t:.2f} × healthy 99th percentile (custom weights: no FPR calibration)"

@@ -431,12 +431,20 @@ class TuningMixin:
         top = max(4.0, 3.0 * sum(weights.values()), 10.0 if scan_normalise else 0.0)
         if top > self.threshold.max:  # growing the range never moves the value
             self.threshold.max = top
+        outline = {"grow_threshold": None, "outline_fraction": 0.0}
+        if self.outline.value:  # the shown settings' outline, else the model's
+            source = st if st.grow_threshold is not None else self.session.default_settings()
+            outline = {
+                "grow_threshold": source.grow_threshold,
+                "outline_fraction": source.outline_fraction,
+            }
         self.session.settings = st.replace(
             weights=weights,
             scan_normalise=scan_normalise,
             smoothing_mm=_kept(float(self.smoothing.value), st.smoothing_mm),
             threshold=_kept(float(self.threshold.value), st.threshold),
             min_size_mm3=_kept(float(self.min_size.value), st.min_size_mm3),
+            **outline,
         )
 
     def _show_settings(self, st: Any) -> None:
@@ -449,6 +457,9 @@ class TuningMixin:
             if st.scan_normalise and self.threshold.max < 10.0:
                 self.threshold.max = 10.0
             self.threshold.value = min(st.threshold, self.threshold.max)
+            self.outline.value = st.grow_threshold is not None
+            if self.session is not None:  # the card gives the grow level: none, nothing to turn on
+                self.outline.enabled = self.session.default_settings().grow_threshold is not None
             self.min_size.value = min(st.min_size_mm3, self.min_size.max)
         finally:
             self._quiet = False

@@ -20,7 +20,16 @@ map and mask everywhere. Its steps, in order:
    ``max(0, (c - median) / (1.4826 MAD))`` over the foreground, so that a scan whose healthy
    tissue is explained worse overall (another scanner, unusual anatomy) does not light up
    everywhere at a fixed threshold. Then zero outside the foreground (``foreground_only``).
-5. **threshold** and **minimum component size** (26-connected, mm^3) give the mask.
+5. **threshold**, **outline** and **minimum component size** give the mask. Without a grow
+   level: the voxels above the threshold. With one below the threshold (hysteresis
+   thresholding): the threshold decides *where* there is a lesion and the outline *how far*
+   it reaches. Each connected part (26 neighbours) of the map above the grow level whose peak
+   passes the threshold is kept, and within it the voxels at or above
+   ``max(grow level, outline_fraction * peak)``. An 8 mm smoothed map stays above a strict
+   threshold only in a lesion's core; the smoothed edge of a lesion crosses half its height
+   at the edge itself, so an ``outline_fraction`` near 0.5 (the half maximum) outlines a lesion
+   it is, for weak and strong lesions alike. Parts whose region above the grow level is
+   smaller than the minimum size (mm^3) are removed.
 
 The threshold <-> healthy false-positive rate conversion reads the model's calibrated table
 (``Calibration.combined_fpr``), valid for the combination it was calibrated for.
@@ -51,13 +60,21 @@ CHUNK_VOXELS = 1 << 23
 #: fallback when a model has no calibration: the scan's own foreground percentile
 FALLBACK_PERCENTILE = 99.0
 DEFAULT_WEIGHTS = {"combi": 1.0}
+#: a calibrated default (``vaeloc calibrate``) outlines its mask's parts down to the threshold
+#: of this healthy false-positive rate (step 5) ...
+GROW_FPR = 0.01
+#: ... at this fraction of each part's peak: chosen on the held-out individuals of both bundled
+#: models among 0.25-0.6 (docs/results.md; the half maximum, 0.5, came close)
+OUTLINE_FRACTION = 0.4
 
 
 @dataclass(frozen=True)
 class CombineSettings:
     """Weights per component, extra 3D smoothing (sigma, mm), per-scan robust normalisation,
-    threshold (scale units, or robust z-units with ``scan_normalise``) and minimum lesion size
-    (mm^3). Validated when made: change one with :meth:`replace`.
+    threshold (scale units, or robust z-units with ``scan_normalise``), grow level (the
+    threshold's units; None: no growth), outline fraction (of a part's peak, in [0, 1)) and
+    minimum lesion size (mm^3); step 5 of the module doc. Validated when made: change one
+    with :meth:`replace`.
 
     Raises:
         InputError: a weight names an unknown map (the message lists the valid names), or a
@@ -70,6 +87,8 @@ class CombineSettings:
     min_size_mm3: float = 0.0
     foreground_only: bool = True
     scan_normalise: bool = False
+    grow_threshold: float | None = None
+    outline_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check_names(self.weights, COMBINABLE_MAPS, "weights")
@@ -84,6 +103,15 @@ class CombineSettings:
             object.__setattr__(self, name, value)
         if self.smoothing_mm < 0 or self.min_size_mm3 < 0 or self.threshold < 0:
             raise InputError("threshold, smoothing and minimum size must be >= 0")
+        if self.grow_threshold is not None:
+            grow = float(self.grow_threshold)
+            if not math.isfinite(grow) or grow < 0:
+                raise InputError(f"grow_threshold must be a finite number >= 0, not {grow}")
+            object.__setattr__(self, "grow_threshold", grow)
+        fraction = float(self.outline_fraction)
+        if not 0.0 <= fraction < 1.0:
+            raise InputError(f"outline_fraction must be in [0, 1), not {fraction}")
+        object.__setattr__(self, "outline_fraction", fraction)
 
     @classmethod
     def from_card(cls, card: ModelCard) -> CombineSettings:
@@ -120,6 +148,18 @@ class CombineSettings:
     def used_weights(self) -> dict[str, float]:
         """The non-zero weights."""
         return {k: w for k, w in self.weights.items() if w}
+
+    def grow_level(self) -> float | None:
+        """The level the mask's parts grow down to, or None when there is no growth (no grow
+        level, or one at or above the threshold)."""
+        g = self.grow_threshold
+        return g if g is not None and g < self.threshold else None
+
+    def mask_key(self) -> tuple:
+        """What the mask depends on besides the combined map."""
+        grow = self.grow_level()
+        fraction = self.outline_fraction if grow is not None else 0.0
+        return (self.threshold, grow, fraction, self.min_size_mm3)
 
 
 @dataclass
@@ -181,6 +221,7 @@ class PostProcessor:
         self._mask_of: np.ndarray | None = None  # the combined map the cached mask is of
         self._mask: np.ndarray | None = None
         self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
+        self._peak_cache: tuple[np.ndarray, np.ndarray] | None = None
         self._sample: np.ndarray | None = None  # foreground voxels for preview statistics
         self._norm_cache: tuple[float, np.ndarray] | None = None
 
@@ -300,35 +341,54 @@ class PostProcessor:
     def mask(
         self, settings: CombineSettings | None = None, cancel: Callable[[], bool] | None = None
     ) -> np.ndarray:
-        """uint8 mask of the combined map above the threshold, small components removed, under
-        ``settings`` (default: ``self.settings``); ``cancel`` as in :meth:`combined`."""
+        """uint8 mask of the combined map under ``settings`` (default: ``self.settings``): the
+        voxels above the threshold, grown to the grow level, small parts removed (step 5 of
+        the module doc); ``cancel`` as in :meth:`combined`."""
         s = self.settings if settings is None else settings
         combined = self.combined(s, cancel)
-        key = (s.threshold, s.min_size_mm3)
+        key = s.mask_key()
         with self._lock:
             if self._mask is not None and self._mask_of is combined and self._mask_key == key:
                 return self._mask
         _stop_if(cancel)
         n = min_voxels(s.min_size_mm3, self.spacing, combined.ndim)
-        if n > 1:
+        grow = s.grow_level()
+        if grow is not None:
+            labels, sizes = self._components(combined, grow)
+            _stop_if(cancel)
+            peaks = self._peaks(combined, labels, sizes)
+            keep, level = outline_tables(peaks, sizes, n, s.threshold, grow, s.outline_fraction)
+            out = outline_mask(combined, labels, keep, level)
+        elif n > 1:
             labels, sizes = self._components(combined, s.threshold)
-            out = keep_large(labels, sizes, n)
+            out = lookup(labels, _keep_table(sizes, n))
         else:
             out = threshold_mask(combined, s.threshold)
         with self._lock:
             self._mask, self._mask_of, self._mask_key = out, combined, key
         return out
 
-    def _components(self, combined: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Connected components of ``combined > threshold`` and their sizes, cached for the
-        last (combined map, threshold)."""
+    def _components(self, combined: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+        """Connected components of ``combined > level`` and their sizes, cached for the
+        last (combined map, level)."""
         parts = self._parts
-        if parts is not None and parts[0] is combined and parts[1] == threshold:
+        if parts is not None and parts[0] is combined and parts[1] == level:
             return parts[2], parts[3]
-        labels, sizes = label_components(above(combined, threshold))
+        labels, sizes = label_components(above(combined, level))
         with self._lock:
-            self._parts = (combined, threshold, labels, sizes)
+            self._parts = (combined, level, labels, sizes)
+            self._peak_cache = None
         return labels, sizes
+
+    def _peaks(self, combined: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Each component's peak (:func:`component_peaks`), cached for the last labels."""
+        peaks = self._peak_cache
+        if peaks is not None and peaks[0] is labels:
+            return peaks[1]
+        out = component_peaks(combined, labels, len(sizes))
+        with self._lock:
+            self._peak_cache = (labels, out)
+        return out
 
     def combination(self, settings: CombineSettings | None = None) -> Combination:
         """Combined map, mask and the scales of the weighted components."""
@@ -347,7 +407,7 @@ class PostProcessor:
                 return None
             if mask is None or self._mask_of is not combined:
                 return None
-            if self._mask_key != (s.threshold, s.min_size_mm3):
+            if self._mask_key != s.mask_key():
                 return None
         scales = {k: self.scale(k)[0] for k in self._used(s)}
         calibrated = bool(scales) and all(self.scale(k)[1] for k in scales)
@@ -362,7 +422,7 @@ class PostProcessor:
             if array is self._combined or array is self._mask or array is self._mask_of:
                 self._mask, self._mask_of, self._mask_key = None, None, None
             if self._parts is not None and self._parts[0] is array:
-                self._parts = None
+                self._parts, self._peak_cache = None, None
 
     # -- one slice first -------------------------------------------------------------------
     def slice_preview(
@@ -378,9 +438,9 @@ class PostProcessor:
         The combined map's slice is exact to float32 rounding (a component at a new smoothing
         is smoothed on the slab of slices that reach the slice, when ``compute``); with
         per-scan normalisation its median and spread come from a subsample of the foreground
-        (approximate). The mask's slice is exact unless a minimum size is set and the
-        components of this thresholded map are not cached (then only the threshold is applied:
-        approximate).
+        (approximate). The mask's slice is exact unless a minimum size or a grow level is set
+        and the components of this map are not cached (then the threshold and the growth are
+        applied within the slice: approximate).
 
         Returns:
             the preview, or None when a component at this smoothing is not cached, or a map
@@ -412,16 +472,39 @@ class PostProcessor:
                     return None
                 exact = False
             comb_sl = finish(total, fg_sl if s.foreground_only else None, s.scan_normalise, stats)
+        mask_sl, mask_exact = self._mask_slice(s, comb_sl, combined if same else None, axis, index)
+        return SlicePreview(comb_sl, mask_sl, exact and mask_exact, not same)
+
+    def _mask_slice(
+        self,
+        s: CombineSettings,
+        comb_sl: np.ndarray,
+        combined: np.ndarray | None,
+        axis: int,
+        index: int,
+    ) -> tuple[np.ndarray, bool]:
+        """The mask's slice (uint8) and whether it is exact: from the cached components of
+        ``combined`` (the whole combined map under ``s``, or None) when they fit ``s``;
+        otherwise the threshold (and growth) applied within the slice alone."""
         n = min_voxels(s.min_size_mm3, self.spacing, self.fg().ndim)
-        mask_sl = above(comb_sl, s.threshold).astype(np.uint8)
-        if n > 1:
-            parts = self._parts
-            if same and parts is not None and parts[0] is combined and parts[1] == s.threshold:
-                keep = _keep_table(parts[3], n)
-                mask_sl = keep[plane(parts[2], axis, index)]
-            else:
-                exact = False
-        return SlicePreview(comb_sl, mask_sl, exact, not same)
+        grow = s.grow_level()
+        if n <= 1 and grow is None:
+            return above(comb_sl, s.threshold).astype(np.uint8), True
+        level = s.threshold if grow is None else grow
+        parts, peaks = self._parts, self._peak_cache
+        if combined is not None and parts is not None and parts[0] is combined:
+            if parts[1] == level:
+                labels_sl = plane(parts[2], axis, index)
+                if grow is None:
+                    return _keep_table(parts[3], n)[labels_sl], True
+                if peaks is not None and peaks[0] is parts[2]:
+                    keep, lv = outline_tables(
+                        peaks[1], parts[3], n, s.threshold, grow, s.outline_fraction
+                    )
+                    return outline_mask(comb_sl, labels_sl, keep, lv), True
+        if grow is None:
+            return above(comb_sl, s.threshold).astype(np.uint8), False
+        return outline_slice(comb_sl, s.threshold, grow, s.outline_fraction), False
 
     def _scaled_slice(
         self, name: str, smoothing_mm: float, inside: bool, axis: int, index: int, compute: bool
@@ -555,6 +638,19 @@ class PostProcessor:
         thr = np.array([p[0] for p in pairs])
         logf = np.log10([p[1] for p in pairs])
         return float(10 ** np.interp(threshold, thr, logf))
+
+    def mask_fpr(self, settings: CombineSettings | None = None) -> float | None:
+        """The healthy false-positive rate of the mask itself (the calibration's ``mask_fpr``,
+        measured on held-out healthy brains) when ``settings`` (default: ``self.settings``)
+        are the calibrated default's in every step, else None."""
+        s = self.settings if settings is None else settings
+        cal = self.calibration
+        if cal is None or cal.mask_fpr is None or not self.uses_default_combination():
+            return None
+        default = self.default_settings()
+        if s.mask_key() != default.mask_key() or self.combined_key(s) != self.combined_key(default):
+            return None
+        return float(cal.mask_fpr)
 
     def threshold_for_fpr(self, fpr: float) -> float | None:
         """Inverse of :meth:`fpr_for_threshold`."""
@@ -901,17 +997,77 @@ def _keep_table(sizes: np.ndarray, n: int) -> np.ndarray:
 
 
 def keep_large(labels: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
-    """uint8 mask of the components (:func:`label_components`) of at least ``n`` voxels.
+    """uint8 mask of the components (:func:`label_components`) of at least ``n`` voxels."""
+    return lookup(labels, _keep_table(sizes, n))
+
+
+def lookup(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """uint8 ``keep[labels]``: the mask of the components whose entry in ``keep`` is 1.
 
     Looked up in chunks of :data:`CHUNK_VOXELS`: a lookup holds the interpreter for its whole
     length, and a viewer thread waits meanwhile (0.3 s at once on 144 million voxels)."""
-    table = _keep_table(sizes, n)
     flat = labels.reshape(-1)
     out = host_array(labels.shape, np.uint8)
     dest = out.reshape(-1)
     for start in range(0, flat.size, CHUNK_VOXELS):
-        np.take(table, flat[start : start + CHUNK_VOXELS], out=dest[start : start + CHUNK_VOXELS])
+        np.take(keep, flat[start : start + CHUNK_VOXELS], out=dest[start : start + CHUNK_VOXELS])
     return out
+
+
+def component_peaks(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """float32 per component (``count`` entries; 0 for the background): the largest value of
+    ``values`` in it. Both arrays share a shape and are read in slabs along the first axis,
+    so neither is copied whole whatever its memory order."""
+    peaks = np.zeros(count, np.float32)
+    step = max(1, CHUNK_VOXELS // max(1, int(np.prod(values.shape[1:]))))
+    for start in range(0, values.shape[0], step):
+        lab = labels[start : start + step]
+        inside = lab > 0
+        np.maximum.at(peaks, lab[inside], values[start : start + step][inside])
+    peaks[0] = 0.0
+    return peaks
+
+
+def outline_tables(
+    peaks: np.ndarray,
+    sizes: np.ndarray,
+    n: int,
+    threshold: float,
+    grow: float,
+    fraction: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per component of the map above ``grow``: uint8 whether it is kept (its peak above
+    ``threshold``, at least ``n`` voxels) and the float32 level its outline lies at,
+    ``max(grow, fraction * peak)`` (step 5 of the module doc)."""
+    keep = _keep_table(sizes, n) & (peaks > np.float32(threshold)).astype(np.uint8)
+    level = np.maximum(np.float32(grow), np.float32(fraction) * peaks).astype(np.float32)
+    return keep, level
+
+
+def outline_mask(
+    values: np.ndarray, labels: np.ndarray, keep: np.ndarray, level: np.ndarray
+) -> np.ndarray:
+    """uint8 mask: voxels of kept components at or above their component's level
+    (:func:`outline_tables`); computed in slabs along the first axis."""
+    out = host_array(labels.shape, np.uint8)
+    step = max(1, CHUNK_VOXELS // max(1, int(np.prod(values.shape[1:]))))
+    for start in range(0, values.shape[0], step):
+        part = slice(start, start + step)
+        lab = labels[part]
+        inside = keep[lab].astype(bool)
+        inside &= values[part] >= level[lab]
+        out[part] = inside
+    return out
+
+
+def outline_slice(values: np.ndarray, threshold: float, grow: float, fraction: float):
+    """uint8 outlined mask of one slice computed within the slice alone (parts seeded on other
+    slices are missing, and a part's peak is its peak in this slice: an approximation, for
+    previews)."""
+    labels, sizes = label_components(above(values, grow))
+    peaks = component_peaks(values, labels, len(sizes))
+    keep, level = outline_tables(peaks, sizes, 0, threshold, grow, fraction)
+    return outline_mask(values, labels, keep, level)
 
 
 def above(values: np.ndarray, threshold: float) -> np.ndarray:

@@ -105,12 +105,15 @@ def _report(
         "notes": result.notes,
         "preparation": result.preparation.to_dict() if result.preparation else None,
         # "calibrated": the component scales are the model's; "healthy_fpr": the threshold's
-        # healthy false-positive rate, null when the settings are not the calibrated combination
+        # healthy false-positive rate, null when the settings are not the calibrated combination;
+        # "mask_healthy_fpr": the default mask's own rate (outlined parts reach below the
+        # threshold), null for other settings
         "combination": {
             **asdict(post.settings),
             "scales": c.scales,
             "calibrated": c.calibrated,
             "healthy_fpr": post.fpr_for_threshold(post.settings.threshold),
+            "mask_healthy_fpr": post.mask_fpr(),
         },
         "mask_voxels": int(c.mask.sum()),
         "mask_volume_ml": float(c.mask.sum()) * voxel_ml,

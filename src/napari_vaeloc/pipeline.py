@@ -45,6 +45,8 @@ class ScanSettings:
         threshold, weights, smoothing, scan_normalise: changes to that combination (None:
             keep the preset's); threshold in combined-map units, weights map name -> weight,
             smoothing sigma in mm.
+        outline: False masks the voxels above the threshold only (no outlined parts, whatever
+            the preset's grow level).
         maps: the maps to compute and write (None: the model's default maps,
             :func:`napari_vaeloc.engine.maps_for`); the maps the combination weights are
             always computed, and written, too.
@@ -61,6 +63,7 @@ class ScanSettings:
     batch_size: int = 64
     preset: str = "default"
     threshold: float | None = None
+    outline: bool = True
     weights: dict[str, float] | None = None
     smoothing: float | None = None
     scan_normalise: bool | None = None
@@ -88,9 +91,10 @@ class ScanSettings:
             "smoothing_mm": self.smoothing,
             "scan_normalise": self.scan_normalise,
         }
-        return CombineSettings.preset(self.preset, card).replace(
-            **{k: v for k, v in changes.items() if v is not None}
-        )
+        changed = {k: v for k, v in changes.items() if v is not None}
+        if not self.outline:
+            changed.update(grow_threshold=None, outline_fraction=0.0)
+        return CombineSettings.preset(self.preset, card).replace(**changed)
 
     def result_key(self) -> dict[str, Any]:
         """The settings that change a scan's outputs, as plain JSON values (the device and the
@@ -108,6 +112,7 @@ class ScanSettings:
             "scan_normalise": self.scan_normalise,
             # only when set: the records of runs that predate these options stay valid
             **({"maps": list(self.maps)} if self.maps is not None else {}),
+            **({"outline": False} if not self.outline else {}),
         }
 
 

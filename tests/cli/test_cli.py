@@ -371,3 +371,43 @@ def test_a_scan_scored_unprepared_says_so_in_the_mask_line(tmp_path, tiny_model_
     assert main([*base, "--out", str(tmp_path / "b"), "--prepare", "none"]) == 0
     line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("mask:"))
     assert "NOT PREPARED" not in line
+
+
+def test_the_default_mask_outlines_its_parts_and_no_outline_keeps_the_threshold(tmp_path):
+    """The bundled model's default mask is the threshold's parts outlined down to a fraction of
+    their peak (computed part by part here from the written anomaly map); --no-outline writes
+    the voxels above the threshold only."""
+    from napari_vaeloc.models.store import load_model
+    from napari_vaeloc.samples import sample_path
+    from tests.helpers import outline_reference
+
+    card = load_model("t2-brain").card
+    assert card.defaults.grow_threshold < card.defaults.threshold  # the bundled default outlines
+    scan = sample_path("t2-lesion")
+    stem = Path(scan).name.split(".")[0]
+    masks, scores = {}, {}
+    for extra in ([], ["--no-outline"]):
+        out = tmp_path / ("plain" if extra else "outlined")
+        args = ["localize", str(scan), "--model", "t2-brain", "--out", str(out), "--quiet"]
+        assert main([*args, "--device", "cpu", *extra]) == 0
+        masks[bool(extra)] = np.asarray(nib.load(out / f"{stem}_mask.nii.gz").dataobj) > 0
+        combined = np.asarray(nib.load(out / f"{stem}_combined.nii.gz").dataobj, np.float32)
+        scores[bool(extra)] = json.loads((out / f"{stem}_scores.json").read_text())
+    c = scores[False]["combination"]
+    assert (c["grow_threshold"], c["outline_fraction"]) == (
+        pytest.approx(card.defaults.grow_threshold),
+        0.4,
+    )
+    assert c["mask_healthy_fpr"] == pytest.approx(card.calibration.mask_fpr)
+    want = outline_reference(combined, c["threshold"], c["grow_threshold"], c["outline_fraction"])
+    np.testing.assert_array_equal(masks[False], want > 0)
+    np.testing.assert_array_equal(masks[True], combined > c["threshold"])
+    # against the lesion drawn into the sample, the outline fits better than the threshold
+    truth = np.asarray(nib.load(sample_path("t2-lesion-truth")).dataobj) > 0
+
+    def dice(m):
+        return 2 * (m & truth).sum() / (m.sum() + truth.sum())
+
+    assert dice(masks[False]) > dice(masks[True]) + 0.02, (dice(masks[False]), dice(masks[True]))
+    plain = scores[True]["combination"]
+    assert plain["grow_threshold"] is None and plain["mask_healthy_fpr"] is None

@@ -95,9 +95,12 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     scores = json.loads((out / "head_scores.json").read_text())
     parts = mask_parts(np.asarray(nib.load(out / "head_mask.nii.gz").dataobj))[1]
     s = "" if parts == 1 else "s"
+    c = scores["combination"]
     want = (
         f"mask: {scores['mask_volume_ml']:.1f} ml in {parts} part{s} (threshold "
-        f"{scores['combination']['threshold']:.3g}, healthy false-positive rate 0.1 %)"
+        f"{c['threshold']:.3g}, healthy false-positive rate 0.1 %; parts outlined down to "
+        f"{c['grow_threshold']:.3g} at {c['outline_fraction']:g} of their peak, the mask's "
+        f"healthy false-positive rate {c['mask_healthy_fpr'] * 100:.2g} %)"
     )
     assert want in lines, lines
 

@@ -21,6 +21,7 @@ from napari_vaeloc.training.datasets import block_mean, heldout_masks
 from napari_vaeloc.training.operating_point import (
     choose_operating_point,
     healthy_fpr_table,
+    healthy_mask_fpr,
     heldout_scans,
 )
 
@@ -84,10 +85,36 @@ def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
     src = ["--sources", str(folder)]
     assert main(["calibrate", str(trained), "--fpr", "0.005", "--smoothing-mm", "0", *src]) == 0
     card = load_model(trained).card
-    assert card.defaults.threshold_fpr == 0.005
-    assert card.calibration.combined_dice is None
+    d, cal = card.defaults, card.calibration
+    assert d.threshold_fpr == 0.005
+    assert cal.combined_dice is None
+    # the default mask outlines its parts down to the 1 % level, at 0.4 of their peak, and the
+    # rate it claims is what it marks on the held-out healthy brains
+    assert (d.grow_fpr, d.grow_threshold, d.outline_fraction) == (
+        0.01,
+        cal.combined_fpr["0.01"],
+        0.4,
+    )
+    model, scans = _heldout(trained, folder)
+    settings = CombineSettings.from_card(card)
+    assert settings.grow_level() == d.grow_threshold
+    assert cal.mask_fpr == healthy_mask_fpr(model, scans, settings, cal)
+    plain = healthy_mask_fpr(model, scans, settings.replace(grow_threshold=None), cal)
+    assert cal.mask_fpr != plain
+    assert main(["calibrate", str(trained), "--fpr", "0.005", "--grow-fpr", "none", *src]) == 0
+    card = load_model(trained).card
+    assert card.defaults.grow_threshold is None and card.defaults.outline_fraction is None
+    assert card.calibration.mask_fpr == pytest.approx(plain)
     text = (trained / "model.json").read_text()
-    for bad in (["--fpr", "0.02"], ["--fpr", "most"], ["--weights", "rec_error=x"]):
+    bad_options = (
+        ["--fpr", "0.02"],
+        ["--fpr", "most"],
+        ["--weights", "rec_error=x"],
+        ["--fpr", "0.005", "--grow-fpr", "0.001"],  # not looser than the threshold's level
+        ["--grow-fpr", "0.02"],
+        ["--outline-fraction", "1"],
+    )
+    for bad in bad_options:
         assert main(["calibrate", str(trained), *bad, *src]) == 2
         assert "vaeloc: error:" in capsys.readouterr().err
     assert main(["calibrate", str(trained), "--weights", "no_such_map=1", *src]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..combine import GROW_FPR, OUTLINE_FRACTION
 from ..errors import InputError
 from . import options
 
@@ -45,6 +46,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "matches lesions seeded into the held-out brains",
     )
     ca.add_argument(
+        "--grow-fpr",
+        default=str(GROW_FPR),
+        help="outline the default mask's parts down to the threshold of this healthy "
+        "false-positive rate (a calibrated level looser than --fpr), or none for a plain "
+        f"threshold (default: {GROW_FPR})",
+    )
+    ca.add_argument(
+        "--outline-fraction",
+        type=float,
+        default=OUTLINE_FRACTION,
+        help="with --grow-fpr: a part's outline lies at this fraction of its peak, never below "
+        f"the grow level (default: {OUTLINE_FRACTION})",
+    )
+    ca.add_argument(
         "--cache",
         default=None,
         help="the folder the synthetic individuals were cached in (`vaeloc train --cache`); "
@@ -66,20 +81,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..training.builder import recalibrate
-    from ..training.loop import FPR_LEVELS
     from .localize import parse_weights
 
     weights = parse_weights(args.weights)
-    if args.fpr == "best-dice":
-        fpr = None
-    else:
-        try:
-            fpr = float(args.fpr)
-        except ValueError:
-            fpr = -1.0
-        if fpr not in FPR_LEVELS:
-            levels = ", ".join(str(f) for f in FPR_LEVELS)
-            raise InputError(f"--fpr must be one of {levels} or best-dice, not {args.fpr!r}")
+    fpr = _level(args.fpr, "--fpr", allow="best-dice")
+    grow_fpr = _level(args.grow_fpr, "--grow-fpr", allow="none")
+    if grow_fpr is not None and fpr is not None and grow_fpr <= fpr:
+        raise InputError(f"--grow-fpr ({grow_fpr:g}) must be a looser level than --fpr ({fpr:g})")
+    if not 0.0 <= args.outline_fraction < 1.0:
+        raise InputError(f"--outline-fraction must be in [0, 1), not {args.outline_fraction}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cal = recalibrate(
@@ -90,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         scan_normalise=not args.no_scan_normalise,
         cache_dir=args.cache,
         source_dir=args.sources,
+        grow_fpr=grow_fpr,
+        outline_fraction=args.outline_fraction,
     )
     table = cal.combined_fpr or {}
     chosen = fpr
@@ -101,4 +113,26 @@ def run(args: argparse.Namespace) -> int:
 
         chosen = read_card(args.model).defaults.threshold_fpr
     print(f"default threshold: healthy false-positive rate {chosen:g} (written to {args.model})")
+    if cal.mask_fpr is not None:
+        print(f"default mask: marks {cal.mask_fpr:.3%} of the held-out healthy brain voxels")
     return 0
+
+
+def _level(text: str, option: str, allow: str) -> float | None:
+    """A calibrated false-positive level given on the command line, or None for ``allow``.
+
+    Raises:
+        InputError: neither a level of the table nor ``allow``.
+    """
+    from ..training.loop import FPR_LEVELS
+
+    if text == allow:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value not in FPR_LEVELS:
+        levels = ", ".join(str(f) for f in FPR_LEVELS)
+        raise InputError(f"{option} must be one of {levels} or {allow}, not {text!r}")
+    return value

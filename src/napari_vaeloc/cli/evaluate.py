@@ -384,8 +384,11 @@ def run_individual(args: argparse.Namespace) -> int:
     score_s = time.perf_counter() - t1
     title = f"{model.card.name}, individual anatomy"
     _write_evaluation(report, targets, "group", title, args)
-    d = model.card.defaults
-    summary = summarize(report, d.threshold if settings else None, d.threshold_fpr)
+    d, cal = model.card.defaults, model.card.calibration
+    # what the card claims for its default mask: the mask's own measured rate when it has one
+    # (outlined parts reach below the threshold), else the threshold's
+    claimed = cal.mask_fpr if cal is not None and cal.mask_fpr is not None else d.threshold_fpr
+    summary = summarize(report, d.threshold if settings else None, claimed)
     table = summary_markdown(summary, report.maps)
     print(table)
     record = {

@@ -57,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) -> None:
     """The options that decide how one scan is scored and combined (``--axis``, ``--fuse``,
     ``--prepare`` and its step switches, ``--device``, ``--out``, ``--volume-index``,
-    ``--batch-size``, ``--preset``, ``--threshold``, ``--weights``, ``--smoothing``,
+    ``--batch-size``, ``--preset``, ``--threshold``, ``--no-outline``, ``--weights``,
+    ``--smoothing``,
     ``--scan-normalise``), shared by ``localize`` and ``screen``; read them back with
     :func:`scan_settings`. ``out_help``: what ``--out`` means for the command."""
     options.add_axis(p, help="anatomical slicing axis (default: the model's training axis)")
@@ -91,6 +92,12 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
         type=float,
         default=None,
         help="mask threshold in units of the combined map (default: the model's)",
+    )
+    p.add_argument(
+        "--no-outline",
+        action="store_true",
+        help="mask the voxels above the threshold only, without outlining each part down to "
+        "the model's grow level at a fraction of its peak (default: as the model's card says)",
     )
     p.add_argument(
         "--weights",
@@ -197,6 +204,7 @@ def scan_settings(args: argparse.Namespace, check_device: bool = True) -> ScanSe
         batch_size=args.batch_size,
         preset=args.preset,
         threshold=args.threshold,
+        outline=not args.no_outline,
         weights=weights,
         smoothing=args.smoothing,
         scan_normalise=args.scan_normalise,
@@ -278,7 +286,8 @@ def mask_summary(done: ScanOutputs) -> str:
     """One line on the mask written: its volume (the scores file's ``mask_volume_ml``), its
     connected parts, the threshold and, for a calibrated combination, the healthy
     false-positive rate it was read at, e.g. "mask: 11.1 ml in 2 parts (threshold 2.66,
-    healthy false-positive rate 0.1 %)"."""
+    healthy false-positive rate 0.1 %)"; with outlined parts their grow level and fraction,
+    and the default mask's own healthy false-positive rate."""
     post = done.post
     ml, n = done.mask_volume_ml(), done.mask_components()
     threshold = post.settings.threshold
@@ -293,6 +302,15 @@ def mask_summary(done: ScanOutputs) -> str:
         rate = f"healthy false-positive rate > {pairs[0][1] * 100:.2g} %"
     else:
         rate = f"healthy false-positive rate {fpr * 100:.2g} %"
+    grow = post.settings.grow_level()
+    if grow is not None:
+        fraction = post.settings.outline_fraction
+        rate += f"; parts outlined down to {grow:.3g}" + (
+            f" at {fraction:g} of their peak" if fraction else ""
+        )
+        mask_fpr = post.mask_fpr()
+        if mask_fpr is not None:
+            rate += f", the mask's healthy false-positive rate {mask_fpr * 100:.2g} %"
     from ..engine import UNPREPARED_NOTE
 
     if any(note.endswith(UNPREPARED_NOTE) for note in done.result.notes):

@@ -45,7 +45,7 @@ from ..errors import InputError
 from ..io import Volume, load_volume
 from ..prepare import Prepared, PrepareSettings, Template, apply_prepared, prepare_cached
 from ..samples import TEMPLATES, sample_path
-from .metrics import BIN_VALUES, PixelAccumulator
+from .metrics import PixelAccumulator
 from .runner import ALL, Case, EvaluationReport
 from .synthetic import ANOMALY_KINDS, synthesize_anomaly
 
@@ -395,7 +395,8 @@ class Summary:
             all kinds ("all SIZE"), and "all" (every case, healthy ones included).
         healthy_fpr: fraction of healthy brain voxels the default mask flags (NaN without
             healthy cases or without a default).
-        claimed_fpr: the rate the model card claims for its default threshold.
+        claimed_fpr: the rate the model card claims for its default mask (the calibrated
+            ``mask_fpr`` when the card has one, else the threshold's rate).
     """
 
     rows: list[dict] = field(default_factory=list)
@@ -403,21 +404,12 @@ class Summary:
     claimed_fpr: float = math.nan
 
 
-def flagged_fraction(acc: PixelAccumulator, threshold: float) -> float:
-    """Fraction of the normal voxels counted in ``acc`` whose score is above ``threshold`` (the
-    mask rule of :func:`napari_vaeloc.combine.threshold_mask`; scores float16-rounded)."""
-    total = acc.negatives
-    if not total:
-        return math.nan
-    above = np.nan_to_num(BIN_VALUES, nan=-np.inf) > threshold
-    return float(acc.neg[above].sum() / total)
-
-
 def summarize(
     report: EvaluationReport, threshold: float | None, claimed_fpr: float | None
 ) -> Summary:
     """Per kind x size rows (from the runner's groups), pooled rows per kind and per size, and
-    the healthy false-positive rate of the combination named "default" at ``threshold``."""
+    the fraction of the healthy cases' brain voxels the mask of the combination named "default"
+    marks (the threshold, growth and minimum size applied; given when ``threshold`` is)."""
     region = "foreground"
     by_group = {(r["group"], r["map"]): r for r in report.pixel_rows if r["region"] == region}
     groups = sorted({g for g, _ in by_group if g not in (ALL, HEALTHY)}, key=_group_order)
@@ -451,9 +443,9 @@ def summarize(
                     "positives": met.positives,
                 }
             )
-    key = (HEALTHY, "default", region)
-    if threshold is not None and key in report.accumulators:
-        out.healthy_fpr = flagged_fraction(report.accumulators[key], threshold)
+    healthy = by_group.get((HEALTHY, "default"))
+    if threshold is not None and healthy is not None:
+        out.healthy_fpr = float(healthy["flagged"])
     return out
 
 
@@ -497,6 +489,6 @@ def summary_markdown(summary: Summary, maps: Sequence[str]) -> str:
     if not math.isnan(summary.healthy_fpr):
         text += (
             f"\n\nHealthy cases: the default mask flags {summary.healthy_fpr:.2%} of the brain "
-            f"voxels; the model card claims {summary.claimed_fpr:.2%} at its threshold."
+            f"voxels; the model card claims {summary.claimed_fpr:.2%} for its default mask."
         )
     return text

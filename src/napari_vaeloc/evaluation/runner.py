@@ -97,9 +97,11 @@ class EvaluationReport:
 
     Attributes:
         pixel_rows: dicts with keys group, map, region, auroc, ap, best_dice, dice_at_threshold,
-            threshold, cases, positives, voxels; per group, then group "all" over every case.
+            flagged, threshold, cases, positives, voxels; per group, then group "all" over
+            every case.
             ``threshold`` / ``dice_at_threshold``: the settings' threshold and the Dice of their
-            mask (NaN for component maps).
+            mask; ``flagged``: the fraction of the normal voxels their mask marks (NaN for
+            component maps).
         sample_rows: dicts with keys group, score, level ("slice" / "volume"), auroc, ap, n,
             anomalous.
         accumulators: (group, map, region) -> the voxel counts behind each pixel row.
@@ -372,6 +374,7 @@ def _report(
                         "ap": m.ap,
                         "best_dice": m.best_dice,
                         "dice_at_threshold": ov.dice if ov is not None else nan,
+                        "flagged": ov.fp / m.negatives if ov is not None and m.negatives else nan,
                         "threshold": float(named[name].threshold) if name in named else nan,
                         "cases": g.cases,
                         "positives": m.positives,

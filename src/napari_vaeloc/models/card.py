@@ -208,6 +208,9 @@ class Calibration(_Part):
             level on lesions seeded into held-out healthy volumes, when the default level was
             chosen that way (:mod:`napari_vaeloc.training.operating_point`), over
             ``combined_dice_cases`` lesioned copies.
+        mask_fpr: the fraction of the held-out healthy brain voxels the default mask marks
+            (threshold, outline and minimum size applied): the rate the default mask claims,
+            which is above the threshold's own rate when parts are outlined below it.
     """
 
     scales: dict[str, float] = field(default_factory=dict)
@@ -222,6 +225,7 @@ class Calibration(_Part):
     combined_source: str | None = None
     combined_dice: dict[str, float] | None = None
     combined_dice_cases: int | None = None
+    mask_fpr: float | None = None
 
     def fpr_table(self) -> list[tuple[float, float]]:
         """(threshold, fpr) pairs of the default combined map, sorted by threshold."""
@@ -233,13 +237,17 @@ class Calibration(_Part):
 class PostProcessingDefaults(_Part):
     """The combination the plugin and the command line start from (see
     :class:`napari_vaeloc.combine.CombineSettings`); ``threshold_fpr`` is the healthy
-    false-positive rate the threshold was read at; ``fuse_with`` names companion models for the
-    other slicing axes and ``fuse`` whether they are used by default."""
+    false-positive rate the threshold was read at, ``grow_fpr`` the one the grow level was
+    read at (``outline_fraction``: of a part's peak); ``fuse_with`` names companion models
+    for the other slicing axes and ``fuse`` whether they are used by default."""
 
     weights: dict[str, float] | None = None
     smoothing_mm: float | None = None
     threshold: float | None = None
     threshold_fpr: float | None = None
+    grow_threshold: float | None = None
+    grow_fpr: float | None = None
+    outline_fraction: float | None = None
     min_size_mm3: float | None = None
     foreground_only: bool | None = None
     scan_normalise: bool | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..combine import DEFAULT_WEIGHTS, CombineSettings
+from ..combine import DEFAULT_WEIGHTS, GROW_FPR, OUTLINE_FRACTION, CombineSettings
 from ..errors import InputError, ModelError, OutputExistsError
 from ..models.card import (
     Architecture,
@@ -672,11 +672,18 @@ def recalibrate(
     scan_normalise: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     source_dir: str | os.PathLike | None = None,
+    grow_fpr: float | None = GROW_FPR,
+    outline_fraction: float = OUTLINE_FRACTION,
 ) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
     slices it was validated on (rebuilt from the recorded sources, individuals and split), set the
     default threshold to the healthy false-positive rate ``fpr``, and rewrite ``model.json``
     through the card's atomic save.
+
+    With ``grow_fpr`` (a level of the table looser than the threshold's; None: none) the
+    default mask outlines each part down to that level's threshold, at ``outline_fraction``
+    of the part's peak (:mod:`napari_vaeloc.combine`, step 5); the fraction of the held-out
+    healthy brain voxels the default mask then marks is recorded as ``mask_fpr``.
 
     Component scales always come from the held-out slices in model space. The false-positive
     table of the combined map comes, for a model that ships a template, from the held-out
@@ -752,7 +759,12 @@ def recalibrate(
         min_size_mm3=min_size,
     )
     from ..prepare import PrepareSettings, model_template
-    from .operating_point import choose_operating_point, healthy_fpr_table, heldout_scans
+    from .operating_point import (
+        choose_operating_point,
+        healthy_fpr_table,
+        healthy_mask_fpr,
+        heldout_scans,
+    )
 
     masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
     template = model_template(folder, card)
@@ -767,15 +779,26 @@ def recalibrate(
     if calibration.combined_source is not None:
         calibration.combined_smoothing_mm = smoothing
         calibration.combined_scan_normalise = scan_normalise
+    table = calibration.combined_fpr or {}
+    grow = table.get(str(grow_fpr)) if grow_fpr is not None else None
+    if grow is None:
+        grow_fpr = None
+    settings = settings.replace(
+        grow_threshold=grow, outline_fraction=outline_fraction if grow is not None else 0.0
+    )
+    if not scans:
+        scans = heldout_scans(volumes, masks, brains, None)
     if fpr is None:
-        if not scans:
-            scans = heldout_scans(volumes, masks, brains, None)
         point = choose_operating_point(model, scans, settings, calibration, prep)
         fpr = point.fpr
         calibration.combined_dice = point.dice
         calibration.combined_dice_cases = point.cases
+    if grow_fpr is not None and grow_fpr <= fpr:  # the chosen level is no stricter: no outline
+        grow_fpr = grow = None
+        settings = settings.replace(grow_threshold=None, outline_fraction=0.0)
+    settings = settings.replace(threshold=table[str(fpr)])
+    calibration.mask_fpr = healthy_mask_fpr(model, scans, settings, calibration, prep)
     card.calibration = calibration
-    table = calibration.combined_fpr or {}
     card.defaults = dataclasses.replace(
         d,
         weights=dict(weights),
@@ -783,6 +806,9 @@ def recalibrate(
         scan_normalise=scan_normalise,
         threshold=table[str(fpr)],
         threshold_fpr=fpr,
+        grow_threshold=settings.grow_threshold,
+        grow_fpr=grow_fpr,
+        outline_fraction=settings.outline_fraction if grow is not None else None,
         min_size_mm3=min_size,
     )
     card.save(folder / CARD_FILE, overwrite=True)

@@ -175,6 +175,26 @@ def healthy_fpr_table(
     return fpr_table(np.concatenate(values))
 
 
+def healthy_mask_fpr(
+    model,
+    scans: Sequence[HeldOutScan],
+    settings: CombineSettings,
+    calibration: Calibration,
+    prepare: PrepareSettings | None = None,
+) -> float | None:
+    """The fraction of the held-out ``scans``' brain voxels that the mask under ``settings``
+    marks (threshold, outline and minimum size applied), each scan localized as in
+    :func:`healthy_fpr_table`; None without scans."""
+    flagged = total = 0
+    for s in scans:
+        res = _localize(model, s.volume, settings, prepare if s.prepared else None)
+        mask = PostProcessor(res, settings, calibration).mask() > 0
+        counted = s.brain if s.prepared is not None else s.brain & res.foreground
+        flagged += int(np.count_nonzero(mask & counted))
+        total += int(np.count_nonzero(counted))
+    return flagged / total if total else None
+
+
 def choose_operating_point(
     model,
     scans: Sequence[HeldOutScan],
