@@ -392,6 +392,8 @@ def test_a_changed_version_or_setting_is_named(tmp_path):
     assert cohort.settings_change({**record, "settings": with_maps.result_key()}, then) == (
         "other settings (--maps: ['restoration'] -> default)"
     )
+    plain = dataclasses.replace(then, outline=False)  # --no-outline
+    assert cohort.settings_change(record, plain) == "other settings (outline: the model's -> off)"
     del record["settings"]  # an old record: only the version can be told
     assert "another version" in cohort.settings_change(record, now)
 

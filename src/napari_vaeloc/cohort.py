@@ -342,6 +342,7 @@ _SETTING_WORDS = {
     "smoothing": ("smoothing", "the preset's"),
     "scan_normalise": ("scan normalise", "the preset's"),
     "maps": ("--maps", "default"),
+    "outline": ("outline", "the model's"),
 }
 
 

@@ -58,9 +58,8 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
     """The options that decide how one scan is scored and combined (``--axis``, ``--fuse``,
     ``--prepare`` and its step switches, ``--device``, ``--out``, ``--volume-index``,
     ``--batch-size``, ``--preset``, ``--threshold``, ``--no-outline``, ``--weights``,
-    ``--smoothing``,
-    ``--scan-normalise``), shared by ``localize`` and ``screen``; read them back with
-    :func:`scan_settings`. ``out_help``: what ``--out`` means for the command."""
+    ``--smoothing``, ``--scan-normalise``), shared by ``localize`` and ``screen``; read them
+    back with :func:`scan_settings`. ``out_help``: what ``--out`` means for the command."""
     options.add_axis(p, help="anatomical slicing axis (default: the model's training axis)")
     p.add_argument(
         "--fuse",
