@@ -240,9 +240,13 @@ class Session(PostProcessor):
                 return f"healthy false-positive rate > {pairs[0][1]:.0%}"
             fpr = self.fpr_for_threshold(t)
             text = f"healthy false-positive rate ≈ {fpr:.3g} ({fpr:.2%} of healthy voxels)"
-            mask_fpr = self.mask_fpr()
-            if mask_fpr is not None and self.settings.grow_level() is not None:
-                text += f"; the outlined mask marks {mask_fpr:.2%} of healthy voxels"
+            if self.settings.grow_level() is not None:
+                mask_fpr = self.mask_fpr()
+                text += (
+                    f"; the outlined mask marks {mask_fpr:.2%} of healthy voxels"
+                    if mask_fpr is not None
+                    else "; parts outlined, so the mask marks more (measured at the default only)"
+                )
             return text
         if self.settings.scan_normalise:
             return f"{t:.2f} robust z-units above this scan's median (no FPR calibration)"

@@ -106,6 +106,7 @@ def _report(
         "preparation": result.preparation.to_dict() if result.preparation else None,
         # "calibrated": the component scales are the model's; "healthy_fpr": the threshold's
         # healthy false-positive rate, null when the settings are not the calibrated combination;
+        # "outlined": whether the mask's parts were outlined (a grow level below the threshold);
         # "mask_healthy_fpr": the default mask's own rate (outlined parts reach below the
         # threshold), null for other settings
         "combination": {
@@ -113,6 +114,7 @@ def _report(
             "scales": c.scales,
             "calibrated": c.calibrated,
             "healthy_fpr": post.fpr_for_threshold(post.settings.threshold),
+            "outlined": post.settings.grow_level() is not None,
             "mask_healthy_fpr": post.mask_fpr(),
         },
         "mask_voxels": int(c.mask.sum()),

@@ -411,3 +411,4 @@ def test_the_default_mask_outlines_its_parts_and_no_outline_keeps_the_threshold(
     assert dice(masks[False]) > dice(masks[True]) + 0.02, (dice(masks[False]), dice(masks[True]))
     plain = scores[True]["combination"]
     assert plain["grow_threshold"] is None and plain["mask_healthy_fpr"] is None
+    assert c["outlined"] is True and plain["outlined"] is False

@@ -98,9 +98,9 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     c = scores["combination"]
     want = (
         f"mask: {scores['mask_volume_ml']:.1f} ml in {parts} part{s} (threshold "
-        f"{c['threshold']:.3g}, healthy false-positive rate 0.1 %; parts outlined down to "
-        f"{c['grow_threshold']:.3g} at {c['outline_fraction']:g} of their peak, the mask's "
-        f"healthy false-positive rate {c['mask_healthy_fpr'] * 100:.2g} %)"
+        f"{c['threshold']:.3g}, healthy false-positive rate 0.1 %; each part outlined to "
+        f"{c['outline_fraction']:g} of its peak, not below {c['grow_threshold']:.3g}; this "
+        f"mask's healthy false-positive rate {c['mask_healthy_fpr'] * 100:.2g} %)"
     )
     assert want in lines, lines
 

@@ -95,8 +95,9 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
     p.add_argument(
         "--no-outline",
         action="store_true",
-        help="mask the voxels above the threshold only, without outlining each part down to "
-        "the model's grow level at a fraction of its peak (default: as the model's card says)",
+        help="mask the voxels above the threshold only, without outlining each part to a "
+        "fraction of its peak, not below the model's grow level (default: as the model's card "
+        "says)",
     )
     p.add_argument(
         "--weights",
@@ -304,12 +305,14 @@ def mask_summary(done: ScanOutputs) -> str:
     grow = post.settings.grow_level()
     if grow is not None:
         fraction = post.settings.outline_fraction
-        rate += f"; parts outlined down to {grow:.3g}" + (
-            f" at {fraction:g} of their peak" if fraction else ""
+        rate += (
+            f"; each part outlined to {fraction:g} of its peak, not below {grow:.3g}"
+            if fraction
+            else f"; each part grown down to {grow:.3g}"
         )
         mask_fpr = post.mask_fpr()
         if mask_fpr is not None:
-            rate += f", the mask's healthy false-positive rate {mask_fpr * 100:.2g} %"
+            rate += f"; this mask's healthy false-positive rate {mask_fpr * 100:.2g} %"
     from ..engine import UNPREPARED_NOTE
 
     if any(note.endswith(UNPREPARED_NOTE) for note in done.result.notes):
