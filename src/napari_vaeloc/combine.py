@@ -1060,7 +1060,7 @@ def outline_mask(
     return out
 
 
-def outline_slice(values: np.ndarray, threshold: float, grow: float, fraction: float):
+def outline_slice(values: np.ndarray, threshold: float, grow: float, fraction: float) -> np.ndarray:
     """uint8 outlined mask of one slice computed within the slice alone (parts seeded on other
     slices are missing, and a part's peak is its peak in this slice: an approximation, for
     previews)."""
