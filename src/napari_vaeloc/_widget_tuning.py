@@ -431,21 +431,19 @@ class TuningMixin:
         top = max(4.0, 3.0 * sum(weights.values()), 10.0 if scan_normalise else 0.0)
         if top > self.threshold.max:  # growing the range never moves the value
             self.threshold.max = top
-        outline = {"grow_threshold": None, "outline_fraction": 0.0}
-        if self.outline.value:  # the shown settings' outline, else the model's
-            source = st if st.grow_threshold is not None else self.session.default_settings()
-            outline = {
-                "grow_threshold": source.grow_threshold,
-                "outline_fraction": source.outline_fraction,
-            }
-        self.session.settings = st.replace(
+        new = st.replace(
             weights=weights,
             scan_normalise=scan_normalise,
             smoothing_mm=_kept(float(self.smoothing.value), st.smoothing_mm),
             threshold=_kept(float(self.threshold.value), st.threshold),
             min_size_mm3=_kept(float(self.min_size.value), st.min_size_mm3),
-            **outline,
         )
+        if not self.outline.value:
+            new = new.without_outline()
+        elif new.grow_threshold is None:  # turned on: the model's outline
+            d = self.session.default_settings()
+            new = new.replace(grow_threshold=d.grow_threshold, outline_fraction=d.outline_fraction)
+        self.session.settings = new
 
     def _show_settings(self, st: Any) -> None:
         self._quiet = True

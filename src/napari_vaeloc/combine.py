@@ -28,7 +28,7 @@ map and mask everywhere. Its steps, in order:
    ``max(grow level, outline_fraction * peak)``. An 8 mm smoothed map stays above a strict
    threshold only in a lesion's core; the smoothed edge of a lesion crosses half its height
    at the edge itself, so an ``outline_fraction`` near 0.5 (the half maximum) outlines a lesion
-   it is, for weak and strong lesions alike. Parts whose region above the grow level is
+   where it is, for weak and strong lesions alike. Parts whose region above the grow level is
    smaller than the minimum size (mm^3) are removed.
 
 The threshold <-> healthy false-positive rate conversion reads the model's calibrated table
@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -154,6 +154,10 @@ class CombineSettings:
         level, or one at or above the threshold)."""
         g = self.grow_threshold
         return g if g is not None and g < self.threshold else None
+
+    def without_outline(self) -> CombineSettings:
+        """A copy whose mask is the voxels above the threshold (no grow level)."""
+        return self.replace(grow_threshold=None, outline_fraction=0.0)
 
     def mask_key(self) -> tuple:
         """What the mask depends on besides the combined map."""
@@ -361,7 +365,7 @@ class PostProcessor:
             out = outline_mask(combined, labels, keep, level)
         elif n > 1:
             labels, sizes = self._components(combined, s.threshold)
-            out = lookup(labels, _keep_table(sizes, n))
+            out = keep_large(labels, sizes, n)
         else:
             out = threshold_mask(combined, s.threshold)
         with self._lock:
@@ -997,15 +1001,11 @@ def _keep_table(sizes: np.ndarray, n: int) -> np.ndarray:
 
 
 def keep_large(labels: np.ndarray, sizes: np.ndarray, n: int) -> np.ndarray:
-    """uint8 mask of the components (:func:`label_components`) of at least ``n`` voxels."""
-    return lookup(labels, _keep_table(sizes, n))
-
-
-def lookup(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """uint8 ``keep[labels]``: the mask of the components whose entry in ``keep`` is 1.
+    """uint8 mask of the components (:func:`label_components`) of at least ``n`` voxels.
 
     Looked up in chunks of :data:`CHUNK_VOXELS`: a lookup holds the interpreter for its whole
     length, and a viewer thread waits meanwhile (0.3 s at once on 144 million voxels)."""
+    keep = _keep_table(sizes, n)
     flat = labels.reshape(-1)
     out = host_array(labels.shape, np.uint8)
     dest = out.reshape(-1)
@@ -1014,16 +1014,24 @@ def lookup(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return out
 
 
+def _slabs(shape: tuple[int, ...]) -> Iterator[slice]:
+    """Slices along the first axis of about :data:`CHUNK_VOXELS` voxels each (at least one
+    plane), so that a whole-volume step makes no full-size temporary whatever the memory
+    order."""
+    step = max(1, CHUNK_VOXELS // max(1, int(np.prod(shape[1:]))))
+    for start in range(0, shape[0], step):
+        yield slice(start, start + step)
+
+
 def component_peaks(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
     """float32 per component (``count`` entries; 0 for the background): the largest value of
     ``values`` in it. Both arrays share a shape and are read in slabs along the first axis,
     so neither is copied whole whatever its memory order."""
     peaks = np.zeros(count, np.float32)
-    step = max(1, CHUNK_VOXELS // max(1, int(np.prod(values.shape[1:]))))
-    for start in range(0, values.shape[0], step):
-        lab = labels[start : start + step]
+    for part in _slabs(values.shape):
+        lab = labels[part]
         inside = lab > 0
-        np.maximum.at(peaks, lab[inside], values[start : start + step][inside])
+        np.maximum.at(peaks, lab[inside], values[part][inside])
     peaks[0] = 0.0
     return peaks
 
@@ -1050,9 +1058,7 @@ def outline_mask(
     """uint8 mask: voxels of kept components at or above their component's level
     (:func:`outline_tables`); computed in slabs along the first axis."""
     out = host_array(labels.shape, np.uint8)
-    step = max(1, CHUNK_VOXELS // max(1, int(np.prod(values.shape[1:]))))
-    for start in range(0, values.shape[0], step):
-        part = slice(start, start + step)
+    for part in _slabs(values.shape):
         lab = labels[part]
         inside = keep[lab].astype(bool)
         inside &= values[part] >= level[lab]

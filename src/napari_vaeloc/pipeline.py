@@ -92,9 +92,8 @@ class ScanSettings:
             "scan_normalise": self.scan_normalise,
         }
         changed = {k: v for k, v in changes.items() if v is not None}
-        if not self.outline:
-            changed.update(grow_threshold=None, outline_fraction=0.0)
-        return CombineSettings.preset(self.preset, card).replace(**changed)
+        settings = CombineSettings.preset(self.preset, card).replace(**changed)
+        return settings if self.outline else settings.without_outline()
 
     def result_key(self) -> dict[str, Any]:
         """The settings that change a scan's outputs, as plain JSON values (the device and the

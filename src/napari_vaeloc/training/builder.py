@@ -783,8 +783,10 @@ def recalibrate(
     grow = table.get(str(grow_fpr)) if grow_fpr is not None else None
     if grow is None:
         grow_fpr = None
-    settings = settings.replace(
-        grow_threshold=grow, outline_fraction=outline_fraction if grow is not None else 0.0
+    settings = (
+        settings.without_outline()
+        if grow is None
+        else settings.replace(grow_threshold=grow, outline_fraction=outline_fraction)
     )
     if not scans:
         scans = heldout_scans(volumes, masks, brains, None)
@@ -795,7 +797,7 @@ def recalibrate(
         calibration.combined_dice_cases = point.cases
     if grow_fpr is not None and grow_fpr <= fpr:  # the chosen level is no stricter: no outline
         grow_fpr = grow = None
-        settings = settings.replace(grow_threshold=None, outline_fraction=0.0)
+        settings = settings.without_outline()
     settings = settings.replace(threshold=table[str(fpr)])
     calibration.mask_fpr = healthy_mask_fpr(model, scans, settings, calibration, prep)
     card.calibration = calibration
