@@ -131,7 +131,9 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     auroc, ap = float(row[-3]), float(row[-2])
     assert auroc > 0.95 and ap > 0.5, row
     assert "0.0 ml outside the brain" in text
-    assert re.search(r"ml in \d+ parts?; \d+ parts? \(\d+\.\d ml\) not touching the lesion", text)
+    # the mask line is the one `vaeloc localize` prints, then how it meets the known lesion
+    assert re.search(r"^mask: \d+\.\d ml in \d+ parts? \(threshold [\d.]+, healthy", text, re.M)
+    assert re.search(r"Dice 0\.\d+; \d+ parts? \(\d+\.\d ml\) not touching it", text)
     names = {p.name for p in out.iterdir()}
     assert {
         "sample_t1_head_lesion_mask.nii.gz",
@@ -152,14 +154,16 @@ def test_demo_counts_mask_parts_away_from_the_lesion(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--sample", "t2-lesion", "--out", str(out), "--quiet", "--device", "cpu"]
     assert main(argv) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mask at"))
+    lines = capsys.readouterr().out.splitlines()
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("mask: "))
+    line = lines[i] + lines[i + 1]  # the mask's own line, then how it meets the lesion
     mask = np.asarray(nib.load(out / "sample_t2_lesion_mask.nii.gz").dataobj) > 0
     truth = np.asarray(nib.load(sample_path("t2-lesion-truth")).dataobj) > 0
     labels, n = mask_parts(mask)
     stray = [k for k in range(1, n + 1) if not (truth & (labels == k)).any()]
     stray_ml = sum(int((labels == k).sum()) for k in stray) * 0.008  # 2 mm voxels
     s = "" if n == 1 else "s"
-    assert f"{mask.sum() * 0.008:.1f} ml in {n} part{s}; " in line, line
+    assert f"mask: {mask.sum() * 0.008:.1f} ml in {n} part{s} (" in line, line
     assert f"; {len(stray)} part{'' if len(stray) == 1 else 's'} ({stray_ml:.1f} ml) not " in line
     assert n >= 1 and n > len(stray)  # the lesion is found
 

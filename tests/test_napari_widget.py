@@ -150,6 +150,8 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     mask0, comb0 = mask_layer.data.copy(), comb_layer.data.copy()
     info0 = widget.threshold_info.value
     assert "false-positive" in info0 or "uncalibrated" in info0
+    voxel_ml = float(np.prod(widget.session.spacing)) / 1000.0  # the mask's volume, counted
+    assert f"mask: {mask0.astype(bool).sum() * voxel_ml:.1f} ml" in info0, info0
     # the model's default map has its own slider, set to its weight; every computed map has one
     assert widget.weights["restoration"].value == 1.0 and widget.weights["restoration"].enabled
     assert all(w.enabled for w in widget.weights.values())
@@ -178,6 +180,11 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     assert st.used_weights() == {"combi": 1.0} and widget.weights["combi"].value == 1.0
     assert (st.smoothing_mm, st.scan_normalise, st.threshold) == (0.0, False, 1.0)
     assert not widget.scan_normalise.value and widget.threshold.value == 1.0
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
+    assert "the paper's threshold" in widget.threshold_info.value
+    assert f"mask: {mask_layer.data.astype(bool).sum() * voxel_ml:.1f} ml" in (
+        widget.threshold_info.value
+    )
 
     widget.defaults_button.clicked()  # the shown slice at once, the whole volume in a worker
     qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)

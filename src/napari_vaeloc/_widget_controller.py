@@ -248,6 +248,11 @@ class Session(PostProcessor):
                     else "; parts outlined, so the mask marks more (measured at the default only)"
                 )
             return text
+        if self.settings.is_paper():
+            return (
+                f"{t:.2f} × healthy 99th percentile of Combi: the paper's threshold, "
+                "1 % of validation pixels"
+            )
         if self.settings.scan_normalise:
             return f"{t:.2f} robust z-units above this scan's median (no FPR calibration)"
         return f"{t:.2f} × healthy 99th percentile (custom weights: no FPR calibration)"

@@ -202,7 +202,7 @@ class TuningMixin:
         assert s is not None
         self._show_combined(combined)
         self._show_mask(mask)
-        self.threshold_info.value = s.threshold_text()
+        self.threshold_info.value = f"{s.threshold_text()}\nmask: {s.mask_volume_ml(mask):.1f} ml"
 
     def _show_combined(self, combined: np.ndarray) -> None:
         """Put ``combined`` into the anomaly-map layer unless it shows it already."""
@@ -317,7 +317,7 @@ class TuningMixin:
                 if tuple(layer.contrast_limits) != tuple(limits):
                     layer.contrast_limits = limits
             layer.data = layer.data  # the same array, changed: napari redraws the slice
-        self.threshold_info.value = s.threshold_text()
+        self.threshold_info.value = f"{s.threshold_text()}\nmask: updating the whole volume"
 
     # ---------------------------------------------------------------- the whole volume
     def _request_update(self, debounce: bool = True) -> None:

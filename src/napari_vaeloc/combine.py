@@ -138,7 +138,7 @@ class CombineSettings:
         if name == "default":
             return cls.from_card(card)
         if name == "paper":
-            return cls(weights={"combi": 1.0}, threshold=1.0)
+            return cls._paper()
         raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
     def replace(self, **changes) -> CombineSettings:
@@ -148,6 +148,14 @@ class CombineSettings:
     def used_weights(self) -> dict[str, float]:
         """The non-zero weights."""
         return {k: w for k, w in self.weights.items() if w}
+
+    @classmethod
+    def _paper(cls) -> CombineSettings:
+        return cls(weights={"combi": 1.0}, threshold=1.0)
+
+    def is_paper(self) -> bool:
+        """Whether these are the "paper" preset's settings (:meth:`preset`)."""
+        return self == self._paper()
 
     def grow_level(self) -> float | None:
         """The level the mask's parts grow down to, or None when there is no growth (no grow
@@ -224,6 +232,7 @@ class PostProcessor:
         self._mask_key: tuple | None = None
         self._mask_of: np.ndarray | None = None  # the combined map the cached mask is of
         self._mask: np.ndarray | None = None
+        self._mask_voxels = 0  # of the cached mask, counted where it was made
         self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
         self._peak_cache: tuple[np.ndarray, np.ndarray] | None = None
         self._sample: np.ndarray | None = None  # foreground voxels for preview statistics
@@ -368,9 +377,20 @@ class PostProcessor:
             out = keep_large(labels, sizes, n)
         else:
             out = threshold_mask(combined, s.threshold)
+        voxels = int(np.count_nonzero(out))
         with self._lock:
             self._mask, self._mask_of, self._mask_key = out, combined, key
+            self._mask_voxels = voxels
         return out
+
+    def mask_volume_ml(self, mask: np.ndarray | None = None) -> float:
+        """Volume in millilitres of ``mask`` (default: :meth:`mask` under the current
+        settings): its voxels times the scan's voxel volume. The cached mask's voxels were
+        counted where it was made, so asking for it costs nothing."""
+        mask = self.mask() if mask is None else mask
+        with self._lock:
+            voxels = self._mask_voxels if mask is self._mask else int(np.count_nonzero(mask))
+        return voxels * float(np.prod(self.spacing)) / 1000.0
 
     def _components(self, combined: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
         """Connected components of ``combined > level`` and their sizes, cached for the

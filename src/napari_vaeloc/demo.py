@@ -91,7 +91,8 @@ def run_demo(
     "mask_ml": the mask's volume (ml), "parts": its connected parts, "stray_parts" and
     "stray_ml": the parts that do not touch the lesion (false positives) and their volume (ml),
     "outside_ml": mask volume outside the brain (ml), "files": {...}, "result":
-    LocalizationResult, "settings": CombineSettings}.
+    LocalizationResult, "settings": CombineSettings, "post": the PostProcessor that made
+    the mask}.
 
     Raises:
         OutputError, OutputExistsError: as :func:`check_demo_outputs`, before any scoring.
@@ -141,6 +142,7 @@ def run_demo(
         "files": files,
         "result": result,
         "settings": post.settings,
+        "post": post,
     }
 
 

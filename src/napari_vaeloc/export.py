@@ -9,8 +9,6 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 from .combine import Combination, CombineSettings, PostProcessor
 from .engine import LocalizationResult
 from .io import Volume, WriteSet, check_output_folder, refuse_existing, scan_stem
@@ -91,7 +89,6 @@ def _report(
 ) -> dict:
     """The scores JSON of a written result."""
     volume = result.volume
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     return {
         "scan": str(volume.path) if volume.path else None,
         "shape": list(volume.shape),
@@ -118,7 +115,7 @@ def _report(
             "mask_healthy_fpr": post.mask_fpr(),
         },
         "mask_voxels": int(c.mask.sum()),
-        "mask_volume_ml": float(c.mask.sum()) * voxel_ml,
+        "mask_volume_ml": post.mask_volume_ml(c.mask),
         "volume_scores": result.volume_scores,
         "slice_scores": result.slice_scores,
         "files": {k: p.name for k, p in paths.items() if k != "scores"},

@@ -69,13 +69,15 @@ def test_choose_model_picks_the_main_model_of_a_modality():
 
 
 def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
-    """The one test here that prepares a raw head (about 30-60 s): a copy of the T1 head with
-    one voxel changed, so no earlier preparation in this process is reused."""
+    """The one test here that prepares a raw head (about 30-60 s): the T1 head with every
+    other axial slice (2 x 2 x 4 mm voxels, which the voxel-size check warns about), so no
+    earlier preparation in this process is reused."""
     img = nib.load(sample_path("t1-head"))
-    data = np.asarray(img.dataobj).astype(np.float32)
-    data[0, 0, 0] += 1.0
+    data = np.asarray(img.dataobj).astype(np.float32)[:, :, ::2]
+    affine = img.affine.copy()
+    affine[:, 2] *= 2
     scan = tmp_path / "head.nii.gz"
-    nib.save(nib.Nifti1Image(data, img.affine), scan)
+    nib.save(nib.Nifti1Image(data, affine), scan)
     out = tmp_path / "out"
     assert main(["localize", str(scan), "--out", str(out), "--device", "cpu"]) == 0
     captured = capsys.readouterr()
@@ -103,6 +105,15 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
         f"mask's healthy false-positive rate {c['mask_healthy_fpr'] * 100:.2g} %)"
     )
     assert want in lines, lines
+    # each check once: its line says it warns; no second "warning:" line
+    assert "check voxel size: warn (largest voxel side 4 mm" in captured.out
+    assert (captured.out + err).count("largest voxel side") == 1, captured
+    # --quiet: the warning alone, on stderr; the paper's preset names its threshold
+    again = ["localize", str(scan), "--out", str(out), "--overwrite", "--quiet"]
+    assert main([*again, "--preset", "paper"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("warning: largest voxel side 4 mm") == 1, captured.err
+    assert "the paper's method: the healthy 99th percentile of Combi" in captured.out
 
 
 def test_refused_scan_shows_what_preparation_found(tmp_path, capsys):

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     check_demo_outputs(args.out, args.overwrite, args.sample)
 
     from ..demo import run_demo
+    from .localize import describe_mask
 
     with options.LazyBar("scoring slices", "slice", args) as bar:
         res = run_demo(
@@ -68,13 +69,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'map':<20}{'AUROC':>8}{'AP':>8}{'best Dice':>11}")
     for k, m in res["metrics"].items():
         print(f"  {k:<20}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['best_dice']:>11.3f}")
-    s = res["settings"]
     stray = res["stray_parts"]
+    print(describe_mask(res["post"], res["mask_ml"], res["parts"], r.notes))
     print(
-        f"mask at the model's default threshold ({s.threshold:.3g}): Dice {res['mask_dice']:.3f}, "
-        f"{res['mask_ml']:.1f} ml in {res['parts']} part{'' if res['parts'] == 1 else 's'}; "
-        f"{stray} part{'' if stray == 1 else 's'} ({res['stray_ml']:.1f} ml) not touching the "
-        f"lesion; {res['outside_ml']:.1f} ml outside the brain"
+        f"  against the known lesion: Dice {res['mask_dice']:.3f}; {stray} "
+        f"part{'' if stray == 1 else 's'} ({res['stray_ml']:.1f} ml) not touching it; "
+        f"{res['outside_ml']:.1f} ml outside the brain"
     )
     print(f"outputs in {Path(args.out).resolve()}")
     return 0

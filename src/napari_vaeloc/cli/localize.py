@@ -20,6 +20,7 @@ from ..pipeline import ScanSettings
 from . import options
 
 if TYPE_CHECKING:
+    from ..combine import PostProcessor
     from ..pipeline import ScanOutputs
 
 
@@ -267,11 +268,12 @@ def run(args: argparse.Namespace) -> int:
         )
     result, paths = done.result, done.paths
     if result.preparation is not None:
-        if not args.quiet:
+        if not args.quiet:  # each check once: its line says when it warns
             for line in result.preparation.lines():
                 print(line)
-        for warning in result.preparation.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+        else:
+            for warning in result.preparation.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     took = time.perf_counter() - started  # reading, preparing, scoring and writing
@@ -288,11 +290,19 @@ def mask_summary(done: ScanOutputs) -> str:
     false-positive rate it was read at, e.g. "mask: 11.1 ml in 2 parts (threshold 2.66,
     healthy false-positive rate 0.1 %)"; with outlined parts their grow level and fraction,
     and the default mask's own healthy false-positive rate."""
-    post = done.post
-    ml, n = done.mask_volume_ml(), done.mask_components()
+    return describe_mask(
+        done.post, done.mask_volume_ml(), done.mask_components(), done.result.notes
+    )
+
+
+def describe_mask(post: PostProcessor, ml: float, n: int, notes: list[str]) -> str:
+    """:func:`mask_summary` of a mask of ``ml`` millilitres in ``n`` connected parts, made by
+    ``post``; ``notes`` are the localization's notes (an unprepared scan says so)."""
     threshold = post.settings.threshold
     fpr, pairs = post.fpr_for_threshold(threshold), post.fpr_table()
-    if fpr is None:
+    if fpr is None and post.is_calibrated() and post.settings.is_paper():
+        rate = "the paper's method: the healthy 99th percentile of Combi, 1 % of validation pixels"
+    elif fpr is None:
         rate = "no healthy false-positive rate: " + (
             "uncalibrated model" if not post.is_calibrated() else "custom combination"
         )
@@ -315,7 +325,7 @@ def mask_summary(done: ScanOutputs) -> str:
             rate += f"; this mask's healthy false-positive rate {mask_fpr * 100:.2g} %"
     from ..engine import UNPREPARED_NOTE
 
-    if any(note.endswith(UNPREPARED_NOTE) for note in done.result.notes):
+    if any(note.endswith(UNPREPARED_NOTE) for note in notes):
         rate += "; NOT PREPARED: scored as given, see the note"
     return (
         f"mask: {ml:.1f} ml in {n} part{'' if n == 1 else 's'} (threshold {threshold:.3g}, {rate})"
