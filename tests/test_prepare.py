@@ -411,3 +411,32 @@ def test_a_preview_weighting_a_deferred_map_does_not_make_it_whole(raw_head_resu
         else:  # the median and spread estimated on a coarse grid
             diff = np.abs(preview.combined - exact)[inside]
             assert np.median(diff) < 0.05 * np.percentile(exact[inside], 99), np.median(diff)
+
+
+def test_mapping_back_goes_slab_by_slab_and_stops_on_cancel(raw_head_result, t1, monkeypatch):
+    """The whole scan grid is resampled a slab at a time (here 7 planes), written into the
+    precision asked for: the same values as one resample of the whole grid; a cancel between
+    two slabs stops it."""
+    import napari_vaeloc.prepare as prep_module
+    from napari_vaeloc.errors import Cancelled
+
+    scan, res = raw_head_result
+    prep = res.prepared
+    template_map = localize(prep.volume, t1, CPU, prepare=None).maps["kl_grad"]
+    whole = resample(template_map, prep.volume, prep.scan, prep.to_template, "map")
+    whole[~prep.brain_mask] = 0
+    nx, ny, nz = scan.shape
+    monkeypatch.setattr(prep_module, "CHUNK_VOXELS", nx * ny * 7)
+    polls: list[int] = []
+    slabbed = prep.to_scan(template_map, "map", cancel=lambda: bool(polls.append(1)))
+    assert len(polls) == -(-nz // 7) and slabbed.dtype == np.float32
+    np.testing.assert_allclose(slabbed, whole, rtol=1e-5, atol=1e-6)
+    half = prep.to_scan(template_map, "map", dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, whole.astype(np.float16))
+    high = template_map > np.percentile(template_map, 90)  # a mask, nearest neighbour
+    want = resample(high, prep.volume, prep.scan, prep.to_template, "mask") & prep.brain_mask
+    got = prep.to_scan(high, "mask")
+    assert got.dtype == bool and want.any() and np.array_equal(got, want)
+    with pytest.raises(Cancelled):
+        prep.to_scan(template_map, "map", cancel=lambda: len(polls.append(1) or polls) > 4)

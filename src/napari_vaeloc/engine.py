@@ -355,8 +355,9 @@ def _localize_prepared(
             make = functools.partial(_to_scan, prepared, res.maps, k, dtype)
             maps.defer(k, make, volume.shape, dtype, region=make)  # make(index): a part alone
         else:
-            maps[k] = _to_scan(prepared, res.maps, k, dtype, pop=True)
-    foreground = prepared.to_scan(res.foreground, "mask") & prepared.brain_mask
+            maps[k] = _to_scan(prepared, res.maps, k, dtype, pop=True, cancel=opts.cancel)
+    foreground = prepared.to_scan(res.foreground, "mask", cancel=opts.cancel)
+    foreground &= prepared.brain_mask
     notes = [*volume.notes, *res.notes]  # the checks' warnings stay in the report
     return LocalizationResult(
         volume=volume,
@@ -398,12 +399,14 @@ def _to_scan(
     dtype: np.dtype,
     index: tuple[slice, ...] | None = None,
     pop: bool = False,
+    cancel: CancelFlag | None = None,
 ) -> np.ndarray:
     """A map of the template's grid (made first when deferred, and let go; taken out of
     ``maps`` with ``pop``) put onto the scan's grid, as ``dtype``: the whole grid, or only its
-    voxels ``index`` (one slice per axis, :meth:`Prepared.to_scan`)."""
+    voxels ``index`` (one slice per axis, :meth:`Prepared.to_scan`); ``cancel`` polled
+    between its slabs."""
     values = maps.pop(name) if pop else maps.peek(name)
-    return prepared.to_scan(values, "map", index).astype(dtype, copy=False)
+    return prepared.to_scan(values, "map", index, dtype=dtype, cancel=cancel)
 
 
 def _scales(model: LoadedModel) -> dict[str, float]:

@@ -229,14 +229,41 @@ class Prepared:
     offset: float = 0.0
 
     def to_scan(
-        self, values: np.ndarray, kind: str = "map", index: tuple[slice, ...] | None = None
+        self,
+        values: np.ndarray,
+        kind: str = "map",
+        index: tuple[slice, ...] | None = None,
+        *,
+        dtype: Any = None,
+        cancel: CancelFlag | None = None,
     ) -> np.ndarray:
         """An array on the template's grid, resampled onto the scan's grid (linear for "map",
-        nearest for "mask"); 0 outside the extracted brain. float32 for maps, bool for masks.
-        ``index`` (one slice per axis, start:stop:step): only those voxels of the scan's grid,
-        equal to ``to_scan(values, kind)[index]`` (e.g. the planes a preview shows, or every
-        fifth voxel for an estimate), at the cost of those voxels alone.
+        nearest for "mask"); 0 outside the extracted brain. ``dtype`` for maps (default
+        float32), bool for masks. ``index`` (one slice per axis, start:stop:step): only those
+        voxels of the scan's grid, equal to ``to_scan(values, kind)[index]`` (e.g. the planes a
+        preview shows, or every fifth voxel for an estimate), at the cost of those voxels
+        alone. The whole grid is resampled in slabs of at most
+        :data:`~napari_vaeloc.preprocess.CHUNK_VOXELS` voxels, written into the result one by
+        one (no whole float32 copy of a float16 map) with ``cancel`` polled before each.
+
+        Raises:
+            Cancelled: ``cancel()`` returned True.
         """
+        dtype = np.dtype(dtype or np.float32) if kind == "map" else np.dtype(bool)
+        if index is not None or self.transform is None:
+            return self._to_scan_part(values, kind, index).astype(dtype, copy=False)
+        shape = tuple(self.scan.shape[:3])
+        out = np.empty(shape, dtype)
+        step = max(1, CHUNK_VOXELS // max(1, shape[0] * shape[1]))
+        for z in range(0, shape[2], step):
+            _raise_if(cancel)
+            slab = (slice(None), slice(None), slice(z, min(z + step, shape[2])))
+            out[slab] = self._to_scan_part(values, kind, slab)
+        return out
+
+    def _to_scan_part(
+        self, values: np.ndarray, kind: str, index: tuple[slice, ...] | None
+    ) -> np.ndarray:
         dtype = np.float32 if kind == "map" else bool
         if self.transform is None:
             out = np.array(np.asarray(values, dtype)[index or ...], dtype)
