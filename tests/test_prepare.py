@@ -3,6 +3,8 @@ position, is scored inside its brain, on its own grid, about as well as a scan t
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from nibabel.orientations import (
@@ -440,3 +442,42 @@ def test_mapping_back_goes_slab_by_slab_and_stops_on_cancel(raw_head_result, t1,
     assert got.dtype == bool and want.any() and np.array_equal(got, want)
     with pytest.raises(Cancelled):
         prep.to_scan(template_map, "map", cancel=lambda: len(polls.append(1) or polls) > 4)
+
+
+def test_a_lesion_brighter_than_any_healthy_tissue_is_found(t1):
+    """A 10 mm sphere 40 % brighter than the white matter it replaces in the raw T1 head. The
+    network sees intensities clipped at the card's 1.5 z-units, where white matter already
+    lies, so the lesion looks to it like white matter; the restoration map adds how far each
+    voxel lies beyond the template's healthy range, and the default mask finds the sphere."""
+    from scipy import ndimage as ndi
+
+    from napari_vaeloc.evaluation.metrics import Overlap
+    from napari_vaeloc.prepare import model_template
+
+    template = model_template(t1.path, t1.card)
+    low, high = template.healthy_range(t1.card.normalisation)
+    assert low <= t1.card.normalisation.clip[0] and high >= t1.card.normalisation.clip[1]
+    head = load_volume(sample_path("t1-head"))
+    brain = load_volume(sample_path("t1-head-brain-mask"), scorable=False).data > 0
+    data = head.data.astype(np.float32)
+    white = brain & (data > np.percentile(data[brain], 85))
+    core = ndi.binary_erosion(white, iterations=2)
+    grid = np.indices(data.shape).reshape(3, -1).T
+    centre = grid[core.ravel()][
+        np.argmin(((grid[core.ravel()] - ndi.center_of_mass(core)) ** 2).sum(1))
+    ]
+    radius_vox = 10.0 / head.spacing[0]
+    sphere = ((np.indices(data.shape).T - centre) ** 2).sum(-1).T <= radius_vox**2
+    sphere &= brain
+    data[sphere] *= 1.4
+    scan = Volume.from_array(data, head.affine)
+    dice = {}
+    for excess in (True, False):  # the card's switch (on for the bundled t1-brain)
+        pre = dataclasses.replace(t1.card.preprocessing, intensity_excess=excess)
+        model = dataclasses.replace(t1, card=dataclasses.replace(t1.card, preprocessing=pre))
+        overlap = Overlap()
+        overlap.add(PostProcessor(localize(scan, model, CPU, prepare="auto")).mask(), sphere)
+        dice[excess] = overlap.dice
+    print(f"healthy range {low:.2f}..{high:.2f} z; bright sphere Dice {dice}")
+    assert t1.card.preprocessing.intensity_excess
+    assert dice[True] > 0.4 and dice[False] < 0.2

@@ -207,3 +207,33 @@ def test_fill_holes_equals_scipy(shape, density):
     np.testing.assert_array_equal(fill_holes(ball), binary_fill_holes(ball))
     assert not fill_holes(ball)[10, 10, 10]
     assert not fill_holes(np.zeros((5, 6, 7), bool)).any()
+
+
+def test_excess_is_how_far_the_foreground_lies_outside_the_healthy_range():
+    """Model-space excess: 0 where the z-scores lie within (low, high) and outside the
+    foreground; z - high inside a bright block, low - z inside a dark one (a uniform block keeps
+    its value through the resize away from its edge)."""
+    import torch
+
+    from napari_vaeloc.preprocess import excess_slices, make_geometry
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(0.0, 1.0, (48, 48, 20)).clip(-1.0, 1.0).astype(np.float32)
+    data[10:30, 10:30, 5:15] = 4.0  # z = 4 (mean 0, std 1 given)
+    data[34:46, 34:46, 5:15] = -5.0
+    inside = np.ones(data.shape, bool)
+    inside[:, :, 17:] = False  # outside the foreground: never counted
+    data[:, :, 17:] = 9.0
+    geom = make_geometry(data.shape, np.eye(4), (1.0, 1.0, 1.0), 2, 48)
+    out = excess_slices(
+        torch.from_numpy(data), torch.from_numpy(inside.view(np.uint8)), geom,
+        {"mean": 0.0, "std": 1.0}, (-2.0, 1.5),
+    ).numpy()[:, 0]  # fmt: skip
+    assert out.shape == (20, 48, 48)
+    stack = out if not geom.flipped else out[::-1]
+    assert np.allclose(stack[17:], 0.0)  # outside the foreground
+    assert np.allclose(stack[:5], 0.0) and np.allclose(stack[15:17], 0.0)  # within the range
+    values = set(stack[5:15][stack[5:15] > 0].round(3).ravel().tolist())
+    assert {2.5, 3.0} <= values  # 4 - 1.5 inside the bright block, -2 - (-5) in the dark one
+    assert stack.max() == pytest.approx(3.0, abs=1e-4)  # the resize makes nothing larger
+    assert np.isclose(stack[5:15], 0.0).mean() > 0.5  # the rest of those slices is in range

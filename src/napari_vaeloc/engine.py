@@ -409,6 +409,31 @@ def _to_scan(
     return prepared.to_scan(values, "map", index, dtype=dtype, cancel=cancel)
 
 
+def _add_excess(restoration, volume: Volume, model: LoadedModel, ms, todo, kernel) -> None:
+    """Add to the restoration map of the scored slices ``todo`` (model space, (N, S, S)) how far
+    each voxel's intensity lies outside the model's healthy range
+    (:func:`~napari_vaeloc.preprocess.excess_slices`, smoothed with the maps' ``kernel``): the
+    contrast of a lesion brighter than the brightest (or darker than the darkest) healthy
+    tissue, which the input's clip hides from the network. The range is the model template's
+    (:meth:`~napari_vaeloc.prepare.Template.healthy_range`); a model without a template gets
+    nothing added. Only for a card with ``preprocessing.intensity_excess``."""
+    import torch
+
+    from .prepare import model_template
+    from .preprocess import as_device_volume, excess_slices
+    from .scoring import smooth
+
+    template = model_template(model.path, model.card)
+    if template is None:
+        return
+    bounds = template.healthy_range(model.card.normalisation)
+    dev = restoration.device
+    data = as_device_volume(volume.data, dev)
+    inside = torch.from_numpy(ms.foreground_mask.view(np.uint8)).to(dev)
+    excess = excess_slices(data, inside, ms.geometry, ms.stats, bounds)
+    restoration[todo] += smooth(excess[todo], kernel)[:, 0]
+
+
 def _scales(model: LoadedModel) -> dict[str, float]:
     return model.card.calibration.scales if model.card.calibration is not None else {}
 
@@ -601,6 +626,13 @@ def _localize_axis(
     del images
     if opts.cancelled():
         raise Cancelled("localization cancelled")
+    if (
+        restoration
+        and "restoration" in model_maps
+        and len(todo)
+        and card.preprocessing.intensity_excess
+    ):
+        _add_excess(model_maps["restoration"], volume, model, ms, todo_dev, kernel)
 
     # unscored slices are 0 in every map but the reconstruction: map back the scored span only
     span = (int(todo[0]), int(todo[-1]) + 1) if len(todo) else (0, 0)

@@ -81,6 +81,9 @@ COVERAGE = {"ok": 0.95, "fail": 0.6}
 VOXEL_MM = {"ok": 3.0, "fail": 7.0}
 #: the modality check refuses when another modality's template correlates better by this much
 MODALITY_MARGIN = 0.15
+#: percentiles of the template's foreground z-scores that bound the healthy intensity range
+#: (:meth:`Template.healthy_range`): 1 voxel in 1,000 of the template lies beyond each
+HEALTHY_RANGE_PERCENTILES = (0.1, 99.9)
 
 StageCallback = Callable[[str], None]
 CancelFlag = Callable[[], bool]
@@ -196,6 +199,29 @@ class Template:
         image = load_volume(Path(folder) / pre.template)
         mask = load_volume(Path(folder) / pre.template_brain_mask, scorable=False).data > 0
         return cls(image, mask, card.modality, card.name)
+
+    @functools.cached_property
+    def _range_cache(self) -> dict:
+        return {}
+
+    def healthy_range(self, norm: Any) -> tuple[float, float]:
+        """(low, high) z-units: the healthy intensity range of the model's inputs, the
+        template's foreground z-scores (normalised as the engine normalises a scan with
+        ``norm``, a :class:`~napari_vaeloc.models.card.Normalisation`) at the
+        :data:`HEALTHY_RANGE_PERCENTILES`, never inside the clip range ``norm.clip``. The
+        template is one of the anatomies the bundled models learned. Computed once per
+        normalisation."""
+        from .preprocess import clip_outliers, foreground_mask, normalisation_stats
+
+        key = (norm.foreground, tuple(norm.clip))
+        if key not in self._range_cache:
+            data, outliers = clip_outliers(self.image.data)
+            fg = foreground_mask(data, norm.foreground) & ~outliers
+            stats = normalisation_stats(data, fg)
+            z = (data[fg] - stats["mean"]) / stats["std"]
+            lo, hi = np.percentile(z, HEALTHY_RANGE_PERCENTILES)
+            self._range_cache[key] = (min(float(lo), norm.clip[0]), max(float(hi), norm.clip[1]))
+        return self._range_cache[key]
 
 
 @dataclass

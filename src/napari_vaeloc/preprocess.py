@@ -425,24 +425,76 @@ def slices_to_model_space(
     """
     import torch
 
-    perm, flips = stack_layout(geom)
-    view = volume.permute(perm)
     n, s = geom.n_slices, geom.image_size
     out = torch.full((n, 1, s, s), float(pad_value), dtype=torch.float32, device=volume.device)
     (oa, ob), (fa, fb) = geom.offset, geom.fit_shape
     mean, std = float(np.float32(stats["mean"])), float(np.float32(stats["std"]))
+    for start, stop, chunk in _canonical_chunks(volume, geom, chunk_voxels):
+        chunk.sub_(mean).div_(std).clamp_(clip[0], clip[1])
+        out[start:stop, 0, oa : oa + fa, ob : ob + fb] = _resize(chunk, geom.fit_shape)
+    return out
+
+
+def excess_slices(
+    volume,
+    foreground,
+    geom: SliceGeometry,
+    stats: dict,
+    bounds: tuple[float, float],
+    chunk_voxels: int | None = None,
+):
+    """How far each foreground voxel's z-score lies outside the healthy range ``bounds`` (low,
+    high; z-units), in model space: ``max(z - high, 0) + max(low - z, 0)`` inside
+    ``foreground``, 0 elsewhere and in the padding, resized as :func:`slices_to_model_space`
+    resizes the slices. The network sees intensities clipped to the card's range, so a lesion
+    brighter (or darker) than any healthy tissue looks to it like the brightest tissue; this
+    is the part of its contrast that the clip removes.
+
+    Args:
+        volume: (X, Y, Z) float32 torch tensor in file order (:func:`as_device_volume`).
+        foreground: (X, Y, Z) float32 torch tensor, 1 inside the foreground, same device.
+        geom, stats, chunk_voxels: as :func:`slices_to_model_space`.
+    Returns:
+        (N, 1, S, S) float32 tensor on the volume's device, canonical slice order.
+    """
+    import torch
+
+    n, s = geom.n_slices, geom.image_size
+    out = torch.zeros((n, 1, s, s), dtype=torch.float32, device=volume.device)
+    (oa, ob), (fa, fb) = geom.offset, geom.fit_shape
+    mean, std = float(np.float32(stats["mean"])), float(np.float32(stats["std"]))
+    low, high = float(bounds[0]), float(bounds[1])
+    chunks = zip(
+        _canonical_chunks(volume, geom, chunk_voxels),
+        _canonical_chunks(foreground, geom, chunk_voxels),
+        strict=True,
+    )
+    for (start, stop, chunk), (_, _, inside) in chunks:
+        z = chunk.sub_(mean).div_(std)
+        excess = (z - high).clamp_(min=0.0) + (low - z).clamp_(min=0.0)
+        excess.mul_(inside)
+        out[start:stop, 0, oa : oa + fa, ob : ob + fb] = _resize(excess, geom.fit_shape)
+    return out
+
+
+def _canonical_chunks(volume, geom: SliceGeometry, chunk_voxels: int | None):
+    """(start, stop, chunk) for the canonical slices ``start:stop`` of a file-order (X, Y, Z)
+    tensor: ``chunk`` a new contiguous float32 (n, A, B) tensor (the volume is never written)."""
+    import torch
+
+    perm, flips = stack_layout(geom)
+    view = volume.permute(perm)
+    n = geom.n_slices
     step = _chunk_slices(geom, geom.plane_shape[0] * geom.plane_shape[1], chunk_voxels)
     for start in range(0, n, step):
         stop = min(n, start + step)
         rows = view[_file_rows(geom, flips, start, stop)]
         if flips:  # a new tensor, in canonical order
-            chunk = rows.flip(flips).contiguous()
-        else:  # one contiguous copy: the volume itself is never written
+            chunk = rows.flip(flips).to(torch.float32).contiguous()
+        else:  # one contiguous copy
             chunk = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
             chunk.copy_(rows)
-        chunk.sub_(mean).div_(std).clamp_(clip[0], clip[1])
-        out[start:stop, 0, oa : oa + fa, ob : ob + fb] = _resize(chunk, geom.fit_shape)
-    return out
+        yield start, stop, chunk
 
 
 def to_model_space(stack: np.ndarray, geom: SliceGeometry, pad_value: float):

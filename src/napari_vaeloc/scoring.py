@@ -19,7 +19,10 @@ every map is then of the middle slice (:func:`centre_slice`):
   anatomy by ``RESTORATION_STEPS`` steps of gradient descent on the negative ELBO,
   ``x_r <- x_r - RESTORATION_STEP * dELBO/dx_r`` starting at ``x`` (the image-restoration view of
   You et al., "Unsupervised lesion detection via image restoration with a normative prior",
-  MIDL 2019, without their total-variation term; not in Zimmerer et al.).
+  MIDL 2019, without their total-variation term; not in Zimmerer et al.). The engine adds to it,
+  smoothed the same way, how far each voxel's unclipped z-score lies beyond the model's healthy
+  range (:func:`napari_vaeloc.preprocess.excess_slices`): the input is clipped, so a lesion
+  brighter than the brightest healthy tissue would otherwise look like that tissue.
 
 Per slice: ``kl`` (KL term, nats), ``rec`` (summed Rec term, nats), ``elbo`` (their sum, i.e. the
 negative ELBO).

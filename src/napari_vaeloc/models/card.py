@@ -170,7 +170,10 @@ class Preprocessing(_Part):
     (``template``, ``template_brain_mask``: NIfTI file names inside the model folder, at the
     model's working resolution; None for a model without one, which scans cannot be registered
     to). ``neighbours``: slices on each side of a slice that the model also sees, as extra
-    input channels (:func:`napari_vaeloc.preprocess.with_neighbours`; 0: the slice alone)."""
+    input channels (:func:`napari_vaeloc.preprocess.with_neighbours`; 0: the slice alone).
+    ``intensity_excess``: the engine adds to the ``restoration`` map how far each voxel's
+    intensity lies beyond the template's healthy range (docs/engine.md; kept where it wins on
+    the individual benchmark: the bundled ``t1-brain``)."""
 
     axis: str = "axial"
     normalisation: Normalisation = field(default_factory=Normalisation)
@@ -178,6 +181,7 @@ class Preprocessing(_Part):
     template: str | None = None
     template_brain_mask: str | None = None
     neighbours: int = 0
+    intensity_excess: bool = False
 
     def validate(self, where: str) -> None:
         if self.axis not in AXES:
@@ -189,6 +193,8 @@ class Preprocessing(_Part):
         out = super().to_dict()
         if not self.neighbours:  # a one-slice model's card keeps the layout it always had
             out.pop("neighbours", None)
+        if not self.intensity_excess:
+            out.pop("intensity_excess", None)
         return out
 
 
