@@ -132,7 +132,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert auroc > 0.95 and ap > 0.5, row
     assert "0.0 ml outside the brain" in text
     # the mask line is the one `vaeloc localize` prints, then how it meets the known lesion
-    assert re.search(r"^mask: \d+\.\d ml in \d+ parts? \(threshold [\d.]+, healthy", text, re.M)
+    assert re.search(r"^mask: \d+\.\d ml in \d+ parts? \(threshold [\d.]+, each part", text, re.M)
     assert re.search(r"Dice 0\.\d+; \d+ parts? \(\d+\.\d ml\) not touching it", text)
     names = {p.name for p in out.iterdir()}
     assert {

@@ -100,9 +100,9 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     c = scores["combination"]
     want = (
         f"mask: {scores['mask_volume_ml']:.1f} ml in {parts} part{s} (threshold "
-        f"{c['threshold']:.3g}, healthy false-positive rate 0.1 %; each part outlined to "
-        f"{c['outline_fraction']:g} of its peak, not below {c['grow_threshold']:.3g}; this "
-        f"mask's healthy false-positive rate {c['mask_healthy_fpr'] * 100:.2g} %)"
+        f"{c['threshold']:.3g}, each part outlined to {c['outline_fraction']:g} of its peak, "
+        f"not below {c['grow_threshold']:.3g}; on healthy brains this mask marks "
+        f"{c['mask_healthy_fpr'] * 100:.2g} % of the voxels, the threshold alone 0.1 %)"
     )
     assert want in lines, lines
     # each check once: its line says it warns; no second "warning:" line
