@@ -383,14 +383,17 @@ class PostProcessor:
             self._mask_voxels = voxels
         return out
 
-    def mask_volume_ml(self, mask: np.ndarray | None = None) -> float:
-        """Volume in millilitres of ``mask`` (default: :meth:`mask` under the current
-        settings): its voxels times the scan's voxel volume. The cached mask's voxels were
-        counted where it was made, so asking for it costs nothing."""
+    def mask_voxels(self, mask: np.ndarray | None = None) -> int:
+        """Voxels marked in ``mask`` (default: :meth:`mask` under the current settings). The
+        cached mask's voxels were counted where it was made, so asking for it costs nothing."""
         mask = self.mask() if mask is None else mask
         with self._lock:
-            voxels = self._mask_voxels if mask is self._mask else int(np.count_nonzero(mask))
-        return voxels * float(np.prod(self.spacing)) / 1000.0
+            return self._mask_voxels if mask is self._mask else int(np.count_nonzero(mask))
+
+    def mask_volume_ml(self, mask: np.ndarray | None = None) -> float:
+        """Volume in millilitres of ``mask`` (as :meth:`mask_voxels`): its voxels times the
+        scan's voxel volume."""
+        return self.mask_voxels(mask) * float(np.prod(self.spacing)) / 1000.0
 
     def _components(self, combined: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
         """Connected components of ``combined > level`` and their sizes, cached for the

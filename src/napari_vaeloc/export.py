@@ -114,7 +114,7 @@ def _report(
             "outlined": post.settings.grow_level() is not None,
             "mask_healthy_fpr": post.mask_fpr(),
         },
-        "mask_voxels": int(c.mask.sum()),
+        "mask_voxels": post.mask_voxels(c.mask),
         "mask_volume_ml": post.mask_volume_ml(c.mask),
         "volume_scores": result.volume_scores,
         "slice_scores": result.slice_scores,

@@ -211,13 +211,11 @@ class Template:
         :data:`HEALTHY_RANGE_PERCENTILES`, never inside the clip range ``norm.clip``. The
         template is one of the anatomies the bundled models learned. Computed once per
         normalisation."""
-        from .preprocess import clip_outliers, foreground_mask, normalisation_stats
+        from .preprocess import normalisation_of
 
         key = (norm.foreground, tuple(norm.clip))
         if key not in self._range_cache:
-            data, outliers = clip_outliers(self.image.data)
-            fg = foreground_mask(data, norm.foreground) & ~outliers
-            stats = normalisation_stats(data, fg)
+            data, fg, _, stats = normalisation_of(self.image.data, norm)
             z = (data[fg] - stats["mean"]) / stats["std"]
             lo, hi = np.percentile(z, HEALTHY_RANGE_PERCENTILES)
             self._range_cache[key] = (min(float(lo), norm.clip[0]), max(float(hi), norm.clip[1]))

@@ -452,7 +452,8 @@ def excess_slices(
 
     Args:
         volume: (X, Y, Z) float32 torch tensor in file order (:func:`as_device_volume`).
-        foreground: (X, Y, Z) float32 torch tensor, 1 inside the foreground, same device.
+        foreground: (X, Y, Z) torch tensor (bool viewed as uint8, or float), 1 inside the
+            foreground, 0 outside, same device.
         geom, stats, chunk_voxels: as :func:`slices_to_model_space`.
     Returns:
         (N, 1, S, S) float32 tensor on the volume's device, canonical slice order.
@@ -538,6 +539,22 @@ def foreground_slices(mask: np.ndarray, geom: SliceGeometry) -> np.ndarray:
     return per_file[::-1].copy() if geom.flipped else per_file
 
 
+def normalisation_of(
+    data: np.ndarray, norm: Normalisation
+) -> tuple[np.ndarray, np.ndarray, int, dict]:
+    """The intensity decisions of the z-score, made once for scoring, training and the healthy
+    range: (data with outliers clipped (:func:`clip_outliers`), its foreground
+    (:func:`foreground_mask`, outliers left out), the number of outliers, {"mean", "std"} over
+    the foreground (:func:`normalisation_stats`))."""
+    data, outliers = clip_outliers(data)
+    fg = foreground_mask(data, norm.foreground)
+    n_out = int(np.count_nonzero(outliers))
+    if n_out:
+        fg &= ~outliers
+    del outliers
+    return data, fg, n_out, normalisation_stats(data, fg)
+
+
 def volume_to_slices(
     data: np.ndarray,
     affine: np.ndarray,
@@ -563,13 +580,7 @@ def volume_to_slices(
     """
     ax = resolve_axis(axis)
     geom = make_geometry(data.shape, affine, spacing, ax, image_size)
-    data, outliers = clip_outliers(data)
-    fg = foreground_mask(data, norm.foreground)
-    n_out = int(np.count_nonzero(outliers))
-    if n_out:
-        fg &= ~outliers
-    del outliers
-    stats = normalisation_stats(data, fg)
+    data, fg, n_out, stats = normalisation_of(data, norm)
     pad_value = float(np.clip((float(data.min()) - stats["mean"]) / stats["std"], *norm.clip))
     vol = as_device_volume(data, device)
     images = slices_to_model_space(vol, geom, stats, norm.clip, pad_value, chunk_voxels)

@@ -323,7 +323,7 @@ def describe_mask(post: PostProcessor, ml: float, n: int, notes: list[str]) -> s
             else f"each part grown down to {grow:.3g}"
         )
         mask_fpr = post.mask_fpr()
-        if mask_fpr is not None and fpr is not None and rate.endswith(" %"):
+        if mask_fpr is not None and fpr is not None:
             # one rate leads: the mask's own (its parts reach below the threshold)
             rate = (
                 f"{outline}; on healthy brains this mask marks {mask_fpr * 100:.2g} % of the "
