@@ -281,6 +281,9 @@ def test_export_writes_the_same_files_in_a_worker(
         if name.endswith(".nii.gz"):
             np.testing.assert_array_equal(np.asarray(nib.load(a).dataobj),
                                           np.asarray(nib.load(b).dataobj))  # fmt: skip
+    # the layer takes the whole volume of the last slider move from its own worker, which may
+    # finish after the export's
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
     np.testing.assert_array_equal(
         np.asarray(nib.load(tmp_path / "gui" / "big_mask.nii.gz").dataobj),
         viewer.layers["big mask"].data,
