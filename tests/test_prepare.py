@@ -481,3 +481,43 @@ def test_a_lesion_brighter_than_any_healthy_tissue_is_found(t1):
     print(f"healthy range {low:.2f}..{high:.2f} z; bright sphere Dice {dice}")
     assert t1.card.preprocessing.intensity_excess
     assert dice[True] > 0.4 and dice[False] < 0.2
+
+
+def test_brain_beyond_the_template_is_not_scored():
+    """A brain extraction can keep tissue the template's brain mask leaves out (on a T2 head,
+    the bright basal cisterns and the pituitary region): anatomy the model never saw, so a
+    false positive on every healthy scan. A bright blob below a skull-stripped T2 brain, which
+    the preparation takes for brain, is left out of the scored brain, the maps and the mask,
+    and the report says how much was left out."""
+    from napari_vaeloc.prepare import TEMPLATE_MARGIN_MM, model_template
+
+    model = cached_model("t2-brain")
+    healthy = load_volume(sample_path("t2-healthy"))
+    data = healthy.data.astype(np.float32)
+    brain = data > 0
+    grid = np.indices(data.shape).reshape(3, -1)
+    world = (healthy.affine[:3, :3] @ grid + healthy.affine[:3, 3:]).reshape(3, *data.shape)
+    low = world[2][brain].min()
+    centre = np.array([0.0, float(world[1][brain & (world[2] < low + 10)].mean()), low - 6.0])
+    blob = ((world - centre[:, None, None, None]) ** 2).sum(0) <= 10.0**2
+    data[blob & ~brain] = np.percentile(data[brain], 99.5)
+    res = localize(Volume.from_array(data, healthy.affine), model, CPU, prepare="auto")
+
+    known = model_template(model.path, model.card).known_brain
+    assert known.shape == data.shape  # the sample lies on the template's grid
+    beyond = blob & ~brain & ~known
+    assert beyond.sum() * 8 > 1000, "the blob must reach well beyond the template's brain"
+    assert not res.prepared.brain_mask[beyond].any()
+    assert res.prepared.extracted_mask[beyond].all()  # taken for brain, then left out
+    assert res.prepared.brain_mask[brain & known].all()  # the brain itself is kept
+    assert not res.foreground[beyond].any()
+    for name in res.maps:
+        assert not res.maps[name][beyond].any(), name
+    assert not PostProcessor(res).mask()[beyond].any()
+    [step] = [s for s in res.preparation.steps if s.name == "brain extraction"]
+    assert "beyond the template's brain, not scored" in step.note, step.note
+    assert f"{TEMPLATE_MARGIN_MM:g} mm" in step.note
+    # a calibration may ask for the whole extracted brain (vaeloc calibrate --beyond-template)
+    whole = PrepareSettings(beyond_template=True)
+    scan = Volume.from_array(data, healthy.affine)
+    assert localize(scan, model, CPU, prepare=whole).prepared.brain_mask[beyond].all()

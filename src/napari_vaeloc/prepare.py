@@ -84,6 +84,11 @@ MODALITY_MARGIN = 0.15
 #: percentiles of the template's foreground z-scores that bound the healthy intensity range
 #: (:meth:`Template.healthy_range`): 1 voxel in 1,000 of the template lies beyond each
 HEALTHY_RANGE_PERCENTILES = (0.1, 99.9)
+#: how far (mm) beyond the template's brain mask an extracted brain is still scored: the models
+#: learned the brain as the template's mask draws it, and what a brain extraction adds beyond
+#: it (on T2 the bright basal cisterns, the pituitary region, the sinus at the vertex) is
+#: anatomy they never saw, a false positive on every healthy scan (:meth:`Template.known_brain`)
+TEMPLATE_MARGIN_MM = 2.0
 
 StageCallback = Callable[[str], None]
 CancelFlag = Callable[[], bool]
@@ -97,12 +102,16 @@ class PrepareSettings:
         mode: "auto" (each step when needed), "full" (every step), "none" (score as given).
         bias_correction, brain_extraction, registration: force a step on (True) or off (False);
             None follows ``mode`` (in "auto", brain extraction runs when a skull is detected).
+        beyond_template: also score the extracted brain beyond the template's brain
+            (:data:`TEMPLATE_MARGIN_MM`); off for every front, on only where a calibration
+            asks for it (``vaeloc calibrate --beyond-template``).
     """
 
     mode: str = "auto"
     bias_correction: bool | None = None
     brain_extraction: bool | None = None
     registration: bool | None = None
+    beyond_template: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in PREPARE_MODES:
@@ -115,7 +124,8 @@ class PrepareSettings:
         return self.mode != "none"
 
     def key(self) -> tuple:
-        return (self.mode, self.bias_correction, self.brain_extraction, self.registration)
+        return (self.mode, self.bias_correction, self.brain_extraction, self.registration,
+                self.beyond_template)  # fmt: skip
 
 
 @dataclass
@@ -204,6 +214,16 @@ class Template:
     def _range_cache(self) -> dict:
         return {}
 
+    @functools.cached_property
+    def known_brain(self) -> np.ndarray:
+        """bool, the template's grid: the voxels within :data:`TEMPLATE_MARGIN_MM` of its brain
+        mask (Euclidean distance in mm), where a prepared scan's brain is scored."""
+        from scipy import ndimage as ndi
+
+        outside = ~self.brain_mask
+        distance = ndi.distance_transform_edt(outside, sampling=self.image.spacing[:3])
+        return distance <= TEMPLATE_MARGIN_MM
+
     def healthy_range(self, norm: Any) -> tuple[float, float]:
         """(low, high) z-units: the healthy intensity range of the model's inputs, the
         template's foreground z-scores (normalised as the engine normalises a scan with
@@ -229,8 +249,9 @@ class Prepared:
     Attributes:
         scan: the scan as given.
         volume: the (bias-corrected) brain on the template's grid, 0 outside the brain.
-        brain_mask: bool, the scan's grid: the extracted brain.
-        template_mask: bool, the template's grid: where the scan's brain landed.
+        brain_mask: bool, the scan's grid: the extracted brain where the model knows brain
+            (within :data:`TEMPLATE_MARGIN_MM` of the template's brain), the voxels scored.
+        template_mask: bool, the template's grid: where that brain landed.
         transform: template world (LPS) -> scan world (LPS), SimpleITK; None when the scan was
             scored on its own grid (no registration).
         report: steps and checks.
@@ -240,6 +261,8 @@ class Prepared:
             correction ran).
         offset: subtracted from the corrected scan before it is resampled (its minimum), so
             the brain is non-negative.
+        left_out: int64 flat indices (C order, the scan's grid) of the extracted brain's voxels
+            beyond the known brain, not scored (:attr:`extracted_mask` has them back).
     """
 
     scan: Volume
@@ -251,6 +274,15 @@ class Prepared:
     corrected: np.ndarray | None = None
     bias_field: BiasField | None = None
     offset: float = 0.0
+    left_out: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    @property
+    def extracted_mask(self) -> np.ndarray:
+        """bool, the scan's grid: the brain as extracted, before what lies beyond the known
+        brain was left out (a new array; e.g. where a benchmark seeds lesions and counts)."""
+        out = self.brain_mask.copy()
+        out.reshape(-1)[self.left_out] = True
+        return out
 
     def to_scan(
         self,
@@ -985,13 +1017,34 @@ def prepare(
     if refuse:
         refuse_misfit(report)
     del brain, brain_data
-    moved = np.where(tmask | carried, moved, 0).astype(np.float32)
-    prepared = Volume(moved, template.image.affine, template.image.header, volume.path)
+    if not s.beyond_template:
+        carried = carried & template.known_brain  # a new array: unregistered, it is brain_mask
+    prepared = Volume(template_input(moved, template, carried), template.image.affine,
+                      template.image.header, volume.path)  # fmt: skip
+    fitted = Prepared(scan, prepared, brain_mask, carried, transform, report)
+    known = brain_mask
+    if not s.beyond_template:  # the extracted brain, where the model knows brain
+        known = fitted.to_scan(template.known_brain, "mask")
+    left_out = np.flatnonzero(brain_mask.reshape(-1, order="C") & ~known.reshape(-1, order="C"))
+    left_ml = left_out.size * float(np.prod(volume.spacing)) / 1000.0
+    if left_ml >= 0.05:
+        extraction = next(s for s in report.steps if s.name == STAGES[2])
+        beyond = (f"{left_ml:.1f} ml more than {TEMPLATE_MARGIN_MM:g} mm beyond the "
+                  "template's brain, not scored")  # fmt: skip
+        extraction.note = "; ".join(n for n in (extraction.note, beyond) if n)
     corrected = data if data is not volume.data else data.astype(np.float32)  # never the scan
-    np.copyto(corrected, 0, where=~brain_mask)
-    return Prepared(
-        scan, prepared, brain_mask, carried, transform, report, corrected, field, offset
-    )
+    np.copyto(corrected, 0, where=~known)
+    return dataclasses.replace(
+        fitted, brain_mask=known, corrected=corrected, bias_field=field, offset=offset,
+        left_out=left_out,
+    )  # fmt: skip
+
+
+def template_input(moved: np.ndarray, template: Template, carried: np.ndarray) -> np.ndarray:
+    """The brain resampled onto the template's grid (``moved``) as the model scores it: float32,
+    0 outside the template's brain and the carried brain (``carried``, already within
+    :attr:`Template.known_brain`), so that nothing beyond what the model knows is scored."""
+    return np.where(template.brain_mask | carried, moved, 0).astype(np.float32)
 
 
 def brain_values(data: np.ndarray, brain_mask: np.ndarray, offset: float) -> np.ndarray:
@@ -1106,13 +1159,14 @@ def apply_prepared(
         data = fitted.bias_field.correct(volume, data)
     else:
         data = data.astype(np.float32)
-    brain_data = brain_values(data, fitted.brain_mask, fitted.offset)
+    # registered as fitted: the brain as extracted, then restricted on the template's grid
+    brain_data = brain_values(data, fitted.extracted_mask, fitted.offset)
     if fitted.transform is None:
         moved = brain_data
     else:
         brain = Volume(brain_data, volume.affine, volume.header, volume.path)
         moved = resample(brain_data, brain, fitted.volume, fitted.transform, "map")
-    moved = np.where(template.brain_mask | fitted.template_mask, moved, 0).astype(np.float32)
+    moved = template_input(moved, template, fitted.template_mask)
     image = Volume(moved, fitted.volume.affine, fitted.volume.header, volume.path)
     del brain_data
     np.copyto(data, 0, where=~fitted.brain_mask)

@@ -72,6 +72,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the folder holding the NIfTI training files the model card names (default: the "
         "working folder); packaged templates are found by name",
     )
+    ca.add_argument(
+        "--beyond-template",
+        action="store_true",
+        help="score the prepared held-out brains also where they reach beyond the template's "
+        "brain (which the fronts leave out): a stricter threshold where synthetic held-out "
+        "individuals are more regular than real scans (the bundled t2-brain)",
+    )
     options.add_threads(ca)
     ca.set_defaults(func=run)
 
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         source_dir=args.sources,
         grow_fpr=grow_fpr,
         outline_fraction=args.outline_fraction,
+        beyond_template=args.beyond_template,
     )
     table = cal.combined_fpr or {}
     chosen = fpr

@@ -289,8 +289,8 @@ def mask_summary(done: ScanOutputs) -> str:
     connected parts, the threshold and, for a calibrated combination, the healthy
     false-positive rate it was read at, e.g. "mask: 11.1 ml in 2 parts (threshold 2.66,
     healthy false-positive rate 0.1 %)"; with outlined parts their grow level and fraction,
-    and for the default mask its own healthy rate first, e.g. "(threshold 3.32, each part
-    outlined to 0.4 of its peak, not below 2.63; on healthy brains this mask marks 0.61 % of
+    and for the default mask its own healthy rate first, e.g. "(threshold 3.36, each part
+    outlined to 0.4 of its peak, not below 2.66; on healthy brains this mask marks 0.62 % of
     the voxels, the threshold alone 0.1 %)"."""
     return describe_mask(
         done.post, done.mask_volume_ml(), done.mask_components(), done.result.notes

@@ -27,6 +27,7 @@ of their brain voxels the default mask flags is its false-positive rate.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import math
@@ -242,10 +243,13 @@ class Anatomy:
     prepared: Prepared
     template: Template
 
-    @property
+    @functools.cached_property
     def brain(self) -> np.ndarray:
-        """bool, the scan's grid: the fitted brain mask (where lesions go and voxels count)."""
-        return self.prepared.brain_mask
+        """bool, the scan's grid: the brain as extracted (where lesions go and voxels count),
+        including what the preparation leaves unscored beyond the template's brain
+        (:attr:`~napari_vaeloc.prepare.Prepared.extracted_mask`): a lesion there counts as
+        missed, not as absent."""
+        return self.prepared.extracted_mask
 
 
 @dataclass

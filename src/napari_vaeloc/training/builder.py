@@ -674,6 +674,7 @@ def recalibrate(
     source_dir: str | os.PathLike | None = None,
     grow_fpr: float | None = GROW_FPR,
     outline_fraction: float = OUTLINE_FRACTION,
+    beyond_template: bool = False,
 ) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
     slices it was validated on (rebuilt from the recorded sources, individuals and split), set the
@@ -696,7 +697,11 @@ def recalibrate(
     and records the Dice of each level in the calibration. Synthetic individuals are remade
     from the recorded seeds (read from ``cache_dir`` when they were cached there); the card
     names a user's training files without their folder, ``source_dir`` (default: the working
-    folder). The weights file, and so its checksum, is unchanged. Returns the new calibration.
+    folder). ``beyond_template`` scores the prepared held-out individuals also where their brain
+    lies beyond the template's (``PrepareSettings.beyond_template``), as no front does: the edge
+    then stands in for how much less regular real scans are than synthetic individuals (see
+    docs/models.md). The weights file, and so its checksum, is unchanged. Returns the new
+    calibration.
 
     Raises:
         ModelError: the card lacks training provenance (:func:`check_provenance`); nothing
@@ -768,11 +773,13 @@ def recalibrate(
 
     masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
     template = model_template(folder, card)
-    prep = PrepareSettings()
+    prep = PrepareSettings(beyond_template=beyond_template)
     scans = heldout_scans(volumes, masks, brains, template, prep) if template else []
     if scans:  # held-out individuals turned into scans and prepared as a user's scan is
         calibration.combined_fpr = healthy_fpr_table(model, scans, settings, calibration, prep)
-        calibration.combined_source = "held-out healthy individuals after preparation"
+        calibration.combined_source = "held-out healthy individuals after preparation" + (
+            ", scored beyond the template's brain too" if beyond_template else ""
+        )
     elif smoothing > 0 or scan_normalise or fpr is None:
         calibration.combined_fpr = volume_fpr_table(model, volumes, masks, settings, calibration)
         calibration.combined_source = "held-out healthy voxels, volume space"
