@@ -41,6 +41,11 @@ def test_threshold_text_follows_weights_and_calibration():
     assert "false-positive rate ≈ 0.001" in s.threshold_text()
     s.settings = s.settings.replace(threshold=5.0)
     assert "< 0.01%" in s.threshold_text()
+    # an outlined mask: the outline is said whatever the threshold, also beyond the table
+    s.settings = s.settings.replace(grow_threshold=1.0, outline_fraction=0.4)
+    assert "< 0.01%" in s.threshold_text() and "outlined" in s.threshold_text()
+    s.settings = s.settings.replace(threshold=1.2)
+    assert "≈" in s.threshold_text() and "outlined" in s.threshold_text()
     s.settings = s.settings.replace(weights={"combi": 1.0, "kl_grad": 0.5})
     assert "custom weights" in s.threshold_text()
     u = _session(calibration=None)

@@ -235,17 +235,19 @@ class Session(PostProcessor):
         pairs = self.fpr_table()
         if pairs:
             if t > pairs[-1][0]:
-                return f"healthy false-positive rate < {pairs[-1][1]:.2%}"
-            if t < pairs[0][0]:
-                return f"healthy false-positive rate > {pairs[0][1]:.0%}"
-            fpr = self.fpr_for_threshold(t)
-            text = f"healthy false-positive rate ≈ {fpr:.3g} ({fpr:.2%} of healthy voxels)"
+                text = f"healthy false-positive rate < {pairs[-1][1]:.2%}"
+            elif t < pairs[0][0]:
+                text = f"healthy false-positive rate > {pairs[0][1]:.0%}"
+            else:
+                fpr = self.fpr_for_threshold(t)
+                text = f"healthy false-positive rate ≈ {fpr:.3g} ({fpr:.2%} of healthy voxels)"
             if self.settings.grow_level() is not None:
                 mask_fpr = self.mask_fpr()
                 text += (
                     f"; the outlined mask marks {mask_fpr:.2%} of healthy voxels"
                     if mask_fpr is not None
-                    else "; parts outlined, so the mask marks more (measured at the default only)"
+                    else "; each part outlined at a fraction of its peak: the threshold picks "
+                    "the parts, not their size (the mask's rate is measured at the default only)"
                 )
             return text
         if self.settings.is_paper():

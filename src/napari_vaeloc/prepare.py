@@ -46,7 +46,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError, MisfitError
 from .io import Volume, load_volume
-from .preprocess import CHUNK_VOXELS, clip_outliers, fill_holes, outlier_note
+from .preprocess import CHUNK_VOXELS, bounding_box, clip_outliers, fill_holes, outlier_note
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -1024,7 +1024,9 @@ def prepare(
     fitted = Prepared(scan, prepared, brain_mask, carried, transform, report)
     known = brain_mask
     if not s.beyond_template:  # the extracted brain, where the model knows brain
-        known = fitted.to_scan(template.known_brain, "mask")
+        box = bounding_box(brain_mask)  # resampled there only: a brain is a fraction of a scan
+        known = np.zeros_like(brain_mask)
+        known[box] = fitted.to_scan(template.known_brain, "mask", box)
     left_out = np.flatnonzero(brain_mask.reshape(-1, order="C") & ~known.reshape(-1, order="C"))
     left_ml = left_out.size * float(np.prod(volume.spacing)) / 1000.0
     if left_ml >= 0.05:
