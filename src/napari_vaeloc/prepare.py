@@ -927,16 +927,18 @@ def prepare(
     if run_bet:
         t0 = begin(STAGES[2])
         brain_mask = extract_brain(corrected, cancel, device)
-        ml = float(brain_mask.sum()) * float(np.prod(volume.spacing)) / 1000.0
-        report.steps.append(Step(STAGES[2], True, time.perf_counter() - t0, f"brain {ml:.0f} ml"))
+        extraction = Step(STAGES[2], True, time.perf_counter() - t0)
     else:
         brain_mask = data > data.min() + 1e-6 * (float(data.max()) - float(data.min()))
         why = "turned off" if s.brain_extraction is False else "already skull-stripped"
-        report.steps.append(Step(STAGES[2], False, note=why))
+        extraction = Step(STAGES[2], False, note=why)
+    report.steps.append(extraction)
     if not brain_mask.any():
         raise InputError("no brain found in the scan; is it a brain MRI?")
     brain_mask = fill_brain(brain_mask)
     brain_ml = float(brain_mask.sum()) * float(np.prod(volume.spacing)) / 1000.0
+    if run_bet:  # the brain as the checks count it, holes filled
+        extraction.note = f"brain {brain_ml:.0f} ml"
     (lo, hi), (flo, fhi) = BRAIN_ML["ok"], BRAIN_ML["fail"]
     b_level = "ok" if lo <= brain_ml <= hi else "fail" if not flo <= brain_ml <= fhi else "warn"
     report.checks.append(
@@ -1030,7 +1032,6 @@ def prepare(
     left_out = np.flatnonzero(brain_mask.reshape(-1, order="C") & ~known.reshape(-1, order="C"))
     left_ml = left_out.size * float(np.prod(volume.spacing)) / 1000.0
     if left_ml >= 0.05:
-        extraction = next(s for s in report.steps if s.name == STAGES[2])
         beyond = (f"{left_ml:.1f} ml more than {TEMPLATE_MARGIN_MM:g} mm beyond the "
                   "template's brain, not scored")  # fmt: skip
         extraction.note = "; ".join(n for n in (extraction.note, beyond) if n)
