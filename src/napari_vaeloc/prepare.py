@@ -124,8 +124,10 @@ class PrepareSettings:
         return self.mode != "none"
 
     def key(self) -> tuple:
-        return (self.mode, self.bias_correction, self.brain_extraction, self.registration,
-                self.beyond_template)  # fmt: skip
+        # beyond_template only when on: no front sets it, and the cohort's records of runs
+        # keep their four switches
+        switches = (self.mode, self.bias_correction, self.brain_extraction, self.registration)
+        return (*switches, True) if self.beyond_template else switches
 
 
 @dataclass
