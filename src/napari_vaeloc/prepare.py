@@ -908,8 +908,8 @@ def prepare(
     report.checks.append(
         FitCheck(
             "skull", "ok", "absent" if stripped else "present",
-            f"{'skull-stripped' if stripped else 'head with skull'} "
-            f"(object {object_ml:.0f} ml)",
+            f"{'skull-stripped brain' if stripped else 'head with skull'}: an object "
+            f"of {object_ml:.0f} ml",
         )
     )  # fmt: skip
     report.steps.append(Step("checks", True, time.perf_counter() - t0))
