@@ -1047,8 +1047,8 @@ def prepare(
 
 def template_input(moved: np.ndarray, template: Template, carried: np.ndarray) -> np.ndarray:
     """The brain resampled onto the template's grid (``moved``) as the model scores it: float32,
-    0 outside the template's brain and the carried brain (``carried``, already within
-    :attr:`Template.known_brain`), so that nothing beyond what the model knows is scored."""
+    0 outside the template's brain and the carried brain (``carried``: within
+    :attr:`Template.known_brain` unless the settings score beyond it)."""
     return np.where(template.brain_mask | carried, moved, 0).astype(np.float32)
 
 
