@@ -1026,12 +1026,12 @@ def prepare(
     prepared = Volume(template_input(moved, template, carried), template.image.affine,
                       template.image.header, volume.path)  # fmt: skip
     fitted = Prepared(scan, prepared, brain_mask, carried, transform, report)
-    known = brain_mask
+    known, left_out = brain_mask, np.empty(0, np.int64)
     if not s.beyond_template:  # the extracted brain, where the model knows brain
         box = bounding_box(brain_mask)  # resampled there only: a brain is a fraction of a scan
         known = np.zeros_like(brain_mask)
         known[box] = fitted.to_scan(template.known_brain, "mask", box)
-    left_out = np.flatnonzero(brain_mask.reshape(-1, order="C") & ~known.reshape(-1, order="C"))
+        left_out = np.flatnonzero((brain_mask & ~known).ravel(order="C"))
     left_ml = left_out.size * float(np.prod(volume.spacing)) / 1000.0
     if left_ml >= 0.05:
         beyond = (f"{left_ml:.1f} ml more than {TEMPLATE_MARGIN_MM:g} mm beyond the "

@@ -6,6 +6,7 @@ import argparse
 
 from ..combine import GROW_FPR, OUTLINE_FRACTION
 from ..errors import InputError
+from ..prepare import TEMPLATE_MARGIN_MM
 from . import options
 
 
@@ -76,7 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--beyond-template",
         action="store_true",
         help="when measuring the false-positive table, also score the held-out brains where "
-        "they reach more than 2 mm beyond the template's brain (localize, the widget and the "
+        f"they reach more than {TEMPLATE_MARGIN_MM:g} mm beyond the template's brain "
+        "(localize, the widget and the "
         "cohort runner never score there). The threshold comes out stricter; use it when the "
         "default threshold flags too much of real healthy scans because the held-out brains "
         "are more regular than real ones (the bundled t2-brain is calibrated this way)",
