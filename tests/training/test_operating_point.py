@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +20,7 @@ from napari_vaeloc.samples import sample_path
 from napari_vaeloc.training.builder import build_training_set
 from napari_vaeloc.training.datasets import block_mean, heldout_masks
 from napari_vaeloc.training.operating_point import (
+    SMOOTHING_CANDIDATES_MM,
     choose_operating_point,
     healthy_fpr_table,
     healthy_mask_fpr,
@@ -165,3 +167,51 @@ def test_with_a_template_the_held_out_brains_are_posed_and_prepared(trained, tmp
     assert list(table) == ["0.1", "0.05", "0.01", "0.005", "0.001", "0.0005", "0.0001"]
     values = list(table.values())
     assert all(a <= b for a, b in itertools.pairwise(values))
+
+
+def test_calibrate_chooses_the_smoothing_on_seeded_lesions(trained, tmp_path, capsys):
+    """``--smoothing-mm best``: every candidate is scored at its own threshold on lesions
+    seeded into the prepared held-out brains, the best one becomes the default, and the
+    threshold is its table's."""
+    trained, folder = trained
+    src = ["--sources", str(folder)]
+    # no template: nothing to prepare the held-out brains for, refused before any work
+    text = (trained / "model.json").read_text()
+    assert main(["calibrate", str(trained), "--smoothing-mm", "best", *src]) == 2
+    assert "ships no template" in capsys.readouterr().err
+    for bad in (["--smoothing-mm", "-1"], ["--smoothing-mm", "wide"],
+                ["--smoothing-mm", "best", "--fpr", "best-dice"]):  # fmt: skip
+        assert main(["calibrate", str(trained), *bad, *src]) == 2
+        assert "vaeloc: error:" in capsys.readouterr().err
+    assert (trained / "model.json").read_text() == text
+
+    # the same model given the bundled T1 model's registration template
+    with_template = tmp_path / "m"
+    shutil.copytree(trained, with_template)
+    bundled = load_model("t1-brain")
+    card = json.loads((with_template / "model.json").read_text())
+    for key in ("template", "template_brain_mask"):
+        name = getattr(bundled.card.preprocessing, key)
+        shutil.copy(bundled.path / name, with_template / name)
+        card[key] = name
+    (with_template / "model.json").write_text(json.dumps(card))
+    assert main(["calibrate", str(with_template), "--smoothing-mm", "best", *src]) == 0
+    printed = capsys.readouterr().out
+    card = load_model(with_template).card
+    cal, d = card.calibration, card.defaults
+    scores = cal.combined_smoothing_scores
+    assert set(scores) == {f"{c:g}" for c in SMOOTHING_CANDIDATES_MM}
+    assert len(set(scores.values())) > 1  # the candidates differ
+    best = max(scores, key=lambda k: (scores[k], float(k)))
+    assert d.smoothing_mm == cal.combined_smoothing_mm == float(best)
+    assert f"default smoothing: {best} mm" in printed
+    # the threshold and the outline are the chosen smoothing's own levels
+    model = load_model(with_template)
+    template = model_template(with_template, card)
+    _, scans = _heldout(with_template, folder, template)
+    settings = CombineSettings(weights={"restoration": 1.0}, smoothing_mm=d.smoothing_mm,
+                               scan_normalise=True)  # fmt: skip
+    table = healthy_fpr_table(model, scans, settings, cal, PrepareSettings())
+    assert cal.combined_fpr == pytest.approx(table)
+    assert d.threshold == pytest.approx(table["0.001"])
+    assert d.grow_threshold == pytest.approx(table["0.01"])

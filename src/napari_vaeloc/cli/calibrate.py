@@ -7,6 +7,7 @@ import argparse
 from ..combine import GROW_FPR, OUTLINE_FRACTION
 from ..errors import InputError
 from ..prepare import TEMPLATE_MARGIN_MM
+from ..training.operating_point import SMOOTHING_CANDIDATES_MM
 from . import options
 
 
@@ -30,9 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ca.add_argument(
         "--smoothing-mm",
-        type=float,
-        default=8.0,
-        help="3D smoothing of the combined map, sigma in mm (default: 8)",
+        default="8",
+        help="3D smoothing of the combined map, sigma in mm (default: 8), or best: the one of "
+        f"{', '.join(f'{c:g}' for c in SMOOTHING_CANDIDATES_MM)} mm whose map and mask (each "
+        "at its own threshold) best find lesions seeded into the held-out brains; needs a "
+        "model that ships a template",
     )
     ca.add_argument(
         "--no-scan-normalise",
@@ -99,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     grow_fpr = _level(args.grow_fpr, "--grow-fpr", allow="none")
     if grow_fpr is not None and fpr is not None and grow_fpr <= fpr:
         raise InputError(f"--grow-fpr ({grow_fpr:g}) must be a looser level than --fpr ({fpr:g})")
+    smoothing, candidates = _smoothing(args.smoothing_mm)
+    if candidates is not None and fpr is None:
+        raise InputError("--smoothing-mm best and --fpr best-dice cannot be chosen together")
     if not 0.0 <= args.outline_fraction < 1.0:
         raise InputError(f"--outline-fraction must be in [0, 1), not {args.outline_fraction}")
     if args.threads:
@@ -107,13 +113,14 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         weights,
         fpr=fpr,
-        smoothing_mm=args.smoothing_mm,
+        smoothing_mm=smoothing,
         scan_normalise=not args.no_scan_normalise,
         cache_dir=args.cache,
         source_dir=args.sources,
         grow_fpr=grow_fpr,
         outline_fraction=args.outline_fraction,
         beyond_template=args.beyond_template,
+        smoothing_candidates=candidates,
     )
     table = cal.combined_fpr or {}
     chosen = fpr
@@ -124,10 +131,32 @@ def run(args: argparse.Namespace) -> int:
         from ..models.store import read_card
 
         chosen = read_card(args.model).defaults.threshold_fpr
+    if cal.combined_smoothing_scores and candidates is not None:
+        print("smoothing (mm)  AP + mean Dice on seeded lesions")
+        for mm, score in cal.combined_smoothing_scores.items():
+            print(f"{mm:<15} {score:.3f}")
+        print(f"default smoothing: {cal.combined_smoothing_mm:g} mm")
     print(f"default threshold: healthy false-positive rate {chosen:g} (written to {args.model})")
     if cal.mask_fpr is not None:
         print(f"default mask: marks {cal.mask_fpr:.3%} of the held-out healthy brain voxels")
     return 0
+
+
+def _smoothing(text: str) -> tuple[float | None, tuple[float, ...] | None]:
+    """``--smoothing-mm``: (sigma, None), or (None, the candidates) for best.
+
+    Raises:
+        InputError: neither a sigma of at least 0 nor best.
+    """
+    if text == "best":
+        return None, SMOOTHING_CANDIDATES_MM
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:
+        raise InputError(f"--smoothing-mm must be a sigma in mm (0 or more) or best, not {text!r}")
+    return value, None
 
 
 def _level(text: str, option: str, allow: str) -> float | None:

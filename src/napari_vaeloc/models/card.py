@@ -214,6 +214,10 @@ class Calibration(_Part):
             level on lesions seeded into held-out healthy volumes, when the default level was
             chosen that way (:mod:`napari_vaeloc.training.operating_point`), over
             ``combined_dice_cases`` lesioned copies.
+        combined_smoothing_scores: smoothing sigma (mm, as a string) -> average precision plus
+            mean Dice per case on lesions seeded into held-out healthy individuals, when the
+            default smoothing was chosen that way
+            (:func:`napari_vaeloc.training.operating_point.choose_smoothing`).
         mask_fpr: the fraction of the held-out healthy brain voxels the default mask marks
             (threshold, outline and minimum size applied): the rate the default mask claims,
             which is above the threshold's own rate when parts are outlined below it.
@@ -231,6 +235,7 @@ class Calibration(_Part):
     combined_source: str | None = None
     combined_dice: dict[str, float] | None = None
     combined_dice_cases: int | None = None
+    combined_smoothing_scores: dict[str, float] | None = None
     mask_fpr: float | None = None
 
     def fpr_table(self) -> list[tuple[float, float]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -675,6 +675,7 @@ def recalibrate(
     grow_fpr: float | None = GROW_FPR,
     outline_fraction: float = OUTLINE_FRACTION,
     beyond_template: bool = False,
+    smoothing_candidates: Sequence[float] | None = None,
 ) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
     slices it was validated on (rebuilt from the recorded sources, individuals and split), set the
@@ -697,24 +698,37 @@ def recalibrate(
     and records the Dice of each level in the calibration. Synthetic individuals are remade
     from the recorded seeds (read from ``cache_dir`` when they were cached there); the card
     names a user's training files without their folder, ``source_dir`` (default: the working
-    folder). ``beyond_template`` scores the prepared held-out individuals also where their brain
-    lies beyond the template's (``PrepareSettings.beyond_template``), as no front does: the edge
-    then stands in for how much less regular real scans are than synthetic individuals (see
-    docs/models.md). The weights file, and so its checksum, is unchanged. Returns the new
-    calibration.
+    folder). ``smoothing_candidates`` (sigmas, mm; instead of ``smoothing_mm``) chooses the
+    default smoothing on lesions seeded into the prepared held-out individuals, each
+    candidate at its own threshold
+    (:func:`~napari_vaeloc.training.operating_point.choose_smoothing`), and records every
+    candidate's score. ``beyond_template`` scores the prepared held-out individuals also where
+    their brain lies beyond the template's (``PrepareSettings.beyond_template``), as no front
+    does: the edge then stands in for how much less regular real scans are than synthetic
+    individuals (see docs/models.md). The weights file, and so its checksum, is unchanged.
+    Returns the new calibration.
 
     Raises:
         ModelError: the card lacks training provenance (:func:`check_provenance`); nothing
             is rewritten.
-        InputError: a weight names an unknown map, or a training file is not found.
+        InputError: a weight names an unknown map, a training file is not found, or the
+            smoothing is to be chosen together with the level (``fpr`` None) or for a model
+            without a template.
     """
     from ..models.store import CARD_FILE, load_model
 
     CombineSettings(weights=weights)  # unknown map names: refused before any work
+    if smoothing_candidates is not None and fpr is None:
+        raise InputError("choose the smoothing or the threshold's level, not both at once")
     folder = Path(folder)
     model = load_model(folder)
     card = model.card
     check_provenance(card)
+    if smoothing_candidates is not None and not card.preprocessing.template:
+        raise InputError(
+            f"model {card.name!r} ships no template: the smoothing is chosen on held-out "
+            "individuals prepared as scans, which needs one"
+        )
     d = card.defaults
     smoothing = float((d.smoothing_mm or 0.0) if smoothing_mm is None else smoothing_mm)
     if scan_normalise is None:
@@ -766,6 +780,7 @@ def recalibrate(
     from ..prepare import PrepareSettings, model_template
     from .operating_point import (
         choose_operating_point,
+        choose_smoothing,
         healthy_fpr_table,
         healthy_mask_fpr,
         heldout_scans,
@@ -775,8 +790,22 @@ def recalibrate(
     template = model_template(folder, card)
     prep = PrepareSettings(beyond_template=beyond_template)
     scans = heldout_scans(volumes, masks, brains, template, prep) if template else []
-    if scans:  # held-out individuals turned into scans and prepared as a user's scan is
+    if smoothing_candidates is not None and not scans:
+        raise InputError(
+            "no held-out individual passed the preparation: the smoothing cannot be chosen"
+        )
+    if smoothing_candidates is not None:
+        choice = choose_smoothing(
+            model, scans, settings, calibration, prep, fpr=fpr, grow_fpr=grow_fpr,
+            outline_fraction=outline_fraction, candidates=smoothing_candidates,
+        )  # fmt: skip
+        smoothing = choice.smoothing_mm
+        settings = settings.replace(smoothing_mm=smoothing)
+        calibration.combined_smoothing_scores = choice.scores
+        calibration.combined_fpr = choice.table
+    elif scans:  # held-out individuals turned into scans and prepared as a user's scan is
         calibration.combined_fpr = healthy_fpr_table(model, scans, settings, calibration, prep)
+    if scans:
         calibration.combined_source = "held-out healthy individuals after preparation" + (
             ", scored beyond the template's brain too" if beyond_template else ""
         )

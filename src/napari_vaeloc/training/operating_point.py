@@ -16,20 +16,21 @@ the combined map's values inside the fitted brain masks; :func:`choose_operating
 medium and large tumour-like and intensity lesions into each scan in its own space, applies the
 fitted preparation unchanged, localizes, and keeps the level whose default mask (threshold,
 then minimum lesion size) reaches the best pooled Dice, 2 TP / (2 TP + FP + FN), among the
-levels at or below ``max_fpr``. Without a template both work on the held-out brains in model
-space.
+levels at or below ``max_fpr``. :func:`choose_smoothing` compares 3D smoothings of the
+combined map the same way, each at its own calibrated threshold. Without a template these work
+on the held-out brains in model space.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..combine import CombineSettings, PostProcessor
-from ..evaluation.metrics import Overlap
+from ..evaluation.metrics import Overlap, PixelAccumulator
 from ..evaluation.synthetic import synthesize_anomaly
 from ..io import Volume
 from ..models.card import Calibration
@@ -45,6 +46,8 @@ MAX_OPERATING_FPR = 0.01
 #: the random head pose a held-out brain gets before preparation: degrees per axis, mm shift
 POSE_DEGREES = 10.0
 POSE_MM = 15.0
+#: the 3D smoothings of the combined map (Gaussian sigma, mm) :func:`choose_smoothing` compares
+SMOOTHING_CANDIDATES_MM: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0)
 
 
 @dataclass
@@ -76,6 +79,25 @@ class OperatingPoint:
 
     fpr: float
     dice: dict[str, float]
+    cases: int
+
+
+@dataclass(frozen=True)
+class SmoothingChoice:
+    """The chosen 3D smoothing and what it was chosen on.
+
+    Attributes:
+        smoothing_mm: the chosen Gaussian sigma, mm.
+        scores: {sigma as a string: average precision of the combined map over every seeded
+            lesion plus the mean Dice per case of the default mask} for each candidate.
+        table: the chosen smoothing's false-positive table ({fpr: threshold}, as
+            :func:`healthy_fpr_table` gives it).
+        cases: lesioned copies scored.
+    """
+
+    smoothing_mm: float
+    scores: dict[str, float]
+    table: dict[str, float]
     cases: int
 
 
@@ -150,6 +172,50 @@ def _localize(model, scan: Volume, settings: CombineSettings, prepare: PrepareSe
     return localize(scan, model, maps=maps, prepare=prepare)
 
 
+def _counted(s: HeldOutScan, res, truth: np.ndarray | None = None) -> np.ndarray:
+    """Where a localized held-out scan's voxels count: its brain when it was prepared, else
+    the brain voxels the engine scored (plus the lesion's)."""
+    if s.prepared is not None:
+        return s.brain
+    scored = res.foreground if truth is None else res.foreground | truth
+    return s.brain & scored
+
+
+def seeded_lesions(
+    scans: Sequence[HeldOutScan],
+    prepare: PrepareSettings | None = None,
+    *,
+    per_scan: int = 1,
+    seed: int = 0,
+) -> Iterator[tuple[HeldOutScan, Volume, np.ndarray]]:
+    """Lesioned copies of the held-out ``scans``: per scan, ``per_scan`` lesions of each kind
+    of :data:`OPERATING_KINDS` and each radius range of :data:`OPERATING_RADII_MM`, seeded
+    in the scan's own space inside its brain; a prepared scan's copy gets the scan's fitted
+    preparation, unchanged. Lesion ``j`` of kind ``k`` and size ``r`` in scan ``v`` depends
+    only on (seed, v, k, r, j).
+
+    Yields:
+        (the held-out scan, its lesioned copy, the lesion's bool truth on the scan's grid).
+    """
+    for v_i, s in enumerate(scans):
+        for k_i, kind in enumerate(OPERATING_KINDS):
+            for r_i, (lo, hi) in enumerate(OPERATING_RADII_MM):
+                for j in range(per_scan):
+                    rng = np.random.default_rng([seed, v_i, k_i, r_i, j])
+                    lesion = synthesize_anomaly(
+                        np.asarray(s.volume.data, np.float32),
+                        kind,
+                        rng,
+                        foreground=s.brain,
+                        spacing=s.volume.spacing,
+                        radius_mm=float(rng.uniform(lo, hi)),
+                    )
+                    scan = Volume(lesion.volume, s.volume.affine, None, None, "float32")
+                    if s.prepared is not None and s.template is not None:
+                        apply_prepared(s.prepared, scan, s.template, prepare)
+                    yield s, scan, np.asarray(lesion.mask, bool)
+
+
 def healthy_fpr_table(
     model,
     scans: Sequence[HeldOutScan],
@@ -167,9 +233,7 @@ def healthy_fpr_table(
     values = []
     for s in scans:
         res = _localize(model, s.volume, settings, prepare if s.prepared else None)
-        combined = PostProcessor(res, settings, calibration).combined()
-        counted = s.brain if s.prepared is not None else s.brain & res.foreground
-        values.append(combined[counted])
+        values.append(PostProcessor(res, settings, calibration).combined()[_counted(s, res)])
     if not values:
         raise ValueError("no held-out healthy scan to calibrate on")
     return fpr_table(np.concatenate(values))
@@ -189,7 +253,7 @@ def healthy_mask_fpr(
     for s in scans:
         res = _localize(model, s.volume, settings, prepare if s.prepared else None)
         mask = PostProcessor(res, settings, calibration).mask() > 0
-        counted = s.brain if s.prepared is not None else s.brain & res.foreground
+        counted = _counted(s, res)
         flagged += int(np.count_nonzero(mask & counted))
         total += int(np.count_nonzero(counted))
     return flagged / total if total else None
@@ -233,34 +297,102 @@ def choose_operating_point(
         raise ValueError(f"no false-positive level at or below {max_fpr} to choose from")
     overlaps = {k: Overlap() for k in levels}
     cases = 0
-    for v_i, s in enumerate(scans):
-        for k_i, kind in enumerate(OPERATING_KINDS):
-            for r_i, (lo, hi) in enumerate(OPERATING_RADII_MM):
-                for j in range(per_scan):
-                    rng = np.random.default_rng([seed, v_i, k_i, r_i, j])
-                    lesion = synthesize_anomaly(
-                        np.asarray(s.volume.data, np.float32),
-                        kind,
-                        rng,
-                        foreground=s.brain,
-                        spacing=s.volume.spacing,
-                        radius_mm=float(rng.uniform(lo, hi)),
-                    )
-                    scan = Volume(lesion.volume, s.volume.affine, None, None, "float32")
-                    if s.prepared is not None and s.template is not None:
-                        apply_prepared(s.prepared, scan, s.template, prepare)
-                    res = _localize(model, scan, settings, prepare if s.prepared else None)
-                    truth = np.asarray(lesion.mask, bool)
-                    where = s.brain
-                    if s.prepared is None:
-                        where = (res.foreground | truth) & s.brain
-                    post = PostProcessor(res, settings, calibration)
-                    for level in levels:
-                        post.settings = settings.replace(threshold=table[level])
-                        overlaps[level].add(post.mask() > 0, truth, where)
-                    cases += 1
+    for s, scan, truth in seeded_lesions(scans, prepare, per_scan=per_scan, seed=seed):
+        res = _localize(model, scan, settings, prepare if s.prepared else None)
+        where = _counted(s, res, truth)
+        post = PostProcessor(res, settings, calibration)
+        for level in levels:
+            post.settings = settings.replace(threshold=table[level])
+            overlaps[level].add(post.mask() > 0, truth, where)
+        cases += 1
     if not cases:
         raise ValueError("no held-out scan to seed lesions in")
     dice = {k: (ov.dice if math.isfinite(ov.dice) else 0.0) for k, ov in overlaps.items()}
     best = max(levels, key=lambda k: (dice[k], -float(k)))
     return OperatingPoint(float(best), dice, cases)
+
+
+def choose_smoothing(
+    model,
+    scans: Sequence[HeldOutScan],
+    settings: CombineSettings,
+    calibration: Calibration,
+    prepare: PrepareSettings | None = None,
+    *,
+    fpr: float,
+    grow_fpr: float | None,
+    outline_fraction: float,
+    candidates: Sequence[float] = SMOOTHING_CANDIDATES_MM,
+    per_scan: int = 1,
+    seed: int = 0,
+) -> SmoothingChoice:
+    """Pick the 3D smoothing of the default combined map on lesions seeded into the held-out
+    ``scans``, each candidate at its own calibrated threshold.
+
+    For each candidate sigma the false-positive table is read from the held-out healthy scans
+    (as :func:`healthy_fpr_table` does), the default mask is set at the ``fpr`` level's
+    threshold and outlined down to the ``grow_fpr`` level at ``outline_fraction`` of each
+    part's peak (``grow_fpr`` None: a plain threshold). The lesioned copies of
+    :func:`seeded_lesions` are then scored; a candidate's score is the average precision of
+    its combined map over all of them plus the mean Dice per case of its mask, so that
+    ranking and outline count alike and a medium lesion weighs as much as a large one. Each
+    scan and copy is localized once: smoothing acts after the engine.
+
+    Args:
+        model: a loaded model (:class:`napari_vaeloc.models.store.LoadedModel`).
+        scans: the held-out healthy scans (:func:`heldout_scans`).
+        settings: the default combination (weights, normalisation, minimum size); its
+            smoothing, threshold and outline are replaced per candidate.
+        calibration: the model's calibration (component scales).
+        prepare: the preparation settings prepared scans were fitted with.
+        fpr, grow_fpr: levels of the false-positive table (see
+            :data:`napari_vaeloc.training.loop.FPR_LEVELS`).
+        candidates: sigmas to compare, mm.
+        per_scan, seed: as in :func:`seeded_lesions`.
+
+    Returns:
+        The chosen sigma (ties go to the larger), every candidate's score, its table and the
+        number of lesioned copies.
+
+    Raises:
+        ValueError: no candidate or no scan.
+    """
+    if not candidates:
+        raise ValueError("no smoothing to choose from")
+    if not scans:
+        raise ValueError("no held-out scan to seed lesions in")
+    values: dict[float, list[np.ndarray]] = {c: [] for c in candidates}
+    for s in scans:
+        res = _localize(model, s.volume, settings, prepare if s.prepared else None)
+        post = PostProcessor(res, settings, calibration)
+        for c in candidates:
+            post.settings = settings.replace(smoothing_mm=c)
+            values[c].append(post.combined()[_counted(s, res)])
+    tables = {c: fpr_table(np.concatenate(v)) for c, v in values.items()}
+    del values
+    chosen: dict[float, CombineSettings] = {}
+    for c, table in tables.items():
+        st = settings.replace(smoothing_mm=c, threshold=table[str(fpr)])
+        grow = None if grow_fpr is None else table[str(grow_fpr)]
+        chosen[c] = (
+            st.without_outline()
+            if grow is None
+            else st.replace(grow_threshold=grow, outline_fraction=outline_fraction)
+        )
+    ranking = {c: PixelAccumulator() for c in candidates}
+    dice: dict[float, list[float]] = {c: [] for c in candidates}
+    for s, scan, truth in seeded_lesions(scans, prepare, per_scan=per_scan, seed=seed):
+        res = _localize(model, scan, settings, prepare if s.prepared else None)
+        where = _counted(s, res, truth)
+        post = PostProcessor(res, settings, calibration)
+        for c in candidates:
+            post.settings = chosen[c]
+            ranking[c].add(post.combined(), truth, where)
+            overlap = Overlap()
+            overlap.add(post.mask() > 0, truth, where)
+            dice[c].append(overlap.dice if math.isfinite(overlap.dice) else 0.0)
+    scores = {c: float(ranking[c].metrics().ap) + float(np.mean(dice[c])) for c in candidates}
+    best = max(candidates, key=lambda c: (scores[c], c))
+    return SmoothingChoice(
+        float(best), {f"{c:g}": scores[c] for c in candidates}, tables[best], len(dice[best])
+    )
