@@ -57,3 +57,14 @@ def test_other_axis_or_no_companions(t1):
             vol, load_model("t2-brain"), EngineOptions(device="cpu"), maps=MAPS, fuse=True,
             prepare=None,
         )  # fmt: skip
+
+
+def test_a_map_the_companions_were_not_calibrated_for_is_not_fused(t1):
+    """The bundled companions predate the `restoration` map (no scale for it, and no healthy
+    range's excess): fusing the default is refused in one line before anything is scored."""
+    model, vol = t1
+    assert "restoration" in model.card.defaults.weights
+    with pytest.raises(InputError, match="cannot fuse restoration with the companion"):
+        localize(vol, model, EngineOptions(device="cpu"), fuse=True)
+    with pytest.raises(InputError, match="--maps and --weights"):
+        localize(vol, model, EngineOptions(device="cpu"), maps=("restoration",), fuse=True)

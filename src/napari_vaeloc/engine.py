@@ -12,7 +12,7 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -299,9 +299,11 @@ def localize(
 
     t0 = time.perf_counter()
     wanted = maps_for(model.card) if maps is None else tuple(maps)
-    res = localize_axis(volume, model, part(0), maps=wanted)
     fused = [k for k in wanted if k != "reconstruction"]
     own = _scales(model)
+    for other in models[1:]:
+        _check_companion(model, other, fused)
+    res = localize_axis(volume, model, part(0), maps=wanted)
     for i, other in enumerate(models[1:], start=1):
         theirs = _scales(other)
         ratios = {k: own.get(k, 1.0) / theirs.get(k, 1.0) if theirs.get(k) else 1.0 for k in fused}
@@ -436,6 +438,31 @@ def _add_excess(restoration, volume: Volume, model: LoadedModel, ms, todo, kerne
 
 def _scales(model: LoadedModel) -> dict[str, float]:
     return model.card.calibration.scales if model.card.calibration is not None else {}
+
+
+def _check_companion(model: LoadedModel, other: LoadedModel, maps: Sequence[str]) -> None:
+    """Refuse to fuse a map the companion cannot put on the model's scale: one the model has a
+    calibrated scale for and the companion has not, or the ``restoration`` map when only the
+    model adds the healthy range's excess to it (the two would not measure the same thing).
+
+    Raises:
+        InputError: naming the maps and the companion.
+    """
+    own, theirs = _scales(model), _scales(other)
+    lacking = [k for k in maps if own.get(k) and not theirs.get(k)]
+    excess = model.card.preprocessing.intensity_excess
+    if "restoration" in maps and excess != other.card.preprocessing.intensity_excess:
+        lacking = list(dict.fromkeys([*lacking, "restoration"]))
+    if lacking:
+        raise InputError(
+            f"cannot fuse {', '.join(lacking)} with the companion {other.card.name!r}: it "
+            "was not calibrated for "
+            + ("that map" if len(lacking) == 1 else "those maps")
+            + " as "
+            + repr(model.card.name)
+            + " was; score one axis (without fusing), or fuse maps both know (--maps and "
+            "--weights)"
+        )
 
 
 def _companion(model: LoadedModel, name: str) -> LoadedModel:

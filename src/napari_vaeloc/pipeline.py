@@ -193,7 +193,12 @@ def model_for_scan(
             f"--model auto: the scan looks like {guess.modality} (r = {guess.r:.2f}), but no "
             f"bundled model learned {guess.modality} scans; {name_one}"
         )
-    if log is not None:
+    if log is not None and guess.weak:
+        log(
+            f"model: {name} (the scan looks only weakly like {guess.modality}, r = "
+            f"{guess.r:.2f}: it may be another modality; read the result with care)"
+        )
+    elif log is not None:
         log(f"model: {name} (the scan looks like {guess.modality}, r = {guess.r:.2f})")
     return name
 

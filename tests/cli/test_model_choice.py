@@ -54,7 +54,14 @@ def test_modality_floor(scores, want):
     if want is None:
         assert guess.describe().startswith("no known modality recognised")
         assert f"at least {MIN_MODALITY_R['fail']:.2f} needed" in guess.describe()
+    elif scores[want] < MIN_MODALITY_R["ok"]:  # recognised, but below a clear fit
+        assert guess.weak
+        assert guess.describe() == (
+            f"the scan looks only weakly like {want} (r = {scores[want]:.2f}; a clear fit is "
+            f"{MIN_MODALITY_R['ok']:.2f} or more)"
+        )
     else:
+        assert not guess.weak
         assert guess.describe() == f"the scan looks like {want} (r = {scores[want]:.2f})"
 
 
@@ -102,8 +109,9 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
         f"mask: {scores['mask_volume_ml']:.1f} ml in {parts} part{s} (threshold "
         f"{c['threshold']:.3g}, each part outlined to {c['outline_fraction']:g} of its peak, "
         f"not below {c['grow_threshold']:.3g}; on healthy brains this mask marks "
-        f"{c['mask_healthy_fpr'] * 100:.2g} % of the voxels, the threshold alone 0.1 %)"
-    )
+        f"{c['mask_healthy_fpr'] * 100:.2g} % of the voxels, the threshold alone 0.1 %; the "
+        "scan fits the model with warnings (voxel size): read with care)"
+    )  # the 4 mm slices warn
     assert want in lines, lines
     # each check once: its line says it warns; no second "warning:" line
     assert "check voxel size: warn (largest voxel side 4 mm" in captured.out
@@ -114,6 +122,39 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.count("warning: largest voxel side 4 mm") == 1, captured.err
     assert "the paper's method: the healthy 99th percentile of Combi" in captured.out
+
+
+def test_a_scan_of_another_modality_is_said_to_fit_weakly(tmp_path, capsys):
+    """A FLAIR-like head (the ICBM T2 head with its CSF darkened where T1 is dark and T2
+    bright, 2 mm): the T2 model is chosen, and the model line, the check and the mask line
+    all say the fit is weak, so a mask on it is not read as a finding."""
+    from scipy.ndimage import zoom
+
+    from napari_vaeloc.samples import template
+
+    t1 = nib.load(template("icbm-t1-head").path)
+    t2 = nib.load(template("icbm-t2-head").path)
+    a = np.asarray(t1.dataobj, np.float32)
+    b = np.asarray(t2.dataobj, np.float32)
+    head = b > np.percentile(b, 60)
+    a, b = a / np.percentile(a[head], 99), b / np.percentile(b[head], 99)
+    flair = b * (1 - np.clip((b - a - 0.2) / 0.4, 0, 1))  # fluid suppressed
+    affine = t2.affine.copy()
+    affine[:3, :3] *= 2
+    scan = tmp_path / "flair.nii.gz"
+    nib.save(nib.Nifti1Image(zoom(flair, 0.5, order=1).astype(np.float32), affine), scan)
+    out = tmp_path / "out"
+    assert main(["localize", str(scan), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert re.fullmatch(
+        r"model: t2-brain \(the scan looks only weakly like T2, r = 0\.[23]\d: it may be "
+        r"another modality; read the result with care\)",
+        lines[0],
+    ), lines[0]
+    assert "warning: looks like none of the templates (best r = 0." in captured.err
+    [mask_line] = [line for line in lines if line.startswith("mask: ")]
+    assert mask_line.endswith("; the scan fits the model with warnings (modality): read with care)")
 
 
 def test_refused_scan_shows_what_preparation_found(tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +68,8 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
         action=argparse.BooleanOptionalAction,
         default=None,
         help="average in the model's companion models for the other slicing axes (default: "
-        "as the model card says; t1-brain can fuse three axes, off by default)",
+        "as the model card says; t1-brain can fuse three axes, off by default, for the maps "
+        "its companions were calibrated for: not its default restoration map)",
     )
     options.add_prepare(p)
     options.add_device(p)
@@ -292,14 +294,19 @@ def mask_summary(done: ScanOutputs) -> str:
     and for the default mask its own healthy rate first, e.g. "(threshold 3.36, each part
     outlined to 0.4 of its peak, not below 2.66; on healthy brains this mask marks 0.62 % of
     the voxels, the threshold alone 0.1 %)"."""
+    prepared = done.result.preparation
+    warned = [c.name for c in prepared.checks if c.level != "ok"] if prepared else []
     return describe_mask(
-        done.post, done.mask_volume_ml(), done.mask_components(), done.result.notes
+        done.post, done.mask_volume_ml(), done.mask_components(), done.result.notes, warned
     )
 
 
-def describe_mask(post: PostProcessor, ml: float, n: int, notes: list[str]) -> str:
+def describe_mask(
+    post: PostProcessor, ml: float, n: int, notes: list[str], warned: Sequence[str] = ()
+) -> str:
     """:func:`mask_summary` of a mask of ``ml`` millilitres in ``n`` connected parts, made by
-    ``post``; ``notes`` are the localization's notes (an unprepared scan says so)."""
+    ``post``; ``notes`` are the localization's notes (an unprepared scan says so), ``warned``
+    the names of the preparation's checks that warned (the line then says so)."""
     threshold = post.settings.threshold
     fpr, pairs = post.fpr_for_threshold(threshold), post.fpr_table()
     if fpr is None and post.is_calibrated() and post.settings.is_paper():
@@ -335,6 +342,8 @@ def describe_mask(post: PostProcessor, ml: float, n: int, notes: list[str]) -> s
 
     if any(note.endswith(UNPREPARED_NOTE) for note in notes):
         rate += "; NOT PREPARED: scored as given, see the note"
+    if warned:
+        rate += f"; the scan fits the model with warnings ({', '.join(warned)}): read with care"
     return (
         f"mask: {ml:.1f} ml in {n} part{'' if n == 1 else 's'} (threshold {threshold:.3g}, {rate})"
     )

@@ -54,9 +54,26 @@ class ModalityGuess:
         floor = MIN_MODALITY_R["fail"]
         return cls(best if best and r >= floor else None, best, r, floor, report)
 
+    @property
+    def weak(self) -> bool:
+        """True when a modality is recognised but its template correlates less than a clear
+        fit needs (``prepare.MIN_MODALITY_R["ok"]``, where the preparation's modality check
+        warns): another modality (FLAIR, PD) or a scan unlike every template."""
+        from ..prepare import MIN_MODALITY_R
+
+        return self.modality is not None and self.r < MIN_MODALITY_R["ok"]
+
     def describe(self) -> str:
-        """One phrase: "the scan looks like T1 (r = 0.58)", or "no known modality recognised
-        (best r = 0.11, T2; at least 0.25 needed)"."""
+        """One phrase: "the scan looks like T1 (r = 0.58)", "the scan looks only weakly like
+        T2 (r = 0.32; a clear fit is 0.40 or more)", or "no known modality recognised (best
+        r = 0.11, T2; at least 0.25 needed)"."""
+        from ..prepare import MIN_MODALITY_R
+
+        if self.weak:
+            return (
+                f"the scan looks only weakly like {self.modality} (r = {self.r:.2f}; a clear "
+                f"fit is {MIN_MODALITY_R['ok']:.2f} or more)"
+            )
         if self.modality is not None:
             return f"the scan looks like {self.modality} (r = {self.r:.2f})"
         best = f", {self.best}" if self.best else ""
