@@ -66,5 +66,15 @@ def test_a_map_the_companions_were_not_calibrated_for_is_not_fused(t1):
     assert "restoration" in model.card.defaults.weights
     with pytest.raises(InputError, match="cannot fuse restoration with the companion"):
         localize(vol, model, EngineOptions(device="cpu"), fuse=True)
-    with pytest.raises(InputError, match="--maps and --weights"):
+    with pytest.raises(InputError, match=r"both know combi, .*rec_error_smooth") as refused:
         localize(vol, model, EngineOptions(device="cpu"), maps=("restoration",), fuse=True)
+    assert "restoration" not in str(refused.value).split("both know")[1]
+    # refused before the preparation (a raw head would take tens of seconds to prepare)
+    stages: list[str] = []
+    head = load_volume(sample_path("t1-head"))
+    options = EngineOptions(device="cpu", stage=stages.append)
+    with pytest.raises(InputError, match="cannot fuse restoration"):
+        localize(head, model, options, fuse=True, prepare="auto")
+    assert stages == []
+    localize(head, model, options, maps=("rec_error_smooth",), fuse=False, prepare="auto")
+    assert "registration" in stages  # the same options report the preparation's stages

@@ -23,6 +23,7 @@ from .errors import Cancelled, InputError
 from .io import Volume, available_memory_bytes
 from .mapnames import (
     AXES,
+    COMBINABLE_MAPS,
     DEFAULT_MAPS,
     MAP_DTYPES,
     OUTPUT_MAPS,
@@ -272,18 +273,14 @@ def localize(
     """
     opts = options or EngineOptions()
     settings = PrepareSettings(prepare) if isinstance(prepare, str) else prepare
+    wanted = maps_for(model.card) if maps is None else tuple(maps)
+    fused = [k for k in wanted if k != "reconstruction"]
+    companions = _fusion_companions(model, fuse, axis, fused)  # refused before any work
     if settings is not None and settings.enabled:
         return _localize_prepared(volume, model, opts, settings, axis=axis, maps=maps, fuse=fuse)
-    defaults = model.card.defaults
-    names = list(defaults.fuse_with or [])
-    if fuse and not names:
-        raise InputError(f"model {model.card.name!r} has no companion models to fuse with")
-    use = (defaults.fuse is not False) if fuse is None else fuse
-    if not use or (axis is not None and axis.lower() != model.card.axis):
-        names = []
-    if not names:
+    if not companions:
         return localize_axis(volume, model, opts, axis=axis, maps=maps)
-    models = [model, *(_companion(model, n) for n in names)]
+    models = [model, *companions]
     runs = len(models)
 
     progress = opts.progress
@@ -298,11 +295,7 @@ def localize(
         )
 
     t0 = time.perf_counter()
-    wanted = maps_for(model.card) if maps is None else tuple(maps)
-    fused = [k for k in wanted if k != "reconstruction"]
     own = _scales(model)
-    for other in models[1:]:
-        _check_companion(model, other, fused)
     res = localize_axis(volume, model, part(0), maps=wanted)
     for i, other in enumerate(models[1:], start=1):
         theirs = _scales(other)
@@ -440,6 +433,29 @@ def _scales(model: LoadedModel) -> dict[str, float]:
     return model.card.calibration.scales if model.card.calibration is not None else {}
 
 
+def _fusion_companions(
+    model: LoadedModel, fuse: bool | None, axis: str | None, maps: Sequence[str]
+) -> list[LoadedModel]:
+    """The companion models :func:`localize` averages in (empty: one axis), each checked by
+    :func:`_check_companion` for ``maps``.
+
+    Raises:
+        InputError: ``fuse`` is True and the card names no companions, or a companion cannot
+            be fused for ``maps``.
+    """
+    defaults = model.card.defaults
+    names = list(defaults.fuse_with or [])
+    if fuse and not names:
+        raise InputError(f"model {model.card.name!r} has no companion models to fuse with")
+    use = (defaults.fuse is not False) if fuse is None else fuse
+    if not use or (axis is not None and axis.lower() != model.card.axis):
+        return []
+    companions = [_companion(model, n) for n in names]
+    for other in companions:
+        _check_companion(model, other, maps)
+    return companions
+
+
 def _check_companion(model: LoadedModel, other: LoadedModel, maps: Sequence[str]) -> None:
     """Refuse to fuse a map the companion cannot put on the model's scale: one the model has a
     calibrated scale for and the companion has not, or the ``restoration`` map when only the
@@ -449,19 +465,21 @@ def _check_companion(model: LoadedModel, other: LoadedModel, maps: Sequence[str]
         InputError: naming the maps and the companion.
     """
     own, theirs = _scales(model), _scales(other)
-    lacking = [k for k in maps if own.get(k) and not theirs.get(k)]
-    excess = model.card.preprocessing.intensity_excess
-    if "restoration" in maps and excess != other.card.preprocessing.intensity_excess:
-        lacking = list(dict.fromkeys([*lacking, "restoration"]))
+    same_excess = model.card.preprocessing.intensity_excess == (
+        other.card.preprocessing.intensity_excess
+    )
+
+    def known(k: str) -> bool:
+        return bool(theirs.get(k)) and (k != "restoration" or same_excess)
+
+    lacking = [k for k in maps if own.get(k) and not known(k)]
     if lacking:
+        both = ", ".join(k for k in own if k in COMBINABLE_MAPS and known(k)) or "none"
         raise InputError(
             f"cannot fuse {', '.join(lacking)} with the companion {other.card.name!r}: it "
-            "was not calibrated for "
-            + ("that map" if len(lacking) == 1 else "those maps")
-            + " as "
-            + repr(model.card.name)
-            + " was; score one axis (without fusing), or fuse maps both know (--maps and "
-            "--weights)"
+            f"was not calibrated for {'that map' if len(lacking) == 1 else 'those maps'} as "
+            f"{model.card.name!r} was; score one axis (without fusing), or fuse maps both "
+            f"know (--maps and --weights; both know {both})"
         )
 
 

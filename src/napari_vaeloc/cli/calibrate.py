@@ -32,10 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ca.add_argument(
         "--smoothing-mm",
         default="8",
-        help="3D smoothing of the combined map, sigma in mm (default: 8), or best: the one of "
-        f"{', '.join(f'{c:g}' for c in SMOOTHING_CANDIDATES_MM)} mm whose map and mask (each "
-        "at its own threshold) best find lesions seeded into the held-out brains; needs a "
-        "model that ships a template",
+        help="3D smoothing of the combined map, sigma in mm (default: 8), or best: try "
+        f"{', '.join(f'{c:g}' for c in SMOOTHING_CANDIDATES_MM)} mm, give each its own "
+        "false-positive table and threshold (at --fpr, outlined as --grow-fpr says), seed a "
+        "medium and a large lesion of two kinds into every held-out brain, and keep the one "
+        "with the largest average precision plus mean Dice of its mask (the bundled models "
+        "chose 6). Needs a model that ships a template; not with --fpr best-dice",
     )
     ca.add_argument(
         "--no-scan-normalise",
