@@ -291,9 +291,10 @@ def mask_summary(done: ScanOutputs) -> str:
     connected parts, the threshold and, for a calibrated combination, the healthy
     false-positive rate it was read at, e.g. "mask: 11.1 ml in 2 parts (threshold 2.66,
     healthy false-positive rate 0.1 %)"; with outlined parts their grow level and fraction,
-    and for the default mask its own healthy rate first, e.g. "(threshold 3.36, each part
-    outlined to 0.4 of its peak, not below 2.66; on healthy brains this mask marks 0.62 % of
-    the voxels, the threshold alone 0.1 %)"."""
+    and for the default mask its own healthy rate first, e.g. "(threshold 3.41, each part
+    outlined to 0.4 of its peak, not below 2.65; on healthy brains this mask marks 0.64 % of
+    the voxels, the threshold alone 0.1 %)"; when a check of the preparation warned, the line
+    ends by naming those checks."""
     prepared = done.result.preparation
     warned = [c.name for c in prepared.checks if c.level != "ok"] if prepared else []
     return describe_mask(
