@@ -92,7 +92,7 @@ def test_raw_head_is_prepared_and_localized(make_napari_viewer, qtbot):
 
     brain = viewer.layers[f"{HEAD} brain mask"]
     prepared = viewer.layers[f"{HEAD} corrected brain"]
-    mask = viewer.layers[f"{HEAD} mask"]
+    mask = viewer.layers[f"{HEAD} anomaly mask"]
     assert brain.__class__.__name__ == "Labels" and prepared.__class__.__name__ == "Image"
     assert brain.visible and not prepared.visible
     for layer in (brain, prepared, mask):

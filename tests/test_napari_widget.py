@@ -17,7 +17,7 @@ from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import bundled_models
 from napari_vaeloc.samples import sample_path
 
-SUFFIXES = ("reconstruction", "reconstruction error", "KL gradient", "anomaly map", "mask")
+SUFFIXES = ("reconstruction", "reconstruction error", "KL gradient", "anomaly map", "anomaly mask")
 TIMEOUT_MS = 240_000
 
 
@@ -95,7 +95,7 @@ def test_localize_creates_overlaid_layers(make_napari_viewer, qtbot, counted):
     combined = layers["anomaly map"]
     assert combined.blending == "additive" and combined.colormap.name == "inferno"
     assert combined.contrast_limits == list(widget.session.display_range())
-    assert layers["mask"].data.dtype == np.uint8 and layers["mask"].data.any()
+    assert layers["anomaly mask"].data.dtype == np.uint8 and layers["anomaly mask"].data.any()
     assert widget.run_button.enabled and widget.export_button.enabled
     # a re-run updates the same layers in place
     ids = {k: id(v) for k, v in layers.items()}
@@ -107,7 +107,7 @@ def test_localize_creates_overlaid_layers(make_napari_viewer, qtbot, counted):
 def test_mask_overlaps_known_lesion(make_napari_viewer, qtbot):
     viewer, widget = _open(make_napari_viewer, qtbot)
     _run(qtbot, widget)
-    mask = viewer.layers["t2-lesion mask"].data.astype(bool)
+    mask = viewer.layers["t2-lesion anomaly mask"].data.astype(bool)
     truth = load_volume(sample_path("t2-lesion-truth")).data > 0
     inside = (mask & truth).sum()
     # default threshold (healthy false-positive rate 1 %): mostly correct voxels
@@ -123,14 +123,14 @@ def test_mask_overlaps_known_lesion(make_napari_viewer, qtbot):
 
     widget.outline.value = False
     widget.apply_settings()
-    plain = viewer.layers["t2-lesion mask"].data.astype(bool)
+    plain = viewer.layers["t2-lesion anomaly mask"].data.astype(bool)
     np.testing.assert_array_equal(plain, comb > st.threshold)
     assert widget.session.settings.grow_level() is None
     assert dice(mask) > dice(plain), (dice(mask), dice(plain))
     # a lower threshold finds more of the lesion
     widget.threshold.value = 0.8 * widget.threshold.value
     widget.apply_settings()
-    mask2 = viewer.layers["t2-lesion mask"].data.astype(bool)
+    mask2 = viewer.layers["t2-lesion anomaly mask"].data.astype(bool)
     assert (mask2 & truth).sum() > (plain & truth).sum()
     # turned on again: the model's outline at the new threshold
     widget.outline.value = True
@@ -145,7 +145,7 @@ def test_mask_overlaps_known_lesion(make_napari_viewer, qtbot):
 def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, counted):
     viewer, widget = _open(make_napari_viewer, qtbot)
     _run(qtbot, widget)
-    mask_layer = viewer.layers["t2-lesion mask"]
+    mask_layer = viewer.layers["t2-lesion anomaly mask"]
     comb_layer = viewer.layers["t2-lesion anomaly map"]
     mask0, comb0 = mask_layer.data.copy(), comb_layer.data.copy()
     info0 = widget.threshold_info.value
@@ -219,7 +219,9 @@ def test_export_then_reload_mask(make_napari_viewer, qtbot, tmp_path):
     [written] = widget.export(out)
     back = nib.load(written)
     src = nib.load(sample_path("t2-lesion"))
-    np.testing.assert_array_equal(np.asarray(back.dataobj), viewer.layers["t2-lesion mask"].data)
+    np.testing.assert_array_equal(
+        np.asarray(back.dataobj), viewer.layers["t2-lesion anomaly mask"].data
+    )
     np.testing.assert_array_equal(back.affine, src.affine)
     with pytest.raises(OutputExistsError):
         widget.export(out)
@@ -227,7 +229,7 @@ def test_export_then_reload_mask(make_napari_viewer, qtbot, tmp_path):
     assert len(files) >= 10 and all(Path(f).exists() for f in files)
     # the writer route (File > Save Selected Layers) gives the same file
     via_writer = tmp_path / "via_writer.nii.gz"
-    viewer.layers.selection = {viewer.layers["t2-lesion mask"]}
+    viewer.layers.selection = {viewer.layers["t2-lesion anomaly mask"]}
     viewer.layers.save(str(via_writer), selected=True, plugin="napari-vaeloc")
     again = nib.load(via_writer)
     np.testing.assert_array_equal(np.asarray(again.dataobj), np.asarray(back.dataobj))
@@ -269,7 +271,7 @@ def test_screenshot_shows_overlay(make_napari_viewer, qtbot):
     scan = viewer.layers["t2-lesion"]
     _run(qtbot, widget)
     # the slice through the lesion's centre, in whatever view the reader chose
-    mask = viewer.layers["t2-lesion mask"].data
+    mask = viewer.layers["t2-lesion anomaly mask"].data
     centre = np.argwhere(mask > 0).mean(axis=0)
     world = scan.data_to_world(centre)
     for axis in range(3):
@@ -314,7 +316,7 @@ def test_export_button_asks_before_overwriting(make_napari_viewer, qtbot, tmp_pa
     widget.confirm = lambda msg: True
     click()
     np.testing.assert_array_equal(
-        np.asarray(nib.load(out).dataobj), viewer.layers["t2-lesion mask"].data
+        np.asarray(nib.load(out).dataobj), viewer.layers["t2-lesion anomaly mask"].data
     )
 
 
@@ -361,4 +363,4 @@ def test_single_slice_is_scored_as_given(make_napari_viewer, qtbot):
     widget.prepare.value = "auto"
     _run(qtbot, widget)
     assert widget.fit_info.value.startswith("single slice: scored as given")
-    assert "slice mask" in viewer.layers
+    assert "slice anomaly mask" in viewer.layers

@@ -191,7 +191,7 @@ def test_removing_the_scan_mid_run_cancels_it(make_napari_viewer, qtbot, tiny_mo
 def test_failed_run_after_a_result(make_napari_viewer, qtbot, tiny_model_dir, tmp_path):
     viewer, widget = _open(make_napari_viewer, qtbot, tiny_model_dir)
     _run(qtbot, widget)
-    mask = viewer.layers["A mask"].data.copy()
+    mask = viewer.layers["A anomaly mask"].data.copy()
     zeros = viewer.add_image(np.zeros(SHAPE, np.float32), name="zeros")
     widget.image.value = zeros
     since, runs = len(notification_manager.records), widget.runs
@@ -281,7 +281,7 @@ def test_four_d_scan_offers_a_volume(make_napari_viewer, qtbot, tiny_model_dir, 
     _run(qtbot, widget)
     assert widget.session is not None, widget.fit_info.value
     np.testing.assert_allclose(widget.session.volume.data, data[..., 1], rtol=1e-6)
-    mask = viewer.layers["four volume 1 mask"]
+    mask = viewer.layers["four volume 1 anomaly mask"]
     assert mask.data.shape == SHAPE
     assert widget.result_info.value.startswith("four volume 1, model tiny")
 

@@ -84,7 +84,7 @@ def test_large_scans_keep_float16_maps_and_components(
     assert s._smooth_cache and all(v.dtype == np.float16 for v in s._smooth_cache.values())
     exp = _expected(widget)  # the command line's post-processing of the same float16 maps
     np.testing.assert_array_equal(viewer.layers["big anomaly map"].data, exp.combined)
-    np.testing.assert_array_equal(viewer.layers["big mask"].data, exp.mask)
+    np.testing.assert_array_equal(viewer.layers["big anomaly mask"].data, exp.mask)
     f32 = {k: v.astype(np.float32) for k, v in s.result.maps.items()}
     ref = PostProcessor(dataclasses.replace(s.result, maps=f32), s.settings).combined()
     np.testing.assert_allclose(exp.combined, ref, rtol=5e-3, atol=5e-3 * float(ref.max()))
@@ -120,14 +120,14 @@ def test_run_steps_and_the_first_layers(make_napari_viewer, qtbot, tiny_model_di
     assert widget.progress.label.startswith("done in")
     c = _expected(widget)
     np.testing.assert_array_equal(viewer.layers["big anomaly map"].data, c.combined)
-    np.testing.assert_array_equal(viewer.layers["big mask"].data, c.mask)
+    np.testing.assert_array_equal(viewer.layers["big anomaly mask"].data, c.mask)
 
 
 def test_slider_shows_the_displayed_slice_before_the_whole_volume(
     make_napari_viewer, qtbot, tiny_model_dir
 ):
     viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
-    comb_layer, mask_layer = viewer.layers["big anomaly map"], viewer.layers["big mask"]
+    comb_layer, mask_layer = viewer.layers["big anomaly map"], viewer.layers["big anomaly mask"]
     viewer.dims.set_current_step(0, 40)  # slice 40 of the first axis shown
     where = widget.displayed_slice()
     assert where == (0, 40), where
@@ -219,7 +219,7 @@ def test_a_weight_whose_map_is_not_made_yet_shows_its_slice_first_from_the_worke
 
 def test_recombination_in_a_worker_equals_combine(make_napari_viewer, qtbot, tiny_model_dir):
     viewer, widget, _ = _open_and_run(make_napari_viewer, qtbot, tiny_model_dir)
-    comb_layer, mask_layer = viewer.layers["big anomaly map"], viewer.layers["big mask"]
+    comb_layer, mask_layer = viewer.layers["big anomaly map"], viewer.layers["big anomaly mask"]
     viewer.dims.set_current_step(0, 50)
     moves = [
         (widget.weights["rec_error"], 0.5),
@@ -286,7 +286,7 @@ def test_export_writes_the_same_files_in_a_worker(
     qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
     np.testing.assert_array_equal(
         np.asarray(nib.load(tmp_path / "gui" / "big_mask.nii.gz").dataobj),
-        viewer.layers["big mask"].data,
+        viewer.layers["big anomaly mask"].data,
     )
 
 

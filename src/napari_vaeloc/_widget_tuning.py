@@ -116,7 +116,7 @@ class TuningMixin:
         return {
             **{suffix: f"{base} {suffix}" for suffix in MAP_LAYERS},
             "combined": f"{base} anomaly map",
-            "mask": f"{base} mask",
+            "mask": f"{base} anomaly mask",
         }
 
     def _update_maps(self) -> Iterator[None]:
