@@ -784,6 +784,7 @@ def recalibrate(
         healthy_fpr_table,
         healthy_mask_fpr,
         heldout_scans,
+        outlined,
     )
 
     masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
@@ -819,11 +820,7 @@ def recalibrate(
     grow = table.get(str(grow_fpr)) if grow_fpr is not None else None
     if grow is None:
         grow_fpr = None
-    settings = (
-        settings.without_outline()
-        if grow is None
-        else settings.replace(grow_threshold=grow, outline_fraction=outline_fraction)
-    )
+    settings = outlined(settings, table, grow_fpr, outline_fraction)
     if not scans:
         scans = heldout_scans(volumes, masks, brains, None)
     if fpr is None:

@@ -101,6 +101,21 @@ class SmoothingChoice:
     cases: int
 
 
+def outlined(
+    settings: CombineSettings,
+    table: dict[str, float],
+    grow_fpr: float | None,
+    outline_fraction: float,
+) -> CombineSettings:
+    """``settings`` whose mask outlines each part down to the threshold the false-positive
+    ``table`` gives the ``grow_fpr`` level, at ``outline_fraction`` of the part's peak; a plain
+    threshold when ``grow_fpr`` is None or not a level of the table."""
+    grow = None if grow_fpr is None else table.get(str(grow_fpr))
+    if grow is None:
+        return settings.without_outline()
+    return settings.replace(grow_threshold=grow, outline_fraction=outline_fraction)
+
+
 def random_pose(rng: np.random.Generator) -> np.ndarray:
     """A 4x4 rigid transform (world mm): rotations up to :data:`POSE_DEGREES` about x, y and
     z, then a shift up to :data:`POSE_MM` along each."""
@@ -370,15 +385,11 @@ def choose_smoothing(
             values[c].append(post.combined()[_counted(s, res)])
     tables = {c: fpr_table(np.concatenate(v)) for c, v in values.items()}
     del values
-    chosen: dict[float, CombineSettings] = {}
-    for c, table in tables.items():
-        st = settings.replace(smoothing_mm=c, threshold=table[str(fpr)])
-        grow = None if grow_fpr is None else table[str(grow_fpr)]
-        chosen[c] = (
-            st.without_outline()
-            if grow is None
-            else st.replace(grow_threshold=grow, outline_fraction=outline_fraction)
-        )
+    chosen = {
+        c: outlined(settings.replace(smoothing_mm=c, threshold=table[str(fpr)]), table,
+                    grow_fpr, outline_fraction)
+        for c, table in tables.items()
+    }  # fmt: skip
     ranking = {c: PixelAccumulator() for c in candidates}
     dice: dict[float, list[float]] = {c: [] for c in candidates}
     for s, scan, truth in seeded_lesions(scans, prepare, per_scan=per_scan, seed=seed):
