@@ -14,7 +14,7 @@ import pytest
 from napari_vaeloc.cli import main
 from napari_vaeloc.combine import CombineSettings
 from napari_vaeloc.io import load_volume
-from napari_vaeloc.models.store import bundled_models, load_model
+from napari_vaeloc.models.store import bundled_models, load_model, sha256_file
 from napari_vaeloc.prepare import PrepareSettings, model_template
 from napari_vaeloc.samples import sample_path
 from napari_vaeloc.training.builder import build_training_set
@@ -24,6 +24,7 @@ from napari_vaeloc.training.operating_point import (
     choose_operating_point,
     healthy_fpr_table,
     healthy_mask_fpr,
+    healthy_scan_files,
     heldout_scans,
 )
 
@@ -169,6 +170,20 @@ def test_with_a_template_the_held_out_brains_are_posed_and_prepared(trained, tmp
     assert all(a <= b for a, b in itertools.pairwise(values))
 
 
+def _with_template(trained, folder):
+    """A copy of the small model in ``folder``, given the bundled T1 model's registration
+    template."""
+    shutil.copytree(trained, folder)
+    bundled = load_model("t1-brain")
+    card = json.loads((folder / "model.json").read_text())
+    for key in ("template", "template_brain_mask"):
+        name = getattr(bundled.card.preprocessing, key)
+        shutil.copy(bundled.path / name, folder / name)
+        card[key] = name
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
 def test_calibrate_chooses_the_smoothing_on_seeded_lesions(trained, tmp_path, capsys):
     """``--smoothing-mm best``: every candidate is scored at its own threshold on lesions
     seeded into the prepared held-out brains, the best one becomes the default, and the
@@ -185,16 +200,7 @@ def test_calibrate_chooses_the_smoothing_on_seeded_lesions(trained, tmp_path, ca
         assert "vaeloc: error:" in capsys.readouterr().err
     assert (trained / "model.json").read_text() == text
 
-    # the same model given the bundled T1 model's registration template
-    with_template = tmp_path / "m"
-    shutil.copytree(trained, with_template)
-    bundled = load_model("t1-brain")
-    card = json.loads((with_template / "model.json").read_text())
-    for key in ("template", "template_brain_mask"):
-        name = getattr(bundled.card.preprocessing, key)
-        shutil.copy(bundled.path / name, with_template / name)
-        card[key] = name
-    (with_template / "model.json").write_text(json.dumps(card))
+    with_template = _with_template(trained, tmp_path / "m")
     assert main(["calibrate", str(with_template), "--smoothing-mm", "best", *src]) == 0
     printed = capsys.readouterr().out
     card = load_model(with_template).card
@@ -215,3 +221,48 @@ def test_calibrate_chooses_the_smoothing_on_seeded_lesions(trained, tmp_path, ca
     assert cal.combined_fpr == pytest.approx(table)
     assert d.threshold == pytest.approx(table["0.001"])
     assert d.grow_threshold == pytest.approx(table["0.01"])
+
+
+def test_calibrate_on_healthy_scans_as_well(trained, tmp_path, capsys):
+    """``--healthy-scans``: a site's own healthy heads join the held-out brains, prepared as a
+    user's scan is; the table is theirs together, and the files are recorded."""
+    trained, folder = trained
+    src = ["--sources", str(folder), "--smoothing-mm", "2"]
+    head = sample_path("t1-head")  # a raw head with skull, 2 mm
+    text = (trained / "model.json").read_text()
+    # refused in one line before any work, the card untouched: no template, a missing file
+    assert main(["calibrate", str(trained), *src, "--healthy-scans", str(head)]) == 2
+    assert "ships no template" in capsys.readouterr().err
+    model_dir = _with_template(trained, tmp_path / "m")
+    card_text = (model_dir / "model.json").read_text()
+    missing = tmp_path / "absent.nii.gz"
+    assert main(["calibrate", str(model_dir), *src, "--healthy-scans", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "absent.nii.gz" in err[0], err
+    not_a_scan = tmp_path / "notes.nii.gz"
+    not_a_scan.write_text("not a scan")
+    assert main(["calibrate", str(model_dir), *src, "--healthy-scans", str(not_a_scan)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "healthy scan notes.nii.gz" in err[0], err
+    assert (model_dir / "model.json").read_text() == card_text
+    assert (trained / "model.json").read_text() == text
+
+    assert main(["calibrate", str(model_dir), *src]) == 0
+    without = load_model(model_dir).card.calibration.combined_fpr
+    assert main(["calibrate", str(model_dir), *src, "--healthy-scans", str(head)]) == 0
+    capsys.readouterr()
+    model = load_model(model_dir)
+    cal, d = model.card.calibration, model.card.defaults
+    assert cal.combined_healthy_scans == {head.name: sha256_file(head)}
+    assert "and 1 healthy scan" in cal.combined_source
+    # the table is that of the held-out brains and the head together, recomputed here
+    template = model_template(model_dir, model.card)
+    _, scans = _heldout(model_dir, folder, template)
+    extra = healthy_scan_files([head], template, PrepareSettings())
+    assert extra[0].prepared.report.check("skull").value == "present"  # prepared as a head
+    settings = CombineSettings(weights={"restoration": 1.0}, smoothing_mm=2.0,
+                               scan_normalise=True)  # fmt: skip
+    table = healthy_fpr_table(model, scans + extra, settings, cal, PrepareSettings())
+    assert cal.combined_fpr == pytest.approx(table)
+    assert cal.combined_fpr != pytest.approx(without)  # the head changed it
+    assert d.threshold == pytest.approx(table["0.001"])

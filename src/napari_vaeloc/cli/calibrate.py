@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..combine import GROW_FPR, OUTLINE_FRACTION
 from ..errors import InputError
@@ -88,6 +89,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "default threshold flags too much of real healthy scans because the held-out brains "
         "are more regular than real ones (the bundled t2-brain is calibrated this way)",
     )
+    ca.add_argument(
+        "--healthy-scans",
+        nargs="+",
+        default=[],
+        metavar="SCAN",
+        help="healthy scans (NIfTI: raw heads with skull or brains, as your scanner writes "
+        "them) to calibrate on as well, each prepared as `vaeloc localize` prepares a scan: "
+        "the false-positive table, the threshold and the rate the mask claims then hold for "
+        "scans like them too. Needs a model that ships a template",
+    )
     options.add_threads(ca)
     ca.set_defaults(func=run)
 
@@ -109,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--smoothing-mm best and --fpr best-dice cannot be chosen together")
     if not 0.0 <= args.outline_fraction < 1.0:
         raise InputError(f"--outline-fraction must be in [0, 1), not {args.outline_fraction}")
+    missing = [p for p in args.healthy_scans if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"healthy scan not found: {missing[0]}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cal = recalibrate(
@@ -123,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         outline_fraction=args.outline_fraction,
         beyond_template=args.beyond_template,
         smoothing_candidates=candidates,
+        healthy_scans=args.healthy_scans,
     )
     table = cal.combined_fpr or {}
     chosen = fpr

@@ -145,8 +145,9 @@ def _add_individual(evs: argparse._SubParsersAction) -> None:
         "individual",
         help="seeded lesions in real individual scans, scored through the preparation stage",
         description="The individual-anatomy benchmark: real scans no model trained on (T1: "
-        "pycortex subject S1's head; T2: SPM's avg152T2 and avg152PD, hsf's T2 TSE slab and "
-        "dipy's EPI volume, where their preparation passes the fit checks), the preparation "
+        "pycortex subject S1's head, SPM's avg152T1 and avg305T1; T2: SPM's avg152T2 and "
+        "avg152PD, hsf's T2 TSE slab and dipy's EPI volume, where their preparation passes "
+        "the fit checks), the preparation "
         "fitted once per scan, seeded lesions of every kind inserted in the scan's own space "
         "with radii in mm per size class (small 3-8, medium 8-15, large 15-25), scored and "
         "judged on the scan's grid inside its brain mask. Needs the archives `bash "

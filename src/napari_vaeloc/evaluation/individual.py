@@ -5,7 +5,8 @@ own grid.
 Test anatomy (:data:`SOURCES`), per modality:
 
 - **T1**: pycortex subject S1, a real individual head with skull and face (the bundled sample
-  ``t1-head``, 2 mm);
+  ``t1-head``, 2 mm), and SPM's avg152T1 and avg305T1 (T1 heads of another origin than the
+  templates the models learned: averages of 152 and 305 other people);
 - **T2**: SPM's avg152T2 and avg152PD (T2 and PD anatomy of another origin than the ICBM 2009c
   templates the models learned), the real T2 TSE slab of hsf's tests (coronal, partial
   coverage, 0.4 x 2.6 x 0.4 mm) and dipy's T2-weighted EPI volume ``aniso_vox`` (4 x 4 x 5 mm).
@@ -176,6 +177,24 @@ SOURCES: dict[str, IndividualSource] = {
             "pycortex",
             "BSD-2-Clause",
             sample="t1-head",
+        ),
+        IndividualSource(
+            "spm-avg152t1",
+            "T1",
+            "SPM avg152T1: the average T1 of 152 heads (MNI linear), with skull, 2 mm",
+            "spm-runtime",
+            "GPL-2.0 (evaluation only)",
+            archive=SPM,
+            member=f"{_SPM_CTF}!{_SPM_CANONICAL}avg152T1.nii",
+        ),
+        IndividualSource(
+            "spm-avg305t1",
+            "T1",
+            "SPM avg305T1: the average T1 of 305 heads (MNI linear), with skull, 2 mm",
+            "spm-runtime",
+            "GPL-2.0 (evaluation only)",
+            archive=SPM,
+            member=f"{_SPM_CTF}!{_SPM_CANONICAL}avg305T1.nii",
         ),
         IndividualSource(
             "spm-avg152t2",

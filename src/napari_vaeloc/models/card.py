@@ -218,6 +218,8 @@ class Calibration(_Part):
             mean Dice per case on lesions seeded into held-out healthy individuals, when the
             default smoothing was chosen that way
             (:func:`napari_vaeloc.training.operating_point.choose_smoothing`).
+        combined_healthy_scans: file name -> sha256 of the healthy scans calibrated on next
+            to the held-out individuals (``vaeloc calibrate --healthy-scans``).
         mask_fpr: the fraction of the held-out healthy brain voxels the default mask marks
             (threshold, outline and minimum size applied): the rate the default mask claims,
             which is above the threshold's own rate when parts are outlined below it.
@@ -236,6 +238,7 @@ class Calibration(_Part):
     combined_dice: dict[str, float] | None = None
     combined_dice_cases: int | None = None
     combined_smoothing_scores: dict[str, float] | None = None
+    combined_healthy_scans: dict[str, str] | None = None
     mask_fpr: float | None = None
 
     def fpr_table(self) -> list[tuple[float, float]]:

@@ -21,7 +21,7 @@ from ..models.card import (
     Preprocessing,
     Provenance,
 )
-from ..models.store import LoadedModel, load_model, save_model
+from ..models.store import LoadedModel, load_model, save_model, sha256_file
 from ..preprocess import Normalisation, foreground_mask
 from ..samples import TEMPLATES, TRAINING_TEMPLATES
 from .datasets import (
@@ -676,6 +676,7 @@ def recalibrate(
     outline_fraction: float = OUTLINE_FRACTION,
     beyond_template: bool = False,
     smoothing_candidates: Sequence[float] | None = None,
+    healthy_scans: Sequence[str | os.PathLike] = (),
 ) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
     slices it was validated on (rebuilt from the recorded sources, individuals and split), set the
@@ -705,15 +706,20 @@ def recalibrate(
     candidate's score. ``beyond_template`` scores the prepared held-out individuals also where
     their brain lies beyond the template's (``PrepareSettings.beyond_template``), as no front
     does: the edge then stands in for how much less regular real scans are than synthetic
-    individuals (see docs/models.md). The weights file, and so its checksum, is unchanged.
-    Returns the new calibration.
+    individuals (see docs/models.md). ``healthy_scans`` (NIfTI files of healthy heads or
+    brains, e.g. a site's own normal scans) join the held-out individuals everywhere above,
+    each prepared as a user's scan is
+    (:func:`~napari_vaeloc.training.operating_point.healthy_scan_files`); the calibration
+    records their file names and checksums. The weights file, and so its checksum, is
+    unchanged. Returns the new calibration.
 
     Raises:
         ModelError: the card lacks training provenance (:func:`check_provenance`); nothing
             is rewritten.
-        InputError: a weight names an unknown map, a training file is not found, or the
+        InputError: a weight names an unknown map, a training file is not found, the
             smoothing is to be chosen together with the level (``fpr`` None) or for a model
-            without a template.
+            without a template, or a healthy scan is unreadable, does not fit the model, or is
+            given for a model without a template.
     """
     from ..models.store import CARD_FILE, load_model
 
@@ -729,6 +735,17 @@ def recalibrate(
             f"model {card.name!r} ships no template: the smoothing is chosen on held-out "
             "individuals prepared as scans, which needs one"
         )
+    from ..prepare import PrepareSettings, model_template
+    from .operating_point import healthy_scan_files
+
+    template = model_template(folder, card)
+    if healthy_scans and template is None:
+        raise InputError(
+            f"model {card.name!r} ships no template: healthy scans are prepared as a user's "
+            "scan is, which needs one"
+        )
+    prep = PrepareSettings(beyond_template=beyond_template)
+    extra = healthy_scan_files(healthy_scans, template, prep) if healthy_scans else []
     d = card.defaults
     smoothing = float((d.smoothing_mm or 0.0) if smoothing_mm is None else smoothing_mm)
     if scan_normalise is None:
@@ -777,7 +794,6 @@ def recalibrate(
         scan_normalise=scan_normalise,
         min_size_mm3=min_size,
     )
-    from ..prepare import PrepareSettings, model_template
     from .operating_point import (
         choose_operating_point,
         choose_smoothing,
@@ -788,9 +804,8 @@ def recalibrate(
     )
 
     masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
-    template = model_template(folder, card)
-    prep = PrepareSettings(beyond_template=beyond_template)
     scans = heldout_scans(volumes, masks, brains, template, prep) if template else []
+    scans += extra
     if smoothing_candidates is not None and not scans:
         raise InputError(
             "no held-out individual passed the preparation: the smoothing cannot be chosen"
@@ -807,9 +822,15 @@ def recalibrate(
     elif scans:  # held-out individuals turned into scans and prepared as a user's scan is
         calibration.combined_fpr = healthy_fpr_table(model, scans, settings, calibration, prep)
     if scans:
-        calibration.combined_source = "held-out healthy individuals after preparation" + (
-            ", scored beyond the template's brain too" if beyond_template else ""
+        calibration.combined_source = (
+            "held-out healthy individuals after preparation"
+            + (f" and {len(extra)} healthy scan{'s' * (len(extra) != 1)}" if extra else "")
+            + (", scored beyond the template's brain too" if beyond_template else "")
         )
+        if extra:
+            calibration.combined_healthy_scans = {
+                Path(p).name: sha256_file(Path(p)) for p in healthy_scans
+            }
     elif smoothing > 0 or scan_normalise or fpr is None:
         calibration.combined_fpr = volume_fpr_table(model, volumes, masks, settings, calibration)
         calibration.combined_source = "held-out healthy voxels, volume space"

@@ -24,12 +24,15 @@ on the held-out brains in model space.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..combine import CombineSettings, PostProcessor
+from ..errors import InputError
 from ..evaluation.metrics import Overlap, PixelAccumulator
 from ..evaluation.synthetic import synthesize_anomaly
 from ..io import Volume
@@ -177,6 +180,41 @@ def heldout_scans(
             continue
         brain = np.asarray(prepared.brain_mask, bool)
         out.append(HeldOutScan(scan, brain, prepared, template))
+    return out
+
+
+def healthy_scan_files(
+    paths: Sequence[str | os.PathLike],
+    template: Template,
+    settings: PrepareSettings | None = None,
+    *,
+    voxel_mm: float = 2.0,
+) -> list[HeldOutScan]:
+    """Healthy scans from files (NIfTI; raw heads with skull or brains, in any orientation and
+    position) as calibration brains next to a run's held-out ones: each is brought to about
+    ``voxel_mm`` voxels, as the held-out brains are (so that every brain weighs about the same
+    in a table pooled over voxels), and prepared for ``template`` as a user's scan is.
+
+    Raises:
+        InputError: a file cannot be read as a scan, or its preparation fails a fit check
+            (the message names the file and the check); nothing is returned then.
+    """
+    from ..evaluation.individual import coarsen
+    from ..io import load_volume
+
+    out = []
+    for path in paths:
+        name = Path(path).name
+        try:
+            scan = coarsen(load_volume(path), voxel_mm)
+            prepared = prepare_cached(scan, template, settings, refuse=False)
+        except InputError as exc:
+            raise InputError(f"healthy scan {name}: {exc}") from exc
+        failed = [c for c in prepared.report.checks if c.level == "fail"]
+        if failed:
+            why = "; ".join(f"{c.name}: {c.message}" for c in failed)
+            raise InputError(f"healthy scan {name} does not fit the model ({why})")
+        out.append(HeldOutScan(scan, np.asarray(prepared.brain_mask, bool), prepared, template))
     return out
 
 
