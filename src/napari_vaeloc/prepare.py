@@ -4,7 +4,9 @@ and map every result back onto the scan's own voxel grid.
 Steps, each recorded in the :class:`PreparationReport` (seconds, whether it ran, why):
 
 1. **bias-field correction**: N4 (Tustison et al., IEEE TMI 2010) from SimpleITK, estimated on a
-   copy shrunk to about 6 mm inside the head (Otsu) and applied at full resolution;
+   copy shrunk to about 6 mm inside the head (Otsu) and applied at full resolution; on a head
+   with skull, fitted once more inside the extracted brain after step 2 (the scalp's fat and
+   the skull pull the first fit), the two fields multiplied;
 2. **brain extraction**: deepbet (Fisch et al., Comput. Biol. Med. 2024; MIT, TorchScript
    weights inside its wheel), skipped when the scan is already skull-stripped (a flat
    background around an object of brain size; overridable);
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
 PREPARE_MODES = ("auto", "full", "none")
 #: stage names, as progress reports them
 STAGES = ("checking the scan", "bias-field correction", "brain extraction", "registration")
+#: refit N4 inside the extracted brain after brain extraction (raw heads only)
+N4_BRAIN_PASS = True
 #: a skull-stripped scan's object is at most this large (ml); a head with skull is larger
 MAX_BRAIN_ML = 2200.0
 #: an extracted brain outside this range (ml) is no brain: the scan is refused (noise, a
@@ -494,6 +498,13 @@ class BiasField:
             out[:, :, planes] /= values
         return out
 
+    def then(self, other: BiasField) -> BiasField:
+        """The field of this correction followed by ``other`` (estimated on the once-corrected
+        scan on the same shrunk grid): their product, kept as the sum of the logs."""
+        import SimpleITK as sitk
+
+        return BiasField(sitk.Add(self.log_field, other.log_field))
+
     def full(self, volume: Volume) -> np.ndarray:
         """The multiplicative field on ``volume``'s grid (float32): what :meth:`correct`
         divides by."""
@@ -921,7 +932,8 @@ def prepare(
         t0 = begin(STAGES[1])
         field = n4_field(volume, object_mask(data), cancel)  # fitted inside the head
         data = field.correct(volume)
-        report.steps.append(Step(STAGES[1], True, time.perf_counter() - t0))
+        n4_step = Step(STAGES[1], True, time.perf_counter() - t0)
+        report.steps.append(n4_step)
     else:
         report.steps.append(Step(STAGES[1], False, note="turned off"))
     corrected = Volume(data, volume.affine, volume.header, volume.path, volume.source_dtype)
@@ -938,6 +950,14 @@ def prepare(
     if not brain_mask.any():
         raise InputError("no brain found in the scan; is it a brain MRI?")
     brain_mask = fill_brain(brain_mask)
+    if field is not None and run_bet and N4_BRAIN_PASS:
+        # a second pass inside the brain: the first, fitted to the whole head, is pulled by
+        # the scalp's fat and the skull, and leaves part of the field in the brain
+        t0 = time.perf_counter()
+        field = field.then(n4_field(corrected, brain_mask, cancel))
+        data = field.correct(volume)
+        n4_step.seconds += time.perf_counter() - t0
+        n4_step.note = "refitted inside the extracted brain"
     brain_ml = float(brain_mask.sum()) * float(np.prod(volume.spacing)) / 1000.0
     if run_bet:  # the brain as the checks count it, holes filled
         extraction.note = f"brain {brain_ml:.0f} ml"

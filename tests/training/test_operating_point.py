@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.cli import main
-from napari_vaeloc.combine import CombineSettings
+from napari_vaeloc.combine import CombineSettings, PostProcessor
+from napari_vaeloc.engine import localize
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import bundled_models, load_model, sha256_file
 from napari_vaeloc.prepare import PrepareSettings, model_template
 from napari_vaeloc.samples import sample_path
 from napari_vaeloc.training.builder import build_training_set
 from napari_vaeloc.training.datasets import block_mean, heldout_masks
+from napari_vaeloc.training.loop import fpr_table
 from napari_vaeloc.training.operating_point import (
     SMOOTHING_CANDIDATES_MM,
     choose_operating_point,
@@ -87,12 +89,13 @@ def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
     trained, folder = trained
     src = ["--sources", str(folder)]
     assert main(["calibrate", str(trained), "--fpr", "0.005", "--smoothing-mm", "0", *src]) == 0
+    printed = capsys.readouterr().out
     card = load_model(trained).card
     d, cal = card.defaults, card.calibration
     assert d.threshold_fpr == 0.005
     assert cal.combined_dice is None
     # the default mask outlines its parts down to the 1 % level, at 0.4 of their peak, and the
-    # rate it claims is what it marks on the held-out healthy brains
+    # rate it claims is what it marks on held-out healthy brains its levels were not set on
     assert (d.grow_fpr, d.grow_threshold, d.outline_fraction) == (
         0.01,
         cal.combined_fpr["0.01"],
@@ -101,13 +104,16 @@ def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
     model, scans = _heldout(trained, folder)
     settings = CombineSettings.from_card(card)
     assert settings.grow_level() == d.grow_threshold
-    assert cal.mask_fpr == healthy_mask_fpr(model, scans, settings, cal)
+    assert cal.mask_fpr_calibration == healthy_mask_fpr(model, scans, settings, cal)
+    # the rate claimed: each brain's mask with its levels read from the other brains alone
+    assert cal.mask_fpr == pytest.approx(_left_out_rate(model, scans, settings, cal))
+    assert f"marks {cal.mask_fpr:.3%} of the held-out healthy brain voxels" in printed
     plain = healthy_mask_fpr(model, scans, settings.replace(grow_threshold=None), cal)
-    assert cal.mask_fpr != plain
+    assert cal.mask_fpr_calibration != plain
     assert main(["calibrate", str(trained), "--fpr", "0.005", "--grow-fpr", "none", *src]) == 0
     card = load_model(trained).card
     assert card.defaults.grow_threshold is None and card.defaults.outline_fraction is None
-    assert card.calibration.mask_fpr == pytest.approx(plain)
+    assert card.calibration.mask_fpr_calibration == pytest.approx(plain)
     text = (trained / "model.json").read_text()
     bad_options = (
         ["--fpr", "0.02"],
@@ -124,6 +130,26 @@ def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
     assert main(["calibrate", str(trained)]) == 2  # its training files are not found here
     assert "healthy0.nii.gz" in capsys.readouterr().err
     assert (trained / "model.json").read_text() == text  # nothing rewritten on refusal
+
+
+def _left_out_rate(model, scans, settings, cal):
+    """The default mask's healthy rate with each held-out brain's threshold and outline level
+    read from the false-positive table of the other brains alone."""
+    d = model.card.defaults
+    posts, where = [], []
+    for s in scans:
+        res = localize(s.volume, model, maps=("restoration",), prepare=None)
+        posts.append(PostProcessor(res, settings, cal))
+        where.append(s.brain & res.foreground)
+    values = [p.combined()[w] for p, w in zip(posts, where, strict=True)]
+    flagged = total = 0
+    for i, (post, w) in enumerate(zip(posts, where, strict=True)):
+        table = fpr_table(np.concatenate(values[:i] + values[i + 1 :]))
+        levels = settings.replace(threshold=table[str(d.threshold_fpr)],
+                                  grow_threshold=table[str(d.grow_fpr)])  # fmt: skip
+        flagged += int(((post.mask(levels) > 0) & w).sum())
+        total += int(w.sum())
+    return flagged / total
 
 
 def _heldout(trained, folder, template=None):

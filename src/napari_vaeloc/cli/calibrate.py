@@ -155,7 +155,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"default smoothing: {cal.combined_smoothing_mm:g} mm")
     print(f"default threshold: healthy false-positive rate {chosen:g} (written to {args.model})")
     if cal.mask_fpr is not None:
-        print(f"default mask: marks {cal.mask_fpr:.3%} of the held-out healthy brain voxels")
+        seen = cal.mask_fpr_calibration
+        print(
+            f"default mask: marks {cal.mask_fpr:.3%} of the held-out healthy brain voxels, each "
+            "brain's levels set on the others"
+            + (f" ({seen:.3%} with the levels set on all)" if seen is not None else "")
+        )
     return 0
 
 

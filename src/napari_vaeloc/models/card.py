@@ -221,8 +221,12 @@ class Calibration(_Part):
         combined_healthy_scans: file name -> sha256 of the healthy scans calibrated on next
             to the held-out individuals (``vaeloc calibrate --healthy-scans``).
         mask_fpr: the fraction of the held-out healthy brain voxels the default mask marks
-            (threshold, outline and minimum size applied): the rate the default mask claims,
-            which is above the threshold's own rate when parts are outlined below it.
+            (threshold, outline and minimum size applied) on brains its levels were not set
+            on: each brain's mask with the levels read from the other brains' table (leave one
+            out; with one brain, as ``mask_fpr_calibration``). The rate the default mask
+            claims, above the threshold's own rate when parts are outlined below it.
+        mask_fpr_calibration: the same fraction with the levels set on all of them (the
+            brains the claim would otherwise be measured on).
     """
 
     scales: dict[str, float] = field(default_factory=dict)
@@ -240,6 +244,7 @@ class Calibration(_Part):
     combined_smoothing_scores: dict[str, float] | None = None
     combined_healthy_scans: dict[str, str] | None = None
     mask_fpr: float | None = None
+    mask_fpr_calibration: float | None = None
 
     def fpr_table(self) -> list[tuple[float, float]]:
         """(threshold, fpr) pairs of the default combined map, sorted by threshold."""

@@ -685,8 +685,10 @@ def recalibrate(
 
     With ``grow_fpr`` (a level of the table looser than the threshold's; None: none) the
     default mask outlines each part down to that level's threshold, at ``outline_fraction``
-    of the part's peak (:mod:`napari_vaeloc.combine`, step 5); the fraction of the held-out
-    healthy brain voxels the default mask then marks is recorded as ``mask_fpr``.
+    of the part's peak (:mod:`napari_vaeloc.combine`, step 5). The fraction of the held-out
+    healthy brain voxels the default mask then marks, each brain's mask with its levels read
+    from the other brains alone (leave one out), is recorded as ``mask_fpr``, the rate the
+    fronts claim; with the levels set on all of them as ``mask_fpr_calibration``.
 
     Component scales always come from the held-out slices in model space. The false-positive
     table of the combined map comes, for a model that ships a template, from the held-out
@@ -798,8 +800,8 @@ def recalibrate(
         choose_operating_point,
         choose_smoothing,
         healthy_fpr_table,
-        healthy_mask_fpr,
         heldout_scans,
+        mask_rates,
         outlined,
     )
 
@@ -853,7 +855,19 @@ def recalibrate(
         grow_fpr = grow = None
         settings = settings.without_outline()
     settings = settings.replace(threshold=table[str(fpr)])
-    calibration.mask_fpr = healthy_mask_fpr(model, scans, settings, calibration, prep)
+    final_grow, chosen = grow_fpr, fpr
+
+    def levels_of(others: dict[str, float]) -> CombineSettings:
+        """The default mask's settings with its levels read from another table."""
+        return outlined(settings, others, final_grow, outline_fraction).replace(
+            threshold=others[str(chosen)]
+        )
+
+    calibration.mask_fpr_calibration, calibration.mask_fpr = mask_rates(
+        model, scans, settings, calibration, prep, levels_of
+    )
+    if calibration.mask_fpr is None:  # one held-out brain: nothing left out to measure on
+        calibration.mask_fpr = calibration.mask_fpr_calibration
     card.calibration = calibration
     card.defaults = dataclasses.replace(
         d,

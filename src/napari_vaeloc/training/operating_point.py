@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,14 +302,51 @@ def healthy_mask_fpr(
     """The fraction of the held-out ``scans``' brain voxels that the mask under ``settings``
     marks (threshold, outline and minimum size applied), each scan localized as in
     :func:`healthy_fpr_table`; None without scans."""
-    flagged = total = 0
+    return mask_rates(model, scans, settings, calibration, prepare)[0]
+
+
+def mask_rates(
+    model,
+    scans: Sequence[HeldOutScan],
+    settings: CombineSettings,
+    calibration: Calibration,
+    prepare: PrepareSettings | None = None,
+    settings_for: Callable[[dict[str, float]], CombineSettings] | None = None,
+) -> tuple[float | None, float | None]:
+    """The healthy false-positive rate of a mask on the brains it was calibrated on, and on
+    brains it was not: (the fraction of the held-out ``scans``' brain voxels the mask under
+    ``settings`` marks; the same with each scan's mask levels set on the other scans alone,
+    leave one out). ``settings_for(table)`` gives the mask's settings (threshold, outline) for
+    a false-positive table of the combined map under ``settings``
+    (:func:`~napari_vaeloc.training.loop.fpr_table` of the other scans' brain voxels). Each
+    scan is localized once, as in :func:`healthy_fpr_table`. (None, None) without scans; the
+    second is None without ``settings_for`` or with one scan.
+    """
+    posts, counted, values = [], [], []
     for s in scans:
         res = _localize(model, s.volume, settings, prepare if s.prepared else None)
-        mask = PostProcessor(res, settings, calibration).mask() > 0
-        counted = _counted(s, res)
-        flagged += int(np.count_nonzero(mask & counted))
-        total += int(np.count_nonzero(counted))
-    return flagged / total if total else None
+        post = PostProcessor(res, settings, calibration)
+        counted.append(_counted(s, res))
+        values.append(post.combined()[counted[-1]])
+        posts.append(post)
+    if not posts:
+        return None, None
+
+    def rate(levels: Callable[[int], CombineSettings]) -> float:
+        flagged = total = 0
+        for i, (post, where) in enumerate(zip(posts, counted, strict=True)):
+            flagged += int(np.count_nonzero((post.mask(levels(i)) > 0) & where))
+            total += int(np.count_nonzero(where))
+        return flagged / total if total else math.nan
+
+    seen = rate(lambda i: settings)
+    if settings_for is None or len(posts) < 2:
+        return seen, None
+
+    def others(i: int) -> CombineSettings:
+        return settings_for(fpr_table(np.concatenate(values[:i] + values[i + 1 :])))
+
+    return seen, rate(others)
 
 
 def choose_operating_point(
