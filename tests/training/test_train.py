@@ -229,10 +229,18 @@ def test_same_command_gives_the_same_weights_file(tmp_path):
     assert load_model(tmp_path / "c").card.weights_sha256 != a.weights_sha256
 
 
-def test_a_model_trained_on_templates_ships_their_space_and_prepares_scans(tmp_path, capsys):
+def test_a_model_trained_on_templates_ships_their_space_and_prepares_scans(
+    tmp_path, capsys, monkeypatch
+):
     """Trained on template names, a model learned the ICBM 2009c space: it ships the bundled
     T1 model's registration template, so a raw head is registered to it before scoring (a
     model of the user's own files ships none and scores scans as given)."""
+    from collections import OrderedDict
+
+    from napari_vaeloc import prepare
+
+    # an empty preparation cache: the head prepared by an earlier test would skip the stages
+    monkeypatch.setattr(prepare, "_CACHE", OrderedDict())
     out = tmp_path / "from-templates"
     args = ["train", "icbm-t1", "--out", str(out), "--modality", "T1", "--image-size", "16",
             "--z-dim", "8", "--max-steps", "8", "--val-every", "4", "--batch-size", "16",
