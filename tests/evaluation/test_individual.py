@@ -132,3 +132,24 @@ def test_lesion_copies_reuse_the_fitted_preparation(fitted):
     assert np.allclose(clean.volume.data, a.prepared.volume.data, atol=1e-4)
     assert not np.allclose(applied.volume.data, clean.volume.data)
     assert np.array_equal(applied.corrected[outside], clean.corrected[outside])
+
+
+def test_the_command_says_which_test_anatomy_got_cases(tmp_path, capsys):
+    """``vaeloc evaluate individual``: every fitted test anatomy is listed with the cases it
+    got, and one left without any (too few cases to go round) is named with the fix."""
+    from napari_vaeloc.cli import main
+
+    archive = SOURCES["spm-avg152t1"].archive
+    if not list(downloads_folder().glob(archive.pattern)):
+        pytest.skip("the SPM archive is not downloaded; run bash scripts/setup.sh --dev")
+    argv = ["evaluate", "individual", "--model", "t1-brain", "--anatomies",
+            "pycortex-s1,spm-avg152t1", "--kinds", "tumour", "--sizes", "medium", "--cases", "1",
+            "--healthy", "1", "--maps", "default", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "test anatomy pycortex-s1: prepared\n" in out  # no empty brackets without warnings
+    assert "cases per test anatomy: pycortex-s1 2, spm-avg152t1 0" in out
+    assert "note: spm-avg152t1 got no case" in out and "--cases 2 or more" in out
+    record = json.loads(next(tmp_path.glob("individual_*.json")).read_text())
+    assert record["cases_per_anatomy"] == {"pycortex-s1": 2, "spm-avg152t1": 0}

@@ -265,19 +265,38 @@ def test_calibrate_on_healthy_scans_as_well(trained, tmp_path, capsys):
     assert main(["calibrate", str(model_dir), *src, "--healthy-scans", str(missing)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "absent.nii.gz" in err[0], err
+    # found unfit only once the calibration runs: with --out, the copy made is removed again
     not_a_scan = tmp_path / "notes.nii.gz"
     not_a_scan.write_text("not a scan")
-    assert main(["calibrate", str(model_dir), *src, "--healthy-scans", str(not_a_scan)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "healthy scan notes.nii.gz" in err[0], err
+    one_slice = tmp_path / "slice.nii.gz"
+    slab = np.random.default_rng(0).random((32, 32), np.float32)
+    nib.save(nib.Nifti1Image(slab, np.eye(4)), one_slice)
+    copy = tmp_path / "site-model"
+    for bad, why in ((not_a_scan, "healthy scan notes.nii.gz"), (one_slice, "too thin")):
+        argv = ["calibrate", str(model_dir), "--out", str(copy), *src, "--healthy-scans", str(bad)]
+        assert main(argv) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert len(err) == 1 and why in err[0], err
+        assert not copy.exists()
     assert (model_dir / "model.json").read_text() == card_text
     assert (trained / "model.json").read_text() == text
 
     assert main(["calibrate", str(model_dir), *src]) == 0
     without = load_model(model_dir).card.calibration.combined_fpr
-    assert main(["calibrate", str(model_dir), *src, "--healthy-scans", str(head)]) == 0
-    capsys.readouterr()
-    model = load_model(model_dir)
+    # --out: a copy named after its folder is calibrated, the model given is left as it was
+    card_text = (model_dir / "model.json").read_text()
+    argv = ["calibrate", str(model_dir), "--out", str(copy), *src, "--healthy-scans", str(head)]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "calibrated on: held-out healthy individuals after preparation and 1 healthy scan" in (
+        out.out
+    )
+    assert "preparing 1 healthy scan(s) ..." in out.err  # what runs, as it starts
+    assert (model_dir / "model.json").read_text() == card_text
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err  # never overwritten
+    model = load_model(copy)
+    assert model.card.name == "site-model"
+    model_dir = copy
     cal, d = model.card.calibration, model.card.defaults
     assert cal.combined_healthy_scans == {head.name: sha256_file(head)}
     assert "and 1 healthy scan" in cal.combined_source

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 from pathlib import Path
 
 from ..combine import GROW_FPR, OUTLINE_FRACTION
 from ..errors import InputError
+from ..models.card import Calibration
 from ..prepare import TEMPLATE_MARGIN_MM
 from ..training.operating_point import SMOOTHING_CANDIDATES_MM
 from . import options
@@ -23,7 +26,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the default threshold is read at --fpr, or chosen on lesions seeded into those "
         "brains (--fpr best-dice). Only model.json is rewritten.",
     )
-    ca.add_argument("model", help="a model folder written by `vaeloc train`")
+    ca.add_argument(
+        "model",
+        help="a model folder written by `vaeloc train` (rewritten in place), or, with --out, "
+        "a bundled model's name or any model folder to calibrate a copy of",
+    )
+    ca.add_argument(
+        "--out",
+        default=None,
+        metavar="FOLDER",
+        help="calibrate a copy: MODEL is copied to this new folder, named after it, and only the "
+        "copy is calibrated (removed again if calibration fails)",
+    )
     ca.add_argument(
         "--weights",
         default="restoration=1",
@@ -107,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
     """Recalibrate ``args.model``; returns the exit status."""
     import torch
 
-    from ..training.builder import recalibrate
     from .localize import parse_weights
 
     weights = parse_weights(args.weights)
@@ -125,8 +138,49 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"healthy scan not found: {missing[0]}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cal = recalibrate(
-        args.model,
+    folder = _copy(args.model, args.out) if args.out else args.model
+    try:
+        cal = _recalibrate(args, folder, weights, fpr, smoothing, grow_fpr, candidates)
+    except BaseException:
+        if args.out:  # nothing half-made is left behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _report(cal, folder, candidates)
+    return 0
+
+
+def _copy(model: str, out: str) -> Path:
+    """A copy of ``model`` (a bundled name or a folder) in the new folder ``out``, its card
+    named after it.
+
+    Raises:
+        InputError: ``out`` exists.
+    """
+    from ..models.store import CARD_FILE, read_card, resolve_model_path
+
+    source, target = resolve_model_path(model), Path(out)
+    if target.exists():
+        raise InputError(f"{target} exists; give --out a new folder for the calibrated copy")
+    shutil.copytree(source, target)
+    card = read_card(target)
+    card.name = target.name
+    card.save(target / CARD_FILE, overwrite=True)
+    return target
+
+
+def _recalibrate(
+    args: argparse.Namespace,
+    folder: str | Path,
+    weights: dict[str, float],
+    fpr: float | None,
+    smoothing: float | None,
+    grow_fpr: float | None,
+    candidates: tuple[float, ...] | None,
+) -> Calibration:
+    from ..training.builder import recalibrate
+
+    return recalibrate(
+        folder,
         weights,
         fpr=fpr,
         smoothing_mm=smoothing,
@@ -138,22 +192,31 @@ def run(args: argparse.Namespace) -> int:
         beyond_template=args.beyond_template,
         smoothing_candidates=candidates,
         healthy_scans=args.healthy_scans,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
+
+
+def _report(cal: Calibration, folder: str | Path, candidates: tuple[float, ...] | None) -> None:
+    """What the calibration chose, on stdout."""
+    from ..models.store import read_card
+
     table = cal.combined_fpr or {}
-    chosen = fpr
+    d = read_card(folder).defaults
     if cal.combined_dice:
         print("healthy FPR  threshold  Dice on seeded lesions")
         for level, dice in sorted(cal.combined_dice.items(), key=lambda kv: float(kv[0])):
             print(f"{float(level):<12g} {table[level]:<10.3f} {dice:.3f}")
-        from ..models.store import read_card
-
-        chosen = read_card(args.model).defaults.threshold_fpr
     if cal.combined_smoothing_scores and candidates is not None:
         print("smoothing (mm)  AP + mean Dice on seeded lesions")
         for mm, score in cal.combined_smoothing_scores.items():
             print(f"{mm:<15} {score:.3f}")
         print(f"default smoothing: {cal.combined_smoothing_mm:g} mm")
-    print(f"default threshold: healthy false-positive rate {chosen:g} (written to {args.model})")
+    if cal.combined_source:
+        print(f"calibrated on: {cal.combined_source}")
+    print(
+        f"default threshold: {d.threshold:.3f} at the healthy false-positive rate "
+        f"{d.threshold_fpr:g} (written to {folder})"
+    )
     if cal.mask_fpr is not None:
         seen = cal.mask_fpr_calibration
         print(

@@ -368,13 +368,21 @@ def run_individual(args: argparse.Namespace) -> int:
     )
     fit_s = time.perf_counter() - t0
     for a in anatomies:
-        print(f"test anatomy {a.source.key}: prepared ({'; '.join(a.prepared.report.warnings)})")
+        warned = "; ".join(a.prepared.report.warnings)
+        print(f"test anatomy {a.source.key}: prepared" + (f" ({warned})" if warned else ""))
     for s in skipped:
         print(f"test anatomy {s.key}: left out ({s.reason})")
-    cases = individual_cases(
+    per_anatomy = {a.source.key: 0 for a in anatomies}
+
+    def counted(cases):  # how many cases each test anatomy gets, as they are made
+        for case in cases:
+            per_anatomy[case.info["anatomy"]] += 1
+            yield case
+
+    cases = counted(individual_cases(
         anatomies, args.cases, kinds=kinds, sizes=sizes, seed=args.seed,
         healthy=args.healthy, settings=prep,
-    )  # fmt: skip
+    ))  # fmt: skip
     bar, progress = _case_bar(args, args.cases * len(kinds) + args.healthy)
     t1 = time.perf_counter()
     with bar:
@@ -392,6 +400,14 @@ def run_individual(args: argparse.Namespace) -> int:
     summary = summarize(report, d.threshold if settings else None, claimed)
     table = summary_markdown(summary, report.maps)
     print(table)
+    print("cases per test anatomy: " + ", ".join(f"{k} {n}" for k, n in per_anatomy.items()))
+    idle = [k for k, n in per_anatomy.items() if not n]
+    if idle:
+        reach = len(sizes) * (len(anatomies) - 1) + 1
+        print(
+            f"note: {', '.join(idle)} got no case: the cases of each kind go to the test "
+            f"anatomies in turn, one per size class each; --cases {reach} or more reaches all"
+        )
     record = {
         "model": model.card.name,
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
@@ -409,6 +425,7 @@ def run_individual(args: argparse.Namespace) -> int:
         ],
         "left_out": [dataclasses.asdict(s) for s in skipped],
         "available_sources": sorted(SOURCES),
+        "cases_per_anatomy": per_anatomy,
         "seconds": {"fitting": fit_s, "scoring": score_s},
         "healthy_fpr": summary.healthy_fpr,
         "claimed_fpr": summary.claimed_fpr,

@@ -677,6 +677,7 @@ def recalibrate(
     beyond_template: bool = False,
     smoothing_candidates: Sequence[float] | None = None,
     healthy_scans: Sequence[str | os.PathLike] = (),
+    log: Callable[[str], None] | None = None,
 ) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
     slices it was validated on (rebuilt from the recorded sources, individuals and split), set the
@@ -712,8 +713,8 @@ def recalibrate(
     brains, e.g. a site's own normal scans) join the held-out individuals everywhere above,
     each prepared as a user's scan is
     (:func:`~napari_vaeloc.training.operating_point.healthy_scan_files`); the calibration
-    records their file names and checksums. The weights file, and so its checksum, is
-    unchanged. Returns the new calibration.
+    records their file names and checksums. ``log`` gets a line as each long step starts. The
+    weights file, and so its checksum, is unchanged. Returns the new calibration.
 
     Raises:
         ModelError: the card lacks training provenance (:func:`check_provenance`); nothing
@@ -746,7 +747,10 @@ def recalibrate(
             f"model {card.name!r} ships no template: healthy scans are prepared as a user's "
             "scan is, which needs one"
         )
+    say = log or (lambda line: None)
     prep = PrepareSettings(beyond_template=beyond_template)
+    if healthy_scans:
+        say(f"preparing {len(healthy_scans)} healthy scan(s) ...")
     extra = healthy_scan_files(healthy_scans, template, prep) if healthy_scans else []
     d = card.defaults
     smoothing = float((d.smoothing_mm or 0.0) if smoothing_mm is None else smoothing_mm)
@@ -761,6 +765,7 @@ def recalibrate(
     split = record.get("split", {})
     made = record.get("individuals", {})
     brains = None
+    say("making the held-out brains from the training record ...")
     if made or "val_volumes" in split:
         tset = build_training_set(
             sources,
@@ -806,6 +811,7 @@ def recalibrate(
     )
 
     masks = heldout_masks(volumes, card.axis, card.image_size, norm, split)
+    say("scoring the held-out healthy brains ...")
     scans = heldout_scans(volumes, masks, brains, template, prep) if template else []
     scans += extra
     if smoothing_candidates is not None and not scans:

@@ -37,7 +37,14 @@ from ..evaluation.metrics import Overlap, PixelAccumulator
 from ..evaluation.synthetic import synthesize_anomaly
 from ..io import Volume
 from ..models.card import Calibration
-from ..prepare import Prepared, PrepareSettings, Template, apply_prepared, prepare_cached
+from ..prepare import (
+    Prepared,
+    PrepareSettings,
+    Template,
+    apply_prepared,
+    prepare_cached,
+    too_thin,
+)
 from .loop import fpr_table
 
 #: lesion kinds and radius ranges (mm) the operating point is chosen for: the kinds and sizes
@@ -206,7 +213,12 @@ def healthy_scan_files(
     for path in paths:
         name = Path(path).name
         try:
-            scan = coarsen(load_volume(path), voxel_mm)
+            scan = load_volume(path)
+            if not too_thin(scan.shape):
+                scan = coarsen(scan, voxel_mm)
+            if too_thin(scan.shape):
+                shape = "x".join(map(str, scan.shape))
+                raise InputError(f"a {shape} image is too thin to prepare in 3D")
             prepared = prepare_cached(scan, template, settings, refuse=False)
         except InputError as exc:
             raise InputError(f"healthy scan {name}: {exc}") from exc
