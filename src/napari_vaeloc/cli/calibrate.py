@@ -31,10 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a model folder written by `vaeloc train` (rewritten in place), or, with --out, "
         "a bundled model's name or any model folder to calibrate a copy of",
     )
-    ca.add_argument(
-        "--out",
-        default=None,
-        metavar="FOLDER",
+    options.add_out(
+        ca,
         help="calibrate a copy: MODEL is copied to this new folder, named after it, and only the "
         "copy is calibrated (removed again if calibration fails)",
     )
