@@ -321,7 +321,7 @@ def _localize_prepared(
     **kwargs,
 ) -> LocalizationResult:
     """Prepare (cached), score in the template's space, and map the result back."""
-    from .prepare import model_template, prepare_cached, too_thin
+    from .prepare import model_template, prepare_cached, too_thin, too_thin_reason
 
     t0 = time.perf_counter()
     template = model_template(model.path, model.card)
@@ -329,7 +329,7 @@ def _localize_prepared(
         why = (
             f"model {model.card.name!r} ships no template to register scans to"
             if template is None
-            else f"a {'x'.join(map(str, volume.shape))} image is too thin to prepare in 3D"
+            else too_thin_reason(volume.shape)
         )
         if settings.mode == "full":
             raise InputError(f"{why}; it can only be scored as given, without preparation")

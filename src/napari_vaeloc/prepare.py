@@ -78,6 +78,11 @@ def too_thin(shape: tuple[int, ...]) -> bool:
     return len(shape) < 3 or min(shape) < MIN_PREPARE_VOXELS
 
 
+def too_thin_reason(shape: tuple[int, ...]) -> str:
+    """Why an image of ``shape`` (:func:`too_thin`) is not prepared, in the fronts' words."""
+    return f"a {'x'.join(map(str, shape))} image is too thin to prepare in 3D"
+
+
 #: levels of the checks: registration (brain-mask Dice) and coverage (fraction of the
 #: template's brain inside the scan's field of view); below "fail" the scan is refused
 REGISTRATION_DICE = {"ok": 0.85, "fail": 0.65}

@@ -44,6 +44,7 @@ from ..prepare import (
     apply_prepared,
     prepare_cached,
     too_thin,
+    too_thin_reason,
 )
 from .loop import fpr_table
 
@@ -217,8 +218,7 @@ def healthy_scan_files(
             if not too_thin(scan.shape):
                 scan = coarsen(scan, voxel_mm)
             if too_thin(scan.shape):
-                shape = "x".join(map(str, scan.shape))
-                raise InputError(f"a {shape} image is too thin to prepare in 3D")
+                raise InputError(too_thin_reason(scan.shape))
             prepared = prepare_cached(scan, template, settings, refuse=False)
         except InputError as exc:
             raise InputError(f"healthy scan {name}: {exc}") from exc
