@@ -346,6 +346,31 @@ def test_prepare_choice_stages_and_fit_line(make_napari_viewer, qtbot):
     widget._relay.stage.disconnect(seen.append)
 
 
+def test_preparation_off_for_a_raw_head_warns_in_the_fit_line(make_napari_viewer, qtbot):
+    """"prepare scan: none" on the raw T1 head (not on the template's grid) still scores it,
+    and the fit line says in orange that the head was taken for a brain in the model's space."""
+    from napari_vaeloc._widget_run import FIT_STYLE
+
+    viewer = make_napari_viewer(show=False)
+    viewer.open_sample("napari-vaeloc", "t1-head-lesion")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
+    qtbot.waitUntil(lambda: widget._devices is not None, timeout=60_000)
+    widget.model.value = "t1-brain"
+    widget.device.value = "cpu"
+    widget.prepare.value = "none"
+    clicked = time.perf_counter()
+    _run(qtbot, widget)
+    wall = time.perf_counter() - clicked
+    # the bar's time runs from the click to the layers: at least the engine's, at most the wall
+    took = float(widget.progress.label.split()[2])
+    assert widget.session.result.seconds <= took <= wall + 0.05, (took, wall)
+    fit = widget.fit_info.value
+    assert fit.startswith("preparation is off and the scan (128x128x128) is not on the grid"), fit
+    assert fit.endswith("it was scored as given"), fit
+    assert widget.fit_info.native.styleSheet() == FIT_STYLE["warn"]
+    assert "t1-head-lesion anomaly mask" in viewer.layers
+
+
 def test_single_slice_is_scored_as_given(make_napari_viewer, qtbot):
     viewer, widget = _open(make_napari_viewer, qtbot)
     scan = viewer.layers["t2-lesion"]

@@ -84,7 +84,7 @@ def main() -> None:
         widget.prepare.value = mode
         widget.run_button.clicked()
         _wait(app, lambda: widget.running)
-        viewer.layers[f"{SCAN} mask"].opacity = 0.8
+        viewer.layers[f"{SCAN} anomaly mask"].opacity = 0.8
         viewer.layers.move(viewer.layers.index(truth_layer), len(viewer.layers))  # on top
         viewer.dims.set_point(2, scan.translate[2] + z * scan.scale[2])
         viewer.reset_view()
@@ -100,7 +100,7 @@ def main() -> None:
     print("none:", widget.fit_info.value)
     # among the slices that cut the lesion broadly (at least 2/3 of its largest cross-section),
     # the one where the unprepared mask lies most outside the brain
-    wrong = (np.asarray(viewer.layers[f"{SCAN} mask"].data) > 0) & ~brain
+    wrong = (np.asarray(viewer.layers[f"{SCAN} anomaly mask"].data) > 0) & ~brain
     area = truth.sum(axis=(0, 1))
     broad = np.flatnonzero(area >= 2 * area.max() / 3)
     z = int(broad[np.argmax(wrong[..., broad].sum(axis=(0, 1)))])

@@ -312,14 +312,18 @@ def fit_text(result: LocalizationResult, mode: str, note: str = "") -> tuple[str
     if report is None:
         if note:
             return note, "warn"
+        from .engine import UNPREPARED_NOTE
+
+        unprepared = [n for n in result.notes if n.endswith(UNPREPARED_NOTE)]
+        if unprepared:  # scored as given where preparation was wanted: the note says why
+            return unprepared[0], "warn"
         if mode == "none":
             return (
                 "scored as given (prepare scan: none): the scan must already be a "
                 "skull-stripped brain in the model's template space",
                 "none",
             )
-        notes = [n for n in result.notes if "template" in n]
-        return (notes[0] if notes else "scored as given: no preparation ran"), "warn"
+        return "scored as given: no preparation ran", "warn"
     numbers = []
     modality = report.check("modality")
     if modality is not None:

@@ -17,6 +17,7 @@ import atexit
 import functools
 import gc
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,7 @@ class Job:
     stage: str = ""  # the stage it is in
     reason: str = ""  # why the panel cancelled it (the scan layer was removed)
     finished: bool = False
+    started: float = field(default_factory=time.perf_counter)  # the click, perf_counter s
 
 
 class RunMixin:
@@ -461,7 +463,8 @@ class RunMixin:
                     yield
             self.progress.max = max(self.progress.max, 1)
             self.progress.value = self.progress.max
-            self.progress.label = f"done in {result.seconds:.1f} s on {result.device}"
+            took = time.perf_counter() - job.started  # from the click to the layers
+            self.progress.label = f"done in {took:.1f} s on {result.device}"
             for line in result.notes:
                 if line not in result.volume.notes:  # those were shown at the click
                     show_info(line)

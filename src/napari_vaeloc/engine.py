@@ -278,8 +278,11 @@ def localize(
     companions = _fusion_companions(model, fuse, axis, fused)  # refused before any work
     if settings is not None and settings.enabled:
         return _localize_prepared(volume, model, opts, settings, axis=axis, maps=maps, fuse=fuse)
+    off_grid = _off_grid_note(volume, model)
     if not companions:
-        return localize_axis(volume, model, opts, axis=axis, maps=maps)
+        res = localize_axis(volume, model, opts, axis=axis, maps=maps)
+        res.notes.extend(off_grid)
+        return res
     models = [model, *companions]
     runs = len(models)
 
@@ -309,6 +312,7 @@ def localize(
         "maps averaged over the " + ", ".join(m.card.axis for m in models) + " models ("
         + ", ".join(m.card.name for m in models) + "), each on its calibrated scale"
     )  # fmt: skip
+    res.notes.extend(off_grid)
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -370,9 +374,30 @@ def _localize_prepared(
     )
 
 
-#: ends the note of a result that "auto" preparation scored as given (a model without a
-#: template, or an image too thin to register)
+#: ends the note of a result scored as given where preparation was wanted: "auto" preparation
+#: with a model without a template or an image too thin to register, or preparation turned
+#: off for a scan that is not on the model's template grid
 UNPREPARED_NOTE = "it was scored as given"
+
+
+def _off_grid_note(volume: Volume, model: LoadedModel) -> list[str]:
+    """The note for a scan scored without preparation although its model ships a template and
+    the scan is not on that template's grid (empty otherwise, and for an image too thin to
+    register): only a skull-stripped brain already in the model's space suits that, and a raw
+    head scored so gets a mask on healthy tissue."""
+    from .prepare import model_template, too_thin
+
+    template = model_template(model.path, model.card)
+    if template is None or too_thin(volume.shape) or template.holds(volume):
+        return []
+    shape = "x".join(map(str, volume.shape))
+    return [
+        f"preparation is off and the scan ({shape}) is not on the grid of the template of "
+        f"{model.card.name!r}: it is taken for a skull-stripped brain already in the model's "
+        "space. A head with skull, or a scan in its own position, needs preparation; "
+        f"{UNPREPARED_NOTE}"
+    ]
+
 
 _NETWORK_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()

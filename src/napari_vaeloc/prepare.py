@@ -221,6 +221,13 @@ class Template:
         mask = load_volume(Path(folder) / pre.template_brain_mask, scorable=False).data > 0
         return cls(image, mask, card.modality, card.name)
 
+    def holds(self, volume: Volume) -> bool:
+        """True when ``volume`` lies on this template's grid: the same shape and an affine
+        within 1e-3 (mm) of the template's."""
+        return volume.shape == self.image.shape and np.allclose(
+            volume.affine, self.image.affine, atol=1e-3
+        )
+
     @functools.cached_property
     def _range_cache(self) -> dict:
         return {}
@@ -980,9 +987,7 @@ def prepare(
     brain_data = brain_values(data, brain_mask, offset)
     brain = Volume(brain_data, volume.affine, volume.header, volume.path)
 
-    same_grid = brain.shape == template.image.shape and np.allclose(
-        brain.affine, template.image.affine, atol=1e-3
-    )
+    same_grid = template.holds(brain)
     run_reg = s.registration if s.registration is not None else (full or not same_grid)
     grid_note = "already on the template's grid"
     if same_grid and not run_reg and s.registration is None:

@@ -145,6 +145,10 @@ def test_models_command(capsys):
     start = lines[0].index("trained on")  # every row's column starts where its header does
     t1 = rows["t1-brain"][start:]
     assert t1.startswith("icbm-t1, mni2009a-t1") and t1.endswith("held out: cat12-t1")
+    # a T2 model that learned T1 anatomy in T2 contrast says so, not "trained on" T1 scans
+    t2 = rows["t2-brain"][start:]
+    assert "; mni2009a-t1, oasis-t1, icbm-variant-t1, samseg: anatomy only, in T2 contrast" in t2
+    assert "samseg: anatomy only, in T1 contrast" in t1, t1
 
 
 def test_help_lists_every_option():
@@ -371,6 +375,28 @@ def test_a_scan_scored_unprepared_says_so_in_the_mask_line(tmp_path, tiny_model_
     assert main([*base, "--out", str(tmp_path / "b"), "--prepare", "none"]) == 0
     line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("mask:"))
     assert "NOT PREPARED" not in line
+
+
+def test_preparation_off_for_a_raw_head_says_so_in_the_mask_line(tmp_path, capsys):
+    """--prepare none on a raw head (not on the model's template grid) scores it as given, but
+    the note and the mask line say the scan was taken for a brain in the model's space; a
+    brain on the template's grid (the T2 lesion sample) gets neither."""
+    from napari_vaeloc.samples import sample_path
+
+    head = str(sample_path("t1-head"))
+    base = ["localize", head, "--model", "t1-brain", "--device", "cpu", "--prepare", "none"]
+    assert main([*base, "--out", str(tmp_path / "head"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    line = next(t for t in out.splitlines() if t.startswith("mask:"))
+    assert "NOT PREPARED" in line, line
+    [note] = [t for t in err.splitlines() if t.startswith("note: preparation is off")]
+    assert "not on the grid of the template of 't1-brain'" in note and "needs preparation" in note
+    lesion = str(sample_path("t2-lesion"))
+    argv = ["localize", lesion, "--model", "t2-brain", "--device", "cpu", "--prepare", "none"]
+    assert main([*argv, "--out", str(tmp_path / "brain"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    line = next(t for t in out.splitlines() if t.startswith("mask:"))
+    assert "NOT PREPARED" not in line and "preparation is off" not in err, (line, err)
 
 
 def test_the_default_mask_outlines_its_parts_and_no_outline_keeps_the_threshold(tmp_path):

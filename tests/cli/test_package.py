@@ -52,7 +52,8 @@ def test_localize_help_lists_every_default_map_and_axis():
 
 
 @pytest.mark.parametrize(
-    "option", ["--overwrite", "--quiet", "--device", "--model", "--out", "--axis", "--seed"]
+    "option",
+    ["--overwrite", "--quiet", "--device", "--model", "--out", "--axis", "--seed", "--threads"],
 )
 def test_shared_options_are_defined_once(option):
     text = "".join(p.read_text(encoding="utf-8") for p in PACKAGE_SOURCES)
@@ -79,13 +80,14 @@ def test_every_subcommand_has_overwrite_and_quiet(command):
 def test_option_defaults_are_unchanged():
     parse = build_parser().parse_args
     lo = parse(["localize", "scan.nii"])  # the model follows the scan's modality
-    assert (lo.model, lo.device, lo.out, lo.axis, lo.overwrite, lo.quiet) == (
+    assert (lo.model, lo.device, lo.out, lo.axis, lo.overwrite, lo.quiet, lo.threads) == (
         "auto",
         "auto",
         None,
         None,
         False,
         False,
+        None,
     )
     tr = parse(["train", "icbm-t2", "--out", "m"])
     assert (tr.axis, tr.device, tr.seed, tr.threads) == ("axial", "auto", 0, None)
@@ -113,3 +115,15 @@ def test_existing_output_refusal_gives_overwrite_advice(tmp_path, tiny_model_dir
     assert err.rstrip().endswith("; pass --overwrite to replace")
     assert [p.name for p in tmp_path.iterdir()] == [kept.name]
     assert kept.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("command", ["localize", "demo", "prepare"])
+def test_commands_that_score_or_prepare_refuse_fewer_than_one_thread(command, tmp_path, capsys):
+    """--threads exists wherever torch runs (scoring, brain extraction); 0 is one line, before
+    anything is read or written."""
+    argv = [command] + ([] if command == "demo" else [str(tmp_path / "scan.nii.gz")])
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out), "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "vaeloc: error: --threads must be 1 or more, not 0", err
+    assert not out.exists()

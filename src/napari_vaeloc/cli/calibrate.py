@@ -117,8 +117,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Recalibrate ``args.model``; returns the exit status."""
-    import torch
-
     from .localize import parse_weights
 
     weights = parse_weights(args.weights)
@@ -134,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [p for p in args.healthy_scans if not Path(p).is_file()]
     if missing:
         raise InputError(f"healthy scan not found: {missing[0]}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.use_threads(args)
     folder = _copy(args.model, args.out) if args.out else args.model
     try:
         cal = _recalibrate(args, folder, weights, fpr, smoothing, grow_fpr, candidates)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from . import options
@@ -33,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     options.add_prepare(de)
     options.add_device(de)
+    options.add_threads(de)
     options.add_overwrite(de)
     options.add_quiet(de)
     de.set_defaults(func=run)
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     folder and the files it would replace are checked first, before anything is loaded."""
     from ..demo import check_demo_outputs
 
+    options.use_threads(args)
     check_demo_outputs(args.out, args.overwrite, args.sample)
 
     from ..demo import run_demo
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     for k, m in res["metrics"].items():
         print(f"  {k:<20}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['best_dice']:>11.3f}")
     stray = res["stray_parts"]
+    for note in r.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(describe_mask(res["post"], res["mask_ml"], res["parts"], r.notes))
     print(
         f"  against the known lesion: Dice {res['mask_dice']:.3f}; {stray} "

@@ -224,7 +224,6 @@ def parse_classes(text: str) -> list[int]:
 
 def run_fashion(args: argparse.Namespace) -> int:
     """The FashionMNIST held-out-class table; returns the exit status."""
-    import torch
 
     from ..evaluation.fashion import (
         FashionConfig,
@@ -234,8 +233,7 @@ def run_fashion(args: argparse.Namespace) -> int:
     )
     from ..io import write_json_atomic, write_text_atomic
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.use_threads(args)
     from ..io import check_output_folder
 
     out = check_output_folder(args.out)  # before the data is read or a network trained

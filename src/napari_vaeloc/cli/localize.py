@@ -73,6 +73,7 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
     )
     options.add_prepare(p)
     options.add_device(p)
+    options.add_threads(p)
     options.add_out(
         p,
         help=out_help
@@ -98,9 +99,10 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
     p.add_argument(
         "--no-outline",
         action="store_true",
-        help="mask the voxels above the threshold only, without outlining each part to a "
-        "fraction of its peak, not below the model's grow level (default: as the model's card "
-        "says)",
+        help="mask the voxels above the threshold only. By default (as the model's card says) "
+        "each part found by the threshold ends where the map falls to a fraction of the part's "
+        "peak, never below the model's grow level: weak parts grow beyond the threshold's "
+        "voxels, strong ones are trimmed inside them",
     )
     p.add_argument(
         "--weights",
@@ -243,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     """Localize anomalies in ``args.scan`` and write the results; returns the exit status."""
     # check the combination options first: a typo fails at once, before anything is loaded
     settings = scan_settings(args)
+    options.use_threads(args)
     from ..io import default_output_folder
 
     out = Path(args.out) if args.out else default_output_folder(args.scan)

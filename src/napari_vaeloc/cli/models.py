@@ -47,16 +47,24 @@ def run(args: argparse.Namespace) -> int:
 
 def trained_on(card) -> str:
     """The training sources of a card in a few words: the names of the sources the weights
-    learned from (not those held out for validation) and the synthetic individuals per source;
-    the card's free-text provenance for cards without per-source records."""
+    learned from (not those held out for validation), the synthetic individuals per source, and
+    which sources of another modality lent only their anatomy (their individuals are made in
+    the card's contrast); the card's free-text provenance for cards without per-source
+    records."""
     records = card.provenance.training.get("source_records") or []
     if not records:
         return str(card.provenance.sources)
-    names = [r["name"] for r in records if not r.get("role")]
-    text = ", ".join(names)
+    used = [r for r in records if not r.get("role")]
+    text = ", ".join(r["name"] for r in used)
     made = max((int(r.get("individuals", 0)) for r in records), default=0)
     if made:
         text += f" (+{made} synthetic individuals each)"
+    modality = str(card.modality)
+    other = [
+        r["name"] for r in used if str(r.get("modality", modality)).lower() != modality.lower()
+    ]
+    if other:
+        text += f"; {', '.join(other)}: anatomy only, in {modality} contrast"
     held = [r["name"] for r in records if r.get("role")]
     if held:
         text += f"; held out: {', '.join(held)}"

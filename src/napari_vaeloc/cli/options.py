@@ -90,7 +90,30 @@ def add_seed(p: argparse.ArgumentParser) -> None:
 
 def add_threads(p: argparse.ArgumentParser) -> None:
     """``--threads``: how many CPU threads torch may use (default: torch's choice)."""
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice, usually every core)",
+    )
+
+
+def use_threads(args: argparse.Namespace) -> None:
+    """Give torch the ``--threads`` asked for (nothing when not given).
+
+    Raises:
+        InputError: fewer than 1 thread.
+    """
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        from ..errors import InputError
+
+        raise InputError(f"--threads must be 1 or more, not {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def add_overwrite(p: argparse.ArgumentParser, what: str = "existing output files") -> None:

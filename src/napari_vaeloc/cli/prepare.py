@@ -28,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         pr, help="output folder (default: next to the scan; the current folder for a sample)"
     )
     options.add_volume_index(pr)
+    options.add_threads(pr)
     options.add_overwrite(pr)
     options.add_quiet(pr)
     pr.set_defaults(func=run)
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..prepare import Template, prepare_cached, prepared_paths, save_prepared
 
     settings = options.prepare_settings(args)
+    options.use_threads(args)
     if not settings.enabled:
         raise InputError("--prepare none prepares nothing; choose auto or full")
     out = check_output_folder(Path(args.out) if args.out else default_output_folder(args.scan))

@@ -191,8 +191,6 @@ def run(args: argparse.Namespace) -> int:
         raise OutputError(out, f"cannot write the model folder {out}: it is a file")
     check_output_folder(out.resolve().parent)
 
-    import torch
-
     from ..engine import resolve_device
     from ..preprocess import Normalisation
     from ..training.builder import export_slices, train_model
@@ -205,8 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if args.denoise_std < 0 or args.denoise_cells < 1 or args.context_weight < 0:
         raise InputError("--denoise-std and --context-weight must be >= 0, --denoise-cells >= 1")
     clip = _parse_clip(args.clip)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.use_threads(args)
     cfg = TrainConfig(
         image_size=args.image_size,
         z_dim=args.z_dim,
