@@ -347,7 +347,7 @@ def test_prepare_choice_stages_and_fit_line(make_napari_viewer, qtbot):
 
 
 def test_preparation_off_for_a_raw_head_warns_in_the_fit_line(make_napari_viewer, qtbot):
-    """"prepare scan: none" on the raw T1 head (not on the template's grid) still scores it,
+    """ "prepare scan: none" on the raw T1 head (not on the template's grid) still scores it,
     and the fit line says in orange that the head was taken for a brain in the model's space."""
     from napari_vaeloc._widget_run import FIT_STYLE
 

@@ -117,11 +117,13 @@ def test_existing_output_refusal_gives_overwrite_advice(tmp_path, tiny_model_dir
     assert kept.read_bytes() == b"keep me"
 
 
-@pytest.mark.parametrize("command", ["localize", "demo", "prepare"])
+@pytest.mark.parametrize("command", ["localize", "demo", "prepare", "evaluate individual"])
 def test_commands_that_score_or_prepare_refuse_fewer_than_one_thread(command, tmp_path, capsys):
     """--threads exists wherever torch runs (scoring, brain extraction); 0 is one line, before
     anything is read or written."""
-    argv = [command] + ([] if command == "demo" else [str(tmp_path / "scan.nii.gz")])
+    argv = command.split() + (
+        [] if command.count(" ") or command == "demo" else [str(tmp_path / "scan.nii.gz")]
+    )
     out = tmp_path / "out"
     assert main([*argv, "--out", str(out), "--threads", "0"]) == 2
     err = capsys.readouterr().err

@@ -198,6 +198,7 @@ def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
         "model's default combination), or all (every map but sq_error, and default; the default)",
     )
     options.add_device(p)
+    options.add_threads(p)
     options.add_out(p, default="results", help=RESULTS_HELP)
     p.add_argument(
         "--examples", type=int, default=4, help="example slices in the figure (default: 4)"
@@ -478,6 +479,7 @@ def _prepare_evaluation(
     when results exist and ``--overwrite`` is not given."""
     from ..io import check_output_folder, refuse_existing
 
+    options.use_threads(args)
     maps, settings = _map_settings(args.maps, model)
     out = check_output_folder(args.out)
     targets = _evaluation_targets(out, f"{prefix}_{model.card.name}", args.examples)
