@@ -129,3 +129,10 @@ def test_commands_that_score_or_prepare_refuse_fewer_than_one_thread(command, tm
     err = capsys.readouterr().err
     assert err.strip() == "vaeloc: error: --threads must be 1 or more, not 0", err
     assert not out.exists()
+
+
+def test_screen_has_one_thread_option():
+    """A cohort's workers get their torch threads from --torch-threads; no second, ignored
+    --threads beside it."""
+    text = _subparser("screen").format_help()
+    assert "--torch-threads" in text and "--threads " not in text

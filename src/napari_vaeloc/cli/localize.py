@@ -51,6 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lo.add_argument("scan", help="the scan, .nii or .nii.gz (2D, 3D, or 4D with --volume-index)")
     options.add_model(lo, options.AUTO_MODEL, options.AUTO_MODEL_HELP)
     add_scan_options(lo)
+    options.add_threads(lo)  # not a scan option: `screen` sets each worker's own
     options.add_overwrite(lo)
     options.add_quiet(lo)
     lo.set_defaults(func=run)
@@ -73,7 +74,6 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
     )
     options.add_prepare(p)
     options.add_device(p)
-    options.add_threads(p)
     options.add_out(
         p,
         help=out_help
