@@ -117,13 +117,15 @@ def test_existing_output_refusal_gives_overwrite_advice(tmp_path, tiny_model_dir
     assert kept.read_bytes() == b"keep me"
 
 
-@pytest.mark.parametrize("command", ["localize", "demo", "prepare", "evaluate individual"])
-def test_commands_that_score_or_prepare_refuse_fewer_than_one_thread(command, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "argv",
+    [["localize", "SCAN"], ["demo"], ["prepare", "SCAN"], ["evaluate", "individual"]],
+    ids=lambda a: " ".join(a),
+)
+def test_commands_that_score_or_prepare_refuse_fewer_than_one_thread(argv, tmp_path, capsys):
     """--threads exists wherever torch runs (scoring, brain extraction); 0 is one line, before
     anything is read or written."""
-    argv = command.split() + (
-        [] if command.count(" ") or command == "demo" else [str(tmp_path / "scan.nii.gz")]
-    )
+    argv = [str(tmp_path / "scan.nii.gz") if a == "SCAN" else a for a in argv]
     out = tmp_path / "out"
     assert main([*argv, "--out", str(out), "--threads", "0"]) == 2
     err = capsys.readouterr().err
