@@ -72,13 +72,21 @@ def main() -> None:
     widget.model.value = MODEL
     widget.device.value = "cpu"
 
-    # one coronal slice for both pictures: the head is in LIA voxel order, so the slider runs
-    # along axis 2 (posterior to anterior), superior is up and the subject's left on the right
-    truth = load_volume(sample_path(f"{SCAN}-truth")).data > 0
-    brain = load_volume(sample_path("t1-head-brain-mask")).data > 0
+    # one coronal slice for both pictures. The reader puts the head's LIA voxel axes in world
+    # order (x, y, z: RAS+ mm) with the file's affine as the layer's transform, so everything
+    # below is in the layer's axis order and the slider runs along world y (posterior to
+    # anterior, layer axis 1); superior is up and the subject's left on the right
     scan = viewer.layers[SCAN]
-    z = int(np.argmax(truth.sum(axis=(0, 1))))
-    viewer.dims.order = (2, 1, 0)
+    truth = np.asarray(truth_layer.data) > 0
+    brain = np.transpose(
+        load_volume(sample_path("t1-head-brain-mask")).data > 0, scan.metadata["voxel_axes"]
+    )
+    z = int(np.argmax(truth.sum(axis=(0, 2))))
+    viewer.dims.order = (1, 2, 0)
+
+    def show_slice(k: int) -> None:
+        """Move the slider to voxel ``k`` of the scan's axis 1 (a world position in mm)."""
+        viewer.dims.set_point(1, scan.data_to_world((0, k, 0))[1])
 
     def run(mode: str) -> None:
         widget.prepare.value = mode
@@ -86,7 +94,7 @@ def main() -> None:
         _wait(app, lambda: widget.running)
         viewer.layers[f"{SCAN} anomaly mask"].opacity = 0.8
         viewer.layers.move(viewer.layers.index(truth_layer), len(viewer.layers))  # on top
-        viewer.dims.set_point(2, scan.translate[2] + z * scan.scale[2])
+        show_slice(z)
         viewer.reset_view()
         _settle(app)
 
@@ -101,11 +109,11 @@ def main() -> None:
     # among the slices that cut the lesion broadly (at least 2/3 of its largest cross-section),
     # the one where the unprepared mask lies most outside the brain
     wrong = (np.asarray(viewer.layers[f"{SCAN} anomaly mask"].data) > 0) & ~brain
-    area = truth.sum(axis=(0, 1))
+    area = truth.sum(axis=(0, 2))
     broad = np.flatnonzero(area >= 2 * area.max() / 3)
-    z = int(broad[np.argmax(wrong[..., broad].sum(axis=(0, 1)))])
-    print(f"slice z = {z}: lesion {area[z]} voxels, mask outside the brain {wrong[..., z].sum()}")
-    viewer.dims.set_point(2, scan.translate[2] + z * scan.scale[2])
+    z = int(broad[np.argmax(wrong[:, broad].sum(axis=(0, 2)))])
+    print(f"slice y = {z}: lesion {area[z]} voxels, mask outside the brain {wrong[:, z].sum()}")
+    show_slice(z)
     _settle(app)
     shot("prepare_before.png")
 

@@ -47,16 +47,17 @@ def main() -> None:
     scan = viewer.layers["t2-lesion"]
     z = int(np.argmax(truth.sum(axis=(0, 1))))
     viewer.dims.order = (2, 1, 0)  # axial view: slider along Z
-    viewer.dims.set_point(2, scan.translate[2] + z * scan.scale[2])
+    # the layer's transform is the file's affine: voxel z as a world position (mm)
+    viewer.dims.set_point(2, scan.data_to_world((0, 0, z))[2])
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)
     viewer.screenshot(str(out / "widget_result_2d.png"), canvas_only=False, flash=False)
     widget.native.grab().save(str(out / "widget_panel.png"))
-    viewer.layers["t2-lesion mask"].visible = False
+    viewer.layers["t2-lesion anomaly mask"].visible = False
     viewer.layers["t2-lesion reconstruction error"].visible = False
     viewer.screenshot(str(out / "anomaly_map_2d.png"), canvas_only=True, flash=False)
-    viewer.layers["t2-lesion mask"].visible = True
+    viewer.layers["t2-lesion anomaly mask"].visible = True
     viewer.layers["t2-lesion anomaly map"].visible = False
     viewer.dims.ndisplay = 3
     viewer.layers["t2-lesion"].opacity = 0.4
