@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import nibabel as nib
 import numpy as np
 import pytest
 from nibabel.orientations import (
@@ -23,7 +24,13 @@ from napari_vaeloc.errors import InputError, MisfitError
 from napari_vaeloc.evaluation.metrics import pixel_metrics
 from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.models.store import cached_model
-from napari_vaeloc.prepare import PrepareSettings, Template, prepare_cached, resample
+from napari_vaeloc.prepare import (
+    PrepareSettings,
+    Template,
+    prepare_cached,
+    resample,
+    transform_scales,
+)
 from napari_vaeloc.samples import sample_path
 
 CPU = EngineOptions(device="cpu")
@@ -83,7 +90,8 @@ def test_raw_head_in_another_orientation_is_scored_inside_its_brain(raw_head_res
     assert dice > 0.9, dice
     checks = {c.name: c.level for c in res.preparation.checks}
     assert checks == dict.fromkeys(
-        ("voxel size", "skull", "brain volume", "coverage", "registration", "modality"), "ok"
+        ("voxel size", "skull", "brain volume", "coverage", "registration", "template scaling",
+         "modality"), "ok",
     ), res.preparation.lines()  # fmt: skip
 
     # the same lesion in a skull-stripped scan that already lies in the template's space
@@ -120,6 +128,9 @@ def test_registration_recovers_a_known_affine(t1):
     assert p.report.check("skull").value == "absent"
     dice = p.report.check("registration").value
     assert dice >= 0.98, p.report.lines()
+    # the 0.93 scale is found along every direction, and is one a whole brain may need
+    assert np.allclose(transform_scales(p.transform), 0.93, atol=0.02), p.report.lines()
+    assert p.report.check("template scaling").level == "ok"
     # the found transform maps template points onto where the moved scan put them
     pts = np.array([[0.0, 0.0, 0.0], [40.0, -30.0, 20.0], [-50.0, 20.0, -10.0]])
     lps = np.diag([-1.0, -1.0, 1.0])
@@ -550,3 +561,30 @@ def test_brain_beyond_the_template_is_not_scored():
     whole = PrepareSettings(beyond_template=True)
     scan = Volume.from_array(data, healthy.affine)
     assert localize(scan, model, CPU, prepare=whole).prepared.brain_mask[beyond].all()
+
+
+def test_a_brain_squeezed_into_a_slab_is_refused_for_its_scaling(t1, tmp_path, capsys):
+    """A brain flattened to half its height (as a slab's registration squeezes the template into
+    it) passes coverage and may pass the registration Dice, so the template scaling check
+    refuses it, ahead of the modality check that the squeeze confuses; the command line with
+    --model auto says so in one line and writes nothing."""
+    template = Template.of_model(t1.path, t1.card)
+    img = template.image
+    squeeze = np.diag([1.0, 1.0, 0.5, 1.0])
+    flat = Volume.from_array(img.data, squeeze @ img.affine)
+    with pytest.raises(MisfitError, match="squeeze or stretch the template") as refused:
+        prepare_cached(flat, template, PrepareSettings(bias_correction=False))
+    check = refused.value.report.check("template scaling")
+    assert check.level == "fail", refused.value.report.lines()
+    lo, hi = (float(v) for v in check.value.split("-"))
+    assert lo == pytest.approx(0.5, abs=0.05) and hi == pytest.approx(1.0, abs=0.05)
+    assert refused.value.report.check("coverage").level == "ok"  # what it would have missed
+
+    path = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(img.data, squeeze @ img.affine), path)
+    out = tmp_path / "out"
+    argv = ["localize", str(path), "--no-bias-correction", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model auto" in err[0] and "part of the brain" in err[0], err
+    assert not out.exists() or not any(out.iterdir())

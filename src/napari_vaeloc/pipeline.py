@@ -181,6 +181,9 @@ def model_for_scan(
             f"{'x'.join(map(str, volume.shape))} image is too thin to prepare; {name_one}"
         )
     guess = guess_modality(volume, settings if settings.enabled else PrepareSettings(), stage=stage)
+    scaling = guess.report.check("template scaling")
+    if scaling is not None and scaling.level == "fail":  # every later check misreads a slab
+        raise MisfitError(f"--model auto: {scaling.advice}", guess.report)
     if guess.modality is None:
         raise MisfitError(
             f"--model auto: {guess.describe()}; is it a brain MRI? To score it as given, "

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -88,6 +89,13 @@ def too_thin_reason(shape: tuple[int, ...]) -> str:
 REGISTRATION_DICE = {"ok": 0.85, "fail": 0.65}
 COVERAGE = {"ok": 0.95, "fail": 0.6}
 VOXEL_MM = {"ok": 3.0, "fail": 7.0}
+#: the template scaling check: how much the registration scaled the template along its principal
+#: directions (the singular values of the transform's linear part) to fit the brain. Adult
+#: brains are 1,000-1,900 ml against the template's 1,880 ml, so a whole brain needs 0.75-1.33
+#: along each direction and at most 1.25 times more along one than another; a slab or a partial
+#: scan is fitted by squeezing the template into it, and is refused past the "fail" limits
+SCALING = {"ok": (0.75, 1.33), "fail": (0.6, 1.67)}
+ANISOTROPY = {"ok": 1.25, "fail": 1.6}
 #: the modality check refuses when another modality's template correlates better by this much
 MODALITY_MARGIN = 0.15
 #: percentiles of the template's foreground z-scores that bound the healthy intensity range
@@ -1034,6 +1042,8 @@ def prepare(
                  f"brain-mask Dice with the template {dice:.2f} (pass >= "
                  f"{REGISTRATION_DICE['ok']:g})")
     )  # fmt: skip
+    if transform is not None:
+        report.checks.append(scaling_check(transform))
     scores = modality_scores(moved, tmask & carried, templates or bundled_templates())
     report.modality_scores = scores
     report.checks.append(modality_check(scores, template))
@@ -1095,12 +1105,48 @@ def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(1, int(a.sum()) + int(b.sum())))
 
 
+def transform_scales(transform: Any) -> np.ndarray:
+    """(3,) how much an affine ``transform`` (SimpleITK, template world -> scan world) scales
+    along its principal directions: the singular values of its 3x3 matrix, largest first."""
+    matrix = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    return np.linalg.svd(matrix, compute_uv=False)
+
+
+def scaling_check(transform: Any) -> FitCheck:
+    """The template scaling check (limits :data:`SCALING` and :data:`ANISOTROPY`): whether
+    the registration fitted the template to the brain as a whole adult brain needs, or had to
+    squeeze or stretch it, as it does to fit a slab or a partial scan."""
+    scales = transform_scales(transform)
+    lo, hi = float(scales.min()), float(scales.max())
+    ratio = hi / lo if lo > 0 else math.inf
+
+    def level(name: str) -> bool:
+        (a, b), most = SCALING[name], ANISOTROPY[name]
+        return a <= lo and hi <= b and ratio <= most
+
+    lvl = "ok" if level("ok") else "warn" if level("fail") else "fail"
+    (a, b), most = SCALING["ok"], ANISOTROPY["ok"]
+    message = (
+        f"the template was scaled by {lo:.2f}-{hi:.2f} along its axes to fit the brain (a whole "
+        f"adult brain: {a:g}-{b:g}, at most {most:g} times more along one axis than another)"
+    )
+    advice = (
+        f"the registration had to squeeze or stretch the template (by {lo:.2f}-{hi:.2f} along "
+        "its axes) to fit this scan: it likely covers only part of the brain (a slab) or is "
+        "not an adult brain; localize a scan that covers the whole brain"
+    )
+    if lvl != "ok":
+        message += "; the scan may cover only part of the brain, so coverage may read too high"
+    return FitCheck("template scaling", lvl, f"{lo:.3f}-{hi:.3f}", message,
+                    advice if lvl == "fail" else "")  # fmt: skip
+
+
 def refuse_misfit(report: PreparationReport) -> None:
     """Raise :class:`~napari_vaeloc.errors.MisfitError` (an InputError carrying ``report``) with
-    the advice of the most telling check that failed, if any:
-    the modality and the brain volume before coverage and registration, whose failure they
-    explain."""
-    order = {"modality": 0, "brain volume": 1}
+    the advice of the most telling check that failed, if any: the template scaling (a slab
+    squeezed into the template is misread by every later check), then the modality and the
+    brain volume before coverage and registration, whose failure they explain."""
+    order = {"template scaling": -1, "modality": 0, "brain volume": 1}
     failed = sorted((c for c in report.checks if c.level == "fail"),
                     key=lambda c: order.get(c.name, 2))  # fmt: skip
     if failed:

@@ -441,3 +441,19 @@ def test_the_default_mask_outlines_its_parts_and_no_outline_keeps_the_threshold(
     plain = scores[True]["combination"]
     assert plain["grow_threshold"] is None and plain["mask_healthy_fpr"] is None
     assert c["outlined"] is True and plain["outlined"] is False
+
+
+def test_calibrating_a_bundled_model_in_place_is_refused_with_the_way_out(
+    tmp_path, monkeypatch, capsys
+):
+    """`vaeloc calibrate t1-brain` without --out: one line naming --out, nothing rewritten."""
+    from napari_vaeloc.models.store import bundled_models
+
+    card = Path(bundled_models()["t1-brain"]) / "model.json"
+    before = card.read_bytes()
+    monkeypatch.chdir(tmp_path)  # no folder named t1-brain here
+    assert main(["calibrate", "t1-brain"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bundled model" in err[0] and "--out" in err[0], err
+    assert card.read_bytes() == before
+    assert not any(tmp_path.iterdir())

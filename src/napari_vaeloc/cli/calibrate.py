@@ -132,6 +132,14 @@ def run(args: argparse.Namespace) -> int:
     missing = [p for p in args.healthy_scans if not Path(p).is_file()]
     if missing:
         raise InputError(f"healthy scan not found: {missing[0]}")
+    if not args.out and not Path(args.model).is_dir():
+        from ..models.store import bundled_models
+
+        if args.model in bundled_models():
+            raise InputError(
+                f"{args.model} is a bundled model, which calibration never rewrites: calibrate "
+                "a copy of it with --out NEW_FOLDER"
+            )
     options.use_threads(args)
     folder = _copy(args.model, args.out) if args.out else args.model
     try:

@@ -126,7 +126,7 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quiet", action="store_true",
         help="no progress bars, stage lines or the preparation's report lines; the result's "
-        "summary, warnings and errors still print",
+        "summary, the files written (one a line, on stdout), warnings and errors still print",
     )  # fmt: skip
 
 
