@@ -21,14 +21,17 @@ def t1():
     return load_model("t1-brain"), load_volume(sample_path("t1-healthy"))
 
 
-def test_fuse_three_axes_on_request(t1):
+def test_t1_brain_fuses_three_axes_by_default(t1):
     model, vol = t1
-    assert model.card.defaults.fuse is False  # slower, and no gain on the benchmark
+    assert model.card.defaults.fuse is True  # the card's default: results.md, "Before and after"
     steps: list[tuple[int, int]] = []
     options = EngineOptions(device="cpu", progress=lambda d, t: steps.append((d, t)))
-    fused = localize(vol, model, options, maps=MAPS, fuse=True)
-    single = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS)
+    fused = localize(vol, model, options, maps=MAPS)
+    single = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, fuse=False)
     assert "axial, coronal, sagittal" in fused.notes[-1]
+    assert fused.fused_axes == ("axial", "coronal", "sagittal") and not single.fused_axes
+    assert fused.slices == "axial, coronal and sagittal slices fused"
+    assert single.slices == "axial slices"
     assert not any("averaged" in n for n in single.notes)
     assert steps[-1][0] == steps[-1][1] == 3000
     assert all(b[0] >= a[0] for a, b in itertools.pairwise(steps))  # never backwards
@@ -59,13 +62,41 @@ def test_other_axis_or_no_companions(t1):
         )  # fmt: skip
 
 
-def test_a_map_the_companions_were_not_calibrated_for_is_not_fused(t1):
-    """The bundled companions predate the `restoration` map (no scale for it, and no healthy
-    range's excess): fusing the default is refused in one line before anything is scored."""
-    model, vol = t1
+def _copies(tmp_path, drop_scale: str | None = None, excess: bool = True):
+    """t1-brain and its companions copied side by side into ``tmp_path`` under other names
+    (a card finds companions that are not bundled names beside it); the coronal companion's
+    calibration without ``drop_scale``, and the main card's healthy range's excess set to
+    ``excess``."""
+    import json
+    import shutil
+
+    from napari_vaeloc.models.store import bundled_models
+
+    folders = bundled_models()
+    for name in ("t1-brain", "t1-brain-coronal", "t1-brain-sagittal"):
+        shutil.copytree(folders[name], tmp_path / f"my-{name}")
+    card = tmp_path / "my-t1-brain-coronal" / "model.json"
+    data = json.loads(card.read_text())
+    if drop_scale is not None:
+        del data["calibration"]["scales"][drop_scale]
+    card.write_text(json.dumps(data))
+    main = tmp_path / "my-t1-brain" / "model.json"
+    data = json.loads(main.read_text())
+    data["intensity_excess"] = excess
+    data["defaults"]["fuse_with"] = ["my-t1-brain-coronal", "my-t1-brain-sagittal"]
+    main.write_text(json.dumps(data))
+    return load_model(tmp_path / "my-t1-brain")
+
+
+def test_a_map_a_companion_was_not_calibrated_for_is_not_fused(t1, tmp_path):
+    """A companion without a calibrated scale for a map the model has one for cannot put it on
+    the model's scale: fusing it is refused in one line, before anything is scored or
+    prepared; maps both know still fuse."""
+    _, vol = t1
+    model = _copies(tmp_path, drop_scale="restoration")
     assert "restoration" in model.card.defaults.weights
     with pytest.raises(InputError, match="cannot fuse restoration with the companion"):
-        localize(vol, model, EngineOptions(device="cpu"), fuse=True)
+        localize(vol, model, EngineOptions(device="cpu"))
     with pytest.raises(InputError, match=r"both know combi, .*rec_error_smooth") as refused:
         localize(vol, model, EngineOptions(device="cpu"), maps=("restoration",), fuse=True)
     assert "restoration" not in str(refused.value).split("both know")[1]
@@ -74,7 +105,35 @@ def test_a_map_the_companions_were_not_calibrated_for_is_not_fused(t1):
     head = load_volume(sample_path("t1-head"))
     options = EngineOptions(device="cpu", stage=stages.append)
     with pytest.raises(InputError, match="cannot fuse restoration"):
-        localize(head, model, options, fuse=True, prepare="auto")
+        localize(head, model, options, prepare="auto")
     assert stages == []
-    localize(head, model, options, maps=("rec_error_smooth",), fuse=False, prepare="auto")
+    localize(head, model, options, maps=("rec_error_smooth",), prepare="auto")
     assert "registration" in stages  # the same options report the preparation's stages
+
+
+def test_every_axis_adds_the_main_models_healthy_range_excess(t1, tmp_path):
+    """The companions carry no template: the healthy range's excess the model adds to its
+    restoration map is added to theirs from the model's template, so that the three axes
+    measure the same thing; with the model's excess off, none of them adds it."""
+    model, vol = t1
+    assert model.card.preprocessing.intensity_excess
+    assert not load_model("t1-brain-coronal").card.preprocessing.template
+    data = vol.data.copy()
+    brain = data > np.percentile(data[data > 0], 60)
+    centre = np.array(np.nonzero(brain)).mean(axis=1).astype(int)
+    x, y, z = np.ogrid[tuple(slice(0, n) for n in data.shape)]
+    ball = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= 4**2
+    data[ball] = data[brain].max() * 1.6  # brighter than any healthy tissue
+    bright = vol.__class__.from_array(data, vol.affine)
+    cpu = EngineOptions(device="cpu")
+    maps = ("restoration",)
+    with_excess = localize(bright, model, cpu, maps=maps, prepare=None).maps["restoration"]
+    plain = _copies(tmp_path, excess=False)
+    without = localize(bright, plain, cpu, maps=maps, prepare=None).maps["restoration"]
+    axial_only = localize(bright, model, cpu, maps=maps, fuse=False, prepare=None)
+    gain_fused = float(with_excess[ball].mean() - without[ball].mean())
+    # were the excess only the axial model's, the fused gain would be a third of the axial's
+    gain_axial = float(axial_only.maps["restoration"][ball].mean())
+    single_plain = localize(bright, plain, cpu, maps=maps, fuse=False, prepare=None)
+    gain_axial -= float(single_plain.maps["restoration"][ball].mean())
+    assert gain_axial > 0 and gain_fused > 0.6 * gain_axial, (gain_fused, gain_axial)

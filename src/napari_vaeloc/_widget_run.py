@@ -451,7 +451,7 @@ class RunMixin:
             yield from self._show_first()
             shown = self._show_result()
             self.result_info.value = (
-                f"{job.base}, model {job.model} ({result.axis} slices, {result.device})"
+                f"{job.base}, model {job.model} ({result.slices}, {result.device})"
             )
             self.result_info.tooltip = f"{TOOLTIPS['result']}\n{layer_help(job.base)}"
             text, level = fit_text(result, args["prepare"], args["note"])

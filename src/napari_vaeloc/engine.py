@@ -158,6 +158,8 @@ class LocalizationResult:
             preparation: the template's, whose slices were scored).
         prepared: the preparation (steps and checks in ``prepared.report``, the brain mask and
             the bias-corrected brain on the scan's grid); None: the scan was scored as given.
+        fused_axes: the slicing axes whose models' maps were averaged (the model's first);
+            empty when one axis was scored.
     """
 
     volume: Volume
@@ -172,6 +174,7 @@ class LocalizationResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     prepared: Prepared | None = None
+    fused_axes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.maps, MapSet):  # a plain dict of arrays: every map held
@@ -184,6 +187,15 @@ class LocalizationResult:
     @property
     def model_name(self) -> str:
         return self.card.name
+
+    @property
+    def slices(self) -> str:
+        """What was scored, for the fronts: "axial slices", or with fusion "axial, coronal and
+        sagittal slices fused"."""
+        if not self.fused_axes:
+            return f"{self.axis} slices"
+        *first, last = self.fused_axes
+        return f"{', '.join(first)} and {last} slices fused"
 
     @property
     def preparation(self) -> PreparationReport | None:
@@ -305,9 +317,13 @@ def localize(
         ratios = {k: own.get(k, 1.0) / theirs.get(k, 1.0) if theirs.get(k) else 1.0 for k in fused}
         # each companion's maps are added into the model's chunk by chunk: no second set of
         # full-size maps
-        _localize_axis(volume, other, part(i), maps=tuple(fused), add_to=res.maps, ratios=ratios)
+        _localize_axis(
+            volume, other, part(i), maps=tuple(fused), add_to=res.maps, ratios=ratios,
+            excess_of=model,
+        )  # fmt: skip
     for k in fused:
         res.maps[k] /= np.float32(runs)
+    res.fused_axes = tuple(m.card.axis for m in models)
     res.notes.append(
         "maps averaged over the " + ", ".join(m.card.axis for m in models) + " models ("
         + ", ".join(m.card.name for m in models) + "), each on its calibrated scale"
@@ -371,6 +387,7 @@ def _localize_prepared(
         seconds=time.perf_counter() - t0,
         notes=notes,
         prepared=prepared,
+        fused_axes=res.fused_axes,
     )
 
 
@@ -483,19 +500,17 @@ def _fusion_companions(
 
 def _check_companion(model: LoadedModel, other: LoadedModel, maps: Sequence[str]) -> None:
     """Refuse to fuse a map the companion cannot put on the model's scale: one the model has a
-    calibrated scale for and the companion has not, or the ``restoration`` map when only the
-    model adds the healthy range's excess to it (the two would not measure the same thing).
+    calibrated scale for and the companion has not. (The healthy range's excess, where the
+    model adds it to ``restoration``, is added to every companion's too, from the model's
+    template.)
 
     Raises:
         InputError: naming the maps and the companion.
     """
     own, theirs = _scales(model), _scales(other)
-    same_excess = model.card.preprocessing.intensity_excess == (
-        other.card.preprocessing.intensity_excess
-    )
 
     def known(k: str) -> bool:
-        return bool(theirs.get(k)) and (k != "restoration" or same_excess)
+        return bool(theirs.get(k))
 
     lacking = [k for k in maps if own.get(k) and not known(k)]
     if lacking:
@@ -596,10 +611,14 @@ def _localize_axis(
     maps: tuple[str, ...] | None = None,
     add_to: dict[str, np.ndarray] | None = None,
     ratios: dict[str, float] | None = None,
+    excess_of: LoadedModel | None = None,
 ) -> LocalizationResult:
     """:func:`localize_axis`; with ``add_to``, each map (times ``ratios[name]``) is added into
     the given (X, Y, Z) array chunk by chunk instead of being kept (fusion), the result's
-    ``maps`` is then empty and its foreground is not computed (``add_to`` 's owner has it)."""
+    ``maps`` is then empty and its foreground is not computed (``add_to`` 's owner has it).
+    ``excess_of``: the model whose ``intensity_excess`` setting and template decide the healthy
+    range's excess added to the restoration map (default: ``model``; a fused companion gets
+    the main model's, so that every axis measures the same thing)."""
     import torch
 
     from .preprocess import (
@@ -696,13 +715,14 @@ def _localize_axis(
     del images
     if opts.cancelled():
         raise Cancelled("localization cancelled")
+    excess = model if excess_of is None else excess_of
     if (
         restoration
         and "restoration" in model_maps
         and len(todo)
-        and card.preprocessing.intensity_excess
+        and excess.card.preprocessing.intensity_excess
     ):
-        _add_excess(model_maps["restoration"], volume, model, ms, todo_dev, kernel)
+        _add_excess(model_maps["restoration"], volume, excess, ms, todo_dev, kernel)
 
     # unscored slices are 0 in every map but the reconstruction: map back the scored span only
     span = (int(todo[0]), int(todo[-1]) + 1) if len(todo) else (0, 0)

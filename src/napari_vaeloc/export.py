@@ -94,6 +94,7 @@ def _report(
         "shape": list(volume.shape),
         "model": result.model_name,
         "axis": result.axis,
+        "fused_axes": list(result.fused_axes),
         # with preparation the slices scored are the template's, not the file's
         "slice_scores_of": "template" if result.prepared is not None else "scan",
         "slice_axis_in_file": result.slice_axis,

@@ -69,8 +69,9 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
         action=argparse.BooleanOptionalAction,
         default=None,
         help="average in the model's companion models for the other slicing axes (default: "
-        "as the model card says; t1-brain can fuse three axes, off by default, for the maps "
-        "its companions were calibrated for: not its default restoration map)",
+        "as the model card says: t1-brain fuses its axial, coronal and sagittal models, and "
+        "its calibrated threshold and rates are the fused map's; --no-fuse scores one axis, "
+        "about three times faster)",
     )
     options.add_prepare(p)
     options.add_device(p)
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     took = time.perf_counter() - started  # reading, preparing, scoring and writing
-    print(f"{result.model_name} on {result.device}, {result.axis} slices, {took:.1f} s in all")
+    print(f"{result.model_name} on {result.device}, {result.slices}, {took:.1f} s in all")
     print(mask_summary(done))
     for p in paths.values():
         print(p)
