@@ -33,6 +33,7 @@ def test_t1_brain_fuses_three_axes_by_default(t1):
     assert fused.slices == "axial, coronal and sagittal slices fused"
     assert single.slices == "axial slices"
     assert not any("averaged" in n for n in single.notes)
+    assert any("fusion off" in n and "approximately" in n for n in single.notes), single.notes
     assert steps[-1][0] == steps[-1][1] == 3000
     assert all(b[0] >= a[0] for a, b in itertools.pairwise(steps))  # never backwards
     # the model's own reconstruction and slice scores; the maps are averages
@@ -51,10 +52,12 @@ def test_t1_brain_fuses_three_axes_by_default(t1):
 
 def test_other_axis_or_no_companions(t1):
     model, vol = t1
-    coronal = localize(
-        vol, model, EngineOptions(device="cpu"), maps=MAPS, axis="coronal", fuse=True
-    )
+    coronal = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, axis="coronal")
     assert not any("averaged" in n for n in coronal.notes)  # asked for one other axis
+    assert not coronal.fused_axes and coronal.slices == "coronal slices"
+    assert any("by its axial network alone" in n for n in coronal.notes), coronal.notes
+    with pytest.raises(InputError, match="cannot fuse along the coronal axis"):
+        localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, axis="coronal", fuse=True)
     with pytest.raises(InputError, match="no companion models"):
         localize(
             vol, load_model("t2-brain"), EngineOptions(device="cpu"), maps=MAPS, fuse=True,

@@ -273,8 +273,10 @@ def localize(
     ``fuse``: True averages in the companions the card names (``defaults.fuse_with``: models
     of the same kind trained on other slicing axes; bundled names, or folders relative to the
     model's) and fails without any; False scores along one axis; None follows the card
-    (``defaults.fuse``, default true when companions are named). Fusion is skipped when
-    ``axis`` asks for another axis than the model's. Each companion's maps are divided by its
+    (``defaults.fuse``, default true when companions are named). Fusion is skipped, with a
+    note, when ``axis`` asks for another axis than the model's (and refused when ``fuse`` is
+    True); a card that fuses by default scored along one axis gets a note that its calibrated
+    threshold and rates were measured fused. Each companion's maps are divided by its
     own calibrated scale and multiplied by the model's, so the average stays in the model's
     units; the reconstruction and the slice scores are the model's own. Other arguments:
     :func:`localize_axis`.
@@ -293,7 +295,7 @@ def localize(
     off_grid = _off_grid_note(volume, model)
     if not companions:
         res = localize_axis(volume, model, opts, axis=axis, maps=maps)
-        res.notes.extend(off_grid)
+        res.notes.extend([*_one_axis_note(model, res.axis), *off_grid])
         return res
     models = [model, *companions]
     runs = len(models)
@@ -475,6 +477,25 @@ def _scales(model: LoadedModel) -> dict[str, float]:
     return model.card.calibration.scales if model.card.calibration is not None else {}
 
 
+def _one_axis_note(model: LoadedModel, axis: str) -> list[str]:
+    """A note for a model whose card fuses its slicing axes by default, scored along one axis
+    (fusion turned off, or another axis asked for): its threshold and claimed rates were
+    measured on the fused map."""
+    d = model.card.defaults
+    if not (d.fuse_with and d.fuse is not False):
+        return []
+    how = (
+        f"along its own {axis} axis alone (fusion off)"
+        if axis == model.card.axis
+        else f"along the {axis} axis by its {model.card.axis} network alone, which learned "
+        f"{model.card.axis} slices (fusion needs the model's own axis)"
+    )
+    return [
+        f"{model.card.name} scored {how}: its threshold and the healthy rates it claims were "
+        "measured with its slicing axes fused, so here they hold only approximately"
+    ]
+
+
 def _fusion_companions(
     model: LoadedModel, fuse: bool | None, axis: str | None, maps: Sequence[str]
 ) -> list[LoadedModel]:
@@ -482,15 +503,22 @@ def _fusion_companions(
     :func:`_check_companion` for ``maps``.
 
     Raises:
-        InputError: ``fuse`` is True and the card names no companions, or a companion cannot
-            be fused for ``maps``.
+        InputError: ``fuse`` is True and the card names no companions or ``axis`` is not the
+            model's, or a companion cannot be fused for ``maps``.
     """
     defaults = model.card.defaults
     names = list(defaults.fuse_with or [])
     if fuse and not names:
         raise InputError(f"model {model.card.name!r} has no companion models to fuse with")
     use = (defaults.fuse is not False) if fuse is None else fuse
-    if not use or (axis is not None and axis.lower() != model.card.axis):
+    other_axis = axis is not None and axis.lower() != model.card.axis
+    if fuse and other_axis:
+        raise InputError(
+            f"fusing averages {model.card.name!r}'s companions into its own "
+            f"{model.card.axis} slices; it cannot fuse along the {axis.lower()} axis: drop "
+            "the axis or the fusion"
+        )
+    if not use or other_axis:
         return []
     companions = [_companion(model, n) for n in names]
     for other in companions:

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             stage=None if args.quiet else bar.stage,
         )
     r = res["result"]
-    print(f"{r.model_name} on {r.device}: {res['demo'].description}, {r.seconds:.1f} s")
+    print(f"{r.model_name} on {r.device}, {r.slices}: {res['demo'].description}, {r.seconds:.1f} s")
     if r.preparation is not None:
         print("preparation:")
         for line in r.preparation.lines():

@@ -26,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     header = ("name", "modality", "input", "z", "axis", "MB", "trained on")
     rows = []
+    cards = {name: read_card(path) for name, path in models.items()}
     for name, path in models.items():
-        c = read_card(path)
+        c = cards[name]
         size = (path / WEIGHTS_FILE).stat().st_size / 1e6
         rows.append(
             (
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                 str(c.modality),
                 str(c.image_size),
                 str(c.architecture.z_dim),
-                str(c.axis),
+                axes(name, cards),
                 f"{size:.1f}",
                 trained_on(c),
             )
@@ -43,6 +44,18 @@ def run(args: argparse.Namespace) -> int:
     for line in format_table(header, rows):
         print(line)
     return 0
+
+
+def axes(name: str, cards: dict) -> str:
+    """The slicing axis column: "axial + coronal, sagittal fused" for a model that fuses its
+    companions by default, "coronal (fused into t1-brain)" for a companion."""
+    card = cards[name]
+    d = card.defaults
+    if d.fuse_with and d.fuse is not False:
+        others = [str(cards[n].axis) if n in cards else n for n in d.fuse_with]
+        return f"{card.axis} + {', '.join(others)} fused"
+    into = [n for n, c in cards.items() if name in (c.defaults.fuse_with or [])]
+    return f"{card.axis} (fused into {', '.join(into)})" if into else str(card.axis)
 
 
 def trained_on(card) -> str:
