@@ -70,8 +70,9 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
         default=None,
         help="average in the model's companion models for the other slicing axes (default: "
         "as the model card says: t1-brain fuses its axial, coronal and sagittal models, and "
-        "its calibrated threshold and rates are the fused map's; --no-fuse scores one axis, "
-        "its scoring about three times faster, the preparation as long)",
+        "its calibrated threshold and rates are the fused map's; --no-fuse scores one axis: "
+        "the scoring is about three times faster, preparing the scan and mapping the maps "
+        "back take as long)",
     )
     options.add_prepare(p)
     options.add_device(p)
