@@ -299,13 +299,15 @@ def localize(
         return res
     models = [model, *companions]
     runs = len(models)
-
+    # the sum is kept in float32 and held (the companions are added into it); the maps come
+    # back in the precision asked for
+    acc = opts.replace(map_dtype="float32", defer_maps=False)
     progress = opts.progress
 
     def part(i: int) -> EngineOptions:
         if progress is None:
-            return opts
-        return opts.replace(
+            return acc
+        return acc.replace(
             progress=lambda done, total: progress(
                 i * 1000 + (1000 * done) // max(total, 1), 1000 * runs
             )
@@ -325,6 +327,10 @@ def localize(
         )  # fmt: skip
     for k in fused:
         res.maps[k] /= np.float32(runs)
+    dtype = np.dtype(opts.map_dtype)
+    if dtype != np.float32:
+        for k in list(res.maps):
+            res.maps[k] = res.maps.pop(k).astype(dtype)
     res.fused_axes = tuple(m.card.axis for m in models)
     res.notes.append(
         "maps averaged over the " + ", ".join(m.card.axis for m in models) + " models ("
@@ -368,7 +374,7 @@ def _localize_prepared(
     maps = MapSet()
     dtype = np.dtype(opts.map_dtype)  # on the scan's grid in the precision asked for, too
     for k in list(res.maps):
-        if res.maps.is_deferred(k):  # onto the scan's grid when first used, too
+        if opts.defer_maps or res.maps.is_deferred(k):  # onto the scan's grid when first used
             make = functools.partial(_to_scan, prepared, res.maps, k, dtype)
             maps.defer(k, make, volume.shape, dtype, region=make)  # make(index): a part alone
         else:

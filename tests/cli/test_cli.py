@@ -149,8 +149,8 @@ def test_models_command(capsys):
     t2 = rows["t2-brain"][start:]
     assert "; mni2009a-t1, oasis-t1, icbm-variant-t1, samseg: anatomy only, in T2 contrast" in t2
     # the axis column says which models are fused, and into which
-    assert "axial + coronal, sagittal fused" in rows["t1-brain"]
-    assert "coronal (fused into t1-brain)" in rows["t1-brain-coronal"]
+    assert " axial+coronal+sagittal " in rows["t1-brain"]
+    assert " coronal(fused) " in rows["t1-brain-coronal"]
     assert "  axial  " in rows["t2-brain"]
     assert "samseg: anatomy only, in T1 contrast" in t1, t1
 

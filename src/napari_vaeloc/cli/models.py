@@ -47,15 +47,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def axes(name: str, cards: dict) -> str:
-    """The slicing axis column: "axial + coronal, sagittal fused" for a model that fuses its
-    companions by default, "coronal (fused into t1-brain)" for a companion."""
+    """The slicing axis column (one word, as every column but the last): "axial+coronal+sagittal"
+    for a model that fuses its companions by default, "coronal(fused)" for a companion."""
     card = cards[name]
     d = card.defaults
     if d.fuse_with and d.fuse is not False:
         others = [str(cards[n].axis) if n in cards else n for n in d.fuse_with]
-        return f"{card.axis} + {', '.join(others)} fused"
-    into = [n for n, c in cards.items() if name in (c.defaults.fuse_with or [])]
-    return f"{card.axis} (fused into {', '.join(into)})" if into else str(card.axis)
+        return "+".join([str(card.axis), *others])
+    into = any(name in (c.defaults.fuse_with or []) for c in cards.values())
+    return f"{card.axis}(fused)" if into else str(card.axis)
 
 
 def trained_on(card) -> str:
