@@ -333,7 +333,7 @@ def localize(
             res.maps[k] = res.maps.pop(k).astype(dtype)
     res.fused_axes = tuple(m.card.axis for m in models)
     res.notes.append(
-        "maps averaged over the " + ", ".join(m.card.axis for m in models) + " models ("
+        "maps averaged over the " + ", ".join(res.fused_axes) + " models ("
         + ", ".join(m.card.name for m in models) + "), each on its calibrated scale"
     )  # fmt: skip
     res.notes.extend(off_grid)
@@ -542,13 +542,9 @@ def _check_companion(model: LoadedModel, other: LoadedModel, maps: Sequence[str]
         InputError: naming the maps and the companion.
     """
     own, theirs = _scales(model), _scales(other)
-
-    def known(k: str) -> bool:
-        return bool(theirs.get(k))
-
-    lacking = [k for k in maps if own.get(k) and not known(k)]
+    lacking = [k for k in maps if own.get(k) and not theirs.get(k)]
     if lacking:
-        both = ", ".join(k for k in own if k in COMBINABLE_MAPS and known(k)) or "none"
+        both = ", ".join(k for k in own if k in COMBINABLE_MAPS and theirs.get(k)) or "none"
         raise InputError(
             f"cannot fuse {', '.join(lacking)} with the companion {other.card.name!r}: it "
             f"was not calibrated for {'that map' if len(lacking) == 1 else 'those maps'} as "
