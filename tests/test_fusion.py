@@ -9,7 +9,7 @@ import pytest
 
 from napari_vaeloc.engine import EngineOptions, localize
 from napari_vaeloc.errors import InputError
-from napari_vaeloc.io import load_volume
+from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.samples import sample_path
 
@@ -127,16 +127,15 @@ def test_every_axis_adds_the_main_models_healthy_range_excess(t1, tmp_path):
     x, y, z = np.ogrid[tuple(slice(0, n) for n in data.shape)]
     ball = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= 4**2
     data[ball] = data[brain].max() * 1.6  # brighter than any healthy tissue
-    bright = vol.__class__.from_array(data, vol.affine)
-    cpu = EngineOptions(device="cpu")
-    maps = ("restoration",)
-    with_excess = localize(bright, model, cpu, maps=maps, prepare=None).maps["restoration"]
+    bright = Volume.from_array(data, vol.affine)
     plain = _copies(tmp_path, excess=False)
-    without = localize(bright, plain, cpu, maps=maps, prepare=None).maps["restoration"]
-    axial_only = localize(bright, model, cpu, maps=maps, fuse=False, prepare=None)
-    gain_fused = float(with_excess[ball].mean() - without[ball].mean())
+
+    def in_ball(m, fuse: bool) -> float:
+        cpu = EngineOptions(device="cpu")
+        res = localize(bright, m, cpu, maps=("restoration",), fuse=fuse, prepare=None)
+        return float(res.maps["restoration"][ball].mean())
+
+    gain_fused = in_ball(model, True) - in_ball(plain, True)
     # were the excess only the axial model's, the fused gain would be a third of the axial's
-    gain_axial = float(axial_only.maps["restoration"][ball].mean())
-    single_plain = localize(bright, plain, cpu, maps=maps, fuse=False, prepare=None)
-    gain_axial -= float(single_plain.maps["restoration"][ball].mean())
+    gain_axial = in_ball(model, False) - in_ball(plain, False)
     assert gain_axial > 0 and gain_fused > 0.6 * gain_axial, (gain_fused, gain_axial)
