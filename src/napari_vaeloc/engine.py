@@ -304,14 +304,7 @@ def localize(
     acc = opts.replace(map_dtype="float32", defer_maps=False)
     progress = opts.progress
 
-    def part(i: int) -> EngineOptions:
-        if progress is None:
-            return acc
-        return acc.replace(
-            progress=lambda done, total: progress(
-                i * 1000 + (1000 * done) // max(total, 1), 1000 * runs
-            )
-        )
+    part = _fused_progress(volume, models, acc, progress)
 
     t0 = time.perf_counter()
     own = _scales(model)
@@ -339,6 +332,40 @@ def localize(
     res.notes.extend(off_grid)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _fused_progress(
+    volume: Volume,
+    models: Sequence[LoadedModel],
+    options: EngineOptions,
+    progress: ProgressCallback | None,
+) -> Callable[[int], EngineOptions]:
+    """The options of each axis's run in a fused localization, reporting slices done out of
+    the slices of every axis: the axes scored so far count with the slices they had to score,
+    the axes still to come with their whole extent (an upper bound: empty slices are skipped),
+    so the count only rises and ends at its total."""
+    if progress is None:
+        return lambda i: options
+    from .preprocess import make_geometry
+
+    extent = [
+        make_geometry(
+            volume.shape, volume.affine, volume.spacing, resolve_axis(m.card.axis),
+            m.card.image_size,
+        ).n_slices
+        for m in models
+    ]  # fmt: skip
+    scored = list(extent)
+
+    def part(i: int) -> EngineOptions:
+        def report(done: int, total: int) -> None:
+            scored[i] = total
+            before = sum(scored[:i])
+            progress(before + done, before + total + sum(extent[i + 1 :]))
+
+        return options.replace(progress=report)
+
+    return part
 
 
 def _localize_prepared(
