@@ -91,3 +91,20 @@ def test_smoothed_components_are_cached_and_match_smoothing_the_sum():
     s.settings = s.settings.replace(smoothing_mm=3.0)  # a new smoothing replaces the cache
     s.combined()
     assert {k[1] for k in s._smooth_cache} == {3.0}
+
+
+def test_the_mask_rate_survives_a_slider_s_rounding_of_the_default_threshold():
+    """A slider hands the default threshold back rounded to six digits: still the default mask,
+    whose measured rate is said; a real move of the slider is not."""
+    calibration = {**CAL, "mask_fpr": 0.0068}
+    defaults = {**DEFAULTS, "threshold": 1.2345678, "grow_threshold": 1.0, "outline_fraction": 0.4}
+    rng = np.random.default_rng(0)
+    shape = (12, 10, 8)
+    maps = {k: rng.random(shape, dtype=np.float32) for k in ("combi", "rec_error", "kl_grad")}
+    vol = Volume.from_array(rng.random(shape), spacing=(1.0, 1.0, 2.0))
+    s = Session(make_result(maps, np.ones(shape, bool), vol, card_with(calibration, defaults)))
+    assert "the outlined mask marks 0.68% of healthy voxels" in s.threshold_text()
+    s.settings = s.settings.replace(threshold=round(1.2345678, 6))
+    assert "the outlined mask marks 0.68% of healthy voxels" in s.threshold_text()
+    s.settings = s.settings.replace(threshold=1.2445678)
+    assert "measured at the default only" in s.threshold_text()

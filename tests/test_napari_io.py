@@ -139,3 +139,7 @@ def test_sample_data_through_manifest(make_napari_viewer):
     np.testing.assert_allclose(scan.data_to_world((0, 0, 0)), vol.origin)
     assert type(truth).__name__ == "Labels"
     assert truth.data.max() == 1 and truth.data.sum() > 0
+    viewer.open_sample("napari-vaeloc", "t1-head")  # the healthy raw head, on its own grid
+    head, head_vol = viewer.layers[-1], load_volume(sample_path("t1-head"))
+    assert head.name == "t1-head" and head.data.shape == head_vol.shape
+    np.testing.assert_allclose(head.data_to_world((0, 0, 0)), head_vol.origin)

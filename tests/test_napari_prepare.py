@@ -76,6 +76,7 @@ def test_raw_head_is_prepared_and_localized(make_napari_viewer, qtbot):
     scan = viewer.layers[HEAD]
     assert widget.model.value == "t1-brain"
     assert "T1 model chosen: the scan looks like T1 (r = " in widget.model_info.value
+    assert "T1, axial + coronal + sagittal fused; calibrated" in widget.model_info.value
     assert widget.prepare.value == "auto"
     token = widget._guess_token
     t0 = time.perf_counter()

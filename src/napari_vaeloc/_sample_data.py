@@ -38,6 +38,12 @@ def t1_healthy() -> list[LayerData]:
     return _sample("t1-healthy", "t1-healthy")
 
 
+def t1_head() -> list[LayerData]:
+    """The raw individual T1 head without a lesion (skull kept, LIA voxel order, 2 mm, not
+    registered): a healthy real head, for which the default mask should stay empty."""
+    return _sample("t1-head", "t1-head")
+
+
 def t1_head_lesion() -> list[LayerData]:
     """A raw individual T1 head (skull kept, LIA voxel order, 2 mm, not registered) with a
     synthetic lesion: the widget prepares it before scoring."""

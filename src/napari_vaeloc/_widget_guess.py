@@ -148,7 +148,12 @@ class GuessMixin:
         if card is None:
             return
         cal = "calibrated" if card.calibration else "uncalibrated (thresholds relative to the scan)"
-        self._model_text = f"{card.modality}, {card.axis}; {cal}"
+        axes = str(card.axis)
+        if card.defaults.fuses:  # the companions' axes, or their names when not listed
+            names = card.defaults.fuse_with or []
+            others = [str(c.axis) if (c := self._card_quiet(n)) else n for n in names]
+            axes = " + ".join([axes, *others]) + " fused"
+        self._model_text = f"{card.modality}, {axes}; {cal}"
         self._show_model_info(card)
         self.model_info.tooltip = (
             f"{TOOLTIPS['model_info']}\n{card.provenance.description}\n{card.provenance.sources}"

@@ -675,7 +675,9 @@ class PostProcessor:
         if cal is None or cal.mask_fpr is None or not self.uses_default_combination():
             return None
         default = self.default_settings()
-        if s.mask_key() != default.mask_key() or self.combined_key(s) != self.combined_key(default):
+        if not _same_key(s.mask_key(), default.mask_key()):
+            return None
+        if self.combined_key(s) != self.combined_key(default):
             return None
         return float(cal.mask_fpr)
 
@@ -687,6 +689,21 @@ class PostProcessor:
         thr = np.array([p[0] for p in pairs])[::-1]
         logf = np.log10([p[1] for p in pairs])[::-1]
         return float(np.interp(math.log10(fpr), logf, thr))
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two :meth:`CombineSettings.mask_key` tuples name the same mask: numbers equal to
+    a relative 1e-6 (a slider hands back its value rounded to about six digits), the rest
+    exactly."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, float) and isinstance(y, float):
+            if not math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def weighted_sum(

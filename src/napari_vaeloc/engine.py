@@ -341,9 +341,8 @@ def _fused_progress(
     progress: ProgressCallback | None,
 ) -> Callable[[int], EngineOptions]:
     """The options of each axis's run in a fused localization, reporting slices done out of
-    the slices of every axis: the axes scored so far count with the slices they had to score,
-    the axes still to come with their whole extent (an upper bound: empty slices are skipped),
-    so the count only rises and ends at its total."""
+    every axis's slices: the total is fixed from the start, and the empty slices an axis skips
+    count as done when that axis finishes, so the count only rises and ends at the total."""
     if progress is None:
         return lambda i: options
     from .preprocess import make_geometry
@@ -355,13 +354,13 @@ def _fused_progress(
         ).n_slices
         for m in models
     ]  # fmt: skip
-    scored = list(extent)
+    whole = sum(extent)
 
     def part(i: int) -> EngineOptions:
+        before = sum(extent[:i])
+
         def report(done: int, total: int) -> None:
-            scored[i] = total
-            before = sum(scored[:i])
-            progress(before + done, before + total + sum(extent[i + 1 :]))
+            progress(before + (extent[i] if done >= total else done), whole)
 
         return options.replace(progress=report)
 
@@ -515,7 +514,7 @@ def _one_axis_note(model: LoadedModel, axis: str) -> list[str]:
     (fusion turned off, or another axis asked for): its threshold and claimed rates were
     measured on the fused map."""
     d = model.card.defaults
-    if not (d.fuse_with and d.fuse is not False):
+    if not d.fuses:
         return []
     how = (
         f"along its own {axis} axis alone (fusion off)"
@@ -543,7 +542,7 @@ def _fusion_companions(
     names = list(defaults.fuse_with or [])
     if fuse and not names:
         raise InputError(f"model {model.card.name!r} has no companion models to fuse with")
-    use = (defaults.fuse is not False) if fuse is None else fuse
+    use = defaults.fuses if fuse is None else fuse
     other_axis = axis is not None and axis.lower() != model.card.axis
     if fuse and other_axis:
         raise InputError(

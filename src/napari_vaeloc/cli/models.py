@@ -51,8 +51,8 @@ def axes(name: str, cards: dict) -> str:
     for a model that fuses its companions by default, "coronal(fused)" for a companion."""
     card = cards[name]
     d = card.defaults
-    if d.fuse_with and d.fuse is not False:
-        others = [str(cards[n].axis) if n in cards else n for n in d.fuse_with]
+    if d.fuses:
+        others = [str(cards[n].axis) if n in cards else n for n in d.fuse_with or []]
         return "+".join([str(card.axis), *others])
     into = any(name in (c.defaults.fuse_with or []) for c in cards.values())
     return f"{card.axis}(fused)" if into else str(card.axis)

@@ -273,6 +273,12 @@ class PostProcessingDefaults(_Part):
     fuse: bool | None = None
     fuse_with: list[str] | None = None
 
+    @property
+    def fuses(self) -> bool:
+        """Whether a localization fuses the companions by default: some are named and
+        ``fuse`` is not false."""
+        return bool(self.fuse_with) and self.fuse is not False
+
 
 @dataclass
 class Provenance(_Part):
