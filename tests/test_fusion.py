@@ -33,8 +33,12 @@ def test_t1_brain_fuses_three_axes_by_default(t1):
     model, vol = t1
     assert model.card.defaults.fuse is True  # the card's default: results.md, "Before and after"
     steps: list[tuple[int, int]] = []
-    options = EngineOptions(device="cpu", progress=lambda d, t: steps.append((d, t)))
+    stages: list[str] = []
+    options = EngineOptions(
+        device="cpu", progress=lambda d, t: steps.append((d, t)), stage=stages.append
+    )
     fused = localize(vol, model, options, maps=MAPS)
+    assert stages.count("scoring slices") == 1, stages  # one for the three axes
     single = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, fuse=False)
     assert "axial, coronal, sagittal" in fused.notes[-1]
     assert fused.fused_axes == ("axial", "coronal", "sagittal") and not single.fused_axes

@@ -160,6 +160,11 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     qtbot.waitUntil(lambda: mask_layer.data.sum() > mask0.sum(), timeout=2000)
     assert widget.threshold_info.value != info0
     np.testing.assert_array_equal(comb_layer.data, comb0)  # threshold alone: same map
+    # typed back as the slider shows it (two decimals): the default, with its measured rates
+    widget.threshold.value = round(widget.session.default_settings().threshold, 2)
+    qtbot.waitUntil(lambda: widget.threshold_info.value == info0, timeout=2000)
+    assert "the outlined mask marks" in info0, info0
+    np.testing.assert_array_equal(mask_layer.data, mask0)
 
     widget.weights["kl_grad"].value = 1.0
     qtbot.waitUntil(lambda: not np.array_equal(comb_layer.data, comb0), timeout=2000)

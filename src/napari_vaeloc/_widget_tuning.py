@@ -415,7 +415,8 @@ class TuningMixin:
     def _read_settings(self) -> None:
         """The session's settings from the sliders. A slider that shows a setting to its own
         precision (a model's default threshold of 3.9486313 shows as 3.948631) keeps the exact
-        setting, so that the panel computes what the command line computes."""
+        setting, so that the panel computes what the command line computes; a threshold within half
+        the slider's step of the model's default (3.68 typed for 3.6815481) is the default."""
         if self.session is None:
             return
         st = self.session.settings
@@ -431,11 +432,15 @@ class TuningMixin:
         top = max(4.0, 3.0 * sum(weights.values()), 10.0 if scan_normalise else 0.0)
         if top > self.threshold.max:  # growing the range never moves the value
             self.threshold.max = top
+        threshold = _kept(float(self.threshold.value), st.threshold)
+        default = self.session.default_settings().threshold
+        if abs(threshold - default) <= 0.5 * float(self.threshold.step or 0.0):
+            threshold = default  # shown alike (3.68 for 3.681548): the default, and its rates
         new = st.replace(
             weights=weights,
             scan_normalise=scan_normalise,
             smoothing_mm=_kept(float(self.smoothing.value), st.smoothing_mm),
-            threshold=_kept(float(self.threshold.value), st.threshold),
+            threshold=threshold,
             min_size_mm3=_kept(float(self.min_size.value), st.min_size_mm3),
         )
         if not self.outline.value:

@@ -342,9 +342,12 @@ def _fused_progress(
 ) -> Callable[[int], EngineOptions]:
     """The options of each axis's run in a fused localization, reporting slices done out of
     every axis's slices: the total is fixed from the start, and the empty slices an axis skips
-    count as done when that axis finishes, so the count only rises and ends at the total."""
+    count as done when that axis finishes, so the count only rises and ends at the total. Only
+    the first axis's run names the "scoring slices" stage."""
+    # one "scoring slices" stage: the companions' runs do not announce it again
+    quiet = options.replace(stage=None)
     if progress is None:
-        return lambda i: options
+        return lambda i: quiet if i else options
     from .preprocess import make_geometry
 
     extent = [
@@ -362,7 +365,7 @@ def _fused_progress(
         def report(done: int, total: int) -> None:
             progress(before + (extent[i] if done >= total else done), whole)
 
-        return options.replace(progress=report)
+        return (quiet if i else options).replace(progress=report)
 
     return part
 
