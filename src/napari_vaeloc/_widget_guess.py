@@ -148,11 +148,9 @@ class GuessMixin:
         if card is None:
             return
         cal = "calibrated" if card.calibration else "uncalibrated (thresholds relative to the scan)"
-        axes = str(card.axis)
-        if card.defaults.fuses:  # the companions' axes, or their names when not listed
-            names = card.defaults.fuse_with or []
-            others = [str(c.axis) if (c := self._card_quiet(n)) else n for n in names]
-            axes = " + ".join([axes, *others]) + " fused"
+        axes = " + ".join(card.defaults.fused_axes(str(card.axis), self._card_quiet))
+        if card.defaults.fuses:
+            axes += " fused"
         self._model_text = f"{card.modality}, {axes}; {cal}"
         self._show_model_info(card)
         self.model_info.tooltip = (

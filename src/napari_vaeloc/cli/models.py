@@ -50,10 +50,8 @@ def axes(name: str, cards: dict) -> str:
     """The slicing axis column (one word, as every column but the last): "axial+coronal+sagittal"
     for a model that fuses its companions by default, "coronal(fused)" for a companion."""
     card = cards[name]
-    d = card.defaults
-    if d.fuses:
-        others = [str(cards[n].axis) if n in cards else n for n in d.fuse_with or []]
-        return "+".join([str(card.axis), *others])
+    if card.defaults.fuses:
+        return "+".join(card.defaults.fused_axes(str(card.axis), cards.get))
     into = any(name in (c.defaults.fuse_with or []) for c in cards.values())
     return f"{card.axis}(fused)" if into else str(card.axis)
 

@@ -18,6 +18,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,15 @@ class PostProcessingDefaults(_Part):
         """Whether a localization fuses the companions by default: some are named and
         ``fuse`` is not false."""
         return bool(self.fuse_with) and self.fuse is not False
+
+    def fused_axes(self, axis: str, card_of: Callable[[str], ModelCard | None]) -> list[str]:
+        """The slicing axes a default localization scores: ``axis`` (the model's own) and,
+        when it :attr:`fuses`, each companion's axis as ``card_of(name)`` gives its card (the
+        companion's name where that gives None)."""
+        if not self.fuses:
+            return [axis]
+        others = [str(c.axis) if (c := card_of(n)) is not None else n for n in self.fuse_with or []]
+        return [axis, *others]
 
 
 @dataclass
