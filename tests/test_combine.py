@@ -300,15 +300,16 @@ def test_the_half_maximum_outlines_a_smoothed_lesion_where_it_is_whatever_its_st
     assert not post.mask(post.settings.replace(grow_threshold=1.0, outline_fraction=0.5)).any()
 
 
-def test_outlined_slice_previews_are_exact_once_the_parts_are_known():
+@pytest.mark.parametrize("sharp", [None, 0.0])
+def test_outlined_slice_previews_are_exact_once_the_parts_are_known(sharp):
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(11)
     c = gaussian_filter(rng.normal(size=(30, 26, 24)), 1.5).astype(np.float32)
     c = np.maximum(c / c.std(), 0)
     fg = np.ones(c.shape, bool)
-    post = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=2.5,
-                 grow_threshold=1.0, outline_fraction=0.5)  # fmt: skip
+    post = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=2.5, smoothing_mm=1.0,
+                 grow_threshold=1.0, outline_fraction=0.5, outline_smoothing_mm=sharp)  # fmt: skip
     # before the whole mask: the slice alone, marked approximate
     first = post.slice_preview(post.settings, 0, 12, compute=True)
     assert first is not None and not first.exact
@@ -325,9 +326,87 @@ def test_outlined_slice_previews_are_exact_once_the_parts_are_known():
     assert whole.any()
 
 
+def _sharp_reference(c6, cs, threshold, grow, fraction):
+    """The mask outlined on a sharper map, part by part as step 5 of the combine module states
+    it: the parts of ``c6 > grow`` whose peak passes the threshold, each cut at ``fraction`` of
+    its peak on the sharper map ``cs``."""
+    from scipy.ndimage import label
+
+    labels, count = label(c6 > grow, structure=np.ones((3, 3, 3), bool))
+    out = np.zeros(c6.shape, np.uint8)
+    for i in range(1, count + 1):
+        part = labels == i
+        if c6[part].max() > threshold:
+            out[part & (cs >= fraction * cs[part].max())] = 1
+    return out
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_a_mask_outlined_on_a_sharper_map_equals_a_part_by_part_reference(normalise):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(5)
+    c = gaussian_filter(rng.normal(size=(34, 30, 26)), 1.0).astype(np.float32)
+    c = np.maximum(c / c.std(), 0)
+    fg = np.ones(c.shape, bool)
+    fg[:3] = False
+    settings = {"smoothing_mm": 2.5, "scan_normalise": normalise, "grow_threshold": 0.5,
+                "outline_fraction": 0.4}  # fmt: skip
+    post = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=1.5, **settings)
+    for sharp in (0.0, 1.0):
+        st = post.settings.replace(outline_smoothing_mm=sharp)
+        alone = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=1.5, **settings)
+        c6 = alone.combined(st)
+        cs = alone.combined(st.replace(smoothing_mm=sharp))
+        for thr, grow in np.quantile(c6[fg], [(0.99, 0.8), (0.995, 0.9)]):
+            levels = st.replace(threshold=thr, grow_threshold=grow)
+            ref = _sharp_reference(c6, cs, thr, grow, 0.4)
+            assert ref.any()
+            np.testing.assert_array_equal(post.mask(levels), ref)
+            plain = post.mask(levels.replace(outline_smoothing_mm=None))
+            assert (plain != ref).any()  # the sharper map moves the outline
+    # the combined map is the smoothed one whatever the outline is drawn on
+    np.testing.assert_array_equal(post.combined(st), post.combined(st.replace(
+        outline_smoothing_mm=None)))  # fmt: skip
+    # outlining on the combined map's own smoothing is the plain outline
+    same = st.replace(outline_smoothing_mm=2.5)
+    assert same.sharp_outline() is None
+    np.testing.assert_array_equal(
+        post.mask(same), post.mask(same.replace(outline_smoothing_mm=None))
+    )
+
+
+def test_a_sharper_outline_fits_a_lesion_that_the_smoothed_map_widens():
+    """A wide Gaussian spreads a lesion's map beyond it, and its half maximum moves outwards
+    for a lesion not much wider than the Gaussian; outlined on a sharper map the mask fits."""
+    shape = (48, 48, 48)
+    inside, blob = _ball(shape, (24, 24, 24), 5, 1.0)
+    rng = np.random.default_rng(3)
+    c = (4.0 * blob + 0.2 * rng.random(shape)).astype(np.float32)
+    fg = np.ones(shape, bool)
+    post = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=0.6, smoothing_mm=4.0,
+                 grow_threshold=0.2, outline_fraction=0.4)  # fmt: skip
+
+    def dice(m):
+        m = m.astype(bool)
+        return 2 * (m & inside).sum() / (m.sum() + inside.sum())
+
+    wide = post.mask()
+    sharp = post.mask(post.settings.replace(outline_smoothing_mm=1.0))
+    assert wide.sum() > 1.5 * inside.sum()
+    assert dice(sharp) > 0.85 > dice(wide), (dice(sharp), dice(wide))
+    # a threshold move reuses the sharper map: nothing is smoothed again
+    before = post.outline_map(post.settings.replace(outline_smoothing_mm=1.0))
+    moved = post.settings.replace(threshold=0.8, outline_smoothing_mm=1.0)
+    post.mask(moved)
+    assert post.outline_map(moved) is before
+
+
 BAD_OUTLINES = [
     {"outline_fraction": 1.0},
     {"outline_fraction": -0.1},
+    {"outline_smoothing_mm": -1.0},
+    {"outline_smoothing_mm": float("inf")},
     {"grow_threshold": -1.0},
     {"grow_threshold": float("nan")},
 ]
@@ -340,7 +419,9 @@ def test_bad_outline_settings_are_refused(changes):
 
 
 def test_the_outline_comes_from_the_card():
-    card = card_with(defaults={"threshold": 3.0, "grow_threshold": 1.5, "outline_fraction": 0.5})
+    card = card_with(defaults={"threshold": 3.0, "grow_threshold": 1.5, "outline_fraction": 0.5,
+                               "smoothing_mm": 6.0, "outline_smoothing_mm": 2.0})  # fmt: skip
     s = CombineSettings.from_card(card)
     assert (s.grow_threshold, s.outline_fraction, s.grow_level()) == (1.5, 0.5, 1.5)
+    assert s.sharp_outline() == 2.0 and s.without_outline().sharp_outline() is None
     assert CombineSettings.preset("paper", card).grow_level() is None  # the paper's method

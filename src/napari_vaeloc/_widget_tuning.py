@@ -447,7 +447,11 @@ class TuningMixin:
             new = new.without_outline()
         elif new.grow_threshold is None:  # turned on: the model's outline
             d = self.session.default_settings()
-            new = new.replace(grow_threshold=d.grow_threshold, outline_fraction=d.outline_fraction)
+            new = new.replace(
+                grow_threshold=d.grow_threshold,
+                outline_fraction=d.outline_fraction,
+                outline_smoothing_mm=d.outline_smoothing_mm,
+            )
         self.session.settings = new
 
     def _show_settings(self, st: Any) -> None:

@@ -28,8 +28,12 @@ map and mask everywhere. Its steps, in order:
    ``max(grow level, outline_fraction * peak)``. An 8 mm smoothed map stays above a strict
    threshold only in a lesion's core; the smoothed edge of a lesion crosses half its height
    at the edge itself, so an ``outline_fraction`` near 0.5 (the half maximum) outlines a lesion
-   where it is, for weak and strong lesions alike. Parts whose region above the grow level is
-   smaller than the minimum size (mm^3) are removed.
+   where it is, for weak and strong lesions alike. With ``outline_smoothing_mm`` the outline
+   is drawn on a sharper map instead: the same combination smoothed with that sigma (steps
+   1-4), within each kept part the voxels at or above ``outline_fraction`` of the part's peak
+   *on the sharper map*. The smoothed map still decides where a part is and how far it may
+   reach; the sharper one where its edge lies, which a wide Gaussian moves outwards. Parts
+   whose region above the grow level is smaller than the minimum size (mm^3) are removed.
 
 The threshold <-> healthy false-positive rate conversion reads the model's calibrated table
 (``Calibration.combined_fpr``), valid for the combination it was calibrated for.
@@ -72,13 +76,14 @@ OUTLINE_FRACTION = 0.4
 class CombineSettings:
     """Weights per component, extra 3D smoothing (sigma, mm), per-scan robust normalisation,
     threshold (scale units, or robust z-units with ``scan_normalise``), grow level (the
-    threshold's units; None: no growth), outline fraction (of a part's peak, in [0, 1)) and
+    threshold's units; None: no growth), outline fraction (of a part's peak, in [0, 1)), the
+    smoothing of the map parts are outlined on (sigma, mm; None: the combined map itself) and
     minimum lesion size (mm^3); step 5 of the module doc. Validated when made: change one
     with :meth:`replace`.
 
     Raises:
         InputError: a weight names an unknown map (the message lists the valid names), or a
-            value is not finite, or smoothing or minimum size is negative.
+            value is not finite, or a smoothing or the minimum size is negative.
     """
 
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -89,6 +94,7 @@ class CombineSettings:
     scan_normalise: bool = False
     grow_threshold: float | None = None
     outline_fraction: float = 0.0
+    outline_smoothing_mm: float | None = None
 
     def __post_init__(self) -> None:
         check_names(self.weights, COMBINABLE_MAPS, "weights")
@@ -112,6 +118,11 @@ class CombineSettings:
         if not 0.0 <= fraction < 1.0:
             raise InputError(f"outline_fraction must be in [0, 1), not {fraction}")
         object.__setattr__(self, "outline_fraction", fraction)
+        if self.outline_smoothing_mm is not None:
+            sharp = float(self.outline_smoothing_mm)
+            if not math.isfinite(sharp) or sharp < 0:
+                raise InputError(f"outline_smoothing_mm must be a sigma >= 0 in mm, not {sharp}")
+            object.__setattr__(self, "outline_smoothing_mm", sharp)
 
     @classmethod
     def from_card(cls, card: ModelCard) -> CombineSettings:
@@ -165,13 +176,21 @@ class CombineSettings:
 
     def without_outline(self) -> CombineSettings:
         """A copy whose mask is the voxels above the threshold (no grow level)."""
-        return self.replace(grow_threshold=None, outline_fraction=0.0)
+        return self.replace(grow_threshold=None, outline_fraction=0.0, outline_smoothing_mm=None)
+
+    def sharp_outline(self) -> float | None:
+        """The sigma (mm) of the map the mask's parts are outlined on when it is not the
+        combined map's own (step 5 of the module doc), else None."""
+        sharp = self.outline_smoothing_mm
+        if self.grow_level() is None or sharp is None or sharp == self.smoothing_mm:
+            return None
+        return sharp
 
     def mask_key(self) -> tuple:
         """What the mask depends on besides the combined map."""
         grow = self.grow_level()
         fraction = self.outline_fraction if grow is not None else 0.0
-        return (self.threshold, grow, fraction, self.min_size_mm3)
+        return (self.threshold, grow, fraction, self.min_size_mm3, self.sharp_outline())
 
 
 @dataclass
@@ -235,6 +254,8 @@ class PostProcessor:
         self._mask_voxels = 0  # of the cached mask, counted where it was made
         self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
         self._peak_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._sharp: tuple[tuple, np.ndarray] | None = None  # (key, the map parts are outlined on)
+        self._sharp_peaks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._sample: np.ndarray | None = None  # foreground voxels for preview statistics
         self._norm_cache: tuple[float, np.ndarray] | None = None
 
@@ -300,27 +321,62 @@ class PostProcessor:
         with self._lock:
             if key == self._combined_key and self._combined is not None:
                 return self._combined
+        out = self._combine(s, s.smoothing_mm, s.sharp_outline(), cancel)
+        with self._lock:
+            self._combined, self._combined_key = out, key
+        return out
+
+    def _combine(
+        self,
+        s: CombineSettings,
+        smoothing_mm: float,
+        also: float | None,
+        cancel: Callable[[], bool] | None,
+    ) -> np.ndarray:
+        """Steps 1-4 under ``s`` at ``smoothing_mm`` (uncached); the smoothed components of
+        the smoothing ``also`` stay cached next to this one's."""
         self._check_used(s)
         used = self._used(s)
         inside = self._inside(s)
         terms = {}
         for k in used:
             _stop_if(cancel)
-            terms[k] = self._scaled(k, s.smoothing_mm, inside)
+            terms[k] = self._scaled(k, smoothing_mm, inside, also)
         _stop_if(cancel)
         fg = self.fg() if s.foreground_only else None
         # float16 when every weighted component is (the panel's maps of a large scan): it is
         # no finer than its terms, and it halves the largest array the panel holds
         half = bool(terms) and all(t.dtype == np.float16 for t in terms.values())
         dtype = np.float16 if half else np.float32
-        out = combine_terms(terms, used, fg, s.scan_normalise, self.result.shape, dtype)
+        return combine_terms(terms, used, fg, s.scan_normalise, self.result.shape, dtype)
+
+    def outline_map(
+        self, settings: CombineSettings | None = None, cancel: Callable[[], bool] | None = None
+    ) -> np.ndarray:
+        """The map the mask's parts are outlined on under ``settings`` (default:
+        ``self.settings``): the combination at ``outline_smoothing_mm`` (step 5 of the module
+        doc), or the combined map itself when the settings outline on it; cached, and its
+        smoothed components are kept next to the combined map's, so that a threshold or
+        weight move costs no smoothing."""
+        s = self.settings if settings is None else settings
+        sharp = s.sharp_outline()
+        if sharp is None:
+            return self.combined(s, cancel)
+        key = self.combined_key(s.replace(smoothing_mm=sharp))
         with self._lock:
-            self._combined, self._combined_key = out, key
+            if self._sharp is not None and self._sharp[0] == key:
+                return self._sharp[1]
+        out = self._combine(s, sharp, s.smoothing_mm, cancel)
+        with self._lock:
+            self._sharp = (key, out)
         return out
 
-    def _scaled(self, name: str, smoothing_mm: float, inside: bool = True) -> np.ndarray:
+    def _scaled(
+        self, name: str, smoothing_mm: float, inside: bool = True, also: float | None = None
+    ) -> np.ndarray:
         """``map / scale`` of one component, smoothed (within the foreground when ``inside``);
-        cached for the current smoothing only, float16 when the map is."""
+        cached for this smoothing and ``also`` (the other one the settings use) only, float16
+        when the map is."""
         key = (name, smoothing_mm, inside)
         cached = self._smooth_cache.get(key)
         if cached is not None:
@@ -333,7 +389,7 @@ class PostProcessor:
             out = out.astype(np.float16)
         with self._lock:
             kept = self._smooth_cache.items()
-            cache = {k: v for k, v in kept if k[1] == smoothing_mm}
+            cache = {k: v for k, v in kept if k[1] == smoothing_mm or k[1] == also}
             cache[key] = out
             self._smooth_cache = cache  # replaced whole: readers never see it half-changed
         return out
@@ -371,7 +427,12 @@ class PostProcessor:
             _stop_if(cancel)
             peaks = self._peaks(combined, labels, sizes)
             keep, level = outline_tables(peaks, sizes, n, s.threshold, grow, s.outline_fraction)
-            out = outline_mask(combined, labels, keep, level)
+            values = combined
+            if s.sharp_outline() is not None:
+                values = self.outline_map(s, cancel)
+                _stop_if(cancel)
+                level = self._sharp_levels(values, labels, sizes, s.outline_fraction)
+            out = outline_mask(values, labels, keep, level)
         elif n > 1:
             labels, sizes = self._components(combined, s.threshold)
             out = keep_large(labels, sizes, n)
@@ -406,6 +467,20 @@ class PostProcessor:
             self._parts = (combined, level, labels, sizes)
             self._peak_cache = None
         return labels, sizes
+
+    def _sharp_levels(
+        self, sharp: np.ndarray, labels: np.ndarray, sizes: np.ndarray, fraction: float
+    ) -> np.ndarray:
+        """Each component's outline level on the sharper map: ``fraction`` of its peak there
+        (the peaks cached for the last labels and map)."""
+        cached = self._sharp_peaks
+        if cached is not None and cached[0] is labels and cached[1] is sharp:
+            peaks = cached[2]
+        else:
+            peaks = component_peaks(sharp, labels, len(sizes))
+            with self._lock:
+                self._sharp_peaks = (labels, sharp, peaks)
+        return (np.float32(fraction) * peaks).astype(np.float32)
 
     def _peaks(self, combined: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """Each component's peak (:func:`component_peaks`), cached for the last labels."""
@@ -519,6 +594,8 @@ class PostProcessor:
             return above(comb_sl, s.threshold).astype(np.uint8), True
         level = s.threshold if grow is None else grow
         parts, peaks = self._parts, self._peak_cache
+        sharp = self._cached_sharp(s)
+        sharp_sl = None if sharp is None else plane(sharp, axis, index)
         if combined is not None and parts is not None and parts[0] is combined:
             if parts[1] == level:
                 labels_sl = plane(parts[2], axis, index)
@@ -528,10 +605,24 @@ class PostProcessor:
                     keep, lv = outline_tables(
                         peaks[1], parts[3], n, s.threshold, grow, s.outline_fraction
                     )
-                    return outline_mask(comb_sl, labels_sl, keep, lv), True
+                    if s.sharp_outline() is None:
+                        return outline_mask(comb_sl, labels_sl, keep, lv), True
+                    known = self._sharp_peaks
+                    if sharp_sl is not None and known is not None and known[0] is parts[2]:
+                        if known[1] is sharp:
+                            lv = (np.float32(s.outline_fraction) * known[2]).astype(np.float32)
+                            return outline_mask(sharp_sl, labels_sl, keep, lv), True
         if grow is None:
             return above(comb_sl, s.threshold).astype(np.uint8), False
-        return outline_slice(comb_sl, s.threshold, grow, s.outline_fraction), False
+        return outline_slice(comb_sl, s.threshold, grow, s.outline_fraction, sharp_sl), False
+
+    def _cached_sharp(self, s: CombineSettings) -> np.ndarray | None:
+        """The cached map ``s`` outlines its parts on when it is a sharper one, else None."""
+        sharp = s.sharp_outline()
+        cached = self._sharp
+        if sharp is None or cached is None:
+            return None
+        return cached[1] if cached[0] == self.combined_key(s.replace(smoothing_mm=sharp)) else None
 
     def _scaled_slice(
         self, name: str, smoothing_mm: float, inside: bool, axis: int, index: int, compute: bool
@@ -1106,14 +1197,24 @@ def outline_mask(
     return out
 
 
-def outline_slice(values: np.ndarray, threshold: float, grow: float, fraction: float) -> np.ndarray:
+def outline_slice(
+    values: np.ndarray,
+    threshold: float,
+    grow: float,
+    fraction: float,
+    sharp: np.ndarray | None = None,
+) -> np.ndarray:
     """uint8 outlined mask of one slice computed within the slice alone (parts seeded on other
     slices are missing, and a part's peak is its peak in this slice: an approximation, for
-    previews)."""
+    previews); with ``sharp`` (the same slice of the map parts are outlined on) each part is
+    outlined there at ``fraction`` of its peak."""
     labels, sizes = label_components(above(values, grow))
     peaks = component_peaks(values, labels, len(sizes))
     keep, level = outline_tables(peaks, sizes, 0, threshold, grow, fraction)
-    return outline_mask(values, labels, keep, level)
+    if sharp is None:
+        return outline_mask(values, labels, keep, level)
+    level = (np.float32(fraction) * component_peaks(sharp, labels, len(sizes))).astype(np.float32)
+    return outline_mask(sharp, labels, keep, level)
 
 
 def above(values: np.ndarray, threshold: float) -> np.ndarray:

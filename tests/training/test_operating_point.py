@@ -110,6 +110,19 @@ def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
     assert f"marks {cal.mask_fpr:.3%} of the held-out healthy brain voxels" in printed
     plain = healthy_mask_fpr(model, scans, settings.replace(grow_threshold=None), cal)
     assert cal.mask_fpr_calibration != plain
+    # the parts outlined on the combination at another smoothing: recorded, and the rate
+    # claimed is that mask's own
+    sharp = ["--outline-smoothing-mm", "1.5"]
+    assert main(["calibrate", str(trained), "--fpr", "0.005", "--smoothing-mm", "0", *sharp,
+                 *src]) == 0  # fmt: skip
+    assert "outline" in capsys.readouterr().out
+    card = load_model(trained).card
+    assert card.defaults.outline_smoothing_mm == 1.5
+    on_sharp = CombineSettings.from_card(card)
+    assert on_sharp.sharp_outline() == 1.5
+    assert card.defaults.threshold == d.threshold  # the levels are the combined map's
+    sharp_rate = healthy_mask_fpr(model, scans, on_sharp, card.calibration)
+    assert card.calibration.mask_fpr_calibration == sharp_rate
     assert main(["calibrate", str(trained), "--fpr", "0.005", "--grow-fpr", "none", *src]) == 0
     card = load_model(trained).card
     assert card.defaults.grow_threshold is None and card.defaults.outline_fraction is None
@@ -122,6 +135,8 @@ def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
         ["--fpr", "0.005", "--grow-fpr", "0.001"],  # not looser than the threshold's level
         ["--grow-fpr", "0.02"],
         ["--outline-fraction", "1"],
+        ["--outline-smoothing-mm", "wide"],
+        ["--outline-smoothing-mm", "-1"],
     )
     for bad in bad_options:
         assert main(["calibrate", str(trained), *bad, *src]) == 2

@@ -330,11 +330,16 @@ def describe_mask(
     grow = post.settings.grow_level()
     if grow is not None:
         fraction = post.settings.outline_fraction
-        outline = (
-            f"each part outlined to {fraction:g} of its peak, not below {grow:.3g}"
-            if fraction
-            else f"each part grown down to {grow:.3g}"
-        )
+        sharp = post.settings.sharp_outline()
+        if sharp is not None:
+            outline = (
+                f"each part (down to {grow:.3g}) outlined to {fraction:g} of its peak on the map "
+                f"smoothed {sharp:g} mm"
+            )
+        elif fraction:
+            outline = f"each part outlined to {fraction:g} of its peak, not below {grow:.3g}"
+        else:
+            outline = f"each part grown down to {grow:.3g}"
         mask_fpr = post.mask_fpr()
         if mask_fpr is not None and fpr is not None:
             # one rate leads: the mask's own (its parts reach below the threshold)

@@ -258,7 +258,8 @@ class PostProcessingDefaults(_Part):
     """The combination the plugin and the command line start from (see
     :class:`napari_vaeloc.combine.CombineSettings`); ``threshold_fpr`` is the healthy
     false-positive rate the threshold was read at, ``grow_fpr`` the one the grow level was
-    read at (``outline_fraction``: of a part's peak); ``fuse_with`` names companion models
+    read at (``outline_fraction``: of a part's peak, on the combination smoothed with
+    ``outline_smoothing_mm`` when that is set); ``fuse_with`` names companion models
     for the other slicing axes and ``fuse`` whether they are used by default."""
 
     weights: dict[str, float] | None = None
@@ -268,6 +269,7 @@ class PostProcessingDefaults(_Part):
     grow_threshold: float | None = None
     grow_fpr: float | None = None
     outline_fraction: float | None = None
+    outline_smoothing_mm: float | None = None
     min_size_mm3: float | None = None
     foreground_only: bool | None = None
     scan_normalise: bool | None = None

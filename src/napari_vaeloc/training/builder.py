@@ -674,6 +674,7 @@ def recalibrate(
     source_dir: str | os.PathLike | None = None,
     grow_fpr: float | None = GROW_FPR,
     outline_fraction: float = OUTLINE_FRACTION,
+    outline_smoothing_mm: float | None = None,
     beyond_template: bool = False,
     smoothing_candidates: Sequence[float] | None = None,
     healthy_scans: Sequence[str | os.PathLike] = (),
@@ -686,9 +687,10 @@ def recalibrate(
 
     With ``grow_fpr`` (a level of the table looser than the threshold's; None: none) the
     default mask outlines each part down to that level's threshold, at ``outline_fraction``
-    of the part's peak (:mod:`napari_vaeloc.combine`, step 5). The fraction of the held-out
-    healthy brain voxels the default mask then marks, each brain's mask with its levels read
-    from the other brains alone (leave one out), is recorded as ``mask_fpr``, the rate the
+    of the part's peak (:mod:`napari_vaeloc.combine`, step 5), on the combination smoothed
+    ``outline_smoothing_mm`` when given (None: on the combined map itself). The fraction of the
+    held-out healthy brain voxels the default mask then marks, each brain's mask with its levels
+    read from the other brains alone (leave one out), is recorded as ``mask_fpr``, the rate the
     fronts claim; with the levels set on all of them as ``mask_fpr_calibration``.
 
     Component scales always come from the held-out slices in model space. The false-positive
@@ -822,6 +824,7 @@ def recalibrate(
         choice = choose_smoothing(
             model, scans, settings, calibration, prep, fpr=fpr, grow_fpr=grow_fpr,
             outline_fraction=outline_fraction, candidates=smoothing_candidates,
+            outline_smoothing_mm=outline_smoothing_mm,
         )  # fmt: skip
         smoothing = choice.smoothing_mm
         settings = settings.replace(smoothing_mm=smoothing)
@@ -849,7 +852,7 @@ def recalibrate(
     grow = table.get(str(grow_fpr)) if grow_fpr is not None else None
     if grow is None:
         grow_fpr = None
-    settings = outlined(settings, table, grow_fpr, outline_fraction)
+    settings = outlined(settings, table, grow_fpr, outline_fraction, outline_smoothing_mm)
     if not scans:
         scans = heldout_scans(volumes, masks, brains, None)
     if fpr is None:
@@ -865,9 +868,9 @@ def recalibrate(
 
     def levels_of(others: dict[str, float]) -> CombineSettings:
         """The default mask's settings with its levels read from another table."""
-        return outlined(settings, others, final_grow, outline_fraction).replace(
-            threshold=others[str(chosen)]
-        )
+        return outlined(
+            settings, others, final_grow, outline_fraction, outline_smoothing_mm
+        ).replace(threshold=others[str(chosen)])
 
     calibration.mask_fpr_calibration, calibration.mask_fpr = mask_rates(
         model, scans, settings, calibration, prep, levels_of
@@ -885,6 +888,7 @@ def recalibrate(
         grow_threshold=settings.grow_threshold,
         grow_fpr=grow_fpr,
         outline_fraction=settings.outline_fraction if grow is not None else None,
+        outline_smoothing_mm=settings.outline_smoothing_mm if grow is not None else None,
         min_size_mm3=min_size,
     )
     card.save(folder / CARD_FILE, overwrite=True)

@@ -117,14 +117,20 @@ def outlined(
     table: dict[str, float],
     grow_fpr: float | None,
     outline_fraction: float,
+    outline_smoothing_mm: float | None = None,
 ) -> CombineSettings:
     """``settings`` whose mask outlines each part down to the threshold the false-positive
-    ``table`` gives the ``grow_fpr`` level, at ``outline_fraction`` of the part's peak; a plain
-    threshold when ``grow_fpr`` is None or not a level of the table."""
+    ``table`` gives the ``grow_fpr`` level, at ``outline_fraction`` of the part's peak (on the
+    combination smoothed ``outline_smoothing_mm`` when given); a plain threshold when
+    ``grow_fpr`` is None or not a level of the table."""
     grow = None if grow_fpr is None else table.get(str(grow_fpr))
     if grow is None:
         return settings.without_outline()
-    return settings.replace(grow_threshold=grow, outline_fraction=outline_fraction)
+    return settings.replace(
+        grow_threshold=grow,
+        outline_fraction=outline_fraction,
+        outline_smoothing_mm=outline_smoothing_mm,
+    )
 
 
 def random_pose(rng: np.random.Generator) -> np.ndarray:
@@ -425,6 +431,7 @@ def choose_smoothing(
     grow_fpr: float | None,
     outline_fraction: float,
     candidates: Sequence[float] = SMOOTHING_CANDIDATES_MM,
+    outline_smoothing_mm: float | None = None,
     per_scan: int = 1,
     seed: int = 0,
 ) -> SmoothingChoice:
@@ -434,7 +441,8 @@ def choose_smoothing(
     For each candidate sigma the false-positive table is read from the held-out healthy scans
     (as :func:`healthy_fpr_table` does), the default mask is set at the ``fpr`` level's
     threshold and outlined down to the ``grow_fpr`` level at ``outline_fraction`` of each
-    part's peak (``grow_fpr`` None: a plain threshold). The lesioned copies of
+    part's peak (on the combination smoothed ``outline_smoothing_mm`` when given; ``grow_fpr``
+    None: a plain threshold). The lesioned copies of
     :func:`seeded_lesions` are then scored; a candidate's score is the average precision of
     its combined map over all of them plus the mean Dice per case of its mask, so that
     ranking and outline count alike and a medium lesion weighs as much as a large one. Each
@@ -474,7 +482,7 @@ def choose_smoothing(
     del values
     chosen = {
         c: outlined(settings.replace(smoothing_mm=c, threshold=table[str(fpr)]), table,
-                    grow_fpr, outline_fraction)
+                    grow_fpr, outline_fraction, outline_smoothing_mm)
         for c, table in tables.items()
     }  # fmt: skip
     ranking = {c: PixelAccumulator() for c in candidates}
