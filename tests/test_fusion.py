@@ -153,3 +153,30 @@ def test_every_axis_adds_the_main_models_healthy_range_excess(t1, tmp_path):
     # were the excess only the axial model's, the fused gain would be a third of the axial's
     gain_axial = in_ball(model, False) - in_ball(plain, False)
     assert gain_axial > 0 and gain_fused > 0.6 * gain_axial, (gain_fused, gain_axial)
+
+
+def test_t1_brain_outlines_its_mask_on_the_unsmoothed_map():
+    """The bundled T1 default finds a lesion on its 6 mm smoothed map and draws the edge on the
+    unsmoothed one (results.md, "The outline drawn on the unsmoothed map"): on the bundled raw
+    head with a lesion it fits at least as well as the outline on the smoothed map."""
+    from napari_vaeloc.combine import CombineSettings, PostProcessor
+
+    model = load_model("t1-brain")
+    d = model.card.defaults
+    assert (d.outline_smoothing_mm, d.outline_fraction, d.smoothing_mm) == (0.0, 0.3, 6.0)
+    vol = load_volume(sample_path("t1-head-lesion"))
+    truth = np.asarray(load_volume(sample_path("t1-head-lesion-truth")).data) > 0
+    res = localize(vol, model, EngineOptions(device="cpu"), maps=("restoration",))
+    post = PostProcessor(res)
+    sharp = CombineSettings.from_card(model.card)
+    wide = sharp.replace(outline_smoothing_mm=None, outline_fraction=0.4)  # the card before
+
+    def dice(m):
+        m = m > 0
+        return 2 * (m & truth).sum() / (m.sum() + truth.sum())
+
+    new, old = post.mask(sharp), post.mask(wide)
+    assert (new != old).any()
+    assert dice(new) >= dice(old) > 0.8, (dice(new), dice(old))
+    # the same parts: the smoothed map still decides where a lesion is
+    assert (new.astype(bool) <= (post.combined(sharp) > d.grow_threshold)).all()

@@ -145,8 +145,9 @@ TOOLTIPS = {
     "says what the value means (a healthy false-positive rate when the model is calibrated)",
     "threshold_info": "what the threshold means for this model and these settings",
     "outline": "a part of the mask is found where the anomaly map passes the threshold, and "
-    "reaches out to where the map falls to a fraction of its peak (0.4 for the bundled models; "
-    "not below the model's grow level): the edge of a smoothed lesion; off, the mask is the "
+    "reaches out to where the map falls to a fraction of its peak (0.4 for the bundled T2 "
+    "model, not below the model's grow level; t1-brain draws the edge on the unsmoothed map, "
+    "at 0.3 of the part's peak there): the edge of a smoothed lesion; off, the mask is the "
     "voxels above the threshold only, often just a lesion's core",
     "min_size": "parts of the mask smaller than this volume (mm³) are dropped; 0 keeps all",
     "defaults": "set weights, smoothing, normalisation, threshold and minimum size to the "

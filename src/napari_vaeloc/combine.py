@@ -32,8 +32,11 @@ map and mask everywhere. Its steps, in order:
    is drawn on a sharper map instead: the same combination smoothed with that sigma (steps
    1-4), within each kept part the voxels at or above ``outline_fraction`` of the part's peak
    *on the sharper map*. The smoothed map still decides where a part is and how far it may
-   reach; the sharper one where its edge lies, which a wide Gaussian moves outwards. Parts
-   whose region above the grow level is smaller than the minimum size (mm^3) are removed.
+   reach; the sharper one where its edge lies, which a wide Gaussian moves outwards.
+   Unsmoothed (``outline_smoothing_mm`` 0, the bundled T1 model's choice on its held-out
+   individuals) the sharper map is read only at the voxels of the kept parts: no volume is
+   made for it. Parts whose region above the grow level is smaller than the minimum size
+   (mm^3) are removed.
 
 The threshold <-> healthy false-positive rate conversion reads the model's calibrated table
 (``Calibration.combined_fpr``), valid for the combination it was calibrated for.
@@ -255,7 +258,10 @@ class PostProcessor:
         self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
         self._peak_cache: tuple[np.ndarray, np.ndarray] | None = None
         self._sharp: tuple[tuple, np.ndarray] | None = None  # (key, the map parts are outlined on)
-        self._sharp_peaks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._sharp_peaks: tuple[np.ndarray, tuple, np.ndarray] | None = (
+            None  # (labels, key, peaks)
+        )
+        self._raw_stats: tuple[tuple, tuple[float, float] | None] | None = None
         self._sample: np.ndarray | None = None  # foreground voxels for preview statistics
         self._norm_cache: tuple[float, np.ndarray] | None = None
 
@@ -427,12 +433,10 @@ class PostProcessor:
             _stop_if(cancel)
             peaks = self._peaks(combined, labels, sizes)
             keep, level = outline_tables(peaks, sizes, n, s.threshold, grow, s.outline_fraction)
-            values = combined
-            if s.sharp_outline() is not None:
-                values = self.outline_map(s, cancel)
-                _stop_if(cancel)
-                level = self._sharp_levels(values, labels, sizes, s.outline_fraction)
-            out = outline_mask(values, labels, keep, level)
+            if s.sharp_outline() is None:
+                out = outline_mask(combined, labels, keep, level)
+            else:
+                out = self._outline_sharp(s, labels, sizes, keep, cancel)
         elif n > 1:
             labels, sizes = self._components(combined, s.threshold)
             out = keep_large(labels, sizes, n)
@@ -468,19 +472,126 @@ class PostProcessor:
             self._peak_cache = None
         return labels, sizes
 
-    def _sharp_levels(
-        self, sharp: np.ndarray, labels: np.ndarray, sizes: np.ndarray, fraction: float
+    # -- the outline on a sharper map (step 5) ------------------------------------------------
+    def _sharp_key(self, s: CombineSettings) -> tuple:
+        """What the map ``s`` outlines its parts on depends on (its :meth:`combined_key`)."""
+        return self.combined_key(s.replace(smoothing_mm=s.sharp_outline() or 0.0))
+
+    def _outline_sharp(
+        self,
+        s: CombineSettings,
+        labels: np.ndarray,
+        sizes: np.ndarray,
+        keep: np.ndarray,
+        cancel: Callable[[], bool] | None,
     ) -> np.ndarray:
-        """Each component's outline level on the sharper map: ``fraction`` of its peak there
-        (the peaks cached for the last labels and map)."""
-        cached = self._sharp_peaks
-        if cached is not None and cached[0] is labels and cached[1] is sharp:
-            peaks = cached[2]
-        else:
+        """uint8 mask: the voxels of the kept components at or above ``outline_fraction`` of
+        their peak on the sharper map. Unsmoothed (``outline_smoothing_mm`` 0), that map is
+        read at the kept components' voxels alone, slab by slab: no volume is made for it."""
+        key = self._sharp_key(s)
+        if s.sharp_outline():
+            sharp = self.outline_map(s, cancel)
+            _stop_if(cancel)
             peaks = component_peaks(sharp, labels, len(sizes))
-            with self._lock:
-                self._sharp_peaks = (labels, sharp, peaks)
-        return (np.float32(fraction) * peaks).astype(np.float32)
+            level = (np.float32(s.outline_fraction) * peaks).astype(np.float32)
+            out = outline_mask(sharp, labels, keep, level)
+        else:
+            stats = self._unsmoothed_stats(s)
+            kept = keep.astype(bool)
+            peaks = np.zeros(len(sizes), np.float32)
+            for part in _slabs(labels.shape):  # every part's peak: a threshold move keeps others
+                lab = labels[part]
+                inside = lab > 0
+                if inside.any():
+                    values = self._unsmoothed(s, part, inside, stats)
+                    np.maximum.at(peaks, lab[inside], values)
+            _stop_if(cancel)
+            level = (np.float32(s.outline_fraction) * peaks).astype(np.float32)
+            out = host_array(labels.shape, np.uint8)
+            for part in _slabs(labels.shape):
+                lab = labels[part]
+                inside = kept[lab]
+                slab = np.zeros(lab.shape, np.uint8)
+                if inside.any():
+                    values = self._unsmoothed(s, part, inside, stats)
+                    slab[inside] = values >= level[lab[inside]]
+                out[part] = slab
+        with self._lock:
+            self._sharp_peaks = (labels, key, peaks)
+        return out
+
+    def _unsmoothed_stats(self, s: CombineSettings) -> tuple[float, float] | None:
+        """The per-scan median and spread of the unsmoothed combination (step 4 at smoothing
+        0; None without per-scan normalisation), from the weighted sum at the voxels
+        :func:`robust_stats` samples, so that they equal the whole map's; cached."""
+        if not s.scan_normalise:
+            return None
+        key = self._sharp_key(s)
+        cached = self._raw_stats
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        fg = self.fg()
+        flat = fg.reshape(-1) if fg.any() else None
+        positions = _sample_positions(flat, fg.size)
+        if isinstance(positions, slice):
+            positions = np.arange(fg.size)[positions]
+        at = np.unravel_index(positions, fg.shape)  # any memory order, no copy of a map
+        total = self._unsmoothed_sum(s, lambda m: np.asarray(m[at]))
+        stats = robust_stats(total) if total is not None else (0.0, 1.0)
+        with self._lock:
+            self._raw_stats = (key, stats)
+        return stats
+
+    def _unsmoothed_sum(
+        self, s: CombineSettings, take: Callable[[np.ndarray], np.ndarray]
+    ) -> np.ndarray | None:
+        """The weighted sum of the scaled, unsmoothed components at the voxels ``take(map)``
+        reads from each map, float32, in :func:`weighted_sum`'s order and arithmetic; None
+        when no weight is used."""
+        total = None
+        for k, w in self._used(s).items():
+            factor = np.float32(1.0 / self.scale(k)[0])
+            term = np.multiply(take(self.result.maps[k]), factor, dtype=np.float32)
+            term *= np.float32(w)
+            total = term if total is None else np.add(total, term, out=total)
+        return total
+
+    def _unsmoothed(
+        self,
+        s: CombineSettings,
+        region: slice | tuple,
+        inside: np.ndarray,
+        stats: tuple[float, float] | None,
+    ) -> np.ndarray:
+        """The unsmoothed combination (steps 1-4 at smoothing 0) at the voxels ``inside``
+        (bool, of ``region``'s shape) of ``region``: float32, one value per such voxel."""
+        total = self._unsmoothed_sum(s, lambda m: np.asarray(m[region])[inside])
+        if total is None:
+            return np.zeros(int(np.count_nonzero(inside)), np.float32)
+        if stats is not None:
+            total = robust_z(total, None, stats, out=total)
+            np.maximum(total, 0, out=total)
+        if s.foreground_only:
+            total *= np.asarray(self.fg()[region])[inside]
+        return total
+
+    def _sharp_plane(self, s: CombineSettings, axis: int, index: int) -> np.ndarray | None:
+        """The slice of the map ``s`` outlines its parts on, when it is a sharper one and can
+        be had without whole-volume work (an unsmoothed one always; a smoothed one when
+        cached); else None."""
+        sharp = s.sharp_outline()
+        if sharp is None:
+            return None
+        if sharp:
+            cached = self._sharp
+            ok = cached is not None and cached[0] == self._sharp_key(s)
+            return plane(cached[1], axis, index) if ok else None
+        key: list[slice] = [slice(None)] * len(self.result.shape)
+        key[axis] = slice(index, index + 1)
+        thin = list(self.result.shape)
+        thin[axis] = 1
+        values = self._unsmoothed(s, tuple(key), np.ones(thin, bool), self._unsmoothed_stats(s))
+        return values.reshape([n for i, n in enumerate(thin) if i != axis])
 
     def _peaks(self, combined: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """Each component's peak (:func:`component_peaks`), cached for the last labels."""
@@ -594,8 +705,7 @@ class PostProcessor:
             return above(comb_sl, s.threshold).astype(np.uint8), True
         level = s.threshold if grow is None else grow
         parts, peaks = self._parts, self._peak_cache
-        sharp = self._cached_sharp(s)
-        sharp_sl = None if sharp is None else plane(sharp, axis, index)
+        sharp_sl = self._sharp_plane(s, axis, index)
         if combined is not None and parts is not None and parts[0] is combined:
             if parts[1] == level:
                 labels_sl = plane(parts[2], axis, index)
@@ -609,20 +719,12 @@ class PostProcessor:
                         return outline_mask(comb_sl, labels_sl, keep, lv), True
                     known = self._sharp_peaks
                     if sharp_sl is not None and known is not None and known[0] is parts[2]:
-                        if known[1] is sharp:
+                        if known[1] == self._sharp_key(s):
                             lv = (np.float32(s.outline_fraction) * known[2]).astype(np.float32)
                             return outline_mask(sharp_sl, labels_sl, keep, lv), True
         if grow is None:
             return above(comb_sl, s.threshold).astype(np.uint8), False
         return outline_slice(comb_sl, s.threshold, grow, s.outline_fraction, sharp_sl), False
-
-    def _cached_sharp(self, s: CombineSettings) -> np.ndarray | None:
-        """The cached map ``s`` outlines its parts on when it is a sharper one, else None."""
-        sharp = s.sharp_outline()
-        cached = self._sharp
-        if sharp is None or cached is None:
-            return None
-        return cached[1] if cached[0] == self.combined_key(s.replace(smoothing_mm=sharp)) else None
 
     def _scaled_slice(
         self, name: str, smoothing_mm: float, inside: bool, axis: int, index: int, compute: bool
@@ -1215,6 +1317,12 @@ def outline_slice(
         return outline_mask(values, labels, keep, level)
     level = (np.float32(fraction) * component_peaks(sharp, labels, len(sizes))).astype(np.float32)
     return outline_mask(sharp, labels, keep, level)
+
+
+def sharper_map(smoothing_mm: float) -> str:
+    """How the fronts name the map a mask's parts are outlined on (``outline_smoothing_mm``):
+    "the unsmoothed map", or "the map smoothed 2 mm"."""
+    return "the unsmoothed map" if smoothing_mm == 0 else f"the map smoothed {smoothing_mm:g} mm"
 
 
 def above(values: np.ndarray, threshold: float) -> np.ndarray:

@@ -105,12 +105,13 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     parts = mask_parts(np.asarray(nib.load(out / "head_mask.nii.gz").dataobj))[1]
     s = "" if parts == 1 else "s"
     c = scores["combination"]
+    assert c["outline_smoothing_mm"] == 0.0  # t1-brain outlines on the unsmoothed map
     want = (
         f"mask: {scores['mask_volume_ml']:.1f} ml in {parts} part{s} (threshold "
-        f"{c['threshold']:.3g}, each part outlined to {c['outline_fraction']:g} of its peak, "
-        f"not below {c['grow_threshold']:.3g}; on healthy brains this mask marks "
-        f"{c['mask_healthy_fpr'] * 100:.2g} % of the voxels, the threshold alone 0.1 %; the "
-        "scan fits the model with warnings (voxel size): read with care)"
+        f"{c['threshold']:.3g}, each part (down to {c['grow_threshold']:.3g}) outlined to "
+        f"{c['outline_fraction']:g} of its peak on the unsmoothed map; on healthy brains this "
+        f"mask marks {c['mask_healthy_fpr'] * 100:.2g} % of the voxels, the threshold alone "
+        "0.1 %; the scan fits the model with warnings (voxel size): read with care)"
     )  # the 4 mm slices warn
     assert want in lines, lines
     # each check once: its line says it warns; no second "warning:" line

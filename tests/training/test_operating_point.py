@@ -123,6 +123,16 @@ def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
     assert card.defaults.threshold == d.threshold  # the levels are the combined map's
     sharp_rate = healthy_mask_fpr(model, scans, on_sharp, card.calibration)
     assert card.calibration.mask_fpr_calibration == sharp_rate
+    # calibrated again without naming the outline (e.g. on a site's healthy scans): the card's
+    # outline stays; "none" draws it on the combined map again
+    assert main(["calibrate", str(trained), "--fpr", "0.005", "--smoothing-mm", "0", *src]) == 0
+    kept = load_model(trained).card.defaults
+    assert (kept.outline_smoothing_mm, kept.outline_fraction) == (1.5, 0.4)
+    off = ["--outline-smoothing-mm", "none", "--outline-fraction", "0.5"]
+    assert main(["calibrate", str(trained), "--fpr", "0.005", "--smoothing-mm", "0", *off,
+                 *src]) == 0  # fmt: skip
+    kept = load_model(trained).card.defaults
+    assert (kept.outline_smoothing_mm, kept.outline_fraction) == (None, 0.5)
     assert main(["calibrate", str(trained), "--fpr", "0.005", "--grow-fpr", "none", *src]) == 0
     card = load_model(trained).card
     assert card.defaults.grow_threshold is None and card.defaults.outline_fraction is None

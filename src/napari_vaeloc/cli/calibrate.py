@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..combine import GROW_FPR, OUTLINE_FRACTION
+from ..combine import GROW_FPR, OUTLINE_FRACTION, sharper_map
 from ..errors import InputError
 from ..models.card import Calibration
 from ..prepare import TEMPLATE_MARGIN_MM
@@ -75,17 +75,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ca.add_argument(
         "--outline-fraction",
         type=float,
-        default=OUTLINE_FRACTION,
+        default=None,
         help="with --grow-fpr: a part's outline lies at this fraction of its peak, never below "
-        f"the grow level (default: {OUTLINE_FRACTION})",
+        f"the grow level (default: the model card's, else {OUTLINE_FRACTION})",
     )
     ca.add_argument(
         "--outline-smoothing-mm",
-        default="none",
+        default=None,
         help="with --grow-fpr: outline each part on the combination smoothed with this sigma "
-        "(mm; a sharper map than the default's, whose wide Gaussian moves a lesion's edge "
-        "outwards), or none to outline on the combined map itself (default: none; the bundled "
-        "models use 2)",
+        "(mm; 0: unsmoothed), a sharper map than the default's, whose wide Gaussian moves a "
+        "lesion's edge outwards; or none to outline on the combined map itself (default: as the "
+        "model's card says; the bundled t1-brain uses 0 with --outline-fraction 0.3)",
     )
     ca.add_argument(
         "--cache",
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if candidates is not None and fpr is None:
         raise InputError("--smoothing-mm best and --fpr best-dice cannot be chosen together")
     outline_smoothing = _outline_smoothing(args.outline_smoothing_mm)
-    if not 0.0 <= args.outline_fraction < 1.0:
+    if args.outline_fraction is not None and not 0.0 <= args.outline_fraction < 1.0:
         raise InputError(f"--outline-fraction must be in [0, 1), not {args.outline_fraction}")
     missing = [p for p in args.healthy_scans if not Path(p).is_file()]
     if missing:
@@ -191,7 +191,7 @@ def _recalibrate(
     smoothing: float | None,
     grow_fpr: float | None,
     candidates: tuple[float, ...] | None,
-    outline_smoothing: float | None,
+    outline_smoothing: float | str | None,
 ) -> Calibration:
     from ..training.builder import recalibrate
 
@@ -240,7 +240,7 @@ def _report(cal: Calibration, folder: str | Path, candidates: tuple[float, ...] 
         if d.outline_fraction is not None:
             how = f"each part outlined at {d.outline_fraction:g} of its peak"
             if d.outline_smoothing_mm is not None:
-                how += f" on the combination smoothed {d.outline_smoothing_mm:g} mm"
+                how += " on " + sharper_map(d.outline_smoothing_mm)
             how += "; "
         print(
             f"default mask: {how}marks {cal.mask_fpr:.3%} of the held-out healthy brain "
@@ -267,12 +267,17 @@ def _smoothing(text: str) -> tuple[float | None, tuple[float, ...] | None]:
     return value, None
 
 
-def _outline_smoothing(text: str) -> float | None:
-    """``--outline-smoothing-mm``: a sigma in mm, or None for none.
+def _outline_smoothing(text: str | None) -> float | str | None:
+    """``--outline-smoothing-mm``: a sigma in mm, None for none, or
+    :data:`~napari_vaeloc.training.builder.KEEP` when not given (the card's).
 
     Raises:
         InputError: neither a sigma of at least 0 nor none.
     """
+    if text is None:
+        from ..training.builder import KEEP
+
+        return KEEP
     if text == "none":
         return None
     try:

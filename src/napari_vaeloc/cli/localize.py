@@ -298,8 +298,9 @@ def mask_summary(done: ScanOutputs) -> str:
     healthy false-positive rate 0.1 %)"; with outlined parts their grow level and fraction,
     and for the default mask its own healthy rate first, e.g. "(threshold 3.41, each part
     outlined to 0.4 of its peak, not below 2.65; on healthy brains this mask marks 0.64 % of
-    the voxels, the threshold alone 0.1 %)"; when a check of the preparation warned, the line
-    ends by naming those checks."""
+    the voxels, the threshold alone 0.1 %)", or, outlined on a sharper map, "each part (down to
+    2.92) outlined to 0.3 of its peak on the unsmoothed map"; when a check of the preparation
+    warned, the line ends by naming those checks."""
     prepared = done.result.preparation
     warned = [c.name for c in prepared.checks if c.level != "ok"] if prepared else []
     return describe_mask(
@@ -313,6 +314,8 @@ def describe_mask(
     """:func:`mask_summary` of a mask of ``ml`` millilitres in ``n`` connected parts, made by
     ``post``; ``notes`` are the localization's notes (an unprepared scan says so), ``warned``
     the names of the preparation's checks that warned (the line then says so)."""
+    from ..combine import sharper_map
+
     threshold = post.settings.threshold
     fpr, pairs = post.fpr_for_threshold(threshold), post.fpr_table()
     if fpr is None and post.is_calibrated() and post.settings.is_paper():
@@ -333,8 +336,8 @@ def describe_mask(
         sharp = post.settings.sharp_outline()
         if sharp is not None:
             outline = (
-                f"each part (down to {grow:.3g}) outlined to {fraction:g} of its peak on the map "
-                f"smoothed {sharp:g} mm"
+                f"each part (down to {grow:.3g}) outlined to {fraction:g} of its peak on "
+                + sharper_map(sharp)
             )
         elif fraction:
             outline = f"each part outlined to {fraction:g} of its peak, not below {grow:.3g}"

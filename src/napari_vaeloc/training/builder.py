@@ -663,6 +663,10 @@ def export_slices(
     }
 
 
+#: ``recalibrate(outline_smoothing_mm=KEEP)``: the card's outline smoothing stays
+KEEP = "card"
+
+
 def recalibrate(
     folder: str | os.PathLike,
     weights: dict[str, float],
@@ -673,8 +677,8 @@ def recalibrate(
     cache_dir: str | os.PathLike | None = None,
     source_dir: str | os.PathLike | None = None,
     grow_fpr: float | None = GROW_FPR,
-    outline_fraction: float = OUTLINE_FRACTION,
-    outline_smoothing_mm: float | None = None,
+    outline_fraction: float | None = None,
+    outline_smoothing_mm: float | str | None = KEEP,
     beyond_template: bool = False,
     smoothing_candidates: Sequence[float] | None = None,
     healthy_scans: Sequence[str | os.PathLike] = (),
@@ -686,9 +690,12 @@ def recalibrate(
     through the card's atomic save.
 
     With ``grow_fpr`` (a level of the table looser than the threshold's; None: none) the
-    default mask outlines each part down to that level's threshold, at ``outline_fraction``
+    default mask outlines each part down to that level's threshold, at ``outline_fraction`` (None:
+    the card's, else :data:`~napari_vaeloc.combine.OUTLINE_FRACTION`)
     of the part's peak (:mod:`napari_vaeloc.combine`, step 5), on the combination smoothed
-    ``outline_smoothing_mm`` when given (None: on the combined map itself). The fraction of the
+    ``outline_smoothing_mm`` when given (None: on the combined map itself; :data:`KEEP`: as the
+    card says), so that recalibrating, e.g. on a site's healthy scans, keeps the card's outline
+    unless told otherwise. The fraction of the
     held-out healthy brain voxels the default mask then marks, each brain's mask with its levels
     read from the other brains alone (leave one out), is recorded as ``mask_fpr``, the rate the
     fronts claim; with the levels set on all of them as ``mask_fpr_calibration``.
@@ -756,6 +763,15 @@ def recalibrate(
     extra = healthy_scan_files(healthy_scans, template, prep) if healthy_scans else []
     d = card.defaults
     smoothing = float((d.smoothing_mm or 0.0) if smoothing_mm is None else smoothing_mm)
+    if outline_fraction is None:
+        outline_fraction = OUTLINE_FRACTION if d.outline_fraction is None else d.outline_fraction
+    sharp: float | None = (
+        d.outline_smoothing_mm
+        if outline_smoothing_mm == KEEP
+        else None
+        if outline_smoothing_mm is None
+        else float(outline_smoothing_mm)
+    )
     if scan_normalise is None:
         scan_normalise = bool(d.scan_normalise)
     min_size = float((d.min_size_mm3 or 0.0) if min_size_mm3 is None else min_size_mm3)
@@ -824,7 +840,7 @@ def recalibrate(
         choice = choose_smoothing(
             model, scans, settings, calibration, prep, fpr=fpr, grow_fpr=grow_fpr,
             outline_fraction=outline_fraction, candidates=smoothing_candidates,
-            outline_smoothing_mm=outline_smoothing_mm,
+            outline_smoothing_mm=sharp,
         )  # fmt: skip
         smoothing = choice.smoothing_mm
         settings = settings.replace(smoothing_mm=smoothing)
@@ -852,7 +868,7 @@ def recalibrate(
     grow = table.get(str(grow_fpr)) if grow_fpr is not None else None
     if grow is None:
         grow_fpr = None
-    settings = outlined(settings, table, grow_fpr, outline_fraction, outline_smoothing_mm)
+    settings = outlined(settings, table, grow_fpr, outline_fraction, sharp)
     if not scans:
         scans = heldout_scans(volumes, masks, brains, None)
     if fpr is None:
@@ -868,9 +884,9 @@ def recalibrate(
 
     def levels_of(others: dict[str, float]) -> CombineSettings:
         """The default mask's settings with its levels read from another table."""
-        return outlined(
-            settings, others, final_grow, outline_fraction, outline_smoothing_mm
-        ).replace(threshold=others[str(chosen)])
+        return outlined(settings, others, final_grow, outline_fraction, sharp).replace(
+            threshold=others[str(chosen)]
+        )
 
     calibration.mask_fpr_calibration, calibration.mask_fpr = mask_rates(
         model, scans, settings, calibration, prep, levels_of
