@@ -46,6 +46,12 @@ def test_threshold_text_follows_weights_and_calibration():
     assert "< 0.01%" in s.threshold_text() and "outlined" in s.threshold_text()
     s.settings = s.settings.replace(threshold=1.2)
     assert "≈" in s.threshold_text() and "outlined" in s.threshold_text()
+    assert "grow level" not in s.threshold_text()
+    # at or below the grow level the outline cannot act: the text says the mask is plain
+    s.settings = s.settings.replace(threshold=0.9)
+    assert s.settings.outline_dropped() and "outlined" not in s.threshold_text()
+    assert "at or below the outline's grow level (1.00)" in s.threshold_text()
+    s.settings = s.settings.replace(threshold=1.2)
     s.settings = s.settings.replace(weights={"combi": 1.0, "kl_grad": 0.5})
     assert "custom weights" in s.threshold_text()
     u = _session(calibration=None)

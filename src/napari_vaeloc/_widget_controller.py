@@ -242,6 +242,11 @@ class Session(PostProcessor):
             else:
                 fpr = self.fpr_for_threshold(t)
                 text = f"healthy false-positive rate ≈ {fpr:.3g} ({fpr:.2%} of healthy voxels)"
+            if self.settings.outline_dropped():
+                text += (
+                    f"; at or below the outline's grow level ({self.settings.grow_threshold:.2f}): "
+                    "the mask is the voxels above the threshold"
+                )
             if self.settings.grow_level() is not None:
                 mask_fpr = self.mask_fpr()
                 text += (

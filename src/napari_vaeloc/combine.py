@@ -181,6 +181,11 @@ class CombineSettings:
         """A copy whose mask is the voxels above the threshold (no grow level)."""
         return self.replace(grow_threshold=None, outline_fraction=0.0, outline_smoothing_mm=None)
 
+    def outline_dropped(self) -> bool:
+        """Whether an outline is set but does not act: the threshold is at or below its grow
+        level, so the mask is the voxels above the threshold (:meth:`grow_level`)."""
+        return self.grow_threshold is not None and self.grow_level() is None
+
     def sharp_outline(self) -> float | None:
         """The sigma (mm) of the map the mask's parts are outlined on when it is not the
         combined map's own (step 5 of the module doc), else None."""
@@ -577,8 +582,9 @@ class PostProcessor:
 
     def _sharp_plane(self, s: CombineSettings, axis: int, index: int) -> np.ndarray | None:
         """The slice of the map ``s`` outlines its parts on, when it is a sharper one and can
-        be had without whole-volume work (an unsmoothed one always; a smoothed one when
-        cached); else None."""
+        be had without whole-volume work (a smoothed one when cached; an unsmoothed one unless
+        a map it weights is deferred, not made yet: its median needs the whole map); else
+        None, and a preview outlines on the combined map's slice (approximate)."""
         sharp = s.sharp_outline()
         if sharp is None:
             return None
@@ -586,6 +592,8 @@ class PostProcessor:
             cached = self._sharp
             ok = cached is not None and cached[0] == self._sharp_key(s)
             return plane(cached[1], axis, index) if ok else None
+        if any(self.result.maps.is_deferred(k) for k in self._used(s)):
+            return None  # making it goes over the whole volume
         key: list[slice] = [slice(None)] * len(self.result.shape)
         key[axis] = slice(index, index + 1)
         thin = list(self.result.shape)
@@ -705,7 +713,6 @@ class PostProcessor:
             return above(comb_sl, s.threshold).astype(np.uint8), True
         level = s.threshold if grow is None else grow
         parts, peaks = self._parts, self._peak_cache
-        sharp_sl = self._sharp_plane(s, axis, index)
         if combined is not None and parts is not None and parts[0] is combined:
             if parts[1] == level:
                 labels_sl = plane(parts[2], axis, index)
@@ -718,12 +725,14 @@ class PostProcessor:
                     if s.sharp_outline() is None:
                         return outline_mask(comb_sl, labels_sl, keep, lv), True
                     known = self._sharp_peaks
-                    if sharp_sl is not None and known is not None and known[0] is parts[2]:
-                        if known[1] == self._sharp_key(s):
+                    if known is not None and known[0] is parts[2]:
+                        sharp_sl = self._sharp_plane(s, axis, index)
+                        if sharp_sl is not None and known[1] == self._sharp_key(s):
                             lv = (np.float32(s.outline_fraction) * known[2]).astype(np.float32)
                             return outline_mask(sharp_sl, labels_sl, keep, lv), True
         if grow is None:
             return above(comb_sl, s.threshold).astype(np.uint8), False
+        sharp_sl = self._sharp_plane(s, axis, index)
         return outline_slice(comb_sl, s.threshold, grow, s.outline_fraction, sharp_sl), False
 
     def _scaled_slice(

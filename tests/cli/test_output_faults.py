@@ -85,16 +85,11 @@ def test_read_only_output_folder_refused_before_any_work(tmp_path, scan, tiny_mo
         argv = ["prepare", str(scan), "--model", str(tiny_model_dir), "--out", str(out)]
     else:
         argv = ["train", str(scan), "--out", str(out / "model"), "--max-steps", "5"]
-    proc = _in_namespace(
-        f"mount -t tmpfs -o ro tmpfs '{out}'\n"
-        f"start=$(date +%s%N); {_cmd(argv)} || echo rc=$?\n"
-        "echo ms=$(( ($(date +%s%N) - start) / 1000000 ))"
-    )
+    proc = _in_namespace(f"mount -t tmpfs -o ro tmpfs '{out}'\n{_cmd(argv)} || echo rc=$?\n")
+    # one line and nothing else: no stage was announced and no progress bar drawn before it
     line = _error_line(proc.stderr)
     assert str(out) in line and "Read-only file system" in line
-    assert "rc=2" in proc.stdout
-    ms = int(proc.stdout.split("ms=")[1])
-    assert ms < 3000, f"{ms} ms: work was done before the refusal"
+    assert proc.stdout.strip() == "rc=2", proc.stdout  # no stage began, none reported done
 
 
 @needs_unshare

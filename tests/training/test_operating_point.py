@@ -147,6 +147,8 @@ def test_a_fixed_level_and_bad_options_are_handled(trained, capsys):
         ["--outline-fraction", "1"],
         ["--outline-smoothing-mm", "wide"],
         ["--outline-smoothing-mm", "-1"],
+        ["--grow-fpr", "none", "--outline-fraction", "0.3"],  # an outline without a grow level
+        ["--grow-fpr", "none", "--outline-smoothing-mm", "0"],
     )
     for bad in bad_options:
         assert main(["calibrate", str(trained), *bad, *src]) == 2

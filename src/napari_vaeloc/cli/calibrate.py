@@ -76,16 +76,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--outline-fraction",
         type=float,
         default=None,
-        help="with --grow-fpr: a part's outline lies at this fraction of its peak, never below "
-        f"the grow level (default: the model card's, else {OUTLINE_FRACTION})",
+        help="when the mask is outlined (--grow-fpr, on by default): a part's outline lies "
+        "at this fraction of its peak, never below the grow level (default: the model card's, "
+        f"else {OUTLINE_FRACTION})",
     )
     ca.add_argument(
         "--outline-smoothing-mm",
         default=None,
-        help="with --grow-fpr: outline each part on the combination smoothed with this sigma "
-        "(mm; 0: unsmoothed), a sharper map than the default's, whose wide Gaussian moves a "
-        "lesion's edge outwards; or none to outline on the combined map itself (default: as the "
-        "model's card says; the bundled t1-brain uses 0 with --outline-fraction 0.3)",
+        help="when the mask is outlined (--grow-fpr, on by default): draw each part's edge on "
+        "the combination smoothed with this sigma (mm; 0: unsmoothed), a sharper map than the "
+        "default's, whose wide Gaussian moves a lesion's edge outwards; or none to draw it on "
+        "the combined map itself (default: as the model's card says; the bundled t1-brain uses "
+        "0 with --outline-fraction 0.3)",
     )
     ca.add_argument(
         "--cache",
@@ -137,6 +139,12 @@ def run(args: argparse.Namespace) -> int:
     if candidates is not None and fpr is None:
         raise InputError("--smoothing-mm best and --fpr best-dice cannot be chosen together")
     outline_smoothing = _outline_smoothing(args.outline_smoothing_mm)
+    shaped = args.outline_fraction is not None or args.outline_smoothing_mm not in (None, "none")
+    if grow_fpr is None and shaped:
+        raise InputError(
+            "--outline-fraction and --outline-smoothing-mm shape the outline down to --grow-fpr; "
+            "with --grow-fpr none the mask is a plain threshold: leave them out"
+        )
     if args.outline_fraction is not None and not 0.0 <= args.outline_fraction < 1.0:
         raise InputError(f"--outline-fraction must be in [0, 1), not {args.outline_fraction}")
     missing = [p for p in args.healthy_scans if not Path(p).is_file()]

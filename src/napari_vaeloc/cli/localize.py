@@ -331,6 +331,11 @@ def describe_mask(
     else:
         rate = f"healthy false-positive rate {fpr * 100:.2g} %"
     grow = post.settings.grow_level()
+    if post.settings.outline_dropped():
+        rate += (
+            f"; no outline: the threshold is at or below its grow level "
+            f"{post.settings.grow_threshold:.3g}"
+        )
     if grow is not None:
         fraction = post.settings.outline_fraction
         sharp = post.settings.sharp_outline()
