@@ -358,7 +358,7 @@ def test_a_mask_outlined_on_a_sharper_map_equals_a_part_by_part_reference(normal
         alone = _post({"combi": c}, fg, {"scales": {"combi": 1.0}}, threshold=1.5, **settings)
         c6 = alone.combined(st)
         cs = alone.combined(st.replace(smoothing_mm=sharp))
-        for thr, grow in np.quantile(c6[fg], [(0.99, 0.8), (0.995, 0.9)]):
+        for thr, grow in np.quantile(c6[fg], [(0.99, 0.8), (0.995, 0.9), (0.9995, 0.9)]):
             levels = st.replace(threshold=thr, grow_threshold=grow)
             ref = _sharp_reference(c6, cs, thr, grow, 0.4)
             assert ref.any()

@@ -503,13 +503,17 @@ class PostProcessor:
         else:
             stats = self._unsmoothed_stats(s)
             kept = keep.astype(bool)
-            peaks = np.zeros(len(sizes), np.float32)
-            for part in _slabs(labels.shape):  # every part's peak: a threshold move keeps others
-                lab = labels[part]
-                inside = lab > 0
-                if inside.any():
-                    values = self._unsmoothed(s, part, inside, stats)
-                    np.maximum.at(peaks, lab[inside], values)
+            known = self._sharp_peaks
+            if known is not None and known[0] is labels and known[1] == key:
+                peaks = known[2]  # a threshold move: the same parts
+            else:  # every part's peak, so that a threshold move can keep other parts
+                peaks = np.zeros(len(sizes), np.float32)
+                for part in _slabs(labels.shape):
+                    lab = labels[part]
+                    inside = lab > 0
+                    if inside.any():
+                        values = self._unsmoothed(s, part, inside, stats)
+                        np.maximum.at(peaks, lab[inside], values)
             _stop_if(cancel)
             level = (np.float32(s.outline_fraction) * peaks).astype(np.float32)
             out = host_array(labels.shape, np.uint8)
