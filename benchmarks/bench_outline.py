@@ -17,7 +17,8 @@ one result, the default mask is made under two outlines, alternating, ``--repeat
 Reported (as ratios against the smoothed outline of the same run, never asserted): the first
 mask of a fresh post-processor whose combined map is already made (the click's last step), and
 a threshold move (the threshold slider's work once the parts are known), median of the repeats;
-the masks' volumes; the peak traced Python memory of each (tracemalloc: numpy's arrays).
+the masks' volumes; the peak traced Python memory of each (tracemalloc: numpy's arrays); the
+machine's load meanwhile (``machine_load.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import argparse
 import statistics
 import time
 import tracemalloc
+
+from machine_load import LoadMeter
 
 
 def _timed(post, settings) -> tuple[float, float, float]:
@@ -70,12 +73,13 @@ def main() -> None:
     smoothed = unsmoothed.replace(outline_smoothing_mm=None, outline_fraction=0.4)
     runs: dict[str, list[tuple[float, float, float]]] = {"smoothed": [], "unsmoothed": []}
     volumes = {}
-    for _ in range(args.repeat):
-        for name, settings in (("smoothed", smoothed), ("unsmoothed", unsmoothed)):
-            post = PostProcessor(res)
-            runs[name].append(_timed(post, settings))
-            volumes[name] = post.mask_volume_ml(post.mask(settings))
-    print(f"scan {scan}: {'x'.join(map(str, vol.shape))}, {args.threads} threads")
+    with LoadMeter() as load:
+        for _ in range(args.repeat):
+            for name, settings in (("smoothed", smoothed), ("unsmoothed", unsmoothed)):
+                post = PostProcessor(res)
+                runs[name].append(_timed(post, settings))
+                volumes[name] = post.mask_volume_ml(post.mask(settings))
+    print(f"scan {scan}: {'x'.join(map(str, vol.shape))}, {args.threads} threads; {load.text()}")
     base = {k: statistics.median(r[k] for r in runs["smoothed"]) for k in range(3)}
     for name, rows in runs.items():
         first, move, peak = (statistics.median(r[k] for r in rows) for k in range(3))
