@@ -262,10 +262,10 @@ class PostProcessor:
         self._mask_voxels = 0  # of the cached mask, counted where it was made
         self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
         self._peak_cache: tuple[np.ndarray, np.ndarray] | None = None
-        self._sharp: tuple[tuple, np.ndarray] | None = None  # (key, the map parts are outlined on)
-        self._sharp_peaks: tuple[np.ndarray, tuple, np.ndarray] | None = (
-            None  # (labels, key, peaks)
-        )
+        # the sharper map parts are outlined on, and its parts' peaks: (key, map), (labels, key,
+        # peaks); the unsmoothed map's median and spread: (key, stats)
+        self._sharp: tuple[tuple, np.ndarray] | None = None
+        self._sharp_peaks: tuple[np.ndarray, tuple, np.ndarray] | None = None
         self._raw_stats: tuple[tuple, tuple[float, float] | None] | None = None
         self._sample: np.ndarray | None = None  # foreground voxels for preview statistics
         self._norm_cache: tuple[float, np.ndarray] | None = None
@@ -493,20 +493,17 @@ class PostProcessor:
         """uint8 mask: the voxels of the kept components at or above ``outline_fraction`` of
         their peak on the sharper map. Unsmoothed (``outline_smoothing_mm`` 0), that map is
         read at the kept components' voxels alone, slab by slab: no volume is made for it."""
-        key = self._sharp_key(s)
+        peaks = self._known_sharp_peaks(s, labels)  # a threshold move: the same parts
         if s.sharp_outline():
             sharp = self.outline_map(s, cancel)
             _stop_if(cancel)
-            peaks = component_peaks(sharp, labels, len(sizes))
-            level = (np.float32(s.outline_fraction) * peaks).astype(np.float32)
-            out = outline_mask(sharp, labels, keep, level)
+            if peaks is None:
+                peaks = component_peaks(sharp, labels, len(sizes))
+            out = outline_mask(sharp, labels, keep, fraction_levels(peaks, s.outline_fraction))
         else:
             stats = self._unsmoothed_stats(s)
             kept = keep.astype(bool)
-            known = self._sharp_peaks
-            if known is not None and known[0] is labels and known[1] == key:
-                peaks = known[2]  # a threshold move: the same parts
-            else:  # every part's peak, so that a threshold move can keep other parts
+            if peaks is None:  # every part's peak, so that a threshold move can keep others
                 peaks = np.zeros(len(sizes), np.float32)
                 for part in _slabs(labels.shape):
                     lab = labels[part]
@@ -515,7 +512,7 @@ class PostProcessor:
                         values = self._unsmoothed(s, part, inside, stats)
                         np.maximum.at(peaks, lab[inside], values)
             _stop_if(cancel)
-            level = (np.float32(s.outline_fraction) * peaks).astype(np.float32)
+            level = fraction_levels(peaks, s.outline_fraction)
             out = host_array(labels.shape, np.uint8)
             for part in _slabs(labels.shape):
                 lab = labels[part]
@@ -526,8 +523,15 @@ class PostProcessor:
                     slab[inside] = values >= level[lab[inside]]
                 out[part] = slab
         with self._lock:
-            self._sharp_peaks = (labels, key, peaks)
+            self._sharp_peaks = (labels, self._sharp_key(s), peaks)
         return out
+
+    def _known_sharp_peaks(self, s: CombineSettings, labels: np.ndarray) -> np.ndarray | None:
+        """The peaks on the sharper map of ``s`` of the components ``labels``, when known."""
+        known = self._sharp_peaks
+        if known is not None and known[0] is labels and known[1] == self._sharp_key(s):
+            return known[2]
+        return None
 
     def _unsmoothed_stats(self, s: CombineSettings) -> tuple[float, float] | None:
         """The per-scan median and spread of the unsmoothed combination (step 4 at smoothing
@@ -728,12 +732,11 @@ class PostProcessor:
                     )
                     if s.sharp_outline() is None:
                         return outline_mask(comb_sl, labels_sl, keep, lv), True
-                    known = self._sharp_peaks
-                    if known is not None and known[0] is parts[2]:
-                        sharp_sl = self._sharp_plane(s, axis, index)
-                        if sharp_sl is not None and known[1] == self._sharp_key(s):
-                            lv = (np.float32(s.outline_fraction) * known[2]).astype(np.float32)
-                            return outline_mask(sharp_sl, labels_sl, keep, lv), True
+                    known = self._known_sharp_peaks(s, parts[2])
+                    sharp_sl = None if known is None else self._sharp_plane(s, axis, index)
+                    if sharp_sl is not None:
+                        lv = fraction_levels(known, s.outline_fraction)
+                        return outline_mask(sharp_sl, labels_sl, keep, lv), True
         if grow is None:
             return above(comb_sl, s.threshold).astype(np.uint8), False
         sharp_sl = self._sharp_plane(s, axis, index)
@@ -1328,8 +1331,14 @@ def outline_slice(
     keep, level = outline_tables(peaks, sizes, 0, threshold, grow, fraction)
     if sharp is None:
         return outline_mask(values, labels, keep, level)
-    level = (np.float32(fraction) * component_peaks(sharp, labels, len(sizes))).astype(np.float32)
+    level = fraction_levels(component_peaks(sharp, labels, len(sizes)), fraction)
     return outline_mask(sharp, labels, keep, level)
+
+
+def fraction_levels(peaks: np.ndarray, fraction: float) -> np.ndarray:
+    """float32 per component: ``fraction`` of its peak on the map it is outlined on, when that
+    is a sharper map than the one that found it (step 5 of the module doc)."""
+    return (np.float32(fraction) * peaks).astype(np.float32)
 
 
 def sharper_map(smoothing_mm: float) -> str:
