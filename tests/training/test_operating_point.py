@@ -22,6 +22,7 @@ from napari_vaeloc.training.builder import build_training_set
 from napari_vaeloc.training.datasets import block_mean, heldout_masks
 from napari_vaeloc.training.loop import fpr_table
 from napari_vaeloc.training.operating_point import (
+    OUTLINE_CANDIDATES,
     SMOOTHING_CANDIDATES_MM,
     choose_operating_point,
     healthy_fpr_table,
@@ -274,6 +275,45 @@ def test_calibrate_chooses_the_smoothing_on_seeded_lesions(trained, tmp_path, ca
     assert cal.combined_fpr == pytest.approx(table)
     assert d.threshold == pytest.approx(table["0.001"])
     assert d.grow_threshold == pytest.approx(table["0.01"])
+
+
+def test_calibrate_chooses_the_outline_on_seeded_lesions(trained, tmp_path, capsys):
+    """``--outline-smoothing-mm best``: every candidate outline (the map each part's edge is
+    drawn on, the fraction of its peak there) is scored by the mean Dice of the default mask
+    on lesions seeded into the prepared held-out brains; the best one becomes the card's, and
+    the threshold and the claimed rate are that mask's."""
+    trained, folder = trained
+    src = ["--sources", str(folder), "--smoothing-mm", "2"]
+    text = (trained / "model.json").read_text()
+    assert main(["calibrate", str(trained), "--outline-smoothing-mm", "best", *src]) == 2
+    assert "ships no template" in capsys.readouterr().err  # refused before any work
+    for bad in (["--outline-fraction", "0.3"], ["--fpr", "best-dice"], ["--grow-fpr", "none"]):
+        assert main(["calibrate", str(trained), "--outline-smoothing-mm", "best", *bad,
+                     *src]) == 2  # fmt: skip
+        assert "vaeloc: error:" in capsys.readouterr().err
+    assert (trained / "model.json").read_text() == text
+
+    model_dir = _with_template(trained, tmp_path / "m")
+    loose = ["--fpr", "0.01", "--grow-fpr", "0.1"]  # the small model finds lesions only so
+    assert main(["calibrate", str(model_dir), "--outline-smoothing-mm", "best", *loose,
+                 *src]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    card = load_model(model_dir).card
+    cal, d = card.calibration, card.defaults
+    scores = cal.combined_outline_scores
+    names = [f"{'combined' if a is None else f'{a:g}'}/{f:g}" for a, f in OUTLINE_CANDIDATES]
+    assert set(scores) == set(names) and len(set(scores.values())) > 1  # the candidates differ
+    best = max(names, key=lambda k: scores[k])
+    sharp, fraction = best.split("/")
+    assert d.outline_fraction == float(fraction)
+    assert d.outline_smoothing_mm == (None if sharp == "combined" else float(sharp))
+    assert f"{best:<50} {scores[best]:.3f}" in printed
+    # the chosen outline's mask is what the card claims for
+    model = load_model(model_dir)
+    _, scans = _heldout(model_dir, folder, model_template(model_dir, card))
+    settings = CombineSettings.from_card(card)
+    rate = healthy_mask_fpr(model, scans, settings, cal, PrepareSettings())
+    assert cal.mask_fpr_calibration == pytest.approx(rate)
 
 
 def test_calibrate_on_healthy_scans_as_well(trained, tmp_path, capsys):

@@ -219,6 +219,10 @@ class Calibration(_Part):
             mean Dice per case on lesions seeded into held-out healthy individuals, when the
             default smoothing was chosen that way
             (:func:`napari_vaeloc.training.operating_point.choose_smoothing`).
+        combined_outline_scores: candidate outline ("combined/0.4": on the combined map at
+            0.4 of a part's peak; "0/0.3": on the unsmoothed map at 0.3) -> mean Dice per case
+            on lesions seeded into held-out healthy individuals, when the default outline was
+            chosen that way (:func:`napari_vaeloc.training.operating_point.choose_outline`).
         combined_healthy_scans: file name -> sha256 of the healthy scans calibrated on next
             to the held-out individuals (``vaeloc calibrate --healthy-scans``).
         mask_fpr: the fraction of the held-out healthy brain voxels the default mask marks
@@ -243,6 +247,7 @@ class Calibration(_Part):
     combined_dice: dict[str, float] | None = None
     combined_dice_cases: int | None = None
     combined_smoothing_scores: dict[str, float] | None = None
+    combined_outline_scores: dict[str, float] | None = None
     combined_healthy_scans: dict[str, str] | None = None
     mask_fpr: float | None = None
     mask_fpr_calibration: float | None = None

@@ -665,6 +665,8 @@ def export_slices(
 
 #: ``recalibrate(outline_smoothing_mm=KEEP)``: the card's outline smoothing stays
 KEEP = "card"
+#: ``recalibrate(outline_smoothing_mm=BEST)``: the outline is chosen on seeded lesions
+BEST = "best"
 
 
 def recalibrate(
@@ -694,8 +696,11 @@ def recalibrate(
     the card's, else :data:`~napari_vaeloc.combine.OUTLINE_FRACTION`)
     of the part's peak (:mod:`napari_vaeloc.combine`, step 5), on the combination smoothed
     ``outline_smoothing_mm`` when given (None: on the combined map itself; :data:`KEEP`: as the
-    card says), so that recalibrating, e.g. on a site's healthy scans, keeps the card's outline
-    unless told otherwise. The fraction of the
+    card says, so that recalibrating, e.g. on a site's healthy scans, keeps the card's outline
+    unless told otherwise; :data:`BEST`: the map and the fraction are chosen on lesions seeded
+    into the prepared held-out individuals,
+    :func:`~napari_vaeloc.training.operating_point.choose_outline`, every candidate's score
+    recorded). The fraction of the
     held-out healthy brain voxels the default mask then marks, each brain's mask with its levels
     read from the other brains alone (leave one out), is recorded as ``mask_fpr``, the rate the
     fronts claim; with the levels set on all of them as ``mask_fpr_calibration``.
@@ -747,6 +752,17 @@ def recalibrate(
             f"model {card.name!r} ships no template: the smoothing is chosen on held-out "
             "individuals prepared as scans, which needs one"
         )
+    choose = outline_smoothing_mm == BEST
+    if choose and (smoothing_candidates is not None or fpr is None or grow_fpr is None):
+        raise InputError(
+            "the outline is chosen alone: not with the smoothing or the threshold's level, and "
+            "not without a grow level to outline to"
+        )
+    if choose and not card.preprocessing.template:
+        raise InputError(
+            f"model {card.name!r} ships no template: the outline is chosen on held-out "
+            "individuals prepared as scans, which needs one"
+        )
     from ..prepare import PrepareSettings, model_template
     from .operating_point import healthy_scan_files
 
@@ -767,7 +783,7 @@ def recalibrate(
         outline_fraction = OUTLINE_FRACTION if d.outline_fraction is None else d.outline_fraction
     sharp: float | None = (
         d.outline_smoothing_mm
-        if outline_smoothing_mm == KEEP
+        if outline_smoothing_mm in (KEEP, BEST)
         else None
         if outline_smoothing_mm is None
         else float(outline_smoothing_mm)
@@ -821,6 +837,7 @@ def recalibrate(
     )
     from .operating_point import (
         choose_operating_point,
+        choose_outline,
         choose_smoothing,
         healthy_fpr_table,
         heldout_scans,
@@ -880,6 +897,12 @@ def recalibrate(
         grow_fpr = grow = None
         settings = settings.without_outline()
     settings = settings.replace(threshold=table[str(fpr)])
+    if choose and grow_fpr is not None:
+        say("choosing the outline on lesions seeded into the held-out brains ...")
+        pick = choose_outline(model, scans, settings, calibration, prep)
+        sharp, outline_fraction = pick.outline_smoothing_mm, pick.outline_fraction
+        settings = settings.replace(outline_smoothing_mm=sharp, outline_fraction=outline_fraction)
+        calibration.combined_outline_scores = pick.scores
     final_grow, chosen = grow_fpr, fpr
 
     def levels_of(others: dict[str, float]) -> CombineSettings:

@@ -59,6 +59,13 @@ POSE_DEGREES = 10.0
 POSE_MM = 15.0
 #: the 3D smoothings of the combined map (Gaussian sigma, mm) :func:`choose_smoothing` compares
 SMOOTHING_CANDIDATES_MM: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0)
+#: the outlines :func:`choose_outline` compares: (the smoothing of the map each part's edge is
+#: drawn on, mm, None for the combined map itself; the fraction of the part's peak there)
+OUTLINE_CANDIDATES: tuple[tuple[float | None, float], ...] = tuple(
+    (sharp, fraction) for sharp in (None, 0.0, 2.0, 3.0, 4.0) for fraction in (0.3, 0.4, 0.5)
+)
+#: the lesion draws :func:`choose_outline` scores on (seeds of :func:`seeded_lesions`)
+OUTLINE_SEEDS: tuple[int, ...] = (7, 11)
 
 
 @dataclass
@@ -110,6 +117,29 @@ class SmoothingChoice:
     scores: dict[str, float]
     table: dict[str, float]
     cases: int
+
+
+@dataclass(frozen=True)
+class OutlineChoice:
+    """The chosen outline and what it was chosen on.
+
+    Attributes:
+        outline_smoothing_mm: the smoothing of the map each part's edge is drawn on (mm; None:
+            the combined map itself).
+        outline_fraction: the fraction of the part's peak there.
+        scores: {:func:`outline_name`: mean Dice per case of the default mask} per candidate.
+        cases: lesioned copies scored.
+    """
+
+    outline_smoothing_mm: float | None
+    outline_fraction: float
+    scores: dict[str, float]
+    cases: int
+
+
+def outline_name(sharp: float | None, fraction: float) -> str:
+    """A candidate outline's name in a card and a report: "combined/0.4", "0/0.3", "2/0.4"."""
+    return f"{'combined' if sharp is None else f'{sharp:g}'}/{fraction:g}"
 
 
 def outlined(
@@ -418,6 +448,53 @@ def choose_operating_point(
     dice = {k: (ov.dice if math.isfinite(ov.dice) else 0.0) for k, ov in overlaps.items()}
     best = max(levels, key=lambda k: (dice[k], -float(k)))
     return OperatingPoint(float(best), dice, cases)
+
+
+def choose_outline(
+    model,
+    scans: Sequence[HeldOutScan],
+    settings: CombineSettings,
+    calibration: Calibration,
+    prepare: PrepareSettings | None = None,
+    *,
+    candidates: Sequence[tuple[float | None, float]] = OUTLINE_CANDIDATES,
+    seeds: Sequence[int] = OUTLINE_SEEDS,
+) -> OutlineChoice:
+    """Pick how the default mask outlines its parts on lesions seeded into the held-out
+    ``scans``: for each candidate (the smoothing of the map the edge is drawn on, the fraction
+    of the part's peak there) the mean Dice per case of the mask of ``settings`` (its threshold
+    and grow level fixed) over the lesioned copies of :func:`seeded_lesions`, one draw per seed.
+    Each copy is localized once; the candidates differ only after the engine.
+
+    Returns:
+        The candidate with the highest mean Dice (ties go to the earlier one), every
+        candidate's score and the number of lesioned copies.
+
+    Raises:
+        ValueError: no candidate, no scan, or ``settings`` without a grow level to outline to.
+    """
+    if not candidates or not scans:
+        raise ValueError("no outline to choose from, or no held-out scan to seed lesions in")
+    if settings.grow_level() is None:
+        raise ValueError("the default mask has no grow level: there is no outline to choose")
+    dice: dict[tuple[float | None, float], list[float]] = {c: [] for c in candidates}
+    for seed in seeds:
+        for s, scan, truth in seeded_lesions(scans, prepare, seed=seed):
+            res = _localize(model, scan, settings, prepare if s.prepared else None)
+            where = _counted(s, res, truth)
+            post = PostProcessor(res, settings, calibration)
+            for sharp, fraction in candidates:
+                mask = post.mask(
+                    settings.replace(outline_smoothing_mm=sharp, outline_fraction=fraction)
+                )
+                overlap = Overlap()
+                overlap.add(mask > 0, truth, where)
+                dice[(sharp, fraction)].append(overlap.dice if math.isfinite(overlap.dice) else 0.0)
+    scores = {c: float(np.mean(v)) for c, v in dice.items()}
+    best = max(candidates, key=lambda c: scores[c])  # the first of equals
+    return OutlineChoice(
+        best[0], best[1], {outline_name(*c): scores[c] for c in candidates}, len(dice[best])
+    )
 
 
 def choose_smoothing(
