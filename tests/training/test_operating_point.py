@@ -29,6 +29,7 @@ from napari_vaeloc.training.operating_point import (
     healthy_mask_fpr,
     healthy_scan_files,
     heldout_scans,
+    outline_name,
 )
 
 
@@ -301,7 +302,7 @@ def test_calibrate_chooses_the_outline_on_seeded_lesions(trained, tmp_path, caps
     card = load_model(model_dir).card
     cal, d = card.calibration, card.defaults
     scores = cal.combined_outline_scores
-    names = [f"{'combined' if a is None else f'{a:g}'}/{f:g}" for a, f in OUTLINE_CANDIDATES]
+    names = [outline_name(*c) for c in OUTLINE_CANDIDATES]
     assert set(scores) == set(names) and len(set(scores.values())) > 1  # the candidates differ
     best = max(names, key=lambda k: scores[k])
     sharp, fraction = best.split("/")

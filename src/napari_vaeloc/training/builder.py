@@ -781,13 +781,9 @@ def recalibrate(
     smoothing = float((d.smoothing_mm or 0.0) if smoothing_mm is None else smoothing_mm)
     if outline_fraction is None:
         outline_fraction = OUTLINE_FRACTION if d.outline_fraction is None else d.outline_fraction
-    sharp: float | None = (
-        d.outline_smoothing_mm
-        if outline_smoothing_mm in (KEEP, BEST)
-        else None
-        if outline_smoothing_mm is None
-        else float(outline_smoothing_mm)
-    )
+    sharp: float | None = d.outline_smoothing_mm  # KEEP, and BEST until it has chosen
+    if outline_smoothing_mm not in (KEEP, BEST):
+        sharp = None if outline_smoothing_mm is None else float(outline_smoothing_mm)
     if scan_normalise is None:
         scan_normalise = bool(d.scan_normalise)
     min_size = float((d.min_size_mm3 or 0.0) if min_size_mm3 is None else min_size_mm3)
