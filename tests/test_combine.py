@@ -9,7 +9,9 @@ import pytest
 from napari_vaeloc.combine import (
     CombineSettings,
     PostProcessor,
+    at_smoothing,
     finish,
+    fpr_at,
     label_components,
     robust_z,
     smooth,
@@ -425,3 +427,80 @@ def test_the_outline_comes_from_the_card():
     assert (s.grow_threshold, s.outline_fraction, s.grow_level()) == (1.5, 0.5, 1.5)
     assert s.sharp_outline() == 2.0 and s.without_outline().sharp_outline() is None
     assert CombineSettings.preset("paper", card).grow_level() is None  # the paper's method
+
+
+#: a calibration with levels at the default smoothing (6 mm) and at 3 and 8 mm
+LEVELS = {
+    "scales": {"restoration": 1.0},
+    "combined_weights": {"restoration": 1.0},
+    "combined_smoothing_mm": 6.0,
+    "combined_scan_normalise": True,
+    "combined_fpr": {"0.01": 2.9, "0.001": 3.7, "0.0001": 4.4},
+    "smoothing_fpr": {
+        "3": {"0.01": 3.0, "0.001": 4.0, "0.0001": 5.0},
+        "8": {"0.01": 2.8, "0.001": 3.5, "0.0001": 4.1},
+    },
+}
+LEVEL_DEFAULTS = {
+    "weights": {"restoration": 1.0},
+    "smoothing_mm": 6.0,
+    "scan_normalise": True,
+    "threshold": 3.7,
+    "threshold_fpr": 0.001,
+    "grow_threshold": 2.9,
+    "grow_fpr": 0.01,
+    "outline_fraction": 0.3,
+}
+
+
+def test_levels_at_other_smoothings_are_calibrated_or_interpolated():
+    card = card_with(LEVELS, LEVEL_DEFAULTS)
+    cal = card.calibration
+    assert cal.fpr_table(3.0) == [(3.0, 0.01), (4.0, 0.001), (5.0, 0.0001)]
+    assert cal.fpr_table() == cal.fpr_table(6.0) == [(2.9, 0.01), (3.7, 0.001), (4.4, 0.0001)]
+    # halfway between 3 and 6 mm: each level's threshold halfway
+    halfway = cal.fpr_table(4.5)
+    assert [f for _, f in halfway] == [0.01, 0.001, 0.0001]
+    assert [t for t, _ in halfway] == pytest.approx([2.95, 3.85, 4.7])
+    assert cal.fpr_table(2.0) == [] and cal.fpr_table(9.0) == []  # beyond the calibrated ones
+    assert cal.smoothing_source(3.0) == "calibrated at 3 mm"
+    assert cal.smoothing_source(7.0) == "interpolated between the 6 and 8 mm calibrations"
+    assert cal.smoothing_source(9.0) is None
+    # what a run claims follows the smoothing
+    rng = np.random.default_rng(0)
+    vol = Volume.from_array(rng.random((8, 8, 8)))
+    result = make_result({"restoration": rng.random((8, 8, 8)).astype(np.float32)},
+                         np.ones((8, 8, 8), bool), vol, card)  # fmt: skip
+    post = PostProcessor(result)
+    assert post.fpr_for_threshold(3.7) == pytest.approx(0.001) and post.levels_source() is None
+    post.settings = post.settings.replace(smoothing_mm=3.0)
+    assert post.fpr_for_threshold(4.0) == pytest.approx(0.001)
+    assert post.levels_source() == "calibrated at 3 mm"
+    post.settings = post.settings.replace(smoothing_mm=2.0)
+    assert post.fpr_for_threshold(4.0) is None and post.levels_source() is None
+    post.settings = post.settings.replace(smoothing_mm=3.0, weights={"rec_error": 1.0})
+    assert post.fpr_table() == []  # another combination: no levels
+
+
+def test_a_new_smoothing_keeps_the_levels_healthy_rates():
+    card = card_with(LEVELS, LEVEL_DEFAULTS)
+    default = CombineSettings.from_card(card)
+    finer = at_smoothing(default, card, 3.0)
+    assert finer.smoothing_mm == 3.0
+    assert finer.threshold == pytest.approx(4.0)  # the 0.1 % level at 3 mm
+    assert finer.grow_threshold == pytest.approx(3.0)  # the card's grow level, 1 %
+    assert finer.outline_fraction == default.outline_fraction
+    back = at_smoothing(finer, card, 6.0)
+    assert back.threshold == pytest.approx(default.threshold)
+    assert back.grow_threshold == pytest.approx(default.grow_threshold)
+    # a threshold between levels keeps its rate (log-interpolated) at the new smoothing
+    looser = at_smoothing(default.replace(threshold=3.3), card, 8.0)
+    rate = fpr_at(card.calibration.fpr_table(), 3.3)
+    assert fpr_at(card.calibration.fpr_table(8.0), looser.threshold) == pytest.approx(rate)
+    # a threshold beyond the levels stays (its rate is not known), the grow level follows
+    strict = at_smoothing(default.replace(threshold=6.0), card, 3.0)
+    assert (strict.threshold, strict.grow_threshold) == (6.0, pytest.approx(3.0))
+    # no levels at the new smoothing, or other weights: only the smoothing changes
+    for settings in (default, default.replace(weights={"rec_error": 1.0})):
+        sigma = 1.0 if settings is default else 3.0
+        assert at_smoothing(settings, card, sigma) == settings.replace(smoothing_mm=sigma)

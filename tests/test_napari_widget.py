@@ -166,6 +166,22 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     assert "the outlined mask marks" in info0, info0
     np.testing.assert_array_equal(mask_layer.data, mask0)
 
+    # another smoothing keeps the threshold's healthy rate: the slider moves to that level at
+    # the new smoothing, and the panel says where the levels come from; back at the default,
+    # everything is as it was
+    cal = widget.session.calibration
+    widget.smoothing.value = 3.0
+    level = cal.smoothing_fpr["3"]["0.001"]
+    assert widget.session.settings.threshold == pytest.approx(level)
+    assert widget.threshold.value == pytest.approx(level, abs=0.01)
+    assert widget.session.settings.grow_threshold == pytest.approx(cal.smoothing_fpr["3"]["0.01"])
+    qtbot.waitUntil(lambda: "(calibrated at 3 mm)" in widget.threshold_info.value, timeout=5000)
+    assert "healthy false-positive rate ≈ 0.001 " in widget.threshold_info.value
+    widget.smoothing.value = widget.session.default_settings().smoothing_mm
+    qtbot.waitUntil(lambda: widget.threshold_info.value == info0, timeout=5000)
+    qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)
+    np.testing.assert_array_equal(mask_layer.data, mask0)
+
     widget.weights["kl_grad"].value = 1.0
     qtbot.waitUntil(lambda: not np.array_equal(comb_layer.data, comb0), timeout=2000)
     info = widget.threshold_info.value

@@ -242,6 +242,9 @@ class Session(PostProcessor):
             else:
                 fpr = self.fpr_for_threshold(t)
                 text = f"healthy false-positive rate ≈ {fpr:.3g} ({fpr:.2%} of healthy voxels)"
+            source = self.levels_source()
+            if source is not None:
+                text += f" ({source})"
             if self.settings.outline_dropped():
                 text += (
                     f"; at or below the outline's grow level ({self.settings.grow_threshold:.2f}): "

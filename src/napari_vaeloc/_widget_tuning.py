@@ -30,6 +30,7 @@ from qtpy.QtCore import QTimer
 from ._widget_controller import LAYER_STYLES, MAP_LAYERS
 from ._widget_layers import PendingMap, file_axis, put_layer
 from ._widget_run import live, start_worker
+from .combine import at_smoothing
 
 #: how long the sliders wait for the next move before recombining the whole volume (ms)
 DEBOUNCE_MS = 50
@@ -439,10 +440,14 @@ class TuningMixin:
         new = st.replace(
             weights=weights,
             scan_normalise=scan_normalise,
-            smoothing_mm=_kept(float(self.smoothing.value), st.smoothing_mm),
             threshold=threshold,
             min_size_mm3=_kept(float(self.min_size.value), st.min_size_mm3),
         )
+        smoothing = _kept(float(self.smoothing.value), st.smoothing_mm)
+        if smoothing != st.smoothing_mm:  # the levels keep their healthy rates where known
+            new = at_smoothing(new, self.session.card, smoothing, self.session.calibration)
+            if new.threshold != threshold:
+                self._show_threshold(new.threshold)
         if not self.outline.value:
             new = new.without_outline()
         elif new.grow_threshold is None:  # turned on: the model's outline
@@ -453,6 +458,14 @@ class TuningMixin:
                 outline_smoothing_mm=d.outline_smoothing_mm,
             )
         self.session.settings = new
+
+    def _show_threshold(self, threshold: float) -> None:
+        """Move the threshold slider to ``threshold`` without it counting as a move."""
+        self._quiet = True
+        try:
+            self.threshold.value = min(threshold, self.threshold.max)
+        finally:
+            self._quiet = False
 
     def _show_settings(self, st: Any) -> None:
         self._quiet = True

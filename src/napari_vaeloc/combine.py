@@ -850,30 +850,27 @@ class PostProcessor:
         """True when weights, smoothing and normalisation are those the model's FPR table was
         calibrated for."""
         d = self.default_settings()
-        cal = self.calibration
-        cal_w = (cal.combined_weights if cal is not None else None) or d.weights
-        return (
-            self.settings.used_weights() == {k: float(v) for k, v in cal_w.items() if v}
-            and math.isclose(self.settings.smoothing_mm, d.smoothing_mm)
-            and self.settings.scan_normalise == d.scan_normalise
+        return calibrated_combination(self.settings, self.calibration, d) and math.isclose(
+            self.settings.smoothing_mm, d.smoothing_mm
         )
 
     def fpr_table(self) -> list[tuple[float, float]]:
-        """(threshold, fpr) pairs that hold for the current settings (empty when they differ
-        from the calibrated combination, or the model has none)."""
-        if self.calibration is None or not self.uses_default_combination():
-            return []
-        return self.calibration.fpr_table()
+        """(threshold, fpr) pairs that hold for the current settings (:func:`fpr_pairs`)."""
+        return fpr_pairs(self.settings, self.calibration, self.default_settings())
+
+    def levels_source(self) -> str | None:
+        """Where the levels of :meth:`fpr_table` come from when the settings smooth otherwise
+        than the default ("calibrated at 3 mm", "interpolated between the 3 and 4 mm
+        calibrations"); None at the default smoothing or without levels."""
+        d = self.default_settings()
+        if math.isclose(self.settings.smoothing_mm, d.smoothing_mm) or not self.fpr_table():
+            return None
+        return self.calibration.smoothing_source(self.settings.smoothing_mm)
 
     def fpr_for_threshold(self, threshold: float) -> float | None:
-        """Healthy false-positive rate of ``threshold``, interpolated in log space between the
-        calibrated levels (the nearest level outside them); None without a table."""
-        pairs = self.fpr_table()
-        if not pairs:
-            return None
-        thr = np.array([p[0] for p in pairs])
-        logf = np.log10([p[1] for p in pairs])
-        return float(10 ** np.interp(threshold, thr, logf))
+        """Healthy false-positive rate of ``threshold`` (:func:`fpr_at`); None without a
+        table."""
+        return fpr_at(self.fpr_table(), threshold)
 
     def mask_fpr(self, settings: CombineSettings | None = None) -> float | None:
         """The healthy false-positive rate of the mask itself (the calibration's ``mask_fpr``,
@@ -891,13 +888,88 @@ class PostProcessor:
         return float(cal.mask_fpr)
 
     def threshold_for_fpr(self, fpr: float) -> float | None:
-        """Inverse of :meth:`fpr_for_threshold`."""
-        pairs = self.fpr_table()
-        if not pairs:
-            return None
-        thr = np.array([p[0] for p in pairs])[::-1]
-        logf = np.log10([p[1] for p in pairs])[::-1]
-        return float(np.interp(math.log10(fpr), logf, thr))
+        """Inverse of :meth:`fpr_for_threshold` (:func:`threshold_at`)."""
+        return threshold_at(self.fpr_table(), fpr)
+
+
+def calibrated_combination(
+    settings: CombineSettings, calibration: Calibration | None, default: CombineSettings
+) -> bool:
+    """Whether ``settings`` weight the maps and normalise the scan as the combination the
+    model's false-positive tables were calibrated for (``default``: the card's settings)."""
+    if calibration is None:
+        return False
+    cal_w = calibration.combined_weights or default.weights
+    return (
+        settings.used_weights() == {k: float(v) for k, v in cal_w.items() if v}
+        and settings.scan_normalise == default.scan_normalise
+    )
+
+
+def fpr_pairs(
+    settings: CombineSettings, calibration: Calibration | None, default: CombineSettings
+) -> list[tuple[float, float]]:
+    """(threshold, fpr) pairs, sorted by threshold, that hold for ``settings``: the model's
+    default table at the default smoothing, the table of another smoothing where the
+    calibration has one (``Calibration.fpr_table``: calibrated at that sigma, or interpolated
+    between two); empty for other weights or normalisation, or a smoothing beyond the
+    calibrated ones."""
+    if not calibrated_combination(settings, calibration, default):
+        return []
+    if math.isclose(settings.smoothing_mm, default.smoothing_mm):
+        return calibration.fpr_table()
+    return calibration.fpr_table(settings.smoothing_mm)
+
+
+def fpr_at(pairs: list[tuple[float, float]], threshold: float) -> float | None:
+    """Healthy false-positive rate of ``threshold`` under the (threshold, fpr) ``pairs``,
+    interpolated in log space between the calibrated levels (the nearest level outside them);
+    None without pairs."""
+    if not pairs:
+        return None
+    thr = np.array([p[0] for p in pairs])
+    logf = np.log10([p[1] for p in pairs])
+    return float(10 ** np.interp(threshold, thr, logf))
+
+
+def threshold_at(pairs: list[tuple[float, float]], fpr: float) -> float | None:
+    """Inverse of :func:`fpr_at`: the threshold of the healthy false-positive rate ``fpr``."""
+    if not pairs:
+        return None
+    thr = np.array([p[0] for p in pairs])[::-1]
+    logf = np.log10([p[1] for p in pairs])[::-1]
+    return float(np.interp(math.log10(fpr), logf, thr))
+
+
+def at_smoothing(
+    settings: CombineSettings,
+    card: ModelCard,
+    smoothing_mm: float,
+    calibration: Calibration | None = None,
+) -> CombineSettings:
+    """``settings`` at the smoothing ``smoothing_mm`` (sigma, mm) with their levels carried
+    over: where the model's calibration (``calibration``, default the card's) holds levels at
+    both smoothings (:func:`fpr_pairs`), the threshold moves to the level of the healthy
+    false-positive rate it had (when it lay within the calibrated levels) and the grow level
+    to the card's ``grow_fpr`` level; otherwise only the smoothing changes. So a finer
+    smoothing keeps the mask's specificity instead of the number.
+
+    Raises:
+        InputError: a negative or non-finite smoothing.
+    """
+    new = settings.replace(smoothing_mm=smoothing_mm)
+    cal = card.calibration if calibration is None else calibration
+    default = CombineSettings.from_card(card)
+    before, after = fpr_pairs(settings, cal, default), fpr_pairs(new, cal, default)
+    if not before or not after:
+        return new
+    changes = {}
+    if before[0][0] <= settings.threshold <= before[-1][0]:
+        changes["threshold"] = threshold_at(after, fpr_at(before, settings.threshold))
+    grow_fpr = card.defaults.grow_fpr
+    if settings.grow_threshold is not None and grow_fpr is not None:
+        changes["grow_threshold"] = threshold_at(after, grow_fpr)
+    return new.replace(**changes)
 
 
 def _same_key(a: tuple, b: tuple) -> bool:

@@ -82,17 +82,19 @@ class ScanSettings:
 
     def combine_settings(self, card: Any) -> CombineSettings:
         """The combination these settings ask for with the model whose card is ``card``
-        (:meth:`napari_vaeloc.combine.CombineSettings.preset`, then the changes)."""
-        from .combine import CombineSettings
+        (:meth:`napari_vaeloc.combine.CombineSettings.preset`, then the changes). A smoothing
+        keeps the preset's levels' healthy false-positive rates where the card has levels at
+        that smoothing (:func:`napari_vaeloc.combine.at_smoothing`); a threshold given is
+        kept as given."""
+        from .combine import CombineSettings, at_smoothing
 
-        changes = {
-            "threshold": self.threshold,
-            "weights": self.weights,
-            "smoothing_mm": self.smoothing,
-            "scan_normalise": self.scan_normalise,
-        }
+        changes = {"weights": self.weights, "scan_normalise": self.scan_normalise}
         changed = {k: v for k, v in changes.items() if v is not None}
         settings = CombineSettings.preset(self.preset, card).replace(**changed)
+        if self.smoothing is not None:
+            settings = at_smoothing(settings, card, self.smoothing)
+        if self.threshold is not None:
+            settings = settings.replace(threshold=self.threshold)
         return settings if self.outline else settings.without_outline()
 
     def result_key(self) -> dict[str, Any]:

@@ -447,6 +447,36 @@ def test_the_default_mask_outlines_its_parts_and_no_outline_keeps_the_threshold(
     assert c["outlined"] is True and plain["outlined"] is False
 
 
+def test_another_smoothing_keeps_the_default_levels_healthy_rates(tmp_path, capsys):
+    """``--smoothing`` without ``--threshold``: the threshold and the grow level are the
+    default's healthy false-positive levels at that smoothing, from the card's calibration,
+    and the mask line says so; a threshold given stays as given, its rate read at that
+    smoothing."""
+    from napari_vaeloc.combine import fpr_at
+    from napari_vaeloc.models.store import load_model
+    from napari_vaeloc.samples import sample_path
+
+    cal = load_model("t2-brain").card.calibration
+    scan = sample_path("t2-lesion")
+    stem = Path(scan).name.split(".")[0]
+    base = ["localize", str(scan), "--model", "t2-brain", "--device", "cpu", "--smoothing", "3"]
+    base += ["--maps", "restoration"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("mask:"))
+    assert "healthy false-positive rate 0.1 % (calibrated at 3 mm)" in line, line
+    c = json.loads((tmp_path / "a" / f"{stem}_scores.json").read_text())["combination"]
+    assert c["smoothing_mm"] == 3.0
+    assert c["threshold"] == pytest.approx(cal.smoothing_fpr["3"]["0.001"])
+    assert c["grow_threshold"] == pytest.approx(cal.smoothing_fpr["3"]["0.01"])
+    assert c["healthy_fpr"] == pytest.approx(0.001)
+    assert c["mask_healthy_fpr"] is None  # measured for the default mask only
+    assert main([*base, "--threshold", "4.5", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    c = json.loads((tmp_path / "b" / f"{stem}_scores.json").read_text())["combination"]
+    assert c["threshold"] == 4.5
+    assert c["healthy_fpr"] == pytest.approx(fpr_at(cal.fpr_table(3.0), 4.5))
+    assert c["grow_threshold"] == pytest.approx(cal.smoothing_fpr["3"]["0.01"])
+
+
 def test_calibrating_a_bundled_model_in_place_is_refused_with_the_way_out(
     tmp_path, monkeypatch, capsys
 ):

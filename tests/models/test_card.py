@@ -38,6 +38,18 @@ def _bundled_json() -> dict:
         (lambda d: d["normalisation"].__setitem__("method", "minmax"), "normalisation"),
         (lambda d: d.__setitem__("likelihood_log_std", True), "likelihood_log_std"),
         (lambda d: d["defaults"].__setitem__("treshold", 1.0), "treshold"),
+        (
+            lambda d: d["calibration"].__setitem__("smoothing_fpr", {"3": {"0.001": "x"}}),
+            "smoothing_fpr.3.0.001",
+        ),
+        (
+            lambda d: d["calibration"].__setitem__("smoothing_fpr", {"wide": {"0.001": 4.0}}),
+            "smoothing_fpr: 'wide'",
+        ),
+        (
+            lambda d: d["calibration"].__setitem__("smoothing_fpr", {"-1": {"0.001": 4.0}}),
+            "smoothing_fpr: '-1'",
+        ),
         (lambda d: d.__setitem__("modalty", "T2"), "modalty"),
         (lambda d: d["defaults"].__setitem__("fuse_with", "t1-brain-coronal"), "fuse_with"),
     ],
@@ -79,3 +91,20 @@ def test_the_card_module_is_the_only_place_that_knows_the_keys():
         if k in p.read_text()
     ]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("name", ["t1-brain", "t2-brain"])
+def test_bundled_defaults_have_levels_at_every_smoothing_of_the_panel(name):
+    """The bundled defaults' false-positive tables cover every whole millimetre of the panel's
+    smoothing slider (``vaeloc calibrate`` reads them from the held-out brains), each a
+    stricter threshold for a stricter rate."""
+    from napari_vaeloc.training.operating_point import LEVEL_SMOOTHINGS_MM
+
+    if name not in bundled_models():
+        pytest.skip(f"{name} is not installed")
+    cal = read_card(bundled_models()[name]).calibration
+    assert sorted(cal.smoothing_tables()) == list(LEVEL_SMOOTHINGS_MM)
+    for sigma in LEVEL_SMOOTHINGS_MM:
+        pairs = cal.fpr_table(sigma)
+        assert [f for _, f in pairs] == sorted((f for _, f in pairs), reverse=True), sigma
+        assert len(pairs) == len(cal.fpr_table()), sigma

@@ -22,6 +22,7 @@ from napari_vaeloc.training.builder import build_training_set
 from napari_vaeloc.training.datasets import block_mean, heldout_masks
 from napari_vaeloc.training.loop import fpr_table
 from napari_vaeloc.training.operating_point import (
+    LEVEL_SMOOTHINGS_MM,
     OUTLINE_CANDIDATES,
     SMOOTHING_CANDIDATES_MM,
     choose_operating_point,
@@ -73,6 +74,7 @@ def test_calibrate_chooses_the_level_with_the_best_dice_and_records_it(trained, 
         "calibration only)"
     )
     assert cal.combined_dice and cal.combined_dice_cases == 2 * 4  # 2 held-out volumes x 4
+    assert cal.smoothing_fpr is None  # levels in volume space: the default smoothing's only
     assert set(cal.combined_dice) == {"0.01", "0.005", "0.001", "0.0005", "0.0001"}
     best = max(cal.combined_dice.values())
     assert cal.combined_dice[str(d.threshold_fpr)] == best
@@ -276,6 +278,15 @@ def test_calibrate_chooses_the_smoothing_on_seeded_lesions(trained, tmp_path, ca
     assert cal.combined_fpr == pytest.approx(table)
     assert d.threshold == pytest.approx(table["0.001"])
     assert d.grow_threshold == pytest.approx(table["0.01"])
+    # levels at the panel's other smoothings, read from the same brains
+    others = {f"{c:g}" for c in LEVEL_SMOOTHINGS_MM if c != d.smoothing_mm}
+    assert set(cal.smoothing_fpr) == others
+    for sigma in (0.0, 7.0):
+        if f"{sigma:g}" in others:
+            at = healthy_fpr_table(model, scans, settings.replace(smoothing_mm=sigma), cal,
+                                   PrepareSettings())  # fmt: skip
+            assert cal.smoothing_fpr[f"{sigma:g}"] == pytest.approx(at)
+            assert at != pytest.approx(table)
 
 
 def test_calibrate_chooses_the_outline_on_seeded_lesions(trained, tmp_path, capsys):

@@ -115,7 +115,10 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
         "--smoothing",
         type=float,
         default=None,
-        help="3D Gaussian smoothing of the combined map, sigma in mm (default: the model's)",
+        help="3D Gaussian smoothing of the combined map, sigma in mm (default: the model's); "
+        "lower it for small lesions. Where the model is calibrated at that smoothing (the "
+        "bundled models: 0-8 mm) the threshold and the outline's grow level move to the "
+        "default's healthy false-positive rates there, unless --threshold is given",
     )
     p.add_argument(
         "--maps",
@@ -330,6 +333,9 @@ def describe_mask(
         rate = f"healthy false-positive rate > {pairs[0][1] * 100:.2g} %"
     else:
         rate = f"healthy false-positive rate {fpr * 100:.2g} %"
+    source = post.levels_source()
+    if source is not None:
+        rate += f" ({source})"
     grow = post.settings.grow_level()
     if post.settings.outline_dropped():
         rate += (

@@ -232,6 +232,11 @@ class Calibration(_Part):
             claims, above the threshold's own rate when parts are outlined below it.
         mask_fpr_calibration: the same fraction with the levels set on all of them (the
             brains the claim would otherwise be measured on).
+        smoothing_fpr: smoothing sigma (mm, as a string, e.g. "3") -> {fpr: threshold}: the
+            false-positive tables of the same combination (``combined_weights``,
+            ``combined_scan_normalise``) at smoothings other than ``combined_smoothing_mm``,
+            read from the same healthy brains, so that a smoothing other than the default
+            still has calibrated levels (:meth:`fpr_table`).
     """
 
     scales: dict[str, float] = field(default_factory=dict)
@@ -251,11 +256,62 @@ class Calibration(_Part):
     combined_healthy_scans: dict[str, str] | None = None
     mask_fpr: float | None = None
     mask_fpr_calibration: float | None = None
+    smoothing_fpr: dict[str, dict[str, float]] | None = None
 
-    def fpr_table(self) -> list[tuple[float, float]]:
-        """(threshold, fpr) pairs of the default combined map, sorted by threshold."""
-        table = self.combined_fpr or {}
+    def validate(self, where: str) -> None:
+        for sigma in self.smoothing_fpr or {}:
+            try:
+                ok = math.isfinite(float(sigma)) and float(sigma) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ModelError(f"{where}.smoothing_fpr: {sigma!r} is not a sigma >= 0 in mm")
+
+    def fpr_table(self, smoothing_mm: float | None = None) -> list[tuple[float, float]]:
+        """(threshold, fpr) pairs, sorted by threshold, of the default combined map (None), or
+        of the same combination smoothed with ``smoothing_mm``: the table calibrated at that
+        sigma, or between two calibrated sigmas each level's threshold interpolated linearly
+        in sigma; empty beyond the calibrated sigmas (:meth:`smoothing_tables`)."""
+        if smoothing_mm is None:
+            table = self.combined_fpr or {}
+        else:
+            table = self._table_at(float(smoothing_mm))
         return sorted((float(t), float(f)) for f, t in table.items() if float(f) > 0)
+
+    def smoothing_tables(self) -> dict[float, dict[str, float]]:
+        """Every calibrated sigma (mm, ascending) -> its {fpr: threshold} table: the default's
+        (``combined_smoothing_mm``) and those of ``smoothing_fpr``."""
+        out = {float(k): v for k, v in (self.smoothing_fpr or {}).items()}
+        if self.combined_fpr and self.combined_smoothing_mm is not None:
+            out[float(self.combined_smoothing_mm)] = self.combined_fpr
+        return dict(sorted(out.items()))
+
+    def smoothing_source(self, smoothing_mm: float) -> str | None:
+        """How :meth:`fpr_table` gets the levels at ``smoothing_mm``: "calibrated at 3 mm",
+        "interpolated between the 3 and 4 mm calibrations", or None (no levels there)."""
+        sigmas = list(self.smoothing_tables())
+        exact = [s for s in sigmas if math.isclose(s, smoothing_mm, abs_tol=1e-6)]
+        if exact:
+            return f"calibrated at {exact[0]:g} mm"
+        below = [s for s in sigmas if s < smoothing_mm]
+        above = [s for s in sigmas if s > smoothing_mm]
+        if not below or not above:
+            return None
+        return f"interpolated between the {below[-1]:g} and {above[0]:g} mm calibrations"
+
+    def _table_at(self, smoothing_mm: float) -> dict[str, float]:
+        tables = self.smoothing_tables()
+        for sigma, table in tables.items():
+            if math.isclose(sigma, smoothing_mm, abs_tol=1e-6):
+                return table
+        below = [s for s in tables if s < smoothing_mm]
+        above = [s for s in tables if s > smoothing_mm]
+        if not below or not above:
+            return {}
+        lo, hi = below[-1], above[0]
+        w = (smoothing_mm - lo) / (hi - lo)
+        levels = set(tables[lo]) & set(tables[hi])
+        return {f: (1 - w) * float(tables[lo][f]) + w * float(tables[hi][f]) for f in levels}
 
 
 @dataclass

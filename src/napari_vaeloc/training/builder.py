@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 from collections.abc import Callable, Sequence
@@ -727,7 +728,11 @@ def recalibrate(
     brains, e.g. a site's own normal scans) join the held-out individuals everywhere above,
     each prepared as a user's scan is
     (:func:`~napari_vaeloc.training.operating_point.healthy_scan_files`); the calibration
-    records their file names and checksums. ``log`` gets a line as each long step starts. The
+    records their file names and checksums. The same brains also give the tables of the
+    combination at every other smoothing of
+    :data:`~napari_vaeloc.training.operating_point.LEVEL_SMOOTHINGS_MM`
+    (``Calibration.smoothing_fpr``; none for a calibration in volume space), so that a user's
+    smoothing keeps calibrated levels. ``log`` gets a line as each long step starts. The
     weights file, and so its checksum, is unchanged. Returns the new calibration.
 
     Raises:
@@ -832,10 +837,12 @@ def recalibrate(
         min_size_mm3=min_size,
     )
     from .operating_point import (
+        LEVEL_SMOOTHINGS_MM,
         choose_operating_point,
         choose_outline,
         choose_smoothing,
         healthy_fpr_table,
+        healthy_fpr_tables,
         heldout_scans,
         mask_rates,
         outlined,
@@ -861,6 +868,7 @@ def recalibrate(
         calibration.combined_fpr = choice.table
     elif scans:  # held-out individuals turned into scans and prepared as a user's scan is
         calibration.combined_fpr = healthy_fpr_table(model, scans, settings, calibration, prep)
+    level_scans = list(scans)  # the brains every table is read from (prepared as users' are)
     if scans:
         calibration.combined_source = (
             "held-out healthy individuals after preparation"
@@ -912,6 +920,13 @@ def recalibrate(
     )
     if calibration.mask_fpr is None:  # one held-out brain: nothing left out to measure on
         calibration.mask_fpr = calibration.mask_fpr_calibration
+    others = [c for c in LEVEL_SMOOTHINGS_MM if not math.isclose(c, smoothing)]
+    if level_scans and others:  # levels for the panel's other smoothings, from the same brains
+        say("reading the levels of other smoothings from the held-out brains ...")
+        tables = healthy_fpr_tables(model, level_scans, settings, calibration, prep, others)
+        calibration.smoothing_fpr = {f"{c:g}": t for c, t in tables.items()}
+    else:
+        calibration.smoothing_fpr = None
     card.calibration = calibration
     card.defaults = dataclasses.replace(
         d,

@@ -59,6 +59,9 @@ POSE_DEGREES = 10.0
 POSE_MM = 15.0
 #: the 3D smoothings of the combined map (Gaussian sigma, mm) :func:`choose_smoothing` compares
 SMOOTHING_CANDIDATES_MM: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0)
+#: the smoothings (sigma, mm) a calibration also gives levels at (:func:`healthy_fpr_tables`,
+#: ``Calibration.smoothing_fpr``): every whole millimetre of the panel's smoothing slider
+LEVEL_SMOOTHINGS_MM: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
 #: the outlines :func:`choose_outline` compares: (the smoothing of the map each part's edge is
 #: drawn on, mm, None for the combined map itself; the fraction of the part's peak there)
 OUTLINE_CANDIDATES: tuple[tuple[float | None, float], ...] = tuple(
@@ -331,13 +334,35 @@ def healthy_fpr_table(
     Raises:
         ValueError: no scan.
     """
-    values = []
+    return healthy_fpr_tables(model, scans, settings, calibration, prepare)[settings.smoothing_mm]
+
+
+def healthy_fpr_tables(
+    model,
+    scans: Sequence[HeldOutScan],
+    settings: CombineSettings,
+    calibration: Calibration,
+    prepare: PrepareSettings | None = None,
+    smoothings: Sequence[float] | None = None,
+) -> dict[float, dict[str, float]]:
+    """:func:`healthy_fpr_table` of the combined map under ``settings`` smoothed with each
+    sigma of ``smoothings`` (mm; None: the settings' own): sigma -> {fpr: threshold}. Each
+    scan is localized once: smoothing acts after the engine.
+
+    Raises:
+        ValueError: no scan.
+    """
+    if not scans:
+        raise ValueError("no held-out healthy scan to calibrate on")
+    sigmas = [settings.smoothing_mm] if smoothings is None else [float(c) for c in smoothings]
+    values: dict[float, list[np.ndarray]] = {c: [] for c in sigmas}
     for s in scans:
         res = _localize(model, s.volume, settings, prepare if s.prepared else None)
-        values.append(PostProcessor(res, settings, calibration).combined()[_counted(s, res)])
-    if not values:
-        raise ValueError("no held-out healthy scan to calibrate on")
-    return fpr_table(np.concatenate(values))
+        post = PostProcessor(res, settings, calibration)
+        where = _counted(s, res)
+        for c in sigmas:
+            values[c].append(post.combined(settings.replace(smoothing_mm=c))[where])
+    return {c: fpr_table(np.concatenate(v)) for c, v in values.items()}
 
 
 def healthy_mask_fpr(
@@ -548,15 +573,7 @@ def choose_smoothing(
         raise ValueError("no smoothing to choose from")
     if not scans:
         raise ValueError("no held-out scan to seed lesions in")
-    values: dict[float, list[np.ndarray]] = {c: [] for c in candidates}
-    for s in scans:
-        res = _localize(model, s.volume, settings, prepare if s.prepared else None)
-        post = PostProcessor(res, settings, calibration)
-        for c in candidates:
-            post.settings = settings.replace(smoothing_mm=c)
-            values[c].append(post.combined()[_counted(s, res)])
-    tables = {c: fpr_table(np.concatenate(v)) for c, v in values.items()}
-    del values
+    tables = healthy_fpr_tables(model, scans, settings, calibration, prepare, candidates)
     chosen = {
         c: outlined(settings.replace(smoothing_mm=c, threshold=table[str(fpr)]), table,
                     grow_fpr, outline_fraction, outline_smoothing_mm)
