@@ -177,6 +177,10 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     assert widget.session.settings.grow_threshold == pytest.approx(cal.smoothing_fpr["3"]["0.01"])
     qtbot.waitUntil(lambda: "(calibrated at 3 mm)" in widget.threshold_info.value, timeout=5000)
     assert "healthy false-positive rate ≈ 0.001 " in widget.threshold_info.value
+    widget.outline.value = False  # off and on again: the outline's level at this smoothing
+    assert widget.session.settings.grow_threshold is None
+    widget.outline.value = True
+    assert widget.session.settings.grow_threshold == pytest.approx(cal.smoothing_fpr["3"]["0.01"])
     widget.smoothing.value = widget.session.default_settings().smoothing_mm
     qtbot.waitUntil(lambda: widget.threshold_info.value == info0, timeout=5000)
     qtbot.waitUntil(lambda: not widget.updating, timeout=TIMEOUT_MS)

@@ -450,8 +450,9 @@ class TuningMixin:
                 self._show_threshold(new.threshold)
         if not self.outline.value:
             new = new.without_outline()
-        elif new.grow_threshold is None:  # turned on: the model's outline
-            d = self.session.default_settings()
+        elif new.grow_threshold is None:  # turned on: the model's outline, at this smoothing
+            s = self.session
+            d = at_smoothing(s.default_settings(), s.card, new.smoothing_mm, s.calibration)
             new = new.replace(
                 grow_threshold=d.grow_threshold,
                 outline_fraction=d.outline_fraction,
