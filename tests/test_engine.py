@@ -3,10 +3,12 @@ trained VAE that really finds an inserted blob."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from napari_vaeloc.combine import CombineSettings, PostProcessor
 from napari_vaeloc.engine import EngineOptions, localize, resolve_device
 from napari_vaeloc.errors import Cancelled, InputError
 from napari_vaeloc.evaluation.synthetic import head_phantom, insert_sphere
@@ -101,6 +103,31 @@ def test_single_slice_image(tiny_model):
     assert res.maps["combi"].shape == (30, 34, 1)
     assert res.axis == "axial"
     assert any("single-slice" in n for n in res.notes)
+
+
+def test_voxels_without_data_are_left_out_of_the_map_and_the_mask(tiny_model, tmp_path):
+    """NaN or infinite voxels in a file (read as the background value) are marked missing on
+    the volume and left out of the foreground, so the combined map and the mask are 0 there,
+    with a note giving their volume."""
+    data = head_phantom((30, 34, 20), seed=0)
+    gap = (slice(10, 20), slice(12, 22), slice(6, 14))
+    holed = data.copy()
+    holed[gap] = np.nan
+    holed[0, 0, 0] = np.inf  # outside the head: not counted in the note
+    path = tmp_path / "holed.nii.gz"
+    nib.save(nib.Nifti1Image(holed, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    vol = load_volume(path)
+    assert vol.missing is not None and int(vol.missing.sum()) == 10 * 10 * 8 + 1
+    assert Volume.from_array(data).missing is None
+    res = localize(vol, tiny_model, prepare=None)
+    assert not res.foreground[gap].any()
+    [note] = [n for n in res.notes if "has no data in the file" in n]
+    assert note.startswith(f"{10 * 10 * 8 * 8 / 1000:.3g} ml of the scan's foreground"), note
+    post = PostProcessor(res, CombineSettings.from_card(tiny_model.card).replace(threshold=0.0))
+    assert not post.combined()[gap].any() and not post.mask()[gap].any()
+    assert post.mask().any()  # threshold 0: the rest is scored and marked
+    plain = localize(Volume.from_array(np.where(np.isfinite(holed), holed, 0)), tiny_model)
+    assert plain.foreground[gap].any()  # the same gap given as numbers is scored
 
 
 def test_reconstruction_is_in_scan_units(tiny_model, phantom):

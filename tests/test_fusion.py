@@ -79,6 +79,20 @@ def test_other_axis_or_no_companions(t1):
         localize(vol, load_model("t1-brain-coronal"), EngineOptions(device="cpu"), fuse=True)
 
 
+def test_a_single_slice_is_scored_along_its_plane_alone(t1):
+    """A 2D image is one slice: the other axes' models would score rows one voxel wide, so
+    it is not fused (and fusion asked for is refused), and the notes agree."""
+    model, vol = t1
+    plane = Volume.from_array(np.ascontiguousarray(vol.data[:, vol.shape[1] // 2, :]))
+    res = localize(plane, model, EngineOptions(device="cpu"), maps=MAPS, prepare=None)
+    assert not res.fused_axes and not any("averaged" in n for n in res.notes), res.notes
+    assert any("single slice cannot be fused" in n for n in res.notes), res.notes
+    assert not any("fusion off" in n for n in res.notes), res.notes
+    assert int(np.isfinite(res.slice_scores["kl"]).sum()) == 1  # one slice scored
+    with pytest.raises(InputError, match="it cannot be fused"):
+        localize(plane, model, EngineOptions(device="cpu"), maps=MAPS, prepare=None, fuse=True)
+
+
 def _copies(tmp_path, drop_scale: str | None = None, excess: bool = True):
     """t1-brain and its companions copied side by side into ``tmp_path`` under other names
     (a card finds companions that are not bundled names beside it); the coronal companion's

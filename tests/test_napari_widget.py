@@ -414,3 +414,32 @@ def test_single_slice_is_scored_as_given(make_napari_viewer, qtbot):
     _run(qtbot, widget)
     assert widget.fit_info.value.startswith("single slice: scored as given")
     assert "slice anomaly mask" in viewer.layers
+
+
+def test_voxels_without_data_in_the_file_are_left_out(make_napari_viewer, qtbot, tmp_path):
+    """A file's NaN voxels, read as background for the view, stay known to the panel: the run
+    leaves them out of the anomaly map and the mask, as the command line does."""
+    if "t2-brain" not in bundled_models():
+        pytest.skip("the bundled t2-brain model is not installed")
+    img = nib.load(sample_path("t2-lesion"))
+    data = np.asarray(img.dataobj, np.float32)
+    gap = (slice(40, 56), slice(50, 66), slice(40, 56))
+    data[gap] = np.nan
+    path = tmp_path / "holed.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+    viewer = make_napari_viewer(show=False)
+    [layer] = viewer.open(str(path), plugin="napari-vaeloc")
+    assert np.isfinite(layer.data).all()  # shown as background
+    _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
+    widget.model.value = "t2-brain"
+    qtbot.waitUntil(lambda: widget._devices is not None, timeout=60_000)
+    widget.device.value = "cpu"
+    widget.threshold.value = 0.0  # everything scored is marked
+    _run(qtbot, widget)
+    widget.threshold.value = 0.0
+    widget.apply_settings()
+    mask = viewer.layers["holed anomaly mask"].data.astype(bool)
+    assert mask.any() and not mask[gap].any()
+    assert not viewer.layers["holed anomaly map"].data[gap].any()
+    assert not widget.session.result.foreground[gap].any()
+    assert any("has no data in the file" in n for n in widget.session.result.notes)

@@ -23,7 +23,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ._writer import N_VOLUMES_KEY, VOLUME_AXIS_KEY, VOXEL_AXES_KEY
+from ._writer import MISSING_KEY, N_VOLUMES_KEY, VOLUME_AXIS_KEY, VOXEL_AXES_KEY
 from .io import Volume, is_nifti_path, scan_stem
 
 LayerData = tuple[Any, ...]
@@ -77,6 +77,8 @@ def geometry_kwargs(volume: Volume, n_spatial: int) -> dict[str, Any]:
         "source_shape": tuple(volume.data.shape),
         VOXEL_AXES_KEY: axes,
     }
+    if volume.missing is not None:  # the file's NaN / infinite voxels, in its voxel order
+        metadata[MISSING_KEY] = volume.missing
     if n_vol:
         metadata[VOLUME_AXIS_KEY] = 0
         metadata[N_VOLUMES_KEY] = int(n_vol)

@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from ._writer import N_VOLUMES_KEY, VOLUME_AXIS_KEY, file_geometry, shear_matrix, voxel_axes
+from ._writer import (
+    MISSING_KEY,
+    N_VOLUMES_KEY,
+    VOLUME_AXIS_KEY,
+    file_geometry,
+    shear_matrix,
+    voxel_axes,
+)
 
 #: metadata key marking layers this plugin produced (they are not offered as input)
 ROLE_KEY = "vaeloc_role"
@@ -57,7 +64,8 @@ def scan_inputs(layer: Any, volume_index: int | None = None) -> dict[str, Any]:
     Returns:
         ``data`` (2D or 3D, in the file's voxel order when the layer carries this plugin's
         metadata, else in the layer's), ``affine`` (4x4, mm: the file's, else the layer's full
-        data-to-world transform), ``header`` (or None), ``path`` (or None), ``shape``.
+        data-to-world transform), ``header`` (or None), ``path`` (or None), ``shape``,
+        ``missing`` (the file's voxels without data, as the reader found them, or None).
 
     Raises:
         ValueError: an RGB layer; a 4D layer without a volume index or with one out of range;
@@ -79,12 +87,16 @@ def scan_inputs(layer: Any, volume_index: int | None = None) -> dict[str, Any]:
         )
     data, affine, header = file_geometry(data, _layer_meta(layer))
     src = (layer.metadata or {}).get("source_path")
+    missing = (layer.metadata or {}).get(MISSING_KEY)
+    if missing is not None and np.ndim(missing) == 4 and volume_index is not None:
+        missing = np.asarray(missing)[..., volume_index]
     return {
         "data": data,
         "affine": affine,
         "header": header,
         "path": Path(src) if src else None,
         "shape": data.shape,
+        "missing": missing,
     }
 
 
@@ -102,7 +114,7 @@ def geometry_of(layer: Any) -> dict[str, Any]:
     md = {
         k: v
         for k, v in (layer.metadata or {}).items()
-        if k not in (ROLE_KEY, VOLUME_AXIS_KEY, N_VOLUMES_KEY)
+        if k not in (ROLE_KEY, VOLUME_AXIS_KEY, N_VOLUMES_KEY, MISSING_KEY)
     }
     lead = 1 if _is_4d(layer) else 0
     if lead and md.get("source_shape") is not None:

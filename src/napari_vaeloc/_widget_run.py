@@ -202,8 +202,9 @@ class RunMixin:
             inputs = scan_inputs(layer, index)
             mode, note = prepare_mode_for(self.prepare.value, inputs["shape"])
             volume = Volume.from_array(
-                inputs["data"], inputs["affine"], header=inputs["header"], path=inputs["path"]
-            )
+                inputs["data"], inputs["affine"], header=inputs["header"], path=inputs["path"],
+                missing=inputs["missing"],
+            )  # fmt: skip
         except ValueError as exc:  # InputError is one
             self._show_failure(layer, str(exc))
             return

@@ -26,6 +26,9 @@ from .io import Volume, save_nifti
 VOXEL_AXES_KEY = "voxel_axes"
 VOLUME_AXIS_KEY = "volume_axis"
 N_VOLUMES_KEY = "n_volumes"
+#: the file's voxels without data (NaN or infinite: bool, the file's voxel order and shape),
+#: when it has any, so that a run leaves them out (``Volume.missing``)
+MISSING_KEY = "missing_voxels"
 
 
 def shear_matrix(shear: Any, n: int) -> np.ndarray:

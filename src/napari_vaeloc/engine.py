@@ -289,14 +289,17 @@ def localize(
     settings = PrepareSettings(prepare) if isinstance(prepare, str) else prepare
     wanted = maps_for(model.card) if maps is None else tuple(maps)
     fused = [k for k in wanted if k != "reconstruction"]
-    companions = _fusion_companions(model, fuse, axis, fused)  # refused before any work
+    # refused before any work
+    companions = _fusion_companions(model, fuse, axis, fused, volume.shape)
     if settings is not None and settings.enabled:
-        return _localize_prepared(volume, model, opts, settings, axis=axis, maps=maps, fuse=fuse)
+        res = _localize_prepared(volume, model, opts, settings, axis=axis, maps=maps, fuse=fuse)
+        return _leave_out_missing(res, volume)
     off_grid = _off_grid_note(volume, model)
     if not companions:
         res = localize_axis(volume, model, opts, axis=axis, maps=maps)
-        res.notes.extend([*_one_axis_note(model, res.axis), *off_grid])
-        return res
+        res.notes.extend([*_one_axis_note(model, res.axis, _single_slice(volume.shape)),
+                          *off_grid])  # fmt: skip
+        return _leave_out_missing(res, volume)
     models = [model, *companions]
     runs = len(models)
     # the sum is kept in float32 and held (the companions are added into it); the maps come
@@ -331,6 +334,28 @@ def localize(
     )  # fmt: skip
     res.notes.extend(off_grid)
     res.seconds = time.perf_counter() - t0
+    return _leave_out_missing(res, volume)
+
+
+def _leave_out_missing(res: LocalizationResult, volume: Volume) -> LocalizationResult:
+    """``res`` with the voxels the file held no number for (``volume.missing``: NaN or
+    infinite, read as the smallest finite value) taken out of its foreground, so that the
+    combined map and the mask leave them out (:mod:`napari_vaeloc.combine`, step 4), with a
+    note giving their volume inside the foreground."""
+    missing = volume.missing
+    fg = res.foreground
+    if missing is None or fg is None or missing.shape != fg.shape:
+        return res
+    inside = int(np.count_nonzero(fg & missing))
+    if inside:
+        where = "extracted brain" if res.prepared is not None else "scan's foreground"
+        ml = inside * float(np.prod(volume.spacing)) / 1000.0
+        res.foreground = fg & ~missing
+        res.notes.append(
+            f"{ml:.3g} ml of the {where} has no data in the file (NaN or infinite values): "
+            "left out of the anomaly map and the mask; the anomaly map next to it may be "
+            "raised by the gap, read it with care"
+        )
     return res
 
 
@@ -512,15 +537,23 @@ def _scales(model: LoadedModel) -> dict[str, float]:
     return model.card.calibration.scales if model.card.calibration is not None else {}
 
 
-def _one_axis_note(model: LoadedModel, axis: str) -> list[str]:
+def _single_slice(shape: tuple[int, ...]) -> bool:
+    """Whether an image of ``shape`` is one slice (2D, or one voxel thick along an axis)."""
+    return len(shape) < 3 or 1 in shape[:3]
+
+
+def _one_axis_note(model: LoadedModel, axis: str, single: bool = False) -> list[str]:
     """A note for a model whose card fuses its slicing axes by default, scored along one axis
-    (fusion turned off, or another axis asked for): its threshold and claimed rates were
-    measured on the fused map."""
+    (fusion turned off, another axis asked for, or a ``single`` slice): its threshold and
+    claimed rates were measured on the fused map."""
     d = model.card.defaults
     if not d.fuses:
         return []
     how = (
-        f"along its own {axis} axis alone (fusion off)"
+        f"this single slice with its {model.card.axis} network alone (a single slice cannot "
+        "be fused with the other axes' models)"
+        if single
+        else f"along its own {axis} axis alone (fusion off)"
         if axis == model.card.axis
         else f"along the {axis} axis by its {model.card.axis} network alone, which learned "
         f"{model.card.axis} slices (fusion needs the model's own axis)"
@@ -532,19 +565,33 @@ def _one_axis_note(model: LoadedModel, axis: str) -> list[str]:
 
 
 def _fusion_companions(
-    model: LoadedModel, fuse: bool | None, axis: str | None, maps: Sequence[str]
+    model: LoadedModel,
+    fuse: bool | None,
+    axis: str | None,
+    maps: Sequence[str],
+    shape: tuple[int, ...] = (),
 ) -> list[LoadedModel]:
     """The companion models :func:`localize` averages in (empty: one axis), each checked by
-    :func:`_check_companion` for ``maps``.
+    :func:`_check_companion` for ``maps``. A single-slice image of ``shape`` (a 2D image, or
+    a volume one voxel thick) is scored along its own plane alone: the other axes' models
+    would see slices one voxel wide.
 
     Raises:
-        InputError: ``fuse`` is True and the card names no companions or ``axis`` is not the
-            model's, or a companion cannot be fused for ``maps``.
+        InputError: ``fuse`` is True and the card names no companions, ``axis`` is not the
+            model's or the image is a single slice, or a companion cannot be fused for ``maps``.
     """
     defaults = model.card.defaults
     names = list(defaults.fuse_with or [])
     if fuse and not names:
         raise InputError(f"model {model.card.name!r} has no companion models to fuse with")
+    single = bool(shape) and _single_slice(shape)
+    if fuse and single:
+        raise InputError(
+            "a single-slice image is scored along its own plane alone: it cannot be fused "
+            "with the other slicing axes' models; drop the fusion"
+        )
+    if single:
+        return []
     use = defaults.fuses if fuse is None else fuse
     other_axis = axis is not None and axis.lower() != model.card.axis
     if fuse and other_axis:

@@ -87,6 +87,9 @@ class Volume:
         source_dtype: the on-disk data type, for the record.
         notes: plain sentences on how the input was read or changed (e.g. "took volume 0 of 4",
             a repaired header geometry, a scan that looks like a mask).
+        missing: bool, the data's shape: the voxels the file held no number for (NaN or
+            infinite; ``data`` has the smallest finite value there), or None when there are
+            none. The engine leaves them out of the anomaly map and the mask.
     """
 
     data: np.ndarray
@@ -95,6 +98,7 @@ class Volume:
     path: Path | None = None
     source_dtype: str = "float32"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    missing: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -121,9 +125,18 @@ class Volume:
         spacing: tuple[float, ...] | None = None,
         header: nib.Nifti1Header | None = None,
         path: Path | None = None,
+        missing: np.ndarray | None = None,
     ) -> Volume:
-        """Build a volume from a 2D or 3D array; see :func:`as_scorable_array` for the checks."""
-        arr, notes, src = as_scorable_array(np.asarray(data))
+        """Build a volume from a 2D or 3D array; see :func:`as_scorable_array` for the checks.
+        ``missing`` (bool, the array's shape) adds voxels known to hold no data (a viewer's
+        layer whose file had NaN there, already replaced) to the array's own non-finite ones."""
+        arr, notes, src, own = as_scorable_array(np.asarray(data))
+        given = None if missing is None else np.asarray(missing, bool).reshape(-1)
+        if given is not None and given.size == arr.size and given.any():
+            given = given.reshape(arr.shape)
+            missing = given if own is None else given | own
+        else:
+            missing = own
         if affine is None:
             affine = np.eye(4)
             if spacing is not None:
@@ -134,7 +147,7 @@ class Volume:
             raise InputError("the affine must be a finite 4x4 matrix")
         if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise InputError("the affine is singular: the scan has no usable voxel geometry")
-        return cls(arr, affine, header, path, src, tuple(notes))
+        return cls(arr, affine, header, path, src, tuple(notes), missing)
 
 
 def mask_like_note(data: np.ndarray) -> str | None:
@@ -161,9 +174,12 @@ def _file_backed(arr: np.ndarray) -> bool:
     return False
 
 
-def _float_image(data: np.ndarray, constant_ok: bool) -> tuple[np.ndarray, list[str]]:
+def _float_image(
+    data: np.ndarray, constant_ok: bool
+) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     """float32 version of a real-valued image with non-finite voxels set to the smallest finite
-    value; the notes say what was changed and whether it looks like a mask. A contiguous
+    value; the notes say what was changed and whether it looks like a mask; the third element
+    is the non-finite voxels (bool, the image's shape), None without any. A contiguous
     float32 image in memory with nothing to change is not copied: a read-only view of it is
     returned (a viewer's scan is not held twice); a memory-mapped file is copied.
 
@@ -181,6 +197,7 @@ def _float_image(data: np.ndarray, constant_ok: bool) -> tuple[np.ndarray, list[
     n_bad = int(arr.size - np.count_nonzero(finite))
     if n_bad == arr.size:
         raise InputError("every voxel is NaN or infinite: nothing to score")
+    missing = ~finite if n_bad else None
     if n_bad:
         if np.shares_memory(arr, data):
             arr = arr.copy()
@@ -200,12 +217,12 @@ def _float_image(data: np.ndarray, constant_ok: bool) -> tuple[np.ndarray, list[
     note = mask_like_note(arr)
     if note is not None:
         notes.append(note)
-    return arr, notes
+    return arr, notes, missing
 
 
 def as_scorable_array(
     data: np.ndarray, constant_ok: bool = False
-) -> tuple[np.ndarray, list[str], str]:
+) -> tuple[np.ndarray, list[str], str, np.ndarray | None]:
     """Check and convert an image array to float32 (X, Y, Z).
 
     Accepts 2D (becomes (X, Y, 1)) and 3D arrays of integer, boolean or float type. Non-finite
@@ -213,7 +230,7 @@ def as_scorable_array(
     is an image with at most two distinct values (:func:`mask_like_note`).
 
     Returns:
-        (array, notes, source dtype name)
+        (array, notes, source dtype name, the non-finite voxels: bool (X, Y, Z) or None)
 
     Raises:
         InputError: wrong dimensionality, complex or non-numeric data, empty, all non-finite, or
@@ -229,8 +246,8 @@ def as_scorable_array(
             f"expected a 2D or 3D image, got {data.ndim}D with shape {data.shape}; "
             "for 4D files choose one volume (volume_index / --volume-index)"
         )
-    arr, more = _float_image(data, constant_ok)
-    return arr, notes + more, src
+    arr, more, missing = _float_image(data, constant_ok)
+    return arr, notes + more, src, missing
 
 
 # NIfTI xyzt_units, spatial part (bits 0-2): metres and microns are converted to mm; unknown
@@ -514,7 +531,7 @@ def load_volume(
         raw_data = _read_data(img, p, (..., volume_index), shape[:3])
     else:
         raw_data = _read_data(img, p, ..., shape)
-    arr, more, _ = as_scorable_array(raw_data, constant_ok=not scorable)
+    arr, more, _, missing = as_scorable_array(raw_data, constant_ok=not scorable)
     return Volume(
         arr,
         affine,
@@ -522,6 +539,7 @@ def load_volume(
         p,
         str(img.get_data_dtype()),
         (*geometry, *notes, *more),
+        missing,
     )
 
 
@@ -547,9 +565,9 @@ def load_image(path: str | os.PathLike, max_bytes: int | None = None) -> Volume:
     if len(shape) == 2:
         shape = (*shape, 1)
     _check_size(p, int(np.prod(shape)), max_bytes)
-    arr, more = _float_image(_read_data(img, p, ..., shape), constant_ok=True)
+    arr, more, missing = _float_image(_read_data(img, p, ..., shape), constant_ok=True)
     header = _plain_header(img.header)
-    return Volume(arr, affine, header, p, str(img.get_data_dtype()), (*geometry, *more))
+    return Volume(arr, affine, header, p, str(img.get_data_dtype()), (*geometry, *more), missing)
 
 
 def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"]) -> nib.Nifti1Image:

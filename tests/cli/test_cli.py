@@ -511,3 +511,28 @@ def test_the_mask_line_says_when_the_outline_cannot_act():
     line = describe_mask(post, 1.0, 1, [])
     assert "no outline: the threshold is at or below its grow level 1" in line
     assert "outlined" not in line
+
+
+def test_an_empty_mask_points_to_the_finer_smoothing_for_small_lesions():
+    """Nothing found at the bundled 6 mm smoothing: the mask line says that lesions under
+    about 1 ml can stay below it and that --smoothing 3 keeps the healthy rate; not when a
+    mask was found, nor at 3 mm already."""
+    from napari_vaeloc.cli.localize import describe_mask
+    from napari_vaeloc.combine import PostProcessor
+    from napari_vaeloc.engine import localize
+    from napari_vaeloc.io import load_volume
+    from napari_vaeloc.models.store import load_model
+    from napari_vaeloc.samples import sample_path
+
+    model = load_model("t2-brain")
+    res = localize(
+        load_volume(sample_path("t2-healthy")), model, prepare=None, maps=("restoration",)
+    )
+    post = PostProcessor(res)
+    hint = "--smoothing 3 looks for them at the same healthy rate"
+    assert hint in describe_mask(post, 0.0, 0, [])
+    assert hint not in describe_mask(post, 2.0, 1, [])
+    post.settings = post.settings.replace(smoothing_mm=3.0)
+    assert hint not in describe_mask(post, 0.0, 0, [])
+    post.settings = post.settings.replace(smoothing_mm=6.0, weights={"rec_error": 1.0})
+    assert hint not in describe_mask(post, 0.0, 0, [])  # no levels for another combination

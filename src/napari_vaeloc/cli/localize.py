@@ -369,6 +369,12 @@ def describe_mask(
         rate += "; NOT PREPARED: scored as given, see the note"
     if warned:
         rate += f"; the scan fits the model with warnings ({', '.join(warned)}): read with care"
+    finer = post.finer_smoothing()
+    if n == 0 and finer is not None:
+        rate += (
+            f"; lesions under about 1 ml can stay below a {post.settings.smoothing_mm:g} mm "
+            f"smoothing's threshold: --smoothing {finer:g} looks for them at the same healthy rate"
+        )
     return (
         f"mask: {ml:.1f} ml in {n} part{'' if n == 1 else 's'} (threshold {threshold:.3g}, {rate})"
     )
