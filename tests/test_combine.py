@@ -476,10 +476,13 @@ def test_levels_at_other_smoothings_are_calibrated_or_interpolated():
     post.settings = post.settings.replace(smoothing_mm=3.0)
     assert post.fpr_for_threshold(4.0) == pytest.approx(0.001)
     assert post.levels_source() == "calibrated at 3 mm"
+    assert post.uncalibrated_smoothing() is None
     post.settings = post.settings.replace(smoothing_mm=2.0)
     assert post.fpr_for_threshold(4.0) is None and post.levels_source() is None
+    assert post.uncalibrated_smoothing() == "smoothing 2 mm: the model is calibrated at 3-8 mm"
     post.settings = post.settings.replace(smoothing_mm=3.0, weights={"rec_error": 1.0})
     assert post.fpr_table() == []  # another combination: no levels
+    assert post.uncalibrated_smoothing() is None  # not the smoothing's fault
 
 
 def test_a_new_smoothing_keeps_the_levels_healthy_rates():

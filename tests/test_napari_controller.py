@@ -52,6 +52,14 @@ def test_threshold_text_follows_weights_and_calibration():
     assert s.settings.outline_dropped() and "outlined" not in s.threshold_text()
     assert "at or below the outline's grow level (1.00)" in s.threshold_text()
     s.settings = s.settings.replace(threshold=1.2)
+    # another smoothing than the one calibrated: the text says that is why
+    s = _session({**CAL, "combined_smoothing_mm": 0.0})
+    s.settings = s.settings.replace(threshold=1.2, smoothing_mm=2.0)
+    assert s.threshold_text() == (
+        "1.20 × healthy 99th pct. (smoothing 2 mm: the model is calibrated at 0 mm: "
+        "no FPR calibration here)"
+    )
+    s.settings = s.settings.replace(smoothing_mm=0.0)
     s.settings = s.settings.replace(weights={"combi": 1.0, "kl_grad": 0.5})
     assert "custom weights" in s.threshold_text()
     u = _session(calibration=None)

@@ -264,6 +264,10 @@ class Session(PostProcessor):
                 f"{t:.2f} × healthy 99th percentile of Combi: the paper's threshold, "
                 "1 % of validation pixels"
             )
+        beyond = self.uncalibrated_smoothing()
+        if beyond is not None:
+            units = "robust z-units" if self.settings.scan_normalise else "× healthy 99th pct."
+            return f"{t:.2f} {units} ({beyond}: no FPR calibration here)"
         if self.settings.scan_normalise:
             return f"{t:.2f} robust z-units above this scan's median (no FPR calibration)"
         return f"{t:.2f} × healthy 99th percentile (custom weights: no FPR calibration)"

@@ -466,9 +466,11 @@ class RunMixin:
             self.progress.value = self.progress.max
             took = time.perf_counter() - job.started  # from the click to the layers
             self.progress.label = f"done in {took:.1f} s on {result.device}"
+            from .engine import MISSING_NOTE
+
             for line in result.notes:
                 if line not in result.volume.notes:  # those were shown at the click
-                    show_info(line)
+                    (show_warning if MISSING_NOTE in line else show_info)(line)
             return shown
         except Exception as exc:  # never let a display problem crash the viewer
             show_error(f"could not show the result: {type(exc).__name__}: {exc}")

@@ -871,6 +871,18 @@ class PostProcessor:
             return None
         return self.calibration.smoothing_source(self.settings.smoothing_mm)
 
+    def uncalibrated_smoothing(self) -> str | None:
+        """Why the current settings have no levels when only their smoothing lacks them
+        ("smoothing 10 mm: the model is calibrated at 0-8 mm"), else None."""
+        s, cal = self.settings, self.calibration
+        if self.fpr_table() or not calibrated_combination(s, cal, self.default_settings()):
+            return None
+        sigmas = list(cal.smoothing_tables())
+        if not sigmas:
+            return None
+        span = f"{sigmas[0]:g}-{sigmas[-1]:g} mm" if len(sigmas) > 1 else f"{sigmas[0]:g} mm"
+        return f"smoothing {s.smoothing_mm:g} mm: the model is calibrated at {span}"
+
     def finer_smoothing(self) -> float | None:
         """:data:`SMALL_LESION_SMOOTHING_MM` when the settings smooth more than it and the
         model has levels there (so a finer look keeps the healthy rate), else None."""

@@ -337,6 +337,13 @@ def localize(
     return _leave_out_missing(res, volume)
 
 
+#: the words of the note on voxels without data inside the brain (the panel shows it as a
+#: warning), and the least volume (ml) it is given for: a NaN background export leaves a few
+#: such voxels on the extracted brain's edge
+MISSING_NOTE = "has no data in the file"
+MISSING_NOTE_ML = 0.1
+
+
 def _leave_out_missing(res: LocalizationResult, volume: Volume) -> LocalizationResult:
     """``res`` with the voxels the file held no number for (``volume.missing``: NaN or
     infinite, read as the smallest finite value) taken out of its foreground, so that the
@@ -348,11 +355,12 @@ def _leave_out_missing(res: LocalizationResult, volume: Volume) -> LocalizationR
         return res
     inside = int(np.count_nonzero(fg & missing))
     if inside:
-        where = "extracted brain" if res.prepared is not None else "scan's foreground"
-        ml = inside * float(np.prod(volume.spacing)) / 1000.0
         res.foreground = fg & ~missing
+    ml = inside * float(np.prod(volume.spacing)) / 1000.0
+    if ml >= MISSING_NOTE_ML:  # a few voxels on the brain's edge need no word
+        where = "extracted brain" if res.prepared is not None else "scan's foreground"
         res.notes.append(
-            f"{ml:.3g} ml of the {where} has no data in the file (NaN or infinite values): "
+            f"{ml:.3g} ml of the {where} {MISSING_NOTE} (NaN or infinite values): "
             "left out of the anomaly map and the mask; the anomaly map next to it may be "
             "raised by the gap, read it with care"
         )

@@ -203,7 +203,11 @@ def _float_image(
             arr = arr.copy()
         low = float(arr[finite].min())
         arr[~finite] = low
-        notes.append(f"{n_bad} non-finite voxels (NaN/Inf) set to the minimum {low:g} (background)")
+        share = 100.0 * n_bad / arr.size
+        notes.append(
+            f"{n_bad} non-finite voxels (NaN/Inf, {share:.2g} % of the image) read as the "
+            f"minimum {low:g} (background)"
+        )
     elif np.shares_memory(arr, data):
         if (arr.flags.c_contiguous or arr.flags.f_contiguous) and not _file_backed(arr):
             arr = arr.view()

@@ -463,7 +463,7 @@ def test_another_smoothing_keeps_the_default_levels_healthy_rates(tmp_path, caps
     base += ["--maps", "restoration"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("mask:"))
-    assert "healthy false-positive rate 0.1 % (calibrated at 3 mm)" in line, line
+    assert "the threshold's healthy false-positive rate 0.1 % (calibrated at 3 mm)" in line, line
     c = json.loads((tmp_path / "a" / f"{stem}_scores.json").read_text())["combination"]
     assert c["smoothing_mm"] == 3.0
     assert c["threshold"] == pytest.approx(cal.smoothing_fpr["3"]["0.001"])
@@ -529,10 +529,15 @@ def test_an_empty_mask_points_to_the_finer_smoothing_for_small_lesions():
         load_volume(sample_path("t2-healthy")), model, prepare=None, maps=("restoration",)
     )
     post = PostProcessor(res)
-    hint = "--smoothing 3 looks for them at the same healthy rate"
+    hint = "--smoothing 3 looks for them with its threshold at the same healthy rate"
     assert hint in describe_mask(post, 0.0, 0, [])
     assert hint not in describe_mask(post, 2.0, 1, [])
     post.settings = post.settings.replace(smoothing_mm=3.0)
     assert hint not in describe_mask(post, 0.0, 0, [])
+    post.settings = post.settings.replace(smoothing_mm=10.0)  # beyond the calibrated levels
+    line = describe_mask(post, 0.0, 0, [])
+    assert (
+        "no healthy false-positive rate: smoothing 10 mm: the model is calibrated at 0-8 mm" in line
+    )
     post.settings = post.settings.replace(smoothing_mm=6.0, weights={"rec_error": 1.0})
     assert hint not in describe_mask(post, 0.0, 0, [])  # no levels for another combination

@@ -117,8 +117,8 @@ def add_scan_options(p: argparse.ArgumentParser, out_help: str | None = None) ->
         default=None,
         help="3D Gaussian smoothing of the combined map, sigma in mm (default: the model's); "
         "lower it for small lesions. Where the model is calibrated at that smoothing (the "
-        "bundled models: 0-8 mm) the threshold and the outline's grow level move to the "
-        "default's healthy false-positive rates there, unless --threshold is given",
+        "bundled models: 0-8 mm) the outline's grow level, and the threshold unless "
+        "--threshold is given, move to the default's healthy false-positive levels there",
     )
     p.add_argument(
         "--maps",
@@ -325,7 +325,9 @@ def describe_mask(
         rate = "the paper's method: the healthy 99th percentile of Combi, 1 % of validation pixels"
     elif fpr is None:
         rate = "no healthy false-positive rate: " + (
-            "uncalibrated model" if not post.is_calibrated() else "custom combination"
+            "uncalibrated model"
+            if not post.is_calibrated()
+            else post.uncalibrated_smoothing() or "custom combination"
         )
     elif threshold > pairs[-1][0]:
         rate = f"healthy false-positive rate < {pairs[-1][1] * 100:.2g} %"
@@ -362,6 +364,8 @@ def describe_mask(
                 f"voxels, the threshold alone {fpr * 100:.2g} %"
             )
         else:
+            if fpr is not None:  # the threshold's rate: the mask's is measured at the default
+                rate = f"the threshold's {rate}"
             rate += f"; {outline}"
     from ..engine import UNPREPARED_NOTE
 
@@ -373,7 +377,8 @@ def describe_mask(
     if n == 0 and finer is not None:
         rate += (
             f"; lesions under about 1 ml can stay below a {post.settings.smoothing_mm:g} mm "
-            f"smoothing's threshold: --smoothing {finer:g} looks for them at the same healthy rate"
+            f"smoothing's threshold: --smoothing {finer:g} looks for them with its threshold "
+            "at the same healthy rate"
         )
     return (
         f"mask: {ml:.1f} ml in {n} part{'' if n == 1 else 's'} (threshold {threshold:.3g}, {rate})"
