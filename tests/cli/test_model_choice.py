@@ -111,8 +111,14 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
         f"{c['threshold']:.3g}, each part (down to {c['grow_threshold']:.3g}) outlined to "
         f"{c['outline_fraction']:g} of its peak on the unsmoothed map; on healthy brains this "
         f"mask marks {c['mask_healthy_fpr'] * 100:.2g} % of the voxels, the threshold alone "
-        "0.1 %; the scan fits the model with warnings (voxel size): read with care)"
+        "0.1 %; the scan fits the model with warnings (voxel size): read with care"
     )  # the 4 mm slices warn
+    if parts == 0:  # an empty mask points to the smoothing small lesions need
+        want += (
+            "; lesions under about 1 ml can stay below a 6 mm smoothing's threshold: "
+            "--smoothing 3 looks for them with its threshold at the same healthy rate"
+        )
+    want += ")"
     assert want in lines, lines
     # each check once: its line says it warns; no second "warning:" line
     assert "check voxel size: warn (largest voxel side 4 mm" in captured.out
