@@ -39,7 +39,9 @@ map and mask everywhere. Its steps, in order:
    (mm^3) are removed.
 
 The threshold <-> healthy false-positive rate conversion reads the model's calibrated table
-(``Calibration.combined_fpr``), valid for the combination it was calibrated for.
+(``Calibration.combined_fpr``), valid for the combination it was calibrated for, or at another
+smoothing that smoothing's levels (``Calibration.smoothing_fpr``; :func:`fpr_pairs`), which
+:func:`at_smoothing` carries a threshold across.
 """
 
 from __future__ import annotations
@@ -886,14 +888,11 @@ class PostProcessor:
     def finer_smoothing(self) -> float | None:
         """:data:`SMALL_LESION_SMOOTHING_MM` when the settings smooth more than it and the
         model has levels there (so a finer look keeps the healthy rate), else None."""
-        finer = self.settings.replace(smoothing_mm=SMALL_LESION_SMOOTHING_MM)
-        if self.settings.smoothing_mm <= SMALL_LESION_SMOOTHING_MM:
+        if self.settings.smoothing_mm <= SMALL_LESION_SMOOTHING_MM or not self.fpr_table():
             return None
-        return (
-            SMALL_LESION_SMOOTHING_MM
-            if self.fpr_table() and fpr_pairs(finer, self.calibration, self.default_settings())
-            else None
-        )
+        finer = self.settings.replace(smoothing_mm=SMALL_LESION_SMOOTHING_MM)
+        known = fpr_pairs(finer, self.calibration, self.default_settings())
+        return SMALL_LESION_SMOOTHING_MM if known else None
 
     def fpr_for_threshold(self, threshold: float) -> float | None:
         """Healthy false-positive rate of ``threshold`` (:func:`fpr_at`); None without a
@@ -980,7 +979,7 @@ def at_smoothing(
     both smoothings (:func:`fpr_pairs`), the threshold moves to the level of the healthy
     false-positive rate it had (when it lay within the calibrated levels) and the grow level
     to the card's ``grow_fpr`` level; otherwise only the smoothing changes. So a finer
-    smoothing keeps the mask's specificity instead of the number.
+    smoothing keeps the threshold's healthy rate instead of its number.
 
     Raises:
         InputError: a negative or non-finite smoothing.

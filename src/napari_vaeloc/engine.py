@@ -348,7 +348,7 @@ def _leave_out_missing(res: LocalizationResult, volume: Volume) -> LocalizationR
     """``res`` with the voxels the file held no number for (``volume.missing``: NaN or
     infinite, read as the smallest finite value) taken out of its foreground, so that the
     combined map and the mask leave them out (:mod:`napari_vaeloc.combine`, step 4), with a
-    note giving their volume inside the foreground."""
+    note giving their volume inside the foreground from :data:`MISSING_NOTE_ML` on."""
     missing = volume.missing
     fg = res.foreground
     if missing is None or fg is None or missing.shape != fg.shape:

@@ -131,12 +131,9 @@ class Volume:
         ``missing`` (bool, the array's shape) adds voxels known to hold no data (a viewer's
         layer whose file had NaN there, already replaced) to the array's own non-finite ones."""
         arr, notes, src, own = as_scorable_array(np.asarray(data))
-        given = None if missing is None else np.asarray(missing, bool).reshape(-1)
-        if given is not None and given.size == arr.size and given.any():
-            given = given.reshape(arr.shape)
-            missing = given if own is None else given | own
-        else:
-            missing = own
+        if missing is not None and np.size(missing) == arr.size and np.any(missing):
+            given = np.asarray(missing, bool).reshape(arr.shape)
+            own = given if own is None else given | own
         if affine is None:
             affine = np.eye(4)
             if spacing is not None:
@@ -147,7 +144,7 @@ class Volume:
             raise InputError("the affine must be a finite 4x4 matrix")
         if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise InputError("the affine is singular: the scan has no usable voxel geometry")
-        return cls(arr, affine, header, path, src, tuple(notes), missing)
+        return cls(arr, affine, header, path, src, tuple(notes), own)
 
 
 def mask_like_note(data: np.ndarray) -> str | None:

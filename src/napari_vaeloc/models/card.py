@@ -289,29 +289,36 @@ class Calibration(_Part):
     def smoothing_source(self, smoothing_mm: float) -> str | None:
         """How :meth:`fpr_table` gets the levels at ``smoothing_mm``: "calibrated at 3 mm",
         "interpolated between the 3 and 4 mm calibrations", or None (no levels there)."""
-        sigmas = list(self.smoothing_tables())
-        exact = [s for s in sigmas if math.isclose(s, smoothing_mm, abs_tol=1e-6)]
-        if exact:
-            return f"calibrated at {exact[0]:g} mm"
-        below = [s for s in sigmas if s < smoothing_mm]
-        above = [s for s in sigmas if s > smoothing_mm]
-        if not below or not above:
+        around = _around(list(self.smoothing_tables()), smoothing_mm)
+        if around is None:
             return None
-        return f"interpolated between the {below[-1]:g} and {above[0]:g} mm calibrations"
+        lo, hi = around
+        if lo == hi:
+            return f"calibrated at {lo:g} mm"
+        return f"interpolated between the {lo:g} and {hi:g} mm calibrations"
 
     def _table_at(self, smoothing_mm: float) -> dict[str, float]:
         tables = self.smoothing_tables()
-        for sigma, table in tables.items():
-            if math.isclose(sigma, smoothing_mm, abs_tol=1e-6):
-                return table
-        below = [s for s in tables if s < smoothing_mm]
-        above = [s for s in tables if s > smoothing_mm]
-        if not below or not above:
+        around = _around(list(tables), smoothing_mm)
+        if around is None:
             return {}
-        lo, hi = below[-1], above[0]
+        lo, hi = around
+        if lo == hi:
+            return tables[lo]
         w = (smoothing_mm - lo) / (hi - lo)
         levels = set(tables[lo]) & set(tables[hi])
         return {f: (1 - w) * float(tables[lo][f]) + w * float(tables[hi][f]) for f in levels}
+
+
+def _around(sigmas: list[float], sigma: float) -> tuple[float, float] | None:
+    """The calibrated ``sigmas`` (ascending) around ``sigma``: (s, s) when one is ``sigma``,
+    (the next below, the next above) between two, None beyond them."""
+    for s in sigmas:
+        if math.isclose(s, sigma, abs_tol=1e-6):
+            return s, s
+    below = [s for s in sigmas if s < sigma]
+    above = [s for s in sigmas if s > sigma]
+    return (below[-1], above[0]) if below and above else None
 
 
 @dataclass
