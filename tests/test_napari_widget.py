@@ -165,6 +165,16 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     qtbot.waitUntil(lambda: widget.threshold_info.value == info0, timeout=2000)
     assert "the outlined mask marks" in info0, info0
     np.testing.assert_array_equal(mask_layer.data, mask0)
+    assert "smoothing slider" not in info0  # a mask: no pointer to the finer smoothing
+    # an empty mask points to the finer smoothing, which keeps the healthy rate
+    # (the lesion's peak lies above the slider's range: the settings are set directly)
+    widget.session.settings = widget.session.settings.replace(threshold=100.0)
+    widget.apply_settings()
+    assert not mask_layer.data.any()
+    assert "mask: 0.0 ml" in widget.threshold_info.value
+    assert "the smoothing slider at 3 mm looks for them" in widget.threshold_info.value
+    widget.restore_defaults()
+    qtbot.waitUntil(lambda: widget.threshold_info.value == info0, timeout=5000)
 
     # another smoothing keeps the threshold's healthy rate: the slider moves to that level at
     # the new smoothing, and the panel says where the levels come from; back at the default,

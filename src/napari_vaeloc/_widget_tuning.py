@@ -203,7 +203,11 @@ class TuningMixin:
         assert s is not None
         self._show_combined(combined)
         self._show_mask(mask)
-        self.threshold_info.value = f"{s.threshold_text()}\nmask: {s.mask_volume_ml(mask):.1f} ml"
+        ml = s.mask_volume_ml(mask)
+        hint = s.small_lesion_hint("the smoothing slider at {mm} mm") if ml == 0 else None
+        self.threshold_info.value = f"{s.threshold_text()}\nmask: {ml:.1f} ml" + (
+            f" ({hint})" if hint else ""
+        )
 
     def _show_combined(self, combined: np.ndarray) -> None:
         """Put ``combined`` into the anomaly-map layer unless it shows it already."""

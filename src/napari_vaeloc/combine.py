@@ -894,6 +894,20 @@ class PostProcessor:
         known = fpr_pairs(finer, self.calibration, self.default_settings())
         return SMALL_LESION_SMOOTHING_MM if known else None
 
+    def small_lesion_hint(self, setting: str) -> str | None:
+        """For an empty mask: that lesions under about 1 ml can stay below this smoothing's
+        threshold, and that ``setting`` (how the front sets a smoothing, e.g. "--smoothing
+        {mm}") looks for them at the same healthy rate; None when there is no finer calibrated
+        smoothing (:meth:`finer_smoothing`)."""
+        finer = self.finer_smoothing()
+        if finer is None:
+            return None
+        return (
+            f"lesions under about 1 ml can stay below a {self.settings.smoothing_mm:g} mm "
+            f"smoothing's threshold: {setting.format(mm=f'{finer:g}')} looks for them with its "
+            "threshold at the same healthy rate"
+        )
+
     def fpr_for_threshold(self, threshold: float) -> float | None:
         """Healthy false-positive rate of ``threshold`` (:func:`fpr_at`); None without a
         table."""

@@ -373,13 +373,9 @@ def describe_mask(
         rate += "; NOT PREPARED: scored as given, see the note"
     if warned:
         rate += f"; the scan fits the model with warnings ({', '.join(warned)}): read with care"
-    finer = post.finer_smoothing()
-    if n == 0 and finer is not None:
-        rate += (
-            f"; lesions under about 1 ml can stay below a {post.settings.smoothing_mm:g} mm "
-            f"smoothing's threshold: --smoothing {finer:g} looks for them with its threshold "
-            "at the same healthy rate"
-        )
+    hint = post.small_lesion_hint("--smoothing {mm}") if n == 0 else None
+    if hint is not None:
+        rate += f"; {hint}"
     return (
         f"mask: {ml:.1f} ml in {n} part{'' if n == 1 else 's'} (threshold {threshold:.3g}, {rate})"
     )
