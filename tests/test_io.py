@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.errors import InputError, OutputExistsError
-from napari_vaeloc.io import Volume, load_image, load_volume, mask_like_note, save_nifti
+from napari_vaeloc.io import (
+    Volume,
+    as_scorable_array,
+    load_image,
+    load_volume,
+    mask_like_note,
+    save_nifti,
+)
 from tests.helpers import oblique_affine
 
 
@@ -330,3 +337,49 @@ def test_a_float32_scan_is_shared_read_only_and_one_with_nan_is_copied(tmp_path)
     from_file = Volume.from_array(mapped)  # a file that may change: copied
     assert not np.shares_memory(from_file.data, mapped)
     assert as_int.data.dtype == np.float32 and as_int.data.flags.writeable
+
+
+def test_gaps_enclosed_by_data_are_filled_from_around_them_and_background_gaps_are_not(tmp_path):
+    """In a volume to score, a NaN gap inside the data reads as the tissue around it (a smooth
+    ramp stays a ramp), not as the image's minimum; NaN reaching a face of the image (a
+    background stored as NaN) is read as the minimum; both stay marked missing. A file read for
+    viewing keeps the gap at the minimum; a viewer's layer scored with its missing voxels is
+    filled like the file."""
+    x = np.arange(40, dtype=np.float32)
+    ramp = np.broadcast_to(100.0 + 2.0 * x[:, None, None], (40, 30, 20)).copy()
+    data = ramp.copy()
+    gap = (slice(15, 25), slice(10, 20), slice(6, 14))
+    data[gap] = np.nan
+    data[:, :, 0] = np.nan  # the bottom face: background
+    path = tmp_path / "gap.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    vol = load_volume(path)
+    arr, missing = vol.data, vol.missing
+    assert missing is not None and missing.sum() == 10 * 10 * 8 + 40 * 30
+    low = arr[~missing].min()
+    assert np.all(arr[:, :, 0] == low)  # the background: the minimum
+    # the gap: close to the ramp it interrupts (at most a few steps of it), far above the minimum
+    assert np.abs(arr[gap] - ramp[gap]).max() < 10.0, np.abs(arr[gap] - ramp[gap]).max()
+    assert np.array_equal(arr[~missing], ramp[~missing])  # the data is kept as it was
+    assert (
+        "800 voxels without data enclosed by the scan's data filled from the voxels around them"
+        in vol.notes
+    )
+    # for viewing: as in the file, the gap at the minimum
+    shown = load_image(path)
+    assert np.all(shown.data[gap] == low) and np.array_equal(shown.missing, missing)
+    # the viewer's layer (gap at the minimum) with the reader's missing voxels: filled alike
+    again = Volume.from_array(shown.data, missing=shown.missing)
+    np.testing.assert_allclose(again.data, arr)
+    # only background NaN: read as the minimum, nothing filled
+    data = ramp.copy()
+    data[:3] = np.nan
+    arr, notes, _, _ = as_scorable_array(data)
+    assert np.all(arr[:3] == 106.0) and not any("filled" in n for n in notes), notes
+    # a 2D image: the faces are its edges
+    flat = ramp[:, :, 0].copy()
+    flat[18:22, 10:14] = np.nan
+    flat[0, :] = np.nan
+    arr2, _, _, _ = as_scorable_array(flat)
+    assert np.abs(arr2[18:22, 10:14, 0] - ramp[18:22, 10:14, 0]).max() < 6.0
+    assert np.all(arr2[0, :, 0] == arr2.min())

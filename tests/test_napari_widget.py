@@ -440,6 +440,7 @@ def test_voxels_without_data_in_the_file_are_left_out(make_napari_viewer, qtbot,
     viewer = make_napari_viewer(show=False)
     [layer] = viewer.open(str(path), plugin="napari-vaeloc")
     assert np.isfinite(layer.data).all()  # shown as background
+    assert np.all(layer.data[gap] == layer.data.min())
     _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
     widget.model.value = "t2-brain"
     qtbot.waitUntil(lambda: widget._devices is not None, timeout=60_000)
@@ -453,3 +454,8 @@ def test_voxels_without_data_in_the_file_are_left_out(make_napari_viewer, qtbot,
     assert not viewer.layers["holed anomaly map"].data[gap].any()
     assert not widget.session.result.foreground[gap].any()
     assert any("has no data in the file" in n for n in widget.session.result.notes)
+    # scored with the gap filled from the tissue around it, as the command line scores it
+    scored = widget.session.result.volume
+    np.testing.assert_allclose(scored.data, load_volume(path).data)
+    assert scored.data[gap].min() > layer.data.min()
+    assert any("enclosed by the scan's data filled" in n for n in scored.notes), scored.notes

@@ -361,8 +361,7 @@ def _leave_out_missing(res: LocalizationResult, volume: Volume) -> LocalizationR
         where = "extracted brain" if res.prepared is not None else "scan's foreground"
         res.notes.append(
             f"{ml:.3g} ml of the {where} {MISSING_NOTE} (NaN or infinite values): "
-            "left out of the anomaly map and the mask; the anomaly map next to it may be "
-            "raised by the gap, read it with care"
+            "left out of the anomaly map and the mask, so a lesion there cannot be found"
         )
     return res
 
