@@ -27,6 +27,7 @@ from napari_vaeloc.models.store import cached_model
 from napari_vaeloc.prepare import (
     PrepareSettings,
     Template,
+    near_cut_edge,
     prepare_cached,
     resample,
     transform_scales,
@@ -588,3 +589,69 @@ def test_a_brain_squeezed_into_a_slab_is_refused_for_its_scaling(t1, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--model auto" in err[0] and "part of the brain" in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_brain_near_a_cut_of_the_field_of_view_is_found_in_mm():
+    """A ball the image's top face cuts: the voxels within 10 mm of the cut (in mm, also on
+    anisotropic voxels) and no others; a ball inside the image, or one grazing a face over
+    less than 25 mm², has none."""
+    for spacing in ((1.0, 1.0, 1.0), (1.0, 1.0, 2.5)):
+        n = (60, 60, int(50 / spacing[2]))
+        grid = np.indices(n).astype(float) * np.array(spacing)[:, None, None, None]
+        centre = np.array([30.0, 30.0, 40.0])
+        ball = ((grid - centre[:, None, None, None]) ** 2).sum(0) <= 20.0**2
+        top = grid[2].max()
+        assert ball[:, :, -1].any()  # the top face cuts it
+        cut = near_cut_edge(ball, spacing)
+        assert cut is not None and not (cut & ~ball).any()
+        # every ball voxel within 10 mm of the top plane, and nothing beyond that
+        height = top - grid[2]
+        assert cut[ball & (height <= 5.0)].all()
+        assert not cut[height > 10.0].any()
+        inside = ((grid - np.array([30.0, 30.0, 22.0])[:, None, None, None]) ** 2).sum(0) <= 15**2
+        assert near_cut_edge(inside, spacing) is None
+    graze = np.zeros((40, 40, 40), bool)
+    graze[18:22, 18:22, 30:] = True  # 16 mm² on the top face
+    assert near_cut_edge(graze, (1.0, 1.0, 1.0)) is None
+    graze[15:25, 15:25, 30:] = True  # 100 mm²
+    cut = near_cut_edge(graze, (1.0, 1.0, 1.0))
+    assert cut is not None and cut[:, :, 30:].sum() == 100 * 10 and not cut[:, :, :30].any()
+
+
+def test_the_brain_near_where_the_field_of_view_cuts_it_is_not_scored(t1, raw_head_result):
+    """A real head whose field of view ends halfway down the brain: the brain within 10 mm
+    of the cut is left out of the scored brain, the maps and the mask, and the report says so;
+    a whole head loses nothing to it."""
+    from napari_vaeloc.prepare import CUT_EDGE_MM
+
+    head = load_volume(sample_path("t1-head"))
+    ax = int(np.argmax(np.abs(head.affine[2, :3])))  # the voxel axis along inferior-superior
+    up = head.affine[2, ax] > 0
+    n = head.shape[ax]
+    keep = np.arange(int(0.45 * n), n) if up else np.arange(0, int(0.55 * n))
+    data = np.take(head.data, keep, axis=ax)
+    affine = head.affine.copy()
+    affine[:3, 3] += affine[:3, ax] * keep[0]
+    res = localize(Volume.from_array(data, affine), t1, CPU, prepare="auto")
+    cut_face = 0 if up else data.shape[ax] - 1
+    depth = int(CUT_EDGE_MM // head.spacing[ax])  # voxel planes within 10 mm of the cut face
+    planes = np.arange(depth) if up else np.arange(data.shape[ax] - depth, data.shape[ax])
+    prepared = res.prepared
+    contact = np.take(prepared.extracted_mask, cut_face, axis=ax)  # the cut surface
+    assert contact.sum() > 100  # the brain is cut
+    # the brain straight behind the cut surface, within 10 mm of it
+    near = np.zeros(data.shape, bool)
+    index = [slice(None)] * 3
+    index[ax] = planes
+    near[tuple(index)] = np.expand_dims(contact, ax)
+    assert prepared.extracted_mask[near].sum() > 1000
+    assert not prepared.brain_mask[near].any() and not res.foreground[near].any()
+    for name in res.maps:
+        assert not res.maps[name][near].any(), name
+    assert not PostProcessor(res).mask()[near].any()
+    [step] = [s for s in res.preparation.steps if s.name == "brain extraction"]
+    assert "mm of where the field of view cuts the brain, not scored" in step.note, step.note
+    assert "the cut edge is not scored" in res.preparation.check("coverage").message
+    # the whole head: not cut, nothing left out for it
+    [step] = [s for s in raw_head_result[1].preparation.steps if s.name == "brain extraction"]
+    assert "field of view cuts" not in step.note, step.note

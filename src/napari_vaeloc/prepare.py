@@ -106,6 +106,12 @@ HEALTHY_RANGE_PERCENTILES = (0.1, 99.9)
 #: it (on T2 the bright basal cisterns, the pituitary region, the sinus at the vertex) is
 #: anatomy they never saw, a false positive on every healthy scan (:meth:`Template.known_brain`)
 TEMPLATE_MARGIN_MM = 2.0
+#: how far (mm) from where the scan's field of view cuts the brain (the extracted brain
+#: reaching a face of the image) the brain is not scored: a brain cut short is anatomy the
+#: models never saw, and its cut edge lights up (:func:`near_cut_edge`)
+CUT_EDGE_MM = 10.0
+#: the least area (mm²) of brain on a face of the image that counts as a cut
+CUT_EDGE_MIN_MM2 = 25.0
 
 StageCallback = Callable[[str], None]
 CancelFlag = Callable[[], bool]
@@ -119,9 +125,10 @@ class PrepareSettings:
         mode: "auto" (each step when needed), "full" (every step), "none" (score as given).
         bias_correction, brain_extraction, registration: force a step on (True) or off (False);
             None follows ``mode`` (in "auto", brain extraction runs when a skull is detected).
-        beyond_template: also score the extracted brain beyond the template's brain
-            (:data:`TEMPLATE_MARGIN_MM`); off for every front, on only where a calibration
-            asks for it (``vaeloc calibrate --beyond-template``).
+        beyond_template: score the whole extracted brain: also beyond the template's brain
+            (:data:`TEMPLATE_MARGIN_MM`) and near a cut of the field of view
+            (:data:`CUT_EDGE_MM`); off for every front, on only where a calibration asks for
+            it (``vaeloc calibrate --beyond-template``).
     """
 
     mode: str = "auto"
@@ -276,7 +283,8 @@ class Prepared:
         scan: the scan as given.
         volume: the (bias-corrected) brain on the template's grid, 0 outside the brain.
         brain_mask: bool, the scan's grid: the extracted brain where the model knows brain
-            (within :data:`TEMPLATE_MARGIN_MM` of the template's brain), the voxels scored.
+            (within :data:`TEMPLATE_MARGIN_MM` of the template's brain) and farther than
+            :data:`CUT_EDGE_MM` from where the field of view cuts it, the voxels scored.
         template_mask: bool, the template's grid: where that brain landed.
         transform: template world (LPS) -> scan world (LPS), SimpleITK; None when the scan was
             scored on its own grid (no registration).
@@ -288,7 +296,8 @@ class Prepared:
         offset: subtracted from the corrected scan before it is resampled (its minimum), so
             the brain is non-negative.
         left_out: int64 flat indices (C order, the scan's grid) of the extracted brain's voxels
-            beyond the known brain, not scored (:attr:`extracted_mask` has them back).
+            beyond the known brain or near a cut of the field of view, not scored
+            (:attr:`extracted_mask` has them back).
     """
 
     scan: Volume
@@ -1031,7 +1040,8 @@ def prepare(
     report.checks.append(
         FitCheck("coverage", level, round(coverage, 4),
                  f"{coverage:.0%} of the template's brain lies in the scan's field of view"
-                 + ("" if level == "ok" else "; expect false alarms near the cut edge"))
+                 + ("" if level == "ok" else
+                    f"; the brain within {CUT_EDGE_MM:g} mm of the cut edge is not scored"))
     )  # fmt: skip
     dice = mask_dice(carried, tmask)
     reg_level = _level(dice, REGISTRATION_DICE)
@@ -1067,22 +1077,72 @@ def prepare(
                       template.image.header, volume.path)  # fmt: skip
     fitted = Prepared(scan, prepared, brain_mask, carried, transform, report)
     known, left_out = brain_mask, np.empty(0, np.int64)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    notes = [extraction.note]
     if not s.beyond_template:  # the extracted brain, where the model knows brain
         box = bounding_box(brain_mask)  # resampled there only: a brain is a fraction of a scan
         known = np.zeros_like(brain_mask)
-        known[box] = fitted.to_scan(template.known_brain, "mask", box)
+        known[box] = fitted.to_scan(template.known_brain, "mask", box)  # within brain_mask
+        left_ml = (int(brain_mask.sum()) - int(known.sum())) * voxel_ml
+        if left_ml >= 0.05:
+            notes.append(f"{left_ml:.1f} ml more than {TEMPLATE_MARGIN_MM:g} mm beyond the "
+                         "template's brain, not scored")  # fmt: skip
+        # where the field of view cuts the brain the model knows (tissue beyond the
+        # template's brain reaching a face of the image is no cut)
+        cut = near_cut_edge(known, volume.spacing)
+        if cut is not None:
+            known &= ~cut
+            notes.append(f"{int(cut.sum()) * voxel_ml:.1f} ml within {CUT_EDGE_MM:g} mm of "
+                         "where the field of view cuts the brain, not scored")  # fmt: skip
+    if known is not brain_mask:
         left_out = np.flatnonzero((brain_mask & ~known).ravel(order="C"))
-    left_ml = left_out.size * float(np.prod(volume.spacing)) / 1000.0
-    if left_ml >= 0.05:
-        beyond = (f"{left_ml:.1f} ml more than {TEMPLATE_MARGIN_MM:g} mm beyond the "
-                  "template's brain, not scored")  # fmt: skip
-        extraction.note = "; ".join(n for n in (extraction.note, beyond) if n)
+    extraction.note = "; ".join(n for n in notes if n)
     corrected = data if data is not volume.data else data.astype(np.float32)  # never the scan
     np.copyto(corrected, 0, where=~known)
     return dataclasses.replace(
         fitted, brain_mask=known, corrected=corrected, bias_field=field, offset=offset,
         left_out=left_out,
     )  # fmt: skip
+
+
+def near_cut_edge(
+    mask: np.ndarray, spacing: tuple[float, ...], mm: float = CUT_EDGE_MM
+) -> np.ndarray | None:
+    """The voxels of ``mask`` within ``mm`` of where it reaches a face of the image (the field
+    of view cuts it there), or None where it reaches none with :data:`CUT_EDGE_MIN_MM2` or
+    more. Distances are Euclidean in mm from the mask's voxels on that face, within the slab
+    of the image ``mm`` deep behind it.
+
+    Args:
+        mask: bool (X, Y, Z), e.g. the extracted brain on the scan's grid.
+        spacing: (3,) voxel sides in mm.
+    """
+    from scipy import ndimage
+
+    out: np.ndarray | None = None
+    for ax, size in enumerate(mask.shape):
+        if size < 2:
+            continue
+        face_mm2 = float(np.prod([spacing[a] for a in range(3) if a != ax]))
+        depth = min(size, int(np.ceil(mm / spacing[ax])) + 1)
+        for end in (0, size - 1):
+            face = np.take(mask, end, axis=ax)
+            if np.count_nonzero(face) * face_mm2 < CUT_EDGE_MIN_MM2:
+                continue
+            rows = np.arange(depth) if end == 0 else np.arange(size - depth, size)
+            slab = np.take(mask, rows, axis=ax)
+            seed = np.zeros(slab.shape, bool)
+            edge = 0 if end == 0 else depth - 1
+            index = [slice(None)] * 3
+            index[ax] = edge
+            seed[tuple(index)] = face
+            dist = ndimage.distance_transform_edt(~seed, sampling=spacing)
+            near = slab & (dist <= mm)
+            if out is None:
+                out = np.zeros(mask.shape, bool)
+            index[ax] = slice(int(rows[0]), int(rows[-1]) + 1)
+            out[tuple(index)] |= near
+    return out
 
 
 def template_input(moved: np.ndarray, template: Template, carried: np.ndarray) -> np.ndarray:
