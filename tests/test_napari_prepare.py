@@ -121,6 +121,42 @@ def test_raw_head_is_prepared_and_localized(make_napari_viewer, qtbot):
     assert (low & ~reference).sum() * VOXEL_ML < 1.0
 
 
+def test_a_run_clicked_during_the_guess_reuses_its_preparation(
+    make_napari_viewer, qtbot, monkeypatch
+):
+    """Localize clicked while the modality guess still prepares the scan: the run waits for
+    that preparation instead of repeating it side by side (one preparation in all), the guess
+    still reports the modality, and the model picked for the run stays."""
+    cached = dict(prepare._CACHE)
+    prepare._CACHE.clear()
+    calls: list[str] = []
+    real = prepare.prepare
+
+    def counted(volume, template, *args, **kwargs):
+        calls.append(template.name)
+        return real(volume, template, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "prepare", counted)
+    try:
+        viewer = make_napari_viewer()
+        viewer.open_sample("napari-vaeloc", HEAD)
+        _, widget = viewer.window.add_plugin_dock_widget("napari-vaeloc", "Localize anomalies")
+        qtbot.waitUntil(lambda: widget._devices is not None, timeout=60_000)
+        widget.device.value = "cpu"
+        widget.model.value = "t1-brain"
+        assert widget.guessing  # the guess's preparation is under way
+        _run(qtbot, widget)
+        assert widget.session is not None, widget.fit_info.value
+        assert widget.fit_info.value.startswith("scan fits the model"), widget.fit_info.value
+        _settle(qtbot, widget)
+        assert len(calls) == 1, calls  # prepared once, for the guess and the run
+        assert widget.model.value == "t1-brain"
+        assert "the scan looks like T1" in widget.model_info.value, widget.model_info.value
+    finally:
+        prepare._CACHE.clear()
+        prepare._CACHE.update(cached)
+
+
 def test_selected_image_preselects_its_model(make_napari_viewer, qtbot):
     viewer, widget = _open(make_napari_viewer, qtbot, "t2-lesion", HEAD)
     t2, head = viewer.layers["t2-lesion"], viewer.layers[HEAD]

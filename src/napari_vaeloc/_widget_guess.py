@@ -4,9 +4,10 @@ When an image is selected, a worker guesses its modality (:func:`guess_in_worker
 preselects a model of that modality (:func:`~napari_vaeloc.models.choice.choose_model`, as
 ``vaeloc localize --model auto`` does), unless a model is picked by hand meanwhile (``_picks``
 counts those) or no modality is recognised; a new selection makes older guesses stale
-(``_guess_token``), and a run stops the guess (it prepares the scan itself). While the guess
-runs, the progress bar is busy (:data:`GUESS_LABEL`). The model line shows the model and what the
-guess found.
+(``_guess_token``). A run started meanwhile waits for the guess's preparation and reuses it
+when it prepares the scan the same way, else it stops the guess (it prepares the scan itself).
+While the guess runs, the progress bar is busy (:data:`GUESS_LABEL`). The model line shows the
+model and what the guess found.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def guess_in_worker(inputs: dict, cancel: Callable[[], bool]) -> ModalityGuess:
     from .models.choice import guess_modality
 
     vol = Volume.from_array(
-        inputs["data"], inputs["affine"], header=inputs["header"], path=inputs["path"]
-    )
+        inputs["data"], inputs["affine"], header=inputs["header"], path=inputs["path"],
+        missing=inputs.get("missing"),
+    )  # fmt: skip
     return guess_modality(coarse_copy(vol), cancel=cancel)
 
 
@@ -254,13 +256,27 @@ class GuessMixin:
         self.progress.max = max(maximum, 1)
         self.progress.value, self.progress.label = value, label
 
-    def _stop_guess_for_run(self) -> None:
-        """A run starts: it prepares the scan itself, so a running guess stops (not twice at
-        once) and the model line says the modality was not checked."""
-        if self.guessing:
-            self._stop_guess()
-            self._guess = {"state": "stopped"}
-            self._show_model_info(self._card_quiet(self.model.value))
+    def _stop_guess_for_run(self, same_preparation: bool) -> None:
+        """A run starts. When it prepares the scan as the guess does (``same_preparation``: the
+        same scan, not block-averaged, in "auto" mode), a running guess goes on and the run
+        waits for its preparation and reuses it (:func:`~napari_vaeloc.prepare.prepare_cached`);
+        the guess then only reports the modality, it no longer changes the model. Otherwise
+        it stops (the scan is not prepared twice at once) and the model line says the modality
+        was not checked."""
+        if not self.guessing:
+            return
+        if same_preparation:
+            self._picks += 1  # the run's model stays: as if picked by hand
+            return
+        self._stop_guess()
+        self._guess = {"state": "stopped"}
+        self._show_model_info(self._card_quiet(self.model.value))
+
+    @staticmethod
+    def guess_prepares_as_run(mode: str, shape: tuple[int, ...]) -> bool:
+        """Whether the guess prepares a scan of ``shape`` as a run in ``mode`` does (the same
+        scan, settings and template space: the bundled templates share one)."""
+        return mode == "auto" and int(np.prod(shape, dtype=np.int64)) <= GUESS_MAX_VOXELS
 
     @live
     def _on_guess(self, token: int, picks: int, guess: ModalityGuess) -> None:

@@ -210,7 +210,7 @@ class RunMixin:
             return
         for line in volume.notes:
             show_warning(f"{layer.name}: {line}")
-        self._stop_guess_for_run()
+        self._stop_guess_for_run(self.guess_prepares_as_run(mode, inputs["shape"]))
         # the viewer's objects are long-lived: moved out of the garbage collector's reach,
         # a full collection no longer walks them (it took 0.05-0.26 s, growing with the
         # session, and fell while the result layers were being added)

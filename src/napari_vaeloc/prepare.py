@@ -1216,6 +1216,11 @@ def refuse_misfit(report: PreparationReport) -> None:
 # -- cache -------------------------------------------------------------------------------------
 _CACHE: OrderedDict[tuple, Prepared] = OrderedDict()
 CACHE_SIZE = 4
+#: preparations under way (cache key -> set when it ends), so that a second caller of the same
+#: preparation (a run started while the panel's modality guess prepares the scan) waits for it
+#: instead of repeating it side by side; guarded with the cache by ``_CACHE_LOCK``
+_IN_FLIGHT: dict[tuple, threading.Event] = {}
+_CACHE_LOCK = threading.Lock()
 
 
 def scan_key(volume: Volume) -> str:
@@ -1255,13 +1260,40 @@ def prepare_cached(
     """:func:`prepare`, reusing the result for the same scan content, settings and template
     space (the last :data:`CACHE_SIZE` of them), so rerunning, or switching between models
     whose templates share a space (the bundled T1 and T2 models do), does not repeat it; the
-    modality check is then redone for the model asked for."""
+    modality check is then redone for the model asked for. A call for a preparation another
+    thread is making waits for it (polling ``cancel``) and reuses it."""
     s = settings or PrepareSettings()
     refuse = kwargs.pop("refuse", True)
     key = _cache_key(volume, s, template)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        hit = _CACHE[key]
+    hit, waited = None, False
+    while True:
+        with _CACHE_LOCK:
+            hit = _CACHE.get(key)
+            if hit is not None:
+                _CACHE.move_to_end(key)
+                break
+            pending = _IN_FLIGHT.get(key)
+            if pending is None:  # this call prepares it
+                pending = _IN_FLIGHT[key] = threading.Event()
+                break
+        # another thread prepares the same scan: wait for it, then look again (if it failed
+        # or was cancelled, this call prepares the scan itself)
+        if not waited and kwargs.get("stage") is not None:
+            kwargs["stage"](STAGES[0])
+        waited = True
+        while not pending.wait(0.05):
+            _raise_if(kwargs.get("cancel"))
+    if hit is None:
+        try:
+            fresh = prepare(volume, template, s, refuse=False, **kwargs)
+            with _CACHE_LOCK:
+                _remember(key, fresh)
+        finally:
+            with _CACHE_LOCK:
+                _IN_FLIGHT.pop(key, None)
+            pending.set()
+        out = fresh
+    else:
         report = hit.report
         if report.template != template.name:
             checks = [
@@ -1270,8 +1302,6 @@ def prepare_cached(
             ]
             report = dataclasses.replace(report, checks=checks, template=template.name)
         out = dataclasses.replace(hit, scan=volume, report=report)
-    else:
-        out = _remember(key, prepare(volume, template, s, refuse=False, **kwargs))
     if refuse:
         refuse_misfit(out.report)
     return out
@@ -1312,7 +1342,9 @@ def apply_prepared(
     del brain_data
     np.copyto(data, 0, where=~fitted.brain_mask)
     out = dataclasses.replace(fitted, scan=volume, volume=image, corrected=data)
-    return _remember(_cache_key(volume, settings or PrepareSettings(), template), out)
+    key = _cache_key(volume, settings or PrepareSettings(), template)
+    with _CACHE_LOCK:
+        return _remember(key, out)
 
 
 def prepared_paths(out_dir: Path, stem: str) -> dict[str, Path]:
