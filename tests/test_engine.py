@@ -105,6 +105,31 @@ def test_single_slice_image(tiny_model):
     assert any("single-slice" in n for n in res.notes)
 
 
+def test_a_single_slice_of_another_plane_is_scored_by_the_fused_model_s_own_network():
+    """A coronal slice given to t1-brain (axial, fused with coronal and sagittal companions):
+    scored along its own plane by the axial network alone, and the note names both planes."""
+    from napari_vaeloc.models.store import bundled_models, cached_model
+    from napari_vaeloc.samples import sample_path
+
+    if "t1-brain" not in bundled_models():
+        pytest.skip("the bundled t1-brain model is not installed")
+    t1 = load_volume(sample_path("t1-healthy"))
+    y = t1.shape[1] // 2  # the sample is RAS: its second voxel axis runs posterior-anterior
+    affine = t1.affine.copy()
+    affine[:3, 3] += affine[:3, 1] * y
+    res = localize(
+        Volume.from_array(t1.data[:, y : y + 1, :], affine),
+        cached_model("t1-brain"),
+        EngineOptions(device="cpu"),
+        prepare=None,
+    )
+    assert res.axis == "coronal" and not res.fused_axes
+    assert any(
+        n.startswith("t1-brain scored this single coronal slice with its axial network alone, "
+                     "which learned axial slices") for n in res.notes
+    ), res.notes  # fmt: skip
+
+
 def test_voxels_without_data_are_left_out_of_the_map_and_the_mask(tiny_model, tmp_path):
     """NaN or infinite voxels in a file (read as the background value) are marked missing on
     the volume and left out of the foreground, so the combined map and the mask are 0 there,

@@ -172,7 +172,7 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     widget.apply_settings()
     assert not mask_layer.data.any()
     assert "mask: 0.0 ml" in widget.threshold_info.value
-    assert "the smoothing slider at 3 mm looks for them" in widget.threshold_info.value
+    assert "the smoothing slider at 3 mm looks at a finer scale" in widget.threshold_info.value
     widget.restore_defaults()
     qtbot.waitUntil(lambda: widget.threshold_info.value == info0, timeout=5000)
 

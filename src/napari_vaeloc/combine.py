@@ -895,17 +895,19 @@ class PostProcessor:
         return SMALL_LESION_SMOOTHING_MM if known else None
 
     def small_lesion_hint(self, setting: str) -> str | None:
-        """For an empty mask: that lesions under about 1 ml can stay below this smoothing's
-        threshold, and that ``setting`` (how the front sets a smoothing, e.g. "--smoothing
-        {mm}") looks for them at the same healthy rate; None when there is no finer calibrated
-        smoothing (:meth:`finer_smoothing`)."""
+        """For an empty mask: that it does not rule out lesions under about 1 ml, and that
+        ``setting`` (how the front sets a smoothing, e.g. "--smoothing {mm}") looks at a finer
+        scale with its threshold at the same healthy rate (a promise of a look, not of a find:
+        it found a bright 0.5 ml lesion in a real 1 mm head that 6 mm missed, not a 0.5 ml one
+        50 % darker than its tissue); None when there is no finer calibrated smoothing
+        (:meth:`finer_smoothing`)."""
         finer = self.finer_smoothing()
         if finer is None:
             return None
         return (
-            f"lesions under about 1 ml can stay below a {self.settings.smoothing_mm:g} mm "
-            f"smoothing's threshold: {setting.format(mm=f'{finer:g}')} looks for them with its "
-            "threshold at the same healthy rate"
+            "an empty mask does not rule out lesions under about 1 ml at a "
+            f"{self.settings.smoothing_mm:g} mm smoothing: {setting.format(mm=f'{finer:g}')} "
+            "looks at a finer scale, its threshold at the same healthy rate"
         )
 
     def fpr_for_threshold(self, threshold: float) -> float | None:

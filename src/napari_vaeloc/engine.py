@@ -557,8 +557,12 @@ def _one_axis_note(model: LoadedModel, axis: str, single: bool = False) -> list[
     if not d.fuses:
         return []
     how = (
-        f"this single slice with its {model.card.axis} network alone (a single slice cannot "
-        "be fused with the other axes' models)"
+        f"this single {axis} slice with its {model.card.axis} network alone, which learned "
+        f"{model.card.axis} slices (a single slice cannot be fused with the other axes' "
+        "models)"
+        if single and axis != model.card.axis
+        else f"this single slice with its {model.card.axis} network alone (a single slice "
+        "cannot be fused with the other axes' models)"
         if single
         else f"along its own {axis} axis alone (fusion off)"
         if axis == model.card.axis

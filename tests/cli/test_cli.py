@@ -515,7 +515,7 @@ def test_the_mask_line_says_when_the_outline_cannot_act():
 
 def test_an_empty_mask_points_to_the_finer_smoothing_for_small_lesions():
     """Nothing found at the bundled 6 mm smoothing: the mask line says that lesions under
-    about 1 ml can stay below it and that --smoothing 3 keeps the healthy rate; not when a
+    about 1 ml are not ruled out and that --smoothing 3 keeps the healthy rate; not when a
     mask was found, nor at 3 mm already."""
     from napari_vaeloc.cli.localize import describe_mask
     from napari_vaeloc.combine import PostProcessor
@@ -529,7 +529,7 @@ def test_an_empty_mask_points_to_the_finer_smoothing_for_small_lesions():
         load_volume(sample_path("t2-healthy")), model, prepare=None, maps=("restoration",)
     )
     post = PostProcessor(res)
-    hint = "--smoothing 3 looks for them with its threshold at the same healthy rate"
+    hint = "--smoothing 3 looks at a finer scale, its threshold at the same healthy rate"
     assert hint in describe_mask(post, 0.0, 0, [])
     assert hint not in describe_mask(post, 2.0, 1, [])
     post.settings = post.settings.replace(smoothing_mm=3.0)

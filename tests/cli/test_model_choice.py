@@ -115,8 +115,8 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     )  # the 4 mm slices warn
     if parts == 0:  # an empty mask points to the smoothing small lesions need
         want += (
-            "; lesions under about 1 ml can stay below a 6 mm smoothing's threshold: "
-            "--smoothing 3 looks for them with its threshold at the same healthy rate"
+            "; an empty mask does not rule out lesions under about 1 ml at a 6 mm smoothing: "
+            "--smoothing 3 looks at a finer scale, its threshold at the same healthy rate"
         )
     want += ")"
     assert want in lines, lines
