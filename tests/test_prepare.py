@@ -566,7 +566,7 @@ def test_brain_beyond_the_template_is_not_scored():
 
 def test_a_brain_squeezed_into_a_slab_is_refused_for_its_scaling(t1, tmp_path, capsys):
     """A brain flattened to half its height (as a slab's registration squeezes the template into
-    it) passes coverage and may pass the registration Dice, so the template scaling check
+    it) reads as fully covered and may pass the registration Dice, so the template scaling check
     refuses it, ahead of the modality check that the squeeze confuses; the command line with
     --model auto says so in one line and writes nothing."""
     template = Template.of_model(t1.path, t1.card)
@@ -579,7 +579,11 @@ def test_a_brain_squeezed_into_a_slab_is_refused_for_its_scaling(t1, tmp_path, c
     assert check.level == "fail", refused.value.report.lines()
     lo, hi = (float(v) for v in check.value.split("-"))
     assert lo == pytest.approx(0.5, abs=0.05) and hi == pytest.approx(1.0, abs=0.05)
-    assert refused.value.report.check("coverage").level == "ok"  # what it would have missed
+    # the whole squeezed template lies in view: coverage as registered is full, and the
+    # coverage line warns that the squeeze makes it read too high
+    cover = refused.value.report.check("coverage")
+    assert cover.value == pytest.approx(1.0, abs=0.02), cover
+    assert cover.level == "warn" and "may cover only part of the brain" in cover.message, cover
 
     path = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(img.data, squeeze @ img.affine), path)

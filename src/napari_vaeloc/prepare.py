@@ -1053,7 +1053,16 @@ def prepare(
                  f"{REGISTRATION_DICE['ok']:g})")
     )  # fmt: skip
     if transform is not None:
-        report.checks.append(scaling_check(transform))
+        scaling = scaling_check(transform)
+        report.checks.append(scaling)
+        cover = report.check("coverage")
+        if scaling.level != "ok" and cover is not None and cover.level == "ok":
+            # a slab the template was squeezed into holds all of the squeezed template
+            cover.level = "warn"
+            cover.message += (
+                " as registered, but the registration had to squeeze or stretch the template "
+                "(template scaling): the scan may cover only part of the brain"
+            )
     scores = modality_scores(moved, tmask & carried, templates or bundled_templates())
     report.modality_scores = scores
     report.checks.append(modality_check(scores, template))
