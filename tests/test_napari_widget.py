@@ -459,3 +459,11 @@ def test_voxels_without_data_in_the_file_are_left_out(make_napari_viewer, qtbot,
     np.testing.assert_allclose(scored.data, load_volume(path).data)
     assert scored.data[gap].min() > layer.data.min()
     assert any("enclosed by the scan's data filled" in n for n in scored.notes), scored.notes
+    # no invented tissue shown: every map, the brain mask and the corrected brain are 0 there
+    result = widget.session.result
+    assert not result.prepared.brain_mask[gap].any()
+    assert not result.prepared.corrected[gap].any()
+    for name in result.maps:
+        assert not result.maps[name][gap].any(), name
+    # and the fit line names the gap (a notification alone passes)
+    assert "without data in the file" in widget.fit_info.value, widget.fit_info.value

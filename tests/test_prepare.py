@@ -656,6 +656,10 @@ def test_the_brain_near_where_the_field_of_view_cuts_it_is_not_scored(t1, raw_he
     [step] = [s for s in res.preparation.steps if s.name == "brain extraction"]
     assert "mm of where the field of view cuts the brain, not scored" in step.note, step.note
     assert "the cut edge is not scored" in res.preparation.check("coverage").message
+    # the registration Dice falls with the coverage, and its line says why
+    registration = res.preparation.check("registration")
+    assert registration.level == "warn", registration
+    assert "lowered by the partial coverage" in registration.message, registration
     # the whole head: not cut, nothing left out for it
     [step] = [s for s in raw_head_result[1].preparation.steps if s.name == "brain extraction"]
     assert "field of view cuts" not in step.note, step.note

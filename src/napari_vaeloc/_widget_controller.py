@@ -349,7 +349,13 @@ def fit_text(result: LocalizationResult, mode: str, note: str = "") -> tuple[str
         numbers.append(f"coverage {coverage.value:.0%}")
     ran = [s.name for s in report.steps if s.ran and s.name != "checks"]
     steps = f" [{', '.join(ran)}]" if ran else ""
-    warnings = report.warnings
+    warnings = list(report.warnings)
+    from .engine import MISSING_NOTE
+
+    gap = next((n for n in result.notes if MISSING_NOTE in n), None)
+    if gap is not None:  # the engine's note: "27 ml of the extracted brain has no data ..."
+        warnings.append(f"{gap.split(' ml of ', 1)[0]} ml of the brain without data in the file "
+                        "(left out)")  # fmt: skip
     if warnings:
         return (
             "scan fits the model with warnings: " + "; ".join(warnings)

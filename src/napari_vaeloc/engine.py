@@ -353,10 +353,11 @@ def _leave_out_missing(res: LocalizationResult, volume: Volume) -> LocalizationR
     fg = res.foreground
     if missing is None or fg is None or missing.shape != fg.shape:
         return res
-    inside = int(np.count_nonzero(fg & missing))
-    if inside:
+    if np.any(fg & missing):
         res.foreground = fg & ~missing
-    ml = inside * float(np.prod(volume.spacing)) / 1000.0
+    # counted in the brain as extracted (a prepared scan's brain mask leaves them out already)
+    region = res.prepared.extracted_mask if res.prepared is not None else fg
+    ml = int(np.count_nonzero(region & missing)) * float(np.prod(volume.spacing)) / 1000.0
     if ml >= MISSING_NOTE_ML:  # a few voxels on the brain's edge need no word
         where = "extracted brain" if res.prepared is not None else "scan's foreground"
         res.notes.append(

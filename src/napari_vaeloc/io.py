@@ -330,11 +330,31 @@ def as_scorable_array(
         if not arr.flags.writeable or np.shares_memory(arr, data):
             arr = arr.copy()
         fill_gaps(arr, gaps, ~own)
-        more.append(
-            f"{int(gaps.sum())} voxels without data enclosed by the scan's data filled from the "
-            "voxels around them"
-        )
+        more = _filled_note(more, int(gaps.sum()), int(own.sum()))
     return arr, notes + more, src, own
+
+
+#: how the note of :func:`_float_image` on non-finite voxels ends: "... read as the minimum 0
+#: (background)"
+_READ_AS_MINIMUM = " read as the minimum "
+
+
+def _filled_note(notes: list[str], filled: int, missing: int) -> list[str]:
+    """``notes`` with the note on the file's non-finite voxels saying that ``filled`` of the
+    ``missing`` voxels, those the scan's data enclose, were filled from around them; a viewer's
+    layer (its missing voxels already replaced) gets a note of its own."""
+    out = list(notes)
+    what = "enclosed by the scan's data filled from the voxels around them"
+    for i, note in enumerate(out):
+        if "non-finite voxels (NaN/Inf" in note and _READ_AS_MINIMUM in note:
+            head, minimum = note.split(_READ_AS_MINIMUM, 1)
+            out[i] = (
+                f"{head}, all {what}"
+                if filled == missing
+                else f"{head}: the {filled} {what}, the rest read as the minimum {minimum}"
+            )
+            return out
+    return [*out, f"{filled} voxels without data {what}"]
 
 
 # NIfTI xyzt_units, spatial part (bits 0-2): metres and microns are converted to mm; unknown

@@ -188,8 +188,9 @@ def model_for_scan(
         raise MisfitError(f"--model auto: {scaling.advice}", guess.report)
     if guess.modality is None:
         raise MisfitError(
-            f"--model auto: {guess.describe()}; is it a brain MRI? To score it as given, "
-            "without preparation, name a model with --model and pass --prepare none",
+            f"--model auto: {guess.describe()}; is it a brain MRI of a modality the bundled "
+            "models know (T1, T2)? A skull-stripped brain already in a model's template space "
+            "can be scored as given: name the model with --model and pass --prepare none",
             guess.report,
         )
     name = choose_model(guess.modality, bundled_cards())

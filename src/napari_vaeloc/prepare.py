@@ -283,8 +283,9 @@ class Prepared:
         scan: the scan as given.
         volume: the (bias-corrected) brain on the template's grid, 0 outside the brain.
         brain_mask: bool, the scan's grid: the extracted brain where the model knows brain
-            (within :data:`TEMPLATE_MARGIN_MM` of the template's brain) and farther than
-            :data:`CUT_EDGE_MM` from where the field of view cuts it, the voxels scored.
+            (within :data:`TEMPLATE_MARGIN_MM` of the template's brain), farther than
+            :data:`CUT_EDGE_MM` from where the field of view cuts it, and where the file held
+            data (``scan.missing``), the voxels scored.
         template_mask: bool, the template's grid: where that brain landed.
         transform: template world (LPS) -> scan world (LPS), SimpleITK; None when the scan was
             scored on its own grid (no registration).
@@ -296,8 +297,8 @@ class Prepared:
         offset: subtracted from the corrected scan before it is resampled (its minimum), so
             the brain is non-negative.
         left_out: int64 flat indices (C order, the scan's grid) of the extracted brain's voxels
-            beyond the known brain or near a cut of the field of view, not scored
-            (:attr:`extracted_mask` has them back).
+            beyond the known brain, near a cut of the field of view or without data in the
+            file, not scored (:attr:`extracted_mask` has them back).
     """
 
     scan: Volume
@@ -1047,10 +1048,13 @@ def prepare(
     reg_level = _level(dice, REGISTRATION_DICE)
     if coverage < COVERAGE["ok"]:  # a partial scan cannot cover the whole template brain
         reg_level = "warn" if reg_level == "fail" and dice >= 0.3 else reg_level
+    partial = coverage < COVERAGE["ok"] and reg_level != "ok"
     report.checks.append(
         FitCheck("registration", reg_level, round(dice, 4),
                  f"brain-mask Dice with the template {dice:.2f} (pass >= "
-                 f"{REGISTRATION_DICE['ok']:g})")
+                 f"{REGISTRATION_DICE['ok']:g})"
+                 + ("; lowered by the partial coverage: the template's brain beyond the field "
+                    "of view has no brain to match" if partial else ""))
     )  # fmt: skip
     if transform is not None:
         scaling = scaling_check(transform)
@@ -1103,6 +1107,10 @@ def prepare(
             known &= ~cut
             notes.append(f"{int(cut.sum()) * voxel_ml:.1f} ml within {CUT_EDGE_MM:g} mm of "
                          "where the field of view cuts the brain, not scored")  # fmt: skip
+    if scan.missing is not None and (known & scan.missing).any():
+        # voxels the file held no number for (scored filled from around them): no map, no
+        # brain mask, no corrected brain there (the engine's note gives their volume)
+        known = known & ~scan.missing
     if known is not brain_mask:
         left_out = np.flatnonzero((brain_mask & ~known).ravel(order="C"))
     extraction.note = "; ".join(n for n in notes if n)

@@ -187,6 +187,8 @@ def test_no_modality_recognised_is_one_line(tmp_path, capsys):
         assert len(err) == 1, err
         assert err[0].startswith("vaeloc: error: --model auto: no known modality recognised")
         assert "--model" in err[0][30:] and "--prepare none" in err[0] and not out.exists()
+        # the way around it is offered for what it fits: a brain in the template's space
+        assert "skull-stripped brain already in a model's template space" in err[0], err[0]
     assert main(["localize", str(scan), "--out", str(tmp_path / "loud")]) == 2
     err = capsys.readouterr().err.splitlines()  # without --quiet: what preparation found
     assert any(line.startswith("check modality:") for line in err[:-1]), err
