@@ -660,6 +660,30 @@ def test_the_brain_near_where_the_field_of_view_cuts_it_is_not_scored(t1, raw_he
     registration = res.preparation.check("registration")
     assert registration.level == "warn", registration
     assert "lowered by the partial coverage" in registration.message, registration
+    # a mask part that reaches the unscored band is named; one away from it is not
+    post = PostProcessor(res)
+    band = np.zeros(data.shape, bool)
+    band.reshape(-1)[prepared.cut_band] = True
+    assert band[near].all() and not band[prepared.brain_mask].any()
+    from scipy.ndimage import binary_dilation
+
+    scored = prepared.brain_mask
+    touching = binary_dilation(band) & scored  # the scored brain right next to the band
+    assert touching.any()
+    note = post.cut_note(touching)
+    assert note is not None, "a part next to the band must be named"
+    assert "reaches the brain left unscored along the field-of-view cut" in note, note
+    away = np.zeros(data.shape, bool)  # four planes 10 mm past the band's deepest plane
+    n_ax = data.shape[ax]
+    index = [slice(None)] * 3
+    index[ax] = (
+        np.arange(depth + 5, depth + 9) if up else np.arange(n_ax - depth - 9, n_ax - depth - 5)
+    )
+    away[tuple(index)] = True
+    away &= scored
+    assert away.any() and post.cut_note(away) is None
     # the whole head: not cut, nothing left out for it
     [step] = [s for s in raw_head_result[1].preparation.steps if s.name == "brain extraction"]
     assert "field of view cuts" not in step.note, step.note
+    assert raw_head_result[1].prepared.cut_band.size == 0
+    assert PostProcessor(raw_head_result[1]).cut_note() is None

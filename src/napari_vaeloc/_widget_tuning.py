@@ -204,7 +204,9 @@ class TuningMixin:
         self._show_combined(combined)
         self._show_mask(mask)
         ml = s.mask_volume_ml(mask)
-        hint = s.small_lesion_hint("the smoothing slider at {mm} mm") if ml == 0 else None
+        hint = (
+            s.small_lesion_hint("the smoothing slider at {mm} mm") if ml == 0 else s.cut_note(mask)
+        )
         self.threshold_info.value = f"{s.threshold_text()}\nmask: {ml:.1f} ml" + (
             f" ({hint})" if hint else ""
         )

@@ -471,6 +471,39 @@ class PostProcessor:
         scan's voxel volume."""
         return self.mask_voxels(mask) * float(np.prod(self.spacing)) / 1000.0
 
+    def cut_note(self, mask: np.ndarray | None = None) -> str | None:
+        """For a mask (default :meth:`mask`) with parts that reach the brain the preparation
+        left unscored along a cut of the field of view (``prepared.cut_band``, touching it
+        across a face, edge or corner): their volume and count, and that what they mark may
+        continue there; None otherwise (no cut, or no part reaches it)."""
+        from scipy.ndimage import binary_dilation
+
+        from .preprocess import bounding_box
+
+        prepared = self.result.prepared
+        band = getattr(prepared, "cut_band", None)
+        if band is None or band.size == 0:
+            return None
+        shape = self.result.shape
+        marked = np.asarray(self.mask() if mask is None else mask).reshape(shape) != 0
+        if not marked.any():
+            return None
+        near = np.zeros(shape, bool)
+        near.reshape(-1)[band] = True
+        box = bounding_box(near, margin=1)
+        near[box] = binary_dilation(near[box], np.ones((3,) * len(shape), bool))
+        labels, sizes = label_components(marked)
+        hit = np.unique(labels[near & marked])
+        hit = hit[hit > 0]
+        if hit.size == 0:
+            return None
+        ml = float(sizes[hit].sum()) * float(np.prod(self.spacing)) / 1000.0
+        parts = f"{hit.size} part{'s' if hit.size > 1 else ''}"
+        return (
+            f"{ml:.1f} ml of the mask ({parts}) reaches the brain left unscored along the "
+            "field-of-view cut: what it marks may continue there"
+        )
+
     def _components(self, combined: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
         """Connected components of ``combined > level`` and their sizes, cached for the
         last (combined map, level)."""

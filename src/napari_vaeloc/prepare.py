@@ -296,6 +296,8 @@ class Prepared:
             correction ran).
         offset: subtracted from the corrected scan before it is resampled (its minimum), so
             the brain is non-negative.
+        cut_band: int64 flat indices (C order, the scan's grid) of the brain left unscored
+            within :data:`CUT_EDGE_MM` of a cut of the field of view (empty without a cut).
         left_out: int64 flat indices (C order, the scan's grid) of the extracted brain's voxels
             beyond the known brain, near a cut of the field of view or without data in the
             file, not scored (:attr:`extracted_mask` has them back).
@@ -311,6 +313,7 @@ class Prepared:
     bias_field: BiasField | None = None
     offset: float = 0.0
     left_out: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    cut_band: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     @property
     def extracted_mask(self) -> np.ndarray:
@@ -1090,6 +1093,7 @@ def prepare(
                       template.image.header, volume.path)  # fmt: skip
     fitted = Prepared(scan, prepared, brain_mask, carried, transform, report)
     known, left_out = brain_mask, np.empty(0, np.int64)
+    cut_band = np.empty(0, np.int64)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     notes = [extraction.note]
     if not s.beyond_template:  # the extracted brain, where the model knows brain
@@ -1105,6 +1109,7 @@ def prepare(
         cut = near_cut_edge(known, volume.spacing)
         if cut is not None:
             known &= ~cut
+            cut_band = np.flatnonzero(cut.ravel(order="C"))
             notes.append(f"{int(cut.sum()) * voxel_ml:.1f} ml within {CUT_EDGE_MM:g} mm of "
                          "where the field of view cuts the brain, not scored")  # fmt: skip
     if scan.missing is not None and (known & scan.missing).any():
@@ -1118,7 +1123,7 @@ def prepare(
     np.copyto(corrected, 0, where=~known)
     return dataclasses.replace(
         fitted, brain_mask=known, corrected=corrected, bias_field=field, offset=offset,
-        left_out=left_out,
+        left_out=left_out, cut_band=cut_band,
     )  # fmt: skip
 
 

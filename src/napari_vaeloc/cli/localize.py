@@ -373,7 +373,7 @@ def describe_mask(
         rate += "; NOT PREPARED: scored as given, see the note"
     if warned:
         rate += f"; the scan fits the model with warnings ({', '.join(warned)}): read with care"
-    hint = post.small_lesion_hint("--smoothing {mm}") if n == 0 else None
+    hint = post.small_lesion_hint("--smoothing {mm}") if n == 0 else post.cut_note()
     if hint is not None:
         rate += f"; {hint}"
     return (
