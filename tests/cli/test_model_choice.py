@@ -94,7 +94,8 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     # the modality guess prepared the scan; the run reused it: each stage once
     for stage in ("bias-field correction", "brain extraction", "registration"):
         assert err.count(f"{stage} ...") == 1, err
-        assert f"{stage}: done" in captured.out
+        assert f"  {stage}: done" in captured.out  # under the preparation's header
+    assert "\npreparation:\n  " in captured.out, captured.out
     # every stage line starts a line of its own and no bar is drawn after the next stage began
     for stage in ("scoring slices", "mapping back to the scan", "writing the maps and the mask"):
         assert f"\n{stage} ...\n" in err, repr(err)

@@ -279,8 +279,9 @@ def run(args: argparse.Namespace) -> int:
     result, paths = done.result, done.paths
     if result.preparation is not None:
         if not args.quiet:  # each check once: its line says when it warns
+            print("preparation:")
             for line in result.preparation.lines():
-                print(line)
+                print(f"  {line}")
         else:
             for warning in result.preparation.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
