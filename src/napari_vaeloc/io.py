@@ -235,13 +235,19 @@ def fill_gaps(arr: np.ndarray, gaps: np.ndarray, known: np.ndarray) -> None:
 
 
 def _float_image(
-    data: np.ndarray, constant_ok: bool
+    data: np.ndarray,
+    constant_ok: bool,
+    given: np.ndarray | None = None,
+    fill: bool = False,
 ) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     """float32 version of a real-valued image with non-finite voxels set to the smallest finite
-    value; the notes say what was changed and whether it looks like a mask; the third element
-    is the non-finite voxels (bool, the image's shape), None without any. A contiguous
-    float32 image in memory with nothing to change is not copied: a read-only view of it is
-    returned (a viewer's scan is not held twice); a memory-mapped file is copied.
+    value, or, with ``fill``, those the scan's data enclose filled from the voxels around them
+    (:func:`enclosed_gaps`, :func:`fill_gaps`); ``given`` (bool, the image's size) adds voxels
+    known to hold no data (already replaced) to its own non-finite ones. The notes say what was
+    changed and whether it looks like a mask; the third element is the voxels without data
+    (bool, the image's shape), None without any. A contiguous float32 image in memory with
+    nothing to change is not copied: a read-only view of it is returned (a viewer's scan is
+    not held twice); a memory-mapped file is copied.
 
     Raises:
         InputError: complex or non-numeric data, empty, all non-finite, or (unless
@@ -258,16 +264,12 @@ def _float_image(
     if n_bad == arr.size:
         raise InputError("every voxel is NaN or infinite: nothing to score")
     missing = ~finite if n_bad else None
+    low = 0.0
     if n_bad:
         if np.shares_memory(arr, data):
             arr = arr.copy()
         low = float(arr[finite].min())
         arr[~finite] = low
-        share = 100.0 * n_bad / arr.size
-        notes.append(
-            f"{n_bad} non-finite voxels (NaN/Inf, {share:.2g} % of the image) read as the "
-            f"minimum {low:g} (background)"
-        )
     elif np.shares_memory(arr, data):
         if (arr.flags.c_contiguous or arr.flags.f_contiguous) and not _file_backed(arr):
             arr = arr.view()
@@ -275,6 +277,19 @@ def _float_image(
         else:  # a flipped or strided view, or a mapped file that may change under us: a copy
             arr = np.array(arr, order="C" if not arr.flags.f_contiguous else "F")
     del finite
+    if given is not None and np.size(given) == arr.size and np.any(given):
+        given = np.asarray(given, bool).reshape(arr.shape)
+        missing = given if missing is None else given | missing
+    gaps = enclosed_gaps(missing) if fill and missing is not None else None
+    filled = 0
+    if gaps is not None:
+        if not arr.flags.writeable or np.shares_memory(arr, data):
+            arr = arr.copy()
+        fill_gaps(arr, gaps, ~missing)
+        filled = int(gaps.sum())
+    note = _missing_note(n_bad, arr.size, low, filled, 0 if missing is None else int(missing.sum()))
+    if note is not None:
+        notes.append(note)
     lo, hi = float(arr.min()), float(arr.max())
     if not constant_ok and hi - lo <= 1e-12 * max(1.0, abs(hi)):
         raise InputError(f"the image is constant (every voxel is {lo:g}): nothing to localize")
@@ -282,6 +297,22 @@ def _float_image(
     if note is not None:
         notes.append(note)
     return arr, notes, missing
+
+
+def _missing_note(n_bad: int, size: int, low: float, filled: int, missing: int) -> str | None:
+    """The note on the voxels without data: the file's ``n_bad`` non-finite ones of ``size``
+    (read as the minimum ``low``), of which, or of all ``missing`` ones, ``filled`` were
+    filled from around them; None when there is nothing to say."""
+    what = "enclosed by the scan's data filled from the voxels around them"
+    if not n_bad:
+        return f"{filled} voxels without data {what}" if filled else None
+    head = f"{n_bad} non-finite voxels (NaN/Inf, {100.0 * n_bad / size:.2g} % of the image)"
+    as_minimum = f"read as the minimum {low:g} (background)"
+    if not filled:
+        return f"{head} {as_minimum}"
+    if filled == missing:
+        return f"{head}, all {what}"
+    return f"{head}: the {filled} {what}, the rest {as_minimum}"
 
 
 def as_scorable_array(
@@ -321,40 +352,8 @@ def as_scorable_array(
             f"expected a 2D or 3D image, got {data.ndim}D with shape {data.shape}; "
             "for 4D files choose one volume (volume_index / --volume-index)"
         )
-    arr, more, own = _float_image(data, constant_ok)
-    if missing is not None and np.size(missing) == arr.size and np.any(missing):
-        given = np.asarray(missing, bool).reshape(arr.shape)
-        own = given if own is None else given | own
-    gaps = enclosed_gaps(own) if fill and own is not None else None
-    if gaps is not None:
-        if not arr.flags.writeable or np.shares_memory(arr, data):
-            arr = arr.copy()
-        fill_gaps(arr, gaps, ~own)
-        more = _filled_note(more, int(gaps.sum()), int(own.sum()))
+    arr, more, own = _float_image(data, constant_ok, missing, fill)
     return arr, notes + more, src, own
-
-
-#: how the note of :func:`_float_image` on non-finite voxels ends: "... read as the minimum 0
-#: (background)"
-_READ_AS_MINIMUM = " read as the minimum "
-
-
-def _filled_note(notes: list[str], filled: int, missing: int) -> list[str]:
-    """``notes`` with the note on the file's non-finite voxels saying that ``filled`` of the
-    ``missing`` voxels, those the scan's data enclose, were filled from around them; a viewer's
-    layer (its missing voxels already replaced) gets a note of its own."""
-    out = list(notes)
-    what = "enclosed by the scan's data filled from the voxels around them"
-    for i, note in enumerate(out):
-        if "non-finite voxels (NaN/Inf" in note and _READ_AS_MINIMUM in note:
-            head, minimum = note.split(_READ_AS_MINIMUM, 1)
-            out[i] = (
-                f"{head}, all {what}"
-                if filled == missing
-                else f"{head}: the {filled} {what}, the rest read as the minimum {minimum}"
-            )
-            return out
-    return [*out, f"{filled} voxels without data {what}"]
 
 
 # NIfTI xyzt_units, spatial part (bits 0-2): metres and microns are converted to mm; unknown
