@@ -277,7 +277,7 @@ class RunMixin:
         settings = keep[1] if keep is not None and keep[0] == model.path else session.settings
         try:
             session.combined(settings, job.cancel.is_set)
-            session.mask(settings, job.cancel.is_set)
+            session.cut_note(session.mask(settings, job.cancel.is_set))  # kept for the panel
         except ValueError:  # a weight without its map: shown (and explained) by the sliders
             pass
         if job.cancel.is_set():

@@ -57,6 +57,7 @@ def recombine(session: Any, job: Recombination) -> Any:
             yield preview
     combined = session.combined(job.settings, job.cancel.is_set)
     mask = session.mask(job.settings, job.cancel.is_set)
+    session.cut_note(mask)  # kept for the GUI thread's mask line
     return combined, mask
 
 

@@ -266,6 +266,7 @@ class PostProcessor:
         self._mask_of: np.ndarray | None = None  # the combined map the cached mask is of
         self._mask: np.ndarray | None = None
         self._mask_voxels = 0  # of the cached mask, counted where it was made
+        self._cut_note: tuple[np.ndarray, str | None] | None = None  # (mask, its cut note)
         self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
         self._peak_cache: tuple[np.ndarray, np.ndarray] | None = None
         # the sharper map parts are outlined on, and its parts' peaks: (key, map), (labels, key,
@@ -475,17 +476,28 @@ class PostProcessor:
         """For a mask (default :meth:`mask`) with parts that reach the brain the preparation
         left unscored along a cut of the field of view (``prepared.cut_band``, touching it
         across a face, edge or corner): their volume and count, and that what they mark may
-        continue there; None otherwise (no cut, or no part reaches it)."""
-        from scipy.ndimage import binary_dilation
-
-        from .preprocess import bounding_box
-
+        continue there; None otherwise (no cut, or no part reaches it). Kept for the last mask
+        (the panel's workers compute it, its GUI thread reads it)."""
         prepared = self.result.prepared
         band = getattr(prepared, "cut_band", None)
         if band is None or band.size == 0:
             return None
+        mask = self.mask() if mask is None else mask
+        with self._lock:
+            if self._cut_note is not None and self._cut_note[0] is mask:
+                return self._cut_note[1]
+        note = self._cut_note_of(mask, band)
+        with self._lock:
+            self._cut_note = (mask, note)
+        return note
+
+    def _cut_note_of(self, mask: np.ndarray, band: np.ndarray) -> str | None:
+        from scipy.ndimage import binary_dilation
+
+        from .preprocess import bounding_box
+
         shape = self.result.shape
-        marked = np.asarray(self.mask() if mask is None else mask).reshape(shape) != 0
+        marked = np.asarray(mask).reshape(shape) != 0
         if not marked.any():
             return None
         near = np.zeros(shape, bool)
