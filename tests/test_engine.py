@@ -148,6 +148,7 @@ def test_voxels_without_data_are_left_out_of_the_map_and_the_mask(tiny_model, tm
     assert not res.foreground[gap].any()
     [note] = [n for n in res.notes if "has no data in the file" in n]
     assert note.startswith(f"{10 * 10 * 8 * 8 / 1000:.3g} ml of the scan's foreground"), note
+    assert res.missing_ml == pytest.approx(10 * 10 * 8 * 8 / 1000)  # the fronts read this
     post = PostProcessor(res, CombineSettings.from_card(tiny_model.card).replace(threshold=0.0))
     assert not post.combined()[gap].any() and not post.mask()[gap].any()
     assert post.mask().any()  # threshold 0: the rest is scored and marked
@@ -166,6 +167,7 @@ def test_voxels_without_data_are_left_out_of_the_map_and_the_mask(tiny_model, tm
     few = localize(load_volume(path), tiny_model, prepare=None)
     assert not few.foreground[15, 17, 10:12].any()
     assert not any("has no data in the file" in n for n in few.notes), few.notes
+    assert few.missing_ml == pytest.approx(2 * 8 / 1000)  # counted, too few for a word
 
 
 def test_reconstruction_is_in_scan_units(tiny_model, phantom):

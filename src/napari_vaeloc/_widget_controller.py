@@ -350,11 +350,10 @@ def fit_text(result: LocalizationResult, mode: str, note: str = "") -> tuple[str
     ran = [s.name for s in report.steps if s.ran and s.name != "checks"]
     steps = f" [{', '.join(ran)}]" if ran else ""
     warnings = list(report.warnings)
-    from .engine import MISSING_NOTE
+    from .engine import MISSING_NOTE_ML
 
-    gap = next((n for n in result.notes if MISSING_NOTE in n), None)
-    if gap is not None:  # the engine's note: "27 ml of the extracted brain has no data ..."
-        warnings.append(f"{gap.split(' ml of ', 1)[0]} ml of the brain without data in the file "
+    if result.missing_ml >= MISSING_NOTE_ML:  # as the engine's note on the gap
+        warnings.append(f"{result.missing_ml:.3g} ml of the brain without data in the file "
                         "(left out)")  # fmt: skip
     if warnings:
         return (

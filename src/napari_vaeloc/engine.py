@@ -160,6 +160,8 @@ class LocalizationResult:
             the bias-corrected brain on the scan's grid); None: the scan was scored as given.
         fused_axes: the slicing axes whose models' maps were averaged (the model's first);
             empty when one axis was scored.
+        missing_ml: volume (ml) of the extracted brain (unprepared: the foreground) that the
+            file held no number for, left out of every map and the mask; 0.0 without a gap.
     """
 
     volume: Volume
@@ -175,6 +177,7 @@ class LocalizationResult:
     notes: list[str] = field(default_factory=list)
     prepared: Prepared | None = None
     fused_axes: tuple[str, ...] = ()
+    missing_ml: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.maps, MapSet):  # a plain dict of arrays: every map held
@@ -358,6 +361,7 @@ def _leave_out_missing(res: LocalizationResult, volume: Volume) -> LocalizationR
     # counted in the brain as extracted (a prepared scan's brain mask leaves them out already)
     region = res.prepared.extracted_mask if res.prepared is not None else fg
     ml = int(np.count_nonzero(region & missing)) * float(np.prod(volume.spacing)) / 1000.0
+    res.missing_ml = ml
     if ml >= MISSING_NOTE_ML:  # a few voxels on the brain's edge need no word
         where = "extracted brain" if res.prepared is not None else "scan's foreground"
         res.notes.append(

@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +112,12 @@ TEMPLATE_MARGIN_MM = 2.0
 CUT_EDGE_MM = 10.0
 #: the least area (mm²) of brain on a face of the image that counts as a cut
 CUT_EDGE_MIN_MM2 = 25.0
+#: an object (the voxels above the scan's minimum) that ends at a plane holding at least this
+#: fraction of its largest cross-section along that axis, with only background beyond, was cut
+#: there by the field of view and filled out to the grid (:func:`field_of_view_ends`). A brain
+#: tapers to its ends: 5 % or less on the bundled brains and SPM's averages; a head cut and
+#: zero-filled halfway down ends at 99.9 % (measured)
+FOV_END_FRACTION = 0.5
 
 StageCallback = Callable[[str], None]
 CancelFlag = Callable[[], bool]
@@ -477,18 +483,53 @@ def object_mask(data: np.ndarray) -> np.ndarray:
     return fill_holes(mask)
 
 
+def _above_background(data: np.ndarray) -> np.ndarray:
+    """bool, ``data``'s shape: the voxels above the scan's minimum (by a millionth of its
+    range), i.e. not the flat background a skull-stripped or zero-filled scan has."""
+    low = float(data.min())
+    return data > low + 1e-6 * (float(data.max()) - low)
+
+
+def field_of_view_ends(data: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Per voxel axis, the (first, last) plane index of the scan's field of view: the image's
+    faces, except where the object (the voxels above the minimum) ends at a plane holding at
+    least :data:`FOV_END_FRACTION` of its largest cross-section along that axis with only
+    background beyond: a field of view cut there and zero-filled out to the grid. An
+    axis-aligned cut only; a field of view resliced obliquely is not found.
+
+    Args:
+        data: (X, Y, Z) intensities.
+    """
+    obj = _above_background(data)
+    ends = []
+    for ax, size in enumerate(obj.shape[:3]):
+        profile = np.count_nonzero(obj, axis=tuple(a for a in range(obj.ndim) if a != ax))
+        planes = np.flatnonzero(profile)
+        if planes.size == 0:
+            ends.append((0, size - 1))
+            continue
+        least = FOV_END_FRACTION * float(profile.max())
+        first, last = int(planes[0]), int(planes[-1])
+        ends.append((first if profile[first] >= least else 0,
+                     last if profile[last] >= least else size - 1))  # fmt: skip
+    return tuple(ends)
+
+
 def looks_skull_stripped(volume: Volume) -> tuple[bool, float]:
     """(skull-stripped?, object volume in ml): a flat background (at least a fifth of the voxels
     at the minimum) around an object of brain size (:data:`MIN_BRAIN_ML` to
     :data:`MAX_BRAIN_ML`) that the field of view does not cut (a head cut by the field of view
-    can be brain-sized and zero-filled around)."""
+    can be brain-sized and zero-filled around): the object crosses no face of the image and
+    ends at no cut plane short of one (:func:`field_of_view_ends`)."""
     data = volume.data
-    flat = float(np.mean(data <= data.min() + 1e-6 * (float(data.max()) - float(data.min()))))
+    obj = _above_background(data)
+    flat = 1.0 - float(np.mean(obj))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    obj = data > data.min() + 1e-6 * (float(data.max()) - float(data.min()))
     ml = float(np.count_nonzero(fill_holes(obj))) * voxel_ml
     faces = [np.take(obj, i, axis=a) for a in range(3) for i in (0, -1) if obj.shape[a] > 1]
     cut = any(f.mean() > 0.02 for f in faces)  # object across a face of the field of view
+    grid = tuple((0, n - 1) for n in data.shape[:3])
+    cut = cut or field_of_view_ends(data) != grid  # cut short of a face, zero-filled beyond
     return flat >= 0.2 and MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and not cut, ml
 
 
@@ -983,6 +1024,12 @@ def prepare(
     if not brain_mask.any():
         raise InputError("no brain found in the scan; is it a brain MRI?")
     brain_mask = fill_brain(brain_mask)
+    # the field of view: the image, or less where a cut was filled out to the grid; no brain
+    # beyond it (an extraction's mask can reach a voxel past the last plane of data)
+    view = tuple(slice(lo, hi + 1) for lo, hi in field_of_view_ends(volume.data))
+    in_view = np.zeros(volume.shape, np.uint8)
+    in_view[view] = 1
+    brain_mask &= in_view.view(bool)
     if field is not None and run_bet and N4_BRAIN_PASS:
         # a second pass inside the brain: the first, fitted to the whole head, is pulled by
         # the scalp's fat and the skull, and leaves part of the field in the brain
@@ -1024,7 +1071,7 @@ def prepare(
         transform, metric = register(brain, template, cancel)
         moved = resample(brain.data, brain, template.image, transform, "map")
         carried = resample(brain_mask, brain, template.image, transform, "mask")
-        inside = resample(np.ones(volume.shape, np.uint8), brain, template.image, transform)
+        inside = resample(in_view, brain, template.image, transform)
         why = f"Mattes MI {metric:.3f}" + (f"; {grid_note}" if same_grid else "")
         report.steps.append(Step(STAGES[3], True, time.perf_counter() - t0, why))
     else:
@@ -1035,7 +1082,7 @@ def prepare(
             )
         transform = None
         moved, carried = brain.data, brain_mask
-        inside = np.ones(volume.shape, np.float32)
+        inside = in_view
         report.steps.append(Step(STAGES[3], False, note=grid_note))
 
     tmask = template.brain_mask
@@ -1043,9 +1090,7 @@ def prepare(
     level = _level(coverage, COVERAGE)
     report.checks.append(
         FitCheck("coverage", level, round(coverage, 4),
-                 f"{coverage:.0%} of the template's brain lies in the scan's field of view"
-                 + ("" if level == "ok" else
-                    f"; the brain within {CUT_EDGE_MM:g} mm of the cut edge is not scored"))
+                 f"{coverage:.0%} of the template's brain lies in the scan's field of view")
     )  # fmt: skip
     dice = mask_dice(carried, tmask)
     reg_level = _level(dice, REGISTRATION_DICE)
@@ -1106,12 +1151,16 @@ def prepare(
                          "template's brain, not scored")  # fmt: skip
         # where the field of view cuts the brain the model knows (tissue beyond the
         # template's brain reaching a face of the image is no cut)
-        cut = near_cut_edge(known, volume.spacing)
+        ends = [(v.start, v.stop - 1) for v in view]
+        cut = near_cut_edge(known, volume.spacing, ends=ends)
         if cut is not None:
             known &= ~cut
             cut_band = np.flatnonzero(cut.ravel(order="C"))
             notes.append(f"{int(cut.sum()) * voxel_ml:.1f} ml within {CUT_EDGE_MM:g} mm of "
                          "where the field of view cuts the brain, not scored")  # fmt: skip
+            cover = report.check("coverage")
+            if cover is not None and cover.level != "ok":  # said only where a band is left out
+                cover.message += f"; the brain within {CUT_EDGE_MM:g} mm of the cut is not scored"
     if scan.missing is not None and (known & scan.missing).any():
         # voxels the file held no number for (scored filled from around them): no map, no
         # brain mask, no corrected brain there (the engine's note gives their volume)
@@ -1128,16 +1177,21 @@ def prepare(
 
 
 def near_cut_edge(
-    mask: np.ndarray, spacing: tuple[float, ...], mm: float = CUT_EDGE_MM
+    mask: np.ndarray,
+    spacing: tuple[float, ...],
+    mm: float = CUT_EDGE_MM,
+    ends: Sequence[tuple[int, int]] | None = None,
 ) -> np.ndarray | None:
-    """The voxels of ``mask`` within ``mm`` of where it reaches a face of the image (the field
-    of view cuts it there), or None where it reaches none with :data:`CUT_EDGE_MIN_MM2` or
-    more. Distances are Euclidean in mm from the mask's voxels on that face, within the slab
-    of the image ``mm`` deep behind it.
+    """The voxels of ``mask`` within ``mm`` of where it reaches an end of the field of view
+    (the field of view cuts it there), or None where it reaches none with
+    :data:`CUT_EDGE_MIN_MM2` or more. Distances are Euclidean in mm from the mask's voxels on
+    that end plane, within the slab of the image ``mm`` deep behind it.
 
     Args:
         mask: bool (X, Y, Z), e.g. the extracted brain on the scan's grid.
         spacing: (3,) voxel sides in mm.
+        ends: per axis, the (first, last) plane of the field of view
+            (:func:`field_of_view_ends`); default the image's faces.
     """
     from scipy import ndimage
 
@@ -1146,15 +1200,16 @@ def near_cut_edge(
         if size < 2:
             continue
         face_mm2 = float(np.prod([spacing[a] for a in range(3) if a != ax]))
-        depth = min(size, int(np.ceil(mm / spacing[ax])) + 1)
-        for end in (0, size - 1):
+        lo, hi = (0, size - 1) if ends is None else ends[ax]
+        depth = min(hi - lo + 1, int(np.ceil(mm / spacing[ax])) + 1)
+        for end in (lo, hi):
             face = np.take(mask, end, axis=ax)
             if np.count_nonzero(face) * face_mm2 < CUT_EDGE_MIN_MM2:
                 continue
-            rows = np.arange(depth) if end == 0 else np.arange(size - depth, size)
+            rows = np.arange(lo, lo + depth) if end == lo else np.arange(hi - depth + 1, hi + 1)
             slab = np.take(mask, rows, axis=ax)
             seed = np.zeros(slab.shape, bool)
-            edge = 0 if end == 0 else depth - 1
+            edge = 0 if end == lo else depth - 1
             index = [slice(None)] * 3
             index[ax] = edge
             seed[tuple(index)] = face
