@@ -27,7 +27,6 @@ from napari_vaeloc.models.store import cached_model
 from napari_vaeloc.prepare import (
     PrepareSettings,
     Template,
-    field_of_view_ends,
     near_cut_edge,
     prepare_cached,
     resample,
@@ -303,12 +302,8 @@ def test_skull_detection_is_not_fooled_by_a_cut_head():
     cut[:, 64:] = 0  # a head cut by the field of view: brain-sized, zero around, but cut
     assert not looks_skull_stripped(Volume.from_array(cut, head.affine))[0]
     # the same cut filled out to the grid, clear of every face: cut where it ends
-    grid = tuple((0, n - 1) for n in head.shape)
-    assert field_of_view_ends(head.data) == grid
-    assert field_of_view_ends(stripped.data) == grid  # a brain tapers to its ends
     filled = np.zeros_like(head.data)
     filled[2:-2, 2:60, 2:-2] = head.data[2:-2, 2:60, 2:-2]
-    assert field_of_view_ends(filled)[1] == (0, 59)  # the top tapers: no cut there
     assert not looks_skull_stripped(Volume.from_array(filled, head.affine))[0]
 
 
@@ -623,11 +618,12 @@ def test_the_brain_near_a_cut_of_the_field_of_view_is_found_in_mm():
         assert not cut[height > 10.0].any()
         inside = ((grid - np.array([30.0, 30.0, 22.0])[:, None, None, None]) ** 2).sum(0) <= 15**2
         assert near_cut_edge(inside, spacing) is None
-    # cut at plane 44 and zero-filled to the grid beyond: the same band from that plane
+    # cut where the field of view ends inside the image (zero-filled beyond): the same band
     padded = np.pad(ball, ((0, 0), (0, 0), (0, 6)))
-    ends = ((0, 59), (0, 59), (0, ball.shape[2] - 1))
+    in_view = np.zeros(padded.shape, np.uint8)
+    in_view[:, :, : ball.shape[2]] = 1
     assert near_cut_edge(padded, spacing) is None  # no face reached
-    moved = near_cut_edge(padded, spacing, ends=ends)
+    moved = near_cut_edge(padded, spacing, in_view=in_view)
     assert moved is not None and np.array_equal(moved[:, :, : ball.shape[2]], cut)
     assert not moved[:, :, ball.shape[2] :].any()
     graze = np.zeros((40, 40, 40), bool)

@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import Cancelled, InputError, MisfitError
+from .fieldofview import FieldOfView, find_field_of_view
 from .io import Volume, load_volume
 from .preprocess import CHUNK_VOXELS, bounding_box, clip_outliers, fill_holes, outlier_note
 
@@ -107,17 +108,13 @@ HEALTHY_RANGE_PERCENTILES = (0.1, 99.9)
 #: anatomy they never saw, a false positive on every healthy scan (:meth:`Template.known_brain`)
 TEMPLATE_MARGIN_MM = 2.0
 #: how far (mm) from where the scan's field of view cuts the brain (the extracted brain
-#: reaching a face of the image) the brain is not scored: a brain cut short is anatomy the
-#: models never saw, and its cut edge lights up (:func:`near_cut_edge`)
+#: reaching a face of the image or an end of the field of view inside it) the brain is not
+#: scored: a brain cut short is anatomy the models never saw, and its cut edge lights up
+#: (:func:`near_cut_edge`)
 CUT_EDGE_MM = 10.0
-#: the least area (mm²) of brain on a face of the image that counts as a cut
+#: the least area (mm²) of brain on a face of the image, or on an end of the field of view
+#: inside it, that counts as a cut
 CUT_EDGE_MIN_MM2 = 25.0
-#: an object (the voxels above the scan's minimum) that ends at a plane holding at least this
-#: fraction of its largest cross-section along that axis, with only background beyond, was cut
-#: there by the field of view and filled out to the grid (:func:`field_of_view_ends`). A brain
-#: tapers to its ends: 5 % or less on the bundled brains and SPM's averages; a head cut and
-#: zero-filled halfway down ends at 99.9 % (measured)
-FOV_END_FRACTION = 0.5
 
 StageCallback = Callable[[str], None]
 CancelFlag = Callable[[], bool]
@@ -490,37 +487,13 @@ def _above_background(data: np.ndarray) -> np.ndarray:
     return data > low + 1e-6 * (float(data.max()) - low)
 
 
-def field_of_view_ends(data: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Per voxel axis, the (first, last) plane index of the scan's field of view: the image's
-    faces, except where the object (the voxels above the minimum) ends at a plane holding at
-    least :data:`FOV_END_FRACTION` of its largest cross-section along that axis with only
-    background beyond: a field of view cut there and zero-filled out to the grid. An
-    axis-aligned cut only; a field of view resliced obliquely is not found.
-
-    Args:
-        data: (X, Y, Z) intensities.
-    """
-    obj = _above_background(data)
-    ends = []
-    for ax, size in enumerate(obj.shape[:3]):
-        profile = np.count_nonzero(obj, axis=tuple(a for a in range(obj.ndim) if a != ax))
-        planes = np.flatnonzero(profile)
-        if planes.size == 0:
-            ends.append((0, size - 1))
-            continue
-        least = FOV_END_FRACTION * float(profile.max())
-        first, last = int(planes[0]), int(planes[-1])
-        ends.append((first if profile[first] >= least else 0,
-                     last if profile[last] >= least else size - 1))  # fmt: skip
-    return tuple(ends)
-
-
-def looks_skull_stripped(volume: Volume) -> tuple[bool, float]:
+def looks_skull_stripped(volume: Volume, view: FieldOfView | None = None) -> tuple[bool, float]:
     """(skull-stripped?, object volume in ml): a flat background (at least a fifth of the voxels
     at the minimum) around an object of brain size (:data:`MIN_BRAIN_ML` to
     :data:`MAX_BRAIN_ML`) that the field of view does not cut (a head cut by the field of view
     can be brain-sized and zero-filled around): the object crosses no face of the image and
-    ends at no cut plane short of one (:func:`field_of_view_ends`)."""
+    has no flat face with only background beyond (``view``, found when not given:
+    :func:`~napari_vaeloc.fieldofview.find_field_of_view`)."""
     data = volume.data
     obj = _above_background(data)
     flat = 1.0 - float(np.mean(obj))
@@ -528,9 +501,11 @@ def looks_skull_stripped(volume: Volume) -> tuple[bool, float]:
     ml = float(np.count_nonzero(fill_holes(obj))) * voxel_ml
     faces = [np.take(obj, i, axis=a) for a in range(3) for i in (0, -1) if obj.shape[a] > 1]
     cut = any(f.mean() > 0.02 for f in faces)  # object across a face of the field of view
-    grid = tuple((0, n - 1) for n in data.shape[:3])
-    cut = cut or field_of_view_ends(data) != grid  # cut short of a face, zero-filled beyond
-    return flat >= 0.2 and MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and not cut, ml
+    stripped = flat >= 0.2 and MIN_BRAIN_ML <= ml <= MAX_BRAIN_ML and not cut
+    if stripped:  # unless cut short of the image's faces and filled out beyond
+        view = find_field_of_view(data, volume.spacing) if view is None else view
+        stripped = not view.planes
+    return stripped, ml
 
 
 def fill_brain(mask: np.ndarray) -> np.ndarray:
@@ -988,7 +963,8 @@ def prepare(
             f"the scan's voxels are {worst:.2g} mm along one side, too coarse to localize "
             f"anomalies (at most {VOXEL_MM['fail']:g} mm); use a higher-resolution scan"
         )
-    stripped, object_ml = looks_skull_stripped(volume)
+    view = find_field_of_view(volume.data, volume.spacing)  # the image, or less where cut
+    stripped, object_ml = looks_skull_stripped(volume, view)
     run_bet = s.brain_extraction if s.brain_extraction is not None else (full or not stripped)
     report.checks.append(
         FitCheck(
@@ -1024,12 +1000,11 @@ def prepare(
     if not brain_mask.any():
         raise InputError("no brain found in the scan; is it a brain MRI?")
     brain_mask = fill_brain(brain_mask)
-    # the field of view: the image, or less where a cut was filled out to the grid; no brain
-    # beyond it (an extraction's mask can reach a voxel past the last plane of data)
-    view = tuple(slice(lo, hi + 1) for lo, hi in field_of_view_ends(volume.data))
-    in_view = np.zeros(volume.shape, np.uint8)
-    in_view[view] = 1
-    brain_mask &= in_view.view(bool)
+    # no brain beyond the field of view where a cut was filled out to the grid (an
+    # extraction's mask can reach a voxel past the last plane of data)
+    in_view = view.inside(volume.shape)
+    if in_view is not None:
+        brain_mask &= in_view.view(bool)
     if field is not None and run_bet and N4_BRAIN_PASS:
         # a second pass inside the brain: the first, fitted to the whole head, is pulled by
         # the scalp's fat and the skull, and leaves part of the field in the brain
@@ -1071,7 +1046,9 @@ def prepare(
         transform, metric = register(brain, template, cancel)
         moved = resample(brain.data, brain, template.image, transform, "map")
         carried = resample(brain_mask, brain, template.image, transform, "mask")
-        inside = resample(in_view, brain, template.image, transform)
+        seen = np.ones(volume.shape, np.uint8) if in_view is None else in_view
+        inside = resample(seen, brain, template.image, transform)
+        del seen
         why = f"Mattes MI {metric:.3f}" + (f"; {grid_note}" if same_grid else "")
         report.steps.append(Step(STAGES[3], True, time.perf_counter() - t0, why))
     else:
@@ -1082,7 +1059,7 @@ def prepare(
             )
         transform = None
         moved, carried = brain.data, brain_mask
-        inside = in_view
+        inside = np.ones(volume.shape, np.uint8) if in_view is None else in_view
         report.steps.append(Step(STAGES[3], False, note=grid_note))
 
     tmask = template.brain_mask
@@ -1151,8 +1128,7 @@ def prepare(
                          "template's brain, not scored")  # fmt: skip
         # where the field of view cuts the brain the model knows (tissue beyond the
         # template's brain reaching a face of the image is no cut)
-        ends = [(v.start, v.stop - 1) for v in view]
-        cut = near_cut_edge(known, volume.spacing, ends=ends)
+        cut = near_cut_edge(known, volume.spacing, in_view=in_view)
         if cut is not None:
             known &= ~cut
             cut_band = np.flatnonzero(cut.ravel(order="C"))
@@ -1180,18 +1156,18 @@ def near_cut_edge(
     mask: np.ndarray,
     spacing: tuple[float, ...],
     mm: float = CUT_EDGE_MM,
-    ends: Sequence[tuple[int, int]] | None = None,
+    in_view: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """The voxels of ``mask`` within ``mm`` of where it reaches an end of the field of view
-    (the field of view cuts it there), or None where it reaches none with
-    :data:`CUT_EDGE_MIN_MM2` or more. Distances are Euclidean in mm from the mask's voxels on
-    that end plane, within the slab of the image ``mm`` deep behind it.
+    """The voxels of ``mask`` within ``mm`` of where it reaches the end of the field of view
+    (a face of the image, or the edge of ``in_view``: the field of view cuts it there), or None
+    where it reaches none with :data:`CUT_EDGE_MIN_MM2` or more. Distances are Euclidean in mm
+    from the mask's voxels on that end, within ``mm`` of it.
 
     Args:
         mask: bool (X, Y, Z), e.g. the extracted brain on the scan's grid.
         spacing: (3,) voxel sides in mm.
-        ends: per axis, the (first, last) plane of the field of view
-            (:func:`field_of_view_ends`); default the image's faces.
+        in_view: uint8 or bool (X, Y, Z), nonzero in the field of view where it ends inside the
+            image (:meth:`~napari_vaeloc.fieldofview.FieldOfView.inside`); None: the image.
     """
     from scipy import ndimage
 
@@ -1200,16 +1176,15 @@ def near_cut_edge(
         if size < 2:
             continue
         face_mm2 = float(np.prod([spacing[a] for a in range(3) if a != ax]))
-        lo, hi = (0, size - 1) if ends is None else ends[ax]
-        depth = min(hi - lo + 1, int(np.ceil(mm / spacing[ax])) + 1)
-        for end in (lo, hi):
+        depth = min(size, int(np.ceil(mm / spacing[ax])) + 1)
+        for end in (0, size - 1):
             face = np.take(mask, end, axis=ax)
             if np.count_nonzero(face) * face_mm2 < CUT_EDGE_MIN_MM2:
                 continue
-            rows = np.arange(lo, lo + depth) if end == lo else np.arange(hi - depth + 1, hi + 1)
+            rows = np.arange(depth) if end == 0 else np.arange(size - depth, size)
             slab = np.take(mask, rows, axis=ax)
             seed = np.zeros(slab.shape, bool)
-            edge = 0 if end == lo else depth - 1
+            edge = 0 if end == 0 else depth - 1
             index = [slice(None)] * 3
             index[ax] = edge
             seed[tuple(index)] = face
@@ -1219,6 +1194,18 @@ def near_cut_edge(
                 out = np.zeros(mask.shape, bool)
             index[ax] = slice(int(rows[0]), int(rows[-1]) + 1)
             out[tuple(index)] |= near
+    if in_view is not None and mask.any():
+        # the mask's voxels next to the end of the view inside the image, on the mask's box
+        box = bounding_box(mask, margin=1)
+        beyond = ~np.asarray(in_view[box], bool)
+        sub = mask[box]
+        contact = sub & ndimage.binary_dilation(beyond, np.ones((3, 3, 3), bool))
+        voxel_mm2 = float(np.prod(spacing[:3])) ** (2.0 / 3.0)
+        if np.count_nonzero(contact) * voxel_mm2 >= CUT_EDGE_MIN_MM2:
+            dist = ndimage.distance_transform_edt(~contact, sampling=spacing)
+            if out is None:
+                out = np.zeros(mask.shape, bool)
+            out[box] |= sub & (dist <= mm)
     return out
 
 
