@@ -1,4 +1,4 @@
-"""Where a scan's field of view ends inside its grid (numpy and scipy only).
+"""Where a scan's field of view ends inside its grid.
 
 A scanner's field of view ends at the faces of the image it writes. Resliced into a larger or
 rotated box (a conform step, a reorientation with resampling, a registration to a standard
@@ -78,6 +78,13 @@ class FieldOfView:
         return out
 
 
+def background_level(data: np.ndarray) -> float:
+    """The level at or below which a voxel is the flat background a skull-stripped or
+    zero-filled scan has: the scan's minimum plus a millionth of its range."""
+    low = float(np.min(data))
+    return low + 1e-6 * (float(np.max(data)) - low)
+
+
 def find_field_of_view(data: np.ndarray, spacing: tuple[float, ...]) -> FieldOfView:
     """The field of view of a scan inside its grid (module docstring: how the faces are found).
 
@@ -95,9 +102,9 @@ def find_field_of_view(data: np.ndarray, spacing: tuple[float, ...]) -> FieldOfV
 
     sp = np.asarray(spacing[:3], np.float64)
     step = np.maximum(1, np.round(PLANE_GRID_MM / sp)).astype(int)
-    low, high = float(np.min(data)), float(np.max(data))
+    thr = background_level(data)
     coarse = np.asarray(data[:: step[0], :: step[1], :: step[2]])
-    obj = fill_holes(coarse > low + 1e-6 * (high - low))
+    obj = fill_holes(coarse > thr)
     view = FieldOfView(tuple(float(s) for s in sp))
     if obj.sum() < 8:
         return view
@@ -125,7 +132,6 @@ def find_field_of_view(data: np.ndarray, spacing: tuple[float, ...]) -> FieldOfV
         pool &= ~(on | group)
         if area >= PLANE_MIN_CM2 and beyond <= BEYOND_MAX * n_obj:
             # on the scan's own voxels: the last voxel with data along the normal near it
-            thr = low + 1e-6 * (high - low)
             offset = _last_data(data, thr, sp, normal, offset, 2.0 * float(grid.max()))
             planes.append((tuple(float(v) for v in normal), float(offset)))
             areas.append(round(area, 1))

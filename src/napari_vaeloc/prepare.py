@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import Cancelled, InputError, MisfitError
-from .fieldofview import FieldOfView, find_field_of_view
+from .fieldofview import FieldOfView, background_level, find_field_of_view
 from .io import Volume, load_volume
 from .preprocess import CHUNK_VOXELS, bounding_box, clip_outliers, fill_holes, outlier_note
 
@@ -480,13 +480,6 @@ def object_mask(data: np.ndarray) -> np.ndarray:
     return fill_holes(mask)
 
 
-def _above_background(data: np.ndarray) -> np.ndarray:
-    """bool, ``data``'s shape: the voxels above the scan's minimum (by a millionth of its
-    range), i.e. not the flat background a skull-stripped or zero-filled scan has."""
-    low = float(data.min())
-    return data > low + 1e-6 * (float(data.max()) - low)
-
-
 def looks_skull_stripped(volume: Volume, view: FieldOfView | None = None) -> tuple[bool, float]:
     """(skull-stripped?, object volume in ml): a flat background (at least a fifth of the voxels
     at the minimum) around an object of brain size (:data:`MIN_BRAIN_ML` to
@@ -495,7 +488,7 @@ def looks_skull_stripped(volume: Volume, view: FieldOfView | None = None) -> tup
     has no flat face with only background beyond (``view``, found when not given:
     :func:`~napari_vaeloc.fieldofview.find_field_of_view`)."""
     data = volume.data
-    obj = _above_background(data)
+    obj = data > background_level(data)
     flat = 1.0 - float(np.mean(obj))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     ml = float(np.count_nonzero(fill_holes(obj))) * voxel_ml
@@ -993,7 +986,7 @@ def prepare(
         brain_mask = extract_brain(corrected, cancel, device)
         extraction = Step(STAGES[2], True, time.perf_counter() - t0)
     else:
-        brain_mask = data > data.min() + 1e-6 * (float(data.max()) - float(data.min()))
+        brain_mask = data > background_level(data)
         why = "turned off" if s.brain_extraction is False else "already skull-stripped"
         extraction = Step(STAGES[2], False, note=why)
     report.steps.append(extraction)
