@@ -945,10 +945,18 @@ class PostProcessor:
         scale with its threshold at the same healthy rate (a promise of a look, not of a find:
         it found a bright 0.5 ml lesion in a real 1 mm head that 6 mm missed, not a 0.5 ml one
         50 % darker than its tissue); None when there is no finer calibrated smoothing
-        (:meth:`finer_smoothing`)."""
+        (:meth:`finer_smoothing`). At that smoothing or finer, with the model's levels there:
+        that faint small lesions are not ruled out either."""
         finer = self.finer_smoothing()
         if finer is None:
-            return None
+            fine = self.settings.smoothing_mm <= SMALL_LESION_SMOOTHING_MM
+            if not fine or not fpr_pairs(self.settings, self.calibration, self.default_settings()):
+                return None
+            return (
+                "an empty mask does not rule out small faint lesions: at a "
+                f"{SMALL_LESION_SMOOTHING_MM:g} mm smoothing a 0.5 ml lesion 50 % darker than its "
+                "tissue stayed below the threshold in a real 1 mm head"
+            )
         return (
             "an empty mask does not rule out lesions under about 1 ml at a "
             f"{self.settings.smoothing_mm:g} mm smoothing: {setting.format(mm=f'{finer:g}')} "

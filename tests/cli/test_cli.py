@@ -533,7 +533,11 @@ def test_an_empty_mask_points_to_the_finer_smoothing_for_small_lesions():
     assert hint in describe_mask(post, 0.0, 0, [])
     assert hint not in describe_mask(post, 2.0, 1, [])
     post.settings = post.settings.replace(smoothing_mm=3.0)
-    assert hint not in describe_mask(post, 0.0, 0, [])
+    line = describe_mask(post, 0.0, 0, [])
+    assert hint not in line
+    # at 3 mm already: the caveat stays, without a finer look to offer
+    assert "an empty mask does not rule out small faint lesions: at a 3 mm smoothing" in line
+    assert "small faint lesions" not in describe_mask(post, 2.0, 1, [])
     post.settings = post.settings.replace(smoothing_mm=10.0)  # beyond the calibrated levels
     line = describe_mask(post, 0.0, 0, [])
     assert (
