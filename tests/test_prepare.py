@@ -634,6 +634,33 @@ def test_the_brain_near_a_cut_of_the_field_of_view_is_found_in_mm():
     assert cut is not None and cut[:, :, 30:].sum() == 100 * 10 and not cut[:, :, :30].any()
 
 
+def test_the_brain_beyond_the_field_of_view_is_filled_from_the_template(t1):
+    """The template's brain beyond the scan's field of view reaches the model filled with the
+    template's intensities mapped onto the scan's (quantile matching): a scan that is the
+    template in other units (x 2.5 + 40) gets back exactly those values there; the rest of
+    the brain is the scan's own, and nothing is filled where the two share too little."""
+    from napari_vaeloc.prepare import FILL_MIN_VOXELS, template_input
+
+    template = Template.of_model(t1.path, t1.card)
+    data = np.asarray(template.image.data, np.float32)
+    brain = template.brain_mask
+    scan = np.where(brain, 2.5 * data + 40.0, 0).astype(np.float32)
+    top = np.zeros(brain.shape, bool)
+    top[:, :, brain.shape[2] * 2 // 3 :] = True  # the field of view ends two thirds up
+    beyond = np.flatnonzero((brain & top).ravel())
+    moved = np.where(top, 0, scan)  # what the registration brings: nothing beyond the view
+    carried = brain & ~top
+    plain = template_input(moved, template, carried)
+    assert not plain.reshape(-1)[beyond].any()  # a void where the view ends
+    out = template_input(moved, template, carried, beyond)
+    np.testing.assert_allclose(out.reshape(-1)[beyond], scan.reshape(-1)[beyond], rtol=0.02,
+                               atol=1.0)  # fmt: skip
+    np.testing.assert_array_equal(out[~top], plain[~top])  # the scan's own brain untouched
+    few = np.zeros(brain.shape, bool)
+    few.reshape(-1)[np.flatnonzero(carried.ravel())[: FILL_MIN_VOXELS - 1]] = True
+    assert not template_input(moved, template, few, beyond).reshape(-1)[beyond].any()
+
+
 @pytest.mark.parametrize("beyond", ["cropped", "zero-filled"])
 def test_the_brain_near_where_the_field_of_view_cuts_it_is_not_scored(t1, raw_head_result, beyond):
     """A real head whose field of view ends halfway down the brain, the image cropped there or
@@ -681,6 +708,15 @@ def test_the_brain_near_where_the_field_of_view_cuts_it_is_not_scored(t1, raw_he
     [step] = [s for s in res.preparation.steps if s.name == "brain extraction"]
     assert "mm of where the field of view cuts the brain, not scored" in step.note, step.note
     assert "mm of the cut is not scored" in res.preparation.check("coverage").message
+    # the template is not squeezed into the part in view (zero-filled: the template beyond the
+    # cut is left out of the registration's metric), so the coverage reads the cut
+    assert res.preparation.check("template scaling").level == "ok"
+    assert res.preparation.check("coverage").value < 0.85, res.preparation.check("coverage")
+    # the template's brain beyond the cut reaches the model filled from the template, and
+    # this healthy head gets no mask along the cut
+    filled = prepared.volume.data.reshape(-1)[prepared.beyond_view]
+    assert prepared.beyond_view.size > 10_000 and (filled > 0).mean() > 0.99
+    assert PostProcessor(res).mask().sum() == 0
     # the registration Dice falls with the coverage, and its line says why
     registration = res.preparation.check("registration")
     assert registration.level == "warn", registration
@@ -711,4 +747,5 @@ def test_the_brain_near_where_the_field_of_view_cuts_it_is_not_scored(t1, raw_he
     [step] = [s for s in raw_head_result[1].preparation.steps if s.name == "brain extraction"]
     assert "field of view cuts" not in step.note, step.note
     assert raw_head_result[1].prepared.cut_band.size == 0
+    assert raw_head_result[1].prepared.beyond_view.size == 0
     assert PostProcessor(raw_head_result[1]).cut_note() is None

@@ -284,7 +284,9 @@ class Prepared:
 
     Attributes:
         scan: the scan as given.
-        volume: the (bias-corrected) brain on the template's grid, 0 outside the brain.
+        volume: the (bias-corrected) brain on the template's grid, 0 outside the brain; where
+            the template's brain lies beyond the scan's field of view, the template's
+            intensities mapped onto the scan's (:attr:`beyond_view`).
         brain_mask: bool, the scan's grid: the extracted brain where the model knows brain
             (within :data:`TEMPLATE_MARGIN_MM` of the template's brain), farther than
             :data:`CUT_EDGE_MM` from where the field of view cuts it, and where the file held
@@ -301,6 +303,9 @@ class Prepared:
             the brain is non-negative.
         cut_band: int64 flat indices (C order, the scan's grid) of the brain left unscored
             within :data:`CUT_EDGE_MM` of a cut of the field of view (empty without a cut).
+        beyond_view: int64 flat indices (C order, the template's grid) of the template's brain
+            beyond the scan's field of view, which :attr:`volume` holds filled from the
+            template (:func:`template_input`; empty when the scan covers the whole brain).
         left_out: int64 flat indices (C order, the scan's grid) of the extracted brain's voxels
             beyond the known brain, near a cut of the field of view or without data in the
             file, not scored (:attr:`extracted_mask` has them back).
@@ -317,6 +322,7 @@ class Prepared:
     offset: float = 0.0
     left_out: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     cut_band: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    beyond_view: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     @property
     def extracted_mask(self) -> np.ndarray:
@@ -707,14 +713,19 @@ def _ras_affine(img: Any) -> np.ndarray:
 
 
 def register(
-    brain: Volume, template: Template, cancel: CancelFlag | None = None
+    brain: Volume,
+    template: Template,
+    cancel: CancelFlag | None = None,
+    in_view: np.ndarray | None = None,
 ) -> tuple[Any, float]:
     """Affine transform (template world -> scan world, LPS) that aligns ``brain`` (skull-stripped,
     background 0) to ``template``, and the final Mattes mutual information (lower is better).
 
     Two stages on one multi-resolution scheme: a similarity transform (rotation, translation,
     isotropic scale) from the centres of mass, then the full affine from there; regular-step
-    gradient descent with parameter scales from physical shifts."""
+    gradient descent with parameter scales from physical shifts. ``in_view`` (uint8 or bool on
+    ``brain``'s grid, nonzero in the field of view) masks the metric on the scan's side: the
+    template where the field of view ends inside the image is not matched."""
     import SimpleITK as sitk
 
     fixed = to_sitk(template.image.data.astype(np.float32), template.image.affine)
@@ -723,19 +734,23 @@ def register(
     factors = [max(1, int(min(template.image.spacing) / s + 0.25)) for s in brain.spacing]
     if max(factors) > 1:
         moving = sitk.BinShrink(moving, factors)
+    # where the field of view ends inside the image (``in_view``: 0 beyond), the template
+    # beyond it has no scan to match: its samples are left out, not matched to the background
+    # the reslice filled in (which would squeeze the template into the part in view)
+    view = None if in_view is None else to_sitk(np.asarray(in_view, np.uint8), brain.affine)
     with single_threaded():
         similarity = sitk.CenteredTransformInitializer(
             fixed, moving, sitk.Similarity3DTransform(),
             sitk.CenteredTransformInitializerFilter.MOMENTS,
         )  # fmt: skip
         similarity, _ = _run_registration(
-            fixed, moving, similarity, [4, 2, 1], [2.0, 1.0, 0.0], cancel
+            fixed, moving, similarity, [4, 2, 1], [2.0, 1.0, 0.0], cancel, view
         )
         affine = sitk.AffineTransform(3)
         affine.SetMatrix(similarity.GetMatrix())
         affine.SetTranslation(similarity.GetTranslation())
         affine.SetCenter(similarity.GetCenter())
-        return _run_registration(fixed, moving, affine, [2, 1], [1.0, 0.0], cancel)
+        return _run_registration(fixed, moving, affine, [2, 1], [1.0, 0.0], cancel, view)
 
 
 def _run_registration(
@@ -745,11 +760,14 @@ def _run_registration(
     shrink: list[int],
     smoothing_mm: list[float],
     cancel: CancelFlag | None,
+    moving_mask: Any = None,
 ) -> tuple[Any, float]:
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
     # a fixed seed: SimpleITK's default, and a seed of 0 (sitkWallClock), take the clock
     reg.SetMetricSamplingPercentage(0.2, seed=REGISTRATION_SEED)
@@ -1036,7 +1054,11 @@ def prepare(
             )
     if run_reg:
         t0 = begin(STAGES[3])
-        transform, metric = register(brain, template, cancel)
+        # a brain cut where the view ends inside the image: the template beyond is not matched
+        cut_view = None
+        if in_view is not None and view_end_contact(brain_mask, in_view, volume.spacing):
+            cut_view = in_view
+        transform, metric = register(brain, template, cancel, cut_view)
         moved = resample(brain.data, brain, template.image, transform, "map")
         carried = resample(brain_mask, brain, template.image, transform, "mask")
         seen = np.ones(volume.shape, np.uint8) if in_view is None else in_view
@@ -1104,9 +1126,12 @@ def prepare(
     del brain, brain_data
     if not s.beyond_template:
         carried = carried & template.known_brain  # a new array: unregistered, it is brain_mask
-    prepared = Volume(template_input(moved, template, carried), template.image.affine,
+    # the template's brain beyond the field of view, filled from the template for the model
+    beyond = np.flatnonzero((template.brain_mask & (inside <= 0.5)).ravel(order="C"))
+    del inside
+    prepared = Volume(template_input(moved, template, carried, beyond), template.image.affine,
                       template.image.header, volume.path)  # fmt: skip
-    fitted = Prepared(scan, prepared, brain_mask, carried, transform, report)
+    fitted = Prepared(scan, prepared, brain_mask, carried, transform, report, beyond_view=beyond)
     known, left_out = brain_mask, np.empty(0, np.int64)
     cut_band = np.empty(0, np.int64)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -1187,26 +1212,78 @@ def near_cut_edge(
                 out = np.zeros(mask.shape, bool)
             index[ax] = slice(int(rows[0]), int(rows[-1]) + 1)
             out[tuple(index)] |= near
-    if in_view is not None and mask.any():
-        # the mask's voxels next to the end of the view inside the image, on the mask's box
-        box = bounding_box(mask, margin=1)
-        beyond = ~np.asarray(in_view[box], bool)
-        sub = mask[box]
-        contact = sub & ndimage.binary_dilation(beyond, np.ones((3, 3, 3), bool))
-        voxel_mm2 = float(np.prod(spacing[:3])) ** (2.0 / 3.0)
-        if np.count_nonzero(contact) * voxel_mm2 >= CUT_EDGE_MIN_MM2:
-            dist = ndimage.distance_transform_edt(~contact, sampling=spacing)
-            if out is None:
-                out = np.zeros(mask.shape, bool)
-            out[box] |= sub & (dist <= mm)
+    reach = None if in_view is None else view_end_contact(mask, in_view, spacing)
+    if reach is not None:
+        box, contact = reach
+        dist = ndimage.distance_transform_edt(~contact, sampling=spacing)
+        if out is None:
+            out = np.zeros(mask.shape, bool)
+        out[box] |= mask[box] & (dist <= mm)
     return out
 
 
-def template_input(moved: np.ndarray, template: Template, carried: np.ndarray) -> np.ndarray:
+def view_end_contact(
+    mask: np.ndarray, in_view: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """Where ``mask`` reaches an end of the field of view inside the image: (the mask's box
+    grown by a voxel, bool on that box: the mask's voxels next to a voxel out of view), or None
+    where they cover less than :data:`CUT_EDGE_MIN_MM2`.
+
+    Args:
+        mask: bool (X, Y, Z), e.g. the extracted brain.
+        in_view: uint8 or bool (X, Y, Z), nonzero in the field of view
+            (:meth:`~napari_vaeloc.fieldofview.FieldOfView.inside`).
+        spacing: (3,) voxel sides in mm.
+    """
+    from scipy import ndimage
+
+    if not mask.any():
+        return None
+    box = bounding_box(mask, margin=1)
+    beyond = ~np.asarray(in_view[box], bool)
+    contact = mask[box] & ndimage.binary_dilation(beyond, np.ones((3, 3, 3), bool))
+    voxel_mm2 = float(np.prod(spacing[:3])) ** (2.0 / 3.0)
+    if np.count_nonzero(contact) * voxel_mm2 < CUT_EDGE_MIN_MM2:
+        return None
+    return box, contact
+
+
+#: the fewest voxels of brain that the scan and the template share for the template's
+#: intensities to be mapped onto the scan's (:func:`template_input`)
+FILL_MIN_VOXELS = 1000
+
+
+def template_input(
+    moved: np.ndarray,
+    template: Template,
+    carried: np.ndarray,
+    beyond: np.ndarray | None = None,
+) -> np.ndarray:
     """The brain resampled onto the template's grid (``moved``) as the model scores it: float32,
     0 outside the template's brain and the carried brain (``carried``: within
-    :attr:`Template.known_brain` unless the settings score beyond it)."""
-    return np.where(template.brain_mask | carried, moved, 0).astype(np.float32)
+    :attr:`Template.known_brain` unless the settings score beyond it).
+
+    Where the template's brain lies beyond the scan's field of view (``beyond``: int64 flat
+    indices, C order, on the template's grid) the template's own intensities are filled in,
+    mapped onto the scan's by quantile matching (the percentiles 0-100 of both where they share
+    brain), so that the model sees a whole brain: left as a void, the edge of a brain cut short
+    lit up beyond the unscored band (a real 1 mm head cut at a 20 degree tilt, healthy: 8.3 ml
+    marked; filled: none; results.md). Nothing is filled when they share fewer than
+    :data:`FILL_MIN_VOXELS` voxels.
+    """
+    out = np.where(template.brain_mask | carried, moved, 0).astype(np.float32)
+    if beyond is None or beyond.size == 0:
+        return out
+    shared = template.brain_mask & carried
+    shared.reshape(-1)[beyond] = False
+    if np.count_nonzero(shared) < FILL_MIN_VOXELS:
+        return out
+    levels = np.linspace(0.0, 100.0, 101)
+    own = np.percentile(template.image.data[shared], levels)
+    scan = np.percentile(moved[shared], levels)
+    values = np.asarray(template.image.data).reshape(-1)[beyond]
+    out.reshape(-1)[beyond] = np.interp(values, own, scan)
+    return out
 
 
 def brain_values(data: np.ndarray, brain_mask: np.ndarray, offset: float) -> np.ndarray:
@@ -1394,7 +1471,7 @@ def apply_prepared(
     else:
         brain = Volume(brain_data, volume.affine, volume.header, volume.path)
         moved = resample(brain_data, brain, fitted.volume, fitted.transform, "map")
-    moved = template_input(moved, template, fitted.template_mask)
+    moved = template_input(moved, template, fitted.template_mask, fitted.beyond_view)
     image = Volume(moved, fitted.volume.affine, fitted.volume.header, volume.path)
     del brain_data
     np.copyto(data, 0, where=~fitted.brain_mask)
