@@ -152,6 +152,10 @@ def test_models_command(capsys):
     assert " axial+coronal+sagittal " in rows["t1-brain"]
     assert " coronal(fused) " in rows["t1-brain-coronal"]
     assert "  axial  " in rows["t2-brain"]
+    # the size columns say what they count: the slice's side in pixels, the latent dimensions
+    for name, width in (("slice px", "64"), ("latent dims", "256")):
+        col = lines[0].index(name)
+        assert rows["t2-brain"][col:].split()[0] == width, (name, rows["t2-brain"])
     assert "samseg: anatomy only, in T1 contrast" in t1, t1
 
 

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         print("No pretrained models are bundled with this installation.")
         print("Train one with `vaeloc train` and pass its folder with --model PATH.")
         return 0
-    header = ("name", "modality", "input", "z", "axis", "MB", "trained on")
+    header = ("name", "modality", "slice px", "latent dims", "axis", "MB", "trained on")
     rows = []
     cards = {name: read_card(path) for name, path in models.items()}
     for name, path in models.items():
