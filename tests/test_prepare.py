@@ -661,6 +661,34 @@ def test_the_brain_beyond_the_field_of_view_is_filled_from_the_template(t1):
     assert not template_input(moved, template, few, beyond).reshape(-1)[beyond].any()
 
 
+def test_a_cut_below_the_brain_the_template_knows_still_warns(t1):
+    """The real head zero-filled below a plane tilted 25 degrees that cuts the lower brainstem
+    and cerebellum but leaves the template's brain in view: the coverage reads 100 %, yet a
+    band of brain is left unscored, so the coverage check warns and says how much."""
+    from napari_vaeloc.prepare import CUT_BAND_WARN_ML
+
+    head = load_volume(sample_path("t1-head"))
+    idx = np.indices(head.shape).reshape(3, -1)
+    world = head.affine[:3, :3] @ idx + head.affine[:3, 3:4]
+    tilt = np.radians(25.0)
+    down = np.array([0.0, np.sin(tilt), -np.cos(tilt)])  # inferior, tilted towards the front
+    height = (down @ world).reshape(head.shape)
+    cut_at = np.quantile(height[head.data > head.data.min()], 0.6)  # the lower 40 % removed
+    data = np.where(height > cut_at, 0, head.data).astype(np.float32)
+    template = Template.of_model(t1.path, t1.card)
+    fitted = prepare_cached(Volume.from_array(data, head.affine), template,
+                            PrepareSettings(bias_correction=False), refuse=False)  # fmt: skip
+    band_ml = fitted.cut_band.size * float(np.prod(head.spacing)) / 1000.0
+    assert band_ml >= CUT_BAND_WARN_ML
+    cover = fitted.report.check("coverage")
+    assert cover.value >= 0.95 and cover.level == "warn", cover
+    assert f"but {band_ml:.1f} ml of the brain within 10 mm of where the field of view" in (
+        cover.message
+    ), cover
+    assert "cannot be found" in cover.advice
+    assert cover.message in fitted.report.warnings  # the fronts show it as a warning
+
+
 @pytest.mark.parametrize("beyond", ["cropped", "zero-filled"])
 def test_the_brain_near_where_the_field_of_view_cuts_it_is_not_scored(t1, raw_head_result, beyond):
     """A real head whose field of view ends halfway down the brain, the image cropped there or
@@ -735,7 +763,8 @@ def test_the_brain_near_where_the_field_of_view_cuts_it_is_not_scored(t1, raw_he
     assert touching.any()
     note = post.cut_note(touching)
     assert note is not None, "a part next to the band must be named"
-    assert "reaches the brain left unscored along the field-of-view cut" in note, note
+    assert "of the mask (" in note and "ml) touch" in note, note
+    assert "the brain left unscored within 10 mm of the field-of-view cut" in note, note
     assert post.cut_note(touching) is note  # kept for its mask: a panel refresh costs nothing
     away = np.zeros(data.shape, bool)  # four planes 10 mm past the band's deepest plane
     index = [slice(None)] * 3

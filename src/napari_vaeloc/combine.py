@@ -510,10 +510,13 @@ class PostProcessor:
         if hit.size == 0:
             return None
         ml = float(sizes[hit].sum()) * float(np.prod(self.spacing)) / 1000.0
-        parts = f"{hit.size} part{'s' if hit.size > 1 else ''}"
+        from .prepare import CUT_EDGE_MM
+
+        which = "1 part" if hit.size == 1 else f"{hit.size} parts"
         return (
-            f"{ml:.1f} ml of the mask ({parts}) reaches the brain left unscored along the "
-            "field-of-view cut: what it marks may continue there"
+            f"{which} of the mask ({ml:.1f} ml) touch{'es' if hit.size == 1 else ''} the brain "
+            f"left unscored within {CUT_EDGE_MM:g} mm of the field-of-view cut: what "
+            f"{'it marks' if hit.size == 1 else 'they mark'} may continue there"
         )
 
     def _components(self, combined: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:

@@ -115,6 +115,10 @@ CUT_EDGE_MM = 10.0
 #: the least area (mm²) of brain on a face of the image, or on an end of the field of view
 #: inside it, that counts as a cut
 CUT_EDGE_MIN_MM2 = 25.0
+#: an unscored band (ml) this large makes the coverage check warn even where the template's
+#: brain lies in view (a cut through the lower brainstem and cerebellum: 44 ml on a real
+#: head; SPM's 2 mm averages, whose grid ends at the lowest brainstem, leave 2.7-2.8 ml)
+CUT_BAND_WARN_ML = 5.0
 
 StageCallback = Callable[[str], None]
 CancelFlag = Callable[[], bool]
@@ -1150,11 +1154,21 @@ def prepare(
         if cut is not None:
             known &= ~cut
             cut_band = np.flatnonzero(cut.ravel(order="C"))
-            notes.append(f"{int(cut.sum()) * voxel_ml:.1f} ml within {CUT_EDGE_MM:g} mm of "
-                         "where the field of view cuts the brain, not scored")  # fmt: skip
+            band_ml = int(cut.sum()) * voxel_ml
+            notes.append(f"{band_ml:.1f} ml within {CUT_EDGE_MM:g} mm of where the field of "
+                         "view cuts the brain, not scored")  # fmt: skip
             cover = report.check("coverage")
             if cover is not None and cover.level != "ok":  # said only where a band is left out
                 cover.message += f"; the brain within {CUT_EDGE_MM:g} mm of the cut is not scored"
+            elif cover is not None and band_ml >= CUT_BAND_WARN_ML:
+                # the template's brain is (nearly) all in view, but this brain is cut
+                cover.level = "warn"
+                cover.message += (f", but {band_ml:.1f} ml of the brain within "
+                                  f"{CUT_EDGE_MM:g} mm of where the field of view cuts it is "
+                                  "not scored")  # fmt: skip
+                cover.advice = (f"a lesion within {CUT_EDGE_MM:g} mm of where the field of view "
+                                "cuts the brain cannot be found; localize a scan that covers "
+                                "the whole brain")  # fmt: skip
     if scan.missing is not None and (known & scan.missing).any():
         # voxels the file held no number for (scored filled from around them): no map, no
         # brain mask, no corrected brain there (the engine's note gives their volume)
