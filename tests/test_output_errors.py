@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -233,8 +234,8 @@ def test_models_table_columns_line_up(capsys):
     lines = capsys.readouterr().out.splitlines()
     header, rows = lines[0], lines[1:]
     assert rows, "no bundled models"
-    last = "trained on"
-    names = [*header[: header.index(last)].split(), last]
+    names = re.split(r" {2,}", header.strip())  # columns are two or more spaces apart
+    assert names[-1] == "trained on"
     assert names[0] == "name"
     starts = [header.index(n) for n in names]
     for row in rows:
@@ -244,4 +245,5 @@ def test_models_table_columns_line_up(capsys):
                 assert row[s - 1] == " " and row[s - 2] == " ", (row, names[i])
         # every entry but the last (the sources) has no spaces: one entry per column
         assert len(row[: starts[-1]].split()) == len(names) - 1, row
+    assert "slice px" in names and "latent dims" in names  # the sizes say what they count
     assert any(r.startswith("t1-brain-sagittal  ") for r in rows)
