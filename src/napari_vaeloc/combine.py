@@ -494,6 +494,7 @@ class PostProcessor:
     def _cut_note_of(self, mask: np.ndarray, band: np.ndarray) -> str | None:
         from scipy.ndimage import binary_dilation
 
+        from .prepare import CUT_EDGE_MM
         from .preprocess import bounding_box
 
         shape = self.result.shape
@@ -510,8 +511,6 @@ class PostProcessor:
         if hit.size == 0:
             return None
         ml = float(sizes[hit].sum()) * float(np.prod(self.spacing)) / 1000.0
-        from .prepare import CUT_EDGE_MM
-
         which = "1 part" if hit.size == 1 else f"{hit.size} parts"
         return (
             f"{which} of the mask ({ml:.1f} ml) touch{'es' if hit.size == 1 else ''} the brain "

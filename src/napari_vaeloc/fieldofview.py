@@ -20,6 +20,7 @@ end of the field of view when at least :data:`PLANE_MIN_CM2` of surface lies on 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,17 +66,25 @@ class FieldOfView:
         array of the scan's size)."""
         if not self.planes:
             return None
-        nx, ny, nz = (int(n) for n in shape[:3])
-        out = np.ones((nx, ny, nz), np.uint8)
-        y = (np.arange(ny, dtype=np.float32) * self.spacing[1])[:, None]
-        z = (np.arange(nz, dtype=np.float32) * self.spacing[2])[None, :]
+        out = np.ones(tuple(int(n) for n in shape[:3]), np.uint8)
         half = 0.5 * max(self.spacing)  # a voxel whose centre lies on the plane is in view
         for normal, offset in self.planes:
-            n = np.asarray(normal, np.float32)
-            yz = n[1] * y + n[2] * z  # (Y, Z) for x = 0
-            for i in range(nx):
-                out[i][yz > offset + half - n[0] * i * self.spacing[0]] = 0
+            for i, proj in _along(out.shape, self.spacing, normal):
+                out[i][proj > offset + half] = 0
         return out
+
+
+def _along(
+    shape: tuple[int, ...], spacing: Sequence[float], normal: Sequence[float]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(i, float32 (Y, Z)): ``normal . position`` (mm) of the voxels of each plane ``i`` along
+    the first axis, a plane at a time (no float array of the scan's size)."""
+    n = np.asarray(normal, np.float32)
+    y = (np.arange(shape[1], dtype=np.float32) * np.float32(spacing[1]))[:, None]
+    z = (np.arange(shape[2], dtype=np.float32) * np.float32(spacing[2]))[None, :]
+    yz = n[1] * y + n[2] * z  # (Y, Z) for x = 0
+    for i in range(shape[0]):
+        yield i, yz + n[0] * np.float32(i * spacing[0])
 
 
 def background_level(data: np.ndarray) -> float:
@@ -105,9 +114,9 @@ def find_field_of_view(data: np.ndarray, spacing: tuple[float, ...]) -> FieldOfV
     thr = background_level(data)
     coarse = np.asarray(data[:: step[0], :: step[1], :: step[2]])
     obj = fill_holes(coarse > thr)
-    view = FieldOfView(tuple(float(s) for s in sp))
+    spacing_mm = (float(sp[0]), float(sp[1]), float(sp[2]))
     if obj.sum() < 8:
-        return view
+        return FieldOfView(spacing_mm)
     grid = sp * step  # mm between the coarse voxels
     # the surface away from the image's faces (a face of the image ends the view anyway)
     surface = obj & ~ndimage.binary_erosion(obj, border_value=1)
@@ -135,7 +144,7 @@ def find_field_of_view(data: np.ndarray, spacing: tuple[float, ...]) -> FieldOfV
             offset = _last_data(data, thr, sp, normal, offset, 2.0 * float(grid.max()))
             planes.append((tuple(float(v) for v in normal), float(offset)))
             areas.append(round(area, 1))
-    return FieldOfView(view.spacing, tuple(planes), tuple(areas))
+    return FieldOfView(spacing_mm, tuple(planes), tuple(areas))
 
 
 def _last_data(
@@ -144,13 +153,8 @@ def _last_data(
     """The largest ``normal . position`` (mm) of the scan's voxels above ``thr`` within
     ``reach`` mm of the plane at ``offset`` (the coarse grid's estimate): where the data end
     along the normal, read a plane of voxels at a time."""
-    n = normal.astype(np.float32)
-    y = (np.arange(data.shape[1], dtype=np.float32) * sp[1])[:, None]
-    z = (np.arange(data.shape[2], dtype=np.float32) * sp[2])[None, :]
-    yz = n[1] * y + n[2] * z
     best = -np.inf
-    for i in range(data.shape[0]):
-        proj = yz + n[0] * np.float32(i * sp[0])
+    for i, proj in _along(data.shape, sp, normal):
         near = (np.abs(proj - offset) <= reach) & (data[i] > thr)
         if near.any():
             best = max(best, float(proj[near].max()))
