@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_vaeloc.fieldofview import PLANE_MIN_CM2, find_field_of_view
+from napari_vaeloc.fieldofview import PLANE_MIN_CM2, background_level, find_field_of_view
 from napari_vaeloc.io import Volume, load_volume
 from napari_vaeloc.prepare import looks_skull_stripped, near_cut_edge
 from napari_vaeloc.samples import sample_path
@@ -93,3 +93,33 @@ def test_a_cut_with_the_object_beyond_it_is_no_end(head):
     view = find_field_of_view(data, head.spacing)
     for n, _ in view.planes:
         assert _angle(np.abs(n), np.eye(3)[ax]) > 10.0, view.planes
+
+
+def test_a_cut_that_fades_out_ends_where_the_fade_begins(head):
+    """The real head faded out towards a cut over 4 mm (what a reslice that interpolated the
+    cut leaves) and zero beyond: the field of view ends where the head reaches nine tenths
+    of its intensity, not at the faint last voxel (2 mm further out); a hard cut keeps its
+    last voxel, and so does the head's own surface where no cut is."""
+    ax = int(np.argmax(np.abs(head.affine[2, :3])))
+    normal = np.zeros(3)
+    normal[ax] = -np.sign(head.affine[2, ax])
+    pos = np.indices(head.shape) * np.asarray(head.spacing)[:, None, None, None]
+    dist = np.tensordot(normal, pos, axes=1)
+    offset = float(np.median(dist))
+    fade = np.clip((offset - dist) / 4.0, 0.0, 1.0)  # 0 at the cut, whole 4 mm inside
+    found = {}
+    hard = np.where(dist > offset, 0, head.data)
+    for name, data in (("faded", head.data * fade), ("hard", hard)):
+        view = find_field_of_view(data.astype(np.float32), head.spacing)
+        (d,) = [d for n, d in view.planes if _angle(n, normal) < 5.0]
+        found[name] = d
+    assert offset - 5.0 <= found["faded"] <= offset - 3.5, (found, offset)
+    assert abs(found["hard"] - offset) <= 1.0, (found, offset)
+    # the uncut head: its flat lateral face (air zeroed beyond it) ends at its last voxel
+    view = find_field_of_view(head.data, head.spacing)
+    assert view.planes, "the bundled head has a flat lateral face"
+    data = head.data > background_level(head.data)
+    for n, d in view.planes:
+        along = np.tensordot(np.asarray(n), pos, axes=1)
+        last = along[data & (np.abs(along - d) <= 4.0)].max()
+        assert abs(d - last) <= 1e-3, (d, last)

@@ -804,3 +804,51 @@ def test_a_head_pitched_far_from_the_template_is_extracted_and_registered(t1, pi
     assert report.check("modality").level == "ok", report.check("modality")
     extraction = next(s for s in report.steps if s.name == "brain extraction")
     assert ("turned upright" in extraction.note) == (pitch < 0), extraction.note
+
+
+def test_a_tilted_cut_that_fades_out_is_registered_unsqueezed(t1):
+    """The real head's top quarter cut off along a plane tilted 20 degrees, the head fading
+    out over 4 mm towards it and zero beyond (a reslice that interpolated the cut). Matched
+    up to its faint last voxel, the fade read as the brain's edge and squeezed the template
+    to 0.41 along one axis (refused); with the field of view ending where the fade begins and
+    the registration stopping short of it, the template keeps an adult brain's scale."""
+    head = load_volume(sample_path("t1-head"))
+    idx = np.indices(head.shape).reshape(3, -1)
+    world = head.affine[:3, :3] @ idx + head.affine[:3, 3:4]
+    tilt = np.radians(20.0)
+    up = np.array([0.0, np.sin(tilt), np.cos(tilt)])  # superior, tilted towards the front
+    height = (up @ world).reshape(head.shape)
+    cut_at = np.quantile(height[head.data > head.data.min()], 0.75)
+    fade = np.clip((cut_at - height) / 4.0 + 0.5, 0.0, 1.0)
+    data = (head.data * fade).astype(np.float32)
+    template = Template.of_model(t1.path, t1.card)
+    fitted = prepare_cached(Volume.from_array(data, head.affine), template,
+                            PrepareSettings(bias_correction=False), refuse=False)  # fmt: skip
+    report = fitted.report
+    assert report.check("template scaling").level == "ok", report.check("template scaling")
+    assert report.check("modality").level == "ok", report.check("modality")
+    assert report.check("coverage").level == "warn", report.check("coverage")
+    assert fitted.cut_band is not None and fitted.cut_band.size > 0
+
+
+def test_a_refusal_says_first_how_the_scan_was_read(capsys, tmp_path):
+    """A refused scan whose file lacked something (here a header with neither sform nor qform,
+    read with its axes taken as R, A, S) shows how it was read before the checks and the
+    reason: the cause of a refusal may lie there (a head stored in another voxel order is read
+    turned or mirrored, which no registration undoes)."""
+    vol = load_volume(sample_path("t2-lesion"))
+    img = nib.Nifti1Image(vol.data, None)
+    img.header.set_zooms(vol.spacing)
+    img.header["sform_code"] = img.header["qform_code"] = 0
+    path = tmp_path / "no_orientation.nii.gz"
+    nib.save(img, path)
+    assert int(nib.load(path).header["sform_code"]) == 0
+    out = tmp_path / "out"
+    assert main(["localize", str(path), "--model", "t1-brain", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    notes = [i for i, line in enumerate(err) if "note: the header has no sform or qform" in line]
+    checks = [i for i, line in enumerate(err) if "check modality: fail" in line]
+    assert notes and checks and notes[0] < checks[0], err
+    assert "give the file its orientation" in err[notes[0]], err
+    assert err[-1].startswith("vaeloc: error:"), err
+    assert not out.exists() or not any(out.iterdir())

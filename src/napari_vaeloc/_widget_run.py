@@ -359,7 +359,7 @@ class RunMixin:
                 show_info("localization cancelled; no layers were changed")
         elif isinstance(exc, VaelocError | ValueError | MemoryError):
             report = getattr(exc, "report", None)  # a misfit: what preparation found
-            found = "\n".join(report.lines()) if report is not None else ""
+            found = "\n".join(report.refusal_lines()) if report is not None else ""
             self._show_failure(job.layer, str(exc), found)
         else:
             self._show_failure(job.layer, f"{type(exc).__name__}: {exc}")

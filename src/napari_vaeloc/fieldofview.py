@@ -15,7 +15,9 @@ smoothed object); the largest group that shares a normal (to about 14 degrees) a
 along it (to :data:`OFFSET_BIN_MM`); a plane fitted to that group by least squares (the
 normal is the direction of least spread) and its inliers gathered again. A plane counts as an
 end of the field of view when at least :data:`PLANE_MIN_CM2` of surface lies on it and at most
-:data:`BEYOND_MAX` of the object beyond it.
+:data:`BEYOND_MAX` of the object beyond it. It is then placed on the scan's own voxels: at the
+last voxel with data, moved in by the width of a fade that an interpolating reslice leaves
+(:func:`_fade_mm`).
 """
 
 from __future__ import annotations
@@ -60,17 +62,17 @@ class FieldOfView:
     planes: tuple[tuple[tuple[float, float, float], float], ...] = ()
     areas_cm2: tuple[float, ...] = ()
 
-    def inside(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        """uint8 (X, Y, Z), 1 in the field of view, 0 beyond one of :attr:`planes`; None
-        without planes (the whole image). Computed a plane of voxels at a time (no float
-        array of the scan's size)."""
+    def inside(self, shape: tuple[int, ...], margin_mm: float = 0.0) -> np.ndarray | None:
+        """uint8 (X, Y, Z), 1 in the field of view, 0 beyond one of :attr:`planes` or within
+        ``margin_mm`` of one; None without planes (the whole image). Computed a plane of
+        voxels at a time (no float array of the scan's size)."""
         if not self.planes:
             return None
         out = np.ones(tuple(int(n) for n in shape[:3]), np.uint8)
         half = 0.5 * max(self.spacing)  # a voxel whose centre lies on the plane is in view
         for normal, offset in self.planes:
             for i, proj in _along(out.shape, self.spacing, normal):
-                out[i][proj > offset + half] = 0
+                out[i][proj > offset + half - margin_mm] = 0
         return out
 
 
@@ -142,6 +144,7 @@ def find_field_of_view(data: np.ndarray, spacing: tuple[float, ...]) -> FieldOfV
         if area >= PLANE_MIN_CM2 and beyond <= BEYOND_MAX * n_obj:
             # on the scan's own voxels: the last voxel with data along the normal near it
             offset = _last_data(data, thr, sp, normal, offset, 2.0 * float(grid.max()))
+            offset -= _fade_mm(data, thr, sp, normal, offset)
             planes.append((tuple(float(v) for v in normal), float(offset)))
             areas.append(round(area, 1))
     return FieldOfView(spacing_mm, tuple(planes), tuple(areas))
@@ -159,6 +162,50 @@ def _last_data(
         if near.any():
             best = max(best, float(proj[near].max()))
     return offset if best == -np.inf else best
+
+
+#: a reslice that interpolated the cut leaves the object fading out towards it over a few
+#: voxels: the field of view ends where the object's median intensity along the plane first
+#: reaches this share of its median :data:`FADE_REFERENCE_MM` further in
+FADE_LEVEL = 0.9
+#: the band (mm from the last data) whose median intensity is the reference for the fade
+FADE_REFERENCE_MM = (8.0, 14.0)
+#: the widest fade (mm) taken off the field of view: a reslice's ramp is a voxel or a few wide;
+#: an object that reaches its level only further in ends with its own surface (a head's scalp
+#: and skull, darker than what lies inside), and keeps its last voxel
+FADE_MAX_MM = 4.0
+
+
+def _fade_mm(
+    data: np.ndarray, thr: float, sp: np.ndarray, normal: np.ndarray, offset: float
+) -> float:
+    """How far (mm) inside the last data at ``offset`` along ``normal`` the object fades out:
+    the depth at which the median intensity of the voxels above ``thr``, per depth bin of
+    the finest voxel side, first reaches :data:`FADE_LEVEL` of the median at
+    :data:`FADE_REFERENCE_MM`; 0 for a hard edge, and for an object that fades over more than
+    :data:`FADE_MAX_MM` (its own surface)."""
+    step = float(min(sp))
+    far = FADE_REFERENCE_MM[1]
+    depths, values = [], []
+    for i, proj in _along(data.shape, sp, normal):
+        depth = offset - proj
+        near = (depth >= 0) & (depth < far) & (data[i] > thr)
+        if near.any():
+            depths.append(depth[near])
+            values.append(np.asarray(data[i][near], np.float32))
+    if not depths:
+        return 0.0
+    depth, value = np.concatenate(depths), np.concatenate(values)
+    reference = value[(depth >= FADE_REFERENCE_MM[0]) & (depth < far)]
+    if reference.size == 0:
+        return 0.0
+    level = FADE_LEVEL * float(np.median(reference))
+    bins = np.floor(depth / step).astype(np.int64)
+    for b in range(int(np.ceil(FADE_MAX_MM / step)) + 1):
+        here = value[bins == b]
+        if here.size and float(np.median(here)) >= level:
+            return b * step
+    return 0.0  # no short fade: the object's own surface (a scalp), not a reslice's ramp
 
 
 def _largest_group(normals: np.ndarray, points: np.ndarray, pool: np.ndarray) -> np.ndarray | None:

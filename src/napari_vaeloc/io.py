@@ -406,6 +406,14 @@ def _quaternion_affine(header: Any, zooms: np.ndarray) -> tuple[np.ndarray | Non
     return out, None
 
 
+#: how a geometry from pixdim alone is read, and what that means for a head
+_PIXDIM_ONLY = (
+    "origin at the first voxel, axes taken as R, A, S: a head stored in another voxel order "
+    "is read turned or mirrored, which the preparation cannot undo; give the file its "
+    "orientation (an sform or qform)"
+)
+
+
 def header_affine(
     header: nib.Nifti1Header | nib.Nifti2Header, shape: tuple[int, ...], name: str = "the file"
 ) -> tuple[np.ndarray, list[str]]:
@@ -470,14 +478,12 @@ def header_affine(
     if problems:
         instead = {
             "qform": "the qform was used instead",
-            "pixdim": "voxel sizes were taken from pixdim (origin at the first voxel, "
-            "axes taken as R, A, S)",
+            "pixdim": f"voxel sizes were taken from pixdim ({_PIXDIM_ONLY})",
         }[used]
         notes.append(f"{'; '.join(problems)}: {instead}")
     elif used == "pixdim":
         notes.append(
-            "the header has no sform or qform: voxel sizes were taken from pixdim "
-            "(origin at the first voxel, axes taken as R, A, S)"
+            f"the header has no sform or qform: voxel sizes were taken from pixdim ({_PIXDIM_ONLY})"
         )
     if used != "sform" and np.any(raw_zooms[:ndim] < 0):
         notes.append("pixdim has negative voxel sizes: their absolute values were used")

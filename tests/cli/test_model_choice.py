@@ -172,7 +172,10 @@ def test_refused_scan_shows_what_preparation_found(tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[-1].startswith("vaeloc: error: the scan looks like T2") and "T2 model" in lines[-1]
     assert "check modality: fail (looks like T2 (r = 0.9" in "\n".join(lines[:-1]), lines
-    assert "registration: skipped (already on the template's grid)" in lines, lines
+    assert "  registration: skipped (already on the template's grid)" in lines, lines
+    # laid out as a run that goes on lays it out: a header, then the steps and checks indented
+    head = lines.index("preparation:")
+    assert all(line.startswith("  ") for line in lines[head + 1 : -1]), lines
     assert not out.exists()
     assert main([*argv, "--quiet"]) == 2  # --quiet: the error line alone
     [line] = capsys.readouterr().err.splitlines()
@@ -192,7 +195,7 @@ def test_no_modality_recognised_is_one_line(tmp_path, capsys):
         assert "skull-stripped brain already in a model's template space" in err[0], err[0]
     assert main(["localize", str(scan), "--out", str(tmp_path / "loud")]) == 2
     err = capsys.readouterr().err.splitlines()  # without --quiet: what preparation found
-    assert any(line.startswith("check modality:") for line in err[:-1]), err
+    assert any(line.startswith("  check modality:") for line in err[:-1]), err
 
 
 def test_prepare_command_chooses_the_model_too(tmp_path, capsys):

@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except VaelocError as exc:  # InputError, ModelError, OutputError, ...
         report = getattr(exc, "report", None)  # a refused scan: what the preparation found
         if report is not None and not getattr(args, "quiet", False):
-            for line in report.lines():
-                print(line, file=sys.stderr)
+            print("preparation:", file=sys.stderr)  # laid out as a run that goes on lays it out
+            for line in report.refusal_lines():
+                print(f"  {line}", file=sys.stderr)
         print(f"vaeloc: error: {options.in_option_words(one_line(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the front itself could not read or write
