@@ -850,5 +850,29 @@ def test_a_refusal_says_first_how_the_scan_was_read(capsys, tmp_path):
     checks = [i for i, line in enumerate(err) if "check modality: fail" in line]
     assert notes and checks and notes[0] < checks[0], err
     assert "give the file its orientation" in err[notes[0]], err
-    assert err[-1].startswith("vaeloc: error:"), err
+    # stored as read (R, A, S), the brain fits: the orientation only warns, and the reason
+    # given is the modality's (a T2 scan given to the T1 model)
+    assert "check orientation: warn" in "\n".join(err), err
+    assert err[-1].startswith("vaeloc: error: the scan looks like T2"), err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_scan_without_orientation_is_refused_only_when_it_fits_badly():
+    """Without sform or qform the voxels are taken as R, A, S: a scan that then fits the
+    template (registration and scaling ok, like some template's modality, even another model's)
+    goes on with a warning (left and right cannot be told apart); one that fits badly is
+    refused, naming what did not fit."""
+    from napari_vaeloc.prepare import FitCheck, PreparationReport, orientation_check
+
+    def report(registration: str, r: dict[str, float]) -> PreparationReport:
+        checks = [FitCheck("registration", registration, 0.9, ""),
+                  FitCheck("template scaling", "ok", "0.9-1.0", ""),
+                  FitCheck("modality", "fail", "T2", "looks like T2, not T1")]  # fmt: skip
+        return PreparationReport(checks=checks, modality_scores=r)
+
+    fits = orientation_check(report("ok", {"T1": 0.2, "T2": 0.8}))
+    assert fits.level == "warn" and "left and right" in fits.message
+    turned = orientation_check(report("warn", {"T1": 0.2, "T2": 0.8}))
+    assert turned.level == "fail" and "(registration)" in turned.advice
+    unlike = orientation_check(report("ok", {"T1": 0.29, "T2": 0.1}))
+    assert unlike.level == "fail" and "(modality)" in unlike.advice

@@ -417,6 +417,25 @@ _PIXDIM_ONLY = (
 def header_affine(
     header: nib.Nifti1Header | nib.Nifti2Header, shape: tuple[int, ...], name: str = "the file"
 ) -> tuple[np.ndarray, list[str]]:
+    """:func:`header_geometry` without the name of the form used."""
+    affine, notes, _ = header_geometry(header, shape, name)
+    return affine, notes
+
+
+def orientation_unknown(volume: Volume) -> bool:
+    """Whether ``volume`` came from a file whose header gives no usable sform or qform, so that
+    its voxels' orientation was assumed (R, A, S): :func:`header_geometry` used pixdim."""
+    if volume.header is None or not isinstance(volume.header, nib.Nifti1Header):
+        return False
+    try:
+        return header_geometry(volume.header, tuple(volume.data.shape[:3]))[2] == "pixdim"
+    except InputError:
+        return False
+
+
+def header_geometry(
+    header: nib.Nifti1Header | nib.Nifti2Header, shape: tuple[int, ...], name: str = "the file"
+) -> tuple[np.ndarray, list[str], str]:
     """The voxel-to-world matrix in mm of a NIfTI header as stored in the file (unrepaired),
     and notes on what was wrong with it. The one place that decides a file's geometry.
 
@@ -432,7 +451,8 @@ def header_affine(
         name: the file's name, for the error message.
 
     Returns:
-        ((4, 4) float64 affine in mm, notes): a note for every fallback taken.
+        ((4, 4) float64 affine in mm, notes, form used): a note for every fallback taken; the
+        form is "sform", "qform" or "pixdim".
 
     Raises:
         InputError: no form is usable and pixdim has zero or non-finite voxel sizes (one line
@@ -496,7 +516,7 @@ def header_affine(
             f"the header gives spatial units in {_UNIT_NAMES[unit]} (xyzt_units): converted "
             f"to mm, voxel size {size} mm"
         )
-    return np.asarray(affine, dtype=np.float64), notes
+    return np.asarray(affine, dtype=np.float64), notes, used
 
 
 class _AnyGeometryHeader(nib.Nifti1Header):

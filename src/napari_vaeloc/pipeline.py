@@ -183,9 +183,11 @@ def model_for_scan(
             f"{'x'.join(map(str, volume.shape))} image is too thin to prepare; {name_one}"
         )
     guess = guess_modality(volume, settings if settings.enabled else PrepareSettings(), stage=stage)
-    scaling = guess.report.check("template scaling")
-    if scaling is not None and scaling.level == "fail":  # every later check misreads a slab
-        raise MisfitError(f"--model auto: {scaling.advice}", guess.report)
+    # a header without orientation explains every misfit; a slab misleads every later check
+    for name in ("orientation", "template scaling"):
+        check = guess.report.check(name)
+        if check is not None and check.level == "fail":
+            raise MisfitError(f"--model auto: {check.advice}", guess.report)
     if guess.modality is None:
         raise MisfitError(
             f"--model auto: {guess.describe()}; is it a brain MRI of a modality the bundled "

@@ -49,7 +49,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError, MisfitError
 from .fieldofview import FieldOfView, background_level, find_field_of_view
-from .io import Volume, load_volume
+from .io import Volume, load_volume, orientation_unknown
 from .preprocess import CHUNK_VOXELS, bounding_box, clip_outliers, fill_holes, outlier_note
 
 if TYPE_CHECKING:
@@ -1166,7 +1166,7 @@ def prepare(
     in_view = view.inside(volume.shape)
     if in_view is not None:
         brain_mask &= in_view.view(bool)
-    first_ml = None
+    upright_note = ""
     too_large = _ml(brain_mask, volume) > BRAIN_ML["ok"][1]
     if run_bet and too_large and s.registration is not False:
         # a brain larger than an adult's: deepbet may have seen the head far from upright (it
@@ -1184,8 +1184,15 @@ def prepare(
             again &= in_view.view(bool)
         if _plausible_ml(again, volume):
             brain_mask = again
+            upright_note = (
+                "; extracted again with the head turned upright (as the head lies in the scan, "
+                f"{first_ml:.0f} ml were found)"
+            )
         else:
-            first_ml = None
+            upright_note = (
+                "; extracted again with the head turned upright, which found "
+                f"{_ml(again, volume):.0f} ml, no adult brain either: the first extraction is kept"
+            )
         del again
         extraction.seconds = time.perf_counter() - t0
     if field is not None and run_bet and N4_BRAIN_PASS:
@@ -1198,11 +1205,7 @@ def prepare(
         n4_step.note = "refitted inside the extracted brain"
     brain_ml = _ml(brain_mask, volume)
     if run_bet:  # the brain as the checks count it, holes filled
-        extraction.note = f"brain {brain_ml:.0f} ml" + (
-            "" if first_ml is None else
-            f"; extracted again with the head turned upright (as the head lies in the scan, "
-            f"{first_ml:.0f} ml were found)"
-        )  # fmt: skip
+        extraction.note = f"brain {brain_ml:.0f} ml{upright_note}"
     (lo, hi), (flo, fhi) = BRAIN_ML["ok"], BRAIN_ML["fail"]
     b_level = "ok" if lo <= brain_ml <= hi else "fail" if not flo <= brain_ml <= fhi else "warn"
     report.checks.append(
@@ -1285,6 +1288,8 @@ def prepare(
     scores = modality_scores(moved, tmask & carried, templates or bundled_templates())
     report.modality_scores = scores
     report.checks.append(modality_check(scores, template))
+    if orientation_unknown(scan):
+        report.checks.append(orientation_check(report))
 
     advice = {
         "coverage": f"only {coverage:.0%} of the brain lies in the scan's field of view; "
@@ -1550,12 +1555,44 @@ def scaling_check(transform: Any) -> FitCheck:
                     advice if lvl == "fail" else "")  # fmt: skip
 
 
+#: the checks that tell whether a scan lies as the template does once registered (and the
+#: modality scores: a scan like no template's modality)
+FIT_CHECKS = ("registration", "template scaling")
+
+
+def orientation_check(report: PreparationReport) -> FitCheck:
+    """The check of a scan whose header gives no orientation (no usable sform or qform; its
+    voxels taken as R, A, S): "fail" when any of :data:`FIT_CHECKS` in ``report`` did not
+    pass or the scan correlates well with no template (a head stored in another voxel order
+    lies turned or mirrored, and a registration cannot mirror it: on the real head stored L,
+    I, A it still reached modality r 0.29 and gave a 30 ml mask of Dice 0.38), else "warn"
+    (left and right cannot be told apart)."""
+    misfit = [c.name for c in report.checks if c.name in FIT_CHECKS and c.level != "ok"]
+    if max(report.modality_scores.values(), default=0.0) < MIN_MODALITY_R["ok"]:
+        misfit.append("modality")  # like no template at all (another one's modality is no misfit)
+    message = (
+        "the header gives no orientation (no sform or qform): its voxels were taken as R, A, S"
+    )
+    if not misfit:
+        return FitCheck("orientation", "warn", "unknown",
+                        message + "; left and right cannot be told apart")  # fmt: skip
+    return FitCheck(
+        "orientation", "fail", "unknown",
+        message + f", and as read the scan fits the template badly ({', '.join(misfit)}): "
+        "the head may lie turned or mirrored",
+        "the header gives no orientation and, with its voxels taken as R, A, S, the scan fits "
+        f"the template badly ({', '.join(misfit)}): give the file its orientation (an sform or "
+        "qform, e.g. from the scanner's conversion) and try again",
+    )  # fmt: skip
+
+
 def refuse_misfit(report: PreparationReport) -> None:
     """Raise :class:`~napari_vaeloc.errors.MisfitError` (an InputError carrying ``report``) with
-    the advice of the most telling check that failed, if any: the template scaling (a slab
-    squeezed into the template is misread by every later check), then the modality and the
+    the advice of the most telling check that failed, if any: the orientation (a header
+    without one explains every misfit), the template scaling (a slab squeezed into the
+    template is misread by every later check), then the modality and the
     brain volume before coverage and registration, whose failure they explain."""
-    order = {"template scaling": -1, "modality": 0, "brain volume": 1}
+    order = {"orientation": -2, "template scaling": -1, "modality": 0, "brain volume": 1}
     failed = sorted((c for c in report.checks if c.level == "fail"),
                     key=lambda c: order.get(c.name, 2))  # fmt: skip
     if failed:
