@@ -716,16 +716,24 @@ def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"])
     if data.shape != like.shape:
         raise InputError(f"array shape {data.shape} differs from the scan's {like.shape}")
     header = like.header.copy() if like.header is not None else nib.Nifti1Header()
-    # the geometry actually used (a repaired header's too), in both forms, in mm
-    has_codes = like.header is not None
-    codes = [int(header[k]) for k in ("sform_code", "qform_code")] if has_codes else []
-    code = next((c for c in codes if c > 0), 2)
-    header.set_sform(like.affine, code)
-    header.set_qform(like.affine, code)
-    header["xyzt_units"] = 2 | (int(header["xyzt_units"]) & 0x38)  # mm; the time unit is kept
+    affine: np.ndarray | None = like.affine
+    if orientation_unknown(like):
+        # the scan's header gives no orientation: the output's gives none either (pixdim and
+        # units as the scan's), so that every reader, with its own assumption for such a file,
+        # puts the output where it puts the scan
+        header["sform_code"], header["qform_code"] = 0, 0
+        affine = None
+    else:
+        # the geometry actually used (a repaired header's too), in both forms, in mm
+        has_codes = like.header is not None
+        codes = [int(header[k]) for k in ("sform_code", "qform_code")] if has_codes else []
+        code = next((c for c in codes if c > 0), 2)
+        header.set_sform(like.affine, code)
+        header.set_qform(like.affine, code)
+        header["xyzt_units"] = 2 | (int(header["xyzt_units"]) & 0x38)  # mm; time unit kept
     header.set_intent("label" if kind == "mask" else "none")
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = klass(data, like.affine, header)
+    img = klass(data, affine, header)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"] = 0

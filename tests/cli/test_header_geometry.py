@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.cli import main
+from napari_vaeloc.io import load_volume
 
 SFORM = np.array([[0.0, -1.5, 0.0, 4.0], [1.5, 0.0, 0.0, -6.0], [0.0, 0.0, 1.5, 8.0], [0, 0, 0, 1]])
 QFORM = np.array([[0.0, -1.0, 0.0, 10], [1.0, 0.0, 0.0, -20], [0.0, 0.0, 2.0, 30], [0, 0, 0, 1]])
@@ -131,11 +132,40 @@ def test_broken_geometry_falls_back_with_one_note(tmp_path, tiny_model_dir, caps
     assert geometry[0].startswith("note: ")
     assert all(ln.startswith(("note: ", "warning: ")) for ln in lines), lines
     for kind in ("mask", "combined"):
-        img = nib.load(out / f"{case}_{kind}.nii.gz")
+        path = out / f"{case}_{kind}.nii.gz"
+        img = nib.load(path)
+        if want is PIXDIM:
+            # no orientation in the scan, none in the outputs: read back as the scan was
+            assert int(img.header["sform_code"]) == int(img.header["qform_code"]) == 0
+            np.testing.assert_allclose(load_volume(path).affine, want, atol=1e-5)
+            continue
         np.testing.assert_allclose(img.affine, want, atol=1e-5)
         np.testing.assert_allclose(img.header.get_sform(), want, atol=1e-5)
         np.testing.assert_allclose(img.header.get_qform(), want, atol=1e-5)
         assert img.header.get_xyzt_units()[0] == "mm"
+
+
+def test_outputs_of_a_scan_without_orientation_lie_where_other_readers_put_the_scan(
+    tmp_path, tiny_model_dir, capsys
+):
+    """A header with neither sform nor qform: readers disagree on where such a scan lies
+    (nibabel centres it and flips x, ITK takes the voxel axes as L, P, S). The outputs' headers
+    give no orientation either, so nibabel and SimpleITK put them exactly where they put the
+    scan (an output written with the pixdim diagonal as its sform lay mirrored in both)."""
+    import SimpleITK as sitk
+
+    scan = _scan(tmp_path, "no_orientation", sform_code=0, qform_code=0)
+    out = tmp_path / "out"
+    rc, lines = _localize(scan, tiny_model_dir, out, capsys)
+    assert rc == 0, lines
+    given, given_itk = nib.load(scan), sitk.ReadImage(str(scan))
+    for kind in ("mask", "combined"):
+        path = out / f"no_orientation_{kind}.nii.gz"
+        np.testing.assert_allclose(nib.load(path).affine, given.affine, atol=1e-5)
+        written = sitk.ReadImage(str(path))
+        np.testing.assert_allclose(written.GetDirection(), given_itk.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(written.GetOrigin(), given_itk.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(written.GetSpacing(), given_itk.GetSpacing(), atol=1e-6)
 
 
 def test_bad_pixdim_beside_a_good_sform_is_not_needed(tmp_path, tiny_model_dir, capsys):
