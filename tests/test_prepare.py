@@ -331,6 +331,39 @@ def test_noise_is_refused_not_scored(t1):
     assert neighbour_correlation(words) > 0.9  # the same words read right
 
 
+def test_a_file_where_brain_extraction_finds_nothing_is_one_line(capsys, tmp_path):
+    """A lesion mask opened as the scan: deepbet's network finds no brain (and deepbet itself
+    fails on that); the run is refused in one line saying no brain was found."""
+    truth = sample_path("t1-head-lesion-truth")
+    assert main(["localize", str(truth), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no brain found in the scan" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_scan_stored_with_a_negative_offset_is_prepared_as_magnitudes(t1, tmp_path):
+    """The bundled head stored as int16 with 1024 subtracted (background -1024): its minimum
+    is taken as no signal before N4 divides by a field (before, the correction spoilt it: no
+    template correlated better than r = 0.17, refused); the note says what was added."""
+    from napari_vaeloc.prepare import magnitudes
+
+    head = load_volume(sample_path("t1-head"))
+    path = tmp_path / "offset.nii.gz"
+    nib.save(nib.Nifti1Image(np.round(head.data).astype(np.int16) - 1024, head.affine), path)
+    fitted = prepare_cached(load_volume(path), Template.of_model(t1.path, t1.card),
+                            PrepareSettings(), refuse=False)  # fmt: skip
+    report = fitted.report
+    assert [c.name for c in report.checks if c.level != "ok"] == [], report.checks
+    assert report.check("registration").value >= 0.92
+    [step] = [s for s in report.steps if s.name == "intensity offset"]
+    assert "1024 added" in step.note, step.note
+    truth = load_volume(sample_path("t1-head-brain-mask")).data > 0
+    dice = 2 * (truth & fitted.extracted_mask).sum() / (truth.sum() + fitted.extracted_mask.sum())
+    assert dice > 0.9, dice
+    same = np.arange(5.0)
+    assert magnitudes(same)[0] is same and magnitudes(same)[1] == 0.0  # magnitudes: untouched
+
+
 def test_a_scan_on_the_template_grid_but_shifted_is_registered():
     """A header on the template's grid is not trusted when the anatomy is elsewhere."""
     healthy = load_volume(sample_path("t2-healthy"))

@@ -320,6 +320,8 @@ class Prepared:
             correction ran).
         offset: subtracted from the corrected scan before it is resampled (its minimum), so
             the brain is non-negative.
+        shift: added to the scan's intensities before every step (0 unless the scan holds
+            negative values; see :func:`magnitudes`).
         cut_band: int64 flat indices (C order, the scan's grid) of the brain left unscored
             within :data:`CUT_EDGE_MM` of a cut of the field of view (empty without a cut).
         beyond_view: int64 flat indices (C order, the template's grid) of the template's brain
@@ -339,6 +341,7 @@ class Prepared:
     corrected: np.ndarray | None = None
     bias_field: BiasField | None = None
     offset: float = 0.0
+    shift: float = 0.0
     left_out: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     cut_band: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     beyond_view: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
@@ -489,6 +492,19 @@ def resample(
 
 
 # -- the steps ---------------------------------------------------------------------------------
+def magnitudes(data: np.ndarray) -> tuple[np.ndarray, float]:
+    """``data`` with its minimum moved to 0 when it is negative, and the shift added (else
+    ``data`` itself and 0). MRI intensities are magnitudes, 0 where there is no signal; a scan
+    stored with an offset (a signed type, a rescale intercept of -1024) has its background at
+    the minimum. N4 divides the scan by a field, which is meaningful only for magnitudes: the
+    bundled head stored with 1024 subtracted was corrected into a scan no template correlates
+    with (r = 0.17) and refused."""
+    low = float(np.min(data))
+    if low >= 0.0:
+        return data, 0.0
+    return (np.asarray(data, np.float32) - np.float32(low)), -low
+
+
 def neighbour_correlation(data: np.ndarray) -> float:
     """How alike neighbouring voxels are: the largest over the axes of the lag-one
     autocorrelation ``1 - mean(diff**2) / (2 var)`` (of every other line across the axis, for
@@ -700,7 +716,9 @@ def extract_brain(
     its networks on ``device`` (a torch device name; deepbet moves its input to them); cancel
     is checked before each of its two network passes. A scan with voxels finer than
     ``work_mm`` along an axis is averaged down by an integer factor there first (SimpleITK's
-    ``BinShrink``) and the mask is brought back to its grid by nearest neighbour."""
+    ``BinShrink``) and the mask is brought back to its grid by nearest neighbour. Where
+    deepbet's network finds nothing (a lesion mask, a blurred average head), the mask is
+    empty."""
     import nibabel as nib
     import torch
 
@@ -727,6 +745,11 @@ def extract_brain(
         try:
             with torch.no_grad():
                 _, mask_img, _ = bet.run(img)
+        except ValueError as exc:
+            # deepbet keeps the largest part of what its network found, and fails on nothing
+            if "empty sequence" not in str(exc):
+                raise
+            return np.zeros(volume.shape, bool)
         finally:
             bet.model, bet.bbox_model = model, bbox_model
     mask = np.asarray(mask_img.dataobj) > 0
@@ -898,7 +921,7 @@ def _pitch_start(
     def coarse(pitch: float) -> tuple[float, np.ndarray]:
         start = _centred(fixed, moving, pitch)
         out, metric = _run_registration(fixed, moving, start, [4], [2.0], cancel, view)
-        rotation, _ = _polar(np.array(out.GetMatrix(), np.float64).reshape(3, 3))
+        rotation = _rotation_part(np.array(out.GetMatrix(), np.float64).reshape(3, 3))
         return metric, rotation
 
     unrotated_metric, unrotated = coarse(0.0)
@@ -914,12 +937,11 @@ def _pitch_start(
     return best
 
 
-def _polar(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The polar decomposition ``matrix = rotation @ stretch`` of a 3x3 linear map (SVD):
-    ``rotation`` orthogonal with determinant +1 for a map that keeps handedness."""
-    u, sv, vt = np.linalg.svd(matrix)
-    rotation = u @ vt
-    return rotation, vt.T @ np.diag(sv) @ vt
+def _rotation_part(matrix: np.ndarray) -> np.ndarray:
+    """The rotation of the polar decomposition ``matrix = rotation @ stretch`` of a 3x3 linear
+    map (SVD): orthogonal, with determinant +1 for a map that keeps handedness."""
+    u, _, vt = np.linalg.svd(matrix)
+    return u @ vt
 
 
 def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
@@ -1144,6 +1166,12 @@ def prepare(
         volume = Volume(clipped, volume.affine, volume.header, volume.path, volume.source_dtype)
         note = outlier_note(int(outliers.sum()))
         report.steps.append(Step("intensity outliers", True, 0.0, note))
+    shifted, shift = magnitudes(volume.data)
+    if shift:  # intensities below 0: the background is at the minimum, not at 0
+        volume = Volume(shifted, volume.affine, volume.header, volume.path, volume.source_dtype)
+        note = f"the scan holds negative intensities: {shift:.4g} added, its minimum taken as 0"
+        report.steps.append(Step("intensity offset", True, 0.0, note))
+    del shifted
 
     def begin(name: str) -> float:
         _raise_if(cancel)
@@ -1408,6 +1436,7 @@ def prepare(
     np.copyto(corrected, 0, where=~known)
     return dataclasses.replace(
         fitted, brain_mask=known, corrected=corrected, bias_field=field, offset=offset,
+        shift=shift,
         left_out=left_out, cut_band=cut_band,
     )  # fmt: skip
 
@@ -1765,6 +1794,8 @@ def apply_prepared(
             f"({'x'.join(map(str, scan.shape))}); this scan's grid differs"
         )
     data = clip_outliers(volume.data)[0]
+    if fitted.shift:
+        data = np.asarray(data, np.float32) + np.float32(fitted.shift)
     if fitted.bias_field is not None:
         data = fitted.bias_field.correct(volume, data)
     else:
