@@ -91,7 +91,7 @@ REGISTRATION_DICE = {"ok": 0.85, "fail": 0.65}
 COVERAGE = {"ok": 0.95, "fail": 0.6}
 VOXEL_MM = {"ok": 3.0, "fail": 7.0}
 #: an image whose neighbouring voxels correlate less than this along every axis has no
-#: spatial structure (noise, or bytes read as the wrong data type) and is refused before any
+#: spatial structure (noise) and is refused before any
 #: step runs. MRI of a head or brain gives r 0.86-0.99 per axis, but noise lowers it, and
 #: more so the more of the field of view is background: the 1 mm head with Rician noise at
 #: SNR 5, 3, 2 reads 0.83, 0.62, 0.36, and at SNR 3 padded with noise to 384 cubed 0.19 (it
