@@ -91,11 +91,11 @@ REGISTRATION_DICE = {"ok": 0.85, "fail": 0.65}
 COVERAGE = {"ok": 0.95, "fail": 0.6}
 VOXEL_MM = {"ok": 3.0, "fail": 7.0}
 #: an image whose neighbouring voxels correlate less than this along every axis has no
-#: spatial structure (noise) and is refused before any
-#: step runs. MRI of a head or brain gives r 0.86-0.99 per axis, but noise lowers it, and
-#: more so the more of the field of view is background: the 1 mm head with Rician noise at
-#: SNR 5, 3, 2 reads 0.83, 0.62, 0.36, and at SNR 3 padded with noise to 384 cubed 0.19 (it
-#: is localized right); independent noise reads near 0
+#: spatial structure (noise) and is refused before any step runs. MRI of a head or brain
+#: gives r 0.86-0.99 per axis, but noise lowers it, and more so the more of the field of view
+#: is background: the 1 mm head with Rician noise at SNR 5, 3, 2 reads 0.83, 0.62, 0.36, and
+#: at SNR 3 padded with noise to 384 cubed 0.19 (it is localized right); independent noise
+#: reads near 0
 MIN_NEIGHBOUR_R = 0.1
 #: the template scaling check: how much the registration scaled the template along its principal
 #: directions (the singular values of the transform's linear part) to fit the brain. Adult
@@ -718,8 +718,7 @@ def extract_brain(
     is checked before each of its two network passes. A scan with voxels finer than
     ``work_mm`` along an axis is averaged down by an integer factor there first (SimpleITK's
     ``BinShrink``) and the mask is brought back to its grid by nearest neighbour. Where
-    deepbet's network finds nothing (a lesion mask, a blurred average head), the mask is
-    empty."""
+    deepbet's network finds nothing (a lesion mask, a one-voxel image), the mask is empty."""
     import nibabel as nib
     import torch
 
@@ -1373,12 +1372,10 @@ def prepare(
 
     advice = {
         "coverage": f"only {_shown(coverage, COVERAGE, 0, True)} of the brain lies in the "
-        "scan's field of view; "
-        "localize a scan that covers the whole brain",
+        "scan's field of view; localize a scan that covers the whole brain",
         "registration": f"registration to the {template.name} template failed (brain-mask "
         f"Dice {_shown(dice, REGISTRATION_DICE)}); check that the scan is a brain MRI, or "
-        "force brain extraction on "
-        "or off if the skull was misjudged",
+        "force brain extraction on or off if the skull was misjudged",
     }
     for c in report.checks:
         if c.level != "ok" and c.name in advice:
