@@ -13,6 +13,7 @@ from napari_vaeloc.errors import InputError, OutputExistsError
 from napari_vaeloc.io import (
     Volume,
     as_scorable_array,
+    header_affine,
     load_image,
     load_volume,
     mask_like_note,
@@ -90,6 +91,9 @@ def test_2d_image_is_one_slice(tmp_path):
     vol = load_volume(_write(tmp_path / "x.nii.gz", data))
     assert vol.shape == (9, 11, 1)
     assert Volume.from_array(data).shape == (9, 11, 1)
+    out = nib.load(save_nifti(vol.data > 0.5, vol, tmp_path / "mask.nii.gz", "mask"))
+    assert out.shape == (9, 11)  # written back as the 2D image it came from
+    np.testing.assert_allclose(out.affine, nib.load(tmp_path / "x.nii.gz").affine, atol=1e-6)
 
 
 def test_4d_needs_a_volume_index(example4d_path):
@@ -296,6 +300,19 @@ def test_mask_like_note():
     assert "looks like a mask" in " ".join(Volume.from_array(mask).notes)
 
 
+def test_a_tissue_label_image_gets_a_note_and_an_integer_scan_does_not():
+    from napari_vaeloc.evaluation.synthetic import head_phantom
+
+    head = head_phantom((70, 80, 60), seed=3)
+    scan = np.round(head / head.max() * 1000).astype(np.int16)  # a scan stored as integers
+    assert mask_like_note(scan) is None
+    labels = np.digitize(head, np.array([0.1, 0.4, 0.7]) * head.max()).astype(np.uint8)
+    note = mask_like_note(labels)
+    assert note is not None and "label image" in note and "0, 1, 2, 3" in note
+    assert "label image" in " ".join(Volume.from_array(labels).notes)
+    assert mask_like_note(labels + 0.5) is None  # not whole numbers: not labels
+
+
 def test_outputs_carry_the_geometry_used_and_a_mask_is_a_label_image(tmp_path):
     aff = oblique_affine(2)
     img = nib.Nifti1Image(np.random.default_rng(2).random((5, 6, 7)).astype(np.float32), None)
@@ -387,3 +404,20 @@ def test_gaps_enclosed_by_data_are_filled_from_around_them_and_background_gaps_a
     arr2, _, _, _ = as_scorable_array(flat)
     assert np.abs(arr2[18:22, 10:14, 0] - ramp[18:22, 10:14, 0]).max() < 6.0
     assert np.all(arr2[0, :, 0] == arr2.min())
+
+
+def test_a_qform_of_a_half_turn_is_read_without_tilt(tmp_path):
+    # a 180° turn about (1, 1, 0)/√2 stored in float32 leaves 1 - (b² + c² + d²) of about 6e-8:
+    # without nifti1_io's special case the axes come out tilted by about 5e-4 rad
+    half = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+    aff = np.eye(4)
+    aff[:3, :3] = half * 2.0
+    aff[:3, 3] = [10.0, -20.0, 30.0]
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), dtype=np.float32), None)
+    img.header.set_qform(aff, 1)
+    img.header.set_sform(None, 0)
+    hdr = img.header
+    assert 0 < 1 - float(hdr["quatern_b"]) ** 2 - float(hdr["quatern_c"]) ** 2 < 1e-7
+    got = header_affine(hdr, (4, 5, 6))[0]
+    np.testing.assert_allclose(got, aff, atol=1e-6)
+    np.testing.assert_allclose(got, hdr.get_qform(), atol=1e-6)

@@ -86,7 +86,7 @@ class Volume:
         path: where it was read from, if anywhere.
         source_dtype: the on-disk data type, for the record.
         notes: plain sentences on how the input was read or changed (e.g. "took volume 0 of 4",
-            a repaired header geometry, a scan that looks like a mask).
+            a repaired header geometry, a scan that looks like a mask or a label image).
         missing: bool, the data's shape: the voxels the file held no number for (NaN or
             infinite; ``data`` has the smallest finite value there, or, in a volume to score
             where data enclose them, values filled from around them: :func:`as_scorable_array`),
@@ -146,18 +146,40 @@ class Volume:
         return cls(arr, affine, header, path, src, tuple(notes), own)
 
 
+#: at most this many distinct whole-number values (in a sample of the voxels) make an image
+#: look like a label image (a tissue segmentation, an atlas) rather than a scan; a real MRI,
+#: even stored as 8-bit integers, has hundreds
+LABEL_IMAGE_MAX_VALUES = 16
+
+#: the number of voxels, at most, sampled on a regular grid for that check
+_LABEL_SAMPLE = 1 << 18
+
+
 def mask_like_note(data: np.ndarray) -> str | None:
-    """One plain sentence when a (finite) image has at most two distinct values, so that it
-    looks like a mask rather than a scan; None otherwise. Cheap: min, max, one vectorised check.
+    """One plain sentence when a (finite) image looks like a mask or a label image rather than
+    a scan: at most two distinct values, or at most :data:`LABEL_IMAGE_MAX_VALUES` distinct
+    whole numbers in a regular sample of at most 2^18 voxels; None otherwise. Cheap: min,
+    max, one vectorised check and a sort of the sample.
     """
     if data.size == 0:
         return None
     lo, hi = float(np.min(data)), float(np.max(data))
     if lo == hi:
         return f"every voxel of the image is {lo:g}: it is empty, not a scan"
-    if np.any((data > lo) & (data < hi)):
+    if not np.any((data > lo) & (data < hi)):
+        return (
+            f"the image has only two values ({lo:g} and {hi:g}): it looks like a mask, not a scan"
+        )
+    step = max(1, math.ceil((data.size / _LABEL_SAMPLE) ** (1 / data.ndim)))
+    sample = np.asarray(data[(slice(None, None, step),) * data.ndim])
+    values = np.unique(sample)
+    if len(values) > LABEL_IMAGE_MAX_VALUES or np.any(values != np.round(values)):
         return None
-    return f"the image has only two values ({lo:g} and {hi:g}): it looks like a mask, not a scan"
+    shown = ", ".join(f"{v:g}" for v in values)
+    return (
+        f"the image has only the whole-number values {shown}: it looks like a label image "
+        "(a segmentation), not a scan, and its maps and mask mean little"
+    )
 
 
 def _file_backed(arr: np.ndarray) -> bool:
@@ -391,7 +413,13 @@ def _quaternion_affine(header: Any, zooms: np.ndarray) -> tuple[np.ndarray | Non
     w2 = 1.0 - (b * b + c * c + d * d)
     if w2 < -1e-6:
         return None, f"quaternion is not a rotation (b²+c²+d² = {1 - w2:.3g} > 1)"
-    a = math.sqrt(max(w2, 0.0))
+    if w2 < 1e-7:
+        # nifti1_io's rule: a near-zero scalar part is a 180° rotation; normalise (b, c, d) so
+        # that float32 rounding of the stored fields does not tilt the axes
+        norm = math.sqrt(b * b + c * c + d * d)
+        b, c, d, a = b / norm, c / norm, d / norm, 0.0
+    else:
+        a = math.sqrt(w2)
     rot = np.array(
         [
             [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
@@ -732,6 +760,8 @@ def _output_image(array: np.ndarray, like: Volume, kind: Literal["map", "mask"])
         header.set_qform(like.affine, code)
         header["xyzt_units"] = 2 | (int(header["xyzt_units"]) & 0x38)  # mm; time unit kept
     header.set_intent("label" if kind == "mask" else "none")
+    if like.header is not None and int(header["dim"][0]) == 2 and data.shape[2] == 1:
+        data = data[:, :, 0]  # a 2D scan gets 2D outputs, so that its shape matches theirs
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     img = klass(data, affine, header)
     img.set_data_dtype(dtype)
