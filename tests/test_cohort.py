@@ -624,3 +624,23 @@ def test_the_core_of_a_screen_imports_no_front(module):
     gui = {"napari", "qtpy", "magicgui"}
     fronts = (".cli", "napari_vaeloc.cli", "._widget", "napari_vaeloc._widget")
     assert not [m for m in imported if m.split(".")[0] in gui or m.startswith(fronts)]
+
+
+def test_the_thumbnail_names_the_slice_by_its_height_in_the_scan_s_world():
+    import nibabel as nib
+
+    from napari_vaeloc.cohort_report import most_anomalous_slice, slice_height_mm
+
+    shape = (20, 24, 16)
+    ras = np.diag([2.0, 2.0, 3.0, 1.0])
+    ras[:3, 3] = [-20.0, -24.0, -30.0]
+    data = np.zeros(shape, np.float32)
+    data[5:9, 6:10, 11] = 1.0  # one anomalous axial slice, at z = -30 + 3 * 11 = 3 mm
+    for codes in (("R", "A", "S"), ("P", "I", "R"), ("L", "I", "A")):  # a cycle and a swap
+        ornt = nib.orientations.ornt_transform(
+            nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
+        )
+        stored = nib.orientations.apply_orientation(data, ornt)
+        affine = ras @ nib.orientations.inv_ornt_aff(ornt, shape)
+        k = most_anomalous_slice(stored > 0, stored, affine)
+        assert slice_height_mm(affine, stored.shape, k) == pytest.approx(3.0), codes

@@ -80,6 +80,20 @@ def most_anomalous_slice(mask: np.ndarray, combined: np.ndarray, affine: np.ndar
     return int(c.reshape(-1, c.shape[2]).max(axis=0).argmax())
 
 
+def slice_height_mm(affine: np.ndarray, shape: tuple[int, ...], k: int) -> float:
+    """The world z (mm, the scan's RAS+ frame) at the centre of axial slice ``k`` of a scan of
+    ``shape`` (X, Y, Z) with ``affine``, its voxels reordered to RAS as the thumbnail shows
+    them: the height a viewer gives that slice, whatever the order the file stores it in."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    to_voxel = nib.orientations.inv_ornt_aff(ornt, shape[:3])
+    ras_shape = np.empty(3)
+    ras_shape[ornt[:, 0].astype(int)] = shape[:3]  # input axis i becomes axis ornt[i, 0]
+    centre = [(ras_shape[0] - 1) / 2, (ras_shape[1] - 1) / 2, k, 1.0]
+    return float((np.asarray(affine, dtype=float) @ to_voxel @ centre)[2])
+
+
 def write_thumbnail(
     data: np.ndarray,
     affine: np.ndarray,
@@ -104,7 +118,8 @@ def write_thumbnail(
     k = most_anomalous_slice(mask, combined, affine)
     image = nib.orientations.apply_orientation(np.asarray(data, dtype=np.float32), ornt)[:, :, k]
     m = nib.orientations.apply_orientation(np.asarray(mask) > 0, ornt)[:, :, k]
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))[ornt[:, 0].astype(int)]
+    zooms = np.empty(3)
+    zooms[ornt[:, 0].astype(int)] = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     lo, hi = np.percentile(image, [1, 99.5]) if image.size else (0.0, 1.0)
     fig = Figure(figsize=(size_in, size_in), dpi=80)
     FigureCanvasAgg(fig)
@@ -125,7 +140,8 @@ def write_thumbnail(
         ax.imshow(overlay, origin="lower", aspect=aspect, interpolation="nearest")
     ax.set_axis_off()
     if title:
-        fig.text(0.5, 0.94, f"{title[:28]} z={k}", ha="center", va="center", fontsize=7)
+        z_mm = slice_height_mm(affine, np.shape(data), k)
+        fig.text(0.5, 0.94, f"{title[:28]} z = {z_mm:.0f} mm", ha="center", va="center", fontsize=7)
 
     def save(tmp: Path) -> None:
         fig.savefig(tmp, format="png", dpi=80)

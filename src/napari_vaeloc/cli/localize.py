@@ -278,13 +278,7 @@ def run(args: argparse.Namespace) -> int:
         )
     result, paths = done.result, done.paths
     if result.preparation is not None:
-        if not args.quiet:  # each check once: its line says when it warns
-            print("preparation:")
-            for line in result.preparation.lines():
-                print(f"  {line}")
-        else:
-            for warning in result.preparation.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
+        options.print_preparation(result.preparation, args)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     took = time.perf_counter() - started  # reading, preparing, scoring and writing

@@ -18,7 +18,7 @@ from ..pipeline import AUTO_MODEL as AUTO_MODEL
 if TYPE_CHECKING:
     from ..io import Volume
     from ..models.store import LoadedModel
-    from ..prepare import PrepareSettings
+    from ..prepare import PreparationReport, PrepareSettings
 
 DEFAULT_MODEL = "t2-brain"
 AUTO_MODEL_HELP = (
@@ -128,6 +128,18 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
         help="no progress bars, stage lines or the preparation's report lines; the result's "
         "summary, the files written (one a line, on stdout), warnings and errors still print",
     )  # fmt: skip
+
+
+def print_preparation(report: PreparationReport, args: argparse.Namespace) -> None:
+    """The preparation's report: its steps and checks on stdout, each check once (its line
+    says when it warns); with ``--quiet`` only its warnings, on stderr."""
+    if not args.quiet:
+        print("preparation:")
+        for line in report.lines():
+            print(f"  {line}")
+    else:
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def model_for_scan(args: argparse.Namespace, volume: Volume, settings: PrepareSettings) -> str:

@@ -59,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     template = Template.of_model(resolve_model_path(name), model.card)
     prepared = prepare_cached(volume, template, settings, stage=options.stage_printer(args))
     paths = save_prepared(prepared, out, scan_stem(args.scan), overwrite=args.overwrite)
-    print("preparation:")
-    for line in prepared.report.lines():
-        print(f"  {line}")
+    options.print_preparation(prepared.report, args)
     for p in paths.values():
         print(p)
     return 0
