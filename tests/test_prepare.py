@@ -233,6 +233,27 @@ def test_a_strong_bias_field_is_corrected(t1):
     assert flagged[1] - flagged[0] <= 0.5 * level * brain, flagged
 
 
+def test_the_bias_field_does_not_depend_on_the_scan_s_units():
+    """The same head in scanner units, in [0, 1] and times 1000 (offset too) gets the same N4
+    field: a fixed shift of +1 before N4's logs left most of a [0, 1] scan's field in place."""
+    import napari_vaeloc.prepare as prep
+
+    head = load_volume(sample_path("t1-head"))
+    mask = prep.object_mask(head.data)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in head.shape], indexing="ij")
+    put = (1 + 0.25 * (0.6 * x + 0.5 * y - 0.6 * z)).astype(np.float32)
+    top = float(head.data.max())
+    logs = []
+    for scale, offset in ((1.0, 0.0), (1.0 / top, 0.0), (1000.0, -500.0)):
+        vol = Volume.from_array(head.data * put * scale + offset, head.affine)
+        logs.append(np.log(prep.n4_field(vol, mask).full(vol))[mask])
+    diffs = [float(np.abs(other - logs[0]).max()) for other in logs[1:]]
+    print(f"largest difference of the log fields: {diffs}")
+    assert max(diffs) < 0.01, diffs  # 1 % of the intensity, where the field spans +-25 %
+    # and a field was found: it follows the one put in (up to N4's free constant factor)
+    assert np.corrcoef(logs[1], np.log(put)[mask])[0, 1] > 0.6
+
+
 def test_the_bias_field_is_refitted_inside_the_brain_of_a_head(t1):
     """On a head with skull N4 runs again inside the extracted brain: the field the two passes
     estimate follows a known field better there than the whole-head fit alone, the prepared
@@ -278,9 +299,13 @@ def test_prepare_command_writes_what_it_did(tmp_path, capsys):
 
     head = sample_path("t1-head-lesion")
     out = tmp_path / "prep"
-    assert main(["prepare", str(head), "--model", "t1-brain", "--out", str(out), "--quiet"]) == 0
+    assert main(["prepare", str(head), "--model", "t1-brain", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "check modality: ok" in text and "brain extraction: done" in text
+    argv = ["prepare", str(head), "--model", "t1-brain", "--out", str(out), "--overwrite"]
+    assert main([*argv, "--quiet"]) == 0  # the preparation is cached: only the files again
+    quiet = capsys.readouterr()
+    assert "check modality" not in quiet.out + quiet.err and "_prepared.nii.gz" in quiet.out
     stem = "sample_t1_head_lesion"
     scan = nib.load(head)
     mask = nib.load(out / f"{stem}_brain_mask.nii.gz")

@@ -631,6 +631,28 @@ class BiasField:
             yield planes, np.exp(from_sitk(log))
 
 
+#: the value N4 sees at the mask's robust maximum (:func:`n4_intensities`)
+N4_SCALE = 1000.0
+
+
+def n4_intensities(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``values`` as N4 is given them: shifted so that the minimum is 1 (N4 takes logs) and
+    scaled so that the 99.5th percentile inside ``mask`` (bool, ``values``' shape) is
+    :data:`N4_SCALE` + 1. The scan's own units then do not matter: a scan and the same scan
+    times 1000 get the same field, where a fixed shift of +1 on the raw values compressed the
+    logs of a scan stored in [0, 1] and left about half of its field uncorrected.
+
+    Returns:
+        float32, ``values``' shape, all >= 1.
+    """
+    lo = float(values.min())
+    inside = values[mask] if mask.any() else values.ravel()
+    span = float(np.percentile(inside, 99.5)) - lo
+    if not span > 0:
+        span = float(values.max()) - lo or 1.0
+    return ((values - lo) * (N4_SCALE / span) + 1.0).astype(np.float32)
+
+
 def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None) -> BiasField:
     """The multiplicative N4 bias field of ``volume`` (the corrected scan is
     ``field.correct(volume)``), estimated on a copy shrunk to about 6 mm inside ``mask`` (bool,
@@ -638,13 +660,15 @@ def n4_field(volume: Volume, mask: np.ndarray, cancel: CancelFlag | None = None)
     import SimpleITK as sitk
 
     shrink = [max(1, round(6.0 / s)) for s in volume.spacing]
-    # Shrink subsamples: shrinking first and then shifting the intensities (so that they are
-    # positive, as N4 needs) gives the same small image as shifting the whole scan
+    # Shrink subsamples: shrinking first and then rescaling gives the same small image as
+    # rescaling the whole scan
     small = sitk.Shrink(to_sitk(np.asarray(volume.data, np.float32), volume.affine), shrink)
-    shifted = sitk.GetArrayFromImage(small) - float(volume.data.min()) + np.float32(1.0)
-    small_img = sitk.GetImageFromArray(shifted.astype(np.float32))
-    small_img.CopyInformation(small)
     small_mask = sitk.Shrink(to_sitk(mask.view(np.uint8), volume.affine), shrink)
+    values = sitk.GetArrayFromImage(small)
+    small_img = sitk.GetImageFromArray(
+        n4_intensities(values, sitk.GetArrayViewFromImage(small_mask).astype(bool))
+    )
+    small_img.CopyInformation(small)
     _raise_if(cancel)
     with single_threaded():  # about 2 s at 6 mm: cancel is checked before and after
         n4 = sitk.N4BiasFieldCorrectionImageFilter()
