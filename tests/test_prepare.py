@@ -235,7 +235,8 @@ def test_a_strong_bias_field_is_corrected(t1):
 
 def test_the_bias_field_does_not_depend_on_the_scan_s_units():
     """The same head in scanner units, in [0, 1] and times 1000 (offset too) gets the same N4
-    field: a fixed shift of +1 before N4's logs left most of a [0, 1] scan's field in place."""
+    field: a fixed shift of +1 before N4's logs left about half of a [0, 1] scan's field in
+    place."""
     import napari_vaeloc.prepare as prep
 
     head = load_volume(sample_path("t1-head"))
