@@ -124,7 +124,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     for k in ("rec_error", "kl_grad", "elbo_grad", "combi", "combined (default)", "Dice"):
         assert k in text
-    for check in ("voxel size", "skull", "coverage", "registration", "modality"):
+    for check in ("voxel size", "skull", "coverage", "registration", "modality", "contrast"):
         assert f"check {check}: ok" in text, text
     assert "brain extraction: done" in text and "registration: done" in text
     row = next(line for line in text.splitlines() if "combined (default)" in line).split()
@@ -141,7 +141,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
         "sample_t1_head_lesion_scores.json",
     } <= names
     scores = json.loads((out / "sample_t1_head_lesion_scores.json").read_text())
-    assert [c["name"] for c in scores["preparation"]["checks"]][-1] == "modality"
+    assert [c["name"] for c in scores["preparation"]["checks"]][-2:] == ["modality", "contrast"]
     assert main(["demo", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--quiet", "--overwrite"]) == 0

@@ -94,7 +94,7 @@ def test_raw_head_in_another_orientation_is_scored_inside_its_brain(raw_head_res
     checks = {c.name: c.level for c in res.preparation.checks}
     assert checks == dict.fromkeys(
         ("voxel size", "skull", "brain volume", "coverage", "registration", "template scaling",
-         "modality"), "ok",
+         "modality", "contrast"), "ok",
     ), res.preparation.lines()  # fmt: skip
 
     # the same lesion in a skull-stripped scan that already lies in the template's space
@@ -201,6 +201,8 @@ def test_t1_scan_given_to_the_t2_model_is_refused(capsys, tmp_path):
         localize(load_volume(head), cached_model("t2-brain"), CPU, prepare="auto")
     assert refused.value.report.check("modality").level == "fail"  # what was found travels
     assert refused.value.report.check("registration").level == "ok"
+    # grey matter is brighter than white matter in T2 scans, darker in this one
+    assert refused.value.report.check("contrast").level == "fail"
     # switching to the T1 model reuses the preparation (the templates share one space) and
     # redoes only the modality check, which now passes
     from napari_vaeloc.prepare import _CACHE
@@ -210,6 +212,67 @@ def test_t1_scan_given_to_the_t2_model_is_refused(capsys, tmp_path):
     assert dict(_CACHE).keys() == entries.keys()
     assert any(res.prepared.brain_mask is p.brain_mask for p in entries.values())
     assert res.preparation.check("modality").level == "ok"
+    assert res.preparation.check("contrast").level == "ok"  # measured again, on the T1 template
+
+
+def _remapped(template: Template, knots: list[tuple[float, float]]) -> np.ndarray:
+    """The template's image with its intensities remapped through ``knots`` (percentile of its
+    brain -> percentile of its brain, piecewise linear): another contrast on the same anatomy."""
+    own = template.image.data[template.brain_mask]
+    x = np.percentile(own, [k[0] for k in knots])
+    y = np.percentile(own, [k[1] for k in knots])
+    return np.interp(template.image.data, x, y)
+
+
+def test_the_contrast_check_tells_tissue_contrasts_apart(t1):
+    """The contrast check measures grey against white matter and CSF in tissue bands of the
+    template's intensities: the template itself passes in any units, the same anatomy with grey
+    matter brighter than white (FLAIR-like: its dark CSF still correlates with the T1
+    template) fails, grey like white warns, and a T2 whose CSF is barely brighter than grey
+    matter (PD-like) warns."""
+    from napari_vaeloc.prepare import contrast_check
+
+    template = Template.of_model(t1.path, t1.card)
+    mask = template.brain_mask
+    own = contrast_check(template.image.data * 1000.0 + 50.0, mask, template)
+    assert own is not None and own.level == "ok" and own.value < 0, own
+    flair = _remapped(template, [(0, 0), (10, 5), (37, 95), (85, 60), (100, 70)])
+    failed = contrast_check(flair, mask, template)
+    assert failed.level == "fail" and "grey matter is brighter" in failed.advice, failed
+    assert "FLAIR" in failed.advice and failed.value > 0
+    flat = _remapped(template, [(0, 0), (10, 5), (37, 80), (85, 81), (100, 82)])
+    assert contrast_check(flat, mask, template).level == "warn"
+    # the T2 template's own anatomy: CSF brought down to just above grey matter
+    t2 = cached_model("t2-brain")
+    t2_template = Template.of_model(t2.path, t2.card)
+    t2_mask = t2_template.brain_mask
+    assert contrast_check(t2_template.image.data, t2_mask, t2_template).level == "ok"
+    pd = _remapped(t2_template, [(0, 0), (30, 30), (62, 62), (95, 68), (100, 70)])
+    weak = contrast_check(pd, t2_mask, t2_template)
+    assert weak.level == "warn" and "PD" in weak.advice, weak
+    # too little of the brain seen to measure a class: no check
+    corner = np.zeros_like(mask)
+    corner[:3, :3, :3] = True
+    assert contrast_check(template.image.data, corner, template) is None
+
+
+def test_a_flair_like_head_given_to_the_t1_model_is_refused(capsys, tmp_path):
+    """The bundled raw head with its grey matter made brighter than its white matter (CSF
+    still dark, as in FLAIR) is refused by the T1 model in one line, before anything is
+    written."""
+    head = load_volume(sample_path("t1-head"))
+    brain = load_volume(sample_path("t1-head-brain-mask")).data > 0
+    values = head.data[brain]
+    x = np.percentile(values, [0, 10, 37, 85, 100])
+    y = np.percentile(values, [0, 5, 95, 60, 70])
+    flair = np.where(brain, np.interp(head.data, x, y), head.data).astype(np.float32)
+    path = tmp_path / "flair_like.nii.gz"
+    nib.save(nib.Nifti1Image(flair, head.affine), path)
+    out = tmp_path / "out"
+    assert main(["localize", str(path), "--model", "t1-brain", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grey matter is brighter than white matter" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_a_strong_bias_field_is_corrected(t1):

@@ -174,13 +174,13 @@ def model_for_scan(
         return request
     from .errors import InputError, MisfitError
     from .models.choice import bundled_cards, choose_model, guess_modality
-    from .prepare import PrepareSettings, too_thin
+    from .prepare import PrepareSettings, too_thin, too_thin_reason
 
     name_one = "name a model with --model (see `vaeloc models`)"
     if too_thin(volume.shape):
         raise InputError(
-            f"--model auto prepares the scan to tell its modality, and a "
-            f"{'x'.join(map(str, volume.shape))} image is too thin to prepare; {name_one}"
+            "--model auto prepares the scan to tell its modality, and "
+            f"{too_thin_reason(volume.shape)}; {name_one}"
         )
     guess = guess_modality(volume, settings if settings.enabled else PrepareSettings(), stage=stage)
     # a header without orientation explains every misfit; a slab misleads every later check

@@ -80,9 +80,20 @@ def too_thin(shape: tuple[int, ...]) -> bool:
     return len(shape) < 3 or min(shape) < MIN_PREPARE_VOXELS
 
 
+def shape_words(shape: tuple[int, ...]) -> str:
+    """An image of ``shape`` in words: "a single 256x256 slice" for a 2D image or one with a
+    single voxel along an axis, else "a 256x256x6 image"."""
+    plane = [n for n in shape if n != 1]
+    if len(plane) == 2:
+        return f"a single {'x'.join(map(str, plane))} slice"
+    return f"a {'x'.join(map(str, shape))} image"
+
+
 def too_thin_reason(shape: tuple[int, ...]) -> str:
     """Why an image of ``shape`` (:func:`too_thin`) is not prepared, in the fronts' words."""
-    return f"a {'x'.join(map(str, shape))} image is too thin to prepare in 3D"
+    if len([n for n in shape if n != 1]) == 2:
+        return f"{shape_words(shape)} cannot be prepared in 3D"
+    return f"{shape_words(shape)} is too thin to prepare in 3D"
 
 
 #: levels of the checks: registration (brain-mask Dice) and coverage (fraction of the
@@ -106,6 +117,21 @@ SCALING = {"ok": (0.75, 1.33), "fail": (0.6, 1.67)}
 ANISOTROPY = {"ok": 1.25, "fail": 1.6}
 #: the modality check refuses when another modality's template correlates better by this much
 MODALITY_MARGIN = 0.15
+#: the contrast check's tissue classes, as bands of percentiles of the template's brain
+#: intensities: for a template whose cerebrospinal fluid (CSF) is dark (T1) the CSF is its
+#: darkest tenth, the grey matter the 30th-45th percentiles and the white matter the brightest
+#: 30 %; for one whose CSF is bright (T2, PD) the bands are mirrored. Modalities not named here
+#: get no contrast check
+CSF_IS_DARK = {"T1": True, "T2": False, "PD": False}
+TISSUE_BANDS = {"csf": (0.0, 10.0), "grey": (30.0, 45.0), "white": (70.0, 100.0)}
+#: the contrast check fails a scan whose grey-white contrast (grey minus white matter median, in
+#: units of the brain's interquartile range) has the other sign than the template's and at least
+#: this size, and warns when it is smaller than this in either direction
+MIN_GREY_WHITE = 0.2
+#: ... and warns when the scan's CSF contrast ((CSF - white) / (grey - white), medians) is under
+#: this fraction of the template's: a T2 model given a PD scan, whose CSF is barely brighter than
+#: grey matter (tissue physics: about 1-2 against 3-6 for a T2-weighted scan)
+MIN_CSF_CONTRAST = 0.5
 #: percentiles of the template's foreground z-scores that bound the healthy intensity range
 #: (:meth:`Template.healthy_range`): 1 voxel in 1,000 of the template lies beyond each
 HEALTHY_RANGE_PERCENTILES = (0.1, 99.9)
@@ -1115,6 +1141,77 @@ def modality_check(scores: dict[str, float], template: Template) -> FitCheck:
     return FitCheck("modality", level, best, msg, advice)
 
 
+def tissue_contrast(values: np.ndarray, classes: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(grey-white contrast, CSF contrast) of ``values`` (1D, the brain's voxels) in the tissue
+    ``classes`` (bool, as ``values``): the grey minus the white matter median in units of the
+    interquartile range of all three classes, and (CSF - white) / (grey - white) of the
+    medians (nan when grey and white have the same median). Both are blind to the scan's units
+    and offset."""
+    csf, grey, white = (float(np.median(values[classes[k]])) for k in ("csf", "grey", "white"))
+    q1, q3 = np.percentile(values[classes["csf"] | classes["grey"] | classes["white"]], [25, 75])
+    spread = float(q3 - q1)
+    grey_white = (grey - white) / spread if spread > 0 else 0.0
+    csf_ratio = (csf - white) / (grey - white) if grey != white else float("nan")
+    return grey_white, csf_ratio
+
+
+def contrast_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> FitCheck | None:
+    """Whether ``brain`` (the scan on the template's grid) has the tissue contrast of the scans
+    ``template``'s model learned, inside ``mask`` (bool, the template's grid: where the scan's
+    brain landed): its tissue classes are bands of the template's intensities
+    (:data:`TISSUE_BANDS`), and :func:`tissue_contrast` is measured in both. "fail" when grey
+    and white matter are ordered the other way round (a FLAIR, T2 or PD scan given to a T1
+    model correlates with the T1 template through its dark CSF, but its grey matter is the
+    brighter), "warn" when they barely differ (:data:`MIN_GREY_WHITE`) or when the CSF
+    contrast is under :data:`MIN_CSF_CONTRAST` of the template's (a PD scan given to a T2
+    model). None when the template's modality is not in :data:`CSF_IS_DARK` or the scan's
+    brain covers too little of a class to measure it."""
+    dark = CSF_IS_DARK.get(template.modality.upper())
+    if dark is None:
+        return None
+    inside = template.brain_mask
+    own = np.asarray(template.image.data)[inside]
+    classes = {}
+    for name, (lo, hi) in TISSUE_BANDS.items():
+        if not dark:
+            lo, hi = 100.0 - hi, 100.0 - lo
+        a, b = np.percentile(own, [lo, hi])
+        classes[name] = (own >= a) & (own <= b)
+    seen = mask[inside]
+    scan_classes = {k: v & seen for k, v in classes.items()}
+    if min(int(v.sum()) for v in scan_classes.values()) < FILL_MIN_VOXELS:
+        return None
+    gw, csf = tissue_contrast(np.asarray(brain)[inside], scan_classes)
+    t_gw, t_csf = tissue_contrast(own, classes)
+    want = template.modality
+    order = "brighter" if t_gw > 0 else "darker"
+    shown = f"grey-white contrast {gw:+.2f}, the {want} template's {t_gw:+.2f}"
+    if gw * t_gw < 0 and abs(gw) >= MIN_GREY_WHITE:
+        other = "darker" if t_gw > 0 else "brighter"
+        msg = f"grey matter is {other} than white matter: {shown}"
+        advice = (
+            f"in the scan grey matter is {other} than white matter ({shown}); in the {want} "
+            f"scans the model {template.name!r} learned it is {order}: is the scan of another "
+            "contrast (FLAIR, T2 or PD for a T1 model; T1 for a T2 model)? Choose a model of "
+            "the scan's contrast"
+        )
+        return FitCheck("contrast", "fail", round(gw, 3), msg, advice)
+    if abs(gw) < MIN_GREY_WHITE:
+        msg = f"grey and white matter barely differ: {shown}"
+        return FitCheck("contrast", "warn", round(gw, 3), msg,
+                        f"the scan's {msg}; the model learned {want} scans, where grey matter "
+                        f"is clearly {order}: is the scan of another contrast?")  # fmt: skip
+    if np.isfinite(csf) and t_csf > 0 and csf < MIN_CSF_CONTRAST * t_csf:
+        msg = f"CSF contrast {csf:.2f}, under half the {want} template's {t_csf:.2f}"
+        advice = (
+            f"the scan's {msg} ((CSF - white) / (grey - white) matter): is it of another "
+            f"contrast than the {want} scans the model learned (PD, FLAIR)?"
+        )
+        return FitCheck("contrast", "warn", round(csf, 3), msg, advice)
+    return FitCheck("contrast", "ok", round(gw, 3), f"{shown}; CSF contrast {csf:.2f}, the "
+                    f"template's {t_csf:.2f}")  # fmt: skip
+
+
 def template_key(template: Template) -> tuple:
     """Identifies a template's space (grid and brain mask, not its contrast): models whose
     templates share it share one preparation of a scan."""
@@ -1391,6 +1488,9 @@ def prepare(
     scores = modality_scores(moved, tmask & carried, templates or bundled_templates())
     report.modality_scores = scores
     report.checks.append(modality_check(scores, template))
+    contrast = contrast_check(moved, tmask & carried, template)
+    if contrast is not None:
+        report.checks.append(contrast)
     if orientation_unknown(scan):
         report.checks.append(orientation_check(report))
 
@@ -1695,9 +1795,10 @@ def refuse_misfit(report: PreparationReport) -> None:
     """Raise :class:`~napari_vaeloc.errors.MisfitError` (an InputError carrying ``report``) with
     the advice of the most telling check that failed, if any: the orientation (a header
     without one explains every misfit), the template scaling (a slab squeezed into the
-    template is misread by every later check), then the modality and the
+    template is misread by every later check), then the modality, the tissue contrast and the
     brain volume before coverage and registration, whose failure they explain."""
-    order = {"orientation": -2, "template scaling": -1, "modality": 0, "brain volume": 1}
+    order = {"orientation": -2, "template scaling": -1, "modality": 0, "contrast": 0.5,
+             "brain volume": 1}  # fmt: skip
     failed = sorted((c for c in report.checks if c.level == "fail"),
                     key=lambda c: order.get(c.name, 2))  # fmt: skip
     if failed:
@@ -1787,10 +1888,16 @@ def prepare_cached(
     else:
         report = hit.report
         if report.template != template.name:
+            contrast = contrast_check(hit.volume.data, template.brain_mask & hit.template_mask,
+                                      template)  # fmt: skip
             checks = [
                 modality_check(report.modality_scores, template) if c.name == "modality" else c
                 for c in report.checks
+                if c.name != "contrast"
             ]
+            if contrast is not None:
+                at = next(i for i, c in enumerate(checks) if c.name == "modality") + 1
+                checks.insert(at, contrast)
             report = dataclasses.replace(report, checks=checks, template=template.name)
         out = dataclasses.replace(hit, scan=volume, report=report)
     if refuse:

@@ -211,7 +211,12 @@ def test_single_slice_with_auto_model_names_the_option(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 1), np.float32), None), path)
     assert main(["localize", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "too thin to prepare" in err and "--model" in err and err.count("\n") == 1
+    assert "a single 40x40 slice cannot be prepared in 3D" in err, err
+    assert "--model" in err and err.count("\n") == 1
+    # a slab of a few slices is named by its shape
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((40, 40, 4), np.float32), None), path)
+    assert main(["localize", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "a 40x40x4 image is too thin to prepare in 3D" in capsys.readouterr().err
 
 
 def test_brain_extraction_advice_names_the_options():

@@ -351,7 +351,10 @@ def test_calibrate_on_healthy_scans_as_well(trained, tmp_path, capsys):
     slab = np.random.default_rng(0).random((32, 32), np.float32)
     nib.save(nib.Nifti1Image(slab, np.eye(4)), one_slice)
     copy = tmp_path / "site-model"
-    for bad, why in ((not_a_scan, "healthy scan notes.nii.gz"), (one_slice, "too thin")):
+    for bad, why in (
+        (not_a_scan, "healthy scan notes.nii.gz"),
+        (one_slice, "a single 32x32 slice cannot"),
+    ):
         argv = ["calibrate", str(model_dir), "--out", str(copy), *src, "--healthy-scans", str(bad)]
         assert main(argv) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
