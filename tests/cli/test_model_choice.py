@@ -134,7 +134,7 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
 
 def test_a_scan_of_another_modality_is_said_to_fit_weakly(tmp_path, capsys):
     """A FLAIR-like head (the ICBM T2 head with its CSF darkened where T1 is dark and T2
-    bright, 2 mm): the T2 model is chosen, and the model line, the check and the mask line
+    bright, 2 mm): the T2 model is chosen, and the model line, the checks and the mask line
     all say the fit is weak, so a mask on it is not read as a finding."""
     from scipy.ndimage import zoom
 
@@ -162,7 +162,12 @@ def test_a_scan_of_another_modality_is_said_to_fit_weakly(tmp_path, capsys):
     ), lines[0]
     assert "warning: looks like none of the templates (best r = 0." in captured.err
     [mask_line] = [line for line in lines if line.startswith("mask: ")]
-    assert mask_line.endswith("; the scan fits the model with warnings (modality): read with care)")
+    # its CSF is suppressed, so the T2 model's CSF contrast check warns as well
+    assert mask_line.endswith(
+        "; the scan fits the model with warnings (modality, contrast): read with care)"
+    ), mask_line
+    assert "warning: CSF contrast 1.2" in captured.err
+    assert "under half the T2 template's 2.8" in captured.err
 
 
 def test_refused_scan_shows_what_preparation_found(tmp_path, capsys):
