@@ -1326,13 +1326,16 @@ def prepare(
     view = find_field_of_view(volume.data, volume.spacing)  # the image, or less where cut
     stripped, object_ml = looks_skull_stripped(volume, view)
     run_bet = s.brain_extraction if s.brain_extraction is not None else (full or not stripped)
-    report.checks.append(
-        FitCheck(
-            "skull", "ok", "absent" if stripped else "present",
-            f"{'skull-stripped brain' if stripped else 'head with skull'}: an object "
-            f"of {object_ml:.0f} ml",
+    if stripped:
+        skull_words = f"skull-stripped brain: an object of {object_ml:.0f} ml"
+    elif object_ml < MIN_BRAIN_ML:  # neither a head nor a brain: say so, then extract
+        skull_words = (
+            f"an object of {object_ml:.0f} ml, smaller than an adult brain "
+            f"({MIN_BRAIN_ML:.0f} ml): taken for a partial head with skull"
         )
-    )  # fmt: skip
+    else:
+        skull_words = f"head with skull: an object of {object_ml:.0f} ml"
+    report.checks.append(FitCheck("skull", "ok", "absent" if stripped else "present", skull_words))
     report.steps.append(Step("checks", True, time.perf_counter() - t0))
 
     data = volume.data

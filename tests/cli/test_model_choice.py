@@ -170,6 +170,27 @@ def test_a_scan_of_another_modality_is_said_to_fit_weakly(tmp_path, capsys):
     assert "under half the T2 template's 2.8" in captured.err
 
 
+def test_an_object_smaller_than_a_brain_is_not_called_a_head(tmp_path, capsys):
+    """A 251 ml ellipsoid phantom (semi-axes 50, 40 and 30 mm, 2 mm voxels) is neither a
+    skull-stripped brain nor a head: the skull check says it is smaller than an adult brain
+    before the run refuses it in one line."""
+    grid = np.indices((64, 64, 64), np.float32) - 31.5
+    inside = (grid[0] / 25) ** 2 + (grid[1] / 20) ** 2 + (grid[2] / 15) ** 2 <= 1
+    path = tmp_path / "ellipsoid.nii.gz"
+    nib.save(nib.Nifti1Image(inside.astype(np.float32) * 500, np.diag([2.0, 2, 2, 1])), path)
+    argv = ["localize", str(path), "--model", "t1-brain", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("vaeloc: error: "), lines
+    [skull] = [line for line in lines if "check skull" in line]
+    assert re.search(
+        r"check skull: ok \(an object of 25\d ml, smaller than an adult brain \(800 ml\): "
+        r"taken for a partial head with skull\)",
+        skull,
+    ), skull
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_refused_scan_shows_what_preparation_found(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["localize", str(sample_path("t2-lesion")), "--model", "t1-brain", "--out", str(out)]
