@@ -406,6 +406,25 @@ def test_skull_detection_is_not_fooled_by_a_cut_head():
     assert not looks_skull_stripped(Volume.from_array(filled, head.affine))[0]
 
 
+def test_a_head_in_background_noise_is_measured_as_the_head_not_the_field_of_view():
+    """A raw scan's background holds noise, not zeros: every voxel is above the minimum, and
+    the skull check named the whole field of view as the object (16,777 ml for a 256³ grid)."""
+    from napari_vaeloc.prepare import looks_skull_stripped
+
+    head = load_volume(sample_path("t1-head"))
+    clean_ml = looks_skull_stripped(head)[1]
+    rng = np.random.default_rng(0)
+    sigma = 0.03 * float(np.percentile(head.data, 99))
+    noisy = np.hypot(head.data + rng.normal(0, sigma, head.shape), rng.normal(0, sigma, head.shape))
+    stripped, noisy_ml = looks_skull_stripped(Volume.from_array(noisy, head.affine))
+    grid_ml = head.data.size * float(np.prod(head.spacing)) / 1000
+    print(f"object {noisy_ml:.0f} ml in noise, {clean_ml:.0f} ml clean, grid {grid_ml:.0f}")
+    assert not stripped
+    # what stands out of the noise (Otsu) leaves the darkest tissue out, but is a head
+    assert 0.5 * clean_ml < noisy_ml < 1.1 * clean_ml
+    assert noisy_ml < 0.4 * grid_ml
+
+
 def test_noise_is_refused_not_scored(t1):
     """Noise is refused before any step runs (deepbet finds a 1,216 ml "brain" in uniform
     noise, and registering it took 46 s); a real head with strong noise in a large field of

@@ -567,17 +567,23 @@ def object_mask(data: np.ndarray) -> np.ndarray:
     return fill_holes(mask)
 
 
-def looks_skull_stripped(volume: Volume, view: FieldOfView | None = None) -> tuple[bool, float]:
+def looks_skull_stripped(
+    volume: Volume, view: FieldOfView | None = None, head: np.ndarray | None = None
+) -> tuple[bool, float]:
     """(skull-stripped?, object volume in ml): a flat background (at least a fifth of the voxels
     at the minimum) around an object of brain size (:data:`MIN_BRAIN_ML` to
     :data:`MAX_BRAIN_ML`) that the field of view does not cut (a head cut by the field of view
     can be brain-sized and zero-filled around): the object crosses no face of the image and
     has no flat face with only background beyond (``view``, found when not given:
-    :func:`~napari_vaeloc.fieldofview.find_field_of_view`)."""
+    :func:`~napari_vaeloc.fieldofview.find_field_of_view`). Where the background is not flat
+    (a raw scan's noise) the object is what stands out of it, :func:`object_mask` (``head``,
+    bool, the scan's shape, when already found): else every voxel would count."""
     data = volume.data
     obj = data > background_level(data)
     flat = 1.0 - float(np.mean(obj))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    if flat < 0.2:
+        obj = object_mask(data) if head is None else head
     ml = float(np.count_nonzero(fill_holes(obj))) * voxel_ml
     faces = [np.take(obj, i, axis=a) for a in range(3) for i in (0, -1) if obj.shape[a] > 1]
     cut = any(f.mean() > 0.02 for f in faces)  # object across a face of the field of view
@@ -1324,7 +1330,9 @@ def prepare(
             "type, byte order)"
         )
     view = find_field_of_view(volume.data, volume.spacing)  # the image, or less where cut
-    stripped, object_ml = looks_skull_stripped(volume, view)
+    run_n4 = s.bias_correction if s.bias_correction is not None else True
+    head = object_mask(volume.data) if run_n4 else None  # N4 is fitted inside it
+    stripped, object_ml = looks_skull_stripped(volume, view, head)
     run_bet = s.brain_extraction if s.brain_extraction is not None else (full or not stripped)
     if stripped:
         skull_words = f"skull-stripped brain: an object of {object_ml:.0f} ml"
@@ -1339,11 +1347,11 @@ def prepare(
     report.steps.append(Step("checks", True, time.perf_counter() - t0))
 
     data = volume.data
-    run_n4 = s.bias_correction if s.bias_correction is not None else True
     field = None
-    if run_n4:
+    if head is not None:
         t0 = begin(STAGES[1])
-        field = n4_field(volume, object_mask(data), cancel)  # fitted inside the head
+        field = n4_field(volume, head, cancel)  # fitted inside the head
+        del head
         data = field.correct(volume)
         n4_step = Step(STAGES[1], True, time.perf_counter() - t0)
         report.steps.append(n4_step)
