@@ -156,3 +156,31 @@ def test_folders_that_cannot_be_evaluated(tmp_path):
         find_pairs(other)
     with pytest.raises(InputError, match="no such folder"):
         find_pairs(tmp_path / "missing")
+
+
+def test_raw_heads_are_prepared_before_they_are_judged(tmp_path, capsys):
+    """A raw head with skull in its own voxel order is scored as `vaeloc localize` scores it
+    (bias correction, brain extraction, registration): its lesion stands out. Scored as given
+    (``--prepare none``, what the command did before it prepared scans), the same lesion is
+    lost among the skull, the face and a template it does not lie in."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(sample_path("t1-head-lesion"), scans / "head.nii.gz")
+    shutil.copy(sample_path("t1-head-lesion-truth"), scans / "head_mask.nii.gz")
+
+    def default_row(*extra: str) -> dict:
+        out = tmp_path / ("raw" if extra else "prepared")
+        args = ["evaluate", "scans", str(scans), "--model", "t1-brain", "--maps", "default"]
+        args += ["--out", str(out), "--device", "cpu", "--quiet", "--examples", "0", *extra]
+        assert main(args) == 0
+        rows = {(r["map"], r["region"]): r for r in _rows(out / "scans_t1-brain.csv")}
+        return rows[("default", "foreground")]
+
+    prepared = default_row()
+    as_given = default_row("--prepare", "none")
+    capsys.readouterr()
+    assert float(prepared["auroc"]) > 0.95 and float(prepared["dice_at_threshold"]) > 0.6
+    assert float(as_given["dice_at_threshold"]) < 0.3
+    # judged inside the extracted brain on the scan's grid, not over the whole head
+    head = int(np.prod(nib.load(scans / "head.nii.gz").shape))
+    assert int(prepared["voxels"]) < head // 3

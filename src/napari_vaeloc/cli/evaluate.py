@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ..combine import CombineSettings
     from ..evaluation.runner import EvaluationReport
     from ..models.store import LoadedModel
+    from ..prepare import PrepareSettings
 
 EVALUATE_EPILOG = (
     "Writes into --out: STEM.csv (pixel rows), STEM_samples.csv (slice and volume rows), "
@@ -108,7 +109,9 @@ def _add_scans(evs: argparse._SubParsersAction) -> None:
         description="Localize every NIfTI scan of a folder and score the maps against its "
         "ground-truth mask: either FOLDER/NAME_mask.nii.gz (or _seg, _truth, _label) next to "
         "FOLDER/NAME.nii.gz, or a mask of the same name in --masks. A scan without a mask is "
-        "healthy (all-zero truth): it adds normal voxels, slices and volumes.",
+        "healthy (all-zero truth): it adds normal voxels, slices and volumes. Raw scans are "
+        "prepared as `vaeloc localize` prepares them (--prepare); maps and masks are judged on "
+        "each scan's own grid.",
         epilog=EVALUATE_EPILOG.replace("STEM", "scans_MODEL"),
     )
     sc.add_argument("folder", help="folder of .nii / .nii.gz scans")
@@ -116,6 +119,7 @@ def _add_scans(evs: argparse._SubParsersAction) -> None:
         "--masks", default=None, help="folder of masks named like the scans (default: suffixes)"
     )
     options.add_model(sc)
+    options.add_prepare(sc)
     _evaluation_arguments(sc)
     sc.set_defaults(func=run_scans)
 
@@ -300,7 +304,15 @@ def run_scans(args: argparse.Namespace) -> int:
         print(f"{p.scan.name}: no mask, counted as healthy (all-zero truth)")
     title = f"{model.card.name} on {len(pairs)} scans"
     return _run_evaluation(
-        args, model, iter_cases(pairs), len(pairs), prepared, None, "group", title
+        args,
+        model,
+        iter_cases(pairs),
+        len(pairs),
+        prepared,
+        None,
+        "group",
+        title,
+        prepare=options.prepare_settings(args),
     )
 
 
@@ -507,8 +519,10 @@ def _run_evaluation(
     group_by: str | None,
     group_key: str,
     title: str,
+    prepare: PrepareSettings | None = None,
 ) -> int:
-    """Localize and score the cases with a progress bar, then print and write the results."""
+    """Localize and score the cases with a progress bar, then print and write the results;
+    ``prepare``: how raw scans are brought into the model's space (None: as given)."""
     from ..evaluation.runner import evaluate_cases
 
     maps, settings, targets = prepared
@@ -523,6 +537,7 @@ def _run_evaluation(
             device=args.device,
             examples=args.examples,
             progress=progress,
+            prepare=prepare,
         )
     _write_evaluation(report, targets, group_key, title, args)
     return 0
