@@ -54,6 +54,30 @@ ensure_dev_debs() {
   fi
 }
 
+# Download URL $3 to file $1 unless it is there with sha256 $2; a file with another checksum
+# is replaced, a download with another checksum is refused (nothing is left behind)
+fetch_checked() {
+  .venv/bin/python - "$@" <<'PY'
+import hashlib, os, sys, urllib.request
+path, want, url = sys.argv[1:4]
+def sha(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+if os.path.exists(path) and sha(path) == want:
+    sys.exit(0)
+os.makedirs(os.path.dirname(path), exist_ok=True)
+part = path + ".part"
+urllib.request.urlretrieve(url, part)
+if sha(part) != want:
+    os.remove(part)
+    sys.exit(f"setup.sh: {url} does not have the expected sha256 {want}")
+os.replace(part, path)
+PY
+}
+
 main() {
   cd "$(dirname "${BASH_SOURCE[0]}")/.."
   local dev=""
@@ -84,6 +108,12 @@ main() {
       --no-deps -d "$downloads" "$@"; }
     pip_download --no-binary hsf hsf==1.2.3
     pip_download spm-runtime==25.1.2.post4 dipy==1.12.1
+    # pyradiomics' sdist holds two real contrast-enhanced T1 heads with lesion masks
+    # (napari_vaeloc.evaluation.real_lesions); pip refuses it (its metadata names another
+    # version), so it is fetched from PyPI by URL and checked against PyPI's sha256
+    fetch_checked "$downloads/pyradiomics-3.1.0.tar.gz" \
+      24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4 \
+      "https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448ab6b4578f2/pyradiomics-3.1.0.tar.gz"
   fi
   .venv/bin/python -c "import napari_vaeloc, torch; print('napari-vaeloc', napari_vaeloc.__version__, '| torch', torch.__version__)"
 }

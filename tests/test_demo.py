@@ -141,7 +141,8 @@ def test_demo_command_end_to_end(tmp_path, capsys):
         "sample_t1_head_lesion_scores.json",
     } <= names
     scores = json.loads((out / "sample_t1_head_lesion_scores.json").read_text())
-    assert [c["name"] for c in scores["preparation"]["checks"]][-2:] == ["modality", "contrast"]
+    checks = [c["name"] for c in scores["preparation"]["checks"]]
+    assert checks[-3:] == ["modality", "contrast", "contrast agent"]
     assert main(["demo", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--quiet", "--overwrite"]) == 0

@@ -94,7 +94,7 @@ def test_raw_head_in_another_orientation_is_scored_inside_its_brain(raw_head_res
     checks = {c.name: c.level for c in res.preparation.checks}
     assert checks == dict.fromkeys(
         ("voxel size", "skull", "brain volume", "coverage", "registration", "template scaling",
-         "modality", "contrast"), "ok",
+         "modality", "contrast", "contrast agent"), "ok",
     ), res.preparation.lines()  # fmt: skip
 
     # the same lesion in a skull-stripped scan that already lies in the template's space

