@@ -328,18 +328,23 @@ def test_outlined_slice_previews_are_exact_once_the_parts_are_known(sharp):
     assert whole.any()
 
 
-def _sharp_reference(c6, cs, threshold, grow, fraction):
+def _sharp_reference(c6, cs, threshold, grow, fraction, smallest=32):
     """The mask outlined on a sharper map, part by part as step 5 of the combine module states
     it: the parts of ``c6 > grow`` whose peak passes the threshold, each cut at ``fraction`` of
-    its peak on the sharper map ``cs``."""
+    its peak on the sharper map ``cs``, without the cut's pieces of fewer than ``smallest``
+    voxels (MIN_OUTLINE_PIECE_MM3 at 1 mm)."""
     from scipy.ndimage import label
 
-    labels, count = label(c6 > grow, structure=np.ones((3, 3, 3), bool))
+    structure = np.ones((3, 3, 3), bool)
+    labels, count = label(c6 > grow, structure=structure)
     out = np.zeros(c6.shape, np.uint8)
     for i in range(1, count + 1):
         part = labels == i
         if c6[part].max() > threshold:
-            out[part & (cs >= fraction * cs[part].max())] = 1
+            cut = part & (cs >= fraction * cs[part].max())
+            pieces, _ = label(cut, structure=structure)
+            sizes = np.bincount(pieces.ravel())
+            out[cut & (sizes[pieces] >= smallest)] = 1
     return out
 
 
@@ -376,6 +381,33 @@ def test_a_mask_outlined_on_a_sharper_map_equals_a_part_by_part_reference(normal
     np.testing.assert_array_equal(
         post.mask(same), post.mask(same.replace(outline_smoothing_mm=None))
     )
+
+
+def test_loose_voxels_beside_a_sharper_outline_are_not_a_part_of_the_mask():
+    """On a grid of 3 mm slices a few voxels of the sharper map beside a lesion pass its
+    outline level without touching its outline; they are no part of the mask, and a slice
+    preview (after the whole mask) agrees."""
+    from scipy.ndimage import label
+
+    shape = (40, 40, 16)  # 1 x 1 x 3 mm
+    inside, blob = _ball(shape, (20, 20, 8), 5, 0.7)
+    c = 4.0 * blob
+    c[20, 29:31, 8] = 3.0  # 2 voxels (6 mm^3), 4 mm beyond the lesion's edge
+    fg = np.ones(shape, bool)
+    post = _post({"combi": c.astype(np.float32)}, fg, {"scales": {"combi": 1.0}},
+                 spacing=(1.0, 1.0, 3.0), threshold=1.0, smoothing_mm=3.0, grow_threshold=0.1,
+                 outline_fraction=0.3, outline_smoothing_mm=0.0)  # fmt: skip
+    mask = post.mask()
+    _, n = label(mask, structure=np.ones((3, 3, 3), bool))
+    assert n == 1, n
+    assert not mask[20, 29:31, 8].any()
+    assert mask[inside].mean() > 0.9
+    # the loose voxels are in the part the smoothed map finds, and above its outline level
+    alone = post.mask(post.settings.replace(outline_smoothing_mm=None, outline_fraction=0.0))
+    assert alone[20, 29:31, 8].all()
+    pv = post.slice_preview(post.settings.replace(threshold=1.2), 2, 8)
+    assert pv is not None and pv.exact
+    np.testing.assert_array_equal(pv.mask, post.mask(post.settings.replace(threshold=1.2))[:, :, 8])
 
 
 def test_a_sharper_outline_fits_a_lesion_that_the_smoothed_map_widens():
