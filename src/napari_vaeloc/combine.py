@@ -277,11 +277,11 @@ class PostProcessor:
         self._cut_note: tuple[np.ndarray, str | None] | None = None  # (mask, its cut note)
         self._parts: tuple[np.ndarray, float, np.ndarray, np.ndarray] | None = None
         self._peak_cache: tuple[np.ndarray, np.ndarray] | None = None
-        # the sharper map parts are outlined on: (key, map); its parts' peaks and every part's
-        # outline on it, loose pieces dropped: (labels, key, peaks, outline); the unsmoothed
-        # map's median and spread: (key, stats)
+        # the sharper map parts are outlined on: (key, map); every part's outline on it, loose
+        # pieces dropped: (labels, key, outline); the unsmoothed map's median and spread:
+        # (key, stats)
         self._sharp: tuple[tuple, np.ndarray] | None = None
-        self._sharp_outline: tuple[np.ndarray, tuple, np.ndarray, np.ndarray] | None = None
+        self._sharp_outline: tuple[np.ndarray, tuple, np.ndarray] | None = None
         self._raw_stats: tuple[tuple, tuple[float, float] | None] | None = None
         self._sample: np.ndarray | None = None  # foreground voxels for preview statistics
         self._norm_cache: tuple[float, np.ndarray] | None = None
@@ -569,7 +569,7 @@ class PostProcessor:
         cancel: Callable[[], bool] | None,
     ) -> np.ndarray:
         """uint8: every component's outline on the sharper map of ``s`` (at
-        ``outline_fraction`` of its peak there), loose pieces dropped; cached with the peaks.
+        ``outline_fraction`` of its peak there), loose pieces dropped; cached.
         Unsmoothed (``outline_smoothing_mm`` 0), that map is read at the components' voxels
         alone, slab by slab: no volume is made for it."""
         every = np.ones(len(sizes), np.uint8)
@@ -602,7 +602,7 @@ class PostProcessor:
         _stop_if(cancel)
         drop_loose_pieces(out, min_voxels(MIN_OUTLINE_PIECE_MM3, self.spacing, out.ndim))
         with self._lock:
-            self._sharp_outline = (labels, self._sharp_key(s), peaks, out)
+            self._sharp_outline = (labels, self._sharp_key(s), out)
         return out
 
     def _known_sharp_outline(self, s: CombineSettings, labels: np.ndarray) -> np.ndarray | None:
@@ -610,7 +610,7 @@ class PostProcessor:
         the sharper map of ``s``, when known."""
         known = self._sharp_outline
         if known is not None and known[0] is labels and known[1] == self._sharp_key(s):
-            return known[3]
+            return known[2]
         return None
 
     def _unsmoothed_stats(self, s: CombineSettings) -> tuple[float, float] | None:
