@@ -1,5 +1,7 @@
 """Write the real scans with real lesions (pyradiomics' contrast-enhanced T1 heads) as NIfTI
-scan / mask pairs for ``vaeloc evaluate scans``:
+scan / mask pairs for ``vaeloc evaluate scans``.
+
+Usage::
 
     python scripts/real_lesion_scans.py real_lesions
     vaeloc evaluate scans real_lesions --model t1-brain --maps default --device cpu
