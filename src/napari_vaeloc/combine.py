@@ -34,8 +34,9 @@ map and mask everywhere. Its steps, in order:
    *on the sharper map*. The smoothed map still decides where a part is and how far it may
    reach; the sharper one where its edge lies, which a wide Gaussian moves outwards.
    Unsmoothed (``outline_smoothing_mm`` 0, the bundled T1 model's choice on its held-out
-   individuals) the sharper map is read only at the voxels of the kept parts: no volume is
-   made for it. A sharper map's outline can leave a few loose voxels beside a part's edge
+   individuals) the sharper map is read only at the voxels of the parts above the grow level:
+   no float volume is made for it, only one uint8 volume of every part's cut. A sharper
+   map's outline can leave a few loose voxels beside a part's edge
    (3-5 voxels on thick-slice grids); pieces of it smaller than :data:`MIN_OUTLINE_PIECE_MM3`
    are dropped. Parts whose region above the grow level is smaller than the minimum size
    (mm^3) are removed.

@@ -13,6 +13,7 @@ nothing derived is shipped) and written as NIfTI scan / mask pairs in the layout
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,18 +84,20 @@ def write_scan_pairs(folder: str | Path, overwrite: bool = False) -> list[Path]:
     if existing and not overwrite:
         held = ", ".join(existing)
         raise InputError(f"{out} already holds {held}; pass --overwrite to replace them")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # every file made first: none or all land
+        made = []
         for s in SCANS.values():
-            scan_path, mask_path = targets[s.name]
-            for member, dest, pixel in (
-                (s.image, scan_path, None),
-                (s.mask, mask_path, sitk.sitkUInt8),
+            for member, dest, pixel in zip(
+                (s.image, s.mask), targets[s.name], (None, sitk.sitkUInt8), strict=True
             ):
                 raw = Path(tmp) / Path(member).name
                 raw.write_bytes(read_member(archive, member))
                 img = sitk.ReadImage(str(raw))
                 if pixel is not None:
                     img = sitk.Cast(img > 0, pixel)
-                sitk.WriteImage(img, str(dest), True)
+                sitk.WriteImage(img, str(Path(tmp) / dest.name), True)
+                made.append(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        for dest in made:
+            shutil.move(Path(tmp) / dest.name, dest)
     return [scan for scan, _ in targets.values()]
