@@ -690,9 +690,7 @@ def _row(
 
 def _fit_columns(report: Any) -> dict[str, str]:
     checks = list(getattr(report, "checks", []) or [])
-    order = {"ok": 0, "warn": 1, "fail": 2}
-    worst = max((c.level for c in checks), key=lambda lv: order.get(lv, 1), default="none")
-    return {"fit": worst, "fit_checks": "; ".join(f"{c.name}: {c.level}" for c in checks)}
+    return {"fit": report.worst, "fit_checks": "; ".join(f"{c.name}: {c.level}" for c in checks)}
 
 
 def _task_budget(explicit: int | None) -> int | None:

@@ -242,6 +242,13 @@ class PreparationReport:
     def warnings(self) -> list[str]:
         return [c.message for c in self.checks if c.level != "ok"]
 
+    @property
+    def worst(self) -> str:
+        """The worst level of the checks ("ok" < "warn" < "fail"; an unknown level counts as
+        "warn"), "none" without checks."""
+        order = {"ok": 0, "warn": 1, "fail": 2}
+        return max((c.level for c in self.checks), key=lambda lv: order.get(lv, 1), default="none")
+
     def check(self, name: str) -> FitCheck | None:
         return next((c for c in self.checks if c.name == name), None)
 

@@ -68,6 +68,22 @@ def test_evaluate_scans_end_to_end(tmp_path, capsys):
     assert 0 < int(samples[("slice", "kl")]["anomalous"]) < int(samples[("slice", "kl")]["n"])
     assert "| all | slice | kl |" in (out / "scans_t2-brain.md").read_text()
 
+    # each scan's own mask: the lesion case's volumes in ml, the healthy case's marked voxels
+    cases = {r["case"]: r for r in _rows(out / "scans_t2-brain_cases.csv")}
+    assert set(cases) == {"case_a", "case_b"}
+    a, b = cases["case_a"], cases["case_b"]
+    assert a["setting"] == b["setting"] == "default"
+    voxel_ml = float(np.prod(nib.load(scans / "case_a.nii.gz").header.get_zooms()[:3])) / 1000
+    assert float(a["truth_ml"]) == pytest.approx(positives * voxel_ml)
+    assert float(a["covered"]) > 0.5 and 0 < float(a["dice"]) <= 1
+    assert float(a["mask_ml"]) > 0.5 * float(a["truth_ml"])
+    assert float(b["truth_ml"]) == 0 and b["covered"] == "nan" and b["dice"] in ("nan", "0.0")
+    # the pooled flagged fraction is the cases' marked normal voxels over all normal voxels
+    assert 0 <= float(b["flagged"]) < 0.05
+    assert {a["fit"], b["fit"]} <= {"ok", "warn"}
+    md = (out / "scans_t2-brain.md").read_text()
+    assert "| case_a | all | default |" in md and "| case_b | all | default | 0.00 |" in md
+
     for name in ("roc", "pr"):
         img = matplotlib.image.imread(out / f"scans_t2-brain_{name}.png")
         assert img.shape[:2] == (500, 550) and img.shape[2] in (3, 4)
@@ -167,20 +183,34 @@ def test_raw_heads_are_prepared_before_they_are_judged(tmp_path, capsys):
     scans.mkdir()
     shutil.copy(sample_path("t1-head-lesion"), scans / "head.nii.gz")
     shutil.copy(sample_path("t1-head-lesion-truth"), scans / "head_mask.nii.gz")
+    # a T2 brain in the folder: the T1 model's preparation refuses it, the head is still scored
+    mixed = tmp_path / "mixed"
+    shutil.copytree(scans, mixed)
+    shutil.copy(sample_path("t2-healthy"), mixed / "other.nii.gz")
 
-    def default_row(*extra: str) -> dict:
+    def default_row(folder: Path, *extra: str) -> tuple[dict, dict]:
         out = tmp_path / ("raw" if extra else "prepared")
-        args = ["evaluate", "scans", str(scans), "--model", "t1-brain", "--maps", "default"]
+        args = ["evaluate", "scans", str(folder), "--model", "t1-brain", "--maps", "default"]
         args += ["--out", str(out), "--device", "cpu", "--quiet", "--examples", "0", *extra]
         assert main(args) == 0
         rows = {(r["map"], r["region"]): r for r in _rows(out / "scans_t1-brain.csv")}
-        return rows[("default", "foreground")]
+        cases = {r["case"]: r for r in _rows(out / "scans_t1-brain_cases.csv")}
+        return rows[("default", "foreground")], cases
 
-    prepared = default_row()
-    as_given = default_row("--prepare", "none")
+    prepared, cases = default_row(mixed)
+    printed = capsys.readouterr().out
+    as_given, given_cases = default_row(scans, "--prepare", "none")
     capsys.readouterr()
     assert float(prepared["auroc"]) > 0.95 and float(prepared["dice_at_threshold"]) > 0.6
     assert float(as_given["dice_at_threshold"]) < 0.3
     # judged inside the extracted brain on the scan's grid, not over the whole head
     head = int(np.prod(nib.load(scans / "head.nii.gz").shape))
     assert int(prepared["voxels"]) < head // 3
+    # the refused scan is named with its failed check, counted nowhere, and the run goes on
+    assert int(prepared["cases"]) == 1
+    other = cases["other"]
+    assert other["fit"] == "fail" and "modality: fail" in other["checks"]
+    assert other["dice"] == "nan" and other["setting"] == ""
+    assert "note: other: refused by the preparation" in printed
+    assert cases["head"]["fit"] in ("ok", "warn") and float(cases["head"]["dice"]) > 0.6
+    assert given_cases["head"]["fit"] == "not prepared"

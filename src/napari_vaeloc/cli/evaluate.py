@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 EVALUATE_EPILOG = (
     "Writes into --out: STEM.csv (pixel rows), STEM_samples.csv (slice and volume rows), "
-    "STEM.md (both tables), STEM_roc.png and STEM_pr.png (pooled curves inside the foreground) "
-    "and STEM_examples.png (example slices; not with --examples 0)."
+    "STEM_cases.csv (each case's own mask and how its preparation judged it), "
+    "STEM.md (the three tables), STEM_roc.png and STEM_pr.png (pooled curves inside the "
+    "foreground) and STEM_examples.png (example slices; not with --examples 0)."
 )
 RESULTS_HELP = "output folder (default: %(default)s)"
 
@@ -469,6 +470,7 @@ def _evaluation_targets(out: Path, stem: str, examples: int) -> dict[str, Path]:
     return {
         "csv": out / f"{stem}.csv",
         "samples": out / f"{stem}_samples.csv",
+        "cases": out / f"{stem}_cases.csv",
         "md": out / f"{stem}.md",
         **plot_paths(out, stem, examples > 0),
     }
@@ -552,18 +554,26 @@ def _write_evaluation(
 ) -> None:
     """Print the tables and notes, and write CSVs, Markdown and PNGs."""
     from ..evaluation.plots import write_plots
-    from ..evaluation.runner import rename_group, rows_to_csv, rows_to_markdown
+    from ..evaluation.runner import (
+        cases_to_markdown,
+        rename_group,
+        rows_to_csv,
+        rows_to_markdown,
+    )
     from ..io import write_text_atomic
 
     pixel = rename_group(report.pixel_rows, group_key)
     samples = rename_group(report.sample_rows, group_key)
     table = rows_to_markdown(pixel + samples)
-    print(table)
+    per_case = cases_to_markdown(report.case_rows)
+    print(f"{table}\n\n{per_case}")
     for note in report.notes:
         print(f"note: {note}")
     write_text_atomic(rows_to_csv(pixel), targets["csv"], overwrite=args.overwrite)
     write_text_atomic(rows_to_csv(samples), targets["samples"], overwrite=args.overwrite)
-    write_text_atomic(table + "\n", targets["md"], overwrite=args.overwrite)
+    write_text_atomic(rows_to_csv(report.case_rows), targets["cases"], overwrite=args.overwrite)
+    notes = "".join(f"\nnote: {n}\n" for n in report.notes)
+    write_text_atomic(f"{table}\n\n{per_case}\n{notes}", targets["md"], overwrite=args.overwrite)
     stem = targets["csv"].name[: -len(".csv")]
     write_plots(report, targets["csv"].parent, stem, title=title, overwrite=args.overwrite)
     for p in targets.values():

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..combine import CombineSettings, PostProcessor
 from ..engine import EngineOptions, localize
-from ..errors import InputError
+from ..errors import InputError, MisfitError
 from ..io import Volume
 from ..mapnames import EVALUATED_MAPS, PIXEL_MAPS, SLICE_SCORES, check_names
 from ..models.store import LoadedModel
@@ -36,6 +36,7 @@ __all__ = [
     "Case",
     "EvaluationReport",
     "ExampleSlice",
+    "cases_to_markdown",
     "evaluate_cases",
     "parse_map_names",
     "pixel_metrics",
@@ -108,6 +109,14 @@ class EvaluationReport:
         examples: example slices for figures.
         maps: the evaluated map names in order (components, then the settings' names).
         notes: why some metrics are NaN.
+        case_rows: one dict per case and settings (one per case without settings), in case
+            order, with keys case, group, setting, truth_ml, mask_ml, dice, covered, flagged,
+            fit, checks: the case's own mask (ml: millilitres on the case's grid; ``covered``:
+            the fraction of the truth inside the mask, NaN for a healthy case; ``flagged``: the
+            fraction of the case's normal foreground voxels the mask marks), and how its
+            preparation judged the scan (``fit``: the worst check's level, "not prepared" when
+            the case was scored as given; ``checks``: the checks that did not pass, as
+            ``name: level (message)`` joined by "; ").
     """
 
     pixel_rows: list[dict]
@@ -116,6 +125,7 @@ class EvaluationReport:
     examples: list[ExampleSlice] = field(default_factory=list)
     maps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    case_rows: list[dict] = field(default_factory=list)
 
     def curves(self, group: str = ALL, region: str = "foreground") -> dict[str, PixelAccumulator]:
         """map -> accumulator of one group and region, in map order (for ROC / PR plots)."""
@@ -259,11 +269,14 @@ def evaluate_cases(
 
     Cases are consumed one at a time (an iterator keeps one volume in memory). Healthy cases
     (all-zero truth) add normal voxels, slices and volumes. A case whose region is empty is
-    skipped. Slice scores are the engine's per-slice kl, rec and elbo (unscored, empty slices are
+    skipped. A scan the preparation refuses (:class:`~napari_vaeloc.errors.MisfitError`) is not
+    scored: it gets its case row (``fit`` "fail") and a note, and the other cases go on. Slice
+    scores are the engine's per-slice kl, rec and elbo (unscored, empty slices are
     left out); a slice is anomalous when it holds truth inside the region.
 
     Raises:
-        InputError: unknown map names, a truth or region of the wrong shape, or no case counted.
+        InputError: unknown map names, a truth or region of the wrong shape, or no case counted
+            (every case refused: the message names each with its reason).
     """
     maps = tuple(maps)
     check_names(maps, PIXEL_MAPS, "maps")
@@ -281,6 +294,8 @@ def evaluate_cases(
     groups: dict[str, _Group] = {}
     picker = _ExamplePicker(examples)
     options = EngineOptions(device=device)
+    case_rows: list[dict] = []
+    refused: dict[str, None] = {}
     for i, case in enumerate(cases):
         shape = case.volume.shape
         truth = np.asarray(case.truth) > 0
@@ -299,8 +314,18 @@ def evaluate_cases(
             if progress:
                 progress(i + 1)
             continue
-        res = localize(case.volume, model, options, maps=needed, prepare=prepare)
         group = str(case.info.get(group_by, ALL)) if group_by else ALL
+        try:
+            res = localize(case.volume, model, options, maps=needed, prepare=prepare)
+        except MisfitError as exc:  # refused by the preparation: recorded, the others go on
+            name = _case_name(case, i)
+            refused[f"{name}: refused by the preparation ({exc}); not scored"] = None
+            row = {"case": name, "group": group, "setting": ""}
+            overlap = _case_overlap(None, truth, truth, _ml(case.volume))
+            case_rows.append({**row, **overlap, **_fit(exc)})
+            if progress:
+                progress(i + 1)
+            continue
         g = groups.setdefault(group, _Group(names, list(named)))
         g.cases += 1
         fg = res.foreground | truth
@@ -309,12 +334,20 @@ def evaluate_cases(
         where = {"foreground": fg, "image": region}
         scored = {k: res.maps[k] for k in maps}
         post = PostProcessor(res)
+        fit = _fit(res.prepared)
+        row = {"case": _case_name(case, i), "group": group}
+        ml = _ml(case.volume)
         for name, s in named.items():
             post.settings = s
             c = post.combination()
             scored[name] = c.combined
             for r in REGIONS:
                 g.overlaps[(name, r)].add(c.mask, truth, where[r])
+            overlap = _case_overlap(c.mask, truth, fg, ml)
+            case_rows.append({**row, "setting": name, **overlap, **fit})
+        if not named:
+            overlap = _case_overlap(None, truth, fg, ml)
+            case_rows.append({**row, "setting": "", **overlap, **fit})
         for name, values in scored.items():
             for r in REGIONS:
                 g.pixels[(name, r)].add(values, truth, where[r])
@@ -336,8 +369,49 @@ def evaluate_cases(
         if progress:
             progress(i + 1)
     if not groups:
-        raise InputError("no cases to evaluate")
-    return _report(groups, names, named, picker.result())
+        raise InputError("no cases to evaluate" + (f": {'; '.join(refused)}" if refused else ""))
+    out = _report(groups, names, named, picker.result())
+    out.case_rows = case_rows
+    out.notes = [*refused, *out.notes]
+    return out
+
+
+def _ml(volume: Volume) -> float:
+    """Millilitres per voxel of ``volume``."""
+    return float(np.prod(volume.spacing)) / 1000.0
+
+
+def _case_overlap(
+    mask: np.ndarray | None, truth: np.ndarray, foreground: np.ndarray, ml: float
+) -> dict:
+    """One case's mask against its truth (``mask`` None: no mask; NaN columns)."""
+    nan = math.nan
+    n_truth = int(truth.sum())
+    if mask is None:
+        return dict(truth_ml=n_truth * ml, mask_ml=nan, dice=nan, covered=nan, flagged=nan)
+    hit = int((mask & truth).sum())
+    n_mask = int(mask.sum())
+    normal = foreground & ~truth
+    n_normal = int(normal.sum())
+    return dict(
+        truth_ml=n_truth * ml,
+        mask_ml=n_mask * ml,
+        dice=2.0 * hit / (n_mask + n_truth) if n_mask + n_truth else nan,
+        covered=hit / n_truth if n_truth else nan,
+        flagged=int((mask & normal).sum()) / n_normal if n_normal else nan,
+    )
+
+
+def _fit(prepared: object | None) -> dict:
+    """How the preparation judged a case's scan (``prepared``: a
+    :class:`~napari_vaeloc.prepare.Prepared`, or the :class:`MisfitError` that refused it): the
+    worst check's level and the checks that did not pass (see
+    :attr:`EvaluationReport.case_rows`)."""
+    report = getattr(prepared, "report", None)
+    if report is None:
+        return {"fit": "not prepared", "checks": ""}
+    failed = [f"{c.name}: {c.level} ({c.message})" for c in report.checks if c.level != "ok"]
+    return {"fit": report.worst, "checks": "; ".join(failed)}
 
 
 def _report(
@@ -527,12 +601,13 @@ def rows_to_markdown(rows: Sequence[dict]) -> str:
         g = "kind" if "kind" in pixel[0] else "group"
         lines = [
             f"| {g} | map | region | pixel AUROC | AP | best Dice | Dice at threshold | "
-            "threshold | cases | anomalous voxels | voxels |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "normal voxels marked (%) | threshold | cases | anomalous voxels | voxels |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {r[g]} | {r['map']} | {r['region']} | {_fmt(r['auroc'])} | {_fmt(r['ap'])} | "
             f"{_fmt(r['best_dice'])} | {_fmt(r['dice_at_threshold'])} | "
+            f"{_fmt(r.get('flagged', math.nan) * 100, '.2f')} | "
             f"{_fmt(r['threshold'], '.3g')} | {r['cases']} | {r['positives']} | {r['voxels']} |"
             for r in pixel
         ]
@@ -550,3 +625,25 @@ def rows_to_markdown(rows: Sequence[dict]) -> str:
         ]
         tables.append("\n".join(lines))
     return "\n\n".join(tables)
+
+
+def cases_to_markdown(rows: Sequence[dict]) -> str:
+    """A Markdown table of :attr:`EvaluationReport.case_rows`: one line per case and settings,
+    volumes in ml, the flagged fraction in percent, the checks that did not pass last."""
+    lines = [
+        "| case | group | settings | lesion ml | mask ml | Dice | lesion covered | "
+        "normal voxels marked | fit | checks not passed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def percent(v: float, digits: int) -> str:
+        return "n/a" if math.isnan(v) else f"{v * 100:.{digits}f} %"
+
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['group']} | {r['setting'] or 'n/a'} | "
+            f"{_fmt(r['truth_ml'], '.2f')} | {_fmt(r['mask_ml'], '.2f')} | {_fmt(r['dice'])} | "
+            f"{percent(r['covered'], 0)} | {percent(r['flagged'], 2)} | {r['fit']} | "
+            f"{r['checks'] or '-'} |"
+        )
+    return "\n".join(lines)
