@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -153,3 +154,9 @@ def test_the_command_says_which_test_anatomy_got_cases(tmp_path, capsys):
     assert "note: spm-avg152t1 got no case" in out and "--cases 2 or more" in out
     record = json.loads(next(tmp_path.glob("individual_*.json")).read_text())
     assert record["cases_per_anatomy"] == {"pycortex-s1": 2, "spm-avg152t1": 0}
+    # each case's own row names the test anatomy it was made from
+    with open(next(tmp_path.glob("individual_*_cases.csv"))) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["case"] for r in rows] == ["tumour medium 0 (pycortex-s1)", "healthy 0 (pycortex-s1)"]
+    assert [r["group"] for r in rows] == ["tumour medium", "healthy"]
+    assert float(rows[0]["truth_ml"]) > 0 and float(rows[1]["truth_ml"]) == 0

@@ -402,14 +402,15 @@ def individual_cases(
             vol = Volume(an.volume, a.volume.affine, a.volume.header, None, "float32")
             apply_prepared(a.prepared, vol, a.template, settings)
             info = {**an.info, "size": size, "group": group_name(kind, size)}
-            info.update(case=j, anatomy=a.source.key, name=f"{kind} {size} {j}")
+            info.update(case=j, anatomy=a.source.key, name=f"{kind} {size} {j} ({a.source.key})")
             yield Case(vol, an.mask, info, region=a.brain)
     for j in range(healthy):
         a = anatomies[j % len(anatomies)]
         apply_prepared(a.prepared, a.volume, a.template, settings)
         info = {"kind": HEALTHY, "size": "", "group": HEALTHY, "case": j, "anatomy": a.source.key}
         truth = np.zeros(a.volume.shape, np.uint8)
-        yield Case(a.volume, truth, {**info, "name": f"healthy {j}"}, region=a.brain)
+        name = f"healthy {j} ({a.source.key})"
+        yield Case(a.volume, truth, {**info, "name": name}, region=a.brain)
 
 
 # -- summary -----------------------------------------------------------------------------------
