@@ -114,6 +114,23 @@ def test_mask_of_the_wrong_shape_is_named(tmp_path, capsys):
     assert "choose from rec_error" in capsys.readouterr().err
 
 
+def test_a_folder_the_model_refuses_whole_is_one_line(tmp_path, capsys):
+    """Every scan refused by the preparation: one line naming each with its reason, no files,
+    and advice that this command takes (it has no --model auto)."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(sample_path("t2-healthy"), scans / "t2.nii.gz")
+    out = tmp_path / "out"
+    args = ["evaluate", "scans", str(scans), "--model", "t1-brain", "--maps", "default"]
+    assert main([*args, "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    said = capsys.readouterr()
+    err = said.err
+    assert said.out.startswith("1 scan, 0 with a mask\n")
+    assert err.startswith("vaeloc: error: no cases to evaluate: t2: refused by the preparation")
+    assert "not T1" in err and "--model auto" not in err and "(--model NAME" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
 def test_pairs_by_suffix_and_by_folder(tmp_path):
     d = tmp_path / "d"
     d.mkdir()

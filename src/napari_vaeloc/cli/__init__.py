@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             print("preparation:", file=sys.stderr)  # laid out as a run that goes on lays it out
             for line in report.refusal_lines():
                 print(f"  {line}", file=sys.stderr)
-        print(f"vaeloc: error: {options.in_option_words(one_line(exc))}", file=sys.stderr)
+        said = options.in_option_words(one_line(exc), getattr(args, "model_auto", True))
+        print(f"vaeloc: error: {said}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the front itself could not read or write
         print(f"vaeloc: error: {describe_os_error(exc)}", file=sys.stderr)

@@ -300,7 +300,8 @@ def run_scans(args: argparse.Namespace) -> int:
     prepared = _prepare_evaluation(args, model, "scans")
     pairs = find_pairs(args.folder, args.masks)
     healthy = [p for p in pairs if p.mask is None]
-    print(f"{len(pairs)} scans, {len(pairs) - len(healthy)} with a mask")
+    n = len(pairs)
+    print(f"{n} scan{'s' * (n != 1)}, {n - len(healthy)} with a mask")
     for p in healthy:
         print(f"{p.scan.name}: no mask, counted as healthy (all-zero truth)")
     title = f"{model.card.name} on {len(pairs)} scans"

@@ -40,6 +40,7 @@ def add_model(
         help=help
         or "bundled model name (see `vaeloc models`) or a model folder (default: %(default)s)",
     )
+    p.set_defaults(model_auto=default == AUTO_MODEL)
 
 
 def load_model_option(args: argparse.Namespace) -> LoadedModel:
@@ -345,9 +346,14 @@ OPTION_WORDS = {
 }
 
 
-def in_option_words(message: str) -> str:
-    """``message`` with the preparation's advice naming this command line's options."""
+def in_option_words(message: str, model_auto: bool = True) -> str:
+    """``message`` with the preparation's advice naming this command line's options;
+    ``model_auto``: the command takes ``--model auto`` (``vaeloc evaluate`` does not: its
+    scans share one model)."""
     for words, here in OPTION_WORDS.items():
         if here not in message:
             message = message.replace(words, here)
-    return re.sub(r"(choose an? \w+ model)(?! \()", r"\1 (--model auto picks one)", message)
+    hint = r"\1 (--model NAME; `vaeloc models` lists them)"
+    if model_auto:
+        hint = r"\1 (--model auto picks one)"
+    return re.sub(r"(choose an? \w+ model)(?! \()", hint, message)

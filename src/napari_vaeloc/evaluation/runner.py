@@ -631,7 +631,7 @@ def cases_to_markdown(rows: Sequence[dict]) -> str:
     """A Markdown table of :attr:`EvaluationReport.case_rows`: one line per case and settings,
     volumes in ml, the flagged fraction in percent, the checks that did not pass last."""
     lines = [
-        "| case | group | settings | lesion ml | mask ml | Dice | lesion covered | "
+        "| case | group | setting | lesion ml | mask ml | Dice | lesion covered | "
         "normal voxels marked | fit | checks not passed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
