@@ -1052,3 +1052,18 @@ def test_a_value_next_to_its_limit_is_not_written_as_the_limit(t1):
     assert failed.level == "fail" and "best r = 0.249," in failed.message, failed
     plain = modality_check({"T1": 0.31, "T2": 0.1}, template)  # far from a limit: 2 decimals
     assert "best r = 0.31," in plain.message, plain
+
+
+def test_thick_slices_are_named_by_their_plane():
+    """The voxel-size check names the plane of thick slices from the affine, whatever the
+    voxel order: a scan's largest side along the world's A-P axis is in coronal slices."""
+    from napari_vaeloc.prepare import thick_slices
+
+    data = np.arange(512, dtype=np.float32).reshape(8, 8, 8)
+    lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+    for axis, plane in ((0, "sagittal"), (1, "axial"), (2, "coronal")):
+        affine = lia.copy()
+        affine[:3, axis] *= 5.0
+        assert thick_slices(Volume.from_array(data, affine)) == plane
+    assert thick_slices(Volume.from_array(data, np.diag([1.0, 1.0, 1.4, 1.0]))) is None
+    assert thick_slices(Volume.from_array(data, np.diag([1.0, 1.0, 1.5, 1.0]))) == "axial"

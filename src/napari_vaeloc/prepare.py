@@ -50,6 +50,7 @@ import numpy as np
 from .errors import Cancelled, InputError, MisfitError
 from .fieldofview import FieldOfView, background_level, find_field_of_view
 from .io import Volume, load_volume, orientation_unknown
+from .mapnames import AXES
 from .preprocess import CHUNK_VOXELS, bounding_box, clip_outliers, fill_holes, outlier_note
 
 if TYPE_CHECKING:
@@ -837,6 +838,25 @@ def extract_brain(
     return mask
 
 
+#: a scan is in thick slices when its largest voxel side is at least this many times its
+#: smallest
+THICK_SLICE_RATIO = 1.5
+
+
+def thick_slices(volume: Volume) -> str | None:
+    """The plane of a scan's slices when they are thick ("axial", "coronal" or "sagittal":
+    the voxel axis of the largest side, :data:`THICK_SLICE_RATIO` or more times the smallest,
+    runs mainly along the world's S-I, A-P or L-R axis), None for near-isotropic voxels. On
+    the real pycortex head, 4-6 mm coronal slices brought false parts of 4.7-12.7 ml, axial
+    ones none (docs/results.md)."""
+    spacing = [float(v) for v in volume.spacing[:3]]
+    if len(spacing) < 3 or max(spacing) < THICK_SLICE_RATIO * min(spacing):
+        return None
+    axis = int(np.argmax(spacing))
+    world = int(np.argmax(np.abs(_axes(volume.affine)[:, axis])))
+    return next(name for name, ras in AXES.items() if ras == world)
+
+
 def _axes(affine: np.ndarray) -> np.ndarray:
     """The unit column vectors of a voxel-to-world affine's linear part (3x3)."""
     linear = np.asarray(affine, np.float64)[:3, :3]
@@ -1360,13 +1380,14 @@ def prepare(
     t0 = begin(STAGES[0])
     worst, work_mm = max(volume.spacing), min(template.image.spacing)
     level = _level(worst, VOXEL_MM, higher_is_better=False)
-    report.checks.append(
-        FitCheck(
-            "voxel size", level, round(worst, 3),
-            f"largest voxel side {worst:.2g} mm"
-            + ("" if level == "ok" else f" (the model works at {work_mm:.2g} mm)"),
-        )
-    )  # fmt: skip
+    plane = thick_slices(volume)
+    said = f"largest voxel side {worst:.2g} mm" + (f": {plane} slices" if plane else "")
+    if level != "ok":
+        said += f" (the model works at {work_mm:.2g} mm"
+        if plane in ("coronal", "sagittal"):
+            said += f"; thick {plane} slices can bring false parts, read them with care"
+        said += ")"
+    report.checks.append(FitCheck("voxel size", level, round(worst, 3), said))
     if level == "fail":
         raise InputError(
             f"the scan's voxels are {worst:.2g} mm along one side, too coarse to localize "

@@ -122,7 +122,10 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     want += ")"
     assert want in lines, lines
     # each check once: its line says it warns; no second "warning:" line
-    assert "check voxel size: warn (largest voxel side 4 mm" in captured.out
+    assert (
+        "check voxel size: warn (largest voxel side 4 mm: coronal slices (the model works at "
+        "2 mm; thick coronal slices can bring false parts, read them with care)" in captured.out
+    )
     assert (captured.out + err).count("largest voxel side") == 1, captured
     # --quiet: the warning alone, on stderr; the paper's preset names its threshold
     again = ["localize", str(scan), "--out", str(out), "--overwrite", "--quiet"]
