@@ -116,7 +116,7 @@ def test_mask_of_the_wrong_shape_is_named(tmp_path, capsys):
 
 def test_a_folder_the_model_refuses_whole_is_one_line(tmp_path, capsys):
     """Every scan refused by the preparation: one line naming each with its reason, no files,
-    and advice that this command takes (it has no --model auto)."""
+    and advice that this command takes."""
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copy(sample_path("t2-healthy"), scans / "t2.nii.gz")
@@ -127,7 +127,36 @@ def test_a_folder_the_model_refuses_whole_is_one_line(tmp_path, capsys):
     err = said.err
     assert said.out.startswith("1 scan, 0 with a mask\n")
     assert err.startswith("vaeloc: error: no cases to evaluate: t2: refused by the preparation")
-    assert "not T1" in err and "--model auto" not in err and "(--model NAME" in err
+    assert "not T1" in err and "(--model auto picks one)" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_model_auto_is_chosen_on_the_first_recognised_scan(tmp_path, capsys):
+    """The default --model auto: a scan nothing is recognised in is passed over, the model is
+    the one of the first scan whose modality is, that scan named; it scores every scan."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    rng = np.random.default_rng(0)
+    _save(scans / "a_noise.nii.gz", rng.random((40, 48, 40)).astype(np.float32))
+    shutil.copy(sample_path("t1-head"), scans / "b_head.nii.gz")
+    out = tmp_path / "out"
+    args = ["evaluate", "scans", str(scans), "--maps", "default", "--examples", "0"]
+    assert main([*args, "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "model: t1-brain (b_head looks like T1, r = " in said
+    assert (out / "scans_t1-brain_cases.csv").exists()
+    assert "a_noise" in (out / "scans_t1-brain_cases.csv").read_text()
+
+
+def test_model_auto_without_a_recognised_scan_is_one_line(tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    rng = np.random.default_rng(0)
+    _save(scans / "noise.nii.gz", rng.random((40, 48, 40)).astype(np.float32))
+    out = tmp_path / "out"
+    assert main(["evaluate", "scans", str(scans), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaeloc: error: --model auto: no scan's modality was recognised (noise:")
     assert err.count("\n") == 1 and not out.exists()
 
 

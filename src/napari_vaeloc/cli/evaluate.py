@@ -7,13 +7,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OutputExistsError, VaelocError
+from ..errors import OutputExistsError, VaelocError, one_line
 from ..mapnames import PIXEL_MAPS
 from . import options
 
 if TYPE_CHECKING:
     from ..combine import CombineSettings
     from ..evaluation.runner import EvaluationReport
+    from ..evaluation.scan_pairs import ScanPair
     from ..models.store import LoadedModel
     from ..prepare import PrepareSettings
 
@@ -119,10 +120,17 @@ def _add_scans(evs: argparse._SubParsersAction) -> None:
     sc.add_argument(
         "--masks", default=None, help="folder of masks named like the scans (default: suffixes)"
     )
-    options.add_model(sc)
+    options.add_model(sc, default=options.AUTO_MODEL, help=SCANS_MODEL_HELP)
     options.add_prepare(sc)
     _evaluation_arguments(sc)
     sc.set_defaults(func=run_scans)
+
+
+SCANS_MODEL_HELP = (
+    "bundled model name (see `vaeloc models`), a model folder, or auto: the bundled model of "
+    "the modality the folder's scans look like (T1 or T2: the first scan, in name order, whose "
+    "modality is recognised; every scan is scored with that one model) (default: %(default)s)"
+)
 
 
 def _add_brain(evs: argparse._SubParsersAction) -> None:
@@ -294,11 +302,15 @@ def run_synthetic(args: argparse.Namespace) -> int:
 
 def run_scans(args: argparse.Namespace) -> int:
     """Scans of a folder against their ground-truth masks; returns the exit status."""
+    from ..evaluation.runner import parse_map_names
     from ..evaluation.scan_pairs import find_pairs, iter_cases
+    from ..io import check_output_folder
 
-    model = options.load_model_option(args)
-    prepared = _prepare_evaluation(args, model, "scans")
+    parse_map_names(args.maps)  # what needs no scan is refused first
+    check_output_folder(args.out)
     pairs = find_pairs(args.folder, args.masks)
+    model = _scans_model(args, pairs)
+    prepared = _prepare_evaluation(args, model, "scans")
     healthy = [p for p in pairs if p.mask is None]
     n = len(pairs)
     print(f"{n} scan{'s' * (n != 1)}, {n - len(healthy)} with a mask")
@@ -315,6 +327,40 @@ def run_scans(args: argparse.Namespace) -> int:
         "group",
         title,
         prepare=options.prepare_settings(args),
+    )
+
+
+def _scans_model(args: argparse.Namespace, pairs: list[ScanPair]) -> LoadedModel:
+    """The model ``--model`` names, or for auto the bundled model of the first scan (in name
+    order) whose modality is recognised (:func:`napari_vaeloc.pipeline.model_for_scan`; its
+    preparation is cached, so scoring that scan does not repeat it); one line says which.
+
+    Raises:
+        InputError: auto, and no scan's modality is recognised (each scan named with why).
+    """
+    from ..errors import InputError
+    from ..io import load_volume
+    from ..models.store import cached_model
+    from ..pipeline import model_for_scan
+
+    if args.model != options.AUTO_MODEL:
+        return options.load_model_option(args)
+    settings = options.prepare_settings(args)
+    why = []
+    for pair in pairs:
+        said: list[str] = []
+        try:
+            volume = load_volume(pair.scan)
+            name = model_for_scan(args.model, volume, settings, log=said.append)
+        except VaelocError as exc:  # not recognised, or not preparable: try the next scan
+            why.append(f"{pair.name}: {one_line(exc).removeprefix('--model auto: ')}")
+            continue
+        for line in said or [f"model: {name}"]:  # "model: t1-brain (NAME looks like T1, ...)"
+            print(line.replace("the scan", pair.name, 1), flush=True)
+        return cached_model(name)
+    raise InputError(
+        "--model auto: no scan's modality was recognised (" + "; ".join(why) + "); name a "
+        "model with --model (see `vaeloc models`)"
     )
 
 

@@ -348,8 +348,8 @@ OPTION_WORDS = {
 
 def in_option_words(message: str, model_auto: bool = True) -> str:
     """``message`` with the preparation's advice naming this command line's options;
-    ``model_auto``: the command takes ``--model auto`` (``vaeloc evaluate`` does not: its
-    scans share one model)."""
+    ``model_auto``: the command takes ``--model auto`` (``vaeloc evaluate``'s benchmarks
+    do not: they score built-in anatomy with the model named)."""
     for words, here in OPTION_WORDS.items():
         if here not in message:
             message = message.replace(words, here)

@@ -269,8 +269,10 @@ def evaluate_cases(
 
     Cases are consumed one at a time (an iterator keeps one volume in memory). Healthy cases
     (all-zero truth) add normal voxels, slices and volumes. A case whose region is empty is
-    skipped. A scan the preparation refuses (:class:`~napari_vaeloc.errors.MisfitError`) is not
-    scored: it gets its case row (``fit`` "fail") and a note, and the other cases go on. Slice
+    skipped. A scan the preparation refuses (:class:`~napari_vaeloc.errors.MisfitError`), or
+    that cannot be scored at all (any other :class:`~napari_vaeloc.errors.InputError` of the
+    engine: no brain structure, too large, ...), is not scored: it gets its case row (``fit``
+    "fail", ``checks`` the reason) and a note, and the other cases go on. Slice
     scores are the engine's per-slice kl, rec and elbo (unscored, empty slices are
     left out); a slice is anomalous when it holds truth inside the region.
 
@@ -317,12 +319,15 @@ def evaluate_cases(
         group = str(case.info.get(group_by, ALL)) if group_by else ALL
         try:
             res = localize(case.volume, model, options, maps=needed, prepare=prepare)
-        except MisfitError as exc:  # refused by the preparation: recorded, the others go on
+        except InputError as exc:  # refused or unscorable: recorded, the others go on
             name = _case_name(case, i)
-            refused[f"{name}: refused by the preparation ({exc}); not scored"] = None
+            misfit = isinstance(exc, MisfitError)
+            why = "refused by the preparation" if misfit else "cannot be scored"
+            refused[f"{name}: {why} ({exc}); not scored"] = None
             row = {"case": name, "group": group, "setting": ""}
             overlap = _case_overlap(None, truth, truth, _ml(case.volume))
-            case_rows.append({**row, **overlap, **_fit(exc)})
+            fit = _fit(exc) if misfit else {"fit": "fail", "checks": str(exc)}
+            case_rows.append({**row, **overlap, **fit})
             if progress:
                 progress(i + 1)
             continue
