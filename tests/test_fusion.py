@@ -79,6 +79,29 @@ def test_other_axis_or_no_companions(t1):
         localize(vol, load_model("t1-brain-coronal"), EngineOptions(device="cpu"), fuse=True)
 
 
+def test_the_companion_slicing_thick_slabs_is_left_out(t1):
+    """Given the plane of the scan's thick slabs, the companion that slices along it is left
+    out of the average with a note; the model's own axis is always scored. A scan on a grid of
+    thick coronal slices (4 mm along A-P) reads that plane itself."""
+    model, vol = t1
+    res = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, slab_plane="coronal")
+    assert res.fused_axes == ("axial", "sagittal"), res.fused_axes
+    assert any(n.startswith("t1-brain-coronal left out of the fusion") for n in res.notes)
+    both = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS)
+    assert not np.allclose(res.maps["kl_grad"], both.maps["kl_grad"])
+    axial = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, slab_plane="axial")
+    assert axial.fused_axes == ("axial", "coronal", "sagittal")  # the model's own axis stays
+    # pairs of coronal slices averaged: 2 x 2 x 4 mm, the A-P axis the second of this grid
+    assert np.argmax(np.abs(vol.affine[:3, 1])) == 1
+    n = vol.shape[1] // 2 * 2
+    data = vol.data[:, :n].reshape(vol.shape[0], n // 2, 2, vol.shape[2]).mean(axis=2)
+    affine = vol.affine.copy()
+    affine[:3, 1] *= 2
+    thick = localize(Volume.from_array(data, affine), model, EngineOptions(device="cpu"),
+                     maps=MAPS, prepare=None)  # fmt: skip
+    assert thick.fused_axes == ("axial", "sagittal"), thick.notes
+
+
 def test_a_single_slice_is_scored_along_its_plane_alone(t1):
     """A 2D image is one slice: the other axes' models would score rows one voxel wide, so
     it is not fused (and fusion asked for is refused), and the notes agree."""

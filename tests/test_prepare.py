@@ -1067,3 +1067,17 @@ def test_thick_slices_are_named_by_their_plane():
         assert thick_slices(Volume.from_array(data, affine)) == plane
     assert thick_slices(Volume.from_array(data, np.diag([1.0, 1.0, 1.4, 1.0]))) is None
     assert thick_slices(Volume.from_array(data, np.diag([1.0, 1.0, 1.5, 1.0]))) == "axial"
+
+
+def test_slab_plane_is_only_for_slices_past_the_voxel_size_warning():
+    """The engine leaves a fused companion out only for slices the voxel-size check warns on
+    (over 3 mm): at 3 mm that network still helped on the real head."""
+    from napari_vaeloc.prepare import slab_plane
+
+    data = np.arange(512, dtype=np.float32).reshape(8, 8, 8)
+    lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+    for side, plane in ((3.0, None), (3.5, "coronal"), (6.0, "coronal")):
+        affine = lia.copy()
+        affine[:3, 2] *= side
+        assert slab_plane(Volume.from_array(data, affine)) == plane, side
+    assert slab_plane(Volume.from_array(data, np.diag([4.0, 4.0, 4.0, 1.0]))) is None  # coarse

@@ -260,6 +260,7 @@ def localize(
     maps: tuple[str, ...] | None = None,
     fuse: bool | None = None,
     prepare: PrepareSettings | str | None = "auto",
+    slab_plane: str | None = None,
 ) -> LocalizationResult:
     """Score every slice of ``volume`` with ``model`` and map the results back to its grid;
     with companion models for the other slicing axes, average their maps in.
@@ -281,8 +282,13 @@ def localize(
     True); a card that fuses by default scored along one axis gets a note that its calibrated
     threshold and rates were measured fused. Each companion's maps are divided by its
     own calibrated scale and multiplied by the model's, so the average stays in the model's
-    units; the reconstruction and the slice scores are the model's own. Other arguments:
-    :func:`localize_axis`.
+    units; the reconstruction and the slice scores are the model's own. A companion that
+    slices along the plane of the scan's thick slabs is left out, with a note
+    (:func:`napari_vaeloc.prepare.slab_plane`: slices over 3 mm; ``slab_plane`` gives that
+    plane for a ``volume`` resampled from the scan, None reads it from ``volume``): each of its
+    slices would be an average of 4-6 mm of anatomy, thicker than any it learned, and on a
+    real head in 4-6 mm coronal slices it alone raised the fused map into false parts of
+    4.6-13 ml (docs/results.md). Other arguments: :func:`localize_axis`.
 
     Raises:
         InputError: unknown maps, no companions for ``fuse=True``, too little memory.
@@ -293,15 +299,21 @@ def localize(
     wanted = maps_for(model.card) if maps is None else tuple(maps)
     fused = [k for k in wanted if k != "reconstruction"]
     # refused before any work
+    from .prepare import slab_plane as thick_plane
+
+    plane = slab_plane or thick_plane(volume)
     companions = _fusion_companions(model, fuse, axis, fused, volume.shape)
     if settings is not None and settings.enabled:
-        res = _localize_prepared(volume, model, opts, settings, axis=axis, maps=maps, fuse=fuse)
+        res = _localize_prepared(
+            volume, model, opts, settings, axis=axis, maps=maps, fuse=fuse, slab_plane=plane
+        )
         return _leave_out_missing(res, volume)
+    companions, left_out = _outside_slabs(companions, plane)
     off_grid = _off_grid_note(volume, model)
     if not companions:
         res = localize_axis(volume, model, opts, axis=axis, maps=maps)
         res.notes.extend([*_one_axis_note(model, res.axis, _single_slice(volume.shape)),
-                          *off_grid])  # fmt: skip
+                          *left_out, *off_grid])  # fmt: skip
         return _leave_out_missing(res, volume)
     models = [model, *companions]
     runs = len(models)
@@ -335,7 +347,7 @@ def localize(
         "maps averaged over the " + ", ".join(res.fused_axes) + " models ("
         + ", ".join(m.card.name for m in models) + "), each on its calibrated scale"
     )  # fmt: skip
-    res.notes.extend(off_grid)
+    res.notes.extend([*left_out, *off_grid])
     res.seconds = time.perf_counter() - t0
     return _leave_out_missing(res, volume)
 
@@ -622,6 +634,24 @@ def _fusion_companions(
     for other in companions:
         _check_companion(model, other, maps)
     return companions
+
+
+def _outside_slabs(
+    companions: list[LoadedModel], plane: str | None
+) -> tuple[list[LoadedModel], list[str]]:
+    """``companions`` without the one that slices along ``plane`` (the plane of the scan's
+    thick slabs, :func:`napari_vaeloc.prepare.slab_plane`; None keeps them all), and the note
+    that says so (empty when none is left out)."""
+    kept = [c for c in companions if plane is None or c.card.axis != plane]
+    if len(kept) == len(companions):
+        return companions, []
+    names = ", ".join(c.card.name for c in companions if c not in kept)
+    return kept, [
+        f"{names} left out of the fusion: the scan's {plane} slices are thick, and each "
+        f"{plane} slice would be an average of more anatomy than any it learned (such slices "
+        "brought false parts on a real head); the threshold and the healthy rates were "
+        "measured with every axis fused, so here they hold only approximately"
+    ]
 
 
 def _check_companion(model: LoadedModel, other: LoadedModel, maps: Sequence[str]) -> None:
