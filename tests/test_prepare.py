@@ -250,6 +250,12 @@ def test_the_contrast_check_tells_tissue_contrasts_apart(t1):
     pd = _remapped(t2_template, [(0, 0), (30, 30), (62, 62), (95, 68), (100, 70)])
     weak = contrast_check(pd, t2_mask, t2_template)
     assert weak.level == "warn" and "PD" in weak.advice, weak
+    # ... and CSF brought below white matter (FLAIR: fluid suppressed), grey and white kept
+    flair_t2 = _remapped(t2_template, [(0, 40), (30, 45), (62, 62), (90, 75), (92, 10), (100, 12)])
+    reversed_csf = contrast_check(flair_t2, t2_mask, t2_template)
+    assert reversed_csf.level == "fail" and reversed_csf.value < -0.25, reversed_csf
+    assert "CSF is darker than white matter" in reversed_csf.advice
+    assert "FLAIR" in reversed_csf.advice
     # too little of the brain seen to measure a class: no check
     corner = np.zeros_like(mask)
     corner[:3, :3, :3] = True

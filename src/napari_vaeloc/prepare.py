@@ -133,6 +133,11 @@ MIN_GREY_WHITE = 0.2
 #: this fraction of the template's: a T2 model given a PD scan, whose CSF is barely brighter than
 #: grey matter (tissue physics: about 1-2 against 3-6 for a T2-weighted scan)
 MIN_CSF_CONTRAST = 0.5
+#: ... and fails one whose CSF contrast is under this while the template's is positive: CSF on
+#: the other side of white matter than grey matter (a FLAIR given to a T2 model: its fluid is
+#: suppressed, darker than white matter, where in T2 and PD it is the brightest tissue); a
+#: FLAIR-like head made from the ICBM T2 and T1 heads reads -1.4, a PD scan about +1
+CSF_REVERSED = -0.25
 #: the contrast-agent check (T1 models): a voxel is "enhanced" when it lies more than this many
 #: interquartile ranges of the brain's intensities above their 75th percentile (Tukey's far-out
 #: fence; in a T1 brain without contrast agent nothing is that much brighter than white matter)
@@ -1219,8 +1224,9 @@ def contrast_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> F
     model correlates with the T1 template through its dark CSF, but its grey matter is the
     brighter), "warn" when they barely differ (:data:`MIN_GREY_WHITE`) or when the CSF
     contrast is under :data:`MIN_CSF_CONTRAST` of the template's (a PD scan given to a T2
-    model). None when the template's modality is not in :data:`CSF_IS_DARK` or the scan's
-    brain covers too little of a class to measure it."""
+    model); "fail" too when CSF lies on the other side of white matter (:data:`CSF_REVERSED`:
+    a FLAIR given to a T2 model). None when the template's modality is not in
+    :data:`CSF_IS_DARK` or the scan's brain covers too little of a class to measure it."""
     dark = CSF_IS_DARK.get(template.modality.upper())
     if dark is None:
         return None
@@ -1256,6 +1262,17 @@ def contrast_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> F
         return FitCheck("contrast", "warn", round(gw, 3), msg,
                         f"the scan's {msg}; the model learned {want} scans, where grey matter "
                         f"is clearly {order}: is the scan of another contrast?")  # fmt: skip
+    if np.isfinite(csf) and t_csf > 0 and csf < CSF_REVERSED:
+        side = "brighter" if dark else "darker"
+        msg = f"CSF is {side} than white matter: CSF contrast {csf:+.2f}, the {want} template's "
+        msg += f"{t_csf:+.2f}"
+        advice = (
+            f"in the scan {msg} ((CSF - white) / (grey - white) matter); in the {want} scans "
+            f"the model {template.name!r} learned CSF is {'darker' if dark else 'brighter'} than "
+            "white matter: is the scan a FLAIR (fluid suppressed)? No bundled model learned "
+            "FLAIR; a model of the scan's contrast is needed"
+        )
+        return FitCheck("contrast", "fail", round(csf, 3), msg, advice)
     if np.isfinite(csf) and t_csf > 0 and csf < MIN_CSF_CONTRAST * t_csf:
         msg = f"CSF contrast {csf:.2f}, under half the {want} template's {t_csf:.2f}"
         advice = (

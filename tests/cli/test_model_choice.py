@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -135,10 +136,9 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     assert "the paper's method: the healthy 99th percentile of Combi" in captured.out
 
 
-def test_a_scan_of_another_modality_is_said_to_fit_weakly(tmp_path, capsys):
-    """A FLAIR-like head (the ICBM T2 head with its CSF darkened where T1 is dark and T2
-    bright, 2 mm): the T2 model is chosen, and the model line, the checks and the mask line
-    all say the fit is weak, so a mask on it is not read as a finding."""
+def _flair_like_head(tmp_path: Path, suppressed: bool = False) -> Path:
+    """The ICBM T2 head at 2 mm with its fluid (bright in T2, dark in T1) darkened: partly, or
+    with ``suppressed`` below white matter, as in a FLAIR."""
     from scipy.ndimage import zoom
 
     from napari_vaeloc.samples import template
@@ -149,11 +149,35 @@ def test_a_scan_of_another_modality_is_said_to_fit_weakly(tmp_path, capsys):
     b = np.asarray(t2.dataobj, np.float32)
     head = b > np.percentile(b, 60)
     a, b = a / np.percentile(a[head], 99), b / np.percentile(b[head], 99)
-    flair = b * (1 - np.clip((b - a - 0.2) / 0.4, 0, 1))  # fluid suppressed
+    if suppressed:
+        flair = b * (1 - 0.85 * np.clip((b - a) / 0.3, 0, 1))
+    else:
+        flair = b * (1 - np.clip((b - a - 0.2) / 0.4, 0, 1))
     affine = t2.affine.copy()
     affine[:3, :3] *= 2
     scan = tmp_path / "flair.nii.gz"
     nib.save(nib.Nifti1Image(zoom(flair, 0.5, order=1).astype(np.float32), affine), scan)
+    return scan
+
+
+def test_a_flair_whose_fluid_is_darker_than_white_matter_is_refused(tmp_path, capsys):
+    """A FLAIR-like head whose CSF is darker than its white matter: the T2 model refuses it
+    in one line (in T2 scans CSF is the brightest tissue), and nothing is written."""
+    scan = _flair_like_head(tmp_path, suppressed=True)
+    out = tmp_path / "out"
+    argv = ["localize", str(scan), "--model", "t2-brain", "--out", str(out), "--device", "cpu"]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaeloc: error: in the scan CSF is darker than white matter: CSF "), err
+    assert "is the scan a FLAIR (fluid suppressed)?" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_scan_of_another_modality_is_said_to_fit_weakly(tmp_path, capsys):
+    """A FLAIR-like head (the ICBM T2 head with its CSF darkened where T1 is dark and T2
+    bright, 2 mm): the T2 model is chosen, and the model line, the checks and the mask line
+    all say the fit is weak, so a mask on it is not read as a finding."""
+    scan = _flair_like_head(tmp_path)
     out = tmp_path / "out"
     assert main(["localize", str(scan), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     captured = capsys.readouterr()
