@@ -83,14 +83,16 @@ def test_the_companion_slicing_thick_slabs_is_left_out(t1):
     """Given the plane of the scan's thick slabs, the companion that slices along it is left
     out of the average with a note; the model's own axis is always scored. A scan on a grid of
     thick coronal slices (4 mm along A-P) reads that plane itself."""
+    from napari_vaeloc.engine import _fusion_companions, _outside_slabs
+
     model, vol = t1
     res = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, slab_plane="coronal")
     assert res.fused_axes == ("axial", "sagittal"), res.fused_axes
     assert any(n.startswith("t1-brain-coronal left out of the fusion") for n in res.notes)
-    both = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS)
-    assert not np.allclose(res.maps["kl_grad"], both.maps["kl_grad"])
-    axial = localize(vol, model, EngineOptions(device="cpu"), maps=MAPS, slab_plane="axial")
-    assert axial.fused_axes == ("axial", "coronal", "sagittal")  # the model's own axis stays
+    companions = _fusion_companions(model, None, None, ["kl_grad"])
+    assert _outside_slabs(companions, "axial") == (companions, [])  # the model's own axis
+    kept, [note] = _outside_slabs(companions, "sagittal")
+    assert [c.card.axis for c in kept] == ["coronal"] and note.startswith("t1-brain-sagittal")
     # pairs of coronal slices averaged: 2 x 2 x 4 mm, the A-P axis the second of this grid
     assert np.argmax(np.abs(vol.affine[:3, 1])) == 1
     n = vol.shape[1] // 2 * 2
@@ -100,6 +102,19 @@ def test_the_companion_slicing_thick_slabs_is_left_out(t1):
     thick = localize(Volume.from_array(data, affine), model, EngineOptions(device="cpu"),
                      maps=MAPS, prepare=None)  # fmt: skip
     assert thick.fused_axes == ("axial", "sagittal"), thick.notes
+    # a raw head in 4 mm coronal slices, prepared: the plane is read from the scan as loaded,
+    # not from its brain resampled onto the template's 2 mm grid
+    head = load_volume(sample_path("t1-head"))
+    ap = int(np.argmax(np.abs(head.affine[1, :3])))  # the voxel axis along the world's A-P
+    n = head.shape[ap] // 2 * 2
+    kept = np.take(head.data, np.arange(n), axis=ap)
+    shape = list(kept.shape)
+    shape[ap : ap + 1] = [n // 2, 2]
+    affine = head.affine.copy()
+    affine[:3, ap] *= 2
+    slabs = Volume.from_array(kept.reshape(shape).mean(axis=ap + 1), affine)
+    prepared = localize(slabs, model, EngineOptions(device="cpu"), maps=("kl_grad",))
+    assert prepared.prepared is not None and prepared.fused_axes == ("axial", "sagittal")
 
 
 def test_a_single_slice_is_scored_along_its_plane_alone(t1):
