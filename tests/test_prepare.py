@@ -254,7 +254,7 @@ def test_the_contrast_check_tells_tissue_contrasts_apart(t1):
     flair_t2 = _remapped(t2_template, [(0, 40), (30, 45), (62, 62), (90, 75), (92, 10), (100, 12)])
     reversed_csf = contrast_check(flair_t2, t2_mask, t2_template)
     assert reversed_csf.level == "fail" and reversed_csf.value < -0.25, reversed_csf
-    assert "CSF is darker than white matter" in reversed_csf.advice
+    assert "fluid is darker than its white matter" in reversed_csf.advice
     assert "FLAIR" in reversed_csf.advice
     # too little of the brain seen to measure a class: no check
     corner = np.zeros_like(mask)

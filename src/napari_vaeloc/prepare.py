@@ -133,11 +133,16 @@ MIN_GREY_WHITE = 0.2
 #: this fraction of the template's: a T2 model given a PD scan, whose CSF is barely brighter than
 #: grey matter (tissue physics: about 1-2 against 3-6 for a T2-weighted scan)
 MIN_CSF_CONTRAST = 0.5
-#: ... and fails one whose CSF contrast is under this while the template's is positive: CSF on
-#: the other side of white matter than grey matter (a FLAIR given to a T2 model: its fluid is
-#: suppressed, darker than white matter, where in T2 and PD it is the brightest tissue); a
-#: FLAIR-like head made from the ICBM T2 and T1 heads reads -1.4, a PD scan about +1
+#: ... and, for a model whose CSF is bright (T2, PD), fails a scan whose deep CSF (the CSF band
+#: deeper than :data:`DEEP_CSF_MM` in the template's brain: the ventricles and deep fissures,
+#: which an affine registration lands on an individual's fluid better than the sulci) has its
+#: darkest quarter under this, in units of (value - white) / (grey - white) medians: fluid
+#: darker than white matter, a FLAIR (its fluid suppressed) given to a T2 model. Measured: the
+#: ICBM T2 head +2.29, SPM's avg152T2 +1.35, avg152PD +1.06, the real pycortex head remapped
+#: to T2 contrast +0.85; FLAIR-like heads (ICBM, and the pycortex head with its fluid at 0.15
+#: or 0.45 of its T2 brightness) -2.26, -3.46 and -0.62
 CSF_REVERSED = -0.25
+DEEP_CSF_MM = 10.0
 #: the contrast-agent check (T1 models): a voxel is "enhanced" when it lies more than this many
 #: interquartile ranges of the brain's intensities above their 75th percentile (Tukey's far-out
 #: fence; in a T1 brain without contrast agent nothing is that much brighter than white matter)
@@ -1224,9 +1229,10 @@ def contrast_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> F
     model correlates with the T1 template through its dark CSF, but its grey matter is the
     brighter), "warn" when they barely differ (:data:`MIN_GREY_WHITE`) or when the CSF
     contrast is under :data:`MIN_CSF_CONTRAST` of the template's (a PD scan given to a T2
-    model); "fail" too when CSF lies on the other side of white matter (:data:`CSF_REVERSED`:
-    a FLAIR given to a T2 model). None when the template's modality is not in
-    :data:`CSF_IS_DARK` or the scan's brain covers too little of a class to measure it."""
+    model); "fail" too, for a model whose CSF is bright, when a quarter of the deep CSF is
+    darker than white matter (:data:`CSF_REVERSED`: a FLAIR given to a T2 model). None when
+    the template's modality is not in :data:`CSF_IS_DARK` or the scan's brain covers too little
+    of a class to measure it."""
     dark = CSF_IS_DARK.get(template.modality.upper())
     if dark is None:
         return None
@@ -1262,17 +1268,21 @@ def contrast_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> F
         return FitCheck("contrast", "warn", round(gw, 3), msg,
                         f"the scan's {msg}; the model learned {want} scans, where grey matter "
                         f"is clearly {order}: is the scan of another contrast?")  # fmt: skip
-    if np.isfinite(csf) and t_csf > 0 and csf < CSF_REVERSED:
-        side = "brighter" if dark else "darker"
-        msg = f"CSF is {side} than white matter: CSF contrast {csf:+.2f}, the {want} template's "
-        msg += f"{t_csf:+.2f}"
-        advice = (
-            f"in the scan {msg} ((CSF - white) / (grey - white) matter); in the {want} scans "
-            f"the model {template.name!r} learned CSF is {'darker' if dark else 'brighter'} than "
-            "white matter: is the scan a FLAIR (fluid suppressed)? No bundled model learned "
-            "FLAIR; a model of the scan's contrast is needed"
+    fluid = None if dark else _deep_fluid(np.asarray(brain)[inside], scan_classes, template)
+    if fluid is not None and fluid < CSF_REVERSED:
+        t_fluid = _deep_fluid(own, classes, template)
+        measured = (
+            f"the darkest quarter of the deep CSF at {fluid:+.2f}, the {want} template's "
+            f"{t_fluid:+.2f} (0: white, 1: grey matter)"
         )
-        return FitCheck("contrast", "fail", round(csf, 3), msg, advice)
+        msg = f"fluid darker than white matter: {measured}"
+        advice = (
+            f"the scan's fluid is darker than its white matter ({measured}); in the {want} "
+            f"scans the model {template.name!r} learned CSF is brighter than white matter: is "
+            "the scan a FLAIR (fluid suppressed)? No bundled model learned FLAIR; a model of the "
+            "scan's contrast is needed"
+        )
+        return FitCheck("contrast", "fail", round(fluid, 3), msg, advice)
     if np.isfinite(csf) and t_csf > 0 and csf < MIN_CSF_CONTRAST * t_csf:
         msg = f"CSF contrast {csf:.2f}, under half the {want} template's {t_csf:.2f}"
         advice = (
@@ -1282,6 +1292,24 @@ def contrast_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> F
         return FitCheck("contrast", "warn", round(csf, 3), msg, advice)
     return FitCheck("contrast", "ok", round(gw, 3), f"{shown}; CSF contrast {csf:.2f}, the "
                     f"template's {t_csf:.2f}")  # fmt: skip
+
+
+def _deep_fluid(values: np.ndarray, classes: dict[str, np.ndarray], template: Template):
+    """The 25th percentile of ``values`` (1D, the template brain's voxels) in the CSF class
+    deeper than :data:`DEEP_CSF_MM` in the template's brain, as (value - white) / (grey -
+    white) of the classes' medians; None when too few such voxels are seen or grey and white
+    have one median."""
+    from scipy import ndimage as ndi
+
+    inside = template.brain_mask
+    depth = ndi.distance_transform_edt(inside, sampling=template.image.spacing[:3])[inside]
+    deep = classes["csf"] & (depth > DEEP_CSF_MM)
+    if int(deep.sum()) < FILL_MIN_VOXELS:
+        return None
+    white, grey = (float(np.median(values[classes[k]])) for k in ("white", "grey"))
+    if grey == white:
+        return None
+    return (float(np.percentile(values[deep], 25)) - white) / (grey - white)
 
 
 def enhancement_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> FitCheck | None:

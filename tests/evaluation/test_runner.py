@@ -173,3 +173,30 @@ def test_synthetic_benchmark_is_reproducible(tmp_path, capsys):
         assert (tmp_path / "a" / f"synthetic_t2-brain_{name}.png").stat().st_size > 1000
     assert main(["evaluate", "synthetic", "--kinds", "sparkles", "--out", str(tmp_path)]) == 2
     assert "unknown anomaly kinds" in capsys.readouterr().err
+
+
+def test_example_slices_lie_in_the_model_plane_whatever_the_voxel_order():
+    """A scan stored L, I, A (as FreeSurfer conforms heads): its axial example is the slice
+    across the file's second axis, shown in RAS order (right and anterior increasing), and
+    numbered as the file numbers it."""
+    from napari_vaeloc.evaluation.runner import _example
+    from napari_vaeloc.io import Volume
+
+    lia = np.array([[-1.0, 0, 0, 10], [0, 0, 1, -20], [0, -1, 0, 30], [0, 0, 0, 1]])
+    shape = (12, 10, 8)
+    data = np.random.default_rng(0).random(shape).astype(np.float32)
+    truth = np.zeros(shape, bool)
+    truth[3:6, 7, 2:5] = True  # most of it on the file's slice 7 along I
+    truth[4, 6, 3] = True
+    case = Case(Volume.from_array(data, lia), truth, {"name": "lia"})
+    e = _example(case, 0, "all", "axial", truth, truth, {"map": data})
+    assert (e.plane, e.axis, e.index) == ("axial", 1, 7)
+    # RAS: x runs right (the file's axis 0 flipped), y anterior (the file's axis 2)
+    want = data[::-1, 7, :]
+    np.testing.assert_array_equal(e.image, want)
+    np.testing.assert_array_equal(e.maps["map"], want)
+    assert e.truth.sum() == 9
+    coronal = _example(case, 0, "all", "coronal", truth, truth, {"map": data})
+    assert (coronal.axis, coronal.image.shape) == (2, (12, 10))
+    # ... and superior up: the file's axis 1 runs inferior, so it is flipped
+    np.testing.assert_array_equal(coronal.image, data[::-1, ::-1, coronal.index])

@@ -112,7 +112,8 @@ def plot_examples(
         for c, k in enumerate(names, start=2):
             lo, hi = scale[k]
             axes[r, c].imshow(e.maps[k].T, cmap="inferno", vmin=lo, vmax=hi, **shown)
-        axes[r, 0].set_ylabel(f"{e.name}\nslice {e.index}", fontsize=7)
+        where = f"{e.plane} slice {e.index}" if e.plane else f"slice {e.index}"
+        axes[r, 0].set_ylabel(f"{e.name}\n{where}", fontsize=7)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])

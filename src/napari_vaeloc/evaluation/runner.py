@@ -24,7 +24,7 @@ from ..combine import CombineSettings, PostProcessor
 from ..engine import EngineOptions, localize
 from ..errors import InputError, MisfitError
 from ..io import Volume
-from ..mapnames import EVALUATED_MAPS, PIXEL_MAPS, SLICE_SCORES, check_names
+from ..mapnames import AXES, EVALUATED_MAPS, PIXEL_MAPS, SLICE_SCORES, check_names
 from ..models.store import LoadedModel
 from ..prepare import PrepareSettings
 from .metrics import Overlap, PixelAccumulator, pixel_metrics, sample_metrics
@@ -77,8 +77,10 @@ class ExampleSlice:
     """One slice of one case for figures: the slice with the largest truth area (inside the
     region), or the one with the most foreground for a healthy case.
 
-    image, truth (bool) and each map are 2D arrays (the volume's shape without ``axis``);
-    ``spacing`` is their pixel size in mm.
+    image, truth (bool) and each map are 2D arrays, a 3D scan's slice in the voxel order
+    closest to RAS (first axis towards the right, second towards anterior or superior);
+    ``spacing`` is their pixel size in mm; ``axis`` and ``index`` number the slice as the file
+    does, ``plane`` names it ("" for a 2D image).
     """
 
     name: str
@@ -90,6 +92,7 @@ class ExampleSlice:
     truth: np.ndarray
     maps: dict[str, np.ndarray]
     order: int = 0
+    plane: str = ""
 
 
 @dataclass
@@ -218,24 +221,47 @@ def _example(
     case: Case,
     i: int,
     group: str,
-    axis: int,
+    plane: str,
     shown: np.ndarray,
     truth: np.ndarray,
     scored: Mapping[str, np.ndarray],
 ) -> ExampleSlice:
-    """The slice along ``axis`` with the most ``shown`` voxels (bool (X, Y, Z))."""
-    other = tuple(a for a in range(shown.ndim) if a != axis)
-    idx = int(np.argmax(shown.sum(axis=other)))
-    sp = case.volume.spacing
+    """The ``plane`` ("axial", "coronal", "sagittal": the model's slicing axis) slice with the
+    most ``shown`` voxels (bool, the scan's grid). A 3D scan is first turned to the voxel order
+    closest to RAS (flips and axis swaps from its affine, nothing resampled), so that every
+    example lies in the same plane and reads the same way up whatever the file's voxel order
+    (a scan stored L, I, A would otherwise show coronal slices upside down)."""
+    arrays = {"data": case.volume.data, "shown": shown, "truth": truth, **scored}
+    spacing = tuple(case.volume.spacing)
+    if shown.ndim == 3:
+        import nibabel as nib
+
+        ornt = nib.orientations.io_orientation(np.asarray(case.volume.affine))
+        arrays = {k: nib.orientations.apply_orientation(v, ornt) for k, v in arrays.items()}
+        ras = [0.0] * 3
+        for j, (to, _) in enumerate(ornt):
+            ras[int(to)] = spacing[j]
+        spacing = tuple(ras)
+        axis = AXES[plane]
+    else:  # one slice: its own plane
+        axis = int(np.argmin(shown.shape))
+    other = tuple(a for a in range(arrays["shown"].ndim) if a != axis)
+    idx = int(np.argmax(arrays["shown"].sum(axis=other)))
+    file_axis, file_index = axis, idx  # the slice as the file numbers it
+    if shown.ndim == 3:
+        file_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
+        if ornt[file_axis, 1] < 0:
+            file_index = shown.shape[file_axis] - 1 - idx
     return ExampleSlice(
         name=_case_name(case, i),
         group=group,
-        axis=axis,
-        index=idx,
-        spacing=(sp[other[0]], sp[other[1]]),
-        image=_slice(case.volume.data, axis, idx),
-        truth=_slice(truth, axis, idx),
-        maps={k: _slice(v, axis, idx).astype(np.float32) for k, v in scored.items()},
+        axis=file_axis,
+        index=file_index,
+        plane=plane if shown.ndim == 3 else "",
+        spacing=(spacing[other[0]], spacing[other[1]]),
+        image=_slice(arrays["data"], axis, idx),
+        truth=_slice(arrays["truth"], axis, idx),
+        maps={k: _slice(arrays[k], axis, idx).astype(np.float32) for k in scored},
         order=i,
     )
 
@@ -368,7 +394,7 @@ def evaluate_cases(
         slot = picker.slot(group, anomalous)
         if slot is not None:
             shown = inside if anomalous else fg
-            example = _example(case, i, group, res.slice_axis, shown, truth, scored)
+            example = _example(case, i, group, res.axis, shown, truth, scored)
             picker.put(slot, anomalous, example)
         del res, scored
         if progress:
@@ -389,18 +415,20 @@ def _ml(volume: Volume) -> float:
 def _case_overlap(
     mask: np.ndarray | None, truth: np.ndarray, foreground: np.ndarray, ml: float
 ) -> dict:
-    """One case's mask against its truth (``mask`` None: no mask; NaN columns)."""
+    """One case's mask against its truth (``mask`` None: no mask; NaN columns); volumes in ml
+    to the µl (voxel counts times a voxel's volume carry float noise beyond that)."""
     nan = math.nan
     n_truth = int(truth.sum())
     if mask is None:
-        return dict(truth_ml=n_truth * ml, mask_ml=nan, dice=nan, covered=nan, flagged=nan)
+        return dict(truth_ml=round(n_truth * ml, 3), mask_ml=nan, dice=nan, covered=nan,
+                    flagged=nan)  # fmt: skip
     hit = int((mask & truth).sum())
     n_mask = int(mask.sum())
     normal = foreground & ~truth
     n_normal = int(normal.sum())
     return dict(
-        truth_ml=n_truth * ml,
-        mask_ml=n_mask * ml,
+        truth_ml=round(n_truth * ml, 3),
+        mask_ml=round(n_mask * ml, 3),
         dice=2.0 * hit / (n_mask + n_truth) if n_mask + n_truth else nan,
         covered=hit / n_truth if n_truth else nan,
         flagged=int((mask & normal).sum()) / n_normal if n_normal else nan,
