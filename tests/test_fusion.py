@@ -115,6 +115,13 @@ def test_the_companion_slicing_thick_slabs_is_left_out(t1):
     slabs = Volume.from_array(kept.reshape(shape).mean(axis=ap + 1), affine)
     prepared = localize(slabs, model, EngineOptions(device="cpu"), maps=("kl_grad",))
     assert prepared.prepared is not None and prepared.fused_axes == ("axial", "sagittal")
+    # the mask line says its rates were measured fused; not without the note
+    from napari_vaeloc.cli.localize import describe_mask
+    from napari_vaeloc.combine import PostProcessor
+
+    said = "these rates were measured with every slicing axis fused, see the note"
+    assert said in describe_mask(PostProcessor(prepared), 1.0, 1, prepared.notes)
+    assert said not in describe_mask(PostProcessor(prepared), 1.0, 1, [])
 
 
 def test_a_single_slice_is_scored_along_its_plane_alone(t1):

@@ -477,6 +477,10 @@ def _localize_prepared(
     )
 
 
+#: ends the notes of a result scored with fewer slicing axes than its card's rates were
+#: measured with (fusion off, a single slice, a companion left out for thick slices)
+APPROXIMATE_NOTE = "so here they hold only approximately"
+
 #: ends the note of a result scored as given where preparation was wanted: "auto" preparation
 #: with a model without a template or an image too thin to register, or preparation turned
 #: off for a scan that is not on the model's template grid
@@ -588,7 +592,7 @@ def _one_axis_note(model: LoadedModel, axis: str, single: bool = False) -> list[
     )
     return [
         f"{model.card.name} scored {how}: its threshold and the healthy rates it claims were "
-        "measured with its slicing axes fused, so here they hold only approximately"
+        f"measured with its slicing axes fused, {APPROXIMATE_NOTE}"
     ]
 
 
@@ -650,7 +654,7 @@ def _outside_slabs(
         f"{names} left out of the fusion: the scan's {plane} slices are thick, and each "
         f"{plane} slice would be an average of more anatomy than any it learned (such slices "
         "brought false parts on a real head); the threshold and the healthy rates were "
-        "measured with every axis fused, so here they hold only approximately"
+        f"measured with every axis fused, {APPROXIMATE_NOTE}"
     ]
 
 
