@@ -298,10 +298,10 @@ def localize(
     settings = PrepareSettings(prepare) if isinstance(prepare, str) else prepare
     wanted = maps_for(model.card) if maps is None else tuple(maps)
     fused = [k for k in wanted if k != "reconstruction"]
-    # refused before any work
     from .prepare import slab_plane as thick_plane
 
     plane = slab_plane or thick_plane(volume)
+    # refused before any work
     companions = _fusion_companions(model, fuse, axis, fused, volume.shape)
     if settings is not None and settings.enabled:
         res = _localize_prepared(

@@ -113,8 +113,9 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
         f"{c['threshold']:.3g}, each part (down to {c['grow_threshold']:.3g}) outlined to "
         f"{c['outline_fraction']:g} of its peak on the unsmoothed map; on healthy brains this "
         f"mask marks {c['mask_healthy_fpr'] * 100:.2g} % of the voxels, the threshold alone "
-        "0.1 %; the scan fits the model with warnings (voxel size): read with care"
-    )  # the 4 mm slices warn
+        "0.1 %; these rates were measured with every slicing axis fused, see the note; the "
+        "scan fits the model with warnings (voxel size): read with care"
+    )  # the 4 mm coronal slices warn, and their plane's network is left out of the fusion
     if parts == 0:  # an empty mask points to the smoothing small lesions need
         want += (
             "; an empty mask does not rule out lesions under about 1 ml at a 6 mm smoothing: "
