@@ -1294,7 +1294,9 @@ def contrast_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> F
                     f"template's {t_csf:.2f}")  # fmt: skip
 
 
-def _deep_fluid(values: np.ndarray, classes: dict[str, np.ndarray], template: Template):
+def _deep_fluid(
+    values: np.ndarray, classes: dict[str, np.ndarray], template: Template
+) -> float | None:
     """The 25th percentile of ``values`` (1D, the template brain's voxels) in the CSF class
     deeper than :data:`DEEP_CSF_MM` in the template's brain, as (value - white) / (grey -
     white) of the classes' medians; None when too few such voxels are seen or grey and white
