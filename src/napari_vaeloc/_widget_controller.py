@@ -245,6 +245,10 @@ class Session(PostProcessor):
             source = self.levels_source()
             if source is not None:
                 text += f" ({source})"
+            if self.rates_approximate():
+                from .engine import APPROXIMATE_RATES
+
+                text += f"; {APPROXIMATE_RATES}"
             if self.settings.outline_dropped():
                 text += (
                     f"; at or below the outline's grow level ({self.settings.grow_threshold:.2f}): "

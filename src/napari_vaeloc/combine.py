@@ -307,6 +307,15 @@ class PostProcessor:
     def fg(self) -> np.ndarray:
         return self.result.foreground
 
+    def rates_approximate(self) -> bool:
+        """Whether the result was scored with fewer slicing axes than its card's threshold and
+        healthy rates were measured with (a note ending in
+        :data:`napari_vaeloc.engine.APPROXIMATE_NOTE` says so): a front stating a calibrated
+        rate adds :data:`napari_vaeloc.engine.APPROXIMATE_RATES`."""
+        from .engine import APPROXIMATE_NOTE
+
+        return any(note.endswith(APPROXIMATE_NOTE) for note in self.result.notes)
+
     def is_calibrated(self) -> bool:
         used = self._used()
         return bool(used) and all(self.scale(k)[1] for k in used)

@@ -480,6 +480,8 @@ def _localize_prepared(
 #: ends the notes of a result scored with fewer slicing axes than its card's rates were
 #: measured with (fusion off, a single slice, a companion left out for thick slices)
 APPROXIMATE_NOTE = "so here they hold only approximately"
+#: what a front adds to a calibrated rate it states for such a result
+APPROXIMATE_RATES = "these rates were measured with every slicing axis fused, see the note"
 
 #: ends the note of a result scored as given where preparation was wanted: "auto" preparation
 #: with a model without a template or an image too thin to register, or preparation turned

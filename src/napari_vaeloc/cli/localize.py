@@ -362,12 +362,12 @@ def describe_mask(
             if fpr is not None:  # the threshold's rate: the mask's is measured at the default
                 rate = f"the threshold's {rate}"
             rate += f"; {outline}"
-    from ..engine import APPROXIMATE_NOTE, UNPREPARED_NOTE
+    from ..engine import APPROXIMATE_RATES, UNPREPARED_NOTE
 
     if any(note.endswith(UNPREPARED_NOTE) for note in notes):
         rate += "; NOT PREPARED: scored as given, see the note"
-    if any(note.endswith(APPROXIMATE_NOTE) for note in notes) and fpr is not None:
-        rate += "; these rates were measured with every slicing axis fused, see the note"
+    if fpr is not None and post.rates_approximate():
+        rate += f"; {APPROXIMATE_RATES}"
     if warned:
         rate += f"; the scan fits the model with warnings ({', '.join(warned)}): read with care"
     hint = post.small_lesion_hint("--smoothing {mm}") if n == 0 else post.cut_note()
