@@ -15,6 +15,7 @@ from napari_vaeloc.cli import main
 from napari_vaeloc.errors import InputError
 from napari_vaeloc.evaluation.plots import DPI, PANEL_INCH
 from napari_vaeloc.evaluation.scan_pairs import find_pairs, iter_cases
+from napari_vaeloc.io import load_volume
 from napari_vaeloc.samples import sample_path
 
 SHAPE = (96, 114, 96)  # the bundled samples
@@ -233,6 +234,17 @@ def test_raw_heads_are_prepared_before_they_are_judged(tmp_path, capsys):
     mixed = tmp_path / "mixed"
     shutil.copytree(scans, mixed)
     shutil.copy(sample_path("t2-healthy"), mixed / "other.nii.gz")
+    # the head in 4 mm coronal slices (pairs of its 2 mm slices averaged): scored without the
+    # coronal network, and its row says so
+    head = load_volume(scans / "head.nii.gz")
+    ap = int(np.argmax(np.abs(head.affine[1, :3])))  # the voxel axis along the world's A-P
+    n = head.shape[ap] // 2 * 2
+    shape = list(head.shape)
+    shape[ap : ap + 1] = [n // 2, 2]
+    affine = head.affine.copy()
+    affine[:3, ap] *= 2
+    slabs = np.take(head.data, np.arange(n), axis=ap).reshape(shape).mean(axis=ap + 1)
+    nib.save(nib.Nifti1Image(slabs.astype(np.float32), affine), mixed / "thick.nii.gz")
 
     def default_row(folder: Path, *extra: str) -> tuple[dict, dict]:
         out = tmp_path / ("raw" if extra else "prepared")
@@ -253,10 +265,13 @@ def test_raw_heads_are_prepared_before_they_are_judged(tmp_path, capsys):
     head = int(np.prod(nib.load(scans / "head.nii.gz").shape))
     assert int(prepared["voxels"]) < head // 3
     # the refused scan is named with its failed check, counted nowhere, and the run goes on
-    assert int(prepared["cases"]) == 1
+    assert int(prepared["cases"]) == 2
     other = cases["other"]
     assert other["fit"] == "fail" and "modality: fail" in other["checks"]
     assert other["dice"] == "nan" and other["setting"] == ""
     assert "note: other: refused by the preparation" in printed
     assert cases["head"]["fit"] in ("ok", "warn") and float(cases["head"]["dice"]) > 0.6
+    assert "scored:" not in cases["head"]["checks"]
+    assert "scored: axial and sagittal slices fused" in cases["thick"]["checks"]
+    assert "voxel size: warn" in cases["thick"]["checks"]
     assert given_cases["head"]["fit"] == "not prepared"

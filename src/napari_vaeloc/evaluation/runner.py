@@ -119,7 +119,10 @@ class EvaluationReport:
             fraction of the case's normal foreground voxels the mask marks), and how its
             preparation judged the scan (``fit``: the worst check's level, "not prepared" when
             the case was scored as given; ``checks``: the checks that did not pass, as
-            ``name: level (message)`` joined by "; ").
+            ``name: level (message)`` joined by "; ", then, for a case scored with fewer
+            slicing axes than the threshold was calibrated with (a companion left out for
+            thick slices, a single slice), the axes that were: "scored: axial and sagittal
+            slices fused (...)").
     """
 
     pixel_rows: list[dict]
@@ -366,6 +369,9 @@ def evaluate_cases(
         scored = {k: res.maps[k] for k in maps}
         post = PostProcessor(res)
         fit = _fit(res.prepared)
+        if post.rates_approximate():
+            scored_by = f"scored: {res.slices} (the calibrated rates hold only approximately)"
+            fit["checks"] = "; ".join(c for c in (fit["checks"], scored_by) if c)
         row = {"case": _case_name(case, i), "group": group}
         ml = _ml(case.volume)
         for name, s in named.items():
