@@ -105,6 +105,39 @@ def test_brain_mask_is_warped_with_the_image(brain):
     assert abs(int(full.brain_mask.sum()) - int(mask.sum())) < 0.1 * mask.sum()
 
 
+def test_grown_ventricles_widen_the_deep_csf_and_leave_the_cortex():
+    """On the bundled 2 mm T1 brain (ICBM 2009c): the ventricles grow with the distance asked,
+    only in deep brain and to CSF intensity; without it (the default) an individual of a seed
+    is the one it was before the option existed, and the configuration's record and cache key
+    do not mention it."""
+    from scipy import ndimage as ndi
+
+    vol = load_volume(sample_path("t1-healthy"))
+    mask = vol.data > 0.05 * vol.data.max()
+    made = {
+        g: make_individual(vol, mask, "T1", 3, IndividualConfig(ventricles_mm=(g, g), snr=None))
+        for g in (0.0, 2.0, 5.0)
+    }
+    grown = [made[g].params.get("ventricles_grown_ml", 0.0) for g in (0.0, 2.0, 5.0)]
+    assert grown[0] == 0.0 and 5.0 < grown[1] < grown[2], grown
+    before, after = made[0.0], made[5.0]
+    np.testing.assert_array_equal(before.brain_mask, after.brain_mask)
+    depth = ndi.distance_transform_edt(before.brain_mask, sampling=vol.spacing)
+    changed = np.abs(after.volume.data - before.volume.data) > 0.05
+    assert changed.sum() * 8 / 1000 > 0.5 * grown[2]  # ml on the 2 mm grid
+    assert not changed[before.brain_mask & (depth < 8.0)].any()  # the cortex is untouched
+    csf_level = np.percentile(before.volume.data[before.brain_mask & (depth > 20)], 5)
+    assert np.median(after.volume.data[changed]) < 0.7 * np.median(before.volume.data[changed])
+    assert np.median(after.volume.data[changed]) < 2 * csf_level
+    plain = make_individual(vol, mask, "T1", 3, IndividualConfig(snr=None))
+    np.testing.assert_array_equal(plain.volume.data, before.volume.data)
+    assert "ventricles_mm" not in IndividualConfig().to_dict()
+    cfg = IndividualConfig(ventricles_mm=(0.0, 5.0))
+    assert IndividualConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="ventricles_mm"):
+        IndividualConfig(ventricles_mm=(-1.0, 2.0))
+
+
 def test_a_t1_source_gives_t2_and_pd_contrast(brain):
     vol, mask = brain
     centres = tissue_classes(vol.data, mask)
@@ -195,6 +228,8 @@ def test_a_card_without_training_provenance_is_refused(brain, tmp_path):
             "T1",
             "--individuals",
             "1",
+            "--ventricles",
+            "4",
             "--image-size",
             "16",
             "--z-dim",
@@ -209,6 +244,10 @@ def test_a_card_without_training_provenance_is_refused(brain, tmp_path):
     assert rc == 0
     card = load_model(out).card
     check_provenance(card)  # a trained model names its sources and their licence
+    # the individuals' recipe is recorded, grown ventricles with it (a recalibration remakes
+    # the held-out individuals from it)
+    made = card.provenance.training["individuals"]
+    assert made["per_source"] == 1 and made["config"]["ventricles_mm"] == [0.0, 4.0]
     for field in ("provenance", "licence"):
         raw = json.loads((out / "model.json").read_text())
         raw[field] = ""
@@ -217,6 +256,9 @@ def test_a_card_without_training_provenance_is_refused(brain, tmp_path):
             recalibrate(out, {"rec_error": 1.0})
     assert json.loads((out / "model.json").read_text())["licence"] == ""  # not rewritten
     assert main(["train", *sources, "--out", str(tmp_path / "n"), "--individuals", "-1"]) == 2
+    # grown ventricles are a property of synthetic individuals: refused without them
+    assert main(["train", *sources, "--out", str(tmp_path / "n"), "--ventricles", "3"]) == 2
+    assert not (tmp_path / "n").exists()
 
 
 @pytest.mark.parametrize(("per_source", "held"), [(1, 1), (2, 1), (8, 2), (20, 6)])

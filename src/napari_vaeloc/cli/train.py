@@ -38,6 +38,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "source of another modality gives only its individuals, in the model's contrast)",
     )
     tr.add_argument(
+        "--ventricles",
+        type=float,
+        default=0.0,
+        metavar="MM",
+        help="grow each synthetic individual's ventricles into the tissue around them by a "
+        "distance drawn from 0 to MM, as in older brains (default: 0, off)",
+    )
+    tr.add_argument(
         "--val-sources",
         default=None,
         metavar="NAMES",
@@ -170,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if args.slices:  # made when the slices were exported: refused rather than ignored
         fixed = {
             "--individuals": args.individuals != 0,
+            "--ventricles": args.ventricles != 0,
             "--val-sources": args.val_sources is not None,
             "--cache": args.cache is not None,
             "--data-licence": args.data_licence is not None,
@@ -194,10 +203,14 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import resolve_device
     from ..preprocess import Normalisation
     from ..training.builder import export_slices, train_model
+    from ..training.individuals import IndividualConfig
     from ..training.loop import TrainConfig
 
     if args.individuals < 0:
         raise InputError("--individuals must be 0 or more")
+    if args.ventricles < 0 or (args.ventricles and not args.individuals):
+        raise InputError("--ventricles must be 0 or more, and grows synthetic individuals' "
+                         "ventricles: give --individuals N too")  # fmt: skip
     if args.neighbours < 0:
         raise InputError("--neighbours must be 0 or more")
     if args.denoise_std < 0 or args.denoise_cells < 1 or args.context_weight < 0:
@@ -226,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         "modality": args.modality,
         "normalisation": normalisation,
         "individuals": args.individuals,
+        "individual_config": IndividualConfig(ventricles_mm=(0.0, args.ventricles)),
         "val_sources": args.val_sources.split(",") if args.val_sources else None,
         "cache_dir": args.cache,
         "data_licence": args.data_licence,

@@ -9,7 +9,11 @@ individual on the same grid, in this order:
    centres (class intensities drawn around a T1, T2 or PD profile) is mixed into the original
    contrast, or replaces it when another contrast is asked (a T1 source gives T2-like or
    PD-like brains); partial volume between classes is kept by the curve;
-2. **contrast curve**: a gamma change of the brain's intensities;
+2. **ventricles** (off by default): the ventricles, the CSF class deeper than
+   ``VENTRICLE_DEPTH_MM`` inside the brain, grown by up to ``ventricles_mm`` into the tissue
+   around them at their own intensity, as they widen with age (on the real pycortex head,
+   ventricles grown from 30 to 85 ml brought a false part along them: docs/results.md);
+   then a gamma change of the brain's intensities (**contrast curve**);
 3. **anatomy**: a large smooth diffeomorphic warp (scaling and squaring of a smooth random
    velocity field; several mm), applied to the image, the brain mask and the white-matter map;
 4. **bias field**: a smooth multiplicative field ``exp(b)``;
@@ -45,8 +49,15 @@ TISSUE_PROFILES: dict[str, tuple[float, float, float]] = {
 TISSUES = ("CSF", "GM", "WM")
 #: bump when the generator changes what a seed gives (invalidates caches)
 GENERATOR_VERSION = 1
+#: the CSF deeper than this inside the brain (mm) is taken for the ventricles; they grow only
+#: into brain deeper than ``VENTRICLE_GROW_DEPTH_MM``, never into the cortex
+VENTRICLE_DEPTH_MM = 20.0
+VENTRICLE_GROW_DEPTH_MM = 12.0
 
-_PAIRS = ("mix", "warp_mm", "bias", "gamma", "slice_mm", "inplane_mm", "pv_sigma_mm", "snr")
+_PAIRS = (
+    "mix", "warp_mm", "bias", "gamma", "slice_mm", "inplane_mm", "pv_sigma_mm", "snr",
+    "ventricles_mm",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,9 @@ class IndividualConfig:
         pv_sigma_mm: std (mm) of a final Gaussian partial-volume blur.
         snr: white-matter signal-to-noise ratio of the Rician noise (mean white-matter
             intensity / noise std); None adds no noise.
+        ventricles_mm: how far (mm) the ventricles grow into the tissue around them, as in
+            older brains; (0, 0), the default, leaves them (and draws nothing: an individual
+            of a seed is the same as before this option existed).
     """
 
     contrast: str | None = None
@@ -85,6 +99,7 @@ class IndividualConfig:
     inplane_mm: tuple[float, float] = (1.0, 1.5)
     pv_sigma_mm: tuple[float, float] = (0.0, 0.7)
     snr: tuple[float, float] | None = (10.0, 40.0)
+    ventricles_mm: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         for name in _PAIRS:
@@ -109,6 +124,7 @@ class IndividualConfig:
             "pv_sigma_mm": self.pv_sigma_mm[0] >= 0,
             "snr": self.snr is None or self.snr[0] > 0,
             "class_jitter": 0 <= self.class_jitter < 1,
+            "ventricles_mm": self.ventricles_mm[0] >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -130,8 +146,13 @@ class IndividualConfig:
         )
 
     def to_dict(self) -> dict:
-        """JSON-serialisable dict (pairs as lists), the inverse of :meth:`from_dict`."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-serialisable dict (pairs as lists), the inverse of :meth:`from_dict`;
+        ``ventricles_mm`` only when it grows them (so that the cache keys and training records
+        of configurations made before it existed stay as they were)."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not any(self.ventricles_mm):
+            del out["ventricles_mm"]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> IndividualConfig:
@@ -324,6 +345,48 @@ def _lower_resolution(img, factors):
     return F.interpolate(t, size=shape, mode="trilinear", align_corners=True)[0]
 
 
+def grow_ventricles(
+    u: np.ndarray,
+    mask: np.ndarray,
+    csf: np.ndarray,
+    spacing: tuple[float, ...],
+    grow_mm: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Widen the ventricles of a brain image by ``grow_mm``, as they widen with age.
+
+    The ventricles are the parts of ``csf`` deeper than :data:`VENTRICLE_DEPTH_MM` inside
+    ``mask`` (after a one-voxel opening; parts under 0.5 ml dropped). Brain within ``grow_mm``
+    of them and deeper than :data:`VENTRICLE_GROW_DEPTH_MM` takes their median intensity, with
+    a 0.7 mm soft edge.
+
+    Args:
+        u: the image, float (X, Y, Z).
+        mask: bool (X, Y, Z), the brain.
+        csf: bool (X, Y, Z), the voxels of the CSF tissue class.
+        spacing: voxel size, mm.
+        grow_mm: how far they grow, mm.
+
+    Returns:
+        the new image (float32), and the voxels turned to ventricle (bool).
+    """
+    from scipy import ndimage as ndi
+
+    sampling = [float(x) for x in spacing[:3]]
+    depth = ndi.distance_transform_edt(mask, sampling=sampling)
+    vent = ndi.binary_opening(csf & mask & (depth > VENTRICLE_DEPTH_MM))
+    labels, n = ndi.label(vent)
+    if n:
+        sizes = np.asarray(ndi.sum(vent, labels, range(1, n + 1))) * float(np.prod(sampling))
+        vent = np.isin(labels, 1 + np.flatnonzero(sizes >= 500.0))
+    if grow_mm <= 0 or not vent.any():
+        return np.asarray(u, np.float32), np.zeros(mask.shape, bool)
+    near = ndi.distance_transform_edt(~vent, sampling=sampling) <= grow_mm
+    grown = near & mask & (depth > VENTRICLE_GROW_DEPTH_MM) & ~csf
+    soft = ndi.gaussian_filter(grown.astype(np.float32), [0.7 / s for s in sampling])
+    level = float(np.median(u[vent]))
+    return (u * (1 - soft) + level * soft).astype(np.float32), grown
+
+
 def _uniform(rng: np.random.Generator, pair: tuple[float, float]) -> float:
     return float(rng.uniform(*pair)) if pair[1] > pair[0] else float(pair[0])
 
@@ -381,16 +444,23 @@ def make_individual(
         u = (1 - w) * u + w * curve
     params.update(contrast=target, mix=w, class_values=[float(v) for v in values])
 
-    # 2. contrast curve
+    # 2. ventricles (their own generator: the draws below stay those of a seed without them)
+    labels = np.searchsorted(0.5 * (centres[1:] + centres[:-1]), data / top)
+    if cfg.ventricles_mm[1] > 0:
+        grow = _uniform(np.random.default_rng([int(seed), 2]), cfg.ventricles_mm)
+        u, grown = grow_ventricles(u, mask, labels == names.index("CSF"), spacing, grow)
+        labels[grown] = names.index("CSF")
+        params.update(ventricles_mm=grow, ventricles_grown_ml=float(grown.sum()) *
+                      float(np.prod(spacing)) / 1000)  # fmt: skip
+
+    # 2b. contrast curve
     g = float(np.exp(rng.uniform(*np.log(cfg.gamma))))
     u = np.clip(u, 0.0, None) ** g
     params["gamma"] = g
 
     # 3. anatomy: warp image, mask and white matter together
     wm = np.zeros(u.shape, np.float32)
-    wm_class = names.index("WM")
-    labels = np.searchsorted(0.5 * (centres[1:] + centres[:-1]), data / top)
-    wm[mask & (labels == wm_class)] = 1.0
+    wm[mask & (labels == names.index("WM"))] = 1.0
     stack = torch.from_numpy(np.stack([u, mask.astype(np.float32), wm]).astype(np.float32))
     warp_mm = _uniform(rng, cfg.warp_mm)
     shape = tuple(volume.shape[:3])
