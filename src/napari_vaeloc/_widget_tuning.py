@@ -424,7 +424,7 @@ class TuningMixin:
         """The session's settings from the sliders. A slider that shows a setting to its own
         precision (a model's default threshold of 3.9486313 shows as 3.948631) keeps the exact
         setting, so that the panel computes what the command line computes; a threshold within half
-        the slider's step of the model's default (3.68 typed for 3.6815481) is the default."""
+        the slider's step of the model's default (3.79 typed for 3.7909410) is the default."""
         if self.session is None:
             return
         st = self.session.settings
@@ -443,7 +443,7 @@ class TuningMixin:
         threshold = _kept(float(self.threshold.value), st.threshold)
         default = self.session.default_settings().threshold
         if abs(threshold - default) <= 0.5 * float(self.threshold.step or 0.0):
-            threshold = default  # shown alike (3.68 for 3.681548): the default, and its rates
+            threshold = default  # shown alike (3.79 for 3.790941): the default, and its rates
         new = st.replace(
             weights=weights,
             scan_normalise=scan_normalise,

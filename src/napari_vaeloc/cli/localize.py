@@ -297,7 +297,7 @@ def mask_summary(done: ScanOutputs) -> str:
     and for the default mask its own healthy rate first, e.g. "(threshold 3.41, each part
     outlined to 0.4 of its peak, not below 2.65; on healthy brains this mask marks 0.64 % of
     the voxels, the threshold alone 0.1 %)", or, outlined on a sharper map, "each part (down to
-    2.92) outlined to 0.3 of its peak on the unsmoothed map"; when a check of the preparation
+    2.85) outlined to 0.3 of its peak on the unsmoothed map"; when a check of the preparation
     warned, the line ends by naming those checks."""
     prepared = done.result.preparation
     warned = [c.name for c in prepared.checks if c.level != "ok"] if prepared else []
