@@ -215,7 +215,7 @@ def test_training_with_individuals_resumes_to_the_same_weights(brain, tmp_path):
     assert not ckpt.exists()
 
 
-def test_a_card_without_training_provenance_is_refused(brain, tmp_path):
+def test_a_card_without_training_provenance_is_refused(brain, tmp_path, capsys):
     sources = _write_sources(brain, tmp_path)
     out = tmp_path / "m"
     rc = main(
@@ -258,6 +258,7 @@ def test_a_card_without_training_provenance_is_refused(brain, tmp_path):
     assert main(["train", *sources, "--out", str(tmp_path / "n"), "--individuals", "-1"]) == 2
     # grown ventricles are a property of synthetic individuals: refused without them
     assert main(["train", *sources, "--out", str(tmp_path / "n"), "--ventricles", "3"]) == 2
+    assert "give --individuals N too" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
 
 

@@ -208,9 +208,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.individuals < 0:
         raise InputError("--individuals must be 0 or more")
-    if args.ventricles < 0 or (args.ventricles and not args.individuals):
-        raise InputError("--ventricles must be 0 or more, and grows synthetic individuals' "
-                         "ventricles: give --individuals N too")  # fmt: skip
+    if args.ventricles < 0:
+        raise InputError("--ventricles must be 0 or more")
+    if args.ventricles and not args.individuals:
+        raise InputError("--ventricles grows the ventricles of synthetic individuals: give "
+                         "--individuals N too")  # fmt: skip
     if args.neighbours < 0:
         raise InputError("--neighbours must be 0 or more")
     if args.denoise_std < 0 or args.denoise_cells < 1 or args.context_weight < 0:
