@@ -131,6 +131,13 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     auroc, ap = float(row[-3]), float(row[-2])
     assert auroc > 0.95 and ap > 0.5, row
     assert "0.0 ml outside the brain" in text
+    # printed in the order of `vaeloc localize`: preparation, the run's line, then the mask
+    lines = text.splitlines()
+    first = {
+        key: next(i for i, ln in enumerate(lines) if ln.startswith(key))
+        for key in ("preparation:", "t1-brain on cpu", "pixel metrics", "mask: ")
+    }
+    assert list(first.values()) == sorted(first.values()), first
     # the mask line is the one `vaeloc localize` prints, then how it meets the known lesion
     assert re.search(r"^mask: \d+\.\d ml in \d+ parts? \(threshold [\d.]+, each part", text, re.M)
     assert re.search(r"Dice 0\.\d+; \d+ parts? \(\d+\.\d ml\) not touching it", text)

@@ -63,18 +63,20 @@ def run(args: argparse.Namespace) -> int:
             stage=None if args.quiet else bar.stage,
         )
     r = res["result"]
-    print(f"{r.model_name} on {r.device}, {r.slices}: {res['demo'].description}, {r.seconds:.1f} s")
+    # the order of `vaeloc localize`: the preparation, the notes, the run, then the mask; the
+    # preparation's checks are printed even with --quiet (showing them is the demo's point)
     if r.preparation is not None:
         print("preparation:")
         for line in r.preparation.lines():
             print(f"  {line}")
+    for note in r.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{r.model_name} on {r.device}, {r.slices}: {res['demo'].description}, {r.seconds:.1f} s")
     print("pixel metrics inside the brain against the known lesion:")
     print(f"  {'map':<20}{'AUROC':>8}{'AP':>8}{'best Dice':>11}")
     for k, m in res["metrics"].items():
         print(f"  {k:<20}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['best_dice']:>11.3f}")
     stray = res["stray_parts"]
-    for note in r.notes:
-        print(f"note: {note}", file=sys.stderr)
     print(describe_mask(res["post"], res["mask_ml"], res["parts"], r.notes))
     print(
         f"  against the known lesion: Dice {res['mask_dice']:.3f}; {stray} "
