@@ -36,7 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_device(de)
     options.add_threads(de)
     options.add_overwrite(de)
-    options.add_quiet(de)
+    options.add_quiet(
+        de,
+        help="no progress bars or stage lines; the preparation's steps and checks, the metrics, "
+        "the mask line and the output folder still print (showing them is the demo's point)",
+    )
     de.set_defaults(func=run)
 
 

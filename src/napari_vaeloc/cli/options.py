@@ -122,12 +122,14 @@ def add_overwrite(p: argparse.ArgumentParser, what: str = "existing output files
     p.add_argument("--overwrite", action="store_true", help=f"replace {what}")
 
 
-def add_quiet(p: argparse.ArgumentParser) -> None:
-    """``--quiet``: no progress bars, stage lines or preparation report lines."""
+def add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--quiet``: no progress bars, stage lines or preparation report lines (``help``
+    replaces the text for a command whose quiet output differs)."""
     p.add_argument(
         "--quiet", action="store_true",
-        help="no progress bars, stage lines or the preparation's report lines; the result's "
-        "summary, the files written (one a line, on stdout), warnings and errors still print",
+        help=help or "no progress bars, stage lines or the preparation's report lines; the "
+        "result's summary, the files written (one a line, on stdout), warnings and errors "
+        "still print",
     )  # fmt: skip
 
 
