@@ -70,9 +70,7 @@ def run(args: argparse.Namespace) -> int:
     # the order of `vaeloc localize`: the preparation, the notes, the run, then the mask; the
     # preparation's checks are printed even with --quiet (showing them is the demo's point)
     if r.preparation is not None:
-        print("preparation:")
-        for line in r.preparation.lines():
-            print(f"  {line}")
+        options.print_preparation(r.preparation, args, always=True)
     for note in r.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"{r.model_name} on {r.device}, {r.slices}: {res['demo'].description}, {r.seconds:.1f} s")

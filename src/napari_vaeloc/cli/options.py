@@ -133,10 +133,12 @@ def add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
     )  # fmt: skip
 
 
-def print_preparation(report: PreparationReport, args: argparse.Namespace) -> None:
+def print_preparation(
+    report: PreparationReport, args: argparse.Namespace, always: bool = False
+) -> None:
     """The preparation's report: its steps and checks on stdout, each check once (its line
-    says when it warns); with ``--quiet`` only its warnings, on stderr."""
-    if not args.quiet:
+    says when it warns); with ``--quiet`` only its warnings, on stderr, unless ``always``."""
+    if always or not args.quiet:
         print("preparation:")
         for line in report.lines():
             print(f"  {line}")
