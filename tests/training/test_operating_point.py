@@ -39,8 +39,14 @@ def trained(tmp_path_factory):
     """A small T1 model trained on three 6 mm copies of the bundled healthy brain (one held
     out whole) with one synthetic individual each."""
     folder = tmp_path_factory.mktemp("op")
+    return _train(folder, 6.0, ["--max-steps", "6", "--val-every", "3"]), folder
+
+
+def _train(folder, voxel_mm: float, steps: list[str]):
+    """A small T1 model (folder/m) trained on three copies of the bundled healthy brain at
+    ``voxel_mm`` (written to ``folder``, the last held out whole), one individual each."""
     vol = load_volume(sample_path("t1-healthy"))
-    data, affine = block_mean(vol.data, vol.affine, vol.spacing, 6.0)
+    data, affine = block_mean(vol.data, vol.affine, vol.spacing, voxel_mm)
     sources = []
     for i, flip in enumerate((None, 0, 1)):
         d = data if flip is None else np.flip(data, flip)
@@ -50,9 +56,9 @@ def trained(tmp_path_factory):
     out = folder / "m"
     args = ["train", *sources, "--out", str(out), "--modality", "T1", "--individuals", "1"]
     args += ["--val-sources", "healthy2.nii.gz", "--image-size", "16", "--z-dim", "8"]
-    args += ["--max-steps", "6", "--val-every", "3", "--seed", "0", "--quiet"]
+    args += [*steps, "--seed", "0", "--quiet"]
     assert main(args) == 0
-    return out, folder
+    return out
 
 
 def test_calibrate_chooses_the_level_with_the_best_dice_and_records_it(trained, capsys):
@@ -393,3 +399,51 @@ def test_calibrate_on_healthy_scans_as_well(trained, tmp_path, capsys):
     assert cal.combined_fpr == pytest.approx(table)
     assert cal.combined_fpr != pytest.approx(without)  # the head changed it
     assert d.threshold == pytest.approx(table["0.001"])
+
+
+def test_calibrate_on_held_out_brains_with_grown_ventricles(tmp_path, capsys):
+    """``--ventricles``: a model trained without older brains' ventricles is calibrated on its
+    held-out individuals remade with them; recorded on the card, kept by a later
+    recalibration unless told otherwise, and refused for a model without individuals."""
+    model = _train(tmp_path, 4.0, ["--max-steps", "4", "--val-every", "2"])  # 6 mm: none grow
+    sources = [str(tmp_path / f"healthy{i}.nii.gz") for i in range(3)]
+    src = ["--sources", str(tmp_path), "--smoothing-mm", "2", "--cache", str(tmp_path / "c")]
+    assert main(["calibrate", str(model), *src]) == 0
+    plain = load_model(model).card.calibration
+    assert plain.heldout_ventricles_mm is None
+    grown = tmp_path / "grown"
+    assert main(["calibrate", str(model), "--out", str(grown), *src, "--ventricles", "12"]) == 0
+    assert "calibrated on: held-out healthy voxels, volume space (ventricles grown by up to " \
+        "12 mm)" in capsys.readouterr().out  # fmt: skip
+    cal = load_model(grown).card.calibration
+    assert cal.heldout_ventricles_mm == 12.0
+    # the held-out brains changed: their maps' healthy scales and the threshold's table
+    assert cal.scales != pytest.approx(plain.scales)
+    assert cal.combined_fpr != pytest.approx(plain.combined_fpr)
+    # a later recalibration keeps the card's ventricles; 0 goes back to the training record's
+    assert main(["calibrate", str(grown), *src]) == 0
+    again = load_model(grown).card.calibration
+    assert again.heldout_ventricles_mm == 12.0
+    assert again.combined_fpr == pytest.approx(cal.combined_fpr)
+    assert main(["calibrate", str(grown), *src, "--ventricles", "0"]) == 0
+    back = load_model(grown).card.calibration
+    assert back.heldout_ventricles_mm is None
+    assert back.combined_fpr == pytest.approx(plain.combined_fpr)
+    # bad input: one line, nothing written
+    card_text = (grown / "model.json").read_text()
+    capsys.readouterr()
+    assert main(["calibrate", str(grown), *src, "--ventricles", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ventricles must be 0 or more" in err[0], err
+    assert (grown / "model.json").read_text() == card_text
+    bare = tmp_path / "bare"
+    args = ["train", *sources, "--out", str(bare), "--modality", "T1", "--image-size", "16"]
+    args += ["--z-dim", "8", "--max-steps", "2", "--val-every", "2", "--seed", "0", "--quiet"]
+    assert main(args) == 0
+    copy = tmp_path / "bare-copy"
+    argv = ["calibrate", str(bare), "--out", str(copy), *src, "--ventricles", "5"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained without any" in err[0], err
+    assert not copy.exists()

@@ -126,6 +126,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the false-positive table, the threshold and the rate the mask claims then hold for "
         "scans like them too. Needs a model that ships a template",
     )
+    ca.add_argument(
+        "--ventricles",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="grow the held-out synthetic individuals' ventricles into the tissue around them "
+        "by a distance drawn from 0 to MM (as `vaeloc train --ventricles`), so that a model "
+        "trained without older brains' ventricles is calibrated on brains that have them "
+        "(default: as the model's calibration was made; 0: as its training record says)",
+    )
     options.add_threads(ca)
     ca.set_defaults(func=run)
 
@@ -224,6 +234,7 @@ def _recalibrate(
         beyond_template=args.beyond_template,
         smoothing_candidates=candidates,
         healthy_scans=args.healthy_scans,
+        ventricles_mm=args.ventricles,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
 

@@ -237,6 +237,9 @@ class Calibration(_Part):
             ``combined_scan_normalise``) at smoothings other than ``combined_smoothing_mm``,
             read from the same healthy brains, so that a smoothing other than the default
             still has calibrated levels (:meth:`fpr_table`).
+        heldout_ventricles_mm: how far (mm, the largest draw) the held-out synthetic
+            individuals' ventricles were grown for this calibration when the training record
+            grew them less (``vaeloc calibrate --ventricles``); None: as trained.
     """
 
     scales: dict[str, float] = field(default_factory=dict)
@@ -257,6 +260,7 @@ class Calibration(_Part):
     mask_fpr: float | None = None
     mask_fpr_calibration: float | None = None
     smoothing_fpr: dict[str, dict[str, float]] | None = None
+    heldout_ventricles_mm: float | None = None
 
     def validate(self, where: str) -> None:
         for sigma in self.smoothing_fpr or {}:
@@ -266,6 +270,8 @@ class Calibration(_Part):
                 ok = False
             if not ok:
                 raise ModelError(f"{where}.smoothing_fpr: {sigma!r} is not a sigma >= 0 in mm")
+        if self.heldout_ventricles_mm is not None and not self.heldout_ventricles_mm > 0:
+            raise ModelError(f"{where}.heldout_ventricles_mm must be > 0 when given")
 
     def fpr_table(self, smoothing_mm: float | None = None) -> list[tuple[float, float]]:
         """(threshold, fpr) pairs, sorted by threshold, of the default combined map (None), or

@@ -670,6 +670,31 @@ KEEP = "card"
 BEST = "best"
 
 
+def heldout_ventricles(
+    recorded: float | None, config: IndividualConfig | None, asked: float | None
+) -> float | None:
+    """How far (mm, the largest draw) a recalibration grows the held-out individuals'
+    ventricles beyond what the training record made: ``asked`` (None: ``recorded``, the card's
+    calibration's :attr:`~napari_vaeloc.models.card.Calibration.heldout_ventricles_mm`);
+    None when that is 0 or what the record's ``config`` already draws.
+
+    Raises:
+        InputError: ``asked`` is negative, or ventricles are to grow in a model trained
+            without synthetic individuals (``config`` None).
+    """
+    if asked is not None and asked < 0:
+        raise InputError(f"--ventricles must be 0 or more, not {asked:g}")
+    grow = recorded if asked is None else asked
+    if not grow:
+        return None
+    if config is None:
+        raise InputError(
+            "--ventricles grows the ventricles of the held-out synthetic individuals, and this "
+            "model was trained without any (vaeloc train --individuals)"
+        )
+    return None if config.ventricles_mm == (0.0, float(grow)) else float(grow)
+
+
 def recalibrate(
     folder: str | os.PathLike,
     weights: dict[str, float],
@@ -685,6 +710,7 @@ def recalibrate(
     beyond_template: bool = False,
     smoothing_candidates: Sequence[float] | None = None,
     healthy_scans: Sequence[str | os.PathLike] = (),
+    ventricles_mm: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Calibration:
     """Recompute a trained model's calibration for new default settings on the same held-out
@@ -728,7 +754,13 @@ def recalibrate(
     brains, e.g. a site's own normal scans) join the held-out individuals everywhere above,
     each prepared as a user's scan is
     (:func:`~napari_vaeloc.training.operating_point.healthy_scan_files`); the calibration
-    records their file names and checksums. The same brains also give the tables of the
+    records their file names and checksums. ``ventricles_mm`` (mm; None: as the card's
+    calibration was made, else as the training record says) remakes the synthetic individuals
+    with their ventricles grown into the tissue around them by a distance drawn from 0 to it
+    (:func:`~napari_vaeloc.training.individuals.grow_ventricles`, the draw of
+    ``vaeloc train --ventricles``; 0: as the training record says), so that a model trained
+    without older brains' ventricles is calibrated on held-out brains that have them; recorded
+    as ``Calibration.heldout_ventricles_mm``. The same brains also give the tables of the
     combination at every other smoothing of
     :data:`~napari_vaeloc.training.operating_point.LEVEL_SMOOTHINGS_MM`
     (``Calibration.smoothing_fpr``; none for a calibration in volume space), so that a user's
@@ -738,7 +770,9 @@ def recalibrate(
     Raises:
         ModelError: the card lacks training provenance (:func:`check_provenance`); nothing
             is rewritten.
-        InputError: a weight names an unknown map, a training file is not found, the
+        InputError: a weight names an unknown map, a training file is not found,
+            ``ventricles_mm`` is negative or given for a model trained without synthetic
+            individuals, the
             smoothing is to be chosen together with the level (``fpr`` None) or for a model
             without a template, or a healthy scan is unreadable, does not fit the model, or is
             given for a model without a template.
@@ -799,6 +833,10 @@ def recalibrate(
     ]
     split = record.get("split", {})
     made = record.get("individuals", {})
+    made_config = IndividualConfig.from_dict(made["config"]) if made else None
+    grown = heldout_ventricles(card.calibration.heldout_ventricles_mm, made_config, ventricles_mm)
+    if grown is not None:
+        made_config = dataclasses.replace(made_config, ventricles_mm=(0.0, grown))
     brains = None
     say("making the held-out brains from the training record ...")
     if made or "val_volumes" in split:
@@ -807,7 +845,7 @@ def recalibrate(
             card.modality,
             made.get("per_source", 0),
             record.get("config", {}).get("seed", 0),
-            IndividualConfig.from_dict(made["config"]) if made else None,
+            made_config,
             cache_dir=cache_dir,
         )
         volumes, brains = tset.volumes, tset.brain_masks
@@ -830,6 +868,7 @@ def recalibrate(
     calibration = calibrate(
         model.network, data.val, data.val_foreground, card.likelihood_log_std, weights=weights
     )
+    calibration.heldout_ventricles_mm = grown
     settings = CombineSettings(
         weights=weights,
         smoothing_mm=smoothing,
@@ -871,7 +910,9 @@ def recalibrate(
     level_scans = list(scans)  # the brains every table is read from (prepared as users' are)
     if scans:
         calibration.combined_source = (
-            "held-out healthy individuals after preparation"
+            "held-out healthy individuals"
+            + (f" (ventricles grown by up to {grown:g} mm)" if grown else "")
+            + " after preparation"
             + (f" and {len(extra)} healthy scan{'s' * (len(extra) != 1)}" if extra else "")
             + (", scored beyond the template's brain too" if beyond_template else "")
         )
@@ -881,7 +922,9 @@ def recalibrate(
             }
     elif smoothing > 0 or scan_normalise or fpr is None:
         calibration.combined_fpr = volume_fpr_table(model, volumes, masks, settings, calibration)
-        calibration.combined_source = "held-out healthy voxels, volume space"
+        calibration.combined_source = "held-out healthy voxels, volume space" + (
+            f" (ventricles grown by up to {grown:g} mm)" if grown else ""
+        )
     if calibration.combined_source is not None:
         calibration.combined_smoothing_mm = smoothing
         calibration.combined_scan_normalise = scan_normalise
