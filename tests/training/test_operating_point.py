@@ -407,7 +407,10 @@ def test_calibrate_on_held_out_brains_with_grown_ventricles(tmp_path, capsys):
     recalibration unless told otherwise, and refused for a model without individuals."""
     model = _train(tmp_path, 4.0, ["--max-steps", "4", "--val-every", "2"])  # 6 mm: none grow
     sources = [str(tmp_path / f"healthy{i}.nii.gz") for i in range(3)]
-    src = ["--sources", str(tmp_path), "--smoothing-mm", "2", "--cache", str(tmp_path / "c")]
+    base = ["--sources", str(tmp_path), "--cache", str(tmp_path / "c")]
+    assert main(["calibrate", str(model), *base]) == 0  # a card never calibrated: 8 mm
+    assert load_model(model).card.defaults.smoothing_mm == 8.0
+    src = [*base, "--smoothing-mm", "2"]
     assert main(["calibrate", str(model), *src]) == 0
     plain = load_model(model).card.calibration
     assert plain.heldout_ventricles_mm is None
@@ -420,10 +423,11 @@ def test_calibrate_on_held_out_brains_with_grown_ventricles(tmp_path, capsys):
     # the held-out brains changed: their maps' healthy scales and the threshold's table
     assert cal.scales != pytest.approx(plain.scales)
     assert cal.combined_fpr != pytest.approx(plain.combined_fpr)
-    # a later recalibration keeps the card's ventricles; 0 goes back to the training record's
-    assert main(["calibrate", str(grown), *src]) == 0
+    # a later recalibration keeps the card's ventricles and smoothing; 0 goes back to the
+    # training record's held-out brains
+    assert main(["calibrate", str(grown), *base]) == 0
     again = load_model(grown).card.calibration
-    assert again.heldout_ventricles_mm == 12.0
+    assert again.heldout_ventricles_mm == 12.0 and again.combined_smoothing_mm == 2.0
     assert again.combined_fpr == pytest.approx(cal.combined_fpr)
     assert main(["calibrate", str(grown), *src, "--ventricles", "0"]) == 0
     back = load_model(grown).card.calibration
@@ -431,10 +435,11 @@ def test_calibrate_on_held_out_brains_with_grown_ventricles(tmp_path, capsys):
     assert back.combined_fpr == pytest.approx(plain.combined_fpr)
     # bad input: one line, nothing written
     card_text = (grown / "model.json").read_text()
-    capsys.readouterr()
-    assert main(["calibrate", str(grown), *src, "--ventricles", "-1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--ventricles must be 0 or more" in err[0], err
+    for bad in ("-1", "nan", "inf"):
+        capsys.readouterr()
+        assert main(["calibrate", str(grown), *src, "--ventricles", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--ventricles must be a distance of 0 mm or more" in err[0], err
     assert (grown / "model.json").read_text() == card_text
     bare = tmp_path / "bare"
     args = ["train", *sources, "--out", str(bare), "--modality", "T1", "--image-size", "16"]
@@ -447,3 +452,27 @@ def test_calibrate_on_held_out_brains_with_grown_ventricles(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trained without any" in err[0], err
     assert not copy.exists()
+
+
+def test_a_recalibration_keeps_the_cards_beyond_template(trained, tmp_path, capsys):
+    """``--beyond-template`` is recorded on the card and kept by a later recalibration (as the
+    smoothing is) until ``--no-beyond-template``."""
+    trained, folder = trained
+    model_dir = _with_template(trained, tmp_path / "m")
+    src = ["--sources", str(folder)]
+    argv = ["calibrate", str(model_dir), *src, "--smoothing-mm", "2", "--beyond-template"]
+    assert main(argv) == 0
+    first = load_model(model_dir).card.calibration
+    assert first.combined_beyond_template is True
+    assert first.combined_source.endswith("scored beyond the template's brain too")
+    assert main(["calibrate", str(model_dir), *src]) == 0
+    again = load_model(model_dir).card.calibration
+    assert again.combined_beyond_template is True and again.combined_smoothing_mm == 2.0
+    assert again.combined_fpr == pytest.approx(first.combined_fpr)
+    assert main(["calibrate", str(model_dir), *src, "--no-beyond-template"]) == 0
+    plain = load_model(model_dir).card.calibration
+    assert plain.combined_beyond_template is None
+    assert "beyond" not in plain.combined_source
+    assert "calibrated on: held-out healthy individuals after preparation" in (
+        capsys.readouterr().out
+    )

@@ -15,6 +15,9 @@ from ..prepare import TEMPLATE_MARGIN_MM
 from ..training.operating_point import SMOOTHING_CANDIDATES_MM
 from . import options
 
+#: the smoothing (sigma, mm) a card never calibrated for a combination is calibrated at
+DEFAULT_SMOOTHING_MM = 8.0
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``calibrate`` subcommand."""
@@ -45,8 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ca.add_argument(
         "--smoothing-mm",
-        default="8",
-        help="3D smoothing of the combined map, sigma in mm (default: 8), or best: try "
+        default=None,
+        help="3D smoothing of the combined map, sigma in mm (default: the one the model's "
+        f"card was calibrated at, {DEFAULT_SMOOTHING_MM:g} for a card never calibrated), or "
+        "best: try "
         f"{', '.join(f'{c:g}' for c in SMOOTHING_CANDIDATES_MM)} mm, give each its own "
         "false-positive table and threshold (at --fpr, outlined as --grow-fpr says), seed a "
         "medium and a large lesion of two kinds into every held-out brain, and keep the one "
@@ -108,13 +113,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ca.add_argument(
         "--beyond-template",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="when measuring the false-positive table, also score the held-out brains where "
         f"they reach more than {TEMPLATE_MARGIN_MM:g} mm beyond the template's brain "
         "(localize, the widget and the "
         "cohort runner never score there). The threshold comes out stricter; use it when the "
         "default threshold flags too much of real healthy scans because the held-out brains "
-        "are more regular than real ones (the bundled t2-brain is calibrated this way)",
+        "are more regular than real ones (the bundled t2-brain is calibrated this way). "
+        "Default: as the model's card was calibrated",
     )
     ca.add_argument(
         "--healthy-scans",
@@ -134,7 +141,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="grow the held-out synthetic individuals' ventricles into the tissue around them "
         "by a distance drawn from 0 to MM (as `vaeloc train --ventricles`), so that a model "
         "trained without older brains' ventricles is calibrated on brains that have them "
-        "(default: as the model's calibration was made; 0: as its training record says)",
+        "(default: as the model's calibration was made; 0: the held-out brains as they were "
+        "made for training)",
     )
     options.add_threads(ca)
     ca.set_defaults(func=run)
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     grow_fpr = _level(args.grow_fpr, "--grow-fpr", allow="none")
     if grow_fpr is not None and fpr is not None and grow_fpr <= fpr:
         raise InputError(f"--grow-fpr ({grow_fpr:g}) must be a looser level than --fpr ({fpr:g})")
-    smoothing, candidates = _smoothing(args.smoothing_mm)
+    smoothing, candidates = _smoothing(args.smoothing_mm, args.model)
     if candidates is not None and fpr is None:
         raise InputError("--smoothing-mm best and --fpr best-dice cannot be chosen together")
     outline_smoothing = _outline_smoothing(args.outline_smoothing_mm)
@@ -280,19 +288,26 @@ def _report(cal: Calibration, folder: str | Path, candidates: tuple[float, ...] 
     return 0
 
 
-def _smoothing(text: str) -> tuple[float | None, tuple[float, ...] | None]:
-    """``--smoothing-mm``: (sigma, None), or (None, the candidates) for best.
+def _smoothing(text: str | None, model: str) -> tuple[float | None, tuple[float, ...] | None]:
+    """``--smoothing-mm``: (sigma, None), or (None, the candidates) for best; not given,
+    (None, None) (the card's smoothing) for a ``model`` whose card has a calibrated
+    combination, else :data:`DEFAULT_SMOOTHING_MM`.
 
     Raises:
-        InputError: neither a sigma of at least 0 nor best.
+        InputError: neither a finite sigma of at least 0 nor best; ``model`` is not found.
     """
+    if text is None:
+        from ..models.store import read_card, resolve_model_path
+
+        calibrated = read_card(resolve_model_path(model)).calibration.combined_smoothing_mm
+        return (DEFAULT_SMOOTHING_MM if calibrated is None else None), None
     if text == "best":
         return None, SMOOTHING_CANDIDATES_MM
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0.0:
+    if not (math.isfinite(value) and value >= 0.0):
         raise InputError(f"--smoothing-mm must be a sigma in mm (0 or more) or best, not {text!r}")
     return value, None
 

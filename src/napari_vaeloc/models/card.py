@@ -237,6 +237,9 @@ class Calibration(_Part):
             ``combined_scan_normalise``) at smoothings other than ``combined_smoothing_mm``,
             read from the same healthy brains, so that a smoothing other than the default
             still has calibrated levels (:meth:`fpr_table`).
+        combined_beyond_template: True when the held-out brains of the false-positive table
+            were scored beyond the template's brain too (``vaeloc calibrate
+            --beyond-template``), kept by a later recalibration unless told otherwise.
         heldout_ventricles_mm: how far (mm, the largest draw) the held-out synthetic
             individuals' ventricles were grown for this calibration when the training record
             grew them less (``vaeloc calibrate --ventricles``); None: as trained.
@@ -260,6 +263,7 @@ class Calibration(_Part):
     mask_fpr: float | None = None
     mask_fpr_calibration: float | None = None
     smoothing_fpr: dict[str, dict[str, float]] | None = None
+    combined_beyond_template: bool | None = None
     heldout_ventricles_mm: float | None = None
 
     def validate(self, where: str) -> None:
@@ -270,8 +274,9 @@ class Calibration(_Part):
                 ok = False
             if not ok:
                 raise ModelError(f"{where}.smoothing_fpr: {sigma!r} is not a sigma >= 0 in mm")
-        if self.heldout_ventricles_mm is not None and not self.heldout_ventricles_mm > 0:
-            raise ModelError(f"{where}.heldout_ventricles_mm must be > 0 when given")
+        v = self.heldout_ventricles_mm
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ModelError(f"{where}.heldout_ventricles_mm must be a distance > 0 when given")
 
     def fpr_table(self, smoothing_mm: float | None = None) -> list[tuple[float, float]]:
         """(threshold, fpr) pairs, sorted by threshold, of the default combined map (None), or

@@ -682,8 +682,8 @@ def heldout_ventricles(
         InputError: ``asked`` is negative, or ventricles are to grow in a model trained
             without synthetic individuals (``config`` None).
     """
-    if asked is not None and asked < 0:
-        raise InputError(f"--ventricles must be 0 or more, not {asked:g}")
+    if asked is not None and not (math.isfinite(asked) and asked >= 0):
+        raise InputError(f"--ventricles must be a distance of 0 mm or more, not {asked:g}")
     grow = recorded if asked is None else asked
     if not grow:
         return None
@@ -707,7 +707,7 @@ def recalibrate(
     grow_fpr: float | None = GROW_FPR,
     outline_fraction: float | None = None,
     outline_smoothing_mm: float | str | None = KEEP,
-    beyond_template: bool = False,
+    beyond_template: bool | None = None,
     smoothing_candidates: Sequence[float] | None = None,
     healthy_scans: Sequence[str | os.PathLike] = (),
     ventricles_mm: float | None = None,
@@ -747,7 +747,8 @@ def recalibrate(
     default smoothing on lesions seeded into the prepared held-out individuals, each
     candidate at its own threshold
     (:func:`~napari_vaeloc.training.operating_point.choose_smoothing`), and records every
-    candidate's score. ``beyond_template`` scores the prepared held-out individuals also where
+    candidate's score. ``beyond_template`` (None: as the card's calibration was made,
+    ``Calibration.combined_beyond_template``) scores the prepared held-out individuals also where
     their brain lies beyond the template's (``PrepareSettings.beyond_template``), as no front
     does: the edge then stands in for how much less regular real scans are than synthetic
     individuals (see docs/models.md). ``healthy_scans`` (NIfTI files of healthy heads or
@@ -812,6 +813,8 @@ def recalibrate(
             "scan is, which needs one"
         )
     say = log or (lambda line: None)
+    if beyond_template is None:
+        beyond_template = bool(card.calibration.combined_beyond_template)
     prep = PrepareSettings(beyond_template=beyond_template)
     if healthy_scans:
         say(f"preparing {len(healthy_scans)} healthy scan(s) ...")
@@ -869,6 +872,7 @@ def recalibrate(
         model.network, data.val, data.val_foreground, card.likelihood_log_std, weights=weights
     )
     calibration.heldout_ventricles_mm = grown
+    calibration.combined_beyond_template = True if beyond_template and template else None
     settings = CombineSettings(
         weights=weights,
         smoothing_mm=smoothing,
