@@ -512,7 +512,7 @@ def test_the_mask_line_says_when_the_outline_cannot_act():
     result = make_result({"combi": c}, np.ones(c.shape, bool), vol, card_with(None))
     outlined = CombineSettings(threshold=1.5, grow_threshold=1.0, outline_fraction=0.4)
     post = PostProcessor(result, outlined)
-    assert "outlined to 0.4 of its peak, not below 1" in describe_mask(post, 1.0, 1, [])
+    assert "each part (down to 1) outlined to 0.4 of its peak)" in describe_mask(post, 1.0, 1, [])
     post.settings = outlined.replace(threshold=0.9)
     line = describe_mask(post, 1.0, 1, [])
     assert "no outline: the threshold is at or below its grow level 1" in line

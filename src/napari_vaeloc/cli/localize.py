@@ -294,8 +294,8 @@ def mask_summary(done: ScanOutputs) -> str:
     connected parts, the threshold and, for a calibrated combination, the healthy
     false-positive rate it was read at, e.g. "mask: 11.1 ml in 2 parts (threshold 2.66,
     healthy false-positive rate 0.1 %)"; with outlined parts their grow level and fraction,
-    and for the default mask its own healthy rate first, e.g. "(threshold 3.41, each part
-    outlined to 0.4 of its peak, not below 2.65; on healthy brains this mask marks 0.64 % of
+    and for the default mask its own healthy rate first, e.g. "(threshold 5.22, each part
+    (down to 3.24) outlined to 0.4 of its peak; on healthy brains this mask marks 0.68 % of
     the voxels, the threshold alone 0.1 %)", or, outlined on a sharper map, "each part (down to
     2.85) outlined to 0.3 of its peak on the unsmoothed map"; when a check of the preparation
     warned, the line ends by naming those checks."""
@@ -348,7 +348,7 @@ def describe_mask(
                 + sharper_map(sharp)
             )
         elif fraction:
-            outline = f"each part outlined to {fraction:g} of its peak, not below {grow:.3g}"
+            outline = f"each part (down to {grow:.3g}) outlined to {fraction:g} of its peak"
         else:
             outline = f"each part grown down to {grow:.3g}"
         mask_fpr = post.mask_fpr()
