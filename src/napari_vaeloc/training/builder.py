@@ -772,11 +772,10 @@ def recalibrate(
         ModelError: the card lacks training provenance (:func:`check_provenance`); nothing
             is rewritten.
         InputError: a weight names an unknown map, a training file is not found,
-            ``ventricles_mm`` is negative or given for a model trained without synthetic
-            individuals, the
-            smoothing is to be chosen together with the level (``fpr`` None) or for a model
-            without a template, or a healthy scan is unreadable, does not fit the model, or is
-            given for a model without a template.
+            ``ventricles_mm`` is negative or not finite, or given for a model trained without
+            synthetic individuals, the smoothing is to be chosen together with the level
+            (``fpr`` None) or for a model without a template, or a healthy scan is unreadable,
+            does not fit the model, or is given for a model without a template.
     """
     from ..models.store import CARD_FILE, load_model
 
