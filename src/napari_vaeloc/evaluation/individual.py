@@ -7,8 +7,10 @@ Test anatomy (:data:`SOURCES`), per modality:
 - **T1**: pycortex subject S1, a real individual head with skull and face (the bundled sample
   ``t1-head``, 2 mm), and SPM's avg152T1 and avg305T1 (T1 heads of another origin than the
   templates the models learned: averages of 152 and 305 other people);
-- **T2**: SPM's avg152T2 and avg152PD (T2 and PD anatomy of another origin than the ICBM 2009c
-  templates the models learned), the real T2 TSE slab of hsf's tests (coronal, partial
+- **T2**: the same real head in T2-weighted contrast (each tissue given its T2 signal:
+  :mod:`napari_vaeloc.evaluation.contrast`; no real individual whole-brain T2 ships in a
+  package), SPM's avg152T2 and avg152PD (T2 and PD anatomy of another origin than the ICBM
+  2009c templates the models learned), the real T2 TSE slab of hsf's tests (coronal, partial
   coverage, 0.4 x 2.6 x 0.4 mm) and dipy's T2-weighted EPI volume ``aniso_vox`` (4 x 4 x 5 mm).
 
 None of them may be used to train or tune a model (:func:`training_overlap` checks this against
@@ -120,6 +122,9 @@ class IndividualSource:
         sample: a bundled sample key, or None when it comes from ``archive``.
         archive: the downloaded package file holding it.
         member: its path inside the archive; inside a nested zip, "outer!inner".
+        t2_brain_mask: a bundled sample key: when set, ``sample`` is a T1 head and the test
+            anatomy is that head in T2-weighted contrast, made tissue by tissue inside this
+            brain mask (:func:`napari_vaeloc.evaluation.contrast.t2_weighted_head`).
     """
 
     key: str
@@ -130,6 +135,7 @@ class IndividualSource:
     sample: str | None = None
     archive: Archive | None = None
     member: str = ""
+    t2_brain_mask: str | None = None
 
     def load(self) -> Volume:
         """The scan as :func:`napari_vaeloc.io.load_volume` reads it (with its checks).
@@ -138,7 +144,13 @@ class IndividualSource:
             InputError: the archive is not downloaded, or lacks the member.
         """
         if self.sample is not None:
-            return load_volume(sample_path(self.sample))
+            vol = load_volume(sample_path(self.sample))
+            if self.t2_brain_mask is None:
+                return vol
+            from .contrast import t2_weighted_head
+
+            brain = load_volume(sample_path(self.t2_brain_mask)).data > 0
+            return t2_weighted_head(vol, brain)
         assert self.archive is not None
         data = read_member(self.archive.path(), self.member)
         name = self.member.rsplit("/", 1)[-1]
@@ -201,6 +213,16 @@ SOURCES: dict[str, IndividualSource] = {
             "GPL-2.0 (evaluation only)",
             archive=SPM,
             member=f"{_SPM_CTF}!{_SPM_CANONICAL}avg305T1.nii",
+        ),
+        IndividualSource(
+            "pycortex-s1-t2",
+            "T2",
+            "pycortex subject S1 in T2-weighted contrast: the real individual head with skull "
+            "and face, each tissue given its T2 signal (synthetic contrast), 2 mm",
+            "pycortex",
+            "BSD-2-Clause",
+            sample="t1-head",
+            t2_brain_mask="t1-head-brain-mask",
         ),
         IndividualSource(
             "spm-avg152t2",
