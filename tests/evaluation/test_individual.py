@@ -160,3 +160,26 @@ def test_the_command_says_which_test_anatomy_got_cases(tmp_path, capsys):
     assert [r["case"] for r in rows] == ["tumour medium 0 (pycortex-s1)", "healthy 0 (pycortex-s1)"]
     assert [r["group"] for r in rows] == ["tumour medium", "healthy"]
     assert float(rows[0]["truth_ml"]) > 0 and float(rows[1]["truth_ml"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--sizes", "huge"], "unknown lesion sizes ['huge']"), (["--anatomies", ""], "names no")],
+)
+def test_bad_sizes_and_empty_anatomies_are_refused_before_preparing(
+    tmp_path, capsys, monkeypatch, option, message
+):
+    """One line, nothing written, and no scan prepared first (preparing takes a minute)."""
+    import napari_vaeloc.evaluation.individual as individual
+    from napari_vaeloc.cli import main
+
+    def must_not_prepare(*args, **kwargs):
+        raise AssertionError("a scan was prepared before the options were checked")
+
+    monkeypatch.setattr(individual, "fit_anatomies", must_not_prepare)
+    argv = ["evaluate", "individual", "--model", "t2-brain", *option, "--device", "cpu",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -158,8 +158,9 @@ def _add_individual(evs: argparse._SubParsersAction) -> None:
         "individual",
         help="seeded lesions in real individual scans, scored through the preparation stage",
         description="The individual-anatomy benchmark: real scans no model trained on (T1: "
-        "pycortex subject S1's head, SPM's avg152T1 and avg305T1; T2: SPM's avg152T2 and "
-        "avg152PD, hsf's T2 TSE slab and dipy's EPI volume, where their preparation passes "
+        "pycortex subject S1's head, SPM's avg152T1 and avg305T1; T2: the same head in T2-weighted "
+        "contrast (real anatomy, synthetic contrast), SPM's avg152T2 and avg152PD, hsf's T2 TSE "
+        "slab and dipy's EPI volume, where their preparation passes "
         "the fit checks), the preparation "
         "fitted once per scan, seeded lesions of every kind inserted in the scan's own space "
         "with radii in mm per size class (small 3-8, medium 8-15, large 15-25), scored and "
@@ -208,7 +209,9 @@ def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
         "--maps",
         default="all",
         help=f"comma-separated maps to score, from {', '.join(PIXEL_MAPS)} and default (the "
-        "model's default combination), or all (every map but sq_error, and default; the default)",
+        "model's default combination), or all (the paper's maps and rec_error_smooth, and "
+        "default: not sq_error, the SmoothGrad maps or restoration, which are named to be "
+        "scored; the default)",
     )
     options.add_device(p)
     options.add_threads(p)
@@ -394,6 +397,7 @@ def run_individual(args: argparse.Namespace) -> int:
     import time
 
     from ..evaluation.individual import (
+        SIZES,
         SOURCES,
         fit_anatomies,
         individual_cases,
@@ -409,6 +413,15 @@ def run_individual(args: argparse.Namespace) -> int:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if args.cases < 1 or args.healthy < 0:
         raise VaelocError("--cases must be at least 1, --healthy at least 0")
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or not sizes:  # before the scans are prepared (a minute), not after
+        raise VaelocError(f"unknown lesion sizes {unknown}; choose from {', '.join(SIZES)}")
+    keys = None if args.anatomies is None else [k.strip() for k in args.anatomies.split(",")]
+    if keys is not None and not all(keys):
+        raise VaelocError(
+            f"--anatomies {args.anatomies!r} names no test anatomy; give keys from "
+            f"{', '.join(k for k, s in SOURCES.items() if s.modality == model.card.modality)}"
+        )
     maps, settings, targets = _prepare_evaluation(args, model, "individual")
     stem = targets["csv"].name[: -len(".csv")]
     extra = {"json": targets["csv"].with_suffix(".json"),
@@ -419,7 +432,6 @@ def run_individual(args: argparse.Namespace) -> int:
     template = model_template(model.path, model.card)
     if template is None:
         raise VaelocError(f"model {model.card.name!r} ships no template to prepare scans for")
-    keys = args.anatomies.split(",") if args.anatomies else None
     prep = PrepareSettings()
     t0 = time.perf_counter()
     anatomies, skipped = fit_anatomies(
