@@ -397,8 +397,8 @@ def run_individual(args: argparse.Namespace) -> int:
     import time
 
     from ..evaluation.individual import (
-        SIZES,
         SOURCES,
+        check_sizes,
         fit_anatomies,
         individual_cases,
         summarize,
@@ -413,9 +413,7 @@ def run_individual(args: argparse.Namespace) -> int:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if args.cases < 1 or args.healthy < 0:
         raise VaelocError("--cases must be at least 1, --healthy at least 0")
-    unknown = [s for s in sizes if s not in SIZES]
-    if unknown or not sizes:  # before the scans are prepared (a minute), not after
-        raise VaelocError(f"unknown lesion sizes {unknown}; choose from {', '.join(SIZES)}")
+    check_sizes(sizes)  # before the scans are prepared (a minute), not after
     keys = None if args.anatomies is None else [k.strip() for k in args.anatomies.split(",")]
     if keys is not None and not all(keys):
         raise VaelocError(

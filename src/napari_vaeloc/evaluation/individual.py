@@ -375,6 +375,13 @@ def group_name(kind: str, size: str) -> str:
     return f"{kind} {size}"
 
 
+def check_sizes(sizes: Sequence[str]) -> None:
+    """Raise :class:`InputError` when ``sizes`` is empty or names a class not in :data:`SIZES`."""
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or not sizes:
+        raise InputError(f"unknown lesion sizes {unknown}; choose from {', '.join(SIZES)}")
+
+
 def individual_cases(
     anatomies: Sequence[Anatomy],
     per_kind: int,
@@ -399,12 +406,10 @@ def individual_cases(
     Raises:
         InputError: unknown kinds or sizes.
     """
-    bad = [k for k in kinds if k not in ANOMALY_KINDS] + [s for s in sizes if s not in SIZES]
-    if bad or not sizes:
-        raise InputError(
-            f"unknown anomaly kinds or sizes {bad}; kinds: {', '.join(ANOMALY_KINDS)}; "
-            f"sizes: {', '.join(SIZES)}"
-        )
+    check_sizes(sizes)
+    bad = [k for k in kinds if k not in ANOMALY_KINDS]
+    if bad:
+        raise InputError(f"unknown anomaly kinds {bad}; choose from {', '.join(ANOMALY_KINDS)}")
     for k_i, kind in enumerate(ANOMALY_KINDS):
         if kind not in kinds:
             continue
