@@ -13,6 +13,7 @@ from napari_vaeloc.combine import (
     finish,
     fpr_at,
     label_components,
+    missed_lesions,
     robust_z,
     smooth,
     threshold_mask,
@@ -539,3 +540,25 @@ def test_a_new_smoothing_keeps_the_levels_healthy_rates():
     for settings in (default, default.replace(weights={"rec_error": 1.0})):
         sigma = 1.0 if settings is default else 3.0
         assert at_smoothing(settings, card, sigma) == settings.replace(smoothing_mm=sigma)
+
+
+def test_missed_lesions_finds_the_volume_from_which_most_lesions_are_marked():
+    """Lesions grouped by octave of volume (a sparse octave with the next): the limit is the
+    lower edge of the smallest group from which every group had three quarters marked."""
+    # octaves 0.5, 1, 2 ml (one lesion each): one group, 1 of 3 marked; 4 and 8 ml: 2 of 3;
+    # 16 ml, left over, joins it: 3 of 4 -> marked from 4 ml on
+    lesions = [[0.5, 0], [1.2, 0], [30.0, 1], [2.0, 1], [6.0, 1], [9.0, 0], [15.0, 1]]
+    m = missed_lesions(lesions)
+    assert m.limit_ml == 4.0
+    assert (m.below, m.found_below, m.above, m.found_above) == (3, 1, 4, 3)
+    assert (m.smallest_ml, m.largest_ml) == (0.5, 30.0)
+    # a well-found octave above a badly found one does not lower the limit past it
+    mixed = [[2.1, 1], [2.5, 1], [3.0, 1], [4.2, 0], [5.0, 0], [6.0, 1], [9.0, 1], [10, 1], [11, 1]]
+    assert missed_lesions(mixed).limit_ml == 8.0
+    # the largest lesions missed too: no limit
+    never = missed_lesions([[1.0, 0], [5.0, 1], [20.0, 0], [40.0, 1], [60.0, 0]])
+    assert never.limit_ml is None and (never.below, never.found_below) == (5, 2)
+    # every group marked: the limit is the smallest octave's edge
+    assert missed_lesions([[0.7, 1], [0.8, 1], [0.9, 1], [3.0, 1]]).limit_ml == 0.5
+    with pytest.raises(ValueError, match="no lesions"):
+        missed_lesions([])

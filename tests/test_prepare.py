@@ -1087,3 +1087,27 @@ def test_slab_plane_is_only_for_slices_past_the_voxel_size_warning():
         affine[:3, 2] *= side
         assert slab_plane(Volume.from_array(data, affine)) == plane, side
     assert slab_plane(Volume.from_array(data, np.diag([4.0, 4.0, 4.0, 1.0]))) is None  # coarse
+
+
+def test_a_preparation_reused_for_another_template_redoes_the_modality_checks(t1):
+    """A T2 scan first prepared against the T1 template (what the panel's modality guess
+    does), then for t2-brain (the same template space: the preparation is reused). Every
+    check that depends on the template's modality is redone: no stale contrast-agent warning
+    (the T2 scan's bright CSF lies beyond the T1 template's fence), the checks those of a
+    fresh T2 preparation."""
+    from napari_vaeloc.prepare import prepare
+
+    t2 = cached_model("t2-brain")
+    scan = load_volume(sample_path("t2-lesion"))
+    settings = PrepareSettings()
+    as_t1 = prepare_cached(scan, Template.of_model(t1.path, t1.card), settings, refuse=False)
+    agent = as_t1.report.check("contrast agent")
+    assert agent is not None and agent.level == "warn", as_t1.report.checks  # the T1 view
+    template = Template.of_model(t2.path, t2.card)
+    reused = prepare_cached(scan, template, settings, refuse=False)
+    assert reused.transform is as_t1.transform  # reused, not prepared again
+    assert reused.report.check("contrast agent") is None, reused.report.checks
+    fresh = prepare(scan, template, settings, refuse=False)
+    assert [c.name for c in reused.report.checks] == [c.name for c in fresh.report.checks]
+    assert [c.level for c in reused.report.checks] == [c.level for c in fresh.report.checks]
+    assert reused.report.template == "t2-brain"

@@ -977,14 +977,27 @@ class PostProcessor:
         return SMALL_LESION_SMOOTHING_MM if known else None
 
     def small_lesion_hint(self, setting: str) -> str | None:
-        """For an empty mask: that it does not rule out lesions under about 1 ml, and that
-        ``setting`` (how the front sets a smoothing, e.g. "--smoothing {mm}") looks at a finer
-        scale with its threshold at the same healthy rate (a promise of a look, not of a find:
-        it found a bright 0.5 ml lesion in a real 1 mm head that 6 mm missed, not a 0.5 ml one
-        50 % darker than its tissue); None when there is no finer calibrated smoothing
-        (:meth:`finer_smoothing`). At that smoothing or finer, with the model's levels there:
-        that faint small lesions are not ruled out either."""
+        """For an empty mask: what it does not rule out, and that ``setting`` (how the front
+        sets a smoothing, e.g. "--smoothing {mm}") looks at a finer scale with its threshold at
+        the same healthy rate (a promise of a look, not of a find: it found a bright 0.5 ml
+        lesion in a real 1 mm head that 6 mm missed, not a 0.5 ml one 50 % darker than its
+        tissue); None when there is nothing to say.
+
+        With the default mask and a card that measured it on real anatomy
+        (``Calibration.individual_lesions``), the lesion volume under which it missed most
+        lesions there (:func:`missed_lesions`); else "lesions under about 1 ml" where a finer
+        calibrated smoothing exists (:meth:`finer_smoothing`), and at that smoothing or finer,
+        with the model's levels there, that faint small lesions are not ruled out either."""
         finer = self.finer_smoothing()
+        look = (
+            f"{setting.format(mm=f'{finer:g}')} looks at a finer scale, its threshold at the "
+            "same healthy rate"
+            if finer is not None
+            else None
+        )
+        measured = self._measured_misses()
+        if measured is not None:
+            return "; ".join(m for m in (measured, look) if m)
         if finer is None:
             fine = self.settings.smoothing_mm <= SMALL_LESION_SMOOTHING_MM
             if not fine or not fpr_pairs(self.settings, self.calibration, self.default_settings()):
@@ -996,8 +1009,33 @@ class PostProcessor:
             )
         return (
             "an empty mask does not rule out lesions under about 1 ml at a "
-            f"{self.settings.smoothing_mm:g} mm smoothing: {setting.format(mm=f'{finer:g}')} "
-            "looks at a finer scale, its threshold at the same healthy rate"
+            f"{self.settings.smoothing_mm:g} mm smoothing: {look}"
+        )
+
+    def _measured_misses(self) -> str | None:
+        """What the default mask missed on the benchmark's real anatomy, in words, when the
+        settings are the default's in every step and the card measured it; else None."""
+        cal = self.calibration
+        if cal is None or not cal.individual_lesions or not self.is_default_mask():
+            return None
+        m = missed_lesions(cal.individual_lesions)
+        if m.limit_ml is None or m.below == 0:
+            if m.limit_ml is not None:  # every size measured was found
+                return (
+                    f"an empty mask does not rule out lesions under {_ml_text(m.smallest_ml)} ml, "
+                    f"the smallest measured: on real anatomy this model's default mask marked "
+                    f"{m.found_above} of {m.above} intensity and tumour lesions of "
+                    f"{_ml_text(m.smallest_ml)}-{_ml_text(m.largest_ml)} ml"
+                )
+            return (
+                "an empty mask does not rule out a lesion of any size measured: on real anatomy "
+                f"this model's default mask marked {m.found_below} of {m.below} intensity and "
+                f"tumour lesions of {_ml_text(m.smallest_ml)}-{_ml_text(m.largest_ml)} ml"
+            )
+        return (
+            f"an empty mask does not rule out lesions under about {_ml_text(m.limit_ml)} ml: "
+            f"on real anatomy this model's default mask marked {m.found_below} of {m.below} "
+            f"intensity and tumour lesions under that size, {m.found_above} of {m.above} larger"
         )
 
     def fpr_for_threshold(self, threshold: float) -> float | None:
@@ -1009,16 +1047,21 @@ class PostProcessor:
         """The healthy false-positive rate of the mask itself (the calibration's ``mask_fpr``,
         measured on held-out healthy brains) when ``settings`` (default: ``self.settings``)
         are the calibrated default's in every step, else None."""
-        s = self.settings if settings is None else settings
         cal = self.calibration
-        if cal is None or cal.mask_fpr is None or not self.uses_default_combination():
-            return None
-        default = self.default_settings()
-        if not _same_key(s.mask_key(), default.mask_key()):
-            return None
-        if self.combined_key(s) != self.combined_key(default):
+        if cal is None or cal.mask_fpr is None or not self.is_default_mask(settings):
             return None
         return float(cal.mask_fpr)
+
+    def is_default_mask(self, settings: CombineSettings | None = None) -> bool:
+        """Whether ``settings`` (default: ``self.settings``) make the card's default mask: the
+        calibrated combination, and the default's in every later step."""
+        s = self.settings if settings is None else settings
+        if not self.uses_default_combination():
+            return False
+        default = self.default_settings()
+        return _same_key(s.mask_key(), default.mask_key()) and self.combined_key(
+            s
+        ) == self.combined_key(default)
 
     def threshold_for_fpr(self, fpr: float) -> float | None:
         """Inverse of :meth:`fpr_for_threshold` (:func:`threshold_at`)."""
@@ -1614,3 +1657,85 @@ def _stop_if(cancel: Callable[[], bool] | None) -> None:
         from .errors import Cancelled
 
         raise Cancelled("recombination cancelled")
+
+
+#: lesions count as found from the smallest octave of volume (1-2 ml, 2-4 ml, ...) from which
+#: every octave had at least this share of its lesions marked (:func:`missed_lesions`)
+FOUND_SHARE = 0.75
+#: an octave with fewer lesions than this is judged together with the next larger one
+FOUND_MIN_LESIONS = 3
+
+
+@dataclass(frozen=True)
+class MissedLesions:
+    """What a default mask missed on lesions of known volume (:func:`missed_lesions`).
+
+    Attributes:
+        limit_ml: a power of two (ml): from this volume up, every octave of lesion volume had
+            at least :data:`FOUND_SHARE` of its lesions marked; None when even the largest
+            did not.
+        below, found_below: lesions under ``limit_ml`` (all of them when it is None) and how
+            many of them the mask marked.
+        above, found_above: the same for the lesions of ``limit_ml`` or more.
+        smallest_ml, largest_ml: the range of volumes measured.
+    """
+
+    limit_ml: float | None
+    below: int
+    found_below: int
+    above: int
+    found_above: int
+    smallest_ml: float
+    largest_ml: float
+
+
+def missed_lesions(lesions: list[list[float]]) -> MissedLesions:
+    """The volume under which a mask misses lesions. ``lesions`` is one [volume in ml, 1 when
+    the mask marked part of it else 0] per lesion (``Calibration.individual_lesions``). The
+    lesions are grouped by octave of volume (2^k to 2^(k+1) ml), an octave with fewer than
+    :data:`FOUND_MIN_LESIONS` lesions together with the next larger ones (the largest left
+    over with the group below it); the limit is the lower edge of the smallest group from
+    which every group had at least :data:`FOUND_SHARE` of its lesions marked.
+
+    Raises:
+        ValueError: ``lesions`` is empty, or a volume is not > 0.
+    """
+    if not lesions:
+        raise ValueError("no lesions measured")
+    pairs = sorted((float(v), int(f)) for v, f in lesions)
+    if pairs[0][0] <= 0:
+        raise ValueError(f"a lesion volume must be > 0, not {pairs[0][0]}")
+    groups: list[tuple[int, list[int]]] = []  # (lowest octave, marked flags)
+    start: int | None = None
+    flags: list[int] = []
+    for i, (v, f) in enumerate(pairs):
+        octave = math.floor(math.log2(v))
+        if start is None:
+            start = octave
+        flags.append(f)
+        last_of_octave = i + 1 == len(pairs) or math.floor(math.log2(pairs[i + 1][0])) > octave
+        if last_of_octave and len(flags) >= FOUND_MIN_LESIONS:
+            groups.append((start, flags))
+            start, flags = None, []
+    if flags:  # the largest, too few for a group of their own
+        if groups:
+            groups[-1][1].extend(flags)
+        else:
+            groups.append((start if start is not None else 0, flags))
+    limit = None
+    for octave, marked in reversed(groups):
+        if sum(marked) < FOUND_SHARE * len(marked):
+            break
+        limit = 2.0**octave
+    found = [f for _, f in pairs]
+    if limit is None:
+        return MissedLesions(None, len(pairs), sum(found), 0, 0, pairs[0][0], pairs[-1][0])
+    i = sum(v < limit for v, _ in pairs)
+    return MissedLesions(
+        limit, i, sum(found[:i]), len(pairs) - i, sum(found[i:]), pairs[0][0], pairs[-1][0]
+    )
+
+
+def _ml_text(ml: float) -> str:
+    """A volume in ml to two significant digits at most (0.52, 4.3, 17)."""
+    return f"{ml:.2g}" if ml < 10 else f"{ml:.0f}"

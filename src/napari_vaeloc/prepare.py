@@ -1314,6 +1314,27 @@ def _deep_fluid(
     return (float(np.percentile(values[deep], 25)) - white) / (grey - white)
 
 
+#: the checks that depend on the template's modality, not on where the scan landed
+#: (:func:`template_checks`): redone when a preparation is reused for another model's template
+#: in the same space
+TEMPLATE_CHECKS = ("modality", "contrast", "contrast agent")
+
+
+def template_checks(
+    scores: dict[str, float], brain: np.ndarray, mask: np.ndarray, template: Template
+) -> list[FitCheck]:
+    """The checks of :data:`TEMPLATE_CHECKS` for a scan prepared into ``template``'s space:
+    the modality check from the correlation ``scores``, and, where they apply to the
+    template's modality, the contrast check and the contrast-agent check of ``brain`` (the
+    scan on the template's grid) inside ``mask`` (bool, that grid)."""
+    checks = [modality_check(scores, template)]
+    for check in (contrast_check, enhancement_check):
+        found = check(brain, mask, template)
+        if found is not None:
+            checks.append(found)
+    return checks
+
+
 def enhancement_check(brain: np.ndarray, mask: np.ndarray, template: Template) -> FitCheck | None:
     """Whether ``brain`` (the scan on the template's grid) looks like a T1 scan after a
     gadolinium contrast agent, inside ``mask`` (bool, the template's grid: where the scan's
@@ -1628,13 +1649,7 @@ def prepare(
             )
     scores = modality_scores(moved, tmask & carried, templates or bundled_templates())
     report.modality_scores = scores
-    report.checks.append(modality_check(scores, template))
-    contrast = contrast_check(moved, tmask & carried, template)
-    if contrast is not None:
-        report.checks.append(contrast)
-    enhanced = enhancement_check(moved, tmask & carried, template)
-    if enhanced is not None:
-        report.checks.append(enhanced)
+    report.checks.extend(template_checks(scores, moved, tmask & carried, template))
     if orientation_unknown(scan):
         report.checks.append(orientation_check(report))
 
@@ -2031,17 +2046,12 @@ def prepare_cached(
         out = fresh
     else:
         report = hit.report
-        if report.template != template.name:
-            contrast = contrast_check(hit.volume.data, template.brain_mask & hit.template_mask,
-                                      template)  # fmt: skip
-            checks = [
-                modality_check(report.modality_scores, template) if c.name == "modality" else c
-                for c in report.checks
-                if c.name != "contrast"
-            ]
-            if contrast is not None:
-                at = next(i for i, c in enumerate(checks) if c.name == "modality") + 1
-                checks.insert(at, contrast)
+        if report.template != template.name:  # another model's template in the same space
+            redone = template_checks(report.modality_scores, hit.volume.data,
+                                     template.brain_mask & hit.template_mask, template)  # fmt: skip
+            at = next(i for i, c in enumerate(report.checks) if c.name in TEMPLATE_CHECKS)
+            kept = [c for c in report.checks if c.name not in TEMPLATE_CHECKS]
+            checks = kept[:at] + redone + kept[at:]
             report = dataclasses.replace(report, checks=checks, template=template.name)
         out = dataclasses.replace(hit, scan=volume, report=report)
     if refuse:

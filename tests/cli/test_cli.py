@@ -519,6 +519,51 @@ def test_the_mask_line_says_when_the_outline_cannot_act():
     assert "outlined" not in line
 
 
+def test_an_empty_mask_says_what_the_card_measured_it_missing_on_real_anatomy(tmp_path):
+    """A card that records the default mask's lesions on real anatomy: the empty-mask line
+    gives the volume under which it missed most of them, with the counts, and still offers
+    the finer look; away from the default mask, the generic caveat."""
+    import dataclasses
+
+    from napari_vaeloc.cli.localize import describe_mask
+    from napari_vaeloc.combine import PostProcessor
+    from napari_vaeloc.engine import localize
+    from napari_vaeloc.io import load_volume
+    from napari_vaeloc.models.store import copy_model, load_model
+    from napari_vaeloc.samples import sample_path
+
+    lesions = [[0.6, 0], [1.5, 0], [3.0, 1], [4.4, 0], [9.0, 1], [20.0, 1], [41.0, 1]]
+
+    def record(card):
+        card.calibration.individual_lesions = lesions
+        card.calibration.individual_source = "a test"
+
+    model = load_model(str(copy_model("t2-brain", tmp_path / "recorded", record)))
+    res = localize(
+        load_volume(sample_path("t2-healthy")), model, prepare=None, maps=("restoration",)
+    )
+    post = PostProcessor(res)
+    line = describe_mask(post, 0.0, 0, [])
+    assert (
+        "an empty mask does not rule out lesions under about 4 ml: on real anatomy this "
+        "model's default mask marked 1 of 3 intensity and tumour lesions under that size, "
+        "3 of 4 larger; --smoothing 3 looks at a finer scale, its threshold at the same "
+        "healthy rate" in line
+    ), line
+    assert "does not rule out" not in describe_mask(post, 2.0, 1, [])
+    # the largest lesions missed too: no size is ruled out
+    never = [[v, 0] if v > 30 else [v, f] for v, f in lesions]
+    post.calibration = dataclasses.replace(post.calibration, individual_lesions=never)
+    assert (
+        "an empty mask does not rule out a lesion of any size measured: on real anatomy this "
+        "model's default mask marked 3 of 7 intensity and tumour lesions of 0.6-41 ml"
+    ) in describe_mask(post, 0.0, 0, [])
+    # not the default mask: the record does not hold, the generic caveat does
+    post.settings = post.settings.replace(smoothing_mm=3.0)
+    line = describe_mask(post, 0.0, 0, [])
+    assert "on real anatomy" not in line and "small faint lesions" in line
+
+
 def test_an_empty_mask_points_to_the_finer_smoothing_for_small_lesions():
     """Nothing found at the bundled 6 mm smoothing: the mask line says that lesions under
     about 1 ml are not ruled out and that --smoothing 3 keeps the healthy rate; not when a

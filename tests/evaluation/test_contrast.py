@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from napari_vaeloc.errors import InputError
-from napari_vaeloc.evaluation.contrast import T2_SCALE, t2_weighted_head, tissue_levels
+from napari_vaeloc.evaluation.contrast import T2_SCALE, t2_weighted_head
 from napari_vaeloc.evaluation.individual import SOURCES, fit_anatomies
 from napari_vaeloc.io import load_volume
 from napari_vaeloc.models.store import load_model
 from napari_vaeloc.prepare import model_template
 from napari_vaeloc.samples import sample_path
+from napari_vaeloc.training.individuals import tissue_classes
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_tissues_take_their_t2_order(head):
     t1, brain, t2 = head
     assert t2.shape == t1.shape and np.array_equal(t2.affine, t1.affine)
     assert t2.data.dtype == np.float32 and np.isfinite(t2.data).all()
-    csf, gm, wm = tissue_levels(t1.data[brain])
+    csf, gm, wm = tissue_classes(t1.data, brain)
     assert csf < gm < wm
     # the same voxels, by their T1 class: fluid brightest, grey over white matter in T2
     x, y = t1.data[brain], t2.data[brain]
@@ -61,5 +62,7 @@ def test_a_brain_mask_of_another_shape_is_refused(head):
     t1, brain, _ = head
     with pytest.raises(InputError, match="brain mask"):
         t2_weighted_head(t1, brain[:-1])
+    few = np.zeros_like(brain)
+    few[tuple(np.argwhere(brain)[:10].T)] = True
     with pytest.raises(InputError, match="too few"):
-        tissue_levels(np.ones(10))
+        t2_weighted_head(t1, few)

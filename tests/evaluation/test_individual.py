@@ -17,6 +17,7 @@ from napari_vaeloc.evaluation.individual import (
     downloads_folder,
     fit_anatomies,
     individual_cases,
+    lesions_found,
     summarize,
     training_overlap,
 )
@@ -183,3 +184,85 @@ def test_bad_sizes_and_empty_anatomies_are_refused_before_preparing(
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_lesions_found_keeps_target_kinds_on_real_individuals_only():
+    """What a card records: intensity and tumour lesions of the default mask on one person's
+    anatomy; not the population averages, other kinds, other settings or refused cases."""
+
+    def row(case, setting="default", ml=4.0, covered=0.3):
+        group = case.rsplit(" ", 2)[0]
+        return {"case": case, "group": group, "setting": setting, "truth_ml": ml,
+                "covered": covered}  # fmt: skip
+
+    rows = [
+        row("tumour large 0 (pycortex-s1)", ml=30.5),
+        row("intensity small 1 (pycortex-s1-t2)", ml=0.8, covered=0.0),
+        row("intensity small 1 (pycortex-s1)", setting="other"),
+        row("tumour medium 2 (spm-avg152t1)"),
+        row("blur large 3 (pycortex-s1)"),
+        row("tumour small 4 (pycortex-s1)", setting="", covered=float("nan")),  # refused
+        row("healthy 0 (pycortex-s1)", ml=0.0, covered=float("nan")),
+    ]
+    assert lesions_found(rows) == [[30.5, 1], [0.8, 0]]
+    assert lesions_found(rows, setting="other") == [[4.0, 1]]
+    assert all(SOURCES[k].population_average for k in SOURCES if k.startswith("spm-"))
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--maps", "rec_error"], "score the default map"),
+     (["--voxel-mm", "4"], "leave out --voxel-mm"),
+     ([], "exists; give --card-out a new folder")],
+)  # fmt: skip
+def test_card_out_is_refused_before_preparing(tmp_path, capsys, monkeypatch, option, message):
+    """``--card-out`` without the default mask at full resolution, or into an existing
+    folder: one line, before any scan is prepared, and nothing written."""
+    import napari_vaeloc.evaluation.individual as individual
+    from napari_vaeloc.cli import main
+
+    def must_not_prepare(*args, **kwargs):
+        raise AssertionError("a scan was prepared before the options were checked")
+
+    monkeypatch.setattr(individual, "fit_anatomies", must_not_prepare)
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    card_out = existing if not option else tmp_path / "new"
+    argv = ["evaluate", "individual", "--model", "t1-brain", *option, "--device", "cpu",
+            "--card-out", str(card_out), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "new").exists() and not any(existing.iterdir())
+
+
+def test_card_out_records_what_the_default_mask_marked_on_the_real_head(tmp_path, capsys):
+    """A copy of the model whose card holds each lesion's volume and whether the default mask
+    marked it, as the case rows say; the weights unchanged; the copy loads."""
+    from napari_vaeloc.cli import main
+    from napari_vaeloc.models.store import read_card, resolve_model_path, sha256_file
+
+    argv = ["evaluate", "individual", "--model", "t1-brain", "--anatomies", "pycortex-s1",
+            "--kinds", "tumour,intensity", "--sizes", "large,small", "--cases", "2",
+            "--healthy", "0", "--maps", "default", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path / "results"),
+            "--card-out", str(tmp_path / "t1-recorded")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    with open(next((tmp_path / "results").glob("individual_*_cases.csv"))) as fh:
+        rows = list(csv.DictReader(fh))
+    want = [[float(r["truth_ml"]), int(float(r["covered"]) > 0)] for r in rows]
+    assert len(want) == 4 and {f for _, f in want} <= {0, 1}
+    folder = tmp_path / "t1-recorded"
+    card = read_card(folder)
+    assert card.name == "t1-recorded"
+    assert sorted(card.calibration.individual_lesions) == sorted(want)
+    assert "4 intensity and tumour lesions in pycortex-s1" in card.calibration.individual_source
+    bundled = resolve_model_path("t1-brain")
+    assert sha256_file(folder / "weights.safetensors") == sha256_file(
+        bundled / "weights.safetensors"
+    )
+    assert card.defaults == read_card(bundled).defaults
+    found = sum(f for _, f in want)
+    assert f"{folder}: {found} of 4 lesions marked" in out
+    load_model(str(folder))  # the checksum and the card hold

@@ -52,6 +52,18 @@ def _bundled_json() -> dict:
         ),
         (lambda d: d.__setitem__("modalty", "T2"), "modalty"),
         (lambda d: d["defaults"].__setitem__("fuse_with", "t1-brain-coronal"), "fuse_with"),
+        (
+            lambda d: d["calibration"].__setitem__("individual_lesions", [[2.0, 1], [0.0, 1]]),
+            r"individual_lesions\[1\]",
+        ),
+        (
+            lambda d: d["calibration"].__setitem__("individual_lesions", [[2.0, 0.5]]),
+            r"individual_lesions\[0\] must be",
+        ),
+        (
+            lambda d: d["calibration"].__setitem__("individual_lesions", [[2.0, 1, 3]]),
+            r"individual_lesions\[0\]",
+        ),
     ],
 )
 def test_missing_or_mistyped_field_refused_with_its_name(edit, field, tmp_path):

@@ -184,7 +184,14 @@ def run(args: argparse.Namespace) -> int:
                 "a copy of it with --out NEW_FOLDER"
             )
     options.use_threads(args)
-    folder = _copy(args.model, args.out) if args.out else args.model
+    if args.out:
+        from ..models.store import copy_model
+
+        if Path(args.out).exists():
+            raise InputError(f"{args.out} exists; give --out a new folder for the calibrated copy")
+        folder = copy_model(args.model, args.out)
+    else:
+        folder = args.model
     try:
         cal = _recalibrate(
             args, folder, weights, fpr, smoothing, grow_fpr, candidates, outline_smoothing
@@ -195,25 +202,6 @@ def run(args: argparse.Namespace) -> int:
         raise
     _report(cal, folder, candidates)
     return 0
-
-
-def _copy(model: str, out: str) -> Path:
-    """A copy of ``model`` (a bundled name or a folder) in the new folder ``out``, its card
-    named after it.
-
-    Raises:
-        InputError: ``out`` exists.
-    """
-    from ..models.store import CARD_FILE, read_card, resolve_model_path
-
-    source, target = resolve_model_path(model), Path(out)
-    if target.exists():
-        raise InputError(f"{target} exists; give --out a new folder for the calibrated copy")
-    shutil.copytree(source, target)
-    card = read_card(target)
-    card.name = target.name
-    card.save(target / CARD_FILE, overwrite=True)
-    return target
 
 
 def _recalibrate(

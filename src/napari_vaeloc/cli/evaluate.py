@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from ..combine import CombineSettings
     from ..evaluation.runner import EvaluationReport
     from ..evaluation.scan_pairs import ScanPair
+    from ..models.card import ModelCard
     from ..models.store import LoadedModel
     from ..prepare import PrepareSettings
 
@@ -185,6 +187,15 @@ def _add_individual(evs: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="coarsen the test scans to about this voxel size first (quick runs)",
+    )
+    iv.add_argument(
+        "--card-out",
+        default=None,
+        metavar="NEW_FOLDER",
+        help="also write a copy of the model whose card records, for each intensity and tumour "
+        "lesion in a real individual anatomy, its volume and whether the default mask marked "
+        "it: what the empty-mask hint of `vaeloc localize` and the panel then says an empty "
+        "mask does not rule out (needs the default map; the weights are copied unchanged)",
     )
     _benchmark_arguments(iv, cases=30)
     iv.set_defaults(func=run_individual)
@@ -421,6 +432,15 @@ def run_individual(args: argparse.Namespace) -> int:
             f"{', '.join(k for k, s in SOURCES.items() if s.modality == model.card.modality)}"
         )
     maps, settings, targets = _prepare_evaluation(args, model, "individual")
+    if args.card_out is not None:
+        if "default" not in settings or args.voxel_mm is not None or model.card.calibration is None:
+            raise VaelocError(
+                "--card-out records the default mask of a calibrated model at the scans' own "
+                "resolution: score the default map (--maps default or all) and leave out "
+                "--voxel-mm"
+            )
+        if Path(args.card_out).exists():
+            raise VaelocError(f"{args.card_out} exists; give --card-out a new folder")
     stem = targets["csv"].name[: -len(".csv")]
     extra = {"json": targets["csv"].with_suffix(".json"),
              "summary": targets["csv"].with_name(f"{stem}_summary.md")}  # fmt: skip
@@ -504,6 +524,44 @@ def run_individual(args: argparse.Namespace) -> int:
     write_json_atomic(record, extra["json"], overwrite=args.overwrite)
     for p in extra.values():
         print(p)
+    if args.card_out is not None:
+        return _record_on_card(args, model, report.case_rows, per_anatomy)
+    return 0
+
+
+def _record_on_card(
+    args: argparse.Namespace, model: LoadedModel, case_rows: list[dict], per_anatomy: dict
+) -> int:
+    """``--card-out``: a copy of the model with the default mask's found and missed lesions on
+    real individual anatomy on its card; 1 (nothing written) when there were none."""
+    from ..combine import missed_lesions
+    from ..evaluation.individual import SOURCES, lesions_found
+    from ..models.store import copy_model
+
+    lesions = lesions_found(case_rows)
+    if not lesions:
+        print(
+            "error: no intensity or tumour lesion was scored in a real individual anatomy "
+            "(population averages are not recorded); --card-out wrote nothing",
+            file=sys.stderr,
+        )
+        return 1
+    used = [k for k, n in per_anatomy.items() if n and not SOURCES[k].population_average]
+    source = (
+        f"vaeloc evaluate individual --cases {args.cases} --seed {args.seed} --sizes "
+        f"{args.sizes}: {len(lesions)} intensity and tumour lesions in {', '.join(used)}"
+    )
+
+    def record(card: ModelCard) -> None:
+        if card.calibration is not None:  # checked before the run
+            card.calibration.individual_lesions = lesions
+            card.calibration.individual_source = source
+
+    folder = copy_model(model.path or model.card.name, args.card_out, record)
+    m = missed_lesions(lesions)
+    found = sum(f for _, f in lesions)
+    limit = "no size" if m.limit_ml is None else f"{m.limit_ml:.3g} ml and more"
+    print(f"{folder}: {found} of {len(lesions)} lesions marked; found from {limit}")
     return 0
 
 

@@ -22,7 +22,8 @@ from ..errors import InputError
 from ..io import Volume
 
 #: T1 intensity relative to white matter -> T2 signal, inside the brain; the CSF and grey
-#: matter anchors are the brain's own tissue levels (:func:`tissue_levels`)
+#: matter anchors are the brain's own tissue levels (three-class k-means,
+#: :func:`napari_vaeloc.training.individuals.tissue_classes`)
 T2_BRAIN = {"csf": 1.0, "gm": 0.55, "wm": 0.38}
 #: T1 intensity relative to the brain's white matter -> T2 signal, outside the brain (bone and
 #: air, muscle and skin, fat)
@@ -31,26 +32,8 @@ T2_HEAD = ((0.0, 0.3, 0.6, 0.9, 1.2, 1.6), (0.02, 0.05, 0.25, 0.35, 0.7, 0.8))
 EXTRA_AXIAL_CSF_MM = 3.0
 #: T2 signal of 1.0 is stored as this value
 T2_SCALE = 1000.0
-
-
-def tissue_levels(values: np.ndarray, iters: int = 30) -> tuple[float, float, float]:
-    """(CSF, grey matter, white matter) T1 intensity levels: three-class k-means (1D, Lloyd)
-    on ``values`` (a T1 brain's voxels), started at their 10th, 50th and 90th percentiles.
-
-    Raises:
-        InputError: fewer than 100 values.
-    """
-    v = np.asarray(values, np.float64).ravel()
-    if v.size < 100:
-        raise InputError(f"too few brain voxels ({v.size}) to find tissue levels")
-    centres = np.percentile(v, [10, 50, 90])
-    for _ in range(iters):
-        label = np.argmin(np.abs(v[:, None] - centres[None]), axis=1)
-        centres = np.array(
-            [v[label == k].mean() if np.any(label == k) else centres[k] for k in range(3)]
-        )
-    csf, gm, wm = np.sort(centres)
-    return float(csf), float(gm), float(wm)
+#: the fewest brain voxels the tissue levels are found from
+MIN_BRAIN_VOXELS = 100
 
 
 def t2_weighted_head(volume: Volume, brain: np.ndarray) -> Volume:
@@ -67,18 +50,22 @@ def t2_weighted_head(volume: Volume, brain: np.ndarray) -> Volume:
         :data:`EXTRA_AXIAL_CSF_MM` of the brain made bright), times the head's N4 field.
 
     Raises:
-        InputError: ``brain`` is not of ``volume``'s shape, or too small.
+        InputError: ``brain`` is not of ``volume``'s shape, or has fewer than
+            :data:`MIN_BRAIN_VOXELS` voxels.
     """
     from scipy import ndimage as ndi
 
     from ..prepare import n4_field
+    from ..training.individuals import tissue_classes
 
     brain = np.asarray(brain, bool)
     if brain.shape != volume.shape:
         raise InputError(f"the brain mask is {brain.shape}, the head {volume.shape}")
+    if brain.sum() < MIN_BRAIN_VOXELS:
+        raise InputError(f"too few brain voxels ({int(brain.sum())}) to find tissue levels")
     field = n4_field(volume, brain)
     t1 = field.correct(volume)
-    csf, gm, wm = tissue_levels(t1[brain])
+    csf, gm, wm = (float(c) for c in tissue_classes(t1, brain))
     u = t1 / wm
     ucsf, ugm = csf / wm, gm / wm
     inside = np.interp(

@@ -60,6 +60,8 @@ SIZES: dict[str, tuple[float, float]] = {
     "large": (15.0, 25.0),
 }
 HEALTHY = "healthy"
+#: the lesion kinds whose misses a model card records (the issue's target kinds)
+RECORDED_KINDS = ("intensity", "tumour")
 #: environment variable naming the folder of downloaded archives (default: in the environment)
 DOWNLOADS_ENV = "VAELOC_DOWNLOADS"
 
@@ -125,6 +127,8 @@ class IndividualSource:
         t2_brain_mask: a bundled sample key: when set, ``sample`` is a T1 head and the test
             anatomy is that head in T2-weighted contrast, made tissue by tissue inside this
             brain mask (:func:`napari_vaeloc.evaluation.contrast.t2_weighted_head`).
+        population_average: an average of many heads, not one person's anatomy (left out of
+            what a model card records as measured on real anatomy, :func:`lesions_found`).
     """
 
     key: str
@@ -136,6 +140,7 @@ class IndividualSource:
     archive: Archive | None = None
     member: str = ""
     t2_brain_mask: str | None = None
+    population_average: bool = False
 
     def load(self) -> Volume:
         """The scan as :func:`napari_vaeloc.io.load_volume` reads it (with its checks).
@@ -204,6 +209,7 @@ SOURCES: dict[str, IndividualSource] = {
             "GPL-2.0 (evaluation only)",
             archive=SPM,
             member=f"{_SPM_CTF}!{_SPM_CANONICAL}avg152T1.nii",
+            population_average=True,
         ),
         IndividualSource(
             "spm-avg305t1",
@@ -213,6 +219,7 @@ SOURCES: dict[str, IndividualSource] = {
             "GPL-2.0 (evaluation only)",
             archive=SPM,
             member=f"{_SPM_CTF}!{_SPM_CANONICAL}avg305T1.nii",
+            population_average=True,
         ),
         IndividualSource(
             "pycortex-s1-t2",
@@ -232,6 +239,7 @@ SOURCES: dict[str, IndividualSource] = {
             "GPL-2.0 (evaluation only)",
             archive=SPM,
             member=f"{_SPM_CTF}!{_SPM_CANONICAL}avg152T2.nii",
+            population_average=True,
         ),
         IndividualSource(
             "spm-avg152pd",
@@ -241,6 +249,7 @@ SOURCES: dict[str, IndividualSource] = {
             "GPL-2.0 (evaluation only)",
             archive=SPM,
             member=f"{_SPM_CTF}!{_SPM_CANONICAL}avg152PD.nii",
+            population_average=True,
         ),
         IndividualSource(
             "hsf-tse",
@@ -375,6 +384,34 @@ def group_name(kind: str, size: str) -> str:
     return f"{kind} {size}"
 
 
+def case_label(group: str, j: int, anatomy: str) -> str:
+    """A case's name, e.g. "tumour large 3 (pycortex-s1)" (:func:`anatomy_of` reads it back)."""
+    return f"{group} {j} ({anatomy})"
+
+
+def anatomy_of(label: str) -> str:
+    """The test anatomy key of a :func:`case_label`."""
+    return label.rpartition(" (")[2].rstrip(")")
+
+
+def lesions_found(case_rows: Sequence[Mapping], setting: str = "default") -> list[list[float]]:
+    """One [lesion volume in ml, 1 when the mask marked part of it else 0] per case of
+    ``case_rows`` (:attr:`napari_vaeloc.evaluation.runner.EvaluationReport.case_rows`) with a
+    lesion of :data:`RECORDED_KINDS` in a real individual anatomy (not a population average),
+    scored with ``setting``; refused cases are left out. What ``vaeloc evaluate individual
+    --card-out`` records on a model card (``Calibration.individual_lesions``)."""
+    out = []
+    for r in case_rows:
+        kind = str(r["group"]).rsplit(" ", 1)[0]
+        source = SOURCES.get(anatomy_of(str(r["case"])))
+        if r["setting"] != setting or kind not in RECORDED_KINDS or source is None:
+            continue
+        if source.population_average or not r["truth_ml"] > 0:
+            continue
+        out.append([float(r["truth_ml"]), int(r["covered"] > 0)])
+    return out
+
+
 def check_sizes(sizes: Sequence[str]) -> None:
     """Raise :class:`InputError` when ``sizes`` is empty or names a class not in :data:`SIZES`."""
     unknown = [s for s in sizes if s not in SIZES]
@@ -429,14 +466,15 @@ def individual_cases(
             vol = Volume(an.volume, a.volume.affine, a.volume.header, None, "float32")
             apply_prepared(a.prepared, vol, a.template, settings)
             info = {**an.info, "size": size, "group": group_name(kind, size)}
-            info.update(case=j, anatomy=a.source.key, name=f"{kind} {size} {j} ({a.source.key})")
+            label = case_label(info["group"], j, a.source.key)
+            info.update(case=j, anatomy=a.source.key, name=label)
             yield Case(vol, an.mask, info, region=a.brain)
     for j in range(healthy):
         a = anatomies[j % len(anatomies)]
         apply_prepared(a.prepared, a.volume, a.template, settings)
         info = {"kind": HEALTHY, "size": "", "group": HEALTHY, "case": j, "anatomy": a.source.key}
         truth = np.zeros(a.volume.shape, np.uint8)
-        name = f"healthy {j} ({a.source.key})"
+        name = case_label(HEALTHY, j, a.source.key)
         yield Case(a.volume, truth, {**info, "name": name}, region=a.brain)
 
 

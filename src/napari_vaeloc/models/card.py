@@ -243,6 +243,12 @@ class Calibration(_Part):
         heldout_ventricles_mm: how far (mm, the largest draw) the held-out synthetic
             individuals' ventricles were grown for this calibration when the training record
             grew them less (``vaeloc calibrate --ventricles``); None: as trained.
+        individual_lesions: one [lesion volume in ml, 1 when the default mask marked part of
+            it else 0] per intensity and tumour lesion seeded into the real individual
+            anatomy of the individual benchmark (``vaeloc evaluate individual --card-out``),
+            localized with the card's defaults; what an empty mask can miss
+            (:func:`napari_vaeloc.combine.missed_lesions`). A recalibration drops it.
+        individual_source: the benchmark run that measured ``individual_lesions``.
     """
 
     scales: dict[str, float] = field(default_factory=dict)
@@ -265,8 +271,16 @@ class Calibration(_Part):
     smoothing_fpr: dict[str, dict[str, float]] | None = None
     combined_beyond_template: bool | None = None
     heldout_ventricles_mm: float | None = None
+    individual_lesions: list[list[float]] | None = None
+    individual_source: str | None = None
 
     def validate(self, where: str) -> None:
+        for i, pair in enumerate(self.individual_lesions or []):
+            if len(pair) != 2 or not pair[0] > 0 or pair[1] not in (0, 1):
+                raise ModelError(
+                    f"{where}.individual_lesions[{i}] must be [volume in ml > 0, 0 or 1], "
+                    f"not {pair!r}"
+                )
         for sigma in self.smoothing_fpr or {}:
             try:
                 ok = math.isfinite(float(sigma)) and float(sigma) >= 0

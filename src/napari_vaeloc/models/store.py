@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +98,33 @@ def bundled_models() -> dict[str, Path]:
     if not BUNDLED_DIR.is_dir():
         return {}
     return {p.name: p for p in sorted(BUNDLED_DIR.iterdir()) if (p / CARD_FILE).is_file()}
+
+
+def copy_model(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    edit: Callable[[ModelCard], None] | None = None,
+) -> Path:
+    """A copy of the model folder ``source`` (a bundled name or a folder) as the new folder
+    ``out``, its card named after ``out`` and changed by ``edit``, written whole or not at all
+    (:func:`napari_vaeloc.io.write_folder_atomic`). The weights, and so their checksum, are
+    copied unchanged.
+
+    Raises:
+        OutputExistsError: ``out`` exists.
+        ModelError: ``source`` is no model folder.
+    """
+    src, target = resolve_model_path(source), Path(out)
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        card = read_card(tmp)
+        card.name = target.name
+        if edit is not None:
+            edit(card)
+        card.save(tmp / CARD_FILE, overwrite=True)
+
+    return write_folder_atomic(target, fill)
 
 
 def resolve_model_path(source: str | os.PathLike) -> Path:
