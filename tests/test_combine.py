@@ -544,21 +544,28 @@ def test_a_new_smoothing_keeps_the_levels_healthy_rates():
 
 def test_missed_lesions_finds_the_volume_from_which_most_lesions_are_marked():
     """Lesions grouped by octave of volume (a sparse octave with the next): the limit is the
-    lower edge of the smallest group from which every group had three quarters marked."""
+    smallest lesion of the smallest group from which every group had three quarters marked."""
     # octaves 0.5, 1, 2 ml (one lesion each): one group, 1 of 3 marked; 4 and 8 ml: 2 of 3;
-    # 16 ml, left over, joins it: 3 of 4 -> marked from 4 ml on
+    # 16 ml, left over, joins it: 3 of 4 -> marked from its smallest lesion, 6 ml, on
     lesions = [[0.5, 0], [1.2, 0], [30.0, 1], [2.0, 1], [6.0, 1], [9.0, 0], [15.0, 1]]
     m = missed_lesions(lesions)
-    assert m.limit_ml == 4.0
+    assert m.limit_ml == 6.0
     assert (m.below, m.found_below, m.above, m.found_above) == (3, 1, 4, 3)
     assert (m.smallest_ml, m.largest_ml) == (0.5, 30.0)
+    assert m.not_ruled_out() == "lesions under about 6 ml"
+    assert m.marked() == "marked 1 of 3 seeded lesions under about 6 ml, 3 of 4 larger"
     # a well-found octave above a badly found one does not lower the limit past it
     mixed = [[2.1, 1], [2.5, 1], [3.0, 1], [4.2, 0], [5.0, 0], [6.0, 1], [9.0, 1], [10, 1], [11, 1]]
-    assert missed_lesions(mixed).limit_ml == 8.0
+    assert missed_lesions(mixed).limit_ml == 9.0
     # the largest lesions missed too: no limit
     never = missed_lesions([[1.0, 0], [5.0, 1], [20.0, 0], [40.0, 1], [60.0, 0]])
     assert never.limit_ml is None and (never.below, never.found_below) == (5, 2)
-    # every group marked: the limit is the smallest octave's edge
-    assert missed_lesions([[0.7, 1], [0.8, 1], [0.9, 1], [3.0, 1]]).limit_ml == 0.5
+    assert never.not_ruled_out() == "a lesion of any size measured"
+    assert never.marked() == "marked 2 of 5 seeded lesions of 1-60 ml"
+    # every group marked: nothing below the smallest lesion measured is claimed
+    every = missed_lesions([[0.7, 1], [0.8, 1], [0.9, 1], [3.0, 1]])
+    assert every.limit_ml == 0.7 and every.below == 0
+    assert every.not_ruled_out() == "lesions under 0.7 ml, the smallest measured"
+    assert every.marked() == "marked 4 of 4 seeded lesions of 0.7-3 ml"
     with pytest.raises(ValueError, match="no lesions"):
         missed_lesions([])

@@ -983,11 +983,13 @@ class PostProcessor:
         lesion in a real 1 mm head that 6 mm missed, not a 0.5 ml one 50 % darker than its
         tissue); None when there is nothing to say.
 
-        With the default mask and a card that measured it on real anatomy
-        (``Calibration.individual_lesions``), the lesion volume under which it missed most
-        lesions there (:func:`missed_lesions`); else "lesions under about 1 ml" where a finer
-        calibrated smoothing exists (:meth:`finer_smoothing`), and at that smoothing or finer,
-        with the model's levels there, that faint small lesions are not ruled out either."""
+        With a card that measured its default mask on real anatomy
+        (``Calibration.individual_lesions``): at the default mask, the lesion volume under
+        which it missed most lesions there (:func:`missed_lesions`); at other settings, that
+        they were not measured and what the default missed. Without a record: "lesions under
+        about 1 ml" where a finer calibrated smoothing exists (:meth:`finer_smoothing`), and
+        at that smoothing or finer, with the model's levels there, that faint small lesions
+        are not ruled out either."""
         finer = self.finer_smoothing()
         look = (
             f"{setting.format(mm=f'{finer:g}')} looks at a finer scale, its threshold at the "
@@ -1014,28 +1016,20 @@ class PostProcessor:
 
     def _measured_misses(self) -> str | None:
         """What the default mask missed on the benchmark's real anatomy, in words, when the
-        settings are the default's in every step and the card measured it; else None."""
+        card measured it (:func:`missed_lesions`); away from the default mask, that these
+        settings were not measured and what the default missed. None without a record."""
         cal = self.calibration
-        if cal is None or not cal.individual_lesions or not self.is_default_mask():
+        if cal is None or not cal.individual_lesions:
             return None
         m = missed_lesions(cal.individual_lesions)
-        if m.limit_ml is None or m.below == 0:
-            if m.limit_ml is not None:  # every size measured was found
-                return (
-                    f"an empty mask does not rule out lesions under {_ml_text(m.smallest_ml)} ml, "
-                    f"the smallest measured: on real anatomy this model's default mask marked "
-                    f"{m.found_above} of {m.above} intensity and tumour lesions of "
-                    f"{_ml_text(m.smallest_ml)}-{_ml_text(m.largest_ml)} ml"
-                )
+        if self.is_default_mask():
             return (
-                "an empty mask does not rule out a lesion of any size measured: on real anatomy "
-                f"this model's default mask marked {m.found_below} of {m.below} intensity and "
-                f"tumour lesions of {_ml_text(m.smallest_ml)}-{_ml_text(m.largest_ml)} ml"
+                f"an empty mask does not rule out {m.not_ruled_out()}: on real anatomy this "
+                f"model's default mask {m.marked()}"
             )
         return (
-            f"an empty mask does not rule out lesions under about {_ml_text(m.limit_ml)} ml: "
-            f"on real anatomy this model's default mask marked {m.found_below} of {m.below} "
-            f"intensity and tumour lesions under that size, {m.found_above} of {m.above} larger"
+            "an empty mask does not rule out lesions: these settings were not measured on real "
+            f"anatomy, where the default mask {m.marked()}"
         )
 
     def fpr_for_threshold(self, threshold: float) -> float | None:
@@ -1659,8 +1653,8 @@ def _stop_if(cancel: Callable[[], bool] | None) -> None:
         raise Cancelled("recombination cancelled")
 
 
-#: lesions count as found from the smallest octave of volume (1-2 ml, 2-4 ml, ...) from which
-#: every octave had at least this share of its lesions marked (:func:`missed_lesions`)
+#: lesions count as found from the smallest group of volume (octaves: 1-2 ml, 2-4 ml, ...) from
+#: which every group had at least this share of its lesions marked (:func:`missed_lesions`)
 FOUND_SHARE = 0.75
 #: an octave with fewer lesions than this is judged together with the next larger one
 FOUND_MIN_LESIONS = 3
@@ -1671,9 +1665,9 @@ class MissedLesions:
     """What a default mask missed on lesions of known volume (:func:`missed_lesions`).
 
     Attributes:
-        limit_ml: a power of two (ml): from this volume up, every octave of lesion volume had
-            at least :data:`FOUND_SHARE` of its lesions marked; None when even the largest
-            did not.
+        limit_ml: the smallest lesion volume (ml) of the smallest group from which every
+            group had at least :data:`FOUND_SHARE` of its lesions marked; None when even the
+            largest group did not.
         below, found_below: lesions under ``limit_ml`` (all of them when it is None) and how
             many of them the mask marked.
         above, found_above: the same for the lesions of ``limit_ml`` or more.
@@ -1688,14 +1682,36 @@ class MissedLesions:
     smallest_ml: float
     largest_ml: float
 
+    def not_ruled_out(self) -> str:
+        """What an empty mask does not rule out, e.g. "lesions under about 4 ml"."""
+        if self.limit_ml is None:
+            return "a lesion of any size measured"
+        if self.below == 0:
+            return f"lesions under {_ml_text(self.limit_ml)} ml, the smallest measured"
+        return f"lesions under about {_ml_text(self.limit_ml)} ml"
+
+    def marked(self) -> str:
+        """What the mask marked, e.g. "marked 2 of 29 seeded lesions under about 4 ml, 29 of
+        31 larger"."""
+        if self.limit_ml is None or self.below == 0:
+            n, found = self.below + self.above, self.found_below + self.found_above
+            return (
+                f"marked {found} of {n} seeded lesions of {_ml_text(self.smallest_ml)}-"
+                f"{_ml_text(self.largest_ml)} ml"
+            )
+        return (
+            f"marked {self.found_below} of {self.below} seeded lesions under about "
+            f"{_ml_text(self.limit_ml)} ml, {self.found_above} of {self.above} larger"
+        )
+
 
 def missed_lesions(lesions: list[list[float]]) -> MissedLesions:
     """The volume under which a mask misses lesions. ``lesions`` is one [volume in ml, 1 when
     the mask marked part of it else 0] per lesion (``Calibration.individual_lesions``). The
     lesions are grouped by octave of volume (2^k to 2^(k+1) ml), an octave with fewer than
     :data:`FOUND_MIN_LESIONS` lesions together with the next larger ones (the largest left
-    over with the group below it); the limit is the lower edge of the smallest group from
-    which every group had at least :data:`FOUND_SHARE` of its lesions marked.
+    over with the group below them); the limit is the smallest volume in the smallest group
+    from which every group had at least :data:`FOUND_SHARE` of its lesions marked.
 
     Raises:
         ValueError: ``lesions`` is empty, or a volume is not > 0.
@@ -1705,34 +1721,31 @@ def missed_lesions(lesions: list[list[float]]) -> MissedLesions:
     pairs = sorted((float(v), int(f)) for v, f in lesions)
     if pairs[0][0] <= 0:
         raise ValueError(f"a lesion volume must be > 0, not {pairs[0][0]}")
-    groups: list[tuple[int, list[int]]] = []  # (lowest octave, marked flags)
-    start: int | None = None
-    flags: list[int] = []
-    for i, (v, f) in enumerate(pairs):
+    groups: list[list[int]] = []  # indices into pairs, ascending
+    current: list[int] = []
+    for i, (v, _) in enumerate(pairs):
+        current.append(i)
         octave = math.floor(math.log2(v))
-        if start is None:
-            start = octave
-        flags.append(f)
         last_of_octave = i + 1 == len(pairs) or math.floor(math.log2(pairs[i + 1][0])) > octave
-        if last_of_octave and len(flags) >= FOUND_MIN_LESIONS:
-            groups.append((start, flags))
-            start, flags = None, []
-    if flags:  # the largest, too few for a group of their own
+        if last_of_octave and len(current) >= FOUND_MIN_LESIONS:
+            groups.append(current)
+            current = []
+    if current:  # the largest, too few for a group of their own
         if groups:
-            groups[-1][1].extend(flags)
+            groups[-1].extend(current)
         else:
-            groups.append((start if start is not None else 0, flags))
-    limit = None
-    for octave, marked in reversed(groups):
-        if sum(marked) < FOUND_SHARE * len(marked):
+            groups.append(current)
+    start = None  # the first lesion of the limiting group
+    for group in reversed(groups):
+        if sum(pairs[i][1] for i in group) < FOUND_SHARE * len(group):
             break
-        limit = 2.0**octave
+        start = group[0]
     found = [f for _, f in pairs]
-    if limit is None:
-        return MissedLesions(None, len(pairs), sum(found), 0, 0, pairs[0][0], pairs[-1][0])
-    i = sum(v < limit for v, _ in pairs)
+    lo, hi = pairs[0][0], pairs[-1][0]
+    if start is None:
+        return MissedLesions(None, len(pairs), sum(found), 0, 0, lo, hi)
     return MissedLesions(
-        limit, i, sum(found[:i]), len(pairs) - i, sum(found[i:]), pairs[0][0], pairs[-1][0]
+        pairs[start][0], start, sum(found[:start]), len(pairs) - start, sum(found[start:]), lo, hi
     )
 
 

@@ -545,21 +545,33 @@ def test_an_empty_mask_says_what_the_card_measured_it_missing_on_real_anatomy(tm
     post = PostProcessor(res)
     line = describe_mask(post, 0.0, 0, [])
     assert (
-        "an empty mask does not rule out lesions under about 4 ml: on real anatomy this "
-        "model's default mask marked 1 of 3 intensity and tumour lesions under that size, "
-        "3 of 4 larger; --smoothing 3 looks at a finer scale, its threshold at the same "
-        "healthy rate" in line
+        "an empty mask does not rule out lesions under about 4.4 ml: on real anatomy this "
+        "model's default mask marked 1 of 3 seeded lesions under about 4.4 ml, 3 of 4 larger; "
+        "--smoothing 3 looks at a finer scale, its threshold at the same healthy rate" in line
     ), line
     assert "does not rule out" not in describe_mask(post, 2.0, 1, [])
+    # away from the default mask (a stricter threshold): not measured, and what the default
+    # missed; no finer promise of its own
+    default = post.settings
+    post.settings = default.replace(threshold=100.0)
+    line = describe_mask(post, 0.0, 0, [])
+    assert (
+        "an empty mask does not rule out lesions: these settings were not measured on real "
+        "anatomy, where the default mask marked 1 of 3 seeded lesions under about 4.4 ml, 3 of "
+        "4 larger" in line
+    ), line
+    assert "under about 1 ml" not in line
     # the largest lesions missed too: no size is ruled out
+    post.settings = default
     never = [[v, 0] if v > 30 else [v, f] for v, f in lesions]
     post.calibration = dataclasses.replace(post.calibration, individual_lesions=never)
     assert (
         "an empty mask does not rule out a lesion of any size measured: on real anatomy this "
-        "model's default mask marked 3 of 7 intensity and tumour lesions of 0.6-41 ml"
+        "model's default mask marked 3 of 7 seeded lesions of 0.6-41 ml"
     ) in describe_mask(post, 0.0, 0, [])
-    # not the default mask: the record does not hold, the generic caveat does
-    post.settings = post.settings.replace(smoothing_mm=3.0)
+    # without a record: the generic caveat
+    post.calibration = dataclasses.replace(post.calibration, individual_lesions=None)
+    post.settings = default.replace(smoothing_mm=3.0)
     line = describe_mask(post, 0.0, 0, [])
     assert "on real anatomy" not in line and "small faint lesions" in line
 
@@ -586,9 +598,10 @@ def test_an_empty_mask_points_to_the_finer_smoothing_for_small_lesions():
     post.settings = post.settings.replace(smoothing_mm=3.0)
     line = describe_mask(post, 0.0, 0, [])
     assert hint not in line
-    # at 3 mm already: the caveat stays, without a finer look to offer
-    assert "an empty mask does not rule out small faint lesions: at a 3 mm smoothing" in line
-    assert "small faint lesions" not in describe_mask(post, 2.0, 1, [])
+    # at 3 mm already: the caveat stays, without a finer look to offer (the bundled card's
+    # record of the default mask on real anatomy, which these settings are not)
+    assert "an empty mask does not rule out lesions: these settings were not measured" in line
+    assert "does not rule out" not in describe_mask(post, 2.0, 1, [])
     post.settings = post.settings.replace(smoothing_mm=10.0)  # beyond the calibrated levels
     line = describe_mask(post, 0.0, 0, [])
     assert (

@@ -119,9 +119,8 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     if parts == 0:  # an empty mask points to the smoothing small lesions need
         want += (
             "; an empty mask does not rule out lesions under about 4 ml: on real anatomy this "
-            "model's default mask marked 2 of 29 intensity and tumour lesions under that size, "
-            "29 of 31 larger; --smoothing 3 looks at a finer scale, its threshold at the same "
-            "healthy rate"
+            "model's default mask marked 2 of 29 seeded lesions under about 4 ml, 29 of 31 "
+            "larger; --smoothing 3 looks at a finer scale, its threshold at the same healthy rate"
         )
     want += ")"
     assert want in lines, lines

@@ -213,6 +213,8 @@ def test_lesions_found_keeps_target_kinds_on_real_individuals_only():
     ("option", "message"),
     [(["--maps", "rec_error"], "score the default map"),
      (["--voxel-mm", "4"], "leave out --voxel-mm"),
+     (["--kinds", "noise"], "add one of them to --kinds"),
+     (["--anatomies", "spm-avg152t1,spm-avg305t1"], "names only population averages"),
      ([], "exists; give --card-out a new folder")],
 )  # fmt: skip
 def test_card_out_is_refused_before_preparing(tmp_path, capsys, monkeypatch, option, message):
@@ -257,12 +259,16 @@ def test_card_out_records_what_the_default_mask_marked_on_the_real_head(tmp_path
     card = read_card(folder)
     assert card.name == "t1-recorded"
     assert sorted(card.calibration.individual_lesions) == sorted(want)
-    assert "4 intensity and tumour lesions in pycortex-s1" in card.calibration.individual_source
+    assert "4 lesions in pycortex-s1" in card.calibration.individual_source
     bundled = resolve_model_path("t1-brain")
     assert sha256_file(folder / "weights.safetensors") == sha256_file(
         bundled / "weights.safetensors"
     )
     assert card.defaults == read_card(bundled).defaults
-    found = sum(f for _, f in want)
-    assert f"{folder}: {found} of 4 lesions marked" in out
+    assert f"{folder}: the default mask marked " in out
+    # the printed table: as many columns in its header as in its separator
+    head, rule = (
+        (tmp_path / "results" / "individual_t1-brain_summary.md").read_text().split("\n")[:2]
+    )
+    assert head.count("|") == rule.count("|") == 4, (head, rule)
     load_model(str(folder))  # the checksum and the card hold

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -441,6 +440,7 @@ def run_individual(args: argparse.Namespace) -> int:
             )
         if Path(args.card_out).exists():
             raise VaelocError(f"{args.card_out} exists; give --card-out a new folder")
+        _check_recordable(kinds, keys)
     stem = targets["csv"].name[: -len(".csv")]
     extra = {"json": targets["csv"].with_suffix(".json"),
              "summary": targets["csv"].with_name(f"{stem}_summary.md")}  # fmt: skip
@@ -525,31 +525,54 @@ def run_individual(args: argparse.Namespace) -> int:
     for p in extra.values():
         print(p)
     if args.card_out is not None:
-        return _record_on_card(args, model, report.case_rows, per_anatomy)
+        return _record_on_card(args, model, report.case_rows, per_anatomy, kinds)
     return 0
 
 
+def _check_recordable(kinds: list[str], keys: list[str] | None) -> None:
+    """``--card-out`` records lesions of the recorded kinds in real individual anatomy:
+    refuse, before anything is prepared, a run that can score none."""
+    from ..evaluation.individual import RECORDED_KINDS, SOURCES
+
+    if not set(kinds) & set(RECORDED_KINDS):
+        raise VaelocError(
+            f"--card-out records {' and '.join(RECORDED_KINDS)} lesions: add one of them to --kinds"
+        )
+    if keys is not None and all(k in SOURCES and SOURCES[k].population_average for k in keys):
+        raise VaelocError(
+            "--card-out records lesions in a real individual's anatomy, and --anatomies names "
+            "only population averages: add an individual (e.g. pycortex-s1)"
+        )
+
+
 def _record_on_card(
-    args: argparse.Namespace, model: LoadedModel, case_rows: list[dict], per_anatomy: dict
+    args: argparse.Namespace,
+    model: LoadedModel,
+    case_rows: list[dict],
+    per_anatomy: dict,
+    kinds: list[str],
 ) -> int:
     """``--card-out``: a copy of the model with the default mask's found and missed lesions on
-    real individual anatomy on its card; 1 (nothing written) when there were none."""
+    real individual anatomy on its card.
+
+    Raises:
+        VaelocError: no such lesion was scored (every case refused); nothing is written.
+    """
     from ..combine import missed_lesions
-    from ..evaluation.individual import SOURCES, lesions_found
+    from ..evaluation.individual import RECORDED_KINDS, SOURCES, lesions_found
     from ..models.store import copy_model
 
     lesions = lesions_found(case_rows)
     if not lesions:
-        print(
-            "error: no intensity or tumour lesion was scored in a real individual anatomy "
-            "(population averages are not recorded); --card-out wrote nothing",
-            file=sys.stderr,
+        raise VaelocError(
+            "no lesion of a recorded kind was scored in a real individual anatomy (every such "
+            "case was refused); --card-out wrote nothing"
         )
-        return 1
     used = [k for k, n in per_anatomy.items() if n and not SOURCES[k].population_average]
+    recorded = ",".join(k for k in kinds if k in RECORDED_KINDS)
     source = (
-        f"vaeloc evaluate individual --cases {args.cases} --seed {args.seed} --sizes "
-        f"{args.sizes}: {len(lesions)} intensity and tumour lesions in {', '.join(used)}"
+        f"vaeloc evaluate individual --kinds {recorded} --cases {args.cases} --seed "
+        f"{args.seed} --sizes {args.sizes}: {len(lesions)} lesions in {', '.join(used)}"
     )
 
     def record(card: ModelCard) -> None:
@@ -559,9 +582,10 @@ def _record_on_card(
 
     folder = copy_model(model.path or model.card.name, args.card_out, record)
     m = missed_lesions(lesions)
-    found = sum(f for _, f in lesions)
-    limit = "no size" if m.limit_ml is None else f"{m.limit_ml:.3g} ml and more"
-    print(f"{folder}: {found} of {len(lesions)} lesions marked; found from {limit}")
+    print(
+        f"{folder}: the default mask {m.marked()}; its empty mask will say it does not rule "
+        f"out {m.not_ruled_out()}"
+    )
     return 0
 
 

@@ -557,13 +557,10 @@ def summary_markdown(summary: Summary, maps: Sequence[str]) -> str:
     """The headline table: one row per group, per component map its pixel AUROC / AP / best
     Dice, for "default" also the Dice at its threshold; then the healthy false-positive rate."""
     comps = [m for m in maps if m != "default"]
-    head = "| lesions | cases | " + " | ".join(comps)
-    head += (
-        " | **default**: AUROC / AP / best Dice / Dice at threshold |"
-        if "default" in maps
-        else " |"
-    )
-    lines = [head, "|" + "---|" * (2 + len(comps) + ("default" in maps))]
+    columns = ["lesions", "cases", *comps]
+    if "default" in maps:
+        columns.append("**default**: AUROC / AP / best Dice / Dice at threshold")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     cells: dict[str, dict[str, dict]] = {}
     for r in summary.rows:
         cells.setdefault(r["group"], {})[r["map"]] = r
