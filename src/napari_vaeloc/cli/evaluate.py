@@ -179,7 +179,8 @@ def _add_individual(evs: argparse._SubParsersAction) -> None:
     iv.add_argument(
         "--anatomies",
         default=None,
-        help="comma-separated test anatomy keys (default: every one of the model's modality)",
+        help="comma-separated test anatomy keys (default: every one of the model's modality in "
+        "the headline table; pycortex-s1-1mm, the T1 head at its native 1 mm, only by name)",
     )
     iv.add_argument(
         "--voxel-mm",

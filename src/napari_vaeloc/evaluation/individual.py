@@ -105,6 +105,7 @@ class Archive:
 
 
 HSF = Archive("hsf", "1.2.3", "hsf-1.2.3.tar.gz", sdist=True)
+PYCORTEX = Archive("pycortex", "1.4.0", "pycortex-1.4.0.tar.gz", sdist=True)
 SPM = Archive("spm-runtime", "25.1.2.post4", "spm_runtime-25.1.2.post4-*.whl")
 DIPY = Archive("dipy", "1.12.1", "dipy-1.12.1-*.whl")
 _SPM_CTF = "spm_runtime/_spm/_spm.ctf"
@@ -129,6 +130,9 @@ class IndividualSource:
             brain mask (:func:`napari_vaeloc.evaluation.contrast.t2_weighted_head`).
         population_average: an average of many heads, not one person's anatomy (left out of
             what a model card records as measured on real anatomy, :func:`lesions_found`).
+        headline: part of the headline table (the anatomies a run without ``keys`` fits);
+            False for another version of a headline anatomy (the same person at another
+            resolution), which is only run by name.
     """
 
     key: str
@@ -141,6 +145,7 @@ class IndividualSource:
     member: str = ""
     t2_brain_mask: str | None = None
     population_average: bool = False
+    headline: bool = True
 
     def load(self) -> Volume:
         """The scan as :func:`napari_vaeloc.io.load_volume` reads it (with its checks).
@@ -200,6 +205,18 @@ SOURCES: dict[str, IndividualSource] = {
             "pycortex",
             "BSD-2-Clause",
             sample="t1-head",
+        ),
+        IndividualSource(
+            "pycortex-s1-1mm",
+            "T1",
+            "pycortex subject S1 at its native resolution: the same real head as pycortex-s1, "
+            "as acquired (256 x 256 x 256 at 1 mm); not in the headline table (one person "
+            "once), run by name",
+            "pycortex",
+            "BSD-2-Clause",
+            archive=PYCORTEX,
+            member="pycortex-1.4.0/filestore/db/S1/anatomicals/raw.nii.gz",
+            headline=False,
         ),
         IndividualSource(
             "spm-avg152t1",
@@ -332,6 +349,12 @@ def coarsen(volume: Volume, voxel_mm: float) -> Volume:
     return Volume(data.astype(np.float32), affine, None, None, "float32")
 
 
+def headline_keys(modality: str) -> list[str]:
+    """The keys of the test anatomies of ``modality`` in the headline table
+    (:attr:`IndividualSource.headline`)."""
+    return [k for k, s in SOURCES.items() if s.modality == modality and s.headline]
+
+
 def fit_anatomies(
     modality: str,
     template: Template,
@@ -348,7 +371,7 @@ def fit_anatomies(
     Raises:
         InputError: unknown keys, a source of another modality, or no anatomy left.
     """
-    keys = [k for k, s in SOURCES.items() if s.modality == modality] if keys is None else keys
+    keys = headline_keys(modality) if keys is None else keys
     unknown = [k for k in keys if k not in SOURCES]
     if unknown:
         raise InputError(f"unknown test anatomy {unknown}; choose from {', '.join(SOURCES)}")
