@@ -229,6 +229,14 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     assert widget.threshold_info.value == info0
     assert counted == [1]
 
+    # the image box moves on to another scan: the sliders still tune this result, and the
+    # panel's mask line names whose mask it is; back on the scan, the line is as it was
+    viewer.open_sample("napari-vaeloc", "t2-healthy")
+    widget.image.value = viewer.layers["t2-healthy"]
+    assert "\nmask of t2-lesion: " in widget.threshold_info.value, widget.threshold_info.value
+    widget.image.value = viewer.layers["t2-lesion"]
+    assert widget.threshold_info.value == info0
+
 
 def test_cancel_leaves_no_partial_layers(make_napari_viewer, qtbot):
     viewer, widget = _open(make_napari_viewer, qtbot)

@@ -324,6 +324,7 @@ class LocalizeWidget(RunMixin, GuessMixin, TuningMixin, Container):
     def _on_image_changed(self, *_: Any) -> None:
         self._sync_volume()
         self._show_fit()
+        self._show_threshold_info()
         self._start_guess()
 
     # ---------------------------------------------------------------- export

@@ -94,6 +94,7 @@ class TuningMixin:
         self._watched: weakref.WeakSet = weakref.WeakSet()  # map layers whose showing we follow
         self._making: set[PendingMap] = set()  # map layers' maps being made in a worker
         self._base = ""  # the shown result's layer-name prefix
+        self._mask_line = ""  # the threshold panel's line on the shown mask
         self._shape: tuple[int, ...] = ()
         self._last_run_model: Any = None
         #: the arrays the combined-map and mask layers show (the session's, before a preview
@@ -208,9 +209,21 @@ class TuningMixin:
         hint = (
             s.small_lesion_hint("the smoothing slider at {mm} mm") if ml == 0 else s.cut_note(mask)
         )
-        self.threshold_info.value = f"{s.threshold_text()}\nmask: {ml:.1f} ml" + (
-            f" ({hint})" if hint else ""
-        )
+        self._mask_line = f"{ml:.1f} ml" + (f" ({hint})" if hint else "")
+        self._show_threshold_info()
+
+    def _show_threshold_info(self, mask_line: str | None = None) -> None:
+        """What the threshold means, and a line on the shown mask (``mask_line``, else the
+        last whole mask's); the line names the scan whenever the image box has moved on to
+        another layer, since the sliders still tune that scan's result."""
+        s = self.session
+        if s is None:
+            return
+        if mask_line is not None:
+            self._mask_line = mask_line
+        other = self._input_layer is not None and self.image.value is not self._input_layer
+        head = f"mask of {self._base}" if other else "mask"
+        self.threshold_info.value = f"{s.threshold_text()}\n{head}: {self._mask_line}"
 
     def _show_combined(self, combined: np.ndarray) -> None:
         """Put ``combined`` into the anomaly-map layer unless it shows it already."""
@@ -325,7 +338,7 @@ class TuningMixin:
                 if tuple(layer.contrast_limits) != tuple(limits):
                     layer.contrast_limits = limits
             layer.data = layer.data  # the same array, changed: napari redraws the slice
-        self.threshold_info.value = f"{s.threshold_text()}\nmask: updating the whole volume"
+        self._show_threshold_info("updating the whole volume")
 
     # ---------------------------------------------------------------- the whole volume
     def _request_update(self, debounce: bool = True) -> None:
