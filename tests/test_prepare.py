@@ -1053,11 +1053,14 @@ def test_a_value_next_to_its_limit_is_not_written_as_the_limit(t1):
 
     template = Template.of_model(t1.path, t1.card)
     below = modality_check({"T1": MIN_MODALITY_R["ok"] - 4e-4, "T2": 0.1}, template)
-    assert below.level == "warn" and "best r = 0.3996," in below.message, below
+    # a warning says what the model line says: the scan looks only weakly like the modality
+    assert below.level == "warn" and below.message == (
+        "looks only weakly like T1 (r = 0.3996; a clear fit is 0.40 or more)"
+    ), below
     failed = modality_check({"T1": MIN_MODALITY_R["fail"] - 1e-3, "T2": 0.1}, template)
-    assert failed.level == "fail" and "best r = 0.249," in failed.message, failed
+    assert failed.level == "fail" and "none of the templates (best r = 0.249," in failed.message
     plain = modality_check({"T1": 0.31, "T2": 0.1}, template)  # far from a limit: 2 decimals
-    assert "best r = 0.31," in plain.message, plain
+    assert "(r = 0.31;" in plain.message, plain
 
 
 def test_thick_slices_are_named_by_their_plane():

@@ -1185,7 +1185,13 @@ def modality_check(scores: dict[str, float], template: Template) -> FitCheck:
     top = scores.get(best, 0.0)
     if top < MIN_MODALITY_R["ok"]:
         level = "fail" if top < MIN_MODALITY_R["fail"] else "warn"
-        msg = f"looks like none of the templates (best r = {_shown(top, MIN_MODALITY_R)}, {best})"
+        r = _shown(top, MIN_MODALITY_R)
+        msg = (
+            f"looks like none of the templates (best r = {r}, {best})"
+            if level == "fail"
+            else f"looks only weakly like {best} (r = {r}; a clear fit is "
+            f"{MIN_MODALITY_R['ok']:.2f} or more)"
+        )
         advice = (
             f"the scan {msg}: is it a brain MRI of a modality the models know "
             f"({', '.join(sorted(scores))})? A skull left on or a failed registration lowers "
