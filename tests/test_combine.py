@@ -561,7 +561,10 @@ def test_missed_lesions_finds_the_volume_from_which_most_lesions_are_marked():
     never = missed_lesions([[1.0, 0], [5.0, 1], [20.0, 0], [40.0, 1], [60.0, 0]])
     assert never.limit_ml is None and (never.below, never.found_below) == (5, 2)
     assert never.not_ruled_out() == "a lesion of any size measured"
-    assert never.marked() == "marked 2 of 5 seeded lesions of 1-60 ml"
+    assert never.marked() == "marked 2 of 5 seeded lesions of 1-60 ml, none under 5 ml"
+    assert missed_lesions([[1.0, 1], [5.0, 0], [20.0, 0]]).marked() == (
+        "marked 1 of 3 seeded lesions of 1-20 ml"  # the smallest marked: nothing to add
+    )
     # every group marked: nothing below the smallest lesion measured is claimed
     every = missed_lesions([[0.7, 1], [0.8, 1], [0.9, 1], [3.0, 1]])
     assert every.limit_ml == 0.7 and every.below == 0

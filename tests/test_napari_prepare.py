@@ -209,6 +209,12 @@ def test_wrong_modality_is_refused(make_napari_viewer, qtbot):
     assert any("choose a T1 model" in m for m in _messages(since)), _messages(since)
     assert widget.session is None and widget.run_button.enabled
     _assert_unchanged(viewer, before)
+    # the refusal is t2-brain's: with the T1 model picked the line is hidden (it says nothing
+    # about that model), and back on t2-brain it shows again
+    widget.model.value = "t1-brain"
+    assert widget.fit_info.value == ""
+    widget.model.value = "t2-brain"
+    assert widget.fit_info.value == fit
 
 
 def test_cancel_inside_each_preparation_stage(make_napari_viewer, qtbot):

@@ -140,6 +140,7 @@ class GuessMixin:
             self._guess["chosen"] = None
 
     def _describe_model(self) -> None:
+        self._show_fit()  # a fit line of another model's run is hidden
         value = self.model.value
         if value is None or value == FOLDER_CHOICE:
             self._model_text = "no model: load one from a folder"

@@ -146,7 +146,8 @@ class RunMixin:
         self._relay.stage.connect(self._on_stage)
         self._relay.step.connect(self._on_step)
         self._adding = False  # result layers are being added (the run is not over yet)
-        self._fit: tuple[Any, str, str, str] | None = None  # layer, text, level, tooltip
+        #: the fit line: layer, model (None: a line on the scan alone), text, level, tooltip
+        self._fit: tuple[Any, str | None, str, str, str] | None = None
 
     def close_down(self, *_: Any) -> None:
         """The panel or the viewer is closing: cancel the run and the modality guess, and from
@@ -225,7 +226,7 @@ class RunMixin:
             "note": note, "shape": inputs["shape"], "keep": keep,
         }  # fmt: skip
         if mode != "none":
-            self._set_fit(layer, "checking how the scan fits the model…", "none")
+            self._set_fit(layer, "checking how the scan fits the model…", "none", model=job.model)
         self.runs += 1
         connect = {
             "returned": lambda out: self._on_done(job, out),
@@ -352,38 +353,50 @@ class RunMixin:
             self.progress.value, self.progress.label = 0, f"cancelled{during}"
             if job.reason:
                 line = f"run cancelled: {job.reason}; no layers were added"
-                self._set_fit(job.layer, line, "warn")
+                self._set_fit(job.layer, line, "warn", model=job.model)
                 show_warning(line)
             else:
-                self._set_fit(job.layer, f"run cancelled{during}; no layers were changed", "none")
+                line = f"run cancelled{during}; no layers were changed"
+                self._set_fit(job.layer, line, "none", model=job.model)
                 show_info("localization cancelled; no layers were changed")
         elif isinstance(exc, VaelocError | ValueError | MemoryError):
             report = getattr(exc, "report", None)  # a misfit: what preparation found
             found = "\n".join(report.refusal_lines()) if report is not None else ""
-            self._show_failure(job.layer, str(exc), found)
+            self._show_failure(job.layer, str(exc), found, model=job.model)
         else:
-            self._show_failure(job.layer, f"{type(exc).__name__}: {exc}")
+            self._show_failure(job.layer, f"{type(exc).__name__}: {exc}", model=job.model)
 
-    def _show_failure(self, layer: Any, message: str, found: str = "") -> None:
+    def _show_failure(
+        self, layer: Any, message: str, found: str = "", model: str | None = None
+    ) -> None:
         """A run was refused or failed: the fit line (red) and a notification say why, the
         progress bar says "not localized"; ``found`` (the preparation's steps and checks of a
         refused scan) is the fit line's tooltip. The shown result, if any, stays as it was,
-        with its layers, sliders and export (the "result" line names its scan and model)."""
+        with its layers, sliders and export (the "result" line names its scan and model).
+        ``model``: the model the run used (None for a scan that could not be read)."""
         message = in_panel_words(" ".join(message.split()))
-        self._set_fit(layer, f"not localized: {message}", "fail", found)
+        self._set_fit(layer, f"not localized: {message}", "fail", found, model=model)
         self.progress.max, self.progress.value = 1, 0
         self.progress.label = "not localized"
         show_error(f"localization failed: {message}")
 
-    def _set_fit(self, layer: Any, text: str, level: str, tooltip: str = "") -> None:
-        """Show the fit line (for ``layer``: it is hidden while another image is selected)."""
-        self._fit = (layer, text, level, tooltip)
+    def _set_fit(
+        self, layer: Any, text: str, level: str, tooltip: str = "", model: str | None = None
+    ) -> None:
+        """Show the fit line of ``layer`` and ``model`` (the model its run used; None for a
+        line on the scan alone): it is hidden while another image or another model is
+        selected, since it says nothing about them."""
+        self._fit = (layer, model, text, level, tooltip)
         self._show_fit()
 
     def _show_fit(self) -> None:
         fit = self._fit
-        shown = fit is not None and fit[0] is self.image.value
-        text, level, tooltip = fit[1:] if fit is not None and shown else ("", "none", "")
+        shown = (
+            fit is not None
+            and fit[0] is self.image.value
+            and (fit[1] is None or fit[1] == self.model.value)
+        )
+        text, level, tooltip = fit[2:] if fit is not None and shown else ("", "none", "")
         self.fit_info.value = text
         self.fit_info.tooltip = tooltip or FIT_TOOLTIP
         self.fit_info.native.setStyleSheet(FIT_STYLE.get(level, ""))
@@ -456,7 +469,7 @@ class RunMixin:
             )
             self.result_info.tooltip = f"{TOOLTIPS['result']}\n{layer_help(job.base)}"
             text, level = fit_text(result, args["prepare"], args["note"])
-            self._set_fit(layer, text, level, fit_tooltip(result))
+            self._set_fit(layer, text, level, fit_tooltip(result), model=job.model)
             if "preparation_layers" in args:  # a turn of the event loop after each layer
                 for _ in put_preparation_layers(
                     self.viewer, args["preparation_layers"], layer, job.base

@@ -1672,6 +1672,7 @@ class MissedLesions:
             many of them the mask marked.
         above, found_above: the same for the lesions of ``limit_ml`` or more.
         smallest_ml, largest_ml: the range of volumes measured.
+        smallest_found_ml: the smallest lesion the mask marked (None when it marked none).
     """
 
     limit_ml: float | None
@@ -1681,6 +1682,7 @@ class MissedLesions:
     found_above: int
     smallest_ml: float
     largest_ml: float
+    smallest_found_ml: float | None = None
 
     def not_ruled_out(self) -> str:
         """What an empty mask does not rule out, e.g. "lesions under about 4 ml"."""
@@ -1692,12 +1694,19 @@ class MissedLesions:
 
     def marked(self) -> str:
         """What the mask marked, e.g. "marked 2 of 29 seeded lesions under about 4 ml, 29 of
-        31 larger"."""
+        31 larger", or without a limit "marked 8 of 60 seeded lesions of 0.16-62 ml, none
+        under 26 ml"."""
         if self.limit_ml is None or self.below == 0:
             n, found = self.below + self.above, self.found_below + self.found_above
+            least = self.smallest_found_ml
+            under = (
+                f", none under {_ml_text(least)} ml"
+                if self.limit_ml is None and least is not None and least > self.smallest_ml
+                else ""
+            )
             return (
                 f"marked {found} of {n} seeded lesions of {_ml_text(self.smallest_ml)}-"
-                f"{_ml_text(self.largest_ml)} ml"
+                f"{_ml_text(self.largest_ml)} ml{under}"
             )
         return (
             f"marked {self.found_below} of {self.below} seeded lesions under about "
@@ -1742,11 +1751,11 @@ def missed_lesions(lesions: list[list[float]]) -> MissedLesions:
         start = group[0]
     found = [f for _, f in pairs]
     lo, hi = pairs[0][0], pairs[-1][0]
+    least = next((v for v, f in pairs if f), None)
     if start is None:
-        return MissedLesions(None, len(pairs), sum(found), 0, 0, lo, hi)
-    return MissedLesions(
-        pairs[start][0], start, sum(found[:start]), len(pairs) - start, sum(found[start:]), lo, hi
-    )
+        return MissedLesions(None, len(pairs), sum(found), 0, 0, lo, hi, least)
+    below, above = sum(found[:start]), sum(found[start:])
+    return MissedLesions(pairs[start][0], start, below, len(pairs) - start, above, lo, hi, least)
 
 
 def _ml_text(ml: float) -> str:

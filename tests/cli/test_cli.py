@@ -544,6 +544,11 @@ def test_an_empty_mask_says_what_the_card_measured_it_missing_on_real_anatomy(tm
     )
     post = PostProcessor(res)
     line = describe_mask(post, 0.0, 0, [])
+    # an empty mask has no part to outline: its line says what the threshold and the mask's
+    # healthy rate are, not how parts would be outlined
+    assert line.startswith("mask: empty (threshold 5.22, on healthy brains this mask marks")
+    assert "each part" not in line and "in 0 parts" not in line
+    assert "each part (down to" in describe_mask(post, 2.0, 1, [])
     assert (
         "an empty mask does not rule out lesions under about 4.4 ml: on real anatomy this "
         "model's default mask marked 1 of 3 seeded lesions under about 4.4 ml, 3 of 4 larger; "
@@ -567,7 +572,7 @@ def test_an_empty_mask_says_what_the_card_measured_it_missing_on_real_anatomy(tm
     post.calibration = dataclasses.replace(post.calibration, individual_lesions=never)
     assert (
         "an empty mask does not rule out a lesion of any size measured: on real anatomy this "
-        "model's default mask marked 3 of 7 seeded lesions of 0.6-41 ml"
+        "model's default mask marked 3 of 7 seeded lesions of 0.6-41 ml, none under 3 ml"
     ) in describe_mask(post, 0.0, 0, [])
     # without a record: the generic caveat
     post.calibration = dataclasses.replace(post.calibration, individual_lesions=None)

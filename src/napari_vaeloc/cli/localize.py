@@ -297,8 +297,9 @@ def mask_summary(done: ScanOutputs) -> str:
     and for the default mask its own healthy rate first, e.g. "(threshold 5.22, each part
     (down to 3.24) outlined to 0.4 of its peak; on healthy brains this mask marks 0.68 % of
     the voxels, the threshold alone 0.1 %)", or, outlined on a sharper map, "each part (down to
-    2.85) outlined to 0.3 of its peak on the unsmoothed map"; when a check of the preparation
-    warned, the line ends by naming those checks."""
+    2.85) outlined to 0.3 of its peak on the unsmoothed map"; an empty mask "mask: empty
+    (threshold ...", without an outline, and what it does not rule out; when a check of the
+    preparation warned, the line ends by naming those checks."""
     prepared = done.result.preparation
     warned = [c.name for c in prepared.checks if c.level != "ok"] if prepared else []
     return describe_mask(
@@ -351,17 +352,18 @@ def describe_mask(
             outline = f"each part (down to {grow:.3g}) outlined to {fraction:g} of its peak"
         else:
             outline = f"each part grown down to {grow:.3g}"
+        outline = f"{outline}; " if n else ""  # an empty mask has no part to outline
         mask_fpr = post.mask_fpr()
         if mask_fpr is not None and fpr is not None:
             # one rate leads: the mask's own (its parts reach below the threshold)
             rate = (
-                f"{outline}; on healthy brains this mask marks {mask_fpr * 100:.2g} % of the "
+                f"{outline}on healthy brains this mask marks {mask_fpr * 100:.2g} % of the "
                 f"voxels, the threshold alone {fpr * 100:.2g} %"
             )
         else:
             if fpr is not None:  # the threshold's rate: the mask's is measured at the default
                 rate = f"the threshold's {rate}"
-            rate += f"; {outline}"
+            rate = f"{rate}; {outline.removesuffix('; ')}".removesuffix("; ")
     from ..engine import APPROXIMATE_RATES, UNPREPARED_NOTE
 
     if any(note.endswith(UNPREPARED_NOTE) for note in notes):
@@ -373,6 +375,5 @@ def describe_mask(
     hint = post.small_lesion_hint("--smoothing {mm}") if n == 0 else post.cut_note()
     if hint is not None:
         rate += f"; {hint}"
-    return (
-        f"mask: {ml:.1f} ml in {n} part{'' if n == 1 else 's'} (threshold {threshold:.3g}, {rate})"
-    )
+    size = f"{ml:.1f} ml in {n} part{'' if n == 1 else 's'}" if n else "empty"
+    return f"mask: {size} (threshold {threshold:.3g}, {rate})"
