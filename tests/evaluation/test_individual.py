@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -122,6 +123,16 @@ def test_reduced_run_is_reproducible_by_seed(fitted):
     all_default = next(r for r in s1.rows if r["group"] == "all" and r["map"] == "default")
     assert all_default["cases"] == len(ANOMALY_KINDS) + 1
     assert 0.5 < all_default["auroc"] <= 1.0  # lesions are found better than by chance
+    # a pooled row's Dice at the threshold is the mask's over every voxel of the pool
+    pooled = next(r for r in s1.rows if r["group"] == "all medium" and r["map"] == "default")
+    counts = [first.overlaps[(f"{k} medium", "default", "foreground")] for k in ANOMALY_KINDS]
+    tp, fp, fn = (sum(getattr(c, f) for c in counts) for f in ("tp", "fp", "fn"))
+    assert tp > 0 and pooled["dice_at_threshold"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert math.isnan(
+        next(r for r in s1.rows if r["group"] == "all medium" and r["map"] == "rec_error")[
+            "dice_at_threshold"
+        ]
+    )  # a component map has no mask
     # lesions lie inside the brain, with radii of the size class, in the scan's own space
     case = next(individual_cases(anatomies, 1, kinds=("tumour",), sizes=("medium",), seed=3))
     lo, hi = SIZES["medium"]
@@ -169,14 +180,17 @@ def test_the_command_says_which_test_anatomy_got_cases(tmp_path, capsys):
     if not list(downloads_folder().glob(archive.pattern)):
         pytest.skip("the SPM archive is not downloaded; run bash scripts/setup.sh --dev")
     argv = ["evaluate", "individual", "--model", "t1-brain", "--anatomies",
-            "pycortex-s1,spm-avg152t1", "--kinds", "tumour", "--sizes", "medium", "--cases", "1",
+            "pycortex-s1,spm-avg152t1", "--kinds", "tumour", "--sizes", "medium,large", "--cases",
+            "1",
             "--healthy", "1", "--maps", "default", "--device", "cpu", "--quiet",
             "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "test anatomy pycortex-s1: prepared\n" in out  # no empty brackets without warnings
     assert "cases per test anatomy: pycortex-s1 2, spm-avg152t1 0" in out
-    assert "note: spm-avg152t1 got no case" in out and "--cases 2 or more" in out
+    assert "note: spm-avg152t1 got no case" in out and "--cases 3 or more reaches all\n" in out
+    # a size class without a case is named too
+    assert "note: size class large got no case" in out and "--cases 2 or more reaches all" in out
     record = json.loads(next(tmp_path.glob("individual_*.json")).read_text())
     assert record["cases_per_anatomy"] == {"pycortex-s1": 2, "spm-avg152t1": 0}
     # each case's own row names the test anatomy it was made from
@@ -189,7 +203,10 @@ def test_the_command_says_which_test_anatomy_got_cases(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(["--sizes", "huge"], "unknown lesion sizes ['huge']"), (["--anatomies", ""], "names no")],
+    [
+        (["--sizes", "huge"], "unknown lesion sizes huge; choose from small"),
+        (["--anatomies", ""], "names no"),
+    ],
 )
 def test_bad_sizes_and_empty_anatomies_are_refused_before_preparing(
     tmp_path, capsys, monkeypatch, option, message

@@ -498,6 +498,12 @@ def run_individual(args: argparse.Namespace) -> int:
             f"note: {', '.join(idle)} got no case: the cases of each kind go to the test "
             f"anatomies in turn, one per size class each; --cases {reach} or more reaches all"
         )
+    unsized = list(sizes)[args.cases :]  # sizes go in turn: case j of a kind gets size j
+    if unsized:
+        print(
+            f"note: size class {', '.join(unsized)} got no case: the cases of each kind go to "
+            f"the size classes in turn; --cases {len(sizes)} or more reaches all"
+        )
     record = {
         "model": model.card.name,
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},

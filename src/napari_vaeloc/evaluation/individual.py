@@ -49,7 +49,7 @@ from ..errors import InputError
 from ..io import Volume, load_volume
 from ..prepare import Prepared, PrepareSettings, Template, apply_prepared, prepare_cached
 from ..samples import TEMPLATES, sample_path
-from .metrics import PixelAccumulator
+from .metrics import Overlap, PixelAccumulator
 from .runner import ALL, Case, EvaluationReport
 from .synthetic import ANOMALY_KINDS, synthesize_anomaly
 
@@ -374,7 +374,9 @@ def fit_anatomies(
     keys = headline_keys(modality) if keys is None else keys
     unknown = [k for k in keys if k not in SOURCES]
     if unknown:
-        raise InputError(f"unknown test anatomy {unknown}; choose from {', '.join(SOURCES)}")
+        raise InputError(
+            f"unknown test anatomy {', '.join(unknown)}; choose from {', '.join(SOURCES)}"
+        )
     wrong = [k for k in keys if SOURCES[k].modality != modality]
     if wrong:
         raise InputError(f"test anatomy {wrong} is not {modality} anatomy")
@@ -439,7 +441,9 @@ def check_sizes(sizes: Sequence[str]) -> None:
     """Raise :class:`InputError` when ``sizes`` is empty or names a class not in :data:`SIZES`."""
     unknown = [s for s in sizes if s not in SIZES]
     if unknown or not sizes:
-        raise InputError(f"unknown lesion sizes {unknown}; choose from {', '.join(SIZES)}")
+        raise InputError(
+            f"unknown lesion sizes {', '.join(unknown)}; choose from {', '.join(SIZES)}"
+        )
 
 
 def individual_cases(
@@ -469,7 +473,9 @@ def individual_cases(
     check_sizes(sizes)
     bad = [k for k in kinds if k not in ANOMALY_KINDS]
     if bad:
-        raise InputError(f"unknown anomaly kinds {bad}; choose from {', '.join(ANOMALY_KINDS)}")
+        raise InputError(
+            f"unknown anomaly kinds {', '.join(bad)}; choose from {', '.join(ANOMALY_KINDS)}"
+        )
     for k_i, kind in enumerate(ANOMALY_KINDS):
         if kind not in kinds:
             continue
@@ -508,7 +514,8 @@ class Summary:
 
     Attributes:
         rows: per (group, map): group, kind, size, map, auroc, ap, best_dice,
-            dice_at_threshold (NaN where the runner has no mask count), cases, positives.
+            dice_at_threshold (the mask's Dice over every voxel of the row's cases; NaN for a
+            map without a mask), cases, positives.
             Groups: every kind x size, every kind over all sizes ("KIND all"), every size over
             all kinds ("all SIZE"), and "all" (every case, healthy ones included).
         healthy_fpr: fraction of healthy brain voxels the default mask flags (NaN without
@@ -545,7 +552,9 @@ def summarize(
                 acc += report.accumulators[(g, m, region)]
                 cases += by_group[(g, m)]["cases"]
             met = acc.metrics()
-            dice_t = by_group[(members[0], m)]["dice_at_threshold"] if len(members) == 1 else None
+            # the mask's Dice over the pool: its voxel counts summed over the member groups
+            counts = [report.overlaps.get((g, m, region)) for g in members]
+            dice_t = sum(counts, Overlap()).dice if all(counts) and counts else None
             kind, _, size = name.partition(" ")
             out.rows.append(
                 {

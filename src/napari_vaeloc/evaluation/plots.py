@@ -87,13 +87,21 @@ def plot_curves(
 
 
 def plot_examples(
-    examples: Sequence[ExampleSlice], path: str | os.PathLike, *, overwrite: bool = False
+    examples: Sequence[ExampleSlice],
+    path: str | os.PathLike,
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """One PNG: a row per example, columns image, ground-truth outline, then each map with one
-    colour scale per map (1st to 99.5th percentile over the shown slices, in the title)."""
+    colour scale per map (1st to 99.5th percentile over the shown slices, in the title). A map
+    with a threshold (``thresholds``: map name -> threshold, e.g. the default combination's)
+    is shown up to at least its threshold, with the threshold's contour in cyan, so that a
+    slice below it does not look hot. Each row's case and slice are written on its image."""
     if not examples:
         raise ValueError("no example slices to plot")
     names = list(examples[0].maps)
+    limits = {k: float(v) for k, v in (thresholds or {}).items() if k in names and v == v}
     rows, cols = len(examples), 2 + len(names)
     fig = _figure((cols * PANEL_INCH, rows * PANEL_INCH))
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -101,6 +109,7 @@ def plot_examples(
     for k in names:
         lo = min(float(np.percentile(e.maps[k], 1)) for e in examples)
         hi = max(float(np.percentile(e.maps[k], 99.5)) for e in examples)
+        hi = max(hi, limits.get(k, hi))
         scale[k] = (lo, hi if hi > lo else lo + 1.0)
     for r, e in enumerate(examples):
         aspect = e.spacing[1] / e.spacing[0]
@@ -112,16 +121,24 @@ def plot_examples(
         for c, k in enumerate(names, start=2):
             lo, hi = scale[k]
             axes[r, c].imshow(e.maps[k].T, cmap="inferno", vmin=lo, vmax=hi, **shown)
+            if k in limits and (e.maps[k] > limits[k]).any():
+                axes[r, c].contour(e.maps[k].T, levels=[limits[k]], colors="cyan")
         where = f"{e.plane} slice {e.index}" if e.plane else f"slice {e.index}"
-        axes[r, 0].set_ylabel(f"{e.name}\n{where}", fontsize=7)
+        axes[r, 0].text(
+            0.02, 0.98, f"{e.name}\n{where}", transform=axes[r, 0].transAxes, va="top",
+            ha="left", fontsize=6, color="white",
+            bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "edgecolor": "none"},
+        )  # fmt: skip
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
     titles = ["image", "ground truth"]
-    titles += [f"{k}\n[{scale[k][0]:.3g}, {scale[k][1]:.3g}]" for k in names]
+    for k in names:
+        t = f"{k}\n[{scale[k][0]:.3g}, {scale[k][1]:.3g}]"
+        titles.append(t + (f", threshold {limits[k]:.3g}" if k in limits else ""))
     for ax, t in zip(axes[0], titles, strict=True):
         ax.set_title(t, fontsize=7)
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.01, top=1 - 0.35 / (rows * PANEL_INCH))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.35 / (rows * PANEL_INCH))
     return save_figure(fig, path, overwrite)
 
 
@@ -149,5 +166,10 @@ def write_plots(
     plot_curves(curves, paths["roc"], "roc", title=head, overwrite=overwrite)
     plot_curves(curves, paths["pr"], "pr", title=head, overwrite=overwrite)
     if report.examples:
-        plot_examples(report.examples, paths["examples"], overwrite=overwrite)
+        thresholds = {
+            r["map"]: r["threshold"] for r in report.pixel_rows if r["threshold"] == r["threshold"]
+        }
+        plot_examples(
+            report.examples, paths["examples"], thresholds=thresholds, overwrite=overwrite
+        )
     return paths

@@ -109,6 +109,9 @@ class EvaluationReport:
         sample_rows: dicts with keys group, score, level ("slice" / "volume"), auroc, ap, n,
             anomalous.
         accumulators: (group, map, region) -> the voxel counts behind each pixel row.
+        overlaps: (group, settings name, region) -> the voxel counts of the settings' mask
+            against the truth behind ``dice_at_threshold`` (summed, they give the Dice of a
+            pool of groups).
         examples: example slices for figures.
         maps: the evaluated map names in order (components, then the settings' names).
         notes: why some metrics are NaN.
@@ -132,6 +135,7 @@ class EvaluationReport:
     maps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     case_rows: list[dict] = field(default_factory=list)
+    overlaps: dict[tuple[str, str, str], Overlap] = field(default_factory=dict)
 
     def curves(self, group: str = ALL, region: str = "foreground") -> dict[str, PixelAccumulator]:
         """map -> accumulator of one group and region, in map order (for ROC / PR plots)."""
@@ -468,6 +472,7 @@ def _report(
     sample_rows: list[dict] = []
     accumulators: dict[tuple[str, str, str], PixelAccumulator] = {}
     notes: dict[str, None] = {}
+    overlaps: dict[tuple[str, str, str], Overlap] = {}
     nan = math.nan
     for group, g in out.items():
         for name in names:
@@ -478,6 +483,8 @@ def _report(
                 if m.reason:
                     notes[f"{group}, {r}: {m.reason}; pixel AUROC, AP and Dice are NaN"] = None
                 ov = g.overlaps.get((name, r))
+                if ov is not None:
+                    overlaps[(group, name, r)] = ov
                 pixel_rows.append(
                     {
                         "group": group,
@@ -516,8 +523,9 @@ def _report(
                     }
                 )
     return EvaluationReport(
-        pixel_rows, sample_rows, accumulators, examples, list(names), list(notes)
-    )
+        pixel_rows, sample_rows, accumulators, examples, list(names), list(notes),
+        overlaps=overlaps,
+    )  # fmt: skip
 
 
 def parse_map_names(text: str) -> tuple[tuple[str, ...], bool]:
