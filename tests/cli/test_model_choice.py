@@ -108,10 +108,15 @@ def test_raw_head_gets_the_t1_model_and_is_prepared_once(tmp_path, capsys):
     s = "" if parts == 1 else "s"
     c = scores["combination"]
     assert c["outline_smoothing_mm"] == 0.0  # t1-brain outlines on the unsmoothed map
+    size = f"{scores['mask_volume_ml']:.1f} ml in {parts} part{s}" if parts else "empty"
+    outline = (  # an empty mask has no part to outline
+        f"each part (down to {c['grow_threshold']:.3g}) outlined to {c['outline_fraction']:g} "
+        "of its peak on the unsmoothed map; "
+        if parts
+        else ""
+    )
     want = (
-        f"mask: {scores['mask_volume_ml']:.1f} ml in {parts} part{s} (threshold "
-        f"{c['threshold']:.3g}, each part (down to {c['grow_threshold']:.3g}) outlined to "
-        f"{c['outline_fraction']:g} of its peak on the unsmoothed map; on healthy brains this "
+        f"mask: {size} (threshold {c['threshold']:.3g}, {outline}on healthy brains this "
         f"mask marks {c['mask_healthy_fpr'] * 100:.2g} % of the voxels, the threshold alone "
         "0.1 %; these rates were measured with every slicing axis fused, see the note; the "
         "scan fits the model with warnings (voxel size): read with care"
