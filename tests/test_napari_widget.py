@@ -172,7 +172,7 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     widget.session.settings = widget.session.settings.replace(threshold=100.0)
     widget.apply_settings()
     assert not mask_layer.data.any()
-    assert "mask: 0.0 ml" in widget.threshold_info.value
+    assert "\nmask: empty (" in widget.threshold_info.value  # as the command line says it
     assert "the smoothing slider at 3 mm looks at a finer scale" in widget.threshold_info.value
     widget.restore_defaults()
     qtbot.waitUntil(lambda: widget.threshold_info.value == info0, timeout=5000)
@@ -235,6 +235,11 @@ def test_sliders_recompute_without_running_the_model(make_napari_viewer, qtbot, 
     widget.image.value = viewer.layers["t2-healthy"]
     assert "\nmask of t2-lesion: " in widget.threshold_info.value, widget.threshold_info.value
     widget.image.value = viewer.layers["t2-lesion"]
+    assert widget.threshold_info.value == info0
+    # the model box moves on: the line names the result's model too; back, as it was
+    widget.model.value = "t1-brain"
+    assert "\nmask of t2-lesion (t2-brain): " in widget.threshold_info.value
+    widget.model.value = "t2-brain"
     assert widget.threshold_info.value == info0
 
 

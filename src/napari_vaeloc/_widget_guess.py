@@ -141,6 +141,7 @@ class GuessMixin:
 
     def _describe_model(self) -> None:
         self._show_fit()  # a fit line of another model's run is hidden
+        self._show_threshold_info()  # names the result's model when it is another
         value = self.model.value
         if value is None or value == FOLDER_CHOICE:
             self._model_text = "no model: load one from a folder"

@@ -456,6 +456,7 @@ class RunMixin:
             self.session = session
             self._last_run_model = model.path
             self._input_layer, self._shape, self._base = layer, args["shape"], job.base
+            self._result_model = job.model
             if old is not None:
                 self.session.settings = old
             elif not first:  # another model: start from its defaults

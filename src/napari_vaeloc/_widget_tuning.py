@@ -95,6 +95,7 @@ class TuningMixin:
         self._making: set[PendingMap] = set()  # map layers' maps being made in a worker
         self._base = ""  # the shown result's layer-name prefix
         self._mask_line = ""  # the threshold panel's line on the shown mask
+        self._result_model = ""  # the model (its name in the list) of the shown result
         self._shape: tuple[int, ...] = ()
         self._last_run_model: Any = None
         #: the arrays the combined-map and mask layers show (the session's, before a preview
@@ -209,20 +210,25 @@ class TuningMixin:
         hint = (
             s.small_lesion_hint("the smoothing slider at {mm} mm") if ml == 0 else s.cut_note(mask)
         )
-        self._mask_line = f"{ml:.1f} ml" + (f" ({hint})" if hint else "")
+        size = "empty" if ml == 0 else f"{ml:.1f} ml"  # as the command line says it
+        self._mask_line = size + (f" ({hint})" if hint else "")
         self._show_threshold_info()
 
     def _show_threshold_info(self, mask_line: str | None = None) -> None:
         """What the threshold means, and a line on the shown mask (``mask_line``, else the
         last whole mask's); the line names the scan whenever the image box has moved on to
-        another layer, since the sliders still tune that scan's result."""
+        another layer, and the model whenever the model box has moved on to another, since
+        the sliders still tune that scan's result of that model."""
         s = self.session
         if s is None:
             return
         if mask_line is not None:
             self._mask_line = mask_line
-        other = self._input_layer is not None and self.image.value is not self._input_layer
-        head = f"mask of {self._base}" if other else "mask"
+        other_scan = self._input_layer is not None and self.image.value is not self._input_layer
+        other_model = bool(self._result_model) and self.model.value != self._result_model
+        head = "mask"
+        if other_scan or other_model:
+            head = f"mask of {self._base}" + (f" ({self._result_model})" if other_model else "")
         self.threshold_info.value = f"{s.threshold_text()}\n{head}: {self._mask_line}"
 
     def _show_combined(self, combined: np.ndarray) -> None:

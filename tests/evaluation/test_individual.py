@@ -190,7 +190,7 @@ def test_the_command_says_which_test_anatomy_got_cases(tmp_path, capsys):
     assert "cases per test anatomy: pycortex-s1 2, spm-avg152t1 0" in out
     assert "note: spm-avg152t1 got no case" in out and "--cases 3 or more reaches all\n" in out
     # a size class without a case is named too
-    assert "note: size class large got no case" in out and "--cases 2 or more reaches all" in out
+    assert "note: size class large gets no case" in out and "--cases 2 or more reaches all" in out
     record = json.loads(next(tmp_path.glob("individual_*.json")).read_text())
     assert record["cases_per_anatomy"] == {"pycortex-s1": 2, "spm-avg152t1": 0}
     # each case's own row names the test anatomy it was made from

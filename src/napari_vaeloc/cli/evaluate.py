@@ -473,6 +473,12 @@ def run_individual(args: argparse.Namespace) -> int:
         anatomies, args.cases, kinds=kinds, sizes=sizes, seed=args.seed,
         healthy=args.healthy, settings=prep,
     ))  # fmt: skip
+    unsized = list(sizes)[args.cases :]  # sizes go in turn: case j of a kind gets size j
+    if unsized:
+        print(
+            f"note: size class {', '.join(unsized)} gets no case: the cases of each kind go to "
+            f"the size classes in turn; --cases {len(sizes)} or more reaches all"
+        )
     bar, progress = _case_bar(args, args.cases * len(kinds) + args.healthy)
     t1 = time.perf_counter()
     with bar:
@@ -497,12 +503,6 @@ def run_individual(args: argparse.Namespace) -> int:
         print(
             f"note: {', '.join(idle)} got no case: the cases of each kind go to the test "
             f"anatomies in turn, one per size class each; --cases {reach} or more reaches all"
-        )
-    unsized = list(sizes)[args.cases :]  # sizes go in turn: case j of a kind gets size j
-    if unsized:
-        print(
-            f"note: size class {', '.join(unsized)} got no case: the cases of each kind go to "
-            f"the size classes in turn; --cases {len(sizes)} or more reaches all"
         )
     record = {
         "model": model.card.name,

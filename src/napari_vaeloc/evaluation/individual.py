@@ -609,7 +609,8 @@ def summary_markdown(summary: Summary, maps: Sequence[str]) -> str:
         label = f"**{group}**" if group == ALL else group
         lines.append(f"| {label} | {any_row['cases']} | " + " | ".join(parts) + " |")
     text = "\n".join(lines)
-    text += "\n\nComponent maps: pixel AUROC / AP / best Dice inside the brain."
+    if comps:  # the caption of their columns
+        text += "\n\nComponent maps: pixel AUROC / AP / best Dice inside the brain."
     if not math.isnan(summary.healthy_fpr):
         text += (
             f"\n\nHealthy cases: the default mask flags {summary.healthy_fpr:.2%} of the brain "

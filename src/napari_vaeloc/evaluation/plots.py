@@ -94,7 +94,8 @@ def plot_examples(
     overwrite: bool = False,
 ) -> Path:
     """One PNG: a row per example, columns image, ground-truth outline, then each map with one
-    colour scale per map (1st to 99.5th percentile over the shown slices, in the title). A map
+    colour scale per map (1st to 99.5th percentile over the shown slices, in the title: "colours
+    LO to HI"). A map
     with a threshold (``thresholds``: map name -> threshold, e.g. the default combination's)
     is shown up to at least its threshold, with the threshold's contour in cyan, so that a
     slice below it does not look hot. Each row's case and slice are written on its image."""
@@ -126,7 +127,7 @@ def plot_examples(
         where = f"{e.plane} slice {e.index}" if e.plane else f"slice {e.index}"
         axes[r, 0].text(
             0.02, 0.98, f"{e.name}\n{where}", transform=axes[r, 0].transAxes, va="top",
-            ha="left", fontsize=6, color="white",
+            ha="left", fontsize=6, color="white", clip_on=True,
             bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "edgecolor": "none"},
         )  # fmt: skip
         for ax in axes[r]:
@@ -134,8 +135,8 @@ def plot_examples(
             ax.set_yticks([])
     titles = ["image", "ground truth"]
     for k in names:
-        t = f"{k}\n[{scale[k][0]:.3g}, {scale[k][1]:.3g}]"
-        titles.append(t + (f", threshold {limits[k]:.3g}" if k in limits else ""))
+        t = f"{k}\ncolours {scale[k][0]:.3g} to {scale[k][1]:.3g}"
+        titles.append(t + (f"; threshold {limits[k]:.3g}" if k in limits else ""))
     for ax, t in zip(axes[0], titles, strict=True):
         ax.set_title(t, fontsize=7)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.35 / (rows * PANEL_INCH))
