@@ -352,18 +352,18 @@ def describe_mask(
             outline = f"each part (down to {grow:.3g}) outlined to {fraction:g} of its peak"
         else:
             outline = f"each part grown down to {grow:.3g}"
-        outline = f"{outline}; " if n else ""  # an empty mask has no part to outline
+        parts = [outline] if n else []  # an empty mask has no part to outline
         mask_fpr = post.mask_fpr()
         if mask_fpr is not None and fpr is not None:
             # one rate leads: the mask's own (its parts reach below the threshold)
-            rate = (
-                f"{outline}on healthy brains this mask marks {mask_fpr * 100:.2g} % of the "
-                f"voxels, the threshold alone {fpr * 100:.2g} %"
-            )
+            rate = "; ".join([
+                *parts, f"on healthy brains this mask marks {mask_fpr * 100:.2g} % of the "
+                f"voxels, the threshold alone {fpr * 100:.2g} %",
+            ])  # fmt: skip
         else:
             if fpr is not None:  # the threshold's rate: the mask's is measured at the default
                 rate = f"the threshold's {rate}"
-            rate = f"{rate}; {outline.removesuffix('; ')}".removesuffix("; ")
+            rate = "; ".join([rate, *parts])
     from ..engine import APPROXIMATE_RATES, UNPREPARED_NOTE
 
     if any(note.endswith(UNPREPARED_NOTE) for note in notes):
