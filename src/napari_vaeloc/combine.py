@@ -979,9 +979,10 @@ class PostProcessor:
     def small_lesion_hint(self, setting: str) -> str | None:
         """For an empty mask: what it does not rule out, and that ``setting`` (how the front
         sets a smoothing, e.g. "--smoothing {mm}") looks at a finer scale with its threshold at
-        the same healthy rate (a promise of a look, not of a find: it found a bright 0.5 ml
-        lesion in a real 1 mm head that 6 mm missed, not a 0.5 ml one 50 % darker than its
-        tissue); None when there is nothing to say.
+        the same healthy rate (a promise of a look, not of a find: in a real 1 mm head it
+        found a bright 0.5 ml lesion that 6 mm missed, outlined another one in the deep white
+        matter too large, and missed a 0.5 ml one 50 % darker than its tissue); None when
+        there is nothing to say.
 
         With a card that measured its default mask on real anatomy
         (``Calibration.individual_lesions``): at the default mask, the lesion volume under
@@ -1053,9 +1054,8 @@ class PostProcessor:
         if not self.uses_default_combination():
             return False
         default = self.default_settings()
-        return _same_key(s.mask_key(), default.mask_key()) and self.combined_key(
-            s
-        ) == self.combined_key(default)
+        same_mask = _same_key(s.mask_key(), default.mask_key())
+        return same_mask and self.combined_key(s) == self.combined_key(default)
 
     def threshold_for_fpr(self, fpr: float) -> float | None:
         """Inverse of :meth:`fpr_for_threshold` (:func:`threshold_at`)."""

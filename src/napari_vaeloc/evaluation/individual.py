@@ -554,7 +554,7 @@ def summarize(
             met = acc.metrics()
             # the mask's Dice over the pool: its voxel counts summed over the member groups
             counts = [report.overlaps.get((g, m, region)) for g in members]
-            dice_t = sum(counts, Overlap()).dice if all(counts) and counts else None
+            dice_t = sum(counts, Overlap()).dice if counts and all(counts) else None
             kind, _, size = name.partition(" ")
             out.rows.append(
                 {
